@@ -1,0 +1,1 @@
+"""The ``fxreplay`` command line (a thin typer shell over the library)."""

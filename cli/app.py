@@ -1,0 +1,169 @@
+"""``fxreplay`` commands: parse, call the library, render. Errors go to stderr, exit 1."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from fxreplay.errors import FxReplayError
+
+app = typer.Typer(
+    name="fxreplay",
+    help="Partition any PyTorch model with torch.fx and train it with features replay (or BP, DDG, DNI).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    """Print a user error as one paragraph on stderr; return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text):
+        raise FxReplayError(f"{what} {text!r}: expected comma-separated positive integers, e.g. 3,32,32.")
+    return [int(v) for v in text.split(",")]
+
+
+@app.command()
+def partition(
+    model: Annotated[str, typer.Argument(help="model.py, file.py:attr, pkg.module:attr, torchvision:NAME or a zoo name (resnet56)")],
+    K: Annotated[int, typer.Option("--K", "-K", help="number of stages")] = 4,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="where to write plan.yaml and stage_<k>.py [default: plans/<model>-K<K>]")] = None,
+    cost: Annotated[str, typer.Option(help="cost model: flops | time | params | uniform")] = "flops",
+    method: Annotated[str, typer.Option(help="the method the stage costs are for: fr | bp | ddg | dni")] = "fr",
+    devices: Annotated[Optional[str], typer.Option(help="one per stage, comma-separated NAME[@SPEED][/MEMORY], e.g. cuda:0,cuda:1@2/8GiB")] = None,
+    boundary: Annotated[Optional[list[str]], typer.Option("--boundary", "-b", help="module name a stage must start at (repeatable)")] = None,
+    leaf: Annotated[Optional[list[str]], typer.Option("--leaf", help="module class or qualified name to keep opaque (repeatable)")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="per-example input shape, e.g. 3,32,32 (when the model file has no example_inputs())")] = None,
+    batch_size: Annotated[int, typer.Option(help="batch size of the example input (boundary bytes and memory are per batch)")] = 128,
+    num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON instead of the table")] = False,
+) -> None:
+    """Trace, profile and cut MODEL into K balanced stages; write plan.yaml and readable stage code."""
+    from cli.render import plan_json, plan_table
+    from fxreplay.compiler import compile as compile_model
+    from fxreplay.loading import load_model, make_example_inputs
+    from fxreplay.plan import ModelSpec
+
+    try:
+        shape = _ints(input_shape, "--input-shape")
+        loaded = load_model(model, num_classes)
+        inputs = loaded.example_inputs
+        if inputs is None:
+            if shape is None:
+                raise FxReplayError(
+                    f"{model} gives no example inputs: pass --input-shape (per example, e.g. 3,32,32) "
+                    "and --batch-size, or define example_inputs() in the model file."
+                )
+            inputs = make_example_inputs(shape, batch_size)
+        device_list = [d.strip() for d in devices.split(",")] if devices else None
+        spec = ModelSpec(spec=model, input_shape=tuple(shape) if shape else None, batch_size=batch_size if shape else None,
+                         num_classes=num_classes, leaf_modules=tuple(leaf or ()))
+        with err.status(f"tracing and profiling {model} ...", spinner="dots") if not as_json else _null():
+            pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
+                                 boundaries=boundary or [], leaf_modules=leaf or (), spec=spec)
+        target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
+        pipe.save(target)
+    except FxReplayError as exc:
+        raise fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(plan_json(pipe.plan), indent=2) + "\n")
+        return
+    out.print(plan_table(pipe.plan))
+    out.print(f"wrote {target / 'plan.yaml'} and {K} stage files in {target}/")
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (default: the embedded offline quick start)")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="a plan directory from `fxreplay partition` to train instead of partitioning")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fr | bp | ddg | dni")] = None,
+    K: Annotated[Optional[int], typer.Option("--K", "-K", help="number of stages")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="stop after this many iterations")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory (metrics, checkpoints, model)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    executor: Annotated[Optional[str], typer.Option(help="local (one process)")] = None,
+) -> None:
+    """Train the partitioned model with features replay or a baseline (offline default: digits)."""
+    from cli.render import run_summary
+    from fxreplay.config import apply_overrides, load_config
+    from fxreplay.run import train_run
+
+    overrides = {
+        "train.method": method, "partition.K": K, "train.epochs": epochs, "train.max_steps": max_steps,
+        "data.batch_size": batch_size, "optim.lr": lr, "train.out": str(out_dir) if out_dir else None,
+        "train.seed": seed, "train.executor": executor,
+    }
+    try:
+        if resume is not None and config is None:
+            if not (resume / "config.yaml").is_file():
+                raise FxReplayError(f"--resume {resume}: no config.yaml there; is it the --out directory of an earlier run?")
+            cfg = load_config(resume / "config.yaml")
+        else:
+            cfg = load_config(config)
+        if plan is not None and K is None:
+            from fxreplay.plan import Plan
+
+            overrides["partition.K"] = Plan.load(plan).K
+        cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+        if cfg.train.executor != "local":
+            raise FxReplayError(f"executor {cfg.train.executor!r} is not available yet; use --executor local.")
+        result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
+    except FxReplayError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] the last checkpoint (written after each epoch) is kept; continue with --resume.")
+        raise typer.Exit(code=130) from None
+    out.print(run_summary(cfg, result))
+
+
+@app.command()
+def show(plan_dir: Annotated[Path, typer.Argument(help="a plan directory (or plan.yaml)")]) -> None:
+    """Print a plan's stage table and balance."""
+    from cli.render import plan_table
+    from fxreplay.plan import Plan
+
+    try:
+        p = Plan.load(plan_dir)
+    except FxReplayError as exc:
+        raise fail(exc) from None
+    out.print(plan_table(p))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _slug(spec: str) -> str:
+    name = spec.rsplit(":", 1)[-1] if ":" in spec else Path(spec).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
+
+def main() -> None:
+    """Entry point of the ``fxreplay`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

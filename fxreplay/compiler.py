@@ -1,0 +1,239 @@
+"""``fxreplay.compile`` and ``fxreplay.load``: model -> trace -> profile -> partition -> stages.
+
+Each step is one function of its own module; this file only joins them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxreplay.costgraph import COST_MODELS, CostGraph, build_cost_graph
+from fxreplay.errors import PartitionError, PlanError
+from fxreplay.loading import load_model, make_example_inputs
+from fxreplay.partition import Device, Partition, solve
+from fxreplay.plan import ModelSpec, Plan, StagePlan, parse_device
+from fxreplay.profiling import NodeCost, profile
+from fxreplay.split import build_stages, run_chain, write_stage_files
+from fxreplay.tracing import trace
+
+__all__ = ["Pipeline", "compile", "load", "METHODS"]
+
+METHODS = ("fr", "bp", "ddg", "dni")
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass
+class Pipeline:
+    """A model cut into K stages, with the plan that describes the cut.
+
+    Attributes:
+        plan: the serialisable Plan.
+        stages: K ``nn.Module``s; stage 0 takes the model's inputs, stage k what stage k-1
+            returns, the last returns the model's outputs.
+        model: the original model (the stages share its modules and parameters).
+        graph_module: the traced model.
+        cost_graph: the profiled graph and order the partition was made on.
+    """
+
+    plan: Plan
+    stages: list[fx.GraphModule]
+    model: nn.Module
+    graph_module: fx.GraphModule
+    cost_graph: CostGraph
+
+    @property
+    def K(self) -> int:
+        return len(self.stages)
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Run the stages one after the other (the plain forward)."""
+        return run_chain(self.stages, *inputs)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The stages' weights and buffers under the original model's keys."""
+        merged: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            merged.update(stage.state_dict())
+        return {k: merged[k] for k in self.model.state_dict() if k in merged}
+
+    def save(self, out: Path) -> Path:
+        """Write ``plan.yaml``, ``stage_<k>.py`` and the initial weights into ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        self.plan.save(out)
+        write_stage_files(self.stages, out, self.plan.model.spec)
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        torch.save(self.model.state_dict(), tmp)
+        tmp.replace(out / WEIGHTS_FILE)
+        return out
+
+
+def _devices(devices: Sequence[str] | None, K: int) -> list[Device]:
+    if devices is None:
+        return [Device("cpu")] * K
+    if len(devices) != K:
+        raise PartitionError(f"{len(devices)} devices given for K={K} stages ({', '.join(devices)}); give exactly one per stage.")
+    return [Device(*parse_device(d)) for d in devices]
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    K: int = 4,
+    cost: str = "flops",
+    method: str = "fr",
+    devices: Sequence[str] | None = None,
+    boundaries: Sequence[str] | None = None,
+    leaf_modules: Sequence[str | type] = (),
+    spec: ModelSpec | None = None,
+    repeats: int = 5,
+) -> Pipeline:
+    """Trace, profile and partition ``model`` into ``K`` balanced stages.
+
+    Args:
+        model: any traceable ``nn.Module`` (it is not copied: the stages share its weights).
+        example_inputs: a tuple of inputs for one forward, at the training batch size.
+        K: number of stages.
+        cost: ``"flops"`` (default), ``"time"`` (measured per node), ``"params"`` or ``"uniform"``.
+        method: the training method the stage cost is for: FR stages before the last do
+            two forwards and a backward, the others one of each.
+        devices: one device string per stage, ``NAME[@SPEED][/MEMORY]`` (default all "cpu").
+        boundaries: module names at which a stage must start, e.g. ``["layer2", "layer3.1"]``.
+        leaf_modules: module class names / qualified names to keep opaque when tracing.
+        spec: how to rebuild the model (recorded in the plan for ``fxreplay.load``).
+
+    Example:
+        >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
+        >>> pipe.plan.balance  # bottleneck / mean stage cost
+    """
+    if method not in METHODS:
+        raise PartitionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if cost not in COST_MODELS:
+        raise PartitionError(f"unknown cost model {cost!r}; choose one of {', '.join(COST_MODELS)}.")
+    if not isinstance(K, int) or K < 1:
+        raise PartitionError(f"K must be a positive integer, got {K!r}.")
+    example_inputs = tuple(example_inputs)
+    gm = trace(model, leaf_modules)
+    profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats)
+    cg = build_cost_graph(gm)
+    _check_tied(cg, K)
+    devs = _devices(devices, K)
+    required = cg.required_cuts(boundaries or [])
+    problem = cg.problem(cost, method, required=required)
+    part = solve(problem, K, devs)
+    spec = spec or ModelSpec(leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
+    plan = _make_plan(cg, part, devs, cost, method, tuple(boundaries or ()), spec)
+    return _pipeline(model, gm, cg, plan)
+
+
+def _check_tied(cg: CostGraph, K: int) -> None:
+    possible = sum(cg.allowed[1:-1])
+    if K - 1 > possible:
+        tied = f" Tied parameters keep some nodes together: {', '.join(name for name, _ in cg.tied)}." if cg.tied else ""
+        raise PartitionError(
+            f"K={K} stages need {K - 1} cuts but this model allows only {possible} (it has "
+            f"{sum(n.op not in ('placeholder', 'get_attr') for n in cg.order)} operations).{tied} "
+            f"Use K <= {possible + 1}, or trace with fewer leaf modules so there are more nodes to cut between."
+        )
+
+
+def _make_plan(
+    cg: CostGraph, part: Partition, devs: Sequence[Device], cost: str, method: str, boundaries: tuple[str, ...], spec: ModelSpec
+) -> Plan:
+    stages = []
+    costs: list[NodeCost] = [n.meta["cost"] for n in cg.order]
+    for k, (a, b) in enumerate(part.ranges):
+        stages.append(
+            StagePlan(
+                index=k,
+                nodes=tuple(n.name for n in cg.order[a:b]),
+                device=devs[part.devices[k]].name,
+                flops_fwd=sum(c.flops_fwd for c in costs[a:b]),
+                flops_bwd=sum(c.flops_bwd for c in costs[a:b]),
+                param_bytes=sum(c.param_bytes for c in costs[a:b]),
+                boundary_bytes=int(cg.cut_bytes[b]) if k < len(part.ranges) - 1 else 0,
+                predicted_cost=float(part.stage_costs[k]),
+                memory_bytes=float(part.stage_memory[k]),
+            )
+        )
+    return Plan(K=len(stages), stages=tuple(stages), cost=cost, method=method, bottleneck=float(part.bottleneck), model=spec, boundaries=boundaries)
+
+
+def _pipeline(model: nn.Module, gm: fx.GraphModule, cg: CostGraph, plan: Plan) -> Pipeline:
+    pos = cg.position
+    ranges = []
+    for s in plan.stages:
+        a = pos[next(n for n in cg.order if n.name == s.nodes[0])]
+        ranges.append((a, a + len(s.nodes)))
+    crossing = [cg.crossing(b) for _, b in ranges[:-1]]
+    stages = build_stages(gm, cg.order, ranges, crossing)
+    return Pipeline(plan=plan, stages=stages, model=model, graph_module=gm, cost_graph=cg)
+
+
+def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: Sequence[Any] | None = None) -> Pipeline:
+    """Rebuild the stages a plan describes.
+
+    Args:
+        plan_dir: a directory written by ``fxreplay partition`` / ``Pipeline.save`` (or a plan.yaml).
+        model: the model; default: rebuilt from the plan's model spec, with the weights
+            saved next to the plan.
+        example_inputs: for the profile (boundary bytes); default: from the model file or
+            the plan's input shape and batch size.
+
+    Raises:
+        PlanError: the plan is malformed or does not match the model.
+    """
+    plan_dir = Path(plan_dir)
+    plan = Plan.load(plan_dir)
+    loaded_inputs = None
+    if model is None:
+        if not plan.model.spec:
+            raise PlanError(
+                f"the plan in {plan_dir} records no model spec (it was compiled from a Python "
+                "object): pass the model, fxreplay.load(plan_dir, model=MyNet())."
+            )
+        loaded = load_model(plan.model.spec, plan.model.num_classes)
+        model, loaded_inputs = loaded.model, loaded.example_inputs
+        weights = (plan_dir if plan_dir.is_dir() else plan_dir.parent) / WEIGHTS_FILE
+        if weights.is_file():
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if example_inputs is None:
+        example_inputs = loaded_inputs
+    if example_inputs is None:
+        if plan.model.input_shape is None:
+            raise PlanError(f"the plan in {plan_dir} gives no model.input_shape and the model file no example_inputs(); add one of them.")
+        example_inputs = make_example_inputs(plan.model.input_shape, plan.model.batch_size or 1)
+    gm = trace(model, plan.model.leaf_modules)
+    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    planned = [n for s in plan.stages for n in s.nodes]
+    missing = [n for n in names if n not in set(planned)]
+    unknown = [n for n in planned if n not in set(names)]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"nodes of the model in no stage: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unknown:
+            parts.append(f"nodes in the plan that the model does not have: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+        raise PlanError(
+            f"the plan in {plan_dir} does not match the model ({'; '.join(parts)}). Every fx node "
+            "must be in exactly one stage: re-run `fxreplay partition` for this model."
+        )
+    by_name = {n.name: n for n in gm.graph.nodes}
+    seen: set[str] = set()
+    for s in plan.stages:
+        for name in s.nodes:
+            early = [u.name for u in by_name[name].all_input_nodes if u.name not in seen]
+            if early:
+                raise PlanError(
+                    f"the plan in {plan_dir} puts node {name!r} (stage {s.index}) before its input "
+                    f"{early[0]!r}: stages must list nodes in an order where every value is computed before it is used."
+                )
+            seen.add(name)
+    profile(gm, tuple(example_inputs))
+    cg = build_cost_graph(gm, order=planned)
+    return _pipeline(model, gm, cg, plan)

@@ -1,0 +1,191 @@
+"""From a profiled GraphModule to the partitioner's plain-data problem.
+
+The nodes become a networkx DiGraph (edge u -> v: v uses u's value) weighted by their
+profile; a topological order that keeps boundaries narrow is chosen
+(:func:`fxreplay.ordering.narrow_order`), and the per-position arrays of
+:class:`fxreplay.partition.Problem` are laid out along it. Cuts that would leave a stage
+without computation, or split the uses of a tied parameter, are forbidden; boundaries
+pinned by module name become required cuts.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import torch.fx as fx
+
+from fxreplay.errors import PartitionError
+from fxreplay.ordering import narrow_order
+from fxreplay.partition import Problem
+from fxreplay.profiling import NodeCost
+from fxreplay.tracing import node_module_path, tied_parameter_groups
+
+__all__ = ["CostGraph", "build_cost_graph", "COST_MODELS", "OPTIMIZER_STATE_FACTOR"]
+
+COST_MODELS = ("flops", "time", "params", "uniform")
+
+# Parameter memory on a device: the weight, its gradient and one optimizer buffer (SGD
+# momentum, the paper's optimizer). Adam would be 4x.
+OPTIMIZER_STATE_FACTOR = 3.0
+
+# Communication in FLOP-equivalents per byte under cost="flops": a device sustaining about
+# 1e11 FLOP/s behind a link of about 1e10 B/s. Under cost="time", seconds per byte = 1/1e10.
+FLOPS_PER_BYTE = 10.0
+SECONDS_PER_BYTE = 1e-10
+
+
+@dataclass
+class CostGraph:
+    """The profiled graph laid out along a topological order.
+
+    Attributes:
+        gm: the traced model (nodes carry ``meta["cost"]``).
+        graph: networkx DiGraph over fx node names.
+        order: the fx nodes (output excluded) in the chosen topological order.
+        cut_bytes: ``cut_bytes[c]``: bytes that cross a cut before position ``c``.
+        allowed: ``allowed[c]``: a cut at ``c`` is permitted.
+        tied: tied parameters and the nodes that use them.
+    """
+
+    gm: fx.GraphModule
+    graph: nx.DiGraph
+    order: list[fx.Node]
+    cut_bytes: list[float]
+    allowed: list[bool]
+    tied: list[tuple[str, list[fx.Node]]]
+
+    @property
+    def position(self) -> dict[fx.Node, int]:
+        return {n: i for i, n in enumerate(self.order)}
+
+    def crossing(self, c: int) -> list[fx.Node]:
+        """The values that cross a cut at position ``c`` (get_attr values are re-read, not sent)."""
+        pos = self.position
+        out: list[fx.Node] = []
+        for node in self.order[:c]:
+            if node.op == "get_attr":
+                continue
+            if any(u.op == "output" or pos[u] >= c for u in node.users):
+                out.append(node)
+        return out
+
+    def required_cuts(self, boundaries: Sequence[str]) -> list[int]:
+        """Cut positions for boundaries pinned by module name: a cut right before the module's first node."""
+        cuts = []
+        paths = [node_module_path(n) for n in self.order]
+        for name in boundaries:
+            hits = [i for i, p in enumerate(paths) if p == name or p.startswith(name + ".")]
+            if not hits:
+                known = sorted({p for p in paths if p})
+                close = difflib.get_close_matches(name, known, n=5) or known[:8]
+                raise PartitionError(
+                    f"pinned boundary {name!r} names no module of the model. Modules with that "
+                    f"kind of name: {', '.join(close)}. Use a qualified module name as in "
+                    "model.named_modules(), e.g. 'layer2' or 'layer3.1'."
+                )
+            c = hits[0]
+            if not self.allowed[c]:
+                raise PartitionError(
+                    f"pinned boundary {name!r} (a cut before node {self.order[c].name!r}) is not "
+                    "allowed: it would leave a stage without computation or split the uses of a "
+                    "tied parameter. Pin a different module."
+                )
+            cuts.append(c)
+        return sorted(set(cuts))
+
+    def problem(
+        self,
+        cost: str,
+        method: str,
+        required: Sequence[int] = (),
+        optimizer_state_factor: float = OPTIMIZER_STATE_FACTOR,
+        comm_cost_per_byte: float | None = None,
+    ) -> Problem:
+        """The partitioner's input for a cost model and a training method."""
+        if cost not in COST_MODELS:
+            raise PartitionError(f"unknown cost model {cost!r}; choose one of {', '.join(COST_MODELS)}.")
+        costs: list[NodeCost] = [n.meta["cost"] for n in self.order]
+        fwd: list[float]
+        bwd: list[float]
+        if cost == "flops":
+            fwd = [float(c.flops_fwd) for c in costs]
+            bwd = [float(c.flops_bwd) for c in costs]
+            per_byte = FLOPS_PER_BYTE
+        elif cost == "time":
+            fwd = [c.time_fwd for c in costs]
+            bwd = [c.time_bwd for c in costs]
+            per_byte = SECONDS_PER_BYTE
+        elif cost == "params":
+            fwd, bwd, per_byte = [float(c.param_bytes) for c in costs], [0.0] * len(costs), 0.0
+        else:  # uniform: every operation counts one, whatever it does
+            fwd = [0.0 if n.op in ("placeholder", "get_attr") else 1.0 for n in self.order]
+            bwd, per_byte = [0.0] * len(costs), 0.0
+        return Problem(
+            fwd=tuple(fwd),
+            bwd=tuple(bwd),
+            cut_bytes=tuple(self.cut_bytes),
+            static_bytes=tuple(optimizer_state_factor * c.param_bytes for c in costs),
+            act_bytes=tuple(float(c.act_bytes) for c in costs),
+            allowed=tuple(self.allowed),
+            required=tuple(required),
+            method=method if cost in ("flops", "time") else "plain",
+            comm_cost_per_byte=per_byte if comm_cost_per_byte is None else comm_cost_per_byte,
+        )
+
+
+def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> CostGraph:
+    """Lay a profiled GraphModule out for partitioning.
+
+    Args:
+        gm: a traced model whose nodes carry ``meta["cost"]`` (see :func:`fxreplay.profiling.profile`).
+        order: node names in a given topological order (e.g. from a plan); default: chosen
+            by :func:`fxreplay.ordering.narrow_order`.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    G = nx.DiGraph()
+    for i, n in enumerate(nodes):
+        cost: NodeCost = n.meta.get("cost", NodeCost())
+        G.add_node(n.name, index=i, bytes=0.0 if n.op == "get_attr" else float(cost.out_bytes))
+    for n in nodes:
+        for u in n.all_input_nodes:
+            G.add_edge(u.name, n.name)
+    by_name = {n.name: n for n in nodes}
+    names = list(order) if order is not None else narrow_order(G)
+    # Stage 0 takes the model's inputs in the signature's order, so placeholders lead.
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    ordered = placeholders + [by_name[name] for name in names if by_name[name].op != "placeholder"]
+
+    N = len(ordered)
+    pos = {n: i for i, n in enumerate(ordered)}
+    # cut_bytes[c]: values produced before c and used at or after c (the output counts as
+    # used after every cut); cut 0 carries the model's inputs, cut N its outputs.
+    delta = [0.0] * (N + 2)
+    for n in ordered:
+        if n.op == "get_attr":
+            continue
+        last = max((N if u is output else pos[u] for u in n.users), default=pos[n])
+        if last > pos[n]:
+            delta[pos[n] + 1] += G.nodes[n.name]["bytes"]
+            delta[last + 1] -= G.nodes[n.name]["bytes"]
+    cut = list(itertools.accumulate(delta[: N + 1]))
+    cut[0] = float(sum(G.nodes[n.name]["bytes"] for n in ordered if n.op == "placeholder"))
+    cut[N] = float(sum(G.nodes[u.name]["bytes"] for u in output.all_input_nodes))
+
+    allowed = [True] * (N + 1)
+    compute = [n.op not in ("placeholder", "get_attr") for n in ordered]
+    first_compute = next((i for i, c in enumerate(compute) if c), N)
+    for c in range(0, first_compute + 1):
+        allowed[c] = False  # the first stage would do nothing
+    last_compute = max((i for i, c in enumerate(compute) if c), default=0)
+    for c in range(last_compute + 1, N + 1):
+        allowed[c] = False  # the last stage would do nothing
+    tied = tied_parameter_groups(gm)
+    for _, users in tied:
+        ps = sorted(pos[u] for u in users)
+        for c in range(ps[0] + 1, ps[-1] + 1):
+            allowed[c] = False
+    return CostGraph(gm=gm, graph=G, order=ordered, cut_bytes=cut, allowed=allowed, tied=tied)

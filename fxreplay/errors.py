@@ -1,0 +1,59 @@
+"""The errors fxreplay raises for a user's mistake.
+
+Every message says what was wrong, with the values, and what to do about it. The CLI
+prints them as one paragraph and exits non-zero; a user never sees a traceback for these.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "FxReplayError",
+    "ModelLoadError",
+    "TraceError",
+    "PartitionError",
+    "PlanError",
+    "ConfigError",
+    "DataError",
+    "TrainingError",
+    "DivergenceError",
+    "CheckpointError",
+]
+
+
+class FxReplayError(Exception):
+    """Base class: a problem with the user's input or run that the user can fix."""
+
+
+class ModelLoadError(FxReplayError):
+    """A model spec (file, module, attribute, torchvision name) could not be loaded."""
+
+
+class TraceError(FxReplayError):
+    """torch.fx could not trace the model, or the traced graph breaks an fxreplay rule."""
+
+
+class PartitionError(FxReplayError):
+    """No partition satisfies the request (K, pinned boundaries, memory caps)."""
+
+
+class PlanError(FxReplayError):
+    """A plan file or directory is malformed or does not match its model."""
+
+
+class ConfigError(FxReplayError):
+    """A YAML config or CLI override is malformed (unknown key, wrong type, bad value)."""
+
+
+class DataError(FxReplayError):
+    """A data set could not be found or read."""
+
+
+class TrainingError(FxReplayError):
+    """A training run cannot go on (bad method options, a crashed worker, ...)."""
+
+
+class DivergenceError(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointError(FxReplayError):
+    """A checkpoint is missing, corrupt or from a different run."""

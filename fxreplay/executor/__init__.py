@@ -1,0 +1,6 @@
+"""Executors run a method's schedule on its stage workers: locally (here) or distributed."""
+from __future__ import annotations
+
+from .local import LocalExecutor
+
+__all__ = ["LocalExecutor"]

@@ -1,0 +1,298 @@
+"""The per-stage worker every method builds on, and the message link it talks through.
+
+A worker owns one stage (its module, its optimizer, its method state) and runs the
+actions of :mod:`fxreplay.schedule` for that stage. It never calls another stage: it
+``recv``s what it needs and ``send``s what it produces through a :class:`Link`:
+
+=========  =====================  =============================================
+kind       direction              payload
+=========  =====================  =============================================
+``act``    stage k -> k+1         the boundary values (a tuple; stage 0 gets the
+                                  model inputs from the executor)
+``grad``   stage k -> k-1         δ: one entry per boundary value, a tensor for
+                                  floating values that carry a gradient, else None
+``target`` executor -> stage K-1  the labels y of a batch
+``out``    stage K-1 -> executor  ``(loss, output)``, both detached
+=========  =====================  =============================================
+
+Messages are keyed by the absolute batch index (the iteration that fed the batch), so
+a local executor (a dict) and a distributed one (point-to-point send/recv) deliver them
+the same way, and a worker never knows which one it runs under.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import TrainingError
+from ..measure import MemoryMeter, StorageMap, storages_of
+from ..schedule import Action
+
+__all__ = [
+    "Link",
+    "LossFn",
+    "OptimizerFactory",
+    "RngState",
+    "StageWorker",
+    "as_tuple",
+    "capture_rng",
+    "restored_rng",
+    "frozen_norm_stats",
+]
+
+OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
+LossFn = Callable[[Any, Any], torch.Tensor]
+RngState = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+class Link(Protocol):
+    """How a worker exchanges messages with its neighbours (see the module docstring)."""
+
+    def send(self, kind: str, batch: int, payload: Any) -> None: ...
+
+    def recv(self, kind: str, batch: int) -> Any: ...
+
+
+def as_tuple(value: Any) -> tuple[Any, ...]:
+    """A stage's output as the argument tuple of the next stage."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _detached(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _is_diff(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
+def capture_rng(device: torch.device) -> RngState:
+    """The RNG state a forward on ``device`` will draw from (CPU always, CUDA when used)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def restored_rng(state: RngState, device: torch.device) -> Iterator[None]:
+    """Run a block with the RNG as it was at ``state``, then put the global stream back.
+
+    Like ``torch.utils.checkpoint``: a replayed dropout draws the very mask of the play,
+    and the replay does not shift the random numbers the next play will see.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(norms: Iterable[_BatchNorm]) -> Iterator[None]:
+    """BatchNorm layers in train mode normalise with the batch's own statistics but leave
+    ``running_mean``/``running_var``/``num_batches_tracked`` untouched.
+
+    ``track_running_stats=False`` in train mode makes ``_BatchNorm.forward`` skip the
+    counter and pass no running buffers to ``F.batch_norm``: the output is bit-identical
+    and no buffer is written (so no copy and no version bump of a buffer autograd saved).
+    Layers in eval mode keep their running statistics and are left alone.
+    """
+    flipped = [m for m in norms if m.training and m.track_running_stats]
+    for m in flipped:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.track_running_stats = True
+
+
+class StageWorker:
+    """One stage of a method: runs that stage's schedule actions, talks through a Link.
+
+    Subclasses implement ``op_F``, ``op_R``, ``op_B``, ``op_S``, ``op_T`` as needed; the
+    base class gives the plain BP pieces (a forward that keeps its graph, a backward of
+    a received δ or of the loss, an optimizer step) that every method reuses.
+
+    Attributes:
+        grad_batch: the batch whose gradient sits in the parameters' ``.grad`` (what the
+            next U applies, and what σ_k compares against), or None during warm-up.
+        meter: a :class:`MemoryMeter` when memory is measured, else None.
+    """
+
+    method: ClassVar[str] = ""
+    option_names: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        stage: int,
+        num_stages: int,
+        module: nn.Module,
+        optimizer: OptimizerFactory,
+        loss_fn: LossFn,
+        **options: Any,
+    ) -> None:
+        self.stage = stage
+        self.num_stages = num_stages
+        self.delay = num_stages - 1 - stage  # d_k: iterations between F and B of a batch
+        self.is_last = stage == num_stages - 1
+        self.module = module
+        self.loss_fn = loss_fn
+        self.params = list(module.parameters())
+        # A stage without parameters still gets an optimizer (an empty group) so that
+        # ``optimizers`` always has K entries the trainer can set lr on.
+        self.optimizer = optimizer(self.params if self.params else [{"params": []}])
+        first = next(iter(module.parameters()), None)
+        if first is None:
+            first = next(iter(module.buffers()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        self.grad_batch: int | None = None
+        self.meter: MemoryMeter | None = None
+        self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
+        self._apply_options(options)
+
+    # -- options -------------------------------------------------------------------
+    def _apply_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - self.option_names)
+        if unknown:
+            allowed = ", ".join(sorted(self.option_names)) or "none"
+            raise TrainingError(
+                f"unknown option(s) {', '.join(unknown)} for method {self.method!r} "
+                f"(options it accepts: {allowed}); remove them or pick the method they belong to"
+            )
+
+    # -- dispatch --------------------------------------------------------------------
+    def run(self, action: Action, step: int, link: Link) -> None:
+        """Run one schedule action of iteration ``step`` (its batch is ``step + action.offset``)."""
+        handler = getattr(self, f"op_{action.op}", None)
+        if handler is None:
+            raise TrainingError(f"method {self.method!r} has no op {action.op!r} (action {action})")
+        handler(step + action.offset, link)
+
+    def op_U(self, batch: int, link: Link) -> None:
+        """Alg. 1 line 13: w^{t+1} = optimizer step with the gradient of ``batch``.
+
+        Skipped in warm-up (no gradient yet): stepping with zero gradients would still move
+        the weights through momentum and weight decay.
+        """
+        if self.grad_batch == batch and batch >= 0:
+            self.optimizer.step()
+
+    # -- building blocks ---------------------------------------------------------------
+    def recv_inputs(self, batch: int, link: Link) -> tuple[Any, ...]:
+        values = as_tuple(link.recv("act", batch))
+        return tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in values)
+
+    def leaf_inputs(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Detached copies of the boundary values; floating ones require grad (so δ can be
+        sent down) except at stage 0, whose inputs are data."""
+        want = self.stage > 0
+        return tuple(
+            v.detach().requires_grad_(want) if _is_diff(v) else (v.detach() if isinstance(v, torch.Tensor) else v)
+            for v in values
+        )
+
+    def recording(self) -> contextlib.AbstractContextManager[StorageMap]:
+        """Context for a graph-building forward: records saved storages when measuring."""
+        if self.meter is None:
+            return contextlib.nullcontext({})
+        return self.meter.record()
+
+    def graph_forward(self, batch: int, inputs: tuple[Any, ...], link: Link, call: Callable[..., Any] | None = None) -> tuple[Any, ...]:
+        """Forward with graph; the last stage adds the loss and reports ``(loss, output)``.
+
+        Returns the live entry ``(batch, inputs, outputs or loss, saved storages)``.
+        """
+        fn = call if call is not None else self.module
+        with self.recording() as saved:
+            out = fn(*inputs)
+            if self.is_last:
+                y = link.recv("target", batch)
+                y = y.to(self.device) if isinstance(y, torch.Tensor) else y
+                loss = self.loss_fn(out, y)
+        if self.is_last:
+            shown = _detached(out) if isinstance(out, tuple) else out.detach()
+            link.send("out", batch, (loss.detach(), shown))
+            return (batch, inputs, loss, saved)
+        link.send("act", batch, _detached(as_tuple(out)))
+        return (batch, inputs, out, saved)
+
+    def backprop(self, entry: tuple[Any, ...], link: Link, params: list[torch.Tensor] | None = None) -> None:
+        """Backpropagate δ (received from stage k+1 for this batch) or the loss through a
+        live entry, then send δ_{k-1} (the gradient w.r.t. the stage's inputs) down.
+
+        Alg. 1 lines 12 and 14: g_k = ∂h̃_k/∂w_k × δ_k (eq. 7). ``params`` are the
+        tensors the graph was built on (DDG's snapshot); their gradients are moved onto
+        the live parameters.
+        """
+        batch, inputs, result, _ = entry
+        for p in self.params:
+            p.grad = None  # the gradient of this batch only (and None stays None in warm-up)
+        if params is not None:
+            for p in params:
+                p.grad = None
+        if self.is_last:
+            result.backward()
+        else:
+            deltas = as_tuple(link.recv("grad", batch))
+            pairs = [
+                (o, d.to(o.device))
+                for o, d in zip(as_tuple(result), deltas)
+                if isinstance(o, torch.Tensor) and o.requires_grad and d is not None
+            ]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [d for _, d in pairs])
+        if params is not None:
+            for live, used in zip(self.params, params):
+                live.grad = used.grad
+        self.grad_batch = batch
+        self.send_input_grads(batch, inputs, link)
+
+    def send_input_grads(self, batch: int, inputs: tuple[Any, ...], link: Link) -> None:
+        if self.stage > 0:
+            link.send("grad", batch, tuple(
+                v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None for v in inputs
+            ))
+
+    # -- measurement --------------------------------------------------------------------
+    def held_storages(self) -> list[StorageMap]:
+        """Storage maps of everything the stage holds for later backward passes."""
+        maps: list[StorageMap] = []
+        if self._live is not None:
+            maps.append(self._live[3])
+            maps.append(storages_of(self._live[1]))
+        return maps
+
+    def observe_memory(self) -> None:
+        if self.meter is not None:
+            self.meter.observe(*self.held_storages())
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, buffers, optimizer state and method state (no autograd graphs)."""
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # Gradients are recomputed from scratch at every backward; none survives a resume.
+        self.grad_batch = None
+        for p in self.params:
+            p.grad = None
+        self._live = None
+        self.load_extra_state(state["method"])
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,155 @@
+"""Decoupled neural interfaces with synthetic gradients (Jaderberg et al., 2016).
+
+Stages 0..K-2 each own one synthesizer per floating boundary tensor (see
+:mod:`~fxreplay.methods.synthesizer`). At iteration t, for 0-based stage k < K-1:
+
+- ``kF0``: forward of batch t with graph; send h_k^t up.
+- ``kS0``: δ̂_k = S_k(h_k^t) (on the detached output); backpropagate δ̂_k through the
+  stage and send the gradient w.r.t. the stage input down -- that is the "true" δ_{k-1}
+  stage k-1's synthesizer learns from (bootstrapped, as in the paper).
+- ``kU0``: update the stage at once (no waiting for the layers above).
+- ``kT0``: when stage k+1 has sent the true δ_k of batch t (computed from its own δ̂ or,
+  at the last stage, from the loss), train S_k by MSE(δ̂_k, δ_k.detach()) with its own
+  optimizer (Adam by default: SGD often fails to converge for DNI).
+
+The last stage runs F, B, U exactly like BP. With a perfect synthesizer this is BP.
+
+Options:
+    synthesizer: ``"auto"`` | ``"conv"`` | ``"mlp"``, or a callable
+        ``(stage, example_tensor) -> nn.Module`` (e.g. an oracle in tests).
+    synth_hidden: hidden channels/features of the built-in synthesizers.
+    synth_optimizer: factory ``params -> Optimizer``; default ``Adam(lr=1e-4)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..measure import StorageMap, storages_of
+from .base import Link, OptimizerFactory, StageWorker, _is_diff, as_tuple
+from .synthesizer import make_synthesizer
+
+__all__ = ["DNIWorker"]
+
+
+def _default_synth_optimizer(params: list[Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-4)
+
+
+class DNIWorker(StageWorker):
+    """A stage trained from synthetic gradients.
+
+    Attributes:
+        synths: boundary position -> synthesizer module (built at the first S).
+        last_synth_loss: the synthesizer MSE of the last T (None before any).
+    """
+
+    method = "dni"
+    option_names = frozenset({"synthesizer", "synth_hidden", "synth_optimizer"})
+
+    def _apply_options(self, options: dict[str, Any]) -> None:
+        super()._apply_options(options)
+        self.synth_kind: str | Callable[[int, torch.Tensor], nn.Module] = options.get("synthesizer", "auto")
+        self.synth_hidden: int | None = options.get("synth_hidden")
+        self.synth_optimizer: OptimizerFactory = options.get("synth_optimizer") or _default_synth_optimizer
+        self.synths: dict[int, nn.Module] = {}
+        self.synth_opts: dict[int, torch.optim.Optimizer | None] = {}
+        self._spec: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._pred: tuple[int, dict[int, torch.Tensor], StorageMap] | None = None
+        self.last_synth_loss: float | None = None
+
+    def _synth(self, position: int, example: torch.Tensor) -> nn.Module:
+        if position not in self.synths:
+            # Initialise from a generator of its own: drawing from the global stream here
+            # would shift the dropout masks of every later stage and of every later step.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((torch.initial_seed() + 7919 * (self.stage + 1) + position) % 2**63)
+                if callable(self.synth_kind):
+                    module = self.synth_kind(self.stage, example)
+                else:
+                    module = make_synthesizer(example, self.synth_kind, self.synth_hidden)
+            params = list(module.parameters())
+            if self.meter is not None:
+                self.meter.exclude(params)  # synthesizer weights are not activations
+            self.synths[position] = module
+            # A parameter-free synthesizer (an oracle) has nothing to train.
+            self.synth_opts[position] = self.synth_optimizer(params) if params else None
+            self._spec[position] = (tuple(example.shape), example.dtype)
+        return self.synths[position]
+
+    def op_F(self, batch: int, link: Link) -> None:
+        """Forward of batch t with graph; send h_k^t up (last stage: compute the loss)."""
+        self._live = self.graph_forward(batch, self.leaf_inputs(self.recv_inputs(batch, link)), link)
+
+    def op_S(self, batch: int, link: Link) -> None:
+        """Backpropagate the synthetic δ̂_k = S_k(h_k) and send δ_{k-1} down."""
+        entry = self._live
+        assert entry is not None and entry[0] == batch, f"DNI stage {self.stage}: no forward of batch {batch}"
+        _, inputs, out, _ = entry
+        outs = as_tuple(out)
+        positions = [i for i, o in enumerate(outs) if _is_diff(o) and o.requires_grad]
+        synths = {i: self._synth(i, outs[i].detach()) for i in positions}
+        with self.recording() as saved:
+            preds = {i: synths[i](outs[i].detach()) for i in positions}
+        self._pred = (batch, preds, saved)
+        self.observe_memory()  # the peak: stage graph and synthesizer graph both alive
+        self._live = None
+        for p in self.params:
+            p.grad = None
+        if preds:
+            torch.autograd.backward([outs[i] for i in preds], [p.detach() for p in preds.values()])
+        self.grad_batch = batch
+        self.send_input_grads(batch, inputs, link)
+
+    def op_B(self, batch: int, link: Link) -> None:
+        """Last stage only: backpropagate the loss, send the true δ down."""
+        self.observe_memory()
+        entry, self._live = self._live, None
+        assert entry is not None and entry[0] == batch
+        self.backprop(entry, link)
+
+    def op_T(self, batch: int, link: Link) -> None:
+        """Train S_k on the true δ_k of this batch, sent by stage k+1 (detached)."""
+        assert self._pred is not None and self._pred[0] == batch, f"DNI stage {self.stage}: no prediction for batch {batch}"
+        _, preds, _ = self._pred
+        self._pred = None
+        true = as_tuple(link.recv("grad", batch))
+        terms = [F.mse_loss(pred, true[i].to(pred.device).detach()) for i, pred in preds.items() if true[i] is not None]
+        if not terms:
+            return
+        loss = torch.stack(terms).sum()
+        self.last_synth_loss = float(loss.detach())
+        if loss.requires_grad:
+            opts = [o for o in self.synth_opts.values() if o is not None]
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+
+    def held_storages(self) -> list[StorageMap]:
+        maps = super().held_storages()
+        if self._pred is not None:
+            maps += [self._pred[2], storages_of(self._pred[1].values())]
+        return maps
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "spec": dict(self._spec),
+            "synths": {i: m.state_dict() for i, m in self.synths.items()},
+            "synth_opts": {i: (o.state_dict() if o is not None else None) for i, o in self.synth_opts.items()},
+            "last_synth_loss": self.last_synth_loss,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.synths, self.synth_opts, self._spec, self._pred = {}, {}, {}, None
+        for i, (shape, dtype) in state["spec"].items():
+            self._synth(i, torch.zeros(shape, dtype=dtype, device=self.device))
+            self.synths[i].load_state_dict(state["synths"][i])
+            opt = self.synth_opts[i]
+            if opt is not None and state["synth_opts"][i] is not None:
+                opt.load_state_dict(state["synth_opts"][i])
+        self.last_synth_loss = state["last_synth_loss"]

@@ -1,0 +1,93 @@
+"""Features replay (Huo, Gu & Huang, NeurIPS 2018), Algorithm 1, as one stage's worker.
+
+0-based stage k, delay d_k = K-1-k (the paper's t+k-K with 1-based k). At iteration t:
+
+- ``kF0`` (lines 5-7, the *play*): store the input h_{k-1}^t with the RNG state, run
+  F_k(h_{k-1}^t; w_k^t) under ``no_grad`` and send the output up. The last stage's play
+  is its training forward: it keeps the graph and computes the loss (line 9).
+- ``kR-d`` (line 11, the *replay*): recompute F_k(h_{k-1}^{t-d}; w_k^t) from the oldest
+  history entry, with the *current* weights, the stored RNG state (same dropout mask) and
+  BatchNorm running statistics frozen.
+- ``kB-d`` (lines 12, 14): backpropagate δ_k^t -- the gradient stage k+1 sent at t-1,
+  which belongs to the same batch t-d -- and send ∂/∂h_{k-1}^{t-d} down for use at t+1.
+- ``kU-d`` (line 13): optimizer step.
+
+Warm-up: while t-d < 0 there is nothing to replay; R, B and U do nothing, so the stage's
+gradients stay None and its optimizer never steps. The history holds d+1 = K-k entries
+right after the play (K-k+1 in the paper's 1-based terms) and d between iterations; it and
+the δ in flight persist across epochs.
+
+BatchNorm running statistics are updated exactly once per batch, by the play (train mode);
+the replay normalises with the replayed batch's own statistics and writes no buffer (see
+:func:`~fxreplay.methods.base.frozen_norm_stats`).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+from ..measure import StorageMap, storages_of
+from .base import Link, RngState, StageWorker, capture_rng, frozen_norm_stats, restored_rng
+
+__all__ = ["FRWorker"]
+
+
+class FRWorker(StageWorker):
+    """A stage trained by features replay.
+
+    Attributes:
+        history: ``deque`` of ``(batch, inputs, rng_state)`` tuples, oldest first.
+    """
+
+    method = "fr"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history: deque[tuple[int, tuple[Any, ...], RngState]] = deque()
+
+    def op_F(self, batch: int, link: Link) -> None:
+        """The play (Alg. 1 lines 5-7); the last stage's play keeps its graph (line 9)."""
+        if self.is_last:
+            self._live = self.graph_forward(batch, self.leaf_inputs(self.recv_inputs(batch, link)), link)
+            return
+        inputs = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in self.recv_inputs(batch, link))
+        self.history.append((batch, inputs, capture_rng(self.device)))  # line 5
+        with torch.no_grad():
+            out = self.module(*inputs)  # line 6: the one pass that updates BN running stats
+        link.send("act", batch, tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in (out if isinstance(out, tuple) else (out,))))
+
+    def op_R(self, batch: int, link: Link) -> None:
+        """The replay (line 11): F_k(h_{k-1}^{t-d}; w_k^t) with the play's RNG and frozen BN stats."""
+        if batch < 0:
+            return  # warm-up: h^{t+k-K} does not exist yet
+        stored_batch, stored, rng = self.history[0]
+        assert stored_batch == batch, f"FR stage {self.stage}: history starts at batch {stored_batch}, replay wants {batch}"
+        inputs = self.leaf_inputs(stored)
+        with restored_rng(rng, self.device), frozen_norm_stats(self.norms), self.recording() as saved:
+            out = self.module(*inputs)
+        self._live = (batch, inputs, out, saved)
+
+    def op_B(self, batch: int, link: Link) -> None:
+        """Backpropagate δ_k^t through the replay (eq. 7) and send δ_{k-1} down (line 14)."""
+        if batch < 0:
+            return
+        self.observe_memory()
+        entry, self._live = self._live, None
+        assert entry is not None and entry[0] == batch, f"FR stage {self.stage}: no replay of batch {batch}"
+        if not self.is_last:
+            self.history.popleft()
+        self.backprop(entry, link)
+
+    def held_storages(self) -> list[StorageMap]:
+        return super().held_storages() + [storages_of(inputs) for _, inputs, _ in self.history]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"history": [(b, inputs, rng) for b, inputs, rng in self.history]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.history = deque(
+            (b, tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in inputs), rng)
+            for b, inputs, rng in state["history"]
+        )

@@ -1,0 +1,259 @@
+"""The Plan: a declarative, hand-editable description of a partitioned model.
+
+``plan.yaml`` says which model, which fx nodes go to which stage on which device, and
+what the partitioner predicted. ``fxreplay train --plan DIR`` and ``fxreplay.load(DIR)``
+consume it; a hand-edited plan is validated on load (unknown keys, wrong types, wrong K,
+missing or duplicated nodes) with errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fxreplay.errors import PlanError
+
+__all__ = ["ModelSpec", "StagePlan", "Plan", "PLAN_FILE", "parse_device", "format_bytes"]
+
+PLAN_FILE = "plan.yaml"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild the model the plan was made for."""
+
+    spec: str | None = None  # e.g. "examples/branchy_net.py", "resnet56", "torchvision:resnet50"
+    input_shape: tuple[int, ...] | None = None  # per-example shape, when the model file gives no example_inputs()
+    batch_size: int | None = None  # the batch the profile and boundary bytes are for
+    num_classes: int | None = None
+    leaf_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage: its nodes (fx node names, in order), device and predicted costs."""
+
+    index: int
+    nodes: tuple[str, ...]
+    device: str = "cpu"
+    flops_fwd: int = 0
+    flops_bwd: int = 0
+    param_bytes: int = 0
+    boundary_bytes: int = 0  # what crosses into the next stage (0 for the last)
+    predicted_cost: float = 0.0  # in the cost model's units, method-aware, with communication
+    memory_bytes: float = 0.0  # predicted: parameters + optimizer state + activations (+ FR history)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A partition of one model into K stages."""
+
+    K: int
+    stages: tuple[StagePlan, ...]
+    cost: str = "flops"
+    method: str = "fr"
+    bottleneck: float = 0.0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    boundaries: tuple[str, ...] = ()  # module names pinned as stage starts
+    version: int = PLAN_VERSION
+
+    @property
+    def devices(self) -> list[str]:
+        return [s.device for s in self.stages]
+
+    @property
+    def balance(self) -> float:
+        """Bottleneck stage cost over the mean stage cost (1.0 is perfect)."""
+        costs = [s.predicted_cost for s in self.stages]
+        mean = sum(costs) / len(costs) if costs else 0.0
+        return max(costs) / mean if mean > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["model"].items()}
+        d["boundaries"] = list(self.boundaries)
+        d["stages"] = [{**s, "nodes": list(s["nodes"])} for s in d["stages"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> Plan:
+        """Validate and build a Plan; every problem names the key and says what is expected."""
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: expected a mapping at the top level, got {type(data).__name__}.")
+        top = _check_keys(data, cls, source, required=("K", "stages"))
+        K = _typed(top, "K", int, source)
+        if K < 1:
+            raise PlanError(f"{source}: K must be at least 1, got {K}.")
+        raw_stages = top["stages"]
+        if not isinstance(raw_stages, list):
+            raise PlanError(f"{source}: 'stages' must be a list of stages, got {type(raw_stages).__name__}.")
+        if len(raw_stages) != K:
+            raise PlanError(
+                f"{source}: K is {K} but {len(raw_stages)} stages are listed. Make them agree "
+                "(or re-run `fxreplay partition` with the K you want)."
+            )
+        stages = []
+        for i, raw in enumerate(raw_stages):
+            where = f"{source}: stages[{i}]"
+            if not isinstance(raw, dict):
+                raise PlanError(f"{where}: expected a mapping, got {type(raw).__name__}.")
+            s = _check_keys(raw, StagePlan, where, required=("nodes",))
+            nodes = s["nodes"]
+            if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
+                raise PlanError(f"{where}.nodes: expected a non-empty list of fx node names.")
+            index = _typed(s, "index", int, where, default=i)
+            if index != i:
+                raise PlanError(f"{where}.index is {index}; stages must be listed in order 0..{K - 1}.")
+            stages.append(
+                StagePlan(
+                    index=i,
+                    nodes=tuple(nodes),
+                    device=_typed(s, "device", str, where, default="cpu"),
+                    flops_fwd=_typed(s, "flops_fwd", int, where, default=0),
+                    flops_bwd=_typed(s, "flops_bwd", int, where, default=0),
+                    param_bytes=_typed(s, "param_bytes", int, where, default=0),
+                    boundary_bytes=_typed(s, "boundary_bytes", int, where, default=0),
+                    predicted_cost=float(_typed(s, "predicted_cost", (int, float), where, default=0.0)),
+                    memory_bytes=float(_typed(s, "memory_bytes", (int, float), where, default=0.0)),
+                )
+            )
+        seen: dict[str, int] = {}
+        for s in stages:
+            for n in s.nodes:
+                if n in seen:
+                    raise PlanError(f"{source}: node {n!r} is listed in stage {seen[n]} and stage {s.index}; each node belongs to one stage.")
+                seen[n] = s.index
+        raw_model = top.get("model") or {}
+        if not isinstance(raw_model, dict):
+            raise PlanError(f"{source}: 'model' must be a mapping.")
+        m = _check_keys(raw_model, ModelSpec, f"{source}: model")
+        shape = m.get("input_shape")
+        if shape is not None and not (isinstance(shape, list) and all(isinstance(v, int) for v in shape)):
+            raise PlanError(f"{source}: model.input_shape must be a list of integers, got {shape!r}.")
+        model = ModelSpec(
+            spec=_typed(m, "spec", str, f"{source}: model", default=None),
+            input_shape=tuple(shape) if shape is not None else None,
+            batch_size=_typed(m, "batch_size", int, f"{source}: model", default=None),
+            num_classes=_typed(m, "num_classes", int, f"{source}: model", default=None),
+            leaf_modules=tuple(_str_list(m.get("leaf_modules", []), f"{source}: model.leaf_modules")),
+        )
+        version = _typed(top, "version", int, source, default=PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise PlanError(f"{source}: plan version {version} is not supported (this fxreplay reads version {PLAN_VERSION}).")
+        return cls(
+            K=K,
+            stages=tuple(stages),
+            cost=_typed(top, "cost", str, source, default="flops"),
+            method=_typed(top, "method", str, source, default="fr"),
+            bottleneck=float(_typed(top, "bottleneck", (int, float), source, default=0.0)),
+            model=model,
+            boundaries=tuple(_str_list(top.get("boundaries", []), f"{source}: boundaries")),
+            version=version,
+        )
+
+    def save(self, directory: Path) -> Path:
+        """Write ``plan.yaml`` into ``directory`` (atomically) and return its path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / PLAN_FILE
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(
+            "# fxreplay plan: edit boundaries or devices by hand if you like; it is validated on load.\n"
+            + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+        )
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        """Read a plan from a ``plan.yaml`` file or a directory holding one."""
+        file = path / PLAN_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise PlanError(
+                f"no plan at {str(path)!r}: expected a directory with {PLAN_FILE} (made by "
+                "`fxreplay partition MODEL --K N --out DIR`) or the path of a plan file."
+            )
+        try:
+            data = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise PlanError(f"{file} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        return cls.from_dict(data, source=str(file))
+
+
+def _check_keys(data: dict[str, Any], cls: type, where: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys are {', '.join(sorted(known))}.")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise PlanError(f"{where}: missing required key(s) {', '.join(map(repr, missing))}.")
+    return data
+
+
+_MISSING = object()
+
+
+def _typed(data: dict[str, Any], key: str, types: Any, where: str, default: Any = _MISSING) -> Any:
+    value = data.get(key, default)
+    if value is _MISSING:
+        raise PlanError(f"{where}: missing key {key!r}.")
+    if value is None and default is None:
+        return None
+    ok = isinstance(value, types) and not (isinstance(value, bool) and types in (int, (int, float)))
+    if not ok:
+        name = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise PlanError(f"{where}.{key}: expected {name}, got {value!r}.")
+    return value
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"{where}: expected a list of strings, got {value!r}.")
+    return value
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TB": 1e12, "TIB": 2**40}
+
+
+def parse_device(text: str) -> tuple[str, float, float | None]:
+    """Parse ``NAME[@SPEED][/MEMORY]``, e.g. ``cuda:1@2/16GiB`` -> ("cuda:1", 2.0, 17179869184.0).
+
+    SPEED is relative compute speed (1 = the reference device); MEMORY caps what the stage
+    may hold (parameters, optimizer state, activations, FR history).
+    """
+    from fxreplay.errors import PartitionError
+
+    body, _, mem = text.strip().partition("/")
+    name, _, speed = body.partition("@")
+    if not name or not (name == "cpu" or name.startswith("cuda") or name.startswith("mps") or name == "meta"):
+        raise PartitionError(f"device {text!r}: expected NAME[@SPEED][/MEMORY] with NAME like cpu or cuda:0, e.g. 'cuda:1@2/16GiB'.")
+    try:
+        speed_f = float(speed) if speed else 1.0
+    except ValueError:
+        raise PartitionError(f"device {text!r}: speed {speed!r} is not a number (e.g. cuda:0@2).") from None
+    if speed_f <= 0:
+        raise PartitionError(f"device {text!r}: speed must be positive.")
+    memory: float | None = None
+    if mem:
+        num = mem.rstrip("BbKkMmGgTtIi")
+        unit = mem[len(num):].upper()
+        if unit not in _UNITS or not num:
+            raise PartitionError(f"device {text!r}: memory {mem!r} must look like 512MiB, 16GB or 8e9.")
+        try:
+            memory = float(num) * _UNITS[unit]
+        except ValueError:
+            raise PartitionError(f"device {text!r}: memory {mem!r} must look like 512MiB, 16GB or 8e9.") from None
+    return name, speed_f, memory
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable bytes: 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

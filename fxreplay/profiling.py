@@ -1,0 +1,203 @@
+"""Profile every node of a traced model: FLOPs, bytes, and optionally time.
+
+:class:`Profiler` is a ``torch.fx.Interpreter`` that runs the graph once on example
+inputs and writes ``node.meta["cost"]`` (a :class:`NodeCost`). Forward and backward FLOPs
+come from ``torch.utils.flop_counter``; activation bytes are the unique storages autograd
+saves for the node's backward (``saved_tensors_hooks``); measured times are medians over
+repeats after a warm-up. Running the profile leaves the model's weights and buffers as
+they were (BatchNorm running stats are restored).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxreplay.errors import TraceError
+
+__all__ = ["NodeCost", "Profiler", "profile", "value_bytes"]
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """What one node costs. Bytes are per example batch; times are seconds.
+
+    FLOPs are ``torch.utils.flop_counter``'s count; for ops it does not count (norms,
+    activations, additions) one FLOP per output element forward and two backward.
+    """
+
+    flops_fwd: int = 0
+    flops_bwd: int = 0
+    out_bytes: int = 0  # bytes of the node's output (what crosses a cut after it)
+    param_bytes: int = 0  # parameters this node owns (counted at its first use)
+    act_bytes: int = 0  # activations autograd saves for the node's backward
+    time_fwd: float = 0.0
+    time_bwd: float = 0.0
+
+
+def value_bytes(value: Any) -> int:
+    """Bytes of every tensor in a (nested) value; non-tensors count 0."""
+    leaves, _ = tree_flatten(value)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _needs_grad(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+class Profiler(fx.Interpreter):
+    """Runs the graph node by node and records a :class:`NodeCost` per node.
+
+    Args:
+        gm: the traced model.
+        measure_time: also time each node's forward and backward (for ``cost="time"``).
+        repeats: timed repeats per node (the median is kept); one warm-up run is excluded.
+    """
+
+    def __init__(self, gm: fx.GraphModule, measure_time: bool = False, repeats: int = 5) -> None:
+        super().__init__(gm)
+        self.measure_time = measure_time
+        self.repeats = repeats
+        self._seen_params: set[int] = set()
+
+    def _own_params(self, node: fx.Node) -> list[torch.Tensor]:
+        if node.op == "call_module":
+            return list(self.module.get_submodule(str(node.target)).parameters())
+        if node.op == "get_attr":
+            value = self.fetch_attr(str(node.target))
+            return [value] if isinstance(value, torch.nn.Parameter) else []
+        return []
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "output"):
+            result = super().run_node(n)
+            n.meta["cost"] = NodeCost(out_bytes=value_bytes(result) if n.op == "placeholder" else 0)
+            return result
+        try:
+            return self._profile_node(n)
+        except Exception as exc:
+            frame = n.meta.get("stack_trace", "")
+            src = f" (source: {frame.strip().splitlines()[-2].strip()})" if frame and len(frame.strip().splitlines()) >= 2 else ""
+            raise TraceError(
+                f"running node {n.format_node()}{src} on the example inputs failed: "
+                f"{type(exc).__name__}: {exc}. Check that the example inputs (--input-shape, "
+                "--batch-size, or example_inputs() in the model file) match what the model expects."
+            ) from exc
+
+    def _profile_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        params = self._own_params(n)
+        new_params = [p for p in params if id(p) not in self._seen_params]
+        self._seen_params.update(id(p) for p in params)
+        param_bytes = sum(p.numel() * p.element_size() for p in new_params)
+
+        # Fresh leaves so each node's backward is measured alone.
+        inputs: list[torch.Tensor] = []
+
+        def leaf(v: Any) -> Any:
+            if _needs_grad(v):
+                leaf_v = v.detach().requires_grad_(True)
+                inputs.append(leaf_v)
+                # A clone, so in-place ops (ReLU(inplace=True)) act on a non-leaf.
+                return leaf_v.clone()
+            return v
+
+        args, kwargs = tree_map(leaf, args), tree_map(leaf, kwargs)
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        run = getattr(self, n.op)
+        with torch.enable_grad():
+            with FlopCounterMode(display=False) as fwd_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = run(n.target, args, kwargs)
+            flops_fwd = fwd_counter.get_total_flops()
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = inputs + [p for p in params if p.requires_grad]
+            flops_bwd = 0
+            if outs and wrt:
+                grads = [torch.ones_like(o) for o in outs]
+                with FlopCounterMode(display=False) as bwd_counter:
+                    torch.autograd.grad(outs, wrt, grads, retain_graph=self.measure_time, allow_unused=True)
+                flops_bwd = bwd_counter.get_total_flops()
+        time_fwd = time_bwd = 0.0
+        if self.measure_time:
+            time_fwd = self._median(lambda: run(n.target, args, kwargs), grad=False)
+            if outs and wrt:
+                grads = [torch.ones_like(o) for o in outs]
+                time_bwd = self._median(
+                    lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True, allow_unused=True), grad=True
+                )
+        if flops_fwd == 0:
+            # The FLOP counter only knows matmuls and convolutions; count one operation per
+            # output element for the rest (norms, activations, adds) so they are not free.
+            numel = sum(o.numel() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+            flops_fwd = numel
+            flops_bwd = 2 * numel if outs and wrt else 0
+        n.meta["is_tuple"] = isinstance(out, (tuple, list))
+        n.meta["cost"] = NodeCost(
+            flops_fwd=int(flops_fwd),
+            flops_bwd=int(flops_bwd),
+            out_bytes=value_bytes(out),
+            param_bytes=param_bytes,
+            act_bytes=sum(saved.values()),
+            time_fwd=time_fwd,
+            time_bwd=time_bwd,
+        )
+        return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+
+    def _median(self, fn: Any, grad: bool) -> float:
+        times = []
+        with torch.set_grad_enabled(grad):
+            fn()  # warm-up, excluded
+            for _ in range(self.repeats):
+                _sync()
+                start = time.perf_counter()
+                fn()
+                _sync()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def _buffers_restored(gm: fx.GraphModule) -> Iterator[None]:
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(saved[name])
+
+
+def profile(gm: fx.GraphModule, example_inputs: tuple[Any, ...], measure_time: bool = False, repeats: int = 5) -> Any:
+    """Profile ``gm`` on ``example_inputs`` in training mode; writes ``node.meta["cost"]``.
+
+    Returns:
+        The model's output on the example inputs.
+    """
+    with _buffers_restored(gm), _rng_restored():
+        return Profiler(gm, measure_time=measure_time, repeats=repeats).run(*example_inputs)
+
+
+@contextmanager
+def _rng_restored() -> Iterator[None]:
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield

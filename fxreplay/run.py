@@ -1,0 +1,269 @@
+"""The training run behind ``fxreplay train``: data, pipeline, method, epochs, metrics,
+checkpoints, resume.
+
+Everything a run writes goes to ``train.out``:
+  ``config.yaml``    the resolved config (``--resume`` reads it back)
+  ``plan/``          the plan and readable stage code
+  ``metrics.jsonl``  one record per logged step and per epoch
+  ``checkpoint.pt``  written atomically after every epoch (and at max_steps); resumes exactly
+  ``model.pt``       the trained weights under the original model's keys
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
+from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan
+from fxreplay.config import Config, load_config, save_config
+from fxreplay.data import NUM_CLASSES, build_datasets, make_loader
+from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
+from fxreplay.loading import load_model
+from fxreplay.plan import ModelSpec
+from fxreplay.trainer import Trainer
+
+__all__ = ["RunResult", "train_run", "lr_factor"]
+
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports."""
+
+    out: Path
+    steps: int
+    epochs_done: int
+    final: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # every step's loss, this invocation
+    diverged: str | None = None
+
+
+def lr_factor(epoch: int, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
+    """Step decay: lr x gamma at each milestone fraction of the epochs (paper: /10 at 50%, 75%)."""
+    passed = sum(1 for m in milestones if epoch >= round(m * epochs))
+    return gamma**passed
+
+
+def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeline:
+    """The stages, from a plan directory or by compiling the configured model."""
+    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
+    num_classes = cfg.model.num_classes or NUM_CLASSES[cfg.data.name]
+    if plan_dir is not None:
+        pipe = load_plan(plan_dir)
+        if cfg.partition.K != pipe.K:
+            raise ConfigError(f"partition.K is {cfg.partition.K} but the plan in {plan_dir} has K={pipe.K}; drop --K or re-partition.")
+        return pipe
+    loaded = load_model(cfg.model.name, num_classes)
+    example = torch.stack([train_set[i][0] for i in range(min(cfg.data.batch_size, len(train_set)))])
+    spec = ModelSpec(spec=cfg.model.name, input_shape=tuple(example.shape[1:]), batch_size=cfg.data.batch_size, num_classes=num_classes)
+    return compile_model(
+        loaded.model, (example,), K=cfg.partition.K, cost=cfg.partition.cost, method=cfg.train.method,
+        devices=list(cfg.partition.devices) if cfg.partition.devices else None,
+        boundaries=list(cfg.partition.boundaries), spec=spec,
+    )
+
+
+def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
+    o = cfg.optim
+    scales = [2.0 if (k == 0 and o.double_first_stage_lr) else 1.0 for k in range(pipe.K)]
+    return Trainer(
+        pipe,
+        method=cfg.train.method,
+        optimizer=lambda params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        lr_scales=scales,
+        synth_optimizer=lambda params: torch.optim.Adam(params, lr=o.synth_lr),
+        measure_memory=True,
+    )
+
+
+class Metrics:
+    """Append-only ``metrics.jsonl``; truncated back to the checkpoint's line on resume."""
+
+    def __init__(self, path: Path, keep_lines: int | None = None) -> None:
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        if keep_lines is not None:
+            lines = lines[:keep_lines]
+        else:
+            lines = []
+        path.write_text("".join(line + "\n" for line in lines))
+        self.lines = len(lines)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}  {task.fields[sps]:.0f} samples/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def train_run(
+    cfg: Config | None = None,
+    plan_dir: Path | None = None,
+    resume: Path | None = None,
+    console: Console | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Train as the config says; write metrics, checkpoints and the model into ``cfg.train.out``.
+
+    Args:
+        cfg: the run's config (default: the offline quick start).
+        plan_dir: use this plan's stages instead of partitioning the model.
+        resume: a previous run's out directory: continue exactly where its checkpoint is.
+        console: where progress goes (default: stderr).
+        on_step: called as ``on_step(step, loss)`` after every iteration (tests use it).
+
+    Raises:
+        DivergenceError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    console = console or Console(stderr=True)
+    ckpt: dict[str, Any] | None = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        saved_cfg = resume / "config.yaml"
+        base = load_config(saved_cfg) if saved_cfg.is_file() else None
+        if cfg is None or base is None:
+            cfg = cfg or base
+        cfg = replace(cfg, train=replace(cfg.train, out=str(resume))) if cfg else None
+        if cfg is None:
+            raise CheckpointError(f"{resume} has no config.yaml; pass --config with the run's config.")
+        if ckpt["method"] != cfg.train.method or ckpt["K"] != cfg.partition.K:
+            raise CheckpointError(
+                f"the checkpoint in {resume} is from method={ckpt['method']} K={ckpt['K']}, "
+                f"not method={cfg.train.method} K={cfg.partition.K}: resume with the same method and K."
+            )
+        if (resume / "plan").is_dir():
+            plan_dir = resume / "plan"
+    cfg = cfg or load_config(None)
+    out = Path(cfg.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        save_config(cfg, out / "config.yaml")
+
+    train_set, test_set = build_datasets(cfg.data)
+    pipe = build_pipeline(cfg, train_set, plan_dir)
+    if ckpt is None:
+        pipe.save(out / "plan")
+    trainer = make_trainer(cfg, pipe)
+    metrics = Metrics(out / "metrics.jsonl", keep_lines=ckpt["metrics_lines"] if ckpt else None)
+
+    epoch, batch_index, step = 0, 0, 0
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt["trainer"])
+        epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
+        _set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(cfg.train.seed + 1)  # dropout stream: independent of the init stream
+
+    def checkpoint(next_epoch: int, next_batch: int) -> None:
+        save_atomic(
+            {"trainer": trainer.state_dict(), "method": cfg.train.method, "K": pipe.K, "epoch": next_epoch,
+             "batch_index": next_batch, "step": step, "rng": _rng_state(), "metrics_lines": metrics.lines},
+            out / CHECKPOINT_FILE,
+        )
+
+    result = RunResult(out=out, steps=step, epochs_done=epoch)
+    start = time.perf_counter()
+    t_cfg = cfg.train
+    with _progress(console) as progress:
+        while epoch < t_cfg.epochs and (t_cfg.max_steps is None or step < t_cfg.max_steps):
+            factor = lr_factor(epoch, t_cfg.epochs, cfg.optim.milestones, cfg.optim.gamma)
+            trainer.set_lr_factor(factor)
+            loader = make_loader(train_set, cfg.data.batch_size, shuffle=True, seed=t_cfg.seed, epoch=epoch,
+                                 skip=batch_index, num_workers=cfg.data.num_workers)
+            task = progress.add_task(f"{t_cfg.method} K={pipe.K} epoch {epoch + 1}/{t_cfg.epochs}", total=len(loader) + batch_index,
+                                     completed=batch_index, loss=float("nan"), acc=0.0, sps=0.0)
+            seen, correct, loss_sum, n_loss = 0, 0, 0.0, 0
+            epoch_start = time.perf_counter()
+            for x, y in loader:
+                sigma: list[float] | None = None
+                try:
+                    if t_cfg.sigma_every and (step + 1) % t_cfg.sigma_every == 0:
+                        loss, sigma = trainer.step_with_sigma(x, y)
+                    else:
+                        loss = trainer.step(x, y)
+                except DivergenceError as exc:
+                    result.diverged = str(exc)
+                    metrics.write({"kind": "diverged", "step": step, "epoch": epoch, "message": str(exc)})
+                    raise
+                step += 1
+                batch_index += 1
+                result.losses.append(loss)
+                out_t = trainer.last_output
+                if out_t is not None and isinstance(out_t, torch.Tensor) and out_t.shape[0] == len(y):
+                    correct += int((out_t.argmax(1) == y).sum())  # FR/DDG: the batch the last stage ran now
+                seen += len(y)
+                loss_sum += loss
+                n_loss += 1
+                elapsed = time.perf_counter() - epoch_start
+                progress.update(task, advance=1, loss=loss_sum / n_loss, acc=correct / max(seen, 1), sps=seen / max(elapsed, 1e-9))
+                if on_step is not None:
+                    on_step(step, loss)
+                if step % t_cfg.log_every == 0:
+                    record: dict[str, Any] = {
+                        "kind": "step", "step": step, "epoch": epoch, "loss": loss, "lr": trainer.lr,
+                        "wall": time.perf_counter() - start, "stage_time": trainer.stage_times,
+                        "memory_bytes": trainer.memory_bytes(),
+                    }
+                    if sigma is not None:
+                        record["sigma"] = sigma
+                    metrics.write(record)
+                elif sigma is not None:
+                    metrics.write({"kind": "sigma", "step": step, "epoch": epoch, "sigma": sigma})
+                if t_cfg.max_steps is not None and step >= t_cfg.max_steps:
+                    break
+            finished_epoch = _epoch_done(train_set, cfg, batch_index)
+            record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss_sum / max(n_loss, 1),
+                      "train_accuracy": correct / max(seen, 1), "lr": trainer.lr, "wall": time.perf_counter() - start,
+                      "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9), "complete": finished_epoch}
+            last = not finished_epoch or epoch + 1 >= t_cfg.epochs
+            if t_cfg.eval_every_epoch or last:
+                test = trainer.evaluate(make_loader(test_set, 512, shuffle=False, seed=0, epoch=0))
+                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+                result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "train_loss": record["train_loss"]}
+            metrics.write(record)
+            if finished_epoch:
+                epoch, batch_index = epoch + 1, 0
+            checkpoint(epoch, batch_index)
+            result.epochs_done = epoch
+            if t_cfg.max_steps is not None and step >= t_cfg.max_steps:
+                break
+    result.steps = step
+    tmp = out / ".model.pt.tmp"
+    torch.save(trainer.model_state_dict(), tmp)
+    tmp.replace(out / "model.pt")
+    return result
+
+
+def _epoch_done(train_set: Any, cfg: Config, batch_index: int) -> bool:
+    return batch_index >= math.ceil(len(train_set) / cfg.data.batch_size)

@@ -1,0 +1,162 @@
+"""``fxreplay.Trainer``: a method (BP, FR, DDG, DNI) on a pipeline's stages.
+
+A thin façade over :class:`fxreplay.executor.LocalExecutor` that adds what a training loop
+needs around it: learning-rate control per stage, evaluation, and the trained weights
+under the original model's keys.
+
+>>> trainer = fxreplay.Trainer(pipe, method="fr",
+...     optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+...     loss_fn=torch.nn.CrossEntropyLoss())
+>>> loss = trainer.step(x, y)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxreplay.compiler import Pipeline
+from fxreplay.errors import TrainingError
+from fxreplay.executor import LocalExecutor
+
+__all__ = ["Trainer"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Trainer:
+    """Train a :class:`~fxreplay.compiler.Pipeline` with one of the four methods.
+
+    Args:
+        pipe: the compiled pipeline (``fxreplay.compile`` or ``fxreplay.load``).
+        method: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
+        optimizer: builds one optimizer per stage from that stage's parameters.
+        loss_fn: ``loss_fn(output, target)``.
+        lr_scales: per-stage multipliers of the learning rate (e.g. ``[2, 1, 1, 1]`` for the
+            official code's doubled lr on module 1); default all 1.
+        synth_optimizer: DNI's synthesizer optimizer factory (default Adam, lr 1e-4).
+        measure_memory: count activation/history bytes per stage each step.
+    """
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        method: str = "fr",
+        optimizer: OptimizerFactory | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        lr_scales: Sequence[float] | None = None,
+        synth_optimizer: OptimizerFactory | None = None,
+        measure_memory: bool = False,
+    ) -> None:
+        self.pipe = pipe
+        self.method = method
+        factory = optimizer or (lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4))
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        if lr_scales is not None and len(lr_scales) != pipe.K:
+            raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
+        options: dict[str, Any] = {}
+        if method == "dni" and synth_optimizer is not None:
+            options["synth_optimizer"] = synth_optimizer
+        self.executor = LocalExecutor(
+            list(pipe.stages), method=method, optimizer=factory, loss_fn=self.loss_fn,
+            measure_memory=measure_memory, **options,
+        )
+        self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * pipe.K
+        self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.executor.optimizers]
+        self.set_lr_factor(1.0)
+
+    @property
+    def K(self) -> int:
+        return self.pipe.K
+
+    @property
+    def step_count(self) -> int:
+        return int(self.executor.step_count)
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Set every stage's lr to ``base lr * lr_scales[k] * factor`` (the schedule's decay)."""
+        for opt, bases, scale in zip(self.executor.optimizers, self.base_lrs, self.lr_scales):
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = base * scale * factor
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate of the last stage (the unscaled one)."""
+        return float(self.executor.optimizers[-1].param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        for stage in self.pipe.stages:
+            stage.train(mode)
+
+    def step(self, *batch: Any) -> float:
+        """One iteration of the method on ``(inputs..., target)``; returns the loss as a float.
+
+        The loss is that of the batch whose forward the last stage ran in this iteration.
+        """
+        if len(batch) < 2:
+            raise TrainingError("Trainer.step needs the inputs and the target: trainer.step(x, y).")
+        *inputs, target = batch
+        self.train(True)
+        x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+        return float(self.executor.step(x, target))
+
+    @property
+    def last_output(self) -> Any:
+        return self.executor.last_output
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Plain forward through the stages in eval mode; FR histories and δ are untouched.
+
+        Returns:
+            ``{"loss": mean loss, "accuracy": fraction correct, "samples": n}``.
+        """
+        self.train(False)
+        total, correct, loss_sum = 0, 0, 0.0
+        try:
+            for *inputs, target in loader:
+                out = self.executor.forward(*inputs)
+                loss_sum += float(self.loss_fn(out, target)) * len(target)
+                correct += int((out.argmax(dim=1) == target).sum())
+                total += len(target)
+        finally:
+            self.train(True)
+        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1), "samples": float(total)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (weights, optimizers, histories, δ in flight)."""
+        return {"method": self.method, "K": self.K, "executor": self.executor.state_dict(), "lr_scales": self.lr_scales}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("method") != self.method or sd.get("K") != self.K:
+            raise TrainingError(
+                f"this state is from method={sd.get('method')} K={sd.get('K')}, but the trainer is "
+                f"method={self.method} K={self.K}; resume with the same method and K."
+            )
+        self.executor.load_state_dict(sd["executor"])
+        self.lr_scales = list(sd["lr_scales"])
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights under the ORIGINAL model's keys (load into the original model)."""
+        return self.pipe.model_state_dict()
+
+    def memory_bytes(self) -> list[int]:
+        return list(self.executor.memory_bytes())
+
+    def step_with_sigma(self, *batch: Any) -> tuple[float, list[float]]:
+        """:meth:`step`, also measuring σ_k per stage against a true BP gradient (NaN in warm-up).
+
+        The measurement leaves training exactly as a plain step would (see
+        :meth:`fxreplay.executor.LocalExecutor.sigma`).
+        """
+        *inputs, target = batch
+        self.train(True)
+        x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+        sig = [float(s) if s is not None else float("nan") for s in self.executor.sigma(x, target)]
+        return float(self.executor.last_loss), sig
+
+    @property
+    def stage_times(self) -> list[float]:
+        return list(self.executor.stage_times)

@@ -1,0 +1,254 @@
+"""The compiler end to end: stages composed == the original model; plans round-trip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxreplay
+from fxreplay.errors import PartitionError, PlanError, TraceError
+from fxreplay.loading import load_model
+from fxreplay.models import get
+from fxreplay.split import run_chain
+
+
+def _assert_transparent(model: nn.Module, inputs: tuple[torch.Tensor, ...], K: int) -> fxreplay.Pipeline:
+    model.eval()
+    with torch.no_grad():
+        expected = model(*inputs)
+    pipe = fxreplay.compile(model, inputs, K=K)
+    assert len(pipe.stages) == K and pipe.plan.K == K
+    with torch.no_grad():
+        got = pipe(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # every fx node in exactly one stage
+    names = [n for s in pipe.plan.stages for n in s.nodes]
+    assert len(names) == len(set(names))
+    return pipe
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("name", ["resnet20", "resnet164", "digits_cnn"])
+def test_zoo_stages_compose_to_the_model(name: str, K: int) -> None:
+    model = get(name)
+    x = torch.randn(2, 1, 8, 8) if name == "digits_cnn" else torch.randn(2, 3, 32, 32)
+    _assert_transparent(model, (x,), K)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_resnet101_and_152_compose(K: int) -> None:
+    for name in ("resnet101", "resnet152") if K == 4 else ("resnet101",):
+        _assert_transparent(get(name), (torch.randn(1, 3, 32, 32),), K)
+
+
+def _small_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
+
+
+TORCHVISION = {
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "densenet121": lambda: torchvision.models.densenet121(),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
+    "googlenet": lambda: torchvision.models.googlenet(aux_logits=False, init_weights=True),
+    "small_vit": _small_vit,
+}
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision_branches_and_concats(name: str, K: int) -> None:
+    size = 64 if name == "googlenet" else 32
+    _assert_transparent(TORCHVISION[name](), (torch.randn(2, 3, size, size),), K)
+
+
+def test_branchy_example_multi_input_and_tuple_boundaries(examples_dir: Path) -> None:
+    loaded = load_model(str(examples_dir / "branchy_net.py"))
+    assert loaded.example_inputs is not None
+    pipe = _assert_transparent(loaded.model, loaded.example_inputs, 4)
+    # skip connections cross some cut: some stage returns a tuple
+    with torch.no_grad():
+        value = loaded.example_inputs
+        kinds = []
+        for k, stage in enumerate(pipe.stages[:-1]):
+            value = stage(*value) if isinstance(value, tuple) else stage(value)
+            kinds.append(isinstance(value, tuple))
+    assert any(kinds)
+
+
+def test_training_the_stages_trains_the_model_with_original_keys() -> None:
+    model = get("resnet20")
+    pipe = fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=3)
+    keys = [set(s.state_dict()) for s in pipe.stages]
+    assert set().union(*keys) == set(model.state_dict())
+    assert all(a.isdisjoint(b) for i, a in enumerate(keys) for b in keys[i + 1:])
+    sd = pipe.model_state_dict()
+    fresh = get("resnet20")
+    fresh.load_state_dict(sd)
+
+
+def test_bp_through_stages_equals_bp_on_model() -> None:
+    torch.manual_seed(1)
+    model = get("resnet20").double()
+    reference = get("resnet20").double()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
+    pipe = fxreplay.compile(model, (x,), K=3)
+    nn.functional.cross_entropy(run_chain(pipe.stages, x), y).backward()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_resnet164_balance_by_flops() -> None:
+    # FLOPs and boundary bytes both scale with the batch, so the balance at batch 4 is the
+    # balance at batch 128 (the README's command profiles at 128).
+    pipe = fxreplay.compile(get("resnet164"), (torch.randn(4, 3, 32, 32),), K=4, cost="flops")
+    assert pipe.plan.balance <= 1.05, pipe.plan.balance
+
+
+def test_plan_round_trip(tmp_path: Path, examples_dir: Path) -> None:
+    from fxreplay.plan import ModelSpec
+
+    spec = str(examples_dir / "branchy_net.py")
+    loaded = load_model(spec)
+    pipe = fxreplay.compile(loaded.model, loaded.example_inputs, K=3, spec=ModelSpec(spec=spec))
+    pipe.save(tmp_path / "plan")
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.yaml", "stage_0.py", "stage_1.py", "stage_2.py", "weights.pt"]
+    again = fxreplay.load(tmp_path / "plan")
+    assert again.plan == pipe.plan
+    for a, b in zip(pipe.stages, again.stages):
+        assert a.code == b.code
+    loaded.model.eval(), again.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(*loaded.example_inputs), pipe(*loaded.example_inputs))
+
+
+def test_pinned_boundaries_start_stages() -> None:
+    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=3, boundaries=["layer2", "layer3.1"])
+    firsts = [s.nodes[0] for s in pipe.plan.stages]
+    assert firsts[1].startswith("layer2_0") and firsts[2].startswith("layer3_1")
+
+
+def test_unknown_boundary_names_close_matches() -> None:
+    with pytest.raises(PartitionError, match="'layer9' names no module.*layer"):
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, boundaries=["layer9"])
+
+
+def test_K_above_possible_cuts() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(PartitionError, match="K=5 stages need 4 cuts but this model allows only 2"):
+        fxreplay.compile(model, (torch.randn(2, 4),), K=5)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 8, bias=False)
+        self.mid = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 8, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.embed(x)))
+
+
+def test_tied_weights_stay_in_one_stage() -> None:
+    model = _Tied()
+    x = torch.randn(3, 8)
+    with pytest.raises(PartitionError, match="Tied parameters keep some nodes together: embed.weight"):
+        fxreplay.compile(model, (x,), K=2)
+
+
+class _Reused(nn.Module):
+    """One Linear called twice, with a cut possible between the calls only outside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(8, 8)
+        self.shared = nn.Linear(8, 8)
+        self.post = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.shared(torch.relu(self.shared(self.pre(x)))))
+
+
+def test_reused_module_never_split() -> None:
+    pipe = fxreplay.compile(_Reused(), (torch.randn(3, 8),), K=3)
+    owners = [k for k, s in enumerate(pipe.plan.stages) for n in s.nodes if n.startswith("shared")]
+    assert len(set(owners)) == 1
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Branchy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _Branchy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow
+            return x * 2
+        return x
+
+
+def test_untraceable_model_names_module_and_line() -> None:
+    with pytest.raises(TraceError, match=r"module 'block' \(_Branchy\) at .*test_compiler.py:\d+: `if x.sum\(\) > 0:.*--leaf _Branchy"):
+        fxreplay.compile(_Untraceable(), (torch.randn(2, 2),), K=1)
+
+
+def test_leaf_module_makes_it_traceable() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), _Branchy(), nn.Linear(2, 2))
+    pipe = fxreplay.compile(model, (torch.randn(2, 2),), K=2, leaf_modules=["_Branchy"])
+    assert any(n == "_1" for s in pipe.plan.stages for n in s.nodes)
+
+
+def test_memory_caps_infeasible() -> None:
+    with pytest.raises(PartitionError, match="memory"):
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, devices=["cpu/1KiB", "cpu/1KiB"])
+
+
+def test_heterogeneous_devices_give_faster_device_more_work() -> None:
+    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, method="bp", devices=["cpu", "cuda:0@3"])
+    by_device = {s.device: s.flops_fwd + s.flops_bwd for s in pipe.plan.stages}
+    assert by_device["cuda:0"] > 2 * by_device["cpu"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(K=5), "K is 5 but 3 stages are listed"),
+        (lambda d: d.update(colour="red"), "unknown key.*'colour'"),
+        (lambda d: d["stages"][0].update(nodez=[]), r"stages\[0\]: unknown key.*'nodez'"),
+        (lambda d: d["stages"][1]["nodes"].pop(), "nodes of the model in no stage"),
+        (lambda d: d["stages"][1]["nodes"].append("ghost"), "the model does not have: ghost"),
+        (lambda d: d["stages"].reverse(), "index is 2"),
+        (lambda d: d["stages"][0].update(flops_fwd="many"), r"flops_fwd: expected int, got 'many'"),
+    ],
+)
+def test_hand_edited_plan_is_validated(tmp_path: Path, examples_dir: Path, edit, message: str) -> None:
+    import yaml
+
+    from fxreplay.plan import ModelSpec
+
+    spec = str(examples_dir / "branchy_net.py")
+    loaded = load_model(spec)
+    fxreplay.compile(loaded.model, loaded.example_inputs, K=3, spec=ModelSpec(spec=spec)).save(tmp_path)
+    data = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    edit(data)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match=message):
+        fxreplay.load(tmp_path)
+
+
+def test_malformed_yaml(tmp_path: Path) -> None:
+    (tmp_path / "plan.yaml").write_text("K: [1,\n")
+    with pytest.raises(PlanError, match="not valid YAML"):
+        fxreplay.load(tmp_path)
