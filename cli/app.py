@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fxreplay.errors import FxReplayError
 
@@ -25,7 +26,7 @@ err = Console(stderr=True)
 
 def fail(exc: BaseException) -> typer.Exit:
     """Print a user error as one paragraph on stderr; return the Exit to raise."""
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -122,7 +123,10 @@ def train(
             from fxreplay.plan import Plan
 
             overrides["partition.K"] = Plan.load(plan).K
-        cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if resume is not None and max_steps is None:
+            given["train.max_steps"] = None  # a resumed run goes on unless told where to stop
+        cfg = apply_overrides(cfg, given)
         if cfg.train.executor != "local":
             raise FxReplayError(f"executor {cfg.train.executor!r} is not available yet; use --executor local.")
         result = train_run(cfg, plan_dir=plan, resume=resume, console=err)

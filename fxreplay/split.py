@@ -49,6 +49,14 @@ def build_stages(
                 ph = graph.placeholder(value.name)
                 ph.meta = dict(value.meta)
                 env[value] = ph
+            for value in crossing[k - 1]:
+                # A stage's inputs are leaves that require grad (and FR's are its stored
+                # history): an in-place op on one (ReLU(inplace=True) right after a cut)
+                # would fail or corrupt them, so such an input is cloned first.
+                if any(_mutates(gm, u, value) for u in value.users if u in order[a:b]):
+                    clone = graph.call_method("clone", (env[value],))
+                    clone.meta = dict(value.meta)
+                    env[value] = clone
 
         def lookup(n: fx.Node) -> fx.Node:
             if n not in env and n.op == "get_attr":
@@ -71,6 +79,21 @@ def build_stages(
         stage = fx.GraphModule(gm, graph, class_name=f"Stage{k}")
         stages.append(stage)
     return stages
+
+
+def _mutates(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` may write ``value`` in place (its first argument, in-place op)."""
+    if not node.args or node.args[0] is not value:
+        return False
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__"))
+    if node.op == "call_method":
+        name = str(node.target)
+        return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__"))
+    return False
 
 
 def _module_lines(stage: fx.GraphModule) -> list[str]:

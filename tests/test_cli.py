@@ -1,0 +1,153 @@
+"""Every command through typer's CliRunner: outputs, files, and one-paragraph errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+
+runner = CliRunner()
+
+UNTRACEABLE = '''
+import torch
+from torch import nn
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:
+            return x
+        return -x
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.fc(x))
+
+def build_model():
+    return Net()
+
+def example_inputs():
+    return (torch.randn(2, 4),)
+'''
+
+
+def _run(*args: str):
+    result = runner.invoke(app, list(args))
+    return result
+
+
+def _assert_user_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    text = result.output
+    assert "Traceback" not in text
+    for needle in needles:
+        assert needle in " ".join(text.split()), text
+
+
+def test_partition_json(tmp_path: Path, examples_dir: Path) -> None:
+    result = _run("partition", str(examples_dir / "branchy_net.py"), "--K", "3", "--out", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["K"] == 3 and plan["cost"] == "flops" and plan["method"] == "fr" and plan["bottleneck"] > 0
+    for stage in plan["stages"]:
+        assert {"index", "nodes", "flops_fwd", "flops_bwd", "param_bytes", "boundary_bytes", "device"} <= set(stage)
+    assert (tmp_path / "plan.yaml").is_file() and (tmp_path / "stage_2.py").is_file()
+
+
+def test_partition_table_and_show(tmp_path: Path) -> None:
+    result = _run("partition", "resnet20", "--K", "4", "--input-shape", "3,32,32", "--batch-size", "4",
+                  "--out", str(tmp_path), "--boundary", "layer2")
+    assert result.exit_code == 0, result.output
+    assert "bottleneck / mean" in result.output and "layer2_0" in result.output
+    shown = _run("show", str(tmp_path))
+    assert shown.exit_code == 0 and "bottleneck / mean" in shown.output
+
+
+def test_partition_torchvision_with_devices(tmp_path: Path) -> None:
+    result = _run("partition", "torchvision:mobilenet_v3_small", "--K", "2", "--input-shape", "3,32,32",
+                  "--batch-size", "2", "--devices", "cpu,cpu@2", "--json", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert [s["device"] for s in json.loads(result.stdout)["stages"]] == ["cpu", "cpu"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _assert_user_error(_run("partition", str(tmp_path / "nope.py"), "--K", "2"), "does not exist")
+
+
+def test_missing_attribute(examples_dir: Path) -> None:
+    _assert_user_error(_run("partition", f"{examples_dir / 'branchy_net.py'}:Nope", "--K", "2"), "has no attribute 'Nope'", "build_model")
+
+
+def test_unknown_zoo_and_torchvision_names() -> None:
+    _assert_user_error(_run("partition", "resnet7", "--K", "2", "--input-shape", "3,32,32"), "resnet20")
+    _assert_user_error(_run("partition", "torchvision:resnet7", "--K", "2", "--input-shape", "3,32,32"), "torchvision has no model 'resnet7'")
+
+
+def test_no_input_shape() -> None:
+    _assert_user_error(_run("partition", "resnet20", "--K", "2"), "--input-shape")
+
+
+def test_K_too_large(examples_dir: Path) -> None:
+    _assert_user_error(_run("partition", str(examples_dir / "branchy_net.py"), "--K", "500"), "K=500 stages need 499 cuts but this model allows only")
+
+
+def test_untraceable(tmp_path: Path) -> None:
+    path = tmp_path / "gated.py"
+    path.write_text(UNTRACEABLE)
+    _assert_user_error(_run("partition", str(path), "--K", "2"), "module 'gate' (Gate)", "gated.py:7", "--leaf Gate")
+    ok = _run("partition", str(path), "--K", "2", "--leaf", "Gate", "--out", str(tmp_path / "p"))
+    assert ok.exit_code == 0, ok.output
+
+
+def test_infeasible_memory(examples_dir: Path) -> None:
+    _assert_user_error(_run("partition", str(examples_dir / "branchy_net.py"), "--K", "2", "--devices", "cpu/1KiB,cpu/1KiB"), "memory")
+
+
+def test_bad_device_string(examples_dir: Path) -> None:
+    _assert_user_error(_run("partition", str(examples_dir / "branchy_net.py"), "--K", "2", "--devices", "gpu0,cpu"), "NAME[@SPEED][/MEMORY]")
+
+
+def test_malformed_plan(tmp_path: Path) -> None:
+    (tmp_path / "plan.yaml").write_text("K: 2\nstages: [{nodes: [x]}]\n")
+    _assert_user_error(_run("show", str(tmp_path)), "K is 2 but 1 stages are listed")
+    _assert_user_error(_run("show", str(tmp_path / "nowhere")), "no plan at")
+
+
+def test_train_default_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _run("train", "--max-steps", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and (out / "checkpoint.pt").is_file()
+    again = _run("train", "--resume", str(out), "--max-steps", "5")
+    assert again.exit_code == 0, again.output
+    assert "5 / 0" in again.output  # steps / completed epochs
+
+
+def test_train_on_a_plan(tmp_path: Path) -> None:
+    assert _run("partition", "digits_cnn", "--K", "3", "--input-shape", "1,8,8", "--batch-size", "64", "--out", str(tmp_path / "p")).exit_code == 0
+    result = _run("train", "--plan", str(tmp_path / "p"), "--method", "dni", "--max-steps", "4", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert "dni / 3" in result.output
+
+
+def test_train_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  methd: fr\n")
+    _assert_user_error(_run("train", "--config", str(bad)), "train.methd")
+    _assert_user_error(_run("train", "--method", "sgd"), "train.method")
+    _assert_user_error(_run("train", "--config", str(tmp_path / "none.yaml")), "cannot read config file")
+    _assert_user_error(_run("train", "--resume", str(tmp_path)), "no config.yaml")
+
+
+def test_python_dash_m() -> None:
+    done = subprocess.run([sys.executable, "-m", "fxreplay", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "partition" in done.stdout and "train" in done.stdout

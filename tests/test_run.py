@@ -1,0 +1,90 @@
+"""The training run: metrics, checkpoints, exact resume, divergence, the original model's keys."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxreplay.config import apply_overrides, load_config
+from fxreplay.errors import CheckpointError, DivergenceError
+from fxreplay.models import get
+from fxreplay.run import lr_factor, train_run
+
+
+def _cfg(tmp_path: Path, **overrides: object):
+    base = {"train.out": str(tmp_path / "run"), "train.epochs": 2, "train.log_every": 5, "data.batch_size": 256}
+    base.update(overrides)
+    return apply_overrides(load_config(None), base)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_is_the_papers() -> None:
+    assert [lr_factor(e, 300, (0.5, 0.75), 0.1) for e in (0, 149, 150, 224, 225, 299)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg"])
+def test_resume_is_bit_identical(tmp_path: Path, method: str) -> None:
+    full = train_run(_cfg(tmp_path / "a", **{"train.method": method}))
+    # the same run, stopped after epoch 1 (6 steps of 256 on 1,437 images) and resumed
+    first = train_run(_cfg(tmp_path / "b", **{"train.method": method, "train.max_steps": 6}))
+    assert first.steps == 6 and first.epochs_done == 1
+    rest = train_run(_cfg(tmp_path / "b", **{"train.method": method}), resume=tmp_path / "b" / "run")
+    assert first.losses + rest.losses == full.losses  # bitwise
+    a = torch.load(tmp_path / "a" / "run" / "model.pt")
+    b = torch.load(tmp_path / "b" / "run" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # metrics are not duplicated by the resume
+    epochs = [r["epoch"] for r in _records(tmp_path / "b" / "run") if r["kind"] == "epoch"]
+    assert epochs == [0, 1]
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path: Path) -> None:
+    full = train_run(_cfg(tmp_path / "a", **{"train.epochs": 1}))
+    first = train_run(_cfg(tmp_path / "b", **{"train.epochs": 1, "train.max_steps": 3}))
+    rest = train_run(_cfg(tmp_path / "b", **{"train.epochs": 1}), resume=tmp_path / "b" / "run")
+    assert first.losses + rest.losses == full.losses
+
+
+def test_metrics_and_outputs(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"train.sigma_every": 4, "partition.K": 3})
+    result = train_run(cfg)
+    run = Path(cfg.train.out)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt", "plan"]
+    records = _records(run)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [5, 10]
+    assert all(len(r["memory_bytes"]) == 3 and len(r["stage_time"]) == 3 for r in steps)
+    sigmas = [r["sigma"] for r in records if "sigma" in r]
+    assert len(sigmas) == result.steps // 4 and all(len(s) == 3 for s in sigmas)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0 <= r["test_accuracy"] <= 1 for r in epochs)
+    # model.pt loads into the ORIGINAL model
+    model = get("digits_cnn")
+    model.load_state_dict(torch.load(run / "model.pt"))
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"optim.lr": 1e6, "train.method": "bp", "train.epochs": 3})
+    with pytest.raises(DivergenceError, match=r"bp.*step"):
+        train_run(cfg)
+    records = _records(Path(cfg.train.out))
+    assert records[-1]["kind"] == "diverged"
+
+
+def test_resume_refuses_another_method(tmp_path: Path) -> None:
+    train_run(_cfg(tmp_path, **{"train.max_steps": 2}))
+    cfg = apply_overrides(load_config(tmp_path / "run" / "config.yaml"), {"train.method": "bp"})
+    with pytest.raises(CheckpointError, match="method=fr K=2, not method=bp K=2"):
+        train_run(cfg, resume=tmp_path / "run")
+
+
+def test_resume_without_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train_run(None, resume=tmp_path)
