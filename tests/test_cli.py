@@ -148,6 +148,13 @@ def test_train_config_errors(tmp_path: Path) -> None:
     _assert_user_error(_run("train", "--resume", str(tmp_path)), "no config.yaml")
 
 
+@pytest.mark.parametrize("command", ["partition", "train", "show"])
+def test_help(command: str) -> None:
+    result = _run(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
 def test_python_dash_m() -> None:
     done = subprocess.run([sys.executable, "-m", "fxreplay", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "partition" in done.stdout and "train" in done.stdout

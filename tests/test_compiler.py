@@ -227,7 +227,7 @@ def test_heterogeneous_devices_give_faster_device_more_work() -> None:
         (lambda d: d.update(K=5), "K is 5 but 3 stages are listed"),
         (lambda d: d.update(colour="red"), "unknown key.*'colour'"),
         (lambda d: d["stages"][0].update(nodez=[]), r"stages\[0\]: unknown key.*'nodez'"),
-        (lambda d: d["stages"][1]["nodes"].pop(), "nodes of the model in no stage"),
+        (lambda d: d["stages"][0]["nodes"].pop(), "nodes of the model in no stage"),
         (lambda d: d["stages"][1]["nodes"].append("ghost"), "the model does not have: ghost"),
         (lambda d: d["stages"].reverse(), "index is 2"),
         (lambda d: d["stages"][0].update(flops_fwd="many"), r"flops_fwd: expected int, got 'many'"),
