@@ -1,0 +1,188 @@
+"""The paper's comparison on any model: every (method, K) run under one seed and schedule.
+
+``compare`` trains each pair into ``out/<method>-K<k>/`` with :func:`fxreplay.run.train_run`
+(same config except method, K and output directory, so the initial weights, the data
+order and the lr schedule are shared), then writes ``out/report.md`` and its figures with
+:func:`fxreplay.report.write_report`. Finished runs are reused, interrupted ones resumed
+from their checkpoint, and a run whose loss becomes NaN/inf is kept and marked diverged
+rather than stopping the comparison (the paper's DNI and K=4 DDG on ResNet152 diverge).
+
+>>> cfg = load_config("configs/resnet20_cifar10.yaml")
+>>> result = compare(cfg, ["bp", "fr"], [2, 4], Path("reports/r20"))
+>>> result.report
+PosixPath('reports/r20/report.md')
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from fxreplay.checkpoint import CHECKPOINT_FILE
+from fxreplay.config import Config, load_config, to_dict
+from fxreplay.errors import ConfigError, DivergenceError
+
+__all__ = ["METHODS", "RunOutcome", "CompareResult", "run_dir", "run_state", "compare"]
+
+METHODS = ("bp", "ddg", "dni", "fr")  # the paper's order: BP first, FR last
+
+State = Literal["missing", "interrupted", "finished", "diverged"]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What happened to one (method, K) pair in this invocation."""
+
+    method: str
+    K: int
+    path: Path
+    action: Literal["trained", "resumed", "reused"]
+    diverged: str | None = None  # the divergence message, if the loss became NaN/inf
+
+
+@dataclass
+class CompareResult:
+    """The runs and the report a :func:`compare` call produced."""
+
+    out: Path
+    runs: list[RunOutcome] = field(default_factory=list)
+    report: Path | None = None
+
+
+def run_dir(out_dir: Path, method: str, K: int) -> Path:
+    """Where the (method, K) run of a comparison lives."""
+    return out_dir / f"{method}-K{K}"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def run_state(path: Path, epochs: int, max_steps: int | None) -> State:
+    """Whether the run in ``path`` is finished, diverged, interrupted or not there.
+
+    Finished: the last epoch record is the final epoch, complete, or the run reached
+    ``max_steps``. Interrupted: not finished, but a checkpoint to resume from exists.
+    """
+    records = _records(path)
+    if any(r["kind"] == "diverged" for r in records):
+        return "diverged"
+    done = [r for r in records if r["kind"] == "epoch"]
+    if done:
+        last = done[-1]
+        if (last["epoch"] + 1 >= epochs and last["complete"]) or (max_steps is not None and last["step"] >= max_steps):
+            return "finished"
+    return "interrupted" if (path / CHECKPOINT_FILE).is_file() else "missing"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def _check_same_config(path: Path, cfg: Config) -> None:
+    """A run is only reused or resumed under the config it was started with."""
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        return
+    diff = _differences(to_dict(load_config(saved)), to_dict(cfg))
+    if diff:
+        raise ConfigError(
+            f"the run in {path} was made with a different config ({'; '.join(diff)}): "
+            "pass --force to re-run it, or choose another --out."
+        )
+
+
+def _pairs(methods: Sequence[str], Ks: Sequence[int]) -> list[tuple[str, int]]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"methods {list(methods)}: expected one or more of {', '.join(METHODS)} (e.g. bp,fr).")
+    bad = [k for k in Ks if k < 1]
+    if bad or not Ks:
+        raise ConfigError(f"K values {list(Ks)}: expected one or more integers >= 1 (e.g. 2,4).")
+    ms = sorted(set(methods), key=METHODS.index)
+    return [(m, k) for k in sorted(set(Ks)) for m in ms]
+
+
+def compare(
+    cfg: Config,
+    methods: Sequence[str],
+    Ks: Sequence[int],
+    out_dir: Path,
+    force: bool = False,
+    console: Console | None = None,
+) -> CompareResult:
+    """Train every (method, K) pair under ``cfg`` and write ``out_dir/report.md``.
+
+    Args:
+        cfg: the shared config; its ``train.method``, ``partition.K`` and ``train.out``
+            are replaced per run.
+        methods: any of bp, ddg, dni, fr.
+        Ks: numbers of stages.
+        out_dir: one sub-directory per run, plus the report and its figures.
+        force: re-run finished runs instead of reusing them.
+        console: where progress goes (default: stderr).
+
+    Raises:
+        ConfigError: an unknown method, a K < 1, or a run in ``out_dir`` made with another
+            config (without ``force``).
+        FxReplayError: any run's other failure (a diverging loss is not one: it is marked).
+    """
+    from fxreplay.report import write_report
+    from fxreplay.run import train_run
+
+    console = console or Console(stderr=True)
+    pairs = _pairs(methods, Ks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = CompareResult(out=out_dir)
+    with Progress(
+        SpinnerColumn(finished_text=" "), TextColumn("{task.description:<10}"), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=console,
+    ) as progress:
+        overall = progress.add_task("[bold]compare", total=len(pairs), status=f"0/{len(pairs)} runs done")
+        tasks = {p: progress.add_task(f"{p[0]} K={p[1]}", total=1, start=False, status="[dim]waiting") for p in pairs}
+        for i, (method, K) in enumerate(pairs):
+            path = run_dir(out_dir, method, K)
+            run_cfg = replace(cfg, train=replace(cfg.train, method=method, out=str(path)),  # type: ignore[arg-type]
+                              partition=replace(cfg.partition, K=K))
+            task = tasks[(method, K)]
+            if force and path.exists():
+                shutil.rmtree(path)
+            state = run_state(path, cfg.train.epochs, cfg.train.max_steps)
+            if state != "missing":
+                _check_same_config(path, run_cfg)
+            if state in ("finished", "diverged"):
+                outcome = RunOutcome(method, K, path, "reused", _diverged_message(path) if state == "diverged" else None)
+            else:
+                progress.start_task(task)
+                progress.update(task, status="[bold yellow]resuming" if state == "interrupted" else "[bold yellow]training")
+                action: Literal["trained", "resumed"] = "resumed" if state == "interrupted" else "trained"
+                try:
+                    train_run(run_cfg, resume=path if state == "interrupted" else None, console=console)
+                    outcome = RunOutcome(method, K, path, action)
+                except DivergenceError as exc:
+                    outcome = RunOutcome(method, K, path, action, str(exc))
+            result.runs.append(outcome)
+            status = "[red]diverged" if outcome.diverged else f"[green]{outcome.action}"
+            progress.update(task, completed=1, status=status)
+            progress.stop_task(task)
+            progress.update(overall, advance=1, status=f"{i + 1}/{len(pairs)} runs done")
+    result.report = write_report(out_dir, [(r.method, r.K, r.path) for r in result.runs])
+    return result
+
+
+def _diverged_message(path: Path) -> str:
+    return next((r.get("message", "diverged") for r in _records(path) if r["kind"] == "diverged"), "diverged")

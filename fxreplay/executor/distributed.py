@@ -1,0 +1,483 @@
+"""The distributed executor: one stage per rank on torch.distributed, as dataflow (DESIGN §5).
+
+Rank k runs stage k's program (its column of the method's schedule,
+:func:`fxreplay.schedule.stage_program`) with the very worker the
+:class:`~fxreplay.executor.LocalExecutor` uses. Its Link sends ``act`` up and δ down as
+point-to-point messages (:class:`~fxreplay.executor.channel.Channel`: ``isend``, the
+tensors' shapes exchanged only when they change) and blocks only on the message an action
+needs. There is no barrier anywhere in a step, so FR runs as the dataflow of DESIGN §2
+"Beyond the paper": rank k replays and backpropagates batch t-d_k while rank k+1 still
+plays batch t, and plays batch t+1 as soon as h_{k-1}^{t+1} arrives. Each stage still
+computes exactly Algorithm 1's update (the same actions on the same values in the same
+per-stage order), so the weights equal the local executor's.
+
+Data: every rank is given the same ``(x, y)`` each step (read the same data with the same
+sampler seed). Rank 0 uses x, the last rank uses y: no label is sent.
+
+Reporting: the loss, the last output and the labels are on the **last rank**
+(:attr:`DistributedExecutor.reporting_rank`), which should print progress and write metrics;
+``step`` returns NaN on the other ranks. No loss travels during training, hence no per-step
+synchronisation. :meth:`~DistributedExecutor.forward` (evaluation) returns its output on
+every rank.
+
+Differences from the local executor, all consequences of each rank owning only its stage:
+
+- Divergence: the last rank checks the loss before *its* update and raises
+  :class:`~fxreplay.errors.DivergenceError`; the other ranks may have applied their update of
+  that step (they never see the loss). The job then ends; resume from the last checkpoint.
+- RNG: each rank draws from its own global stream, so a model with dropout gets other (equally
+  valid) masks than in one process; FR's replay still reuses the play's mask exactly.
+  Without randomness in the forward, weights match the local executor bit for bit.
+- ``state_dict`` is the rank's own stage (save one file per rank), including the δ this rank
+  sent that its neighbour will only consume in the next step: a resumed sender re-sends it.
+- σ_k is not available (it needs a BP pass through all stages in one process).
+
+>>> from fxreplay.launch import init_process_group                                 # doctest: +SKIP
+>>> init_process_group("cpu")            # under torchrun, or inside run_distributed   # doctest: +SKIP
+>>> ex = DistributedExecutor(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())  # doctest: +SKIP
+>>> for x, y in loader:                  # the same batches on every rank             # doctest: +SKIP
+...     loss = ex.step(x, y)             # the loss on ex.reporting_rank, NaN elsewhere
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
+from ..measure import MemoryMeter
+from ..methods import METHODS
+from ..methods.base import LossFn, OptimizerFactory, as_tuple, capture_rng
+from ..schedule import Action, Schedule, schedule as make_schedule, stage_program, validate
+from ..timeline import Recorder, Timeline
+from .channel import EVAL_BATCH, Channel
+
+__all__ = ["DistributedExecutor", "backend_for", "carried_messages"]
+
+_FORMAT = 1
+
+
+def backend_for(device: str | torch.device) -> str:
+    """The process-group backend for a stage device: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def carried_messages(sched: Schedule, K: int) -> frozenset[tuple[str, int, int]]:
+    """The sends ``(kind, stage, offset)`` consumed only in the *next* iteration (FR's and
+    DDG's δ). Schedule invariant 7 says every message is consumed in its own iteration or in
+    the next; these are the ones a checkpoint must carry."""
+    produced: dict[tuple[str, int, int], int] = {}
+    flat = [(c, a) for c, tick in enumerate(sched) for a in tick]
+    for c, a in flat:
+        if a.op == "F" and a.stage < K - 1:
+            produced[("act", a.stage, a.offset)] = c
+        elif a.op in "BS" and a.stage > 0:
+            produced[("grad", a.stage, a.offset)] = c
+    carried = set()
+    for c, a in flat:
+        if a.op == "F" and a.stage > 0:
+            kind, src = "act", a.stage - 1
+        elif (a.op == "B" and a.stage < K - 1) or a.op == "T":
+            kind, src = "grad", a.stage + 1
+        else:
+            continue
+        same = produced.get((kind, src, a.offset))
+        if same is None or same > c:
+            carried.add((kind, src, a.offset + 1))
+    return frozenset(carried)
+
+
+class _RankLink:
+    """The Link of this rank's stage: neighbours over channels, the rest in-process."""
+
+    def __init__(self, ex: DistributedExecutor) -> None:
+        self._ex = ex
+
+    def send(self, kind: str, batch: int, payload: Any) -> None:
+        ex = self._ex
+        if kind == "out":
+            ex._out = payload
+            return
+        channel = ex._up_out if kind == "act" else ex._down_out
+        if channel is None:
+            raise TrainingError(f"stage {ex.stage} sent {kind!r} of batch {batch} off the end of the pipeline; this is a bug")
+        action = ex._action
+        if action is not None and (kind, action.stage, action.offset) in ex._carried_keys:
+            ex._carried_now.append((kind, batch, payload))
+        channel.send(batch, as_tuple(payload))
+
+    def recv(self, kind: str, batch: int) -> Any:
+        ex = self._ex
+        if (kind, batch) in ex._inbox:
+            return ex._inbox.pop((kind, batch))
+        channel = ex._up_in if kind == "act" else ex._down_in if kind == "grad" else None
+        if channel is None:
+            raise TrainingError(
+                f"stage {ex.stage} needs the {kind!r} message of batch {batch} but no neighbour sends it "
+                f"(method {ex.method!r}, step {ex.step_count}); this is a schedule bug, please report it"
+            )
+        return channel.recv(batch, "the activations" if kind == "act" else "the δ")
+
+
+class DistributedExecutor:
+    """Run this rank's stage of a K-stage method; ranks 0..K-1 hold stages 0..K-1.
+
+    The process group must be initialised (:func:`fxreplay.launch.init_process_group`,
+    which torchrun and :func:`fxreplay.launch.run_distributed` make possible), with world
+    size K. Every rank builds the same K stages (same model, same seed) and passes them all;
+    it keeps only its own.
+
+    Args:
+        stages: all K stage modules (stage ``rank`` must already be on its device).
+        method: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
+        optimizer: factory ``params -> Optimizer`` (this rank's stage only).
+        loss_fn: ``loss_fn(output, y)`` (used on the last rank).
+        synth_optimizer: DNI's synthesizer optimizer factory.
+        measure_memory: count this stage's saved-activation/history bytes.
+        timeout: seconds a rank waits for a neighbour's message before it fails the job
+            naming that neighbour.
+        record_timeline: keep compute / wait / send intervals for :meth:`timeline`.
+        options: method options, as for :func:`fxreplay.methods.build_method`.
+
+    Raises:
+        TrainingError: no process group, world size != K, unknown method or option.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        method: str = "fr",
+        *,
+        optimizer: OptimizerFactory,
+        loss_fn: LossFn,
+        synth_optimizer: OptimizerFactory | None = None,
+        measure_memory: bool = False,
+        timeout: float = 60.0,
+        record_timeline: bool = False,
+        **options: Any,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise TrainingError(
+                "the DistributedExecutor needs a torch.distributed process group: run under torchrun or "
+                "fxreplay.launch.run_distributed and call fxreplay.launch.init_process_group() first"
+            )
+        K = len(stages)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world != K:
+            raise TrainingError(f"{world} ranks for K={K} stages: the distributed executor runs one stage per rank; start K={K} processes")
+        if method not in METHODS:
+            raise TrainingError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+        if synth_optimizer is not None:
+            options["synth_optimizer"] = synth_optimizer
+        self.method = method
+        self.rank = self.stage = rank
+        self.num_stages = K
+        self.loss_fn = loss_fn
+        self.timeout = timeout
+        self.stages = list(stages)
+        self.worker = METHODS[method](rank, K, stages[rank], optimizer, loss_fn, **options)
+        self.schedule = make_schedule(method, K)
+        validate(self.schedule, K)
+        self.program: tuple[Action, ...] = stage_program(self.schedule, rank)
+        self._carried_keys = carried_messages(self.schedule, K)
+        # Stand-ins for the other stages' optimizers (built by the same factory on no
+        # parameters), so code that sets or reads lr on K optimizers works unchanged.
+        self._optimizers = [self.worker.optimizer if k == rank else optimizer([{"params": []}]) for k in range(K)]
+        self.measure_memory = measure_memory
+        if measure_memory:
+            self.worker.meter = MemoryMeter(exclude=self.worker.params)
+        self.recorder = Recorder(rank) if record_timeline else None
+        self._build_channels()
+        self._link = _RankLink(self)
+        self._inbox: dict[tuple[str, int], Any] = {}
+        self._out: tuple[torch.Tensor, Any] | None = None
+        self._action: Action | None = None
+        self._carried_now: list[tuple[str, int, Any]] = []
+        self._carried: list[tuple[str, int, Any]] = []
+        self._resend: list[tuple[str, int, Any]] = []
+        self.step_count = 0
+        self.last_output: Any = None
+        self.last_loss: float | None = None
+        self.stage_times: list[float] = [0.0] * K
+        self.wait_time = 0.0  # seconds this rank blocked on messages in the last step
+
+    def _build_channels(self) -> None:
+        """One two-rank group per direction and neighbour pair (every rank creates every
+        group, in the same order, as torch.distributed requires)."""
+        K, rank = self.num_stages, self.rank
+        device = self.worker.device
+        backend = dist.get_backend()
+        wire = device if backend == "nccl" else torch.device("cpu")
+        if backend == "nccl" and device.type != "cuda":
+            raise TrainingError(f"the process group uses NCCL but stage {rank} is on {device}: put every stage on a GPU, or use gloo")
+        timeout = _td(self.timeout)
+        rec = self._note
+        self._up_in = self._up_out = self._down_in = self._down_out = None
+        for k in range(K - 1):
+            up = dist.new_group([k, k + 1], timeout=timeout)
+            down = dist.new_group([k, k + 1], timeout=timeout)
+            if rank == k:
+                self._up_out = Channel(k, k + 1, up, wire, self.timeout, _who(k + 1), rec)
+                self._down_in = Channel(k + 1, k, down, wire, self.timeout, _who(k + 1), rec)
+            elif rank == k + 1:
+                self._up_in = Channel(k, k + 1, up, wire, self.timeout, _who(k), rec)
+                self._down_out = Channel(k + 1, k, down, wire, self.timeout, _who(k), rec)
+        # Objects (evaluation outputs, timelines, stats) go over gloo whatever the backend.
+        self._control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+
+    # -- public surface shared with LocalExecutor ------------------------------------------
+    @property
+    def workers(self) -> list[Any]:
+        """This rank's worker only (the others live in other processes)."""
+        return [self.worker]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """K optimizers in stage order: this rank's real one, parameter-free stand-ins for the
+        others (so ``for opt in ex.optimizers: opt.param_groups[0]["lr"] = ...`` just works)."""
+        return self._optimizers
+
+    @property
+    def reporting_rank(self) -> int:
+        """The rank that knows the loss, the output and (reading the same data) the labels."""
+        return self.num_stages - 1
+
+    @property
+    def is_reporting(self) -> bool:
+        return self.rank == self.reporting_rank
+
+    # -- training ----------------------------------------------------------------------------
+    def step(self, x: Any, y: Any) -> float:
+        """Run this rank's part of iteration t on batch (x, y) (the same on every rank).
+
+        Returns:
+            The loss of the batch the last stage ran, on the last rank; NaN on the others.
+
+        Raises:
+            DivergenceError: (last rank) the loss is NaN/inf; its update was not applied.
+            TrainingError: a neighbour failed or did not answer within ``timeout``, or this
+                stage raised (the message names rank, stage, action and step).
+        """
+        t = self.step_count
+        if self.rank == 0:
+            self._inbox[("act", t)] = as_tuple(x)
+        if self.worker.is_last:
+            self._inbox[("target", t)] = y
+        self._out = None
+        self._carried_now = []
+        self.stage_times = [0.0] * self.num_stages
+        self.wait_time = 0.0
+        if self.recorder is not None:
+            self.recorder.step = t
+        if self.worker.meter is not None:
+            self.worker.meter.reset()
+        self._send_resumed()
+        for action in self.program:
+            if action.op == "U" and self._out is not None:
+                self._check_loss(t)
+            self._run(action, t)
+        self.worker.observe_memory()
+        self._carried = self._carried_now
+        self._inbox = {k: v for k, v in self._inbox.items() if k[1] > t}
+        self.step_count = t + 1
+        if self._out is None:
+            return math.nan
+        self._check_loss(t)
+        loss_t, output = self._out
+        self.last_output = output
+        self.last_loss = float(loss_t)
+        return self.last_loss
+
+    def _run(self, action: Action, t: int) -> None:
+        start = time.perf_counter()
+        self._action = action
+        try:
+            self.worker.run(action, t, self._link)
+        except FxReplayError as exc:
+            if "rank " in str(exc):
+                raise
+            raise type(exc)(f"rank {self.rank} (stage {self.stage}), {action} of step {t}: {exc}") from exc
+        except Exception as exc:
+            raise TrainingError(
+                f"rank {self.rank} (stage {self.stage}) failed in {action} of step {t} ({self.method}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._action = None
+        end = time.perf_counter()
+        self.stage_times[self.stage] += end - start
+        if self.recorder is not None:
+            self.recorder.record("compute", start, end, f"{action.stage}{action.op}{t + action.offset}")
+
+    def _check_loss(self, t: int) -> None:
+        assert self._out is not None
+        loss = float(self._out[0])
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"{self.method} diverged at step {t}: the loss is {loss} (rank {self.rank}, the last stage). "
+                f"The last stage's update of step {t} was not applied and the job stops; lower the learning rate "
+                "(or warm it up) and resume from the last checkpoint"
+            )
+
+    def _send_resumed(self) -> None:
+        for kind, batch, payload in self._resend:
+            channel = self._up_out if kind == "act" else self._down_out
+            assert channel is not None
+            channel.send(batch, as_tuple(payload))
+        self._resend = []
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def forward(self, *inputs: Any) -> Any:
+        """Inference through the ranks (every rank calls it with the same inputs); the output
+        is returned on every rank. No grad, no history, no δ touched (call ``.eval()`` first)."""
+        with torch.no_grad():
+            if self._up_in is None:
+                args = inputs
+            else:
+                args = self._up_in.recv(EVAL_BATCH, "the evaluation activations")
+            w = self.worker
+            out = w.module(*(a.to(w.device) if isinstance(a, torch.Tensor) else a for a in args))
+            if self._up_out is not None:
+                self._up_out.send(EVAL_BATCH, as_tuple(out))
+                out = None
+            else:
+                out = _to_cpu(out)
+        box = [out]
+        dist.broadcast_object_list(box, src=self.reporting_rank, group=self._control)
+        return box[0]
+
+    # -- measurement -------------------------------------------------------------------------------
+    def memory_bytes(self) -> list[int]:
+        """K entries: this stage's peak held bytes in the last step, 0 for the other stages
+        (see :meth:`gather_stats` for all of them).
+
+        Raises:
+            TrainingError: built without ``measure_memory=True``.
+        """
+        if not self.measure_memory:
+            raise TrainingError("memory was not measured: build the DistributedExecutor with measure_memory=True")
+        out = [0] * self.num_stages
+        assert self.worker.meter is not None
+        out[self.stage] = self.worker.meter.peak
+        return out
+
+    def gather_stats(self) -> dict[str, list[float]]:
+        """Collective (every rank calls it at the same step): every stage's time, wait time
+        and memory of the last step, in stage order, returned on every rank."""
+        mine = {
+            "stage_time": self.stage_times[self.stage],
+            "wait_time": self._wait_total(),
+            "memory_bytes": float(self.worker.meter.peak) if self.worker.meter is not None else math.nan,
+        }
+        box: list[Any] = [None] * self.num_stages
+        dist.all_gather_object(box, mine, group=self._control)
+        return {key: [r[key] for r in box] for key in mine}
+
+    def _wait_total(self) -> float:
+        return self.wait_time
+
+    def _note(self, kind: str, start: float, end: float, label: str) -> None:
+        if kind == "wait":
+            self.wait_time += end - start
+        if self.recorder is not None:
+            self.recorder.record(kind, start, end, label)
+
+    def timeline(self) -> Timeline:
+        """Collective: every rank's recorded intervals, as one :class:`~fxreplay.timeline.Timeline`
+        (returned on every rank).
+
+        Raises:
+            TrainingError: built without ``record_timeline=True``.
+        """
+        if self.recorder is None:
+            raise TrainingError("no timeline was recorded: build the DistributedExecutor with record_timeline=True")
+        box: list[Any] = [None] * self.num_stages
+        dist.all_gather_object(box, self.recorder.events, group=self._control)
+        return Timeline.from_ranks(box)
+
+    def sigma(self, x: Any, y: Any) -> list[float]:
+        raise TrainingError("σ_k needs a true BP gradient through all stages in one process: measure it with the LocalExecutor")
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's stage: weights, optimizer and method state, the δ it sent that its
+        neighbour consumes next step, and its RNG (no autograd graph; ``torch.save``-able)."""
+        return {
+            "format": _FORMAT,
+            "executor": "distributed",
+            "method": self.method,
+            "num_stages": self.num_stages,
+            "rank": self.rank,
+            "step": self.step_count,
+            "worker": self.worker.state_dict(),
+            "carried": [(kind, b, _detach(p)) for kind, b, p in self._carried],
+            "rng": capture_rng(self.worker.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of the same rank, method and K (before the first step).
+
+        Raises:
+            CheckpointError: another rank's, method's or K's state.
+        """
+        if state.get("format") != _FORMAT or state.get("executor") != "distributed":
+            raise CheckpointError("not a DistributedExecutor rank checkpoint (format/executor mismatch)")
+        if (state["method"], state["num_stages"], state["rank"]) != (self.method, self.num_stages, self.rank):
+            raise CheckpointError(
+                f"checkpoint is rank {state['rank']} of method {state['method']!r} with K={state['num_stages']}, but this is "
+                f"rank {self.rank} of {self.method!r} with K={self.num_stages}; each rank loads its own file, same method and K"
+            )
+        self.worker.load_state_dict(state["worker"])
+        self._resend = list(state["carried"])
+        self._carried = list(state["carried"])
+        self.step_count = state["step"]
+        self.last_output = None
+        self.last_loss = None
+        cpu, cuda = state["rng"]
+        torch.set_rng_state(cpu)
+        if cuda is not None and self.worker.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, self.worker.device)
+
+    def close(self) -> None:
+        """Finish cleanly (every rank calls it at the end, before the group is destroyed):
+        receive and drop the messages still in flight to this rank (FR's/DDG's δ for a step
+        that will not run), then wait until this rank's own sends are delivered."""
+        self._send_resumed()
+        t = self.step_count - 1
+        for kind, src, offset in sorted(self._carried_keys):
+            batch = t + offset
+            if batch < 0 or t < 0:
+                continue
+            if kind == "grad" and src == self.rank + 1 and self._down_in is not None:
+                self._down_in.recv(batch, "the δ")
+            elif kind == "act" and src == self.rank - 1 and self._up_in is not None:
+                self._up_in.recv(batch, "the activations")
+        for ch in (self._up_out, self._down_out):
+            if ch is not None:
+                ch.flush()
+
+
+def _who(rank: int) -> str:
+    return f"rank {rank} (stage {rank})"
+
+
+def _td(seconds: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
+
+
+def _detach(payload: Any) -> Any:
+    if isinstance(payload, tuple):
+        return tuple(_detach(v) for v in payload)
+    return payload.detach() if isinstance(payload, torch.Tensor) else payload
+
+
+def _to_cpu(out: Any) -> Any:
+    if isinstance(out, tuple):
+        return tuple(_to_cpu(v) for v in out)
+    return out.detach().cpu() if isinstance(out, torch.Tensor) else out

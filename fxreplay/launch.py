@@ -1,0 +1,189 @@
+"""Starting K ranks, through torch's own launcher, and setting up their process group.
+
+Two ways in, one code path per rank:
+
+- ``fxreplay train --nproc K``: the CLI calls :func:`run_distributed` with a module-level
+  function; it starts K local processes with torch elastic's ``elastic_launch`` (what
+  ``torchrun`` runs), each of which calls :func:`init_process_group` and then the function.
+- ``torchrun --nproc-per-node K -m fxreplay train ...`` (or multi-node:
+  ``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+  -m fxreplay train ...``): :func:`under_torchrun` is true in every rank; call
+  :func:`init_process_group` and run the same function directly.
+
+Failure: a rank that raises exits non-zero; one that is killed dies with its signal; one
+that stops answering makes its neighbours' receives time out after ``timeout`` seconds and
+*they* raise. In all cases torch elastic's agent sees the first failed worker within
+``monitor_interval``, stops the others (SIGTERM, then SIGKILL after ``shutdown_timeout``),
+and :func:`run_distributed` raises a :class:`~fxreplay.errors.TrainingError` naming the first
+rank that failed and its stage, with its own error message. No process outlives the call.
+
+>>> def main(steps: int) -> float: ...          # module level: it is pickled to the ranks
+>>> results = run_distributed(main, nproc=2, args=(100,), device="cpu")   # doctest: +SKIP
+>>> results[1]                                  # rank 1's return value     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import TrainingError
+
+__all__ = ["DEFAULT_TIMEOUT", "under_torchrun", "rank_info", "init_process_group", "run_distributed"]
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds a rank waits for a peer before it declares it failed (issue 4: at most 60 s)."""
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun / torch elastic (its env variables are set)."""
+    return all(name in os.environ for name in _TORCHRUN_ENV)
+
+
+def rank_info() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's environment (``(0, 1, 0)`` outside)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_process_group(device: str | torch.device = "cpu", timeout: float = DEFAULT_TIMEOUT) -> torch.device:
+    """Join the job's process group (env:// rendezvous); the backend follows the device.
+
+    Args:
+        device: this rank's stage device: ``"cpu"`` -> gloo; ``"cuda"`` / ``"cuda:N"`` ->
+            NCCL (``"cuda"`` alone means ``cuda:LOCAL_RANK``). Never assumed: pass the
+            plan's device for this rank's stage.
+        timeout: seconds any collective or receive may wait for a peer.
+
+    Returns:
+        The device this rank's stage should be moved to.
+
+    Raises:
+        TrainingError: not started by a launcher, or a CUDA device without CUDA.
+    """
+    from .executor.distributed import backend_for
+
+    if not under_torchrun():
+        raise TrainingError(
+            "no launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): start the ranks with "
+            "`torchrun --nproc-per-node K -m fxreplay train ...` or `fxreplay train --nproc K`"
+        )
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"rank {rank_info()[0]} was given device {device} but this machine has no usable CUDA")
+        if dev.index is None:
+            dev = torch.device("cuda", rank_info()[2])
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend_for(dev), "timeout": timedelta(seconds=timeout)}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    return dev
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(fn: Callable[..., Any], device: str, timeout: float, threads: int | None, args: Sequence[Any]) -> Any:
+    """What each spawned rank runs: join the group, run ``fn``, leave cleanly."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record  # writes the exception to the error file the agent reads (root-cause reporting)
+    def main() -> Any:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        init_process_group(device, timeout)
+        try:
+            return fn(*args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return main()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    nproc: int,
+    args: Sequence[Any] = (),
+    *,
+    device: str = "cpu",
+    timeout: float = DEFAULT_TIMEOUT,
+    threads: int | None = None,
+    monitor_interval: float = 0.1,
+    shutdown_timeout: int = 5,
+) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nproc`` local ranks started by torch elastic; return their results.
+
+    Args:
+        fn: a module-level (picklable) function; it runs after the process group is up
+            (use :func:`rank_info` / ``torch.distributed.get_rank()`` inside).
+        nproc: number of ranks (one per stage).
+        args: picklable arguments, the same for every rank.
+        device: the stage device kind (``"cpu"`` -> gloo, ``"cuda"`` -> NCCL, one GPU per rank).
+        timeout: seconds a rank waits for a peer before failing (the process-group timeout).
+        threads: ``torch.set_num_threads`` in each rank (None: torch's default).
+        monitor_interval: how often the agent checks its workers (seconds).
+        shutdown_timeout: seconds between SIGTERM and SIGKILL when stopping the survivors.
+
+    Returns:
+        ``{rank: fn's return value}``.
+
+    Raises:
+        TrainingError: a rank failed: names the first rank that failed, its stage, and its
+            error (or the signal that killed it).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise TrainingError(f"nproc must be >= 1, got {nproc}")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"fxreplay-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_configs={"timeout": int(max(timeout, 30))},
+        max_restarts=0,  # a failed stage cannot rejoin a running pipeline: fail the job
+        monitor_interval=monitor_interval,
+        start_method="spawn",
+        shutdown_timeout=shutdown_timeout,
+    )
+    try:
+        return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
+    except ChildFailedError as exc:
+        raise TrainingError(describe_failure(exc)) from None
+
+
+def describe_failure(exc: Any) -> str:
+    """One paragraph from a ChildFailedError: the first rank that failed, its stage, why."""
+    rank, failure = exc.get_first_failure()
+    why = _root_message(failure)
+    others = sorted(r for r in exc.failures if r != rank)
+    tail = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
+    return f"rank {rank} (stage {rank}) failed first{tail}: {why}"
+
+
+def _root_message(failure: Any) -> str:
+    if failure.exitcode is not None and failure.exitcode < 0:
+        return f"killed by signal {failure.signal_name()} (exit code {failure.exitcode})"
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    text = str(message or "").strip()
+    if not text or text.startswith("To enable traceback"):
+        return f"exited with code {failure.exitcode} (its error is in its log above)"
+    return text.splitlines()[0] if len(text) < 2000 else text[:2000]

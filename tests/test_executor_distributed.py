@@ -1,0 +1,186 @@
+"""DistributedExecutor: same seed => the local executor's weights, resume, failures.
+
+Each test starts real ranks (gloo on CPU) through :func:`fxreplay.launch.run_distributed`;
+one launch costs a few seconds, so a launch runs every method and returns what the parent
+compares. The rank functions are module-level: they are pickled to the spawned ranks.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fxreplay.errors import TrainingError
+from fxreplay.executor import DistributedExecutor, LocalExecutor
+from fxreplay.executor.distributed import carried_messages
+from fxreplay.launch import run_distributed, under_torchrun
+from fxreplay.schedule import schedule
+
+METHODS = ("fr", "bp", "ddg", "dni")
+STEPS = 7  # > K + 1 (past warm-up), the last batch smaller
+
+
+class Stem(nn.Module):
+    """x -> (h, skip, n): two tensors and an int cross the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(6, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return torch.relu(self.bn(self.l1(x))), self.l2(x), x.shape[0]
+
+
+class Middle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, a: torch.Tensor, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return torch.relu(self.l(a)).reshape(n, -1) + s, s, n
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, a: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
+        return self.fc(a.reshape(n, -1) + s)
+
+
+def stages(K: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [Stem()] + [Middle() for _ in range(K - 2)] + [Head()]
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    sizes = [10] * (STEPS - 1) + [7]
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def make(executor: type, method: str, K: int, **kw: Any) -> Any:
+    return executor(stages(K), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), **kw)
+
+
+def local_run(method: str, K: int) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    ex = make(LocalExecutor, method, K)
+    torch.manual_seed(7)  # DNI seeds its synthesizers from the stream's initial seed
+    losses = [ex.step(x, y) for x, y in data()]
+    return losses, [s.state_dict() for s in ex.stages]
+
+
+def _own_state(ex: DistributedExecutor) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in ex.stages[ex.rank].state_dict().items()}
+
+
+# ------------------------------------------------------------------- rank functions
+def _rank_all_methods(K: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    batches = data()
+    for method in METHODS:
+        ex = make(DistributedExecutor, method, K, timeout=30.0, record_timeline=True)
+        torch.manual_seed(7)
+        losses = [ex.step(x, y) for x, y in batches]
+        for s in ex.stages:
+            s.eval()
+        evaluated = ex.forward(batches[0][0])
+        ex.close()
+        out[method] = (losses, _own_state(ex), evaluated)
+    out["timeline"] = ex.timeline()
+    # Resume: 3 steps, checkpoint (with the δ in flight), a fresh executor, the rest.
+    first = make(DistributedExecutor, "fr", K, timeout=30.0)
+    torch.manual_seed(7)
+    for x, y in batches[:3]:
+        first.step(x, y)
+    state = first.state_dict()
+    first.close()
+    resumed = make(DistributedExecutor, "fr", K, timeout=30.0)
+    with torch.no_grad():
+        for p in resumed.stages[resumed.rank].parameters():
+            p.add_(1.0)  # prove the weights come from the checkpoint
+    resumed.load_state_dict(state)
+    resumed_losses = [resumed.step(x, y) for x, y in batches[3:]]
+    resumed.close()
+    out["resumed"] = (resumed_losses, _own_state(resumed))
+    return out
+
+
+def _rank_dies(how: str, rank: int, at_step: int, timeout: float) -> None:
+    ex = make(DistributedExecutor, "fr", dist.get_world_size(), timeout=timeout)
+    for t, (x, y) in enumerate(data() * 10):
+        if t == at_step and dist.get_rank() == rank:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif how == "raise":
+                raise RuntimeError("boom in the user's stage")
+            else:
+                time.sleep(3600)  # stops answering
+        ex.step(x, y)
+
+
+# ------------------------------------------------------------------- tests
+@pytest.mark.parametrize("K", [2, 3])
+def test_distributed_weights_equal_local(K: int) -> None:
+    results = run_distributed(_rank_all_methods, nproc=K, args=(K,), threads=1, timeout=30.0)
+    torch.set_num_threads(1)
+    for method in METHODS:
+        losses, expected = local_run(method, K)
+        assert results[K - 1][method][0] == pytest.approx(losses, abs=1e-6), method
+        assert all(torch.isnan(torch.tensor(results[k][method][0])).all() for k in range(K - 1))
+        for k in range(K):
+            got = results[k][method][1]
+            for name, value in expected[k].items():
+                assert torch.allclose(got[name].double(), value.double(), atol=1e-5, rtol=0), (method, k, name)
+        if method != "dni":  # DNI's Adam-trained synthesizers: allclose only, above
+            for k in range(K):
+                assert all(torch.equal(results[k][method][1][n], v) for n, v in expected[k].items()), (method, k)
+        # Evaluation returns the last stage's output on every rank.
+        for k in range(K):
+            assert torch.equal(results[k][method][2], results[K - 1][method][2])
+    # Resume mid-run (the in-flight δ is re-sent by the resumed sender) is bitwise exact.
+    losses, expected = local_run("fr", K)
+    assert results[K - 1]["resumed"][0] == losses[3:]
+    for k in range(K):
+        assert all(torch.equal(results[k]["resumed"][1][n], v) for n, v in expected[k].items())
+    tl = results[0]["timeline"]
+    assert len(tl.ranks) == K and all(any(e[0] == "compute" for e in r) for r in tl.ranks)
+
+
+@pytest.mark.parametrize("how, match", [("kill", r"rank 1 \(stage 1\).*SIGKILL"), ("raise", r"rank 1 \(stage 1\).*boom")])
+def test_a_failing_rank_ends_the_job_naming_it(how: str, match: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(TrainingError, match=match):
+        run_distributed(_rank_dies, nproc=3, args=(how, 1, 3, 8.0), threads=1, timeout=8.0)
+    assert time.perf_counter() - start < 8.0 + 20.0  # timeout + launch and shutdown
+
+
+def test_a_silent_rank_times_out_naming_it() -> None:
+    start = time.perf_counter()
+    with pytest.raises(TrainingError, match=r"rank 1 \(stage 1\) within 4 s"):
+        run_distributed(_rank_dies, nproc=2, args=("hang", 1, 3, 4.0), threads=1, timeout=4.0)
+    assert time.perf_counter() - start < 4.0 + 20.0
+
+
+def test_fr_carries_only_the_delayed_deltas() -> None:
+    assert carried_messages(schedule("fr", 3), 3) == {("grad", 1, -1), ("grad", 2, 0)}
+    assert carried_messages(schedule("ddg", 3), 3) == {("grad", 1, -1), ("grad", 2, 0)}
+    assert carried_messages(schedule("bp", 3), 3) == frozenset()
+    assert carried_messages(schedule("dni", 3), 3) == frozenset()
+
+
+def test_executor_needs_a_process_group() -> None:
+    assert not under_torchrun() or dist.is_initialized()
+    with pytest.raises(TrainingError, match="process group"):
+        make(DistributedExecutor, "fr", 2)
