@@ -21,9 +21,29 @@ from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
 from fxreplay.executor import LocalExecutor
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "place_stages"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def place_stages(pipe: Pipeline) -> None:
+    """Move each stage to its plan device, after checking that the device exists here.
+
+    Raises:
+        TrainingError: a stage is placed on a CUDA device this machine does not have.
+    """
+    for stage, name in zip(pipe.stages, pipe.plan.devices):
+        device = torch.device(name)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = device.index or 0
+            if index >= count:
+                raise TrainingError(
+                    f"the plan puts stage {pipe.stages.index(stage)} on {name}, but this machine has "
+                    f"{count} CUDA device(s). Re-partition with --devices (e.g. all 'cpu') or edit "
+                    "the devices in plan.yaml."
+                )
+        stage.to(device)
 
 
 class Trainer:
@@ -56,6 +76,7 @@ class Trainer:
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
+        place_stages(pipe)
         options: dict[str, Any] = {}
         if method == "dni" and synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer

@@ -158,3 +158,10 @@ def test_help(command: str) -> None:
 def test_python_dash_m() -> None:
     done = subprocess.run([sys.executable, "-m", "fxreplay", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "partition" in done.stdout and "train" in done.stdout
+
+
+def test_api_example_runs(examples_dir: Path) -> None:
+    done = subprocess.run([sys.executable, str(examples_dir / "api_quickstart.py"), "--steps", "20", "--method", "ddg", "--K", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ddg K=2: test accuracy" in done.stdout

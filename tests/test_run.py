@@ -88,3 +88,15 @@ def test_resume_refuses_another_method(tmp_path: Path) -> None:
 def test_resume_without_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train_run(None, resume=tmp_path)
+
+
+def test_a_plan_on_missing_cuda_devices_is_refused(tmp_path: Path) -> None:
+    import fxreplay
+    from fxreplay.errors import TrainingError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = get("digits_cnn")
+    pipe = fxreplay.compile(model, (torch.randn(4, 1, 8, 8),), K=2, devices=["cpu", "cuda:1"])
+    with pytest.raises(TrainingError, match=r"stage 1 on cuda:1, but this machine has 0 CUDA device"):
+        fxreplay.Trainer(pipe, method="fr")

@@ -1,0 +1,189 @@
+"""The comparison report's figures: the paper's Fig. 3, 4 and 5, and the pipeline timeline.
+
+Every function takes loaded runs (:class:`fxreplay.report.RunMetrics`), writes one PNG
+sized to read at about 700 px wide, and returns its path (or None when there is nothing
+to draw). Colours are fixed per method across figures; a diverged run ends in a cross.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+if TYPE_CHECKING:
+    from fxreplay.report import RunMetrics
+
+__all__ = ["COLORS", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
+
+COLORS = {"bp": "#444444", "ddg": "#e08214", "dni": "#4dac26", "fr": "#2166ac"}
+WIDTH_IN, DPI = 7.0, 110  # 770 px: embedded at ~700 px the text stays at ~10 px or more
+
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8})
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int, height: float) -> tuple[Figure, list[Any]]:
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(WIDTH_IN, height * rows), squeeze=False, layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat
+
+
+def _by_K(runs: Sequence[RunMetrics]) -> dict[int, list[RunMetrics]]:
+    out: dict[int, list[RunMetrics]] = {}
+    for r in runs:
+        out.setdefault(r.K, []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _label(run: RunMetrics) -> str:
+    return f"{run.label} (diverged)" if run.diverged else run.label
+
+
+def _curve(ax: Any, run: RunMetrics, xs: list[float], ys: list[float]) -> None:
+    color = COLORS.get(run.method, None)
+    ax.plot(xs, ys, color=color, lw=1.4, label=_label(run), ls="--" if run.diverged else "-")
+    if run.diverged and xs:
+        ax.plot(xs[-1], ys[-1], marker="X", ms=9, color=color, mec="white", mew=0.8, zorder=5)
+
+
+def _losses(run: RunMetrics) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r["loss"]) for r in run.steps] or [(r["step"], r["train_loss"]) for r in run.epochs]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _finish_loss_axes(ax: Any, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper right", frameon=False)
+
+
+def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path:
+    """Training loss against epochs, one panel per K (Fig. 4, row 1)."""
+    groups = _by_K(runs)
+    fig, axes = _panels(len(groups), 2.9)
+    for ax, (K, group) in zip(axes, groups.items()):
+        for run in group:
+            steps, ys = _losses(run)
+            xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
+            _curve(ax, run, xs, ys)
+        _finish_loss_axes(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
+    axes[0].set_ylabel("training loss (log scale)")
+    fig.suptitle("Training loss against epochs")
+    return _save(fig, path)
+
+
+def _modelled_time(run: RunMetrics) -> list[float]:
+    """Seconds on K devices: each iteration costs the slowest module (BP: the sum, it is backward-locked)."""
+    out, t, prev = [], 0.0, 0
+    for r in run.steps:
+        per_step = sum(r["stage_time"]) if run.method == "bp" else max(r["stage_time"])
+        t += per_step * (r["step"] - prev)  # a logged step stands for the unlogged ones before it
+        prev = r["step"]
+        out.append(t)
+    return out
+
+
+def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
+    """Training loss against measured wall time and against modelled K-device time, one row per K (Fig. 4, row 2)."""
+    groups = _by_K(runs)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH_IN, 2.9 * len(groups)), squeeze=False, layout="constrained")
+    for row, (K, group) in zip(axes, groups.items()):
+        for run in group:
+            _, ys = _losses(run)
+            walls = [r["wall"] for r in run.steps] or [r["wall"] for r in run.epochs]
+            _curve(row[0], run, walls, ys)
+            if run.steps:
+                _curve(row[1], run, _modelled_time(run), [r["loss"] for r in run.steps])
+        _finish_loss_axes(row[0], f"K = {K}: measured, one process", "wall time (s)")
+        _finish_loss_axes(row[1], f"K = {K}: modelled, one device per module", "time (s)")
+        row[0].set_ylabel("training loss (log scale)")
+    fig.suptitle("Training loss against time")
+    return _save(fig, path)
+
+
+def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
+    """Peak memory held for backward, grouped bars: x = K, one bar per method, ×BP on top (Fig. 5)."""
+    groups = _by_K(runs)
+    methods = [m for m in COLORS if any(r.method == m for r in runs)] + sorted({r.method for r in runs} - set(COLORS))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4), layout="constrained")
+    top = 0.0
+    for i, m in enumerate(methods):
+        for j, (K, group) in enumerate(groups.items()):
+            run = next((r for r in group if r.method == m), None)
+            if run is None or run.peak_memory is None:
+                continue
+            mib = run.peak_memory / 2**20
+            top = max(top, mib)
+            x = j + (i - (len(methods) - 1) / 2) * width
+            ax.bar(x, mib, width * 0.92, color=COLORS.get(m), hatch="//" if run.diverged else None,
+                   edgecolor="white" if run.diverged else None)
+            bp = next((r for r in group if r.method == "bp"), None)
+            if bp is not None and bp.peak_memory:
+                ax.annotate(f"{run.peak_memory / bp.peak_memory:.2f}×", (x, mib), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7.5)
+    ax.set_xticks(range(len(groups)), [f"K = {K}" for K in groups])
+    ax.set_xlabel("number of modules")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_ylim(0, top * 1.15 if top else 1)
+    ax.set_title("Memory held for backward, summed over modules (labels: ratio to BP)")
+    handles = [Line2D([], [], color=COLORS.get(m), lw=8, label=m.upper()) for m in methods]
+    if any(r.diverged for r in runs):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="#bbbbbb", hatch="//", edgecolor="white", label="diverged"))
+    ax.legend(handles=handles, loc="upper left", frameon=False, ncol=len(handles))
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path | None:
+    """σ_k per module over training, one panel per run that measured it (Fig. 3); None if none did."""
+    measured = [r for r in runs if r.sigma and r.method != "bp"]
+    if not measured:
+        return None
+    fig, axes = _panels(len(measured), 2.6)
+    cmap = plt.get_cmap("viridis")
+    for ax, run in zip(axes, measured):
+        K = len(run.sigma[0][1])
+        for k in range(K):
+            pts = [(s, v[k]) for s, v in run.sigma if v[k] == v[k]]  # NaN: warm-up, no gradient yet
+            xs = [s / steps_per_epoch if steps_per_epoch else s for s, _ in pts]
+            ax.plot(xs, [v for _, v in pts], marker="o", ms=2.5, lw=1.2, color=cmap(k / max(K - 1, 1) * 0.85),
+                    label=f"module {k + 1}")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"{_label(run)}, K = {run.K}")
+        ax.set_xlabel("epoch" if steps_per_epoch else "iteration")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", frameon=False)
+    for ax in axes[:: min(len(measured), 3)]:
+        ax.set_ylabel("σ (dimensionless)")
+    fig.suptitle("Sufficient direction constant σ per module (σ > 0: a descent direction)")
+    return _save(fig, path)
+
+
+def timeline(path: Path, png: Path, title: str) -> Path:
+    """The distributed executor's Gantt chart from a run's ``timeline.json``."""
+    from fxreplay.timeline import Timeline
+
+    data = json.loads(path.read_text())
+    return Timeline.from_ranks(data["ranks"]).save_png(png, title=title)

@@ -1,0 +1,286 @@
+"""A comparison's report: runs' ``metrics.jsonl`` -> ``report.md`` with tables and figures.
+
+The tables follow the paper (Huo, Gu & Huang 2018): best test error per method and K
+(Table 2's shape), and measured memory as a ratio to BP next to Table 1's complexity. The
+figures (:mod:`fxreplay.plots`) are its Fig. 4 (loss against epochs and time), Fig. 5
+(memory), Fig. 3 (σ per module) and, when the distributed executor left a
+``timeline.json``, the pipeline's Gantt chart. A run whose loss became NaN/inf is kept
+and marked with † (its numbers are from before it diverged).
+
+>>> runs = [load_run("fr", 2, Path("reports/r20/fr-K2"))]
+>>> print(render_markdown(runs, figures={}, notes=[]))
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fxreplay.plan import format_bytes
+
+__all__ = ["RunMetrics", "load_run", "steps_per_epoch", "render_markdown", "write_report", "COMPLEXITY", "LABELS"]
+
+REPORT_FILE = "report.md"
+
+# The paper's Table 1: activation memory for L layers in K modules, L_s synthesizer layers.
+COMPLEXITY = {"bp": "O(L)", "ddg": "O(LK + K²)", "dni": "O(L + K·L_s)", "fr": "O(L + K²)"}
+LABELS = {"bp": "BP", "ddg": "DDG", "dni": "DNI", "fr": "FR"}
+DIVERGED = "†"
+
+
+@dataclass
+class RunMetrics:
+    """One run's records, split by kind, with ``wall`` made cumulative across resumes."""
+
+    method: str
+    K: int
+    path: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    sigma: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, σ per module)
+    diverged: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.method, self.method.upper())
+
+    @property
+    def best_test_error(self) -> float | None:
+        """Lowest test error over the evaluated epochs, in % (the paper's Table 2)."""
+        accs = [r["test_accuracy"] for r in self.epochs if r.get("test_accuracy") is not None]
+        return 100 * (1 - max(accs)) if accs else None
+
+    @property
+    def final_test_error(self) -> float | None:
+        accs = [r["test_accuracy"] for r in self.epochs if r.get("test_accuracy") is not None]
+        return 100 * (1 - accs[-1]) if accs else None
+
+    @property
+    def peak_memory(self) -> int | None:
+        """Max over the logged steps of the bytes held for backward, summed over stages."""
+        totals = [sum(r["memory_bytes"]) for r in self.steps if r.get("memory_bytes")]
+        return max(totals) if totals else None
+
+    @property
+    def last_step(self) -> int:
+        candidates = [r["step"] for r in self.steps + self.epochs] + ([self.diverged["step"]] if self.diverged else [])
+        return max(candidates, default=0)
+
+    @property
+    def wall(self) -> float | None:
+        walls = [r["wall"] for r in self.steps + self.epochs]
+        return max(walls) if walls else None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        rates = [r["samples_per_s"] for r in self.epochs if r.get("complete")] or [r["samples_per_s"] for r in self.epochs]
+        return sum(rates) / len(rates) if rates else None
+
+
+def load_run(method: str, K: int, path: Path) -> RunMetrics:
+    """Read a run directory's ``metrics.jsonl`` (missing file: an empty run)."""
+    run = RunMetrics(method=method, K=K, path=path)
+    cfg_file = path / "config.yaml"
+    if cfg_file.is_file():
+        run.config = yaml.safe_load(cfg_file.read_text()) or {}
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return run
+    offset, last_wall = 0.0, 0.0
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "wall" in r:
+            # A resumed invocation restarts its clock: continue from the last record before it.
+            if r["wall"] + offset < last_wall:
+                offset = last_wall
+            r = {**r, "wall": r["wall"] + offset}
+            last_wall = r["wall"]
+        kind = r.get("kind")
+        if kind == "step":
+            run.steps.append(r)
+            if r.get("sigma") is not None:
+                run.sigma.append((r["step"], list(r["sigma"])))
+        elif kind == "sigma":
+            run.sigma.append((r["step"], list(r["sigma"])))
+        elif kind == "epoch":
+            run.epochs.append(r)
+        elif kind == "diverged":
+            run.diverged = r
+    return run
+
+
+def steps_per_epoch(runs: Iterable[RunMetrics]) -> int | None:
+    """Iterations per epoch, from any run's first complete epoch (runs share data and batch size)."""
+    for run in runs:
+        for r in run.epochs:
+            if r.get("complete"):
+                return int(r["step"] // (r["epoch"] + 1))
+    return None
+
+
+def _num(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _mark(run: RunMetrics, text: str) -> str:
+    return f"{text} {DIVERGED}" if run.diverged else text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _grid(runs: Sequence[RunMetrics]) -> tuple[list[str], list[int], dict[tuple[str, int], RunMetrics]]:
+    methods = sorted({r.method for r in runs}, key=lambda m: list(LABELS).index(m) if m in LABELS else 99)
+    Ks = sorted({r.K for r in runs})
+    return methods, Ks, {(r.method, r.K): r for r in runs}
+
+
+def error_table(runs: Sequence[RunMetrics]) -> list[str]:
+    """Best test error (%): rows = method, columns = K."""
+    methods, Ks, by = _grid(runs)
+    rows = []
+    for m in methods:
+        row = [LABELS.get(m, m)]
+        for K in Ks:
+            run = by.get((m, K))
+            row.append("–" if run is None else _mark(run, _num(run.best_test_error)))
+        rows.append(row)
+    return _table(["method"] + [f"K={K}" for K in Ks], rows)
+
+
+def memory_table(runs: Sequence[RunMetrics]) -> list[str]:
+    """Peak memory held for backward (MiB, and × BP at the same K) next to Table 1."""
+    methods, Ks, by = _grid(runs)
+    rows = []
+    for m in methods:
+        row = [LABELS.get(m, m), COMPLEXITY.get(m, "?")]
+        for K in Ks:
+            run, bp = by.get((m, K)), by.get(("bp", K))
+            if run is None or run.peak_memory is None:
+                row.append("–" if run is None else _mark(run, "–"))
+                continue
+            text = f"{run.peak_memory / 2**20:.2f} MiB"
+            if bp is not None and bp.peak_memory:
+                text += f" ({run.peak_memory / bp.peak_memory:.2f}×)"
+            row.append(_mark(run, text))
+        rows.append(row)
+    return _table(["method", "paper (Table 1)"] + [f"K={K}" for K in Ks], rows)
+
+
+def runs_table(runs: Sequence[RunMetrics]) -> list[str]:
+    """One row per run: how far it got, final and best numbers, speed, memory."""
+    rows = []
+    for run in runs:
+        status = f"diverged at step {run.diverged['step'] + 1}" if run.diverged else ("ok" if run.epochs else "no records")
+        final_loss = run.epochs[-1]["train_loss"] if run.epochs else None
+        rows.append([
+            f"{run.label} K={run.K}", status, str(run.last_step), str(sum(1 for r in run.epochs if r.get("complete"))),
+            _num(final_loss, "{:.4f}"), _num(run.final_test_error), _num(run.best_test_error),
+            _num(run.wall, "{:.1f}"), _num(run.samples_per_s, "{:.0f}"),
+            "–" if run.peak_memory is None else format_bytes(run.peak_memory),
+        ])
+    return _table(["run", "status", "steps", "epochs", "train loss", "final test err %", "best test err %",
+                   "wall s", "samples/s", "peak memory"], rows)
+
+
+def _setup(runs: Sequence[RunMetrics]) -> list[str]:
+    cfg = next((r.config for r in runs if r.config), {})
+    if not cfg:
+        return []
+    m, d, o, t = (cfg.get(k, {}) for k in ("model", "data", "optim", "train"))
+    length = f"{t.get('epochs')} epochs" + (f", at most {t['max_steps']} steps" if t.get("max_steps") else "")
+    return [
+        f"Model `{m.get('name')}` on `{d.get('name')}`, batch {d.get('batch_size')}, SGD lr {o.get('lr')} "
+        f"(momentum {o.get('momentum')}, weight decay {o.get('weight_decay')}, ×{o.get('gamma')} at "
+        f"{', '.join(f'{100 * x:g}%' for x in o.get('milestones', []))} of the epochs), {length}, seed {t.get('seed')}, "
+        f"executor `{t.get('executor')}`. Every run shares the seed, so the initial weights, data order and "
+        "schedule are the same; only the method and K differ.",
+        "",
+    ]
+
+
+def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None], notes: Sequence[str]) -> str:
+    """The report's text. ``figures`` maps a caption to a PNG (relative to the report) or None (skipped)."""
+    lines = ["# fxreplay compare", ""] + _setup(runs)
+    diverged = [r for r in runs if r.diverged]
+    footnote = (
+        [f"{DIVERGED} diverged (the loss became NaN/inf): "
+         + "; ".join(f"{r.label} K={r.K} at step {r.diverged['step'] + 1}" for r in diverged if r.diverged)
+         + ". Its numbers are from before that.", ""]
+        if diverged else []
+    )
+    lines += ["## Test error (%)", "", "Best test error over the evaluated epochs, as in the paper's Table 2 "
+              "(rows: method, columns: number of modules K).", ""]
+    lines += error_table(runs) + [""] + footnote
+    lines += ["## Memory", "", "Peak bytes held for backward (saved activations, FR's history, DDG's stored "
+              "graphs, DNI's synthesizers), summed over the K modules, with the ratio to BP at the same K; "
+              "the paper's Table 1 complexity for L layers beside it.", ""]
+    lines += memory_table(runs) + [""] + footnote
+    lines += ["## Runs", ""] + runs_table(runs) + [""]
+    lines += ["## Figures", ""]
+    for caption, path in figures.items():
+        lines += [f"### {caption}", ""]
+        lines += [f"![{caption}]({path.as_posix()})" if path is not None else "_not drawn: see the notes below._", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
+    """Load the runs, draw the figures into ``out_dir`` and write ``out_dir/report.md``.
+
+    Args:
+        out_dir: where the report and its PNGs go.
+        runs: ``(method, K, run directory)`` per run, in the order to list them.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    from fxreplay import plots
+
+    loaded = [load_run(m, K, p) for m, K, p in runs]
+    spe = steps_per_epoch(loaded)
+    figures: dict[str, Path | None] = {}
+    notes: list[str] = []
+
+    figures["Training loss against epochs (paper's Fig. 4, row 1)"] = plots.loss_vs_epoch(loaded, out_dir / "loss_epochs.png", spe)
+    if spe is None:
+        notes.append("No run completed an epoch, so the loss-against-epochs figure counts iterations instead.")
+    figures["Training loss against time (paper's Fig. 4, row 2)"] = plots.loss_vs_time(loaded, out_dir / "loss_time.png")
+    executors = {r.config.get("train", {}).get("executor") for r in loaded}
+    if "local" in executors:
+        notes.append(
+            "The local executor runs the K modules one after another in one process, so measured wall time "
+            "shows each method's extra work (FR's replay, DDG's and DNI's bookkeeping), not the pipeline's "
+            "parallelism. The right-hand panel models K devices: each iteration costs the slowest module's "
+            "time (summed over modules for BP, which is backward-locked), from the logged per-module times."
+        )
+    figures["Memory per method and K (paper's Fig. 5)"] = plots.memory(loaded, out_dir / "memory.png")
+    sigma_png = plots.sigma(loaded, out_dir / "sigma.png", spe)
+    figures["Sufficient direction constant σ per module (paper's Fig. 3)"] = sigma_png
+    if sigma_png is None:
+        notes.append("σ was not measured (train.sigma_every = 0; set e.g. --sigma-every 10 to draw Fig. 3).")
+    else:
+        notes.append("σ_k = <∇f(w)_k, g_k> / ‖∇f(w)_k‖² per module against a true BP gradient on the same "
+                     "batch; BP's σ is 1 by definition and is not drawn. Wall times include these measurements.")
+    timelines = [(r, r.path / "timeline.json") for r in loaded if (r.path / "timeline.json").is_file()]
+    for run, tl in timelines:
+        figures[f"Pipeline timeline, {run.label} K={run.K}"] = plots.timeline(tl, out_dir / f"timeline-{run.method}-K{run.K}.png",
+                                                                              f"{run.label}, K={run.K}: pipeline timeline")
+    if not timelines:
+        notes.append("No run directory has a timeline.json (the distributed executor writes one), so no "
+                     "pipeline timeline is drawn.")
+    figures = {c: (p.relative_to(out_dir) if p is not None else None) for c, p in figures.items()}
+    report = out_dir / REPORT_FILE
+    report.write_text(render_markdown(loaded, figures, notes))
+    return report
