@@ -52,6 +52,7 @@ def partition(
     input_shape: Annotated[Optional[str], typer.Option(help="per-example input shape, e.g. 3,32,32 (when the model file has no example_inputs())")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size of the example input (boundary bytes and memory are per batch)")] = 128,
     num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
+    profile_device: Annotated[Optional[str], typer.Option(help="profile (and time, for --cost time) on this device, e.g. cuda:0")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON instead of the table")] = False,
 ) -> None:
     """Trace, profile and cut MODEL into K balanced stages; write plan.yaml and readable stage code."""
@@ -76,7 +77,8 @@ def partition(
                          num_classes=num_classes, leaf_modules=tuple(leaf or ()))
         with err.status(f"tracing and profiling {model} ...", spinner="dots") if not as_json else _null():
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
-                                 boundaries=boundary or [], leaf_modules=leaf or (), spec=spec)
+                                 boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
+                                 profile_device=profile_device)
         target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
         pipe.save(target)
     except FxReplayError as exc:

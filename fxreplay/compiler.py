@@ -92,6 +92,7 @@ def compile(
     leaf_modules: Sequence[str | type] = (),
     spec: ModelSpec | None = None,
     repeats: int = 5,
+    profile_device: str | None = None,
 ) -> Pipeline:
     """Trace, profile and partition ``model`` into ``K`` balanced stages.
 
@@ -106,6 +107,8 @@ def compile(
         boundaries: module names at which a stage must start, e.g. ``["layer2", "layer3.1"]``.
         leaf_modules: module class names / qualified names to keep opaque when tracing.
         spec: how to rebuild the model (recorded in the plan for ``fxreplay.load``).
+        repeats: timed repeats per node for ``cost="time"`` (median kept, one warm-up excluded).
+        profile_device: profile (and time) a copy of the model on this device.
 
     Example:
         >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
@@ -119,7 +122,7 @@ def compile(
         raise PartitionError(f"K must be a positive integer, got {K!r}.")
     example_inputs = tuple(example_inputs)
     gm = trace(model, leaf_modules)
-    profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats)
+    profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device)
     cg = build_cost_graph(gm)
     _check_tied(cg, K)
     devs = _devices(devices, K)

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 if TYPE_CHECKING:
     from fxreplay.report import RunMetrics
@@ -71,7 +72,11 @@ def _losses(run: RunMetrics) -> tuple[list[int], list[float]]:
 def _finish_loss_axes(ax: Any, title: str, xlabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_yscale("log")
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if ys and max(ys) / min(ys) > 5:  # a loss falling by orders of magnitude: log, plain tick labels
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper right", frameon=False)
 
@@ -86,7 +91,7 @@ def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int |
             xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
             _curve(ax, run, xs, ys)
         _finish_loss_axes(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
-    axes[0].set_ylabel("training loss (log scale)")
+    axes[0].set_ylabel("training loss")
     fig.suptitle("Training loss against epochs")
     return _save(fig, path)
 
@@ -113,9 +118,9 @@ def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
             _curve(row[0], run, walls, ys)
             if run.steps:
                 _curve(row[1], run, _modelled_time(run), [r["loss"] for r in run.steps])
-        _finish_loss_axes(row[0], f"K = {K}: measured, one process", "wall time (s)")
-        _finish_loss_axes(row[1], f"K = {K}: modelled, one device per module", "time (s)")
-        row[0].set_ylabel("training loss (log scale)")
+        _finish_loss_axes(row[0], f"K = {K}: measured (one process)", "wall time (s)")
+        _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)")
+        row[0].set_ylabel("training loss")
     fig.suptitle("Training loss against time")
     return _save(fig, path)
 
@@ -157,27 +162,44 @@ def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
 
 
 def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path | None:
-    """σ_k per module over training, one panel per run that measured it (Fig. 3); None if none did."""
+    """σ_k per module over training: rows = method, columns = K, for runs that measured it (Fig. 3).
+
+    Returns None when no run measured σ. BP is left out: its σ is 1 by definition.
+    """
     measured = [r for r in runs if r.sigma and r.method != "bp"]
     if not measured:
         return None
-    fig, axes = _panels(len(measured), 2.6)
+    methods = [m for m in COLORS if any(r.method == m for r in measured)] + sorted({r.method for r in measured} - set(COLORS))
+    Ks = sorted({r.K for r in measured})
+    fig, axes = plt.subplots(len(methods), len(Ks), figsize=(WIDTH_IN, 2.5 * len(methods) + 0.4), squeeze=False,
+                             sharex=True, layout="constrained")
     cmap = plt.get_cmap("viridis")
-    for ax, run in zip(axes, measured):
-        K = len(run.sigma[0][1])
-        for k in range(K):
-            pts = [(s, v[k]) for s, v in run.sigma if v[k] == v[k]]  # NaN: warm-up, no gradient yet
-            xs = [s / steps_per_epoch if steps_per_epoch else s for s, _ in pts]
-            ax.plot(xs, [v for _, v in pts], marker="o", ms=2.5, lw=1.2, color=cmap(k / max(K - 1, 1) * 0.85),
-                    label=f"module {k + 1}")
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(f"{_label(run)}, K = {run.K}")
-        ax.set_xlabel("epoch" if steps_per_epoch else "iteration")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", frameon=False)
-    for ax in axes[:: min(len(measured), 3)]:
-        ax.set_ylabel("σ (dimensionless)")
-    fig.suptitle("Sufficient direction constant σ per module (σ > 0: a descent direction)")
+    for i, m in enumerate(methods):
+        for j, K in enumerate(Ks):
+            ax = axes[i][j]
+            run = next((r for r in measured if r.method == m and r.K == K), None)
+            if run is None:
+                ax.set_visible(False)
+                continue
+            values = []
+            for k in range(K):
+                pts = [(s, v[k]) for s, v in run.sigma if v[k] == v[k]]  # NaN: warm-up, no gradient yet
+                xs = [s / steps_per_epoch if steps_per_epoch else s for s, _ in pts]
+                values += [v for _, v in pts]
+                ax.plot(xs, [v for _, v in pts], marker="o", ms=2.5, lw=1.2, color=cmap(k / max(K - 1, 1) * 0.85),
+                        label=f"module {k + 1}")
+            if values and (min(values) < -1 or max(values) > 2):
+                ax.set_yscale("symlog", linthresh=1.0)  # DNI's synthetic gradients can be far off
+            ax.axhline(0, color="black", lw=0.6)
+            ax.axhline(1, color="black", lw=0.6, ls=":")
+            ax.set_title(f"{_label(run)}, K = {run.K}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="best", frameon=False)
+            if j == 0:
+                ax.set_ylabel("σ (dimensionless)")
+            if i == len(methods) - 1:
+                ax.set_xlabel("epoch" if steps_per_epoch else "iteration")
+    fig.suptitle("Sufficient direction constant σ per module (> 0: descent; 1: BP's direction)")
     return _save(fig, path)
 
 

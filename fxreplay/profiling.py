@@ -186,14 +186,43 @@ def _buffers_restored(gm: fx.GraphModule) -> Iterator[None]:
                 b.copy_(saved[name])
 
 
-def profile(gm: fx.GraphModule, example_inputs: tuple[Any, ...], measure_time: bool = False, repeats: int = 5) -> Any:
+def profile(
+    gm: fx.GraphModule,
+    example_inputs: tuple[Any, ...],
+    measure_time: bool = False,
+    repeats: int = 5,
+    device: str | None = None,
+) -> Any:
     """Profile ``gm`` on ``example_inputs`` in training mode; writes ``node.meta["cost"]``.
+
+    Args:
+        device: run the profile (and its timings) on this device, e.g. the stage's target
+            GPU; a copy of the model goes there, ``gm`` itself stays where it is.
 
     Returns:
         The model's output on the example inputs.
     """
+    if device is not None:
+        target = torch.device(device)
+        if target.type == "cuda" and not (torch.cuda.is_available() and (target.index or 0) < torch.cuda.device_count()):
+            raise TraceError(f"cannot profile on {device}: this machine has no such CUDA device. Profile on 'cpu' or leave the profile device unset.")
+        copy = copy_module(gm).to(target)
+        moved = tree_map(lambda v: v.to(target) if isinstance(v, torch.Tensor) else v, example_inputs)
+        result = profile(copy, moved, measure_time=measure_time, repeats=repeats)
+        metas = {n.name: n.meta for n in copy.graph.nodes}
+        for node in gm.graph.nodes:
+            node.meta["cost"] = metas[node.name]["cost"]
+            node.meta["is_tuple"] = metas[node.name].get("is_tuple", False)
+        return result
     with _buffers_restored(gm), _rng_restored():
         return Profiler(gm, measure_time=measure_time, repeats=repeats).run(*example_inputs)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of a GraphModule with the same node names."""
+    import copy
+
+    return copy.deepcopy(gm)
 
 
 @contextmanager

@@ -252,3 +252,19 @@ def test_malformed_yaml(tmp_path: Path) -> None:
     (tmp_path / "plan.yaml").write_text("K: [1,\n")
     with pytest.raises(PlanError, match="not valid YAML"):
         fxreplay.load(tmp_path)
+
+
+def test_time_cost_on_a_chosen_device_leaves_the_model_alone() -> None:
+    model = get("resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pipe = fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=2, cost="time", repeats=2, profile_device="cpu")
+    assert pipe.plan.bottleneck > 0 and all(s.predicted_cost > 0 for s in pipe.plan.stages)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats restored
+
+
+def test_profile_on_a_missing_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(TraceError, match="cannot profile on cuda:3"):
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, profile_device="cuda:3")
