@@ -141,17 +141,10 @@ def train(
     out.print(run_summary(cfg, result))
 
 
-@app.command()
-def show(plan_dir: Annotated[Path, typer.Argument(help="a plan directory (or plan.yaml)")]) -> None:
-    """Print a plan's stage table and balance."""
-    from cli.render import plan_table
-    from fxreplay.plan import Plan
+from cli.compare_cmd import compare, show  # noqa: E402  (registered after `app` exists)
 
-    try:
-        p = Plan.load(plan_dir)
-    except FxReplayError as exc:
-        raise fail(exc) from None
-    out.print(plan_table(p))
+app.command()(compare)
+app.command()(show)
 
 
 class _null:

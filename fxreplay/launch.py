@@ -24,6 +24,7 @@ rank that failed and its stage, with its own error message. No process outlives 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from datetime import timedelta
@@ -144,6 +145,7 @@ def run_distributed(
         TrainingError: a rank failed: names the first rank that failed, its stage, and its
             error (or the signal that killed it).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -166,6 +168,11 @@ def run_distributed(
         return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
     except ChildFailedError as exc:
         raise TrainingError(describe_failure(exc)) from None
+    except SignalException as exc:
+        # Ctrl-C / SIGTERM on this process: the agent has already stopped every rank.
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise TrainingError(f"stopped by signal {exc.sigval.name}: all {nproc} ranks were stopped") from None
 
 
 def describe_failure(exc: Any) -> str:

@@ -7,6 +7,7 @@ to draw). Colours are fixed per method across figures; a diverged run ends in a 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
 
 if TYPE_CHECKING:
     from fxreplay.report import RunMetrics
@@ -59,6 +60,7 @@ def _label(run: RunMetrics) -> str:
 
 def _curve(ax: Any, run: RunMetrics, xs: list[float], ys: list[float]) -> None:
     color = COLORS.get(run.method, None)
+    # Plotted even with no points, so a run that diverged before its first log line is in the legend.
     ax.plot(xs, ys, color=color, lw=1.4, label=_label(run), ls="--" if run.diverged else "-")
     if run.diverged and xs:
         ax.plot(xs[-1], ys[-1], marker="X", ms=9, color=color, mec="white", mew=0.8, zorder=5)
@@ -73,12 +75,17 @@ def _finish_loss_axes(ax: Any, title: str, xlabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if not ys:
+        ax.text(0.5, 0.5, "no logged steps\n(train.log_every > the steps run)", transform=ax.transAxes,
+                ha="center", va="center", color="#666666")
+        ax.set_xticks([])
+        ax.set_yticks([])
     if ys and max(ys) / min(ys) > 5:  # a loss falling by orders of magnitude: log, plain tick labels
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper right", frameon=False)
+    ax.legend(loc="best", frameon=False)
 
 
 def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path:
@@ -97,11 +104,19 @@ def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int |
 
 
 def _modelled_time(run: RunMetrics) -> list[float]:
-    """Seconds on K devices: each iteration costs the slowest module (BP: the sum, it is backward-locked)."""
+    """Seconds on K devices: each iteration costs the slowest module (BP: the sum, it is backward-locked).
+
+    A logged step stands for the unlogged ones before it; a step that also measured σ ran an
+    extra BP pass, so it borrows the cost of the nearest plain logged step.
+    """
+    combine = sum if run.method == "bp" else max
+    costs: list[float | None] = [None if "sigma" in r else float(combine(r["stage_time"])) for r in run.steps]
+    plain = [c for c in costs if c is not None]
+    last = plain[0] if plain else 0.0
     out, t, prev = [], 0.0, 0
-    for r in run.steps:
-        per_step = sum(r["stage_time"]) if run.method == "bp" else max(r["stage_time"])
-        t += per_step * (r["step"] - prev)  # a logged step stands for the unlogged ones before it
+    for r, c in zip(run.steps, costs):
+        last = c if c is not None else last
+        t += last * (r["step"] - prev)
         prev = r["step"]
         out.append(t)
     return out
@@ -116,8 +131,7 @@ def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
             _, ys = _losses(run)
             walls = [r["wall"] for r in run.steps] or [r["wall"] for r in run.epochs]
             _curve(row[0], run, walls, ys)
-            if run.steps:
-                _curve(row[1], run, _modelled_time(run), [r["loss"] for r in run.steps])
+            _curve(row[1], run, _modelled_time(run), [r["loss"] for r in run.steps])
         _finish_loss_axes(row[0], f"K = {K}: measured (one process)", "wall time (s)")
         _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)")
         row[0].set_ylabel("training loss")
@@ -149,7 +163,7 @@ def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
     ax.set_xticks(range(len(groups)), [f"K = {K}" for K in groups])
     ax.set_xlabel("number of modules")
     ax.set_ylabel("peak memory (MiB)")
-    ax.set_ylim(0, top * 1.15 if top else 1)
+    ax.set_ylim(0, top * 1.25 if top else 1)
     ax.set_title("Memory held for backward, summed over modules (labels: ratio to BP)")
     handles = [Line2D([], [], color=COLORS.get(m), lw=8, label=m.upper()) for m in methods]
     if any(r.diverged for r in runs):
@@ -189,7 +203,7 @@ def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -
                 ax.plot(xs, [v for _, v in pts], marker="o", ms=2.5, lw=1.2, color=cmap(k / max(K - 1, 1) * 0.85),
                         label=f"module {k + 1}")
             if values and (min(values) < -1 or max(values) > 2):
-                ax.set_yscale("symlog", linthresh=1.0)  # DNI's synthetic gradients can be far off
+                _symlog(ax, values)  # DNI's synthetic gradients can be far off
             ax.axhline(0, color="black", lw=0.6)
             ax.axhline(1, color="black", lw=0.6, ls=":")
             ax.set_title(f"{_label(run)}, K = {run.K}")
@@ -203,9 +217,49 @@ def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -
     return _save(fig, path)
 
 
-def timeline(path: Path, png: Path, title: str) -> Path:
-    """The distributed executor's Gantt chart from a run's ``timeline.json``."""
-    from fxreplay.timeline import Timeline
+def _symlog(ax: Any, values: list[float]) -> None:
+    """A symmetric log axis with at most ~7 labelled decades."""
+    ax.set_yscale("symlog", linthresh=1.0)
+    top = max(1, math.ceil(math.log10(max(abs(v) for v in values) + 1)))
+    step = max(1, math.ceil(top / 3))
+    ups = [10.0**e for e in range(0 if step == 1 else step, top + 1, step)]  # ±1 would crowd 0 on a wide range
+    ticks = sorted({0.0, *ups, *(-u for u in ups if min(values) < -u / 10)})
+    ax.set_yticks(ticks, [_decade(t) for t in ticks])
+    ax.yaxis.set_minor_locator(NullLocator())
 
-    data = json.loads(path.read_text())
-    return Timeline.from_ranks(data["ranks"]).save_png(png, title=title)
+
+def _decade(v: float) -> str:
+    if v == 0:
+        return "0"
+    e = round(math.log10(abs(v)))
+    return ("−" if v < 0 else "") + ("1" if e == 0 else f"1e{e}")
+
+
+def timeline(path: Path, png: Path, title: str, steps: int = 4) -> Path:
+    """The distributed executor's Gantt chart from a run's ``timeline.json`` (``Timeline.to_json``).
+
+    Only ``steps`` iterations after the first (warm-up) one are drawn: at 700 px a whole
+    run's bars would merge into one block.
+    """
+    from matplotlib.patches import Patch
+
+    from fxreplay.timeline import _COLOR, KINDS, Timeline
+
+    tl = Timeline.from_ranks(json.loads(path.read_text())["ranks"])
+    last = max((e[4] for r in tl.ranks for e in r), default=0)
+    first = 1 if last >= 1 + steps else 0
+    tl = tl.window(first, min(last, first + steps - 1))
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.3 + 0.55 * len(tl.ranks)), layout="constrained")
+    for rank, events in enumerate(tl.ranks):
+        for kind, height in (("compute", 0.8), ("send", 0.45), ("wait", 0.45)):
+            bars = [(s * 1e3, (e - s) * 1e3) for k, s, e, _, _ in events if k == kind]
+            if bars:
+                ax.broken_barh(bars, (rank - height / 2, height), facecolors=_COLOR[kind])
+    ax.set_yticks(range(len(tl.ranks)), [f"stage {r}" for r in range(len(tl.ranks))])
+    ax.set_ylim(len(tl.ranks) - 0.5, -0.5)
+    ax.set_xlabel("time (ms)")
+    shown = f"iteration {first + 1}" if first == min(last, first + steps - 1) else f"iterations {first + 1}-{min(last, first + steps - 1) + 1}"
+    ax.set_title(f"{title} ({shown})")
+    fig.legend(handles=[Patch(color=_COLOR[k], label=k) for k in KINDS], loc="outside lower center", ncol=3, frameon=False)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, png)

@@ -188,12 +188,14 @@ def train_run(
     def checkpoint(next_epoch: int, next_batch: int) -> None:
         save_atomic(
             {"trainer": trainer.state_dict(), "method": cfg.train.method, "K": pipe.K, "epoch": next_epoch,
-             "batch_index": next_batch, "step": step, "rng": _rng_state(), "metrics_lines": metrics.lines},
+             "batch_index": next_batch, "step": step, "rng": _rng_state(), "metrics_lines": metrics.lines,
+             "wall": wall_offset + time.perf_counter() - start},
             out / CHECKPOINT_FILE,
         )
 
     result = RunResult(out=out, steps=step, epochs_done=epoch)
     start = time.perf_counter()
+    wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume
     t_cfg = cfg.train
     with _progress(console) as progress:
         while epoch < t_cfg.epochs and (t_cfg.max_steps is None or step < t_cfg.max_steps):
@@ -232,7 +234,7 @@ def train_run(
                 if step % t_cfg.log_every == 0:
                     record: dict[str, Any] = {
                         "kind": "step", "step": step, "epoch": epoch, "loss": loss, "lr": trainer.lr,
-                        "wall": time.perf_counter() - start, "stage_time": trainer.stage_times,
+                        "wall": wall_offset + time.perf_counter() - start, "stage_time": trainer.stage_times,
                         "memory_bytes": trainer.memory_bytes(),
                     }
                     if sigma is not None:
@@ -244,7 +246,7 @@ def train_run(
                     break
             finished_epoch = _epoch_done(train_set, cfg, batch_index)
             record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss_sum / max(n_loss, 1),
-                      "train_accuracy": correct / max(seen, 1), "lr": trainer.lr, "wall": time.perf_counter() - start,
+                      "train_accuracy": correct / max(seen, 1), "lr": trainer.lr, "wall": wall_offset + time.perf_counter() - start,
                       "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9), "complete": finished_epoch}
             last = not finished_epoch or epoch + 1 >= t_cfg.epochs
             if t_cfg.eval_every_epoch or last:

@@ -7,9 +7,10 @@ nested inside the action that needed the message) and one per posted send (``sen
 transfer itself runs in the background). :meth:`DistributedExecutor.timeline` gathers them
 into a :class:`Timeline`.
 
-Times are seconds since the recorder's creation on each rank. Ranks are created together
-(their process group is set up collectively), so on one machine their clocks line up to
-within a few milliseconds; across machines treat inter-rank offsets with that caution.
+Events are stamped with wall-clock seconds (``time.time()``, at ``perf_counter`` resolution),
+so the ranks of one machine line up exactly; across machines they line up as well as the
+hosts' clocks are synchronised (NTP: about a millisecond). Renderings start at the earliest
+event.
 
 >>> tl = Timeline([[("compute", 0.0, 1.0, "0F0", 0)], [("wait", 0.0, 1.0, "act 0", 0)]])
 >>> print(tl.render_text(width=10))
@@ -40,12 +41,13 @@ class Recorder:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.t0 = time.perf_counter()
+        self.offset = time.time() - self.t0  # perf_counter -> wall clock, shared by all ranks
         self.step = 0
         self.events: list[Event] = []
 
     def record(self, kind: str, start: float, end: float, label: str) -> None:
         """Record an interval given in ``time.perf_counter()`` seconds."""
-        self.events.append((kind, start - self.t0, end - self.t0, label, self.step))
+        self.events.append((kind, start + self.offset, end + self.offset, label, self.step))
 
 
 @dataclass
@@ -56,7 +58,9 @@ class Timeline:
 
     @classmethod
     def from_ranks(cls, ranks: Sequence[Sequence[Event]]) -> Timeline:
-        return cls([list(r) for r in ranks])
+        """Join the ranks' recorded events, re-zeroed at the earliest one."""
+        t0 = min((e[1] for r in ranks for e in r), default=0.0)
+        return cls([[(k, s - t0, e - t0, lab, st) for k, s, e, lab, st in r] for r in ranks])
 
     def window(self, first_step: int, last_step: int | None = None) -> Timeline:
         """Only the events of steps ``first_step..last_step`` (e.g. skip warm-up), re-zeroed."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,6 +102,8 @@ def _rank_all_methods(K: int) -> dict[str, Any]:
         ex.close()
         out[method] = (losses, _own_state(ex), evaluated)
     out["timeline"] = ex.timeline()
+    ex.sync_stages()  # every rank's copies of the other stages now hold the trained weights
+    out["synced"] = [{k: v.clone() for k, v in s.state_dict().items()} for s in ex.stages]
     # Resume: 3 steps, checkpoint (with the δ in flight), a fresh executor, the rest.
     first = make(DistributedExecutor, "fr", K, timeout=30.0)
     torch.manual_seed(7)
@@ -115,6 +120,25 @@ def _rank_all_methods(K: int) -> dict[str, Any]:
     resumed.close()
     out["resumed"] = (resumed_losses, _own_state(resumed))
     return out
+
+
+def _rank_sleeps(pid_dir: str) -> None:
+    Path(pid_dir, f"{dist.get_rank()}.pid").write_text(str(os.getpid()))
+    time.sleep(3600)
+
+
+def _children() -> set[int]:
+    """Live processes whose parent is this one (the ranks elastic starts are our children)."""
+    me, found = os.getpid(), set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
 
 
 def _rank_dies(how: str, rank: int, at_step: int, timeout: float) -> None:
@@ -154,16 +178,22 @@ def test_distributed_weights_equal_local(K: int) -> None:
     assert results[K - 1]["resumed"][0] == losses[3:]
     for k in range(K):
         assert all(torch.equal(results[k]["resumed"][1][n], v) for n, v in expected[k].items())
+    # After sync_stages, every rank holds the whole trained model (the last method run: dni).
+    for k in range(K):
+        for j in range(K):
+            assert all(torch.equal(results[k]["synced"][j][n], v) for n, v in results[j]["dni"][1].items())
     tl = results[0]["timeline"]
     assert len(tl.ranks) == K and all(any(e[0] == "compute" for e in r) for r in tl.ranks)
 
 
 @pytest.mark.parametrize("how, match", [("kill", r"rank 1 \(stage 1\).*SIGKILL"), ("raise", r"rank 1 \(stage 1\).*boom")])
 def test_a_failing_rank_ends_the_job_naming_it(how: str, match: str) -> None:
+    before = _children()
     start = time.perf_counter()
     with pytest.raises(TrainingError, match=match):
         run_distributed(_rank_dies, nproc=3, args=(how, 1, 3, 8.0), threads=1, timeout=8.0)
     assert time.perf_counter() - start < 8.0 + 20.0  # timeout + launch and shutdown
+    assert _children() <= before  # no orphan rank
 
 
 def test_a_silent_rank_times_out_naming_it() -> None:
@@ -171,6 +201,29 @@ def test_a_silent_rank_times_out_naming_it() -> None:
     with pytest.raises(TrainingError, match=r"rank 1 \(stage 1\) within 4 s"):
         run_distributed(_rank_dies, nproc=2, args=("hang", 1, 3, 4.0), threads=1, timeout=4.0)
     assert time.perf_counter() - start < 4.0 + 20.0
+
+
+def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.path[:0] = [%r, %r]\n"
+        "from test_executor_distributed import _rank_sleeps\n"
+        "from fxreplay.launch import run_distributed\n"
+        "if __name__ == '__main__':\n"
+        "    run_distributed(_rank_sleeps, nproc=2, args=(%r,), timeout=10.0)\n"
+    ) % (str(Path(__file__).parent), str(Path(__file__).parents[1]), str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2, proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
+    time.sleep(0.5)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_fr_carries_only_the_delayed_deltas() -> None:

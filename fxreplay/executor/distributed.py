@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -214,7 +215,7 @@ class DistributedExecutor:
         wire = device if backend == "nccl" else torch.device("cpu")
         if backend == "nccl" and device.type != "cuda":
             raise TrainingError(f"the process group uses NCCL but stage {rank} is on {device}: put every stage on a GPU, or use gloo")
-        timeout = _td(self.timeout)
+        timeout = timedelta(seconds=self.timeout)
         rec = self._note
         self._up_in = self._up_out = self._down_in = self._down_out = None
         for k in range(K - 1):
@@ -298,7 +299,7 @@ class DistributedExecutor:
         try:
             self.worker.run(action, t, self._link)
         except FxReplayError as exc:
-            if "rank " in str(exc):
+            if str(exc).startswith(f"rank {self.rank} "):
                 raise
             raise type(exc)(f"rank {self.rank} (stage {self.stage}), {action} of step {t}: {exc}") from exc
         except Exception as exc:
@@ -399,6 +400,17 @@ class DistributedExecutor:
         dist.all_gather_object(box, self.recorder.events, group=self._control)
         return Timeline.from_ranks(box)
 
+    def sync_stages(self) -> None:
+        """Collective: copy every stage's trained weights and buffers into this rank's copies
+        of the other stages, so that ``pipe.model_state_dict()`` (or a plain forward of the
+        stages) is the trained model on every rank. Call before saving the model."""
+        mine = {k: v.detach().cpu() for k, v in self.stages[self.rank].state_dict().items()}
+        box: list[Any] = [None] * self.num_stages
+        dist.all_gather_object(box, mine, group=self._control)
+        for k, state in enumerate(box):
+            if k != self.rank:
+                self.stages[k].load_state_dict(state)
+
     def sigma(self, x: Any, y: Any) -> list[float]:
         raise TrainingError("σ_k needs a true BP gradient through all stages in one process: measure it with the LocalExecutor")
 
@@ -463,12 +475,6 @@ class DistributedExecutor:
 
 def _who(rank: int) -> str:
     return f"rank {rank} (stage {rank})"
-
-
-def _td(seconds: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
 
 
 def _detach(payload: Any) -> Any:

@@ -1,0 +1,86 @@
+"""``fxreplay compare`` and ``fxreplay show``: parse, call the library, render.
+
+Registered in :mod:`cli.app` with ``app.command()(compare)`` and ``app.command()(show)``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fxreplay.errors import FxReplayError
+
+__all__ = ["compare", "show"]
+
+
+def _csv(text: str, what: str, pattern: str, example: str) -> list[str]:
+    items = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if not items or not all(re.fullmatch(pattern, v) for v in items):
+        raise FxReplayError(f"{what} {text!r}: expected a comma-separated list, e.g. {example}.")
+    return items
+
+
+def compare(
+    config: Annotated[Optional[Path], typer.Option(help="YAML config shared by every run (default: the offline quick start)")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated: bp, ddg, dni, fr")] = "bp,ddg,dni,fr",
+    K: Annotated[str, typer.Option("--K", "-K", help="comma-separated numbers of stages, e.g. 2,4")] = "2,4",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="runs, report.md and figures [default: reports/<model>]")] = None,
+    force: Annotated[bool, typer.Option(help="re-run finished runs instead of reusing them")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="override train.epochs")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="override train.max_steps (iterations per run)")] = None,
+    sigma_every: Annotated[Optional[int], typer.Option(help="measure σ every N iterations (the paper's Fig. 3; costs a BP pass each)")] = None,
+) -> None:
+    """Run every (method, K) pair with one seed and schedule; write report.md with the paper's tables and figures."""
+    from cli.app import err, fail, out  # here, not at the top: cli.app imports this module
+    from fxreplay.compare import compare as run_compare
+    from fxreplay.config import apply_overrides, load_config
+
+    try:
+        method_list = _csv(methods, "--methods", r"[a-z]+", "bp,fr")
+        Ks = [int(k) for k in _csv(K, "--K", r"\d+", "2,4")]
+        cfg = load_config(config)
+        given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every}
+        cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
+        target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)
+        result = run_compare(cfg, method_list, Ks, target, force=force, console=err)
+    except FxReplayError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] finished runs are kept and the current one resumes from its last "
+                  "checkpoint: run the same command again.")
+        raise typer.Exit(code=130) from None
+    diverged = [f"{r.method} K={r.K}" for r in result.runs if r.diverged]
+    if diverged:
+        out.print(f"[yellow]diverged:[/] {', '.join(diverged)} (marked † in the report)")
+    out.print(f"wrote {result.report} ({len(result.runs)} runs in {result.out}/)")
+
+
+def show(
+    plan_dir: Annotated[Path, typer.Argument(help="a plan directory (or plan.yaml)")],
+    png: Annotated[Optional[Path], typer.Option(help="where to draw the graph [default: PLAN_DIR/graph.png]")] = None,
+    no_png: Annotated[bool, typer.Option("--no-png", help="only print the stage table (no model needed)")] = False,
+) -> None:
+    """Print a plan's stage table and draw its graph, coloured by stage, with the bytes on each cut edge."""
+    from cli.app import err, fail, out
+    from cli.render import plan_table
+    from fxreplay.plan import Plan
+
+    try:
+        plan = Plan.load(plan_dir)
+    except FxReplayError as exc:
+        raise fail(exc) from None
+    out.print(plan_table(plan))
+    if no_png:
+        return
+    from fxreplay.compiler import load
+    from fxreplay.show import draw_plan
+
+    target = png or (plan_dir if plan_dir.is_dir() else plan_dir.parent) / "graph.png"
+    try:
+        with err.status(f"tracing {plan.model.spec or 'the model'} to draw the graph ...", spinner="dots"):
+            written = draw_plan(load(plan_dir), target)
+    except FxReplayError as exc:
+        raise fail(exc) from None
+    out.print(f"wrote {written}")

@@ -1,0 +1,170 @@
+"""A plan as a picture: the traced graph, coloured by stage, with the bytes on every cut edge.
+
+Small graphs are drawn node by node; bigger ones are collapsed to module-level nodes (all
+fx nodes of one module, e.g. ``layer2.3``, within one stage become one box), choosing the
+deepest module depth that stays readable. The layout is layered top to bottom by
+topological generation (networkx), so data flows down the page and a cut is a band
+where the colour changes.
+
+>>> pipe = fxreplay.load("plans/branchy")
+>>> draw_plan(pipe, Path("plans/branchy/graph.png"))
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import networkx as nx
+
+from fxreplay.plan import format_bytes
+
+if TYPE_CHECKING:
+    from fxreplay.compiler import Pipeline
+
+__all__ = ["stage_graph", "collapse", "draw_plan", "MAX_NODES"]
+
+MAX_NODES = 60  # beyond this many boxes the labels no longer fit a 700 px-wide figure
+
+
+def stage_graph(pipe: Pipeline) -> nx.DiGraph:
+    """The cost graph with ``stage`` on every node and ``bytes`` (the value sent) on every cut edge."""
+    stage_of = {name: s.index for s in pipe.plan.stages for name in s.nodes}
+    G: nx.DiGraph = pipe.cost_graph.graph.copy()
+    by_name = {n.name: n for n in pipe.cost_graph.gm.graph.nodes}
+    for name, data in G.nodes(data=True):
+        data["stage"] = stage_of[name]
+        data["members"] = [name]
+        data["op"] = by_name[name].op if name in by_name else ""
+    for u, v, data in G.edges(data=True):
+        data["cut"] = G.nodes[u]["stage"] != G.nodes[v]["stage"] and G.nodes[u]["op"] != "get_attr"
+        data["bytes"] = G.nodes[u]["bytes"] if data["cut"] else 0.0
+    return G
+
+
+def collapse(G: nx.DiGraph, key: Callable[[str], str]) -> nx.DiGraph:
+    """Merge the nodes with the same ``key`` and stage into one; cut bytes add up per distinct value sent.
+
+    Only merges that keep the graph acyclic are made (a module used twice stays split).
+    """
+    group = {n: f"{key(n) or n}@{G.nodes[n]['stage']}" for n in G}
+    H = nx.DiGraph()
+    for n, g in group.items():
+        if g not in H:
+            H.add_node(g, stage=G.nodes[n]["stage"], members=[], label=key(n) or n)
+        H.nodes[g]["members"].append(n)
+    sent: dict[tuple[str, str], set[str]] = {}
+    for u, v, data in G.edges(data=True):
+        gu, gv = group[u], group[v]
+        if gu == gv:
+            continue
+        H.add_edge(gu, gv, cut=False, bytes=0.0)
+        if data["cut"]:
+            sent.setdefault((gu, gv), set()).add(u)
+    for (gu, gv), sources in sent.items():
+        H.edges[gu, gv].update(cut=True, bytes=sum(G.nodes[s]["bytes"] for s in sources))
+    if not nx.is_directed_acyclic_graph(H):
+        return G
+    return H
+
+
+def _module_key(depth: int, paths: dict[str, str]) -> Callable[[str], str]:
+    def key(name: str) -> str:
+        path = paths.get(name, "")
+        return ".".join(path.split(".")[:depth]) if path else ""
+
+    return key
+
+
+def readable_graph(pipe: Pipeline, max_nodes: int = MAX_NODES) -> tuple[nx.DiGraph, str]:
+    """The finest view with at most ``max_nodes`` boxes, and a word on what a box is."""
+    from fxreplay.tracing import node_module_path
+
+    G = stage_graph(pipe)
+    # get_attr values are re-read by each stage, not sent: leave them out of the picture.
+    G.remove_nodes_from([n for n, d in G.nodes(data=True) if d["op"] == "get_attr"])
+    if G.number_of_nodes() <= max_nodes:
+        return G, "fx node"
+    paths = {n.name: node_module_path(n) for n in pipe.cost_graph.order}
+    deepest = max((p.count(".") + 1 for p in paths.values() if p), default=1)
+    best = G
+    for depth in range(deepest, 0, -1):
+        best = collapse(G, _module_key(depth, paths))
+        if best.number_of_nodes() <= max_nodes:
+            return best, f"module (depth {depth})"
+    # Even top-level modules are too many: merge runs of nodes along the order within each stage.
+    order = {n.name: i for i, n in enumerate(pipe.cost_graph.order)}
+    per = max(1, -(-G.number_of_nodes() // max_nodes))
+    chunk = _chunk_key(G, order, per)
+    return collapse(G, chunk), f"run of ~{per} fx nodes"
+
+
+def _chunk_key(G: nx.DiGraph, order: dict[str, int], per: int) -> Callable[[str], str]:
+    ranked = sorted(G, key=lambda n: order.get(n, 0))
+    first = {n: ranked[(i // per) * per] for i, n in enumerate(ranked)}
+    return lambda n: f"{first[n]}…"
+
+
+def _layered_positions(H: nx.DiGraph) -> dict[str, tuple[float, float]]:
+    for layer, nodes in enumerate(nx.topological_generations(H)):
+        for n in nodes:
+            H.nodes[n]["layer"] = layer
+    pos = nx.multipartite_layout(H, subset_key="layer", align="horizontal")
+    return {n: (float(x), -float(y)) for n, (x, y) in pos.items()}
+
+
+def draw_plan(pipe: Pipeline, path: Path, max_nodes: int = MAX_NODES) -> Path:
+    """Write a PNG of the plan's graph: boxes coloured by stage, cut edges labelled with bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    H, unit = readable_graph(pipe, max_nodes)
+    pos = _layered_positions(H)
+    layer = nx.get_node_attributes(H, "layer")
+    layers = 1 + max(layer.values(), default=0)
+    widest = max((list(layer.values()).count(i) for i in range(layers)), default=1)
+    fig, ax = plt.subplots(figsize=(7.0, min(1.4 + 0.45 * layers, 40.0)), layout="constrained")
+    K = pipe.plan.K
+    cmap = plt.get_cmap("tab10" if K <= 10 else "tab20")
+    size = 200 if widest < 6 else 120
+    for cut in (False, True):
+        for skip in (False, True):  # edges that jump layers bend, so they do not hide behind a chain
+            edges = [(u, v) for u, v, d in H.edges(data=True) if d["cut"] == cut and (layer[v] - layer[u] > 1) == skip]
+            style = "arc3,rad=0.4" if skip else "arc3"
+            nx.draw_networkx_edges(H, pos, edgelist=edges, ax=ax, node_size=size, connectionstyle=style,
+                                   edge_color="#d62728" if cut else "#9a9a9a", width=1.8 if cut else 0.8,
+                                   arrowsize=10 if cut else 7)
+            labels = {(u, v): format_bytes(H.edges[u, v]["bytes"]) for u, v in edges if cut}
+            if labels:
+                nx.draw_networkx_edge_labels(H, pos, edge_labels=labels, ax=ax, font_size=7, font_color="#b01010",
+                                             rotate=False, connectionstyle=style, label_pos=0.3 if skip else 0.5,
+                                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "#d62728", "lw": 0.5})
+    nx.draw_networkx_nodes(H, pos, ax=ax, node_size=size, edgecolors="black", linewidths=0.5,
+                           node_color=[cmap(H.nodes[n]["stage"] % cmap.N) for n in H])
+    for n, (x, y) in pos.items():  # names beside the nodes, offset in points so any scale works
+        ax.annotate(_short(H.nodes[n].get("label", n)), (x, y), xytext=(10, 0), textcoords="offset points",
+                    fontsize=7 if widest < 6 else 6, va="center", ha="left", clip_on=False)
+    ax.margins(x=0.15 if widest > 1 else 0.0, y=0.02)
+    if widest == 1:
+        ax.set_xlim(-1.0, 3.0)  # a chain: leave room for the names and the bent skip edges
+    handles = [Patch(color=cmap(k % cmap.N), label=f"stage {k} ({pipe.plan.stages[k].device})") for k in range(K)]
+    handles.append(Patch(color="#d62728", label="cut edge: bytes per batch"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
+    spec = Path(pipe.plan.model.spec).name if pipe.plan.model.spec else "model"
+    fig.suptitle(f"{spec}: K = {K} stages, one node per {unit}, data flows down")
+    ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(text: str, width: int = 20) -> str:
+    """Elide the middle: fx names differ at the end (``inception_branch3_1``, ``..._2``)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]

@@ -1,0 +1,195 @@
+"""Predict the iteration time of a method on K devices from per-stage costs.
+
+A discrete-event run of the method's schedule (:mod:`fxreplay.schedule`), exactly as the
+:class:`~fxreplay.executor.DistributedExecutor` executes it: each stage runs its program in
+order; an action starts when its stage is free and the message it consumes has arrived
+(sent when the producing action ends, delivered ``comm[k]`` seconds later; sends overlap
+compute). Two timings of the same updates:
+
+- ``barrier=False`` (dataflow, what fxreplay runs): no synchronisation beyond messages.
+  For FR the steady state approaches the per-stage work bound max_k (F_k + R_k + B_k)
+  (:func:`dataflow_bound`).
+- ``barrier=True`` (Algorithm 1 as written): all stages meet after the forward chain and
+  at the end of the iteration, giving Σ_k F_k + Σ_k c_k + max_k (R_k + B_k)
+  (:func:`barrier_bound`).
+
+This is how to predict K above this machine's cores; the measured K=2 checks it.
+
+>>> c = StageCosts(F=(1, 1), R=(1, 0), B=(2, 2))
+>>> simulate("fr", c).iteration_time, simulate("fr", c, barrier=True).iteration_time
+(4.0, 5.0)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .schedule import Action, schedule as make_schedule, stage_program
+from .timeline import Event, Timeline
+
+__all__ = ["StageCosts", "SimResult", "simulate", "barrier_bound", "dataflow_bound", "bp_time"]
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds per stage: forward F, FR replay R, backward B (of δ, or of the loss at the
+    last stage), DNI synthetic backward S and synthesizer training T (default B and 0),
+    update U (default 0), and ``comm[k]``: latency of one boundary message between stages k
+    and k+1 (activations up and δ down alike). The last stage's R is ignored: its play is
+    its training forward."""
+
+    F: Sequence[float]
+    R: Sequence[float]
+    B: Sequence[float]
+    comm: Sequence[float] = ()
+    S: Sequence[float] | None = None
+    T: Sequence[float] | None = None
+    U: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        K = len(self.F)
+        for name in ("R", "B", "S", "T", "U"):
+            v = getattr(self, name)
+            if v is not None and len(v) != K:
+                raise ValueError(f"StageCosts.{name} has {len(v)} entries for K={K} stages (F has {K}); give one per stage")
+        if self.comm and len(self.comm) != K - 1:
+            raise ValueError(f"StageCosts.comm has {len(self.comm)} entries for K={K}: give one per cut (K-1 = {K - 1})")
+
+    @property
+    def K(self) -> int:
+        return len(self.F)
+
+    def cost(self, a: Action) -> float:
+        k = a.stage
+        if a.op == "F":
+            return float(self.F[k])
+        if a.op == "R":
+            return 0.0 if k == self.K - 1 else float(self.R[k])
+        if a.op == "B":
+            return float(self.B[k])
+        if a.op == "S":
+            return float(self.S[k] if self.S is not None else self.B[k])
+        if a.op == "T":
+            return float(self.T[k]) if self.T is not None else 0.0
+        return float(self.U[k]) if self.U is not None else 0.0
+
+    def latency(self, src: int, dst: int) -> float:
+        return float(self.comm[min(src, dst)]) if self.comm else 0.0
+
+    @classmethod
+    def from_plan(cls, plan: Any, flops_per_s: float, bytes_per_s: float | None = None) -> StageCosts:
+        """Costs from a Plan's profiled FLOPs (R = F: a replay is a forward) and boundary bytes."""
+        F = [s.flops_fwd / flops_per_s for s in plan.stages]
+        B = [s.flops_bwd / flops_per_s for s in plan.stages]
+        comm = [s.boundary_bytes / bytes_per_s for s in plan.stages[:-1]] if bytes_per_s else []
+        return cls(F=F, R=F, B=B, comm=comm)
+
+
+@dataclass
+class SimResult:
+    """``iteration_time``: steady-state seconds per iteration; ``busy``: each stage's
+    compute per iteration; ``timeline``: the simulated intervals (render it like a measured one)."""
+
+    iteration_time: float
+    busy: list[float]
+    timeline: Timeline = field(repr=False)
+
+    @property
+    def utilisation(self) -> list[float]:
+        return [b / self.iteration_time if self.iteration_time else 0.0 for b in self.busy]
+
+
+def _kind_consumed(a: Action, K: int) -> tuple[str, int] | None:
+    if a.op == "F" and a.stage > 0:
+        return "act", a.stage - 1
+    if (a.op == "B" and a.stage < K - 1) or a.op == "T":
+        return "grad", a.stage + 1
+    return None
+
+
+def _kind_produced(a: Action, K: int) -> str | None:
+    if a.op == "F" and a.stage < K - 1:
+        return "act"
+    if a.op in "BS" and a.stage > 0:
+        return "grad"
+    return None
+
+
+def simulate(method: str, costs: StageCosts, *, barrier: bool = False, iterations: int | None = None) -> SimResult:
+    """Run ``iterations`` iterations of ``method``'s schedule on ``costs.K`` devices.
+
+    Warm-up actions (negative batches) cost nothing, as in the executors. The iteration
+    time is measured over the second half of the run (the steady state).
+    """
+    K = costs.K
+    sched = make_schedule(method, K)
+    programs = [stage_program(sched, k) for k in range(K)]
+    n = iterations if iterations is not None else 4 * K + 12
+    free = [0.0] * K
+    sent: dict[tuple[str, int, int], float] = {}  # (kind, src, batch) -> arrival time at dst
+    ends: list[float] = []
+    events: list[list[Event]] = [[] for _ in range(K)]
+    busy = [0.0] * K
+    gate = 0.0  # barrier mode: no action of the next phase starts before this
+    for t in range(n):
+        # Phases: with a barrier, the forward chain first, then the rest (Alg. 1 lines 4-8, 10-15).
+        phases = [("F",), ("R", "B", "S", "T", "U")] if barrier else [tuple("FRBSTU")]
+        positions = [0] * K
+        for ops in phases:
+            phase_end = gate
+            # Each stage's actions of this phase, in program order; a stage may wait on
+            # another's message, so sweep until every stage is through the phase.
+            progress = True
+            while progress:
+                progress = False
+                for k in range(K):
+                    prog = programs[k]
+                    while positions[k] < len(prog) and prog[positions[k]].op in ops:
+                        a = prog[positions[k]]
+                        batch = t + a.offset
+                        need = _kind_consumed(a, K) if batch >= 0 else None
+                        ready = max(free[k], gate)
+                        if need is not None:
+                            key = (need[0], need[1], batch)
+                            if key not in sent:
+                                break  # its producer has not run yet: try the other stages
+                            ready = max(ready, sent[key])
+                        d = costs.cost(a) if batch >= 0 else 0.0
+                        end = ready + d
+                        free[k] = end
+                        if d:
+                            events[k].append(("compute", ready, end, f"{a.stage}{a.op}{batch}", t))
+                            if t >= n // 2:
+                                busy[k] += d
+                        kind = _kind_produced(a, K)
+                        if kind is not None and batch >= 0:
+                            dst = k + 1 if kind == "act" else k - 1
+                            sent[(kind, k, batch)] = end + costs.latency(k, dst)
+                        phase_end = max(phase_end, end)
+                        positions[k] += 1
+                        progress = True
+            if any(positions[k] < len(programs[k]) and programs[k][positions[k]].op in ops for k in range(K)):
+                raise ValueError(f"{method} schedule deadlocks in the simulator at iteration {t}; this is a bug")
+            if barrier:
+                gate = phase_end
+        ends.append(max(free))
+    half = n // 2
+    per_iter = (ends[-1] - ends[half - 1]) / (n - half)
+    return SimResult(iteration_time=per_iter, busy=[b / (n - half) for b in busy], timeline=Timeline(events))
+
+
+def barrier_bound(costs: StageCosts) -> float:
+    """Algorithm 1 with its barrier: Σ_k F_k + Σ_k c_k + max_k (R_k + B_k) (R of the last stage is 0)."""
+    K = costs.K
+    return sum(costs.F) + sum(costs.comm) + max((0.0 if k == K - 1 else costs.R[k]) + costs.B[k] for k in range(K))
+
+
+def dataflow_bound(costs: StageCosts) -> float:
+    """The per-stage work bound FR's dataflow approaches: max_k (F_k + R_k + B_k)."""
+    K = costs.K
+    return max(costs.F[k] + (0.0 if k == K - 1 else costs.R[k]) + costs.B[k] for k in range(K))
+
+
+def bp_time(costs: StageCosts) -> float:
+    """BP on K devices (naive model parallelism): Σ_k (F_k + B_k) + 2 Σ_k c_k."""
+    return sum(costs.F) + sum(costs.B) + 2 * sum(costs.comm)

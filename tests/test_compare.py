@@ -1,0 +1,164 @@
+"""`compare` and `show`: the report's tables hold the runs' numbers, figures are PNGs,
+diverged runs are marked, finished runs reused, interrupted ones resumed; the CLI commands."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.compare_cmd import compare as compare_cmd
+from cli.compare_cmd import show as show_cmd
+from fxreplay.compare import compare, run_dir
+from fxreplay.config import apply_overrides, load_config
+from fxreplay.errors import ConfigError
+from fxreplay.run import train_run
+
+# digits: 23 iterations of 64 per epoch, so 30 steps are one complete epoch and a part.
+SMALL = {"train.epochs": 2, "train.max_steps": 30, "train.log_every": 5, "train.sigma_every": 10}
+
+
+def _cfg(**overrides: object):
+    return apply_overrides(load_config(None), {**SMALL, **overrides})
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _table(report: str, heading: str) -> dict[tuple[str, int], str]:
+    """The cells of the markdown table under ``## heading``, keyed by (method, K)."""
+    section = report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    header, body = rows[0], rows[2:]
+    Ks = {i: int(h[2:]) for i, h in enumerate(header) if h.startswith("K=")}
+    return {(row[0].lower(), K): row[i] for row in body for i, K in Ks.items()}
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as im:
+        im.verify()
+        assert 600 <= im.size[0] <= 900, (path, im.size)  # sized to read at ~700 px wide
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cmp")
+    cfg = _cfg()
+    # bp K=2 is interrupted by a crash after its first epoch's checkpoint: compare resumes it.
+    def crash(step: int, loss: float) -> None:
+        if step == 25:
+            raise RuntimeError("killed")
+
+    bp_cfg = apply_overrides(cfg, {"train.method": "bp", "partition.K": 2, "train.out": str(run_dir(out, "bp", 2))})
+    with pytest.raises(RuntimeError):
+        train_run(bp_cfg, on_step=crash)
+    # a timeline as the distributed executor would leave it
+    fr = run_dir(out, "fr", 2)
+    fr.mkdir(parents=True)
+    result = compare(cfg, ["fr", "bp"], [2], out)
+    (fr / "timeline.json").write_text(json.dumps({"ranks": [[["compute", 0.0, 0.01, "0F0", 0]], [["wait", 0.0, 0.01, "act 0", 0]]]}))
+    assert {(r.method, r.action) for r in result.runs} == {("bp", "resumed"), ("fr", "trained")}
+    assert [r.method for r in result.runs] == ["bp", "fr"]  # the paper's order, whatever was asked
+    again = compare(cfg, ["bp", "fr"], [2], out)  # everything finished: reused, report redrawn with the timeline
+    assert [r.action for r in again.runs] == ["reused", "reused"]
+    return out
+
+
+def test_report_tables_hold_the_runs_numbers(compared: Path) -> None:
+    report = (compared / "report.md").read_text()
+    errors, memory = _table(report, "Test error (%)"), _table(report, "Memory")
+    peaks = {}
+    for method in ("bp", "fr"):
+        records = _records(run_dir(compared, method, 2))
+        steps = [r for r in records if r["kind"] == "step"]
+        assert steps[-1]["step"] == 30
+        best = 100 * (1 - max(r["test_accuracy"] for r in records if r["kind"] == "epoch" and "test_accuracy" in r))
+        assert float(errors[(method, 2)]) == pytest.approx(best, abs=0.006)
+        peaks[method] = max(sum(r["memory_bytes"]) for r in steps)
+        mib, ratio = re.fullmatch(r"([\d.]+) MiB \(([\d.]+)×\)", memory[(method, 2)]).groups()
+        assert float(mib) == pytest.approx(peaks[method] / 2**20, abs=0.006)
+    assert float(re.search(r"\(([\d.]+)×", memory[("fr", 2)]).group(1)) == pytest.approx(peaks["fr"] / peaks["bp"], abs=0.006)
+    assert "O(L + K²)" in report and "O(L)" in report
+    # the resumed run's metrics hold each step once
+    bp_steps = [r["step"] for r in _records(run_dir(compared, "bp", 2)) if r["kind"] == "step"]
+    assert bp_steps == sorted(set(bp_steps))
+
+
+def test_every_figure_is_a_png(compared: Path) -> None:
+    report = (compared / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"loss_epochs.png", "loss_time.png", "memory.png", "sigma.png", "timeline-fr-K2.png"} <= set(figures)
+    for name in figures:
+        _assert_png(compared / name)
+
+
+def test_changed_config_is_not_reused(compared: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.epochs: 2 -> 3.*--force"):
+        compare(_cfg(**{"train.epochs": 3}), ["bp"], [2], compared)
+
+
+def test_diverged_run_is_marked_not_dropped(tmp_path: Path) -> None:
+    cfg = _cfg(**{"optim.lr": 1e6, "train.max_steps": 10, "train.log_every": 2, "train.sigma_every": 0})
+    result = compare(cfg, ["bp"], [2], tmp_path)
+    assert result.runs[0].diverged and "nan" in result.runs[0].diverged
+    report = (tmp_path / "report.md").read_text()
+    assert "†" in _table(report, "Test error (%)")[("bp", 2)]
+    assert "diverged at step" in report
+    assert "sigma.png" not in report and "σ was not measured" in report
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        _assert_png(tmp_path / name)
+    # a diverged run is finished: it is reused, not re-run
+    assert compare(cfg, ["bp"], [2], tmp_path).runs[0].action == "reused"
+
+
+def test_unknown_method_or_bad_K(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="bp, ddg, dni, fr"):
+        compare(_cfg(), ["bp", "sgd"], [2], tmp_path)
+    with pytest.raises(ConfigError, match=">= 1"):
+        compare(_cfg(), ["bp"], [0], tmp_path)
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+def _app() -> typer.Typer:
+    app = typer.Typer(pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.command()(compare_cmd)
+    app.command()(show_cmd)
+    return app
+
+
+runner = CliRunner()
+
+
+def _assert_user_error(result, needle: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and needle in " ".join(result.output.split()), result.output
+
+
+def test_cli_compare(tmp_path: Path) -> None:
+    result = runner.invoke(_app(), ["compare", "--methods", "bp", "--K", "2", "--out", str(tmp_path),
+                                    "--epochs", "1", "--max-steps", "4", "--sigma-every", "2"])
+    assert result.exit_code == 0, result.output
+    assert "report.md" in result.output and (tmp_path / "report.md").is_file()
+    assert json.loads((tmp_path / "bp-K2" / "metrics.jsonl").read_text().splitlines()[0])["kind"] in ("step", "sigma")
+    _assert_user_error(runner.invoke(_app(), ["compare", "--methods", "bp,sgd", "--out", str(tmp_path)]), "bp, ddg, dni, fr")
+    _assert_user_error(runner.invoke(_app(), ["compare", "--K", "2,x", "--out", str(tmp_path)]), "comma-separated")
+
+
+def test_cli_show(tmp_path: Path, examples_dir: Path) -> None:
+    from cli.app import app
+
+    plan = tmp_path / "plan"
+    assert runner.invoke(app, ["partition", str(examples_dir / "branchy_net.py"), "--K", "3", "--out", str(plan)]).exit_code == 0
+    png = tmp_path / "graph.png"
+    result = runner.invoke(_app(), ["show", str(plan), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "K=3" in result.output and "bottleneck" in result.output and str(png) in " ".join(result.output.split())
+    _assert_png(png)
+    _assert_user_error(runner.invoke(_app(), ["show", str(tmp_path / "nowhere")]), "nowhere")
