@@ -126,7 +126,7 @@ def train(
             from fxreplay.plan import Plan
 
             overrides["partition.K"] = Plan.load(plan).K
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
         if resume is not None and max_steps is None:
             given["train.max_steps"] = None  # a resumed run goes on unless told where to stop
         cfg = apply_overrides(cfg, given)

@@ -122,11 +122,11 @@ class Plan:
                 )
             )
         seen: dict[str, int] = {}
-        for s in stages:
-            for n in s.nodes:
+        for stage in stages:
+            for n in stage.nodes:
                 if n in seen:
-                    raise PlanError(f"{source}: node {n!r} is listed in stage {seen[n]} and stage {s.index}; each node belongs to one stage.")
-                seen[n] = s.index
+                    raise PlanError(f"{source}: node {n!r} is listed in stage {seen[n]} and stage {stage.index}; each node belongs to one stage.")
+                seen[n] = stage.index
         raw_model = top.get("model") or {}
         if not isinstance(raw_model, dict):
             raise PlanError(f"{source}: 'model' must be a mapping.")

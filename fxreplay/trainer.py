@@ -176,7 +176,9 @@ class Trainer:
         self.train(True)
         x = inputs[0] if len(inputs) == 1 else tuple(inputs)
         sig = [float(s) if s is not None else float("nan") for s in self.executor.sigma(x, target)]
-        return float(self.executor.last_loss), sig
+        loss = self.executor.last_loss
+        assert loss is not None  # sigma() ran a step
+        return float(loss), sig
 
     @property
     def stage_times(self) -> list[float]:
