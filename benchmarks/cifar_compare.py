@@ -469,8 +469,9 @@ def write_report(args: argparse.Namespace, Ks: list[int], methods: list[str], co
                 continue
             total += r["wall_s"]
             per = r["wall_s"] / max(r["steps_done"], 1)
-            cells.append(f"{r['wall_s'] / 60:.1f} min ({per:.3f} s/iteration incl. σ and evaluation)")
+            cells.append(f"{r['wall_s'] / 60:.1f} min ({per:.3f} s/it)")
         w(f"| {m.upper()} | " + " | ".join(cells) + " |")
+    w("\ns/it = the run's wall time / its iterations, so it includes σ measurements, the per-epoch test evaluation and setup.")
     w(f"\nTotal: {total / 60:.1f} min of training on {platform.node() or 'this machine'} "
       f"({os.cpu_count()} cores shared with other users; times include their load).\n")
     failures = [r for r in runs if r["status"] == "failed"]
@@ -488,7 +489,18 @@ def write_report(args: argparse.Namespace, Ks: list[int], methods: list[str], co
         "total_wall_s": total,
         "runs": [{k: v for k, v in r.items() if k not in ("losses", "loss_steps")} for r in runs],
     }
-    (RESULTS / "cifar_compare.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    (RESULTS / "cifar_compare.json").write_text(json.dumps(_no_nan(doc), indent=1, default=str, allow_nan=False) + "\n")
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN/inf (sigma in warm-up) as null: the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def plot(Ks: list[int], methods: list[str], runs: list[dict[str, Any]], spe: int) -> None:

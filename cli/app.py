@@ -103,7 +103,9 @@ def train(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory (metrics, checkpoints, model)")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    executor: Annotated[Optional[str], typer.Option(help="local (one process)")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="local (one process) | distributed (one rank per stage; implied by --nproc or torchrun)")] = None,
+    nproc: Annotated[int, typer.Option(help="start K ranks on this machine, one per stage (torch elastic, as torchrun does)")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per rank [default: cores / ranks]")] = None,
 ) -> None:
     """Train the partitioned model with features replay or a baseline (offline default: digits)."""
     from cli.render import run_summary
@@ -129,10 +131,19 @@ def train(
         given: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
         if resume is not None and max_steps is None:
             given["train.max_steps"] = None  # a resumed run goes on unless told where to stop
+        from fxreplay.launch import under_torchrun
+
+        if nproc > 1 or under_torchrun():
+            given["train.executor"] = "distributed"
         cfg = apply_overrides(cfg, given)
-        if cfg.train.executor != "local":
-            raise FxReplayError(f"executor {cfg.train.executor!r} is not available yet; use --executor local.")
-        result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
+        if under_torchrun():
+            result = _train_under_torchrun(cfg, plan, resume)
+            if result is None:
+                return  # not the reporting rank: it prints nothing
+        elif cfg.train.executor == "distributed":
+            result = _train_with_ranks(cfg, plan, resume, nproc, threads)
+        else:
+            result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
     except FxReplayError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
@@ -145,6 +156,44 @@ from cli.compare_cmd import compare, show  # noqa: E402  (registered after `app`
 
 app.command()(compare)
 app.command()(show)
+
+
+def _stage_device_kind(cfg: Any) -> str:
+    devices = cfg.partition.devices or ()
+    return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
+
+
+def _train_with_ranks(cfg: Any, plan: Path | None, resume: Path | None, nproc: int, threads: int | None) -> Any:
+    """``--nproc K``: K local ranks through torch elastic; the last one reports."""
+    import os
+
+    from fxreplay.config import to_dict
+    from fxreplay.launch import run_distributed
+    from fxreplay.run import distributed_main
+
+    if nproc != cfg.partition.K:
+        raise FxReplayError(f"--nproc {nproc} but K={cfg.partition.K}: the distributed executor runs one stage per rank; use --nproc {cfg.partition.K}.")
+    per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
+    results = run_distributed(
+        distributed_main, nproc, args=(to_dict(cfg), str(plan) if plan else None, str(resume) if resume else None),
+        device=_stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank,
+    )
+    return results[nproc - 1]
+
+
+def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None) -> Any:
+    """Started by torchrun: this process is one rank; join the group and train its stage."""
+    import torch.distributed as dist
+
+    from fxreplay.launch import init_process_group
+    from fxreplay.run import train_run
+
+    init_process_group(_stage_device_kind(cfg), cfg.train.timeout)
+    try:
+        result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
+        return result if dist.get_rank() == dist.get_world_size() - 1 else None
+    finally:
+        dist.destroy_process_group()
 
 
 class _null:

@@ -195,6 +195,11 @@ class TrainConfig:
     sigma_every: int = 0
     # Test accuracy after every epoch, as the paper's curves plot it.
     eval_every_epoch: bool = True
+    # Distributed runs: record per-rank compute / wait / send intervals and write
+    # timeline.json + timeline.png (a few tuples per iteration: cheap).
+    timeline: bool = True
+    # Distributed runs: seconds a rank waits for a neighbour before the job is failed.
+    timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -209,6 +214,8 @@ class TrainConfig:
             raise _fail("train.sigma_every", f"must be >= 0 (0 = off), got {self.sigma_every}")
         if not self.out:
             raise _fail("train.out", "must not be empty")
+        if not self.timeout > 0:
+            raise _fail("train.timeout", f"must be > 0 seconds, got {self.timeout}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -32,7 +33,7 @@ from fxreplay.loading import load_model
 from fxreplay.plan import ModelSpec
 from fxreplay.trainer import Trainer
 
-__all__ = ["RunResult", "train_run", "lr_factor"]
+__all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]
 
 
 
@@ -84,6 +85,8 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
         lr_scales=scales,
         synth_optimizer=lambda params: torch.optim.Adam(params, lr=o.synth_lr),
         measure_memory=True,
+        record_timeline=cfg.train.timeline,
+        timeout=cfg.train.timeout,
     )
 
 
@@ -165,29 +168,42 @@ def train_run(
         if (resume / "plan").is_dir():
             plan_dir = resume / "plan"
     cfg = cfg or load_config(None)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and cfg.train.sigma_every:
+        raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
+    # Distributed: every rank trains its stage on the same batches; the last rank, which
+    # knows the loss, writes everything (files, metrics, progress).
+    reporting = not distributed or dist.get_rank() == dist.get_world_size() - 1
     out = Path(cfg.train.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
-        save_config(cfg, out / "config.yaml")
+    if reporting:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            save_config(cfg, out / "config.yaml")
+    if not reporting:
+        console = Console(quiet=True)
 
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir)
-    if ckpt is None:
+    if ckpt is None and reporting:
         pipe.save(out / "plan")
     trainer = make_trainer(cfg, pipe)
-    metrics = Metrics(out / "metrics.jsonl", keep_lines=ckpt["metrics_lines"] if ckpt else None)
+    metrics = Metrics(out / "metrics.jsonl", keep_lines=ckpt["metrics_lines"] if ckpt else None) if reporting else _NoMetrics()
 
     epoch, batch_index, step = 0, 0, 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
         epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
-        _set_rng_state(ckpt["rng"])
+        if not distributed:  # a distributed rank's RNG is part of its executor state
+            _set_rng_state(ckpt["rng"])
     else:
         torch.manual_seed(cfg.train.seed + 1)  # dropout stream: independent of the init stream
 
     def checkpoint(next_epoch: int, next_batch: int) -> None:
+        state = trainer.state_dict()  # collective when distributed
+        if not reporting:
+            return
         save_atomic(
-            {"trainer": trainer.state_dict(), "method": cfg.train.method, "K": pipe.K, "epoch": next_epoch,
+            {"trainer": state, "method": cfg.train.method, "K": pipe.K, "epoch": next_epoch,
              "batch_index": next_batch, "step": step, "rng": _rng_state(), "metrics_lines": metrics.lines,
              "wall": wall_offset + time.perf_counter() - start},
             out / CHECKPOINT_FILE,
@@ -232,10 +248,10 @@ def train_run(
                 if on_step is not None:
                     on_step(step, loss)
                 if step % t_cfg.log_every == 0:
+                    stats = trainer.stats()  # collective when distributed
                     record: dict[str, Any] = {
                         "kind": "step", "step": step, "epoch": epoch, "loss": loss, "lr": trainer.lr,
-                        "wall": wall_offset + time.perf_counter() - start, "stage_time": trainer.stage_times,
-                        "memory_bytes": trainer.memory_bytes(),
+                        "wall": wall_offset + time.perf_counter() - start, **stats,
                     }
                     if sigma is not None:
                         record["sigma"] = sigma
@@ -261,10 +277,41 @@ def train_run(
             if t_cfg.max_steps is not None and step >= t_cfg.max_steps:
                 break
     result.steps = step
-    tmp = out / ".model.pt.tmp"
-    torch.save(trainer.model_state_dict(), tmp)
-    tmp.replace(out / "model.pt")
+    weights = trainer.model_state_dict()  # collective when distributed
+    timeline = trainer.executor.timeline() if distributed and cfg.train.timeline else None
+    trainer.close()
+    if reporting:
+        tmp = out / ".model.pt.tmp"
+        torch.save(weights, tmp)
+        tmp.replace(out / "model.pt")
+        if timeline is not None:
+            # the last 50 iterations: enough to see the steady state, small on disk
+            (out / "timeline.json").write_text(json.dumps(timeline.window(max(0, step - 50)).to_json()))
+            last = max(0, step - 4)
+            timeline.window(last).save_png(out / "timeline.png", title=f"{cfg.train.method} K={pipe.K}: the last iterations, per rank")
+            console.print(timeline.window(last).render_text(width=max(40, console.width - 12)), highlight=False)
     return result
+
+
+class _NoMetrics:
+    """What a non-reporting rank writes: nothing."""
+
+    lines = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
+def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str | None) -> RunResult | None:
+    """One rank of ``fxreplay train --nproc K`` (module level: the launcher pickles it).
+
+    Returns:
+        The run's result on the reporting rank, None on the others.
+    """
+    from fxreplay.config import from_dict
+
+    result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None)
+    return result if dist.get_rank() == dist.get_world_size() - 1 else None
 
 
 def _epoch_done(train_set: Any, cfg: Config, batch_index: int) -> bool:

@@ -15,31 +15,35 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
-from fxreplay.executor import LocalExecutor
+from fxreplay.executor import DistributedExecutor, LocalExecutor
 
 __all__ = ["Trainer", "place_stages"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def place_stages(pipe: Pipeline) -> None:
-    """Move each stage to its plan device, after checking that the device exists here.
+def place_stages(pipe: Pipeline, only: int | None = None) -> None:
+    """Move each stage (or only stage ``only``) to its plan device, after checking that the
+    device exists here.
 
     Raises:
         TrainingError: a stage is placed on a CUDA device this machine does not have.
     """
-    for stage, name in zip(pipe.stages, pipe.plan.devices):
+    for k, (stage, name) in enumerate(zip(pipe.stages, pipe.plan.devices)):
+        if only is not None and k != only:
+            continue
         device = torch.device(name)
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = device.index or 0
             if index >= count:
                 raise TrainingError(
-                    f"the plan puts stage {pipe.stages.index(stage)} on {name}, but this machine has "
+                    f"the plan puts stage {k} on {name}, but this machine has "
                     f"{count} CUDA device(s). Re-partition with --devices (e.g. all 'cpu') or edit "
                     "the devices in plan.yaml."
                 )
@@ -58,6 +62,12 @@ class Trainer:
             official code's doubled lr on module 1); default all 1.
         synth_optimizer: DNI's synthesizer optimizer factory (default Adam, lr 1e-4).
         measure_memory: count activation/history bytes per stage each step.
+        timeout: distributed only: seconds a rank waits for a neighbour before failing the job.
+        record_timeline: distributed only: record compute / wait / send intervals per rank.
+
+    Inside a torch.distributed job of K ranks (``fxreplay train --nproc K``, torchrun), the
+    trainer runs this rank's stage with the :class:`~fxreplay.executor.DistributedExecutor`;
+    otherwise all stages in this process with the :class:`~fxreplay.executor.LocalExecutor`.
     """
 
     def __init__(
@@ -69,6 +79,8 @@ class Trainer:
         lr_scales: Sequence[float] | None = None,
         synth_optimizer: OptimizerFactory | None = None,
         measure_memory: bool = False,
+        timeout: float = 60.0,
+        record_timeline: bool = False,
     ) -> None:
         self.pipe = pipe
         self.method = method
@@ -76,14 +88,26 @@ class Trainer:
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
-        place_stages(pipe)
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         options: dict[str, Any] = {}
         if method == "dni" and synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer
-        self.executor = LocalExecutor(
-            list(pipe.stages), method=method, optimizer=factory, loss_fn=self.loss_fn,
-            measure_memory=measure_memory, **options,
-        )
+        self.executor: Any
+        if self.distributed:
+            rank = dist.get_rank()
+            if dist.get_world_size() != pipe.K:
+                raise TrainingError(f"{dist.get_world_size()} ranks for K={pipe.K} stages: start exactly K processes (--nproc {pipe.K}).")
+            place_stages(pipe, only=rank)
+            self.executor = DistributedExecutor(
+                list(pipe.stages), method=method, optimizer=factory, loss_fn=self.loss_fn,
+                measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, **options,
+            )
+        else:
+            place_stages(pipe)
+            self.executor = LocalExecutor(
+                list(pipe.stages), method=method, optimizer=factory, loss_fn=self.loss_fn,
+                measure_memory=measure_memory, **options,
+            )
         self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * pipe.K
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.executor.optimizers]
         self.set_lr_factor(1.0)
@@ -146,8 +170,17 @@ class Trainer:
             self.train(True)
         return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1), "samples": float(total)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (weights, optimizers, histories, δ in flight)."""
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything needed to resume exactly (weights, optimizers, histories, δ in flight).
+
+        Distributed: collective; every stage's state gathered on the reporting rank (None on
+        the others), so one checkpoint holds the whole pipeline.
+        """
+        if self.distributed:
+            ranks = self.executor.gather_to(self.executor.state_dict(), self.executor.reporting_rank)
+            if ranks is None:
+                return None
+            return {"method": self.method, "K": self.K, "ranks": ranks, "lr_scales": self.lr_scales}
         return {"method": self.method, "K": self.K, "executor": self.executor.state_dict(), "lr_scales": self.lr_scales}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -156,12 +189,36 @@ class Trainer:
                 f"this state is from method={sd.get('method')} K={sd.get('K')}, but the trainer is "
                 f"method={self.method} K={self.K}; resume with the same method and K."
             )
-        self.executor.load_state_dict(sd["executor"])
+        if ("ranks" in sd) != self.distributed:
+            made, now = ("distributed", "local") if "ranks" in sd else ("local", "distributed")
+            raise TrainingError(f"this state was saved by a {made} run and cannot resume a {now} one; resume with the executor it was made with.")
+        self.executor.load_state_dict(sd["ranks"][dist.get_rank()] if self.distributed else sd["executor"])
         self.lr_scales = list(sd["lr_scales"])
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights under the ORIGINAL model's keys (load into the original model)."""
+        """The trained weights under the ORIGINAL model's keys (load into the original model).
+
+        Collective when distributed: every rank must call it (it gathers every stage).
+        """
+        if self.distributed:
+            self.executor.sync_stages()
         return self.pipe.model_state_dict()
+
+    def close(self) -> None:
+        """End of training (every rank, when distributed): drain the δ still in flight."""
+        if self.distributed:
+            self.executor.close()
+
+    @property
+    def is_reporting(self) -> bool:
+        """This process reports the loss and writes logs (always, unless distributed: the last rank)."""
+        return not self.distributed or bool(self.executor.is_reporting)
+
+    def stats(self) -> dict[str, list[float]]:
+        """Per-stage compute time and activation memory of the last step (collective when distributed)."""
+        if self.distributed:
+            return self.executor.gather_stats()
+        return {"stage_time": list(self.executor.stage_times), "memory_bytes": [float(b) for b in self.executor.memory_bytes()]}
 
     def memory_bytes(self) -> list[int]:
         return list(self.executor.memory_bytes())

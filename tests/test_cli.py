@@ -165,3 +165,22 @@ def test_api_example_runs(examples_dir: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ddg K=2: test accuracy" in done.stdout
+
+
+def test_train_with_two_ranks_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _run("train", "--nproc", "2", "--K", "2", "--max-steps", "6", "--out", str(out), "--method", "ddg")
+    assert result.exit_code == 0, result.output
+    assert "ddg / 2" in result.output
+    assert {"timeline.json", "timeline.png", "checkpoint.pt", "model.pt"} <= {p.name for p in out.iterdir()}
+    import torch
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert len(state["trainer"]["ranks"]) == 2  # one checkpoint holds every stage
+    again = _run("train", "--resume", str(out), "--nproc", "2", "--max-steps", "9")
+    assert again.exit_code == 0, again.output
+    assert "9 / 0" in again.output
+
+
+def test_nproc_must_match_K(tmp_path: Path) -> None:
+    _assert_user_error(_run("train", "--nproc", "3", "--K", "2", "--out", str(tmp_path)), "--nproc 3 but K=2")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fxreplay.errors import TrainingError
-from fxreplay.executor import DistributedExecutor, LocalExecutor
+from fxreplay.executor import DistributedExecutor, LocalExecutor, executor_for
 from fxreplay.executor.distributed import carried_messages
 from fxreplay.launch import run_distributed, under_torchrun
 from fxreplay.schedule import schedule
@@ -237,3 +237,5 @@ def test_executor_needs_a_process_group() -> None:
     assert not under_torchrun() or dist.is_initialized()
     with pytest.raises(TrainingError, match="process group"):
         make(DistributedExecutor, "fr", 2)
+    # Without a process group, executor_for falls back to the local executor.
+    assert isinstance(executor_for(stages(2), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=5.0), LocalExecutor)

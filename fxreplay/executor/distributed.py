@@ -57,7 +57,7 @@ from ..schedule import Action, Schedule, schedule as make_schedule, stage_progra
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
 
-__all__ = ["DistributedExecutor", "backend_for", "carried_messages"]
+__all__ = ["DistributedExecutor", "backend_for", "carried_messages", "executor_for"]
 
 _FORMAT = 1
 
@@ -378,6 +378,13 @@ class DistributedExecutor:
         dist.all_gather_object(box, mine, group=self._control)
         return {key: [r[key] for r in box] for key in mine}
 
+    def gather_to(self, obj: Any, dst: int) -> list[Any] | None:
+        """Collective: every rank's ``obj`` in rank order on rank ``dst``, None on the others
+        (the run loop gathers every stage's state into one checkpoint this way)."""
+        box: list[Any] | None = [None] * self.num_stages if self.rank == dst else None
+        dist.gather_object(obj, box, dst=dst, group=self._control)
+        return box
+
     def _wait_total(self) -> float:
         return self.wait_time
 
@@ -471,6 +478,23 @@ class DistributedExecutor:
         for ch in (self._up_out, self._down_out):
             if ch is not None:
                 ch.flush()
+
+
+def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any) -> Any:
+    """The executor this process should run: a :class:`DistributedExecutor` when a process
+    group of more than one rank is up (torchrun / ``run_distributed``), else a
+    :class:`~fxreplay.executor.LocalExecutor`. ``kwargs`` go to the chosen class; the
+    distributed-only ones (``timeout``, ``record_timeline``) are dropped for the local one.
+
+    >>> ex = executor_for(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())  # doctest: +SKIP
+    """
+    from .local import LocalExecutor
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedExecutor(stages, method, **kwargs)
+    for name in ("timeout", "record_timeline"):
+        kwargs.pop(name, None)
+    return LocalExecutor(stages, method, **kwargs)
 
 
 def _who(rank: int) -> str:
