@@ -49,7 +49,7 @@ def partition(
     devices: Annotated[Optional[str], typer.Option(help="one per stage, comma-separated NAME[@SPEED][/MEMORY], e.g. cuda:0,cuda:1@2/8GiB")] = None,
     boundary: Annotated[Optional[list[str]], typer.Option("--boundary", "-b", help="module name a stage must start at (repeatable)")] = None,
     leaf: Annotated[Optional[list[str]], typer.Option("--leaf", help="module class or qualified name to keep opaque (repeatable)")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(help="per-example input shape, e.g. 3,32,32 (when the model file has no example_inputs())")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="per-example input shape, e.g. 3,32,32 [default: example_inputs() of a model file; 3,224,224 for torchvision; 3,32,32 for the CIFAR zoo]")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size of the example input (boundary bytes and memory are per batch)")] = 128,
     num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
     profile_device: Annotated[Optional[str], typer.Option(help="profile (and time, for --cost time) on this device, e.g. cuda:0")] = None,
@@ -66,6 +66,7 @@ def partition(
         loaded = load_model(model, num_classes)
         inputs = loaded.example_inputs
         if inputs is None:
+            shape = shape or (list(loaded.input_shape) if loaded.input_shape else None)
             if shape is None:
                 raise FxReplayError(
                     f"{model} gives no example inputs: pass --input-shape (per example, e.g. 3,32,32) "

@@ -34,6 +34,7 @@ class LoadedModel:
     model: nn.Module
     example_inputs: tuple[Any, ...] | None
     spec: str
+    input_shape: tuple[int, ...] | None = None  # per-example shape the model is made for, when known
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -144,7 +145,8 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
         if name == "googlenet" or name.startswith("inception"):
             extra.update(aux_logits=False, init_weights=True)
         model = torchvision.models.get_model(name, weights=None, **extra)
-        return LoadedModel(model, None, spec)
+        size = 299 if name.startswith("inception") else 224  # the size its weights were trained at
+        return LoadedModel(model, None, spec, (3, size, size))
 
     path_part, _, attr = spec.partition(":")
     is_file = path_part.endswith(".py") or "/" in path_part
@@ -153,7 +155,8 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
 
         name = attr if path_part == "zoo" else path_part
         kw = {"num_classes": num_classes} if num_classes else {}
-        return LoadedModel(models.get(name, **kw), None, spec)
+        shape = (1, 8, 8) if name == "digits_cnn" else (3, 32, 32) if name.startswith("resnet") else None
+        return LoadedModel(models.get(name, **kw), None, spec, shape)
 
     if is_file:
         module = _import_file(Path(path_part))

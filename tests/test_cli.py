@@ -92,8 +92,18 @@ def test_unknown_zoo_and_torchvision_names() -> None:
     _assert_user_error(_run("partition", "torchvision:resnet7", "--K", "2", "--input-shape", "3,32,32"), "torchvision has no model 'resnet7'")
 
 
-def test_no_input_shape() -> None:
-    _assert_user_error(_run("partition", "resnet20", "--K", "2"), "--input-shape")
+def test_no_input_shape(tmp_path: Path) -> None:
+    path = tmp_path / "plain.py"
+    path.write_text("from torch import nn\nmodel = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+    _assert_user_error(_run("partition", str(path), "--K", "2"), "--input-shape")
+    ok = _run("partition", str(path), "--K", "2", "--input-shape", "4", "--out", str(tmp_path / "p"))
+    assert ok.exit_code == 0, ok.output
+
+
+def test_zoo_models_know_their_input_shape(tmp_path: Path) -> None:
+    result = _run("partition", "resnet20", "--K", "2", "--batch-size", "2", "--json", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"]["input_shape"] == [3, 32, 32]
 
 
 def test_K_too_large(examples_dir: Path) -> None:
