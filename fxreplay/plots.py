@@ -165,7 +165,7 @@ def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
     ax.set_ylabel("peak memory (MiB)")
     ax.set_ylim(0, top * 1.25 if top else 1)
     ax.set_title("Memory held for backward, summed over modules (labels: ratio to BP)")
-    handles = [Line2D([], [], color=COLORS.get(m), lw=8, label=m.upper()) for m in methods]
+    handles: list[Any] = [Line2D([], [], color=COLORS.get(m), lw=8, label=m.upper()) for m in methods]
     if any(r.diverged for r in runs):
         from matplotlib.patches import Patch
 

@@ -287,9 +287,9 @@ def train_run(
         if timeline is not None:
             # the last 50 iterations: enough to see the steady state, small on disk
             (out / "timeline.json").write_text(json.dumps(timeline.window(max(0, step - 50)).to_json()))
-            last = max(0, step - 4)
-            timeline.window(last).save_png(out / "timeline.png", title=f"{cfg.train.method} K={pipe.K}: the last iterations, per rank")
-            console.print(timeline.window(last).render_text(width=max(40, console.width - 12)), highlight=False)
+            shown = timeline.window(max(0, step - 4))
+            shown.save_png(out / "timeline.png", title=f"{cfg.train.method} K={pipe.K}: the last iterations, per rank")
+            console.print(shown.render_text(width=max(40, console.width - 12)), highlight=False)
     return result
 
 

@@ -228,7 +228,8 @@ class DistributedExecutor:
                 self._up_in = Channel(k, k + 1, up, wire, self.timeout, _who(k), rec)
                 self._down_out = Channel(k + 1, k, down, wire, self.timeout, _who(k), rec)
         # Objects (evaluation outputs, timelines, stats) go over gloo whatever the backend.
-        self._control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+        control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+        self._control: dist.ProcessGroup | None = control if isinstance(control, dist.ProcessGroup) else None
 
     # -- public surface shared with LocalExecutor ------------------------------------------
     @property

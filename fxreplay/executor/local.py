@@ -222,7 +222,7 @@ class LocalExecutor:
         return torch.get_rng_state(), cuda
 
     def _sigmas(self) -> list[float]:
-        true: dict[int, dict[nn.Parameter, torch.Tensor | None]] = {}
+        true: dict[int, dict[Any, torch.Tensor | None] | None] = {}
         result = []
         for w in self.workers:
             b = w.grad_batch
@@ -231,10 +231,11 @@ class LocalExecutor:
                 continue
             if b not in true:
                 true[b] = self._true_gradients(b)
-            if true[b] is None:
+            grads = true[b]
+            if grads is None:
                 result.append(math.nan)  # the batch predates a resume: nothing to compare with
                 continue
-            result.append(sigma_of([true[b].get(p) for p in w.params], [p.grad for p in w.params]))
+            result.append(sigma_of([grads.get(p) for p in w.params], [p.grad for p in w.params]))
         return result
 
     def _true_gradients(self, batch: int) -> dict[Any, torch.Tensor | None] | None:

@@ -146,7 +146,7 @@ class StageWorker:
         # A stage without parameters still gets an optimizer (an empty group) so that
         # ``optimizers`` always has K entries the trainer can set lr on.
         self.optimizer = optimizer(self.params if self.params else [{"params": []}])
-        first = next(iter(module.parameters()), None)
+        first: torch.Tensor | None = next(iter(module.parameters()), None)
         if first is None:
             first = next(iter(module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -234,8 +234,8 @@ class StageWorker:
         for p in self.params:
             p.grad = None  # the gradient of this batch only (and None stays None in warm-up)
         if params is not None:
-            for p in params:
-                p.grad = None
+            for snapshot in params:
+                snapshot.grad = None
         if self.is_last:
             result.backward()
         else:

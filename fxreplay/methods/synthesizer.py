@@ -28,6 +28,7 @@ class ConvSynthesizer(nn.Sequential):
         hidden = hidden or channels
         out = nn.Conv2d(hidden, channels, 5, padding=2)
         nn.init.zeros_(out.weight)
+        assert out.bias is not None
         nn.init.zeros_(out.bias)
         super().__init__(
             nn.Conv2d(channels, hidden, 5, padding=2), nn.BatchNorm2d(hidden), nn.ReLU(),
