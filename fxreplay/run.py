@@ -269,6 +269,16 @@ def train_run(
                 test = trainer.evaluate(make_loader(test_set, 512, shuffle=False, seed=0, epoch=0))
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
                 result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "train_loss": record["train_loss"]}
+                if not math.isfinite(test["loss"]):
+                    # The training losses were finite, but weights or BatchNorm statistics
+                    # no longer are: this state must not become "the last good checkpoint".
+                    message = (f"{t_cfg.method} diverged by step {step}: the test loss after epoch {epoch + 1} is "
+                               f"{test['loss']} (weights or BatchNorm statistics are no longer finite). The last good "
+                               "checkpoint is kept; lower the learning rate (or warm it up) and resume from it.")
+                    metrics.write(record)
+                    metrics.write({"kind": "diverged", "step": step, "epoch": epoch, "message": message})
+                    result.diverged = message
+                    raise DivergenceError(message)
             metrics.write(record)
             if finished_epoch:
                 epoch, batch_index = epoch + 1, 0

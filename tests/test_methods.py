@@ -127,18 +127,21 @@ def test_fr_with_one_stage_is_bp_step_for_step() -> None:
 
 
 def test_fr_warm_up_leaves_gradients_none_and_skips_the_optimizer() -> None:
-    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn)
-    before = weights(ex.stages[:2])
+    # Weight decay: an optimizer step during warm-up would move the weights even with zero
+    # gradients, so "weights unchanged" below really checks that the step is skipped.
+    wd = lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM, weight_decay=0.1)  # noqa: E731
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=wd, loss_fn=loss_fn)
     data = batches(3)
     expected_ready = [[False, False, True], [False, True, True], [True, True, True]]
     for (x, y), ready in zip(data, expected_ready):
+        before = [weights([s]) for s in ex.stages]
         ex.step(x, y)
-        for stage, opt, is_ready in zip(ex.stages, ex.optimizers, ready):
+        for stage, opt, is_ready, was in zip(ex.stages, ex.optimizers, ready, before):
             grads = [p.grad for p in stage.parameters()]
             assert all(g is not None for g in grads) if is_ready else all(g is None for g in grads)
             assert bool(opt.state) == is_ready  # no momentum buffer before the first real step
-    # Stage 0 first moved at step 2 (t - d_0 = 0), so after step 1 it was still at w^0.
-    assert not all(torch.equal(a, b) for a, b in zip(before, weights(ex.stages[:2])))
+            moved = [not torch.equal(a, b) for a, b in zip(was, weights([stage]))]
+            assert all(moved) if is_ready else not any(moved)  # stage k first moves at t = d_k
 
 
 def test_fr_history_has_K_minus_k_entries_after_the_play() -> None:
@@ -200,6 +203,26 @@ def test_fr_replayed_dropout_mask_equals_the_played_one() -> None:
     for played, replayed in zip(plays, replays):
         assert torch.equal(played, replayed)
     assert not torch.equal(plays[0], plays[1])
+
+
+def test_fr_replay_normalises_with_the_replayed_batchs_own_statistics() -> None:
+    # DESIGN: the replay leaves the running buffers alone "while the replay still uses the
+    # replayed batch's own statistics". lr=0: the replay must reproduce the play exactly;
+    # a replay in eval mode (running stats) would not.
+    stages = bn_dropout_stages(p=0.0)
+    seen: list[torch.Tensor] = []
+    stages[0].register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    ex = LocalExecutor(stages, "fr", optimizer=lambda p: torch.optim.SGD(p, lr=0.0), loss_fn=nn.CrossEntropyLoss())
+    for x, y in batches(5):
+        ex.step(x.float(), y)
+    # K=3, stage 0 (delay 2): p0 | p1 | p2 r0 | p3 r1 | p4 r2
+    assert len(seen) == 8
+    plays, replays = [seen[0], seen[1], seen[2]], [seen[3], seen[5], seen[7]]
+    for played, replayed in zip(plays, replays):
+        assert torch.equal(played, replayed)
+    # and the gradient that reaches stage 0 is that of the train-mode forward
+    x0 = batches(1)[0][0].float()
+    assert not torch.allclose(stages[0].eval()(x0), plays[0], atol=1e-3)
 
 
 def test_fr_replay_does_not_perturb_the_global_rng_stream() -> None:
@@ -403,3 +426,28 @@ def test_divergence_raises_before_any_update(method: str) -> None:
     with pytest.raises(DivergenceError, match=rf"{method} diverged at step 3.*last checkpoint is kept.*lower the learning rate"):
         ex.step(torch.full_like(x, float("nan")), y)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(stages)))
+
+
+def test_an_infinite_loss_is_a_divergence_too() -> None:
+    ex = LocalExecutor(split(mlp(), 2), "bp", optimizer=sgd, loss_fn=lambda out, y: out.sum() * float("inf"))
+    before = weights(ex.stages)
+    x, y = batches(1)[0]
+    with pytest.raises(DivergenceError, match=r"bp diverged at step 0: the loss is (-)?inf"):
+        ex.step(x, y)
+    assert_close(weights(ex.stages), before, atol=0)
+
+
+def test_dni_divergence_leaves_the_synthesizers_untouched() -> None:
+    stages = split(mlp(), 3)
+    ex = LocalExecutor(stages, "dni", optimizer=sgd, loss_fn=loss_fn,
+                       synth_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    data = batches(4)
+    for x, y in data[:3]:
+        ex.step(x, y)
+    synths = lambda: [p.detach().clone() for w in ex.workers for m in w.synths.values() for p in m.parameters()]  # noqa: E731
+    before = synths()
+    assert before
+    x, y = data[3]
+    with pytest.raises(DivergenceError):
+        ex.step(torch.full_like(x, float("nan")), y)
+    assert_close(synths(), before, atol=0)

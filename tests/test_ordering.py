@@ -149,8 +149,10 @@ def test_ten_thousand_nodes_in_well_under_a_second() -> None:
         G.add_edge(j - 1, j)
         if j > 3 and rng.random() < 0.2:
             G.add_edge(j - rng.randint(2, 3), j)  # skip connections
-    start = time.perf_counter()
+    # CPU time of this process: a busy neighbour on the shared 2-core machine (a benchmark,
+    # another test run) stretches wall time but not this, so the bound is not flaky.
+    start = time.process_time()
     order = narrow_order(G)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert is_topological(G, order)
-    assert elapsed < 1.0, f"narrow_order took {elapsed:.2f} s on {n} nodes"
+    assert elapsed < 1.0, f"narrow_order took {elapsed:.2f} s of CPU on {n} nodes"

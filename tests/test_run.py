@@ -78,6 +78,30 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path
     assert records[-1]["kind"] == "diverged"
 
 
+def test_divergence_after_an_epoch_leaves_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # README: "A NaN/inf loss stops the run ... the last good checkpoint stays." Two sound
+    # epochs first (batch 512: 3 steps each), then the same run resumed with lr 1e6.
+    cfg = _cfg(tmp_path, **{"train.method": "fr", "data.batch_size": 512})
+    train_run(cfg)
+    run = Path(cfg.train.out)
+    good = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert good["epoch"] == 2 and good["step"] == 6
+    lines_before = len(_records(run))
+    wild = apply_overrides(cfg, {"optim.lr": 1e6, "train.epochs": 8})
+    with pytest.raises(DivergenceError, match=r"fr diverged (at|by) step (\d+)") as info:
+        train_run(wild, resume=run)
+    records = _records(run)
+    assert records[-1]["kind"] == "diverged" and f"step {records[-1]['step']}" in str(info.value)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    # the checkpoint is the last one with finite weights, and it still resumes
+    weights = state["trainer"]["executor"]
+    assert state["step"] >= 6 and state["step"] < records[-1]["step"] + 1
+    assert state["metrics_lines"] >= lines_before
+    resumed = train_run(apply_overrides(cfg, {"train.epochs": state["epoch"] + 1}), resume=run)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in resumed.losses)
+    assert weights["step"] == state["step"]
+
+
 def test_resume_refuses_another_method(tmp_path: Path) -> None:
     train_run(_cfg(tmp_path, **{"train.max_steps": 2}))
     cfg = apply_overrides(load_config(tmp_path / "run" / "config.yaml"), {"train.method": "bp"})

@@ -162,7 +162,10 @@ class LocalExecutor:
                 w.meter.reset()
         updates = []
         for action in self._actions:
-            if action.op == "U":
+            # Updates (U) and DNI's synthesizer training (T) wait until the loss is known
+            # to be finite; schedule invariant 5 (after U a stage runs only T) makes the
+            # deferral equal to running them in place.
+            if action.op in ("U", "T"):
                 updates.append(action)
             else:
                 self._run(action, t)
