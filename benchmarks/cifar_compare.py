@@ -9,8 +9,8 @@ same split into modules -- through ``fxreplay.run.train_run``, then reads every 
   Table 2 shape); (2) measured activation memory as a ratio to BP at the same K next to
   the paper's complexity column (Table 1 / Fig. 5); (3) sigma_k per module over training
   for FR and DDG at the largest K (Fig. 3); (4) wall time per run and the exact command;
-- ``benchmarks/results/cifar_compare_loss.png``  training loss vs epoch, a panel per K;
-- ``benchmarks/results/cifar_sigma.png``         sigma_k per module vs iteration (FR, largest K).
+- ``benchmarks/results/cifar_compare/report.md`` + PNGs: ``fxreplay.report``'s report (the one
+  ``fxreplay compare`` writes): loss vs epoch and time, memory, sigma per module.
 
 Usage::
 
@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import fxreplay.run as fx_run  # noqa: E402
 from fxreplay.config import Config, apply_overrides, load_config, to_dict  # noqa: E402
 from fxreplay.errors import DivergenceError  # noqa: E402
+from fxreplay.report import write_report as write_compare_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("bp", "fr", "ddg", "dni")
@@ -354,7 +355,9 @@ def summarize(out: Path, method: str, K: int, epochs: int) -> dict[str, Any]:
 
 
 def fmt_sigma(v: float | None) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1e}"
 
 
 def write_report(args: argparse.Namespace, Ks: list[int], methods: list[str], command: str, runs: list[dict[str, Any]]) -> None:
@@ -451,7 +454,7 @@ def write_report(args: argparse.Namespace, Ks: list[int], methods: list[str], co
     if other:
         w("Mean σ_k (min) over the run for the other runs: " + "; ".join(
             f"{m.upper()} K={K}: " + ", ".join(
-                (lambda vals: f"{sum(vals) / len(vals):.3f} ({min(vals):.3f})" if vals else "–")(
+                (lambda vals: f"{fmt_sigma(sum(vals) / len(vals))} ({fmt_sigma(min(vals))})" if vals else "–")(
                     [rec["sigma"][k] for rec in by[(m, K)]["sigma"] if not math.isnan(rec["sigma"][k])])
                 for k in range(K))
             for m, K in other) + ".\n")
@@ -503,69 +506,6 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
-def plot(Ks: list[int], methods: list[str], runs: list[dict[str, Any]], spe: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = {(r["method"], r["K"]): r for r in runs}
-    colors = {"bp": "black", "fr": "tab:red", "ddg": "tab:blue", "dni": "tab:green"}
-    fig, axes = plt.subplots(1, len(Ks), figsize=(6 * len(Ks), 4.5), squeeze=False, sharey=True)
-    window = max(1, spe // 10)
-    for ax, K in zip(axes[0], Ks):
-        for m in methods:
-            r = by.get((m, K))
-            if r is None or not r["losses"]:
-                continue
-            steps, losses = r["loss_steps"], r["losses"]
-            smooth = []
-            for i in range(len(losses)):
-                chunk = [v for v in losses[max(0, i - window + 1): i + 1] if math.isfinite(v)]
-                smooth.append(sum(chunk) / len(chunk) if chunk else float("nan"))
-            label = m.upper()
-            if r["status"] == "diverged":
-                label += f" (diverged, step {r['diverged']['step']})"
-            ax.plot([s / spe for s in steps], smooth, color=colors.get(m), lw=1.2, label=label)
-            if r["status"] == "diverged":
-                x = (r["diverged"]["step"] + 1) / spe
-                ax.plot([x], [2.95], marker="x", color=colors.get(m), ms=10, mew=2, clip_on=False)
-        ax.set_ylim(0, 3.0)
-        ax.set_title(f"K = {K} modules")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
-    axes[0][0].set_ylabel(f"training loss (cross-entropy, nats; mean of last {window} iterations)")
-    fig.suptitle("ResNet-20 on CIFAR-10 (JPEG-degraded): training loss by method")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "cifar_compare_loss.png", dpi=120)
-    plt.close(fig)
-
-    Kmax = max(Ks)
-    panels = [m for m in ("fr", "ddg") if (m, Kmax) in by and by[(m, Kmax)]["sigma"]]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False, sharey=True)
-    for ax, m in zip(axes[0], panels):
-        recs = by[(m, Kmax)]["sigma"]
-        for k in range(Kmax):
-            ax.plot([r["step"] for r in recs], [r["sigma"][k] for r in recs], marker="o", ms=3, lw=1.2, label=f"module {k + 1}")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_title(f"{m.upper()}, K = {Kmax}")
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0][0].set_ylabel("σ_k (dimensionless; 1 = BP gradient)")
-    fig.suptitle("Sufficient-direction constant σ_k per module over training (ResNet-20, CIFAR-10)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "cifar_sigma.png", dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------ main
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/cifar10", help="folder holding cifar-10-batches-py/ (built by ../shared/data/cifar10/build.py)")
@@ -590,7 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0], *sys.argv[1:]])
+    # The command that trains and reports (a --report-only rerun reports the same runs).
+    shown = [a for a in sys.argv[1:] if a != "--report-only"]
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0], *shown])
     os.chdir(ROOT)  # relative --data/--out/--config paths are the repository's
     torch.set_num_threads(args.threads)
     Ks = [int(k) for k in args.K.split(",") if k.strip()]
@@ -612,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [summarize(Path(args.out) / f"{m}_K{K}", m, K, args.epochs) for K in Ks for m in methods]
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_report(args, Ks, methods, command, runs)
-    plot(Ks, methods, runs, math.ceil(train_size(args) / 128))
-    print(f"wrote {RESULTS / 'cifar_compare.md'}, .json, cifar_compare_loss.png, cifar_sigma.png "
+    # The figures and the paper-shaped tables: the same report `fxreplay compare` writes.
+    report = write_compare_report(RESULTS / "cifar_compare", [(m, K, Path(args.out) / f"{m}_K{K}") for K in Ks for m in methods])
+    print(f"wrote {RESULTS / 'cifar_compare.md'}, .json and {report} with its figures "
           f"({(time.perf_counter() - start) / 60:.1f} min this invocation)", flush=True)
     return 1 if any(r["status"] == "failed" for r in runs) else 0
 

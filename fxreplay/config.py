@@ -154,7 +154,7 @@ class PartitionConfig:
     K: int = 4
     # FLOPs are deterministic and need no device; "time" measures, "params"/"uniform" count.
     cost: Cost = "flops"
-    # Module names to cut after (e.g. ["layer2", "layer3.1"]); empty lets the solver choose.
+    # Module names at which a stage starts (e.g. ["layer2", "layer3.1"]); empty lets the solver choose.
     boundaries: tuple[str, ...] = ()
     # One device per stage ("cpu", "cuda:0", ...); None puts every stage on the default one.
     devices: tuple[str, ...] | None = None

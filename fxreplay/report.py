@@ -248,6 +248,8 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     """
     from fxreplay import plots
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+
     loaded = [load_run(m, K, p) for m, K, p in runs]
     spe = steps_per_epoch(loaded)
     figures: dict[str, Path | None] = {}

@@ -296,3 +296,17 @@ def test_profile_on_a_missing_gpu_is_a_clear_error() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(TraceError, match="cannot profile on cuda:3"):
         fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, profile_device="cuda:3")
+
+
+def test_a_cut_right_before_an_inplace_op_clones_the_stage_input() -> None:
+    # FR stores a stage's input and replays it; ReLU(inplace=True) as a stage's first op
+    # would otherwise overwrite the history (or fail on a leaf that requires grad).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    pipe = fxreplay.compile(model, (x,), K=2, boundaries=["1"])
+    assert pipe.plan.stages[1].nodes[0] == "_1"
+    assert "clone" in pipe.stages[1].code
+    trainer = fxreplay.Trainer(pipe, method="fr", loss_fn=nn.CrossEntropyLoss())
+    for _ in range(3):
+        assert torch.isfinite(torch.tensor(trainer.step(x, y)))
