@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -76,7 +77,7 @@ def partition(
         device_list = [d.strip() for d in devices.split(",")] if devices else None
         spec = ModelSpec(spec=model, input_shape=tuple(shape) if shape else None, batch_size=batch_size if shape else None,
                          num_classes=num_classes, leaf_modules=tuple(leaf or ()))
-        with err.status(f"tracing and profiling {model} ...", spinner="dots") if not as_json else _null():
+        with err.status(f"tracing and profiling {model} ...", spinner="dots") if not as_json else nullcontext():
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
                                  boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
                                  profile_device=profile_device)
@@ -195,14 +196,6 @@ def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None) -> A
         return result if dist.get_rank() == dist.get_world_size() - 1 else None
     finally:
         dist.destroy_process_group()
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _slug(spec: str) -> str:

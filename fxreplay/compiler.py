@@ -4,6 +4,7 @@ Each step is one function of its own module; this file only joins them.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxreplay.checkpoint import save_atomic
 from fxreplay.costgraph import COST_MODELS, CostGraph, build_cost_graph
 from fxreplay.errors import PartitionError, PlanError
 from fxreplay.loading import load_model, make_example_inputs
@@ -67,9 +69,7 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         self.plan.save(out)
         write_stage_files(self.stages, out, self.plan.model.spec)
-        tmp = out / (WEIGHTS_FILE + ".tmp")
-        torch.save(self.model.state_dict(), tmp)
-        tmp.replace(out / WEIGHTS_FILE)
+        save_atomic(self.model.state_dict(), out / WEIGHTS_FILE)
         return out
 
 
@@ -168,11 +168,9 @@ def _make_plan(
 
 
 def _pipeline(model: nn.Module, gm: fx.GraphModule, cg: CostGraph, plan: Plan) -> Pipeline:
-    pos = cg.position
-    ranges = []
-    for s in plan.stages:
-        a = pos[next(n for n in cg.order if n.name == s.nodes[0])]
-        ranges.append((a, a + len(s.nodes)))
+    # cg.order lists the plan's stages one after the other, so the ranges are running sums.
+    ends = list(itertools.accumulate((len(s.nodes) for s in plan.stages), initial=0))
+    ranges = list(itertools.pairwise(ends))
     crossing = [cg.crossing(b) for _, b in ranges[:-1]]
     stages = build_stages(gm, cg.order, ranges, crossing)
     return Pipeline(plan=plan, stages=stages, model=model, graph_module=gm, cost_graph=cg)
@@ -237,6 +235,8 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
                     f"{early[0]!r}: stages must list nodes in an order where every value is computed before it is used."
                 )
             seen.add(name)
+            if by_name[name].op == "placeholder" and s.index != 0:
+                raise PlanError(f"the plan in {plan_dir} puts the model input {name!r} in stage {s.index}; inputs belong to stage 0.")
     profile(gm, tuple(example_inputs))
     cg = build_cost_graph(gm, order=planned)
     return _pipeline(model, gm, cg, plan)

@@ -31,7 +31,7 @@ from fxreplay.data import NUM_CLASSES, build_datasets, make_loader
 from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
 from fxreplay.loading import load_model
 from fxreplay.plan import ModelSpec
-from fxreplay.trainer import Trainer
+from fxreplay.trainer import Trainer, distributed_job
 
 __all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]
 
@@ -95,11 +95,7 @@ class Metrics:
 
     def __init__(self, path: Path, keep_lines: int | None = None) -> None:
         self.path = path
-        lines = path.read_text().splitlines() if path.exists() else []
-        if keep_lines is not None:
-            lines = lines[:keep_lines]
-        else:
-            lines = []
+        lines = path.read_text().splitlines()[:keep_lines] if keep_lines is not None and path.exists() else []
         path.write_text("".join(line + "\n" for line in lines))
         self.lines = len(lines)
 
@@ -154,12 +150,10 @@ def train_run(
     if resume is not None:
         ckpt = load_checkpoint(resume)
         saved_cfg = resume / "config.yaml"
-        base = load_config(saved_cfg) if saved_cfg.is_file() else None
-        if cfg is None or base is None:
-            cfg = cfg or base
-        cfg = replace(cfg, train=replace(cfg.train, out=str(resume))) if cfg else None
+        cfg = cfg or (load_config(saved_cfg) if saved_cfg.is_file() else None)
         if cfg is None:
             raise CheckpointError(f"{resume} has no config.yaml; pass --config with the run's config.")
+        cfg = replace(cfg, train=replace(cfg.train, out=str(resume)))
         if ckpt["method"] != cfg.train.method or ckpt["K"] != cfg.partition.K:
             raise CheckpointError(
                 f"the checkpoint in {resume} is from method={ckpt['method']} K={ckpt['K']}, "
@@ -168,7 +162,7 @@ def train_run(
         if (resume / "plan").is_dir():
             plan_dir = resume / "plan"
     cfg = cfg or load_config(None)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = distributed_job()
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
     # Distributed: every rank trains its stage on the same batches; the last rank, which
@@ -239,7 +233,7 @@ def train_run(
                 result.losses.append(loss)
                 out_t = trainer.last_output
                 if out_t is not None and isinstance(out_t, torch.Tensor) and out_t.shape[0] == len(y):
-                    correct += int((out_t.argmax(1) == y).sum())  # FR/DDG: the batch the last stage ran now
+                    correct += int((out_t.argmax(1) == y.to(out_t.device)).sum())  # FR/DDG: the batch the last stage ran now
                 seen += len(y)
                 loss_sum += loss
                 n_loss += 1
@@ -291,9 +285,7 @@ def train_run(
     timeline = trainer.executor.timeline() if distributed and cfg.train.timeline else None
     trainer.close()
     if reporting:
-        tmp = out / ".model.pt.tmp"
-        torch.save(weights, tmp)
-        tmp.replace(out / "model.pt")
+        save_atomic(weights, out / "model.pt")
         if timeline is not None:
             # the last 50 iterations: enough to see the steady state, small on disk
             (out / "timeline.json").write_text(json.dumps(timeline.window(max(0, step - 50)).to_json()))

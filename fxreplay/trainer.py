@@ -20,11 +20,16 @@ from torch import nn
 
 from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
-from fxreplay.executor import DistributedExecutor, LocalExecutor
+from fxreplay.executor import executor_for
 
-__all__ = ["Trainer", "place_stages"]
+__all__ = ["Trainer", "place_stages", "distributed_job"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def distributed_job() -> bool:
+    """Whether this process is one rank of a torch.distributed job of several ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def place_stages(pipe: Pipeline, only: int | None = None) -> None:
@@ -88,26 +93,17 @@ class Trainer:
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed = distributed_job()
         options: dict[str, Any] = {}
         if method == "dni" and synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer
-        self.executor: Any
-        if self.distributed:
-            rank = dist.get_rank()
-            if dist.get_world_size() != pipe.K:
-                raise TrainingError(f"{dist.get_world_size()} ranks for K={pipe.K} stages: start exactly K processes (--nproc {pipe.K}).")
-            place_stages(pipe, only=rank)
-            self.executor = DistributedExecutor(
-                list(pipe.stages), method=method, optimizer=factory, loss_fn=self.loss_fn,
-                measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, **options,
-            )
-        else:
-            place_stages(pipe)
-            self.executor = LocalExecutor(
-                list(pipe.stages), method=method, optimizer=factory, loss_fn=self.loss_fn,
-                measure_memory=measure_memory, **options,
-            )
+        # A distributed rank moves only its own stage; the executor checks world size == K.
+        place_stages(pipe, only=dist.get_rank() if self.distributed else None)
+        self.executor: Any = executor_for(
+            list(pipe.stages), method, optimizer=factory, loss_fn=self.loss_fn,
+            measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, **options,
+        )
+        self.train(True)
         self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * pipe.K
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.executor.optimizers]
         self.set_lr_factor(1.0)
@@ -138,12 +134,13 @@ class Trainer:
     def step(self, *batch: Any) -> float:
         """One iteration of the method on ``(inputs..., target)``; returns the loss as a float.
 
+        The stages are in train mode from construction on (:meth:`evaluate` puts them back).
+
         The loss is that of the batch whose forward the last stage ran in this iteration.
         """
         if len(batch) < 2:
             raise TrainingError("Trainer.step needs the inputs and the target: trainer.step(x, y).")
         *inputs, target = batch
-        self.train(True)
         x = inputs[0] if len(inputs) == 1 else tuple(inputs)
         return float(self.executor.step(x, target))
 
@@ -163,6 +160,7 @@ class Trainer:
         try:
             for *inputs, target in loader:
                 out = self.executor.forward(*inputs)
+                target = target.to(out.device)
                 loss_sum += float(self.loss_fn(out, target)) * len(target)
                 correct += int((out.argmax(dim=1) == target).sum())
                 total += len(target)
@@ -230,7 +228,6 @@ class Trainer:
         :meth:`fxreplay.executor.LocalExecutor.sigma`).
         """
         *inputs, target = batch
-        self.train(True)
         x = inputs[0] if len(inputs) == 1 else tuple(inputs)
         sig = [float(s) if s is not None else float("nan") for s in self.executor.sigma(x, target)]
         loss = self.executor.last_loss
