@@ -10,7 +10,6 @@ pinned by module name become required cuts.
 from __future__ import annotations
 
 import difflib
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import networkx as nx
 import torch.fx as fx
 
 from fxreplay.errors import PartitionError
-from fxreplay.ordering import narrow_order
+from fxreplay.ordering import cut_bytes, narrow_order
 from fxreplay.partition import Problem
 from fxreplay.profiling import NodeCost
 from fxreplay.tracing import node_module_path, tied_parameter_groups
@@ -144,36 +143,29 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
         order: node names in a given topological order (e.g. from a plan); default: chosen
             by :func:`fxreplay.ordering.narrow_order`.
     """
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    # The output node is in the graph too (a sink), so the model's outputs count as live
+    # until the end, both for the order's choice and for the cut bytes.
     G = nx.DiGraph()
-    for i, n in enumerate(nodes):
+    for i, n in enumerate(gm.graph.nodes):
         cost: NodeCost = n.meta.get("cost", NodeCost())
-        G.add_node(n.name, index=i, bytes=0.0 if n.op == "get_attr" else float(cost.out_bytes))
-    for n in nodes:
+        G.add_node(n.name, index=i, bytes=0.0 if n.op in ("get_attr", "output") else float(cost.out_bytes))
         for u in n.all_input_nodes:
             G.add_edge(u.name, n.name)
-    by_name = {n.name: n for n in nodes}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
     names = list(order) if order is not None else narrow_order(G)
-    # Stage 0 takes the model's inputs in the signature's order, so placeholders lead.
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    ordered = placeholders + [by_name[name] for name in names if by_name[name].op != "placeholder"]
+    # Stage 0 takes the model's inputs in the signature's order, so placeholders lead; the
+    # output closes the order (it belongs to no stage).
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ordered = placeholders + [by_name[name] for name in names if by_name[name].op not in ("placeholder", "output")]
 
     N = len(ordered)
     pos = {n: i for i, n in enumerate(ordered)}
-    # cut_bytes[c]: values produced before c and used at or after c (the output counts as
-    # used after every cut); cut 0 carries the model's inputs, cut N its outputs.
-    delta = [0.0] * (N + 2)
-    for n in ordered:
-        if n.op == "get_attr":
-            continue
-        last = max((N if u is output else pos[u] for u in n.users), default=pos[n])
-        if last > pos[n]:
-            delta[pos[n] + 1] += G.nodes[n.name]["bytes"]
-            delta[last + 1] -= G.nodes[n.name]["bytes"]
-    cut = list(itertools.accumulate(delta[: N + 1]))
-    cut[0] = float(sum(G.nodes[n.name]["bytes"] for n in ordered if n.op == "placeholder"))
-    cut[N] = float(sum(G.nodes[u.name]["bytes"] for u in output.all_input_nodes))
+    # cut[c]: values produced before c and used at or after c; cut 0 carries the model's
+    # inputs, cut N (before the output node) its outputs.
+    cut = cut_bytes(G, [n.name for n in ordered] + [output.name])[: N + 1]
+    G.remove_node(output.name)  # CostGraph.graph: the nodes that go into stages
+    cut[0] = float(sum(G.nodes[n.name]["bytes"] for n in placeholders))
 
     allowed = [True] * (N + 1)
     compute = [n.op not in ("placeholder", "get_attr") for n in ordered]
