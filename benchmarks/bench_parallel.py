@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_parallel.py                      # ResNet-20, batch 128, 20 timed steps
+    python benchmarks/bench_parallel.py --cost flops --out benchmarks/results/parallel_flops.json
     python benchmarks/bench_parallel.py --model resnet56 --steps 30
     python benchmarks/bench_parallel.py --steps 2 --warmup 1 --batch 32   # smoke test
 
@@ -13,13 +14,20 @@ Configurations (throughput = images/s over the timed steps, after warm-up):
 - ``1f1b 2x1``    (b) torch.distributed.pipelining Schedule1F1B, 2 ranks x 1 thread, 4 micro-batches
 - ``gpipe 2x1``   (b) ScheduleGPipe, same
 - ``fr ideal``    (c) FR's per-stage work bound max_k (F_k + R_k + B_k), from stage times
-                  measured here single-threaded (median of repeats)
-- ``fr alg1 sim`` Algorithm 1 with its barrier, predicted by :mod:`fxreplay.simulator` from
-                  the same stage times (what FR without dataflow would reach at best)
+                  measured with both cores busy: rank k times stage k while the other rank
+                  times its own, as in the FR run (medians over 3 s)
+- ``fr ideal, 1 core busy``  the same bound from stage times measured one stage at a time
+                  with the other core idle (faster: no shared cache / memory bandwidth)
+- ``fr dataflow sim``  FR as :mod:`fxreplay.simulator` predicts it from the busy-core stage
+                  times and the measured time of one boundary message: the K=2 check of the
+                  simulator (``predicted / measured``)
+- ``fr alg1 sim`` Algorithm 1 with its barrier, predicted the same way (what FR without
+                  dataflow would reach at best)
 - ``bp 1x2``      (d) BP, 1 process x 2 threads (what a user of this CPU would otherwise run)
 
 All use the same stage split (``fxreplay.compile(..., K=2, cost=--cost, method="fr")``, made
-once and loaded by every process) and
+once and loaded by every process; ``--cost time``, the default here, balances measured CPU
+time; ``--cost flops`` shows what a FLOPs split does on a CPU) and
 SGD(lr 0.1, momentum 0.9, wd 5e-4). The inputs are random CIFAR-shaped tensors: pixel
 values do not change the time of a dense CNN step. The ratios come from one run, measured one
 configuration after the other: run it on a quiet machine. Writes
@@ -90,35 +98,75 @@ def time_local(model_name: str, batch: int, steps: int, warmup: int, plan_dir: P
     return (time.perf_counter() - start) / steps
 
 
+def stage_inputs(pipe: Any, x: torch.Tensor) -> list[tuple[Any, ...]]:
+    """Each stage's input on batch x (a no-grad pass through the chain)."""
+    value: tuple[Any, ...] = (x,)
+    out = []
+    with torch.no_grad():
+        for stage in pipe.stages:
+            out.append(value)
+            v = stage(*value)
+            value = v if isinstance(v, tuple) else (v,)
+    return out
+
+
+def time_stage(pipe: Any, k: int, x: torch.Tensor, y: torch.Tensor, *, repeats: int, seconds: float = 0.0) -> tuple[float, float, float]:
+    """Medians of stage k's F (its play: no grad, except the last stage's, which is its
+    training forward), R (forward keeping the graph) and B (backward), over at least
+    ``repeats`` runs and at least ``seconds`` of wall time."""
+    stage, last = pipe.stages[k], k == len(pipe.stages) - 1
+    inputs = tuple(v.detach().requires_grad_(k > 0) if v.is_floating_point() else v for v in stage_inputs(pipe, x)[k])
+    f: list[float] = []
+    r: list[float] = []
+    b: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(f) < repeats or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(last):
+            stage(*inputs)
+        t1 = time.perf_counter()
+        out = stage(*inputs)
+        t2 = time.perf_counter()
+        outs = out if isinstance(out, tuple) else (out,)
+        if last:
+            nn.CrossEntropyLoss()(outs[0], y).backward()
+        else:
+            torch.autograd.backward([o for o in outs if o.requires_grad], [torch.ones_like(o) for o in outs if o.requires_grad])
+        t3 = time.perf_counter()
+        f.append(t1 - t0), r.append(t2 - t1), b.append(t3 - t2)
+    return statistics.median(f), statistics.median(r), statistics.median(b)
+
+
 def stage_costs(model_name: str, batch: int, plan_dir: Path, repeats: int = 5) -> StageCosts:
-    """F_k (play, no grad), R_k (forward with graph), B_k (backward) per stage, 1 thread."""
+    """Every stage timed in this process, one after the other, 1 thread: the other core idle."""
     torch.set_num_threads(1)
     pipe = build(model_name, batch, plan_dir)
     x, y = batches(1, batch)[0]
-    F, R, B = [], [], []
-    value: Any = (x,)
-    for k, stage in enumerate(pipe.stages):
-        inputs = tuple(v.detach().requires_grad_(k > 0) if v.is_floating_point() else v for v in value)
-        f, r, b = [], [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                stage(*inputs)
-            t1 = time.perf_counter()
-            out = stage(*inputs)
-            t2 = time.perf_counter()
-            outs = out if isinstance(out, tuple) else (out,)
-            if k == len(pipe.stages) - 1:
-                nn.CrossEntropyLoss()(outs[0], y).backward()
-            else:
-                torch.autograd.backward([o for o in outs if o.requires_grad], [torch.ones_like(o) for o in outs if o.requires_grad])
-            t3 = time.perf_counter()
-            f.append(t1 - t0), r.append(t2 - t1), b.append(t3 - t2)
-        F.append(statistics.median(f)), R.append(statistics.median(r)), B.append(statistics.median(b))
-        with torch.no_grad():
-            value = out if isinstance(out, tuple) else (out,)
-            value = tuple(v.detach() for v in value)
+    F, R, B = zip(*(time_stage(pipe, k, x, y, repeats=repeats) for k in range(len(pipe.stages))))
     return StageCosts(F=F, R=R, B=B)
+
+
+def loaded_rank(model_name: str, batch: int, plan_dir: Path, seconds: float) -> dict[str, Any]:
+    """Rank k times stage k while the other rank times its own: the per-stage work with
+    both cores busy, as in the FR run (shared caches and memory bandwidth). Then the time
+    of one boundary message, measured alone (ping-pong / 2)."""
+    pipe = build(model_name, batch, plan_dir)
+    rank = dist.get_rank()
+    x, y = batches(1, batch)[0]
+    dist.barrier()
+    f, r, b = time_stage(pipe, rank, x, y, repeats=5, seconds=seconds)
+    dist.barrier()
+    boundary = [v.detach().contiguous() for v in stage_inputs(pipe, x)[1] if isinstance(v, torch.Tensor)]
+    trips = []
+    for _ in range(7):
+        dist.barrier()
+        start = time.perf_counter()
+        for v in boundary:
+            (dist.send if rank == 0 else dist.recv)(v, 1 - rank)
+        for v in boundary:
+            (dist.recv if rank == 0 else dist.send)(v, 1 - rank)
+        trips.append(time.perf_counter() - start)
+    return {"F": f, "R": r, "B": b, "comm": statistics.median(trips) / 2}
 
 
 # ------------------------------------------------------------------ ranks
@@ -168,9 +216,9 @@ def pp_rank(model_name: str, batch: int, steps: int, warmup: int, plan_dir: Path
     return {"elapsed": time.perf_counter() - start}
 
 
-def time_ranks(fn: Any, args: tuple[Any, ...]) -> tuple[float, dict[int, Any]]:
+def time_ranks(fn: Any, args: tuple[Any, ...], elapsed: bool = True) -> tuple[float, dict[int, Any]]:
     results = run_distributed(fn, nproc=2, args=args, threads=1, timeout=120.0)
-    return max(r["elapsed"] for r in results.values()), results
+    return (max(r["elapsed"] for r in results.values()) if elapsed else 0.0), results
 
 
 def main() -> None:
@@ -179,7 +227,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--cost", default="flops", help="partition cost model: flops (default) or time")
+    parser.add_argument("--cost", default="time", help="partition cost model: time (default: measured, right for CPUs) or flops")
     parser.add_argument("--out", type=Path, default=OUT / "parallel.json")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()
@@ -194,36 +242,46 @@ def main() -> None:
     for kind in ("1f1b", "gpipe"):
         rows[f"{kind} 2x1"] = time_ranks(pp_rank, common + (kind,))[0] / args.steps
     costs = stage_costs(args.model, args.batch, plan_dir)
-    rows["fr ideal"] = dataflow_bound(costs)
-    rows["fr alg1 sim"] = simulate("fr", costs, barrier=True).iteration_time  # Alg. 1 with its barrier, predicted
+    _, per_rank = time_ranks(loaded_rank, (args.model, args.batch, plan_dir, 3.0), elapsed=False)
+    comm = [per_rank[0]["comm"]]
+    loaded = StageCosts(F=[per_rank[k]["F"] for k in (0, 1)], R=[per_rank[k]["R"] for k in (0, 1)],
+                        B=[per_rank[k]["B"] for k in (0, 1)], comm=comm)
+    rows["fr ideal"] = dataflow_bound(loaded)  # (c): the work bound, with both cores busy
+    rows["fr ideal, 1 core busy"] = dataflow_bound(costs)
+    rows["fr dataflow sim"] = simulate("fr", loaded).iteration_time  # what the simulator predicts
+    rows["fr alg1 sim"] = simulate("fr", loaded, barrier=True).iteration_time  # Alg. 1 with its barrier
     rows["bp 1x2"] = time_local(*common, threads=2)
 
     fr = rows["fr 2x1"]
     ratios = {
         "fr / bp 1x1 (target >= 1.4)": rows["bp 1x1"] / fr,
         "fr / fr ideal (target >= 0.9)": rows["fr ideal"] / fr,
+        "fr / fr ideal with 1 core busy": rows["fr ideal, 1 core busy"] / fr,
+        "simulator: predicted / measured fr": rows["fr dataflow sim"] / fr,
         "fr / 1f1b (target >= 1.0)": rows["1f1b 2x1"] / fr,
         "fr / gpipe (target >= 1.0)": rows["gpipe 2x1"] / fr,
         "fr / bp 1x2 (reported)": rows["bp 1x2"] / fr,
     }
     timeline = fr_results[0]["timeline"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    png = timeline.save_png(args.out.with_name("parallel_fr_timeline.png"), title=f"FR, {args.model}, 2 ranks x 1 thread, batch {args.batch}")
+    png = timeline.save_png(args.out.with_name(f"{args.out.stem}_fr_timeline.png"), title=f"FR, {args.model}, 2 ranks x 1 thread, batch {args.batch}")
     text = timeline.render_text(100)
     print(f"{args.model}, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; 2-stage {args.cost}-balanced split")
-    print(f"{'configuration':<12} {'s/step':>8} {'images/s':>9}")
+    print(f"{'configuration':<22} {'s/step':>8} {'images/s':>9}")
     for name, sec in rows.items():
-        print(f"{name:<12} {sec:8.3f} {args.batch / sec:9.1f}")
+        print(f"{name:<22} {sec:8.3f} {args.batch / sec:9.1f}")
     print("\nthroughput ratios (FR first):")
     for name, r in ratios.items():
-        print(f"  {name:<32} {r:5.2f}")
-    print(f"\nstage costs (s): F={_fmt(costs.F)} R={_fmt(costs.R)} B={_fmt(costs.B)}")
+        print(f"  {name:<36} {r:5.2f}")
+    print(f"\nstage costs, both cores busy (s): F={_fmt(loaded.F)} R={_fmt(loaded.R)} B={_fmt(loaded.B)} message={comm[0]:.4f}")
+    print(f"stage costs, 1 core busy (s):    F={_fmt(costs.F)} R={_fmt(costs.R)} B={_fmt(costs.B)}")
     print(f"\nFR timeline (PNG: {png}):\n{text}")
     record = {
         "command": " ".join(["python", "benchmarks/bench_parallel.py"] + sys.argv[1:]),
         "model": args.model, "batch": args.batch, "cost": args.cost, "steps": args.steps, "warmup": args.warmup,
         "seconds_per_step": rows, "ratios": ratios,
-        "stage_costs": {"F": list(costs.F), "R": list(costs.R), "B": list(costs.B)},
+        "stage_costs": {"F": list(loaded.F), "R": list(loaded.R), "B": list(loaded.B), "message": comm[0]},
+        "stage_costs_1_core_busy": {"F": list(costs.F), "R": list(costs.R), "B": list(costs.B)},
         "fr_timeline_totals": timeline.totals(), "fr_timeline_text": text,
         "torch": torch.__version__, "machine_note": "2 CPU cores; run on a quiet machine for final numbers",
     }

@@ -45,7 +45,7 @@ def partition(
     model: Annotated[str, typer.Argument(help="model.py, file.py:attr, pkg.module:attr, torchvision:NAME or a zoo name (resnet56)")],
     K: Annotated[int, typer.Option("--K", "-K", help="number of stages")] = 4,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="where to write plan.yaml and stage_<k>.py [default: plans/<model>-K<K>]")] = None,
-    cost: Annotated[str, typer.Option(help="cost model: flops | time | params | uniform")] = "flops",
+    cost: Annotated[str, typer.Option(help="cost model: auto (measured time when profiling on the stages' kind of device, else flops) | time | flops | params | uniform")] = "auto",
     method: Annotated[str, typer.Option(help="the method the stage costs are for: fr | bp | ddg | dni")] = "fr",
     devices: Annotated[Optional[str], typer.Option(help="one per stage, comma-separated NAME[@SPEED][/MEMORY], e.g. cuda:0,cuda:1@2/8GiB")] = None,
     boundary: Annotated[Optional[list[str]], typer.Option("--boundary", "-b", help="module name a stage must start at (repeatable)")] = None,

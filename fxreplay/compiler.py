@@ -24,7 +24,7 @@ from fxreplay.profiling import NodeCost, profile
 from fxreplay.split import build_stages, run_chain, write_stage_files
 from fxreplay.tracing import trace
 
-__all__ = ["Pipeline", "compile", "load", "METHODS"]
+__all__ = ["Pipeline", "compile", "load", "resolve_cost", "METHODS"]
 
 METHODS = ("fr", "bp", "ddg", "dni")
 WEIGHTS_FILE = "weights.pt"
@@ -81,11 +81,28 @@ def _devices(devices: Sequence[str] | None, K: int) -> list[Device]:
     return [Device(*parse_device(d)) for d in devices]
 
 
+def resolve_cost(cost: str, devices: Sequence[str], profile_device: str | None = None) -> str:
+    """What ``cost="auto"`` means for a plan: ``"time"`` when the profile runs on the kind of
+    device the stages run on (a CPU plan profiled on the CPU, a GPU plan on a GPU), since
+    measured time is what a stage takes there (on a CPU, FLOPs miss memory-bound ops such as
+    BatchNorm: a FLOPs-balanced ResNet-20 split has one stage 2x busier in time); else
+    ``"flops"``, because this machine's times say nothing about the other device. Any other
+    ``cost`` is returned as it is.
+
+    >>> resolve_cost("auto", ["cpu", "cpu"]), resolve_cost("auto", ["cuda:0", "cuda:1"])
+    ('time', 'flops')
+    """
+    if cost != "auto":
+        return cost
+    here = torch.device(profile_device or "cpu").type
+    return "time" if all(torch.device(d).type == here for d in devices) else "flops"
+
+
 def compile(
     model: nn.Module,
     example_inputs: Sequence[Any],
     K: int = 4,
-    cost: str = "flops",
+    cost: str = "auto",
     method: str = "fr",
     devices: Sequence[str] | None = None,
     boundaries: Sequence[str] | None = None,
@@ -100,7 +117,8 @@ def compile(
         model: any traceable ``nn.Module`` (it is not copied: the stages share its weights).
         example_inputs: a tuple of inputs for one forward, at the training batch size.
         K: number of stages.
-        cost: ``"flops"`` (default), ``"time"`` (measured per node), ``"params"`` or ``"uniform"``.
+        cost: ``"auto"`` (default: :func:`resolve_cost`), ``"time"`` (measured per node),
+            ``"flops"``, ``"params"`` or ``"uniform"``. The plan records the one used.
         method: the training method the stage cost is for: FR stages before the last do
             two forwards and a backward, the others one of each.
         devices: one device string per stage, ``NAME[@SPEED][/MEMORY]`` (default all "cpu").
@@ -116,16 +134,17 @@ def compile(
     """
     if method not in METHODS:
         raise PartitionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if cost not in COST_MODELS:
-        raise PartitionError(f"unknown cost model {cost!r}; choose one of {', '.join(COST_MODELS)}.")
+    if cost not in COST_MODELS + ("auto",):
+        raise PartitionError(f"unknown cost model {cost!r}; choose one of auto, {', '.join(COST_MODELS)}.")
     if not isinstance(K, int) or K < 1:
         raise PartitionError(f"K must be a positive integer, got {K!r}.")
     example_inputs = tuple(example_inputs)
+    devs = _devices(devices, K)
+    cost = resolve_cost(cost, [d.name for d in devs], profile_device)
     gm = trace(model, leaf_modules)
     profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device)
     cg = build_cost_graph(gm)
     _check_tied(cg, K)
-    devs = _devices(devices, K)
     required = cg.required_cuts(boundaries or [])
     problem = cg.problem(cost, method, required=required)
     part = solve(problem, K, devs)

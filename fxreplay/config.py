@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 Method = Literal["bp", "fr", "ddg", "dni"]
-Cost = Literal["flops", "time", "params", "uniform"]
+Cost = Literal["flops", "time", "auto", "params", "uniform"]
 Executor = Literal["local", "distributed"]
 DataName = Literal["digits", "cifar10", "cifar100"]
 
@@ -152,7 +152,8 @@ class PartitionConfig:
 
     # The paper's largest split (it reports K = 2, 3, 4).
     K: int = 4
-    # FLOPs are deterministic and need no device; "time" measures, "params"/"uniform" count.
+    # FLOPs are deterministic (every method of a comparison gets the same split); "time" (or
+    # "auto", time on a CPU plan) measures, and balances a CPU run better; "params"/"uniform" count.
     cost: Cost = "flops"
     # Module names at which a stage starts (e.g. ["layer2", "layer3.1"]); empty lets the solver choose.
     boundaries: tuple[str, ...] = ()

@@ -57,7 +57,7 @@ def test_partition_json(tmp_path: Path, examples_dir: Path) -> None:
     result = _run("partition", str(examples_dir / "branchy_net.py"), "--K", "3", "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
-    assert plan["K"] == 3 and plan["cost"] == "flops" and plan["method"] == "fr" and plan["bottleneck"] > 0
+    assert plan["K"] == 3 and plan["cost"] == "time" and plan["method"] == "fr" and plan["bottleneck"] > 0
     for stage in plan["stages"]:
         assert {"index", "nodes", "flops_fwd", "flops_bwd", "param_bytes", "boundary_bytes", "device"} <= set(stage)
     assert (tmp_path / "plan.yaml").is_file() and (tmp_path / "stage_2.py").is_file()

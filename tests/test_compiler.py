@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import fxreplay
+from fxreplay.compiler import resolve_cost
 from fxreplay.errors import PartitionError, PlanError, TraceError
 from fxreplay.loading import load_model
 from fxreplay.models import get
@@ -310,3 +311,13 @@ def test_a_cut_right_before_an_inplace_op_clones_the_stage_input() -> None:
     trainer = fxreplay.Trainer(pipe, method="fr", loss_fn=nn.CrossEntropyLoss())
     for _ in range(3):
         assert torch.isfinite(torch.tensor(trainer.step(x, y)))
+
+
+def test_auto_cost_measures_time_where_the_stages_run() -> None:
+    assert resolve_cost("auto", ["cpu", "cpu"]) == "time"
+    assert resolve_cost("auto", ["cuda:0", "cuda:1"]) == "flops"  # this CPU's times say nothing about a GPU
+    assert resolve_cost("auto", ["cuda:0", "cuda:1"], profile_device="cuda:0") == "time"
+    assert resolve_cost("flops", ["cpu"]) == "flops"
+    model = get("resnet20")
+    assert fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=2).plan.cost == "time"
+    assert fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=2, devices=["cpu", "cuda:0"]).plan.cost == "flops"

@@ -21,6 +21,7 @@ from torch import nn
 
 from fxreplay.errors import TrainingError
 from fxreplay.executor import DistributedExecutor, LocalExecutor, executor_for
+from fxreplay.executor.channel import Channel
 from fxreplay.executor.distributed import carried_messages
 from fxreplay.launch import run_distributed, under_torchrun
 from fxreplay.schedule import schedule
@@ -120,6 +121,29 @@ def _rank_all_methods(K: int) -> dict[str, Any]:
     resumed.close()
     out["resumed"] = (resumed_losses, _own_state(resumed))
     return out
+
+
+def _rank_channel(n: int) -> dict[str, Any]:
+    """Rank 0 sends n messages before rank 1 asks for any; rank 1 counts what its receiver
+    thread already holds, then receives them in order."""
+    group = dist.new_group([0, 1])
+    if dist.get_rank() == 0:
+        ch = Channel(0, 1, group, torch.device("cpu"), 30.0, "rank 1 (stage 1)")
+        in_flight = []
+        for b in range(n):
+            ch.send(b, (torch.full((1000,), float(b)), b))
+            in_flight.append(len(ch._pending))
+        ch.close()
+        return {"max_in_flight": max(in_flight)}
+    ch = Channel(0, 1, group, torch.device("cpu"), 30.0, "rank 0 (stage 0)")
+    ch.start()
+    deadline = time.time() + 20
+    while ch._inbox.qsize() < n and time.time() < deadline:
+        time.sleep(0.01)
+    ahead = ch._inbox.qsize()
+    got = [ch.recv(b, "the activations") for b in range(n)]
+    ch.join()
+    return {"ahead": ahead, "intact": all(torch.equal(v[0], torch.full((1000,), float(b))) and v[1] == b for b, v in enumerate(got))}
 
 
 def _rank_sleeps(pid_dir: str) -> None:
@@ -244,6 +268,15 @@ def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
     while time.time() < deadline and any(_running(pid) for pid in pids):
         time.sleep(0.1)
     assert not [pid for pid in pids if _running(pid)], "a rank outlived Ctrl-C"
+
+
+def test_messages_are_received_ahead_and_sends_stay_bounded() -> None:
+    # gloo moves a message only once its receive is posted: the receiver thread posts them
+    # ahead (all n are in before the first recv), so the sender never holds more than
+    # MAX_IN_FLIGHT messages (it used to keep every sent tensor until the end).
+    results = run_distributed(_rank_channel, nproc=2, args=(12,), threads=1, timeout=30.0)
+    assert results[1]["intact"] and results[1]["ahead"] in (12, 13)  # 13: the end of stream is in too
+    assert results[0]["max_in_flight"] <= Channel.MAX_IN_FLIGHT
 
 
 def test_fr_carries_only_the_delayed_deltas() -> None:
