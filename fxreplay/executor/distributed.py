@@ -60,7 +60,6 @@ from .channel import EVAL_BATCH, Channel
 __all__ = ["DistributedExecutor", "backend_for", "carried_messages", "executor_for"]
 
 _FORMAT = 1
-_CHANNEL_GROUP_TIMEOUT = timedelta(days=7)
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -221,20 +220,14 @@ class DistributedExecutor:
         rec = self._note
         self._up_in = self._up_out = self._down_in = self._down_out = None
         for k in range(K - 1):
-            # The receiver threads wait for the next message with the group's own timeout:
-            # a long one, since the gap between messages is not bounded (evaluation,
-            # checkpoints). The deadline that fails the job is on the receives themselves.
-            up = dist.new_group([k, k + 1], timeout=_CHANNEL_GROUP_TIMEOUT)
-            down = dist.new_group([k, k + 1], timeout=_CHANNEL_GROUP_TIMEOUT)
+            up = dist.new_group([k, k + 1], timeout=timeout)
+            down = dist.new_group([k, k + 1], timeout=timeout)
             if rank == k:
                 self._up_out = Channel(k, k + 1, up, wire, self.timeout, _who(k + 1), rec)
                 self._down_in = Channel(k + 1, k, down, wire, self.timeout, _who(k + 1), rec)
             elif rank == k + 1:
                 self._up_in = Channel(k, k + 1, up, wire, self.timeout, _who(k), rec)
                 self._down_out = Channel(k + 1, k, down, wire, self.timeout, _who(k), rec)
-        for ch in (self._up_in, self._down_in):
-            if ch is not None:
-                ch.start()
         # Objects (evaluation outputs, timelines, stats) go over gloo whatever the backend.
         control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
         self._control: dist.ProcessGroup | None = control if isinstance(control, dist.ProcessGroup) else None
@@ -474,7 +467,7 @@ class DistributedExecutor:
         """Finish cleanly (every rank calls it at the end, before the group is destroyed):
         receive and drop the messages still in flight to this rank (FR's/DDG's δ for a step
         that will not run), end its own streams once they are delivered, and wait for the
-        neighbours' ends (which stops the receiver threads). A second call does nothing."""
+        neighbours' ends (no receive is left posted). A second call does nothing."""
         if self._closed:
             return
         self._closed = True
