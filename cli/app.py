@@ -98,6 +98,7 @@ def train(
     plan: Annotated[Optional[Path], typer.Option(help="a plan directory from `fxreplay partition` to train instead of partitioning")] = None,
     method: Annotated[Optional[str], typer.Option(help="fr | bp | ddg | dni")] = None,
     K: Annotated[Optional[int], typer.Option("--K", "-K", help="number of stages")] = None,
+    cost: Annotated[Optional[str], typer.Option(help="partition cost model: flops (the configs' default: deterministic) | auto | time | params | uniform")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many iterations")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
@@ -115,7 +116,7 @@ def train(
     from fxreplay.run import train_run
 
     overrides = {
-        "train.method": method, "partition.K": K, "train.epochs": epochs, "train.max_steps": max_steps,
+        "train.method": method, "partition.K": K, "partition.cost": cost, "train.epochs": epochs, "train.max_steps": max_steps,
         "data.batch_size": batch_size, "optim.lr": lr, "train.out": str(out_dir) if out_dir else None,
         "train.seed": seed, "train.executor": executor,
     }

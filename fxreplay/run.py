@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
-from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan
+from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config, save_config
 from fxreplay.data import NUM_CLASSES, build_datasets, make_loader
 from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
 from fxreplay.loading import load_model
-from fxreplay.plan import ModelSpec
+from fxreplay.plan import ModelSpec, Plan
 from fxreplay.trainer import Trainer, distributed_job
 
 __all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]
@@ -67,10 +69,26 @@ def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeli
     loaded = load_model(cfg.model.name, num_classes)
     example = torch.stack([train_set[i][0] for i in range(min(cfg.data.batch_size, len(train_set)))])
     spec = ModelSpec(spec=cfg.model.name, input_shape=tuple(example.shape[1:]), batch_size=cfg.data.batch_size, num_classes=num_classes)
+    devices = list(cfg.partition.devices) if cfg.partition.devices else None
+    cost = resolve_cost(cfg.partition.cost, devices or ["cpu"] * cfg.partition.K)
+    if distributed_job() and cost == "time":
+        # Measured times differ from rank to rank: rank 0 partitions, every rank uses its plan.
+        box: list[Any] = [None]
+        patient = dist.new_group(backend="gloo", timeout=timedelta(hours=2))  # profiling may take minutes
+        assert isinstance(patient, dist.ProcessGroup)
+        if dist.get_rank() == 0:
+            pipe = compile_model(loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
+                                 devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec)
+            box = [pipe.plan.to_dict()]
+        dist.broadcast_object_list(box, src=0, group=patient)
+        if dist.get_rank() == 0:
+            return pipe
+        with tempfile.TemporaryDirectory() as tmp:
+            Plan.from_dict(box[0]).save(Path(tmp))
+            return load_plan(tmp, model=loaded.model, example_inputs=(example,))
     return compile_model(
-        loaded.model, (example,), K=cfg.partition.K, cost=cfg.partition.cost, method=cfg.train.method,
-        devices=list(cfg.partition.devices) if cfg.partition.devices else None,
-        boundaries=list(cfg.partition.boundaries), spec=spec,
+        loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
+        devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec,
     )
 
 

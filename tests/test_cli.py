@@ -179,9 +179,11 @@ def test_api_example_runs(examples_dir: Path) -> None:
 
 def test_train_with_two_ranks_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = _run("train", "--nproc", "2", "--K", "2", "--max-steps", "6", "--out", str(out), "--method", "ddg")
+    # --cost time: rank 0 measures and partitions, the other rank trains on its plan.
+    result = _run("train", "--nproc", "2", "--K", "2", "--max-steps", "6", "--out", str(out), "--method", "ddg", "--cost", "time")
     assert result.exit_code == 0, result.output
     assert "ddg / 2" in result.output
+    assert "cost: time" in (out / "plan" / "plan.yaml").read_text()
     assert {"timeline.json", "timeline.png", "checkpoint.pt", "model.pt"} <= {p.name for p in out.iterdir()}
     import torch
 

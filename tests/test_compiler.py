@@ -20,7 +20,7 @@ def _assert_transparent(model: nn.Module, inputs: tuple[torch.Tensor, ...], K: i
     model.eval()
     with torch.no_grad():
         expected = model(*inputs)
-    pipe = fxreplay.compile(model, inputs, K=K)
+    pipe = fxreplay.compile(model, inputs, K=K, cost="flops")
     assert len(pipe.stages) == K and pipe.plan.K == K
     with torch.no_grad():
         got = pipe(*inputs)
@@ -83,7 +83,7 @@ def test_branchy_example_multi_input_and_tuple_boundaries(examples_dir: Path) ->
 
 def test_training_the_stages_trains_the_model_with_original_keys() -> None:
     model = get("resnet20")
-    pipe = fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=3)
+    pipe = fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=3, cost="flops")
     keys = [set(s.state_dict()) for s in pipe.stages]
     assert set().union(*keys) == set(model.state_dict())
     assert all(a.isdisjoint(b) for i, a in enumerate(keys) for b in keys[i + 1:])
@@ -98,7 +98,7 @@ def test_bp_through_stages_equals_bp_on_model() -> None:
     reference = get("resnet20").double()
     reference.load_state_dict(model.state_dict())
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
-    pipe = fxreplay.compile(model, (x,), K=3)
+    pipe = fxreplay.compile(model, (x,), K=3, cost="flops")
     nn.functional.cross_entropy(run_chain(pipe.stages, x), y).backward()
     nn.functional.cross_entropy(reference(x), y).backward()
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
@@ -117,7 +117,7 @@ def test_plan_round_trip(tmp_path: Path, examples_dir: Path) -> None:
 
     spec = str(examples_dir / "branchy_net.py")
     loaded = load_model(spec)
-    pipe = fxreplay.compile(loaded.model, loaded.example_inputs, K=3, spec=ModelSpec(spec=spec))
+    pipe = fxreplay.compile(loaded.model, loaded.example_inputs, K=3, cost="flops", spec=ModelSpec(spec=spec))
     pipe.save(tmp_path / "plan")
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.yaml", "stage_0.py", "stage_1.py", "stage_2.py", "weights.pt"]
     again = fxreplay.load(tmp_path / "plan")
@@ -130,20 +130,20 @@ def test_plan_round_trip(tmp_path: Path, examples_dir: Path) -> None:
 
 
 def test_pinned_boundaries_start_stages() -> None:
-    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=3, boundaries=["layer2", "layer3.1"])
+    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=3, cost="flops", boundaries=["layer2", "layer3.1"])
     firsts = [s.nodes[0] for s in pipe.plan.stages]
     assert firsts[1].startswith("layer2_0") and firsts[2].startswith("layer3_1")
 
 
 def test_unknown_boundary_names_close_matches() -> None:
     with pytest.raises(PartitionError, match="'layer9' names no module.*layer"):
-        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, boundaries=["layer9"])
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", boundaries=["layer9"])
 
 
 def test_K_above_possible_cuts() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(PartitionError, match="K=5 stages need 4 cuts but this model allows only 2"):
-        fxreplay.compile(model, (torch.randn(2, 4),), K=5)
+        fxreplay.compile(model, (torch.randn(2, 4),), K=5, cost="flops")
 
 
 class _Tied(nn.Module):
@@ -162,7 +162,7 @@ def test_tied_weights_stay_in_one_stage() -> None:
     model = _Tied()
     x = torch.randn(3, 8)
     with pytest.raises(PartitionError, match="Tied parameters keep some nodes together: embed.weight"):
-        fxreplay.compile(model, (x,), K=2)
+        fxreplay.compile(model, (x,), K=2, cost="flops")
 
 
 class _TiedMiddle(nn.Module):
@@ -207,7 +207,7 @@ class _Reused(nn.Module):
 
 
 def test_reused_module_never_split() -> None:
-    pipe = fxreplay.compile(_Reused(), (torch.randn(3, 8),), K=3)
+    pipe = fxreplay.compile(_Reused(), (torch.randn(3, 8),), K=3, cost="flops")
     owners = [k for k, s in enumerate(pipe.plan.stages) for n in s.nodes if n.startswith("shared")]
     assert len(set(owners)) == 1
 
@@ -230,22 +230,22 @@ class _Branchy(nn.Module):
 
 def test_untraceable_model_names_module_and_line() -> None:
     with pytest.raises(TraceError, match=r"module 'block' \(_Branchy\) at .*test_compiler.py:\d+: `if x.sum\(\) > 0:.*--leaf _Branchy"):
-        fxreplay.compile(_Untraceable(), (torch.randn(2, 2),), K=1)
+        fxreplay.compile(_Untraceable(), (torch.randn(2, 2),), K=1, cost="flops")
 
 
 def test_leaf_module_makes_it_traceable() -> None:
     model = nn.Sequential(nn.Linear(2, 2), _Branchy(), nn.Linear(2, 2))
-    pipe = fxreplay.compile(model, (torch.randn(2, 2),), K=2, leaf_modules=["_Branchy"])
+    pipe = fxreplay.compile(model, (torch.randn(2, 2),), K=2, cost="flops", leaf_modules=["_Branchy"])
     assert any(n == "_1" for s in pipe.plan.stages for n in s.nodes)
 
 
 def test_memory_caps_infeasible() -> None:
     with pytest.raises(PartitionError, match="memory"):
-        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, devices=["cpu/1KiB", "cpu/1KiB"])
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", devices=["cpu/1KiB", "cpu/1KiB"])
 
 
 def test_heterogeneous_devices_give_faster_device_more_work() -> None:
-    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, method="bp", devices=["cpu", "cuda:0@3"])
+    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", method="bp", devices=["cpu", "cuda:0@3"])
     by_device = {s.device: s.flops_fwd + s.flops_bwd for s in pipe.plan.stages}
     assert by_device["cuda:0"] > 2 * by_device["cpu"]
 
@@ -269,7 +269,7 @@ def test_hand_edited_plan_is_validated(tmp_path: Path, examples_dir: Path, edit,
 
     spec = str(examples_dir / "branchy_net.py")
     loaded = load_model(spec)
-    fxreplay.compile(loaded.model, loaded.example_inputs, K=3, spec=ModelSpec(spec=spec)).save(tmp_path)
+    fxreplay.compile(loaded.model, loaded.example_inputs, K=3, cost="flops", spec=ModelSpec(spec=spec)).save(tmp_path)
     data = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     edit(data)
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(data))
@@ -296,7 +296,7 @@ def test_profile_on_a_missing_gpu_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(TraceError, match="cannot profile on cuda:3"):
-        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, profile_device="cuda:3")
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", profile_device="cuda:3")
 
 
 def test_a_cut_right_before_an_inplace_op_clones_the_stage_input() -> None:
@@ -305,7 +305,7 @@ def test_a_cut_right_before_an_inplace_op_clones_the_stage_input() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    pipe = fxreplay.compile(model, (x,), K=2, boundaries=["1"])
+    pipe = fxreplay.compile(model, (x,), K=2, cost="flops", boundaries=["1"])
     assert pipe.plan.stages[1].nodes[0] == "_1"
     assert "clone" in pipe.stages[1].code
     trainer = fxreplay.Trainer(pipe, method="fr", loss_fn=nn.CrossEntropyLoss())

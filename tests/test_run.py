@@ -121,6 +121,6 @@ def test_a_plan_on_missing_cuda_devices_is_refused(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     model = get("digits_cnn")
-    pipe = fxreplay.compile(model, (torch.randn(4, 1, 8, 8),), K=2, devices=["cpu", "cuda:1"])
+    pipe = fxreplay.compile(model, (torch.randn(4, 1, 8, 8),), K=2, cost="flops", devices=["cpu", "cuda:1"])
     with pytest.raises(TrainingError, match=r"stage 1 on cuda:1, but this machine has 0 CUDA device"):
         fxreplay.Trainer(pipe, method="fr")

@@ -22,7 +22,7 @@ def _model() -> nn.Module:
 
 
 def _pipe(K: int = 3) -> fxreplay.Pipeline:
-    return fxreplay.compile(_model(), (torch.randn(8, 6),), K=K)
+    return fxreplay.compile(_model(), (torch.randn(8, 6),), K=K, cost="flops")
 
 
 def _sgd(params: Any) -> torch.optim.Optimizer:
