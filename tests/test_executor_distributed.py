@@ -160,9 +160,18 @@ def _children() -> set[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == me and fields[0] != "Z":
+            if int(fields[1]) == me and fields[0] != "Z" and not _resource_tracker(entry):
                 found.add(int(entry.name))
     return found
+
+
+def _resource_tracker(proc: Path) -> bool:
+    """multiprocessing's resource tracker: a helper the first spawn starts for the life of
+    this process, not a rank."""
+    try:
+        return b"resource_tracker" in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _running(pid: int) -> bool:
