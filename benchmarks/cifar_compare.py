@@ -27,14 +27,12 @@ deterministic, so it would diverge again) is reused as it is, an interrupted run
 from its checkpoint, and a directory made with different settings is an error rather than
 silently overwritten.
 
-Options that are not plain config overrides:
+Options:
 
 ``--subset N``
-    Train on a fixed subset of N training images: the first N entries of
-    ``torch.randperm(50000)`` under ``torch.Generator().manual_seed(--subset-seed)`` (default
-    0), the same subset for every run. The library has no such option, so the script wraps
-    ``fxreplay.run.build_datasets`` (the function ``train_run`` calls) to return a
-    ``torch.utils.data.Subset``; the test set is always the full 10,000 images.
+    Train on a fixed subset of N training images (``data.subset`` / ``data.subset_seed``:
+    the first N entries of a permutation seeded by ``--subset-seed``, default 0), the same
+    subset for every run; the test set is always the full 10,000 images.
 ``--boundaries``
     ``blocks`` (default): every method gets the same split, at residual-block boundaries
     (``partition.boundaries`` = the modules at which stages 1..K-1 start, see BLOCK_SPLITS),
@@ -93,33 +91,6 @@ TARGET_POINTS = 20  # sigma measurements and step log records per run
 # ----------------------------------------------------------------------------- data
 
 
-def subset_indices(n_total: int, n: int, seed: int) -> list[int]:
-    """The fixed training subset: the first n of a seeded permutation, in data-set order."""
-    if not 0 < n <= n_total:
-        raise SystemExit(f"--subset must be in 1..{n_total}, got {n}")
-    perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
-    return sorted(perm[:n].tolist())
-
-
-def install_subset(n: int | None, seed: int) -> None:
-    """Make ``train_run`` train on the fixed subset (wraps fxreplay.run.build_datasets)."""
-    original = fx_run.build_datasets
-    if getattr(original, "_cifar_compare_subset", None) == (n, seed):
-        return
-    base = getattr(original, "_cifar_compare_original", original)
-    if n is None:
-        fx_run.build_datasets = base
-        return
-
-    def build_datasets(config: Any) -> tuple[Any, Any]:
-        train, test = base(config)
-        return torch.utils.data.Subset(train, subset_indices(len(train), n, seed)), test
-
-    build_datasets._cifar_compare_subset = (n, seed)  # type: ignore[attr-defined]
-    build_datasets._cifar_compare_original = base  # type: ignore[attr-defined]
-    fx_run.build_datasets = build_datasets
-
-
 # ---------------------------------------------------------------------------- configs
 
 
@@ -138,6 +109,8 @@ def run_config(args: argparse.Namespace, method: str, K: int, n_train: int) -> C
         "train.log_every": every,
         "train.max_steps": None,
         "train.eval_every_epoch": True,
+        "data.subset": args.subset,
+        "data.subset_seed": args.subset_seed,
     }
     if args.boundaries == "blocks":
         if K not in BLOCK_SPLITS:
@@ -540,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    install_subset(args.subset, args.subset_seed)
     if args.time_steps:
         time_steps(args, Ks, methods)
         return 0

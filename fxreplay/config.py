@@ -98,10 +98,17 @@ class DataConfig:
     augment: bool = True
     # 0 = load in the main process: deterministic and enough for CIFAR-sized images on CPU.
     num_workers: int = 0
+    # Train on a fixed subset of this many training examples (None: all of them), the same
+    # for every run: the first N of a permutation seeded by subset_seed, in data-set order.
+    subset: int | None = None
+    # The subset's permutation seed (independent of train.seed: compared runs share the subset).
+    subset_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise _fail("data.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.subset is not None and self.subset < 1:
+            raise _fail("data.subset", f"must be >= 1 (or null for the whole training set), got {self.subset}")
         if self.num_workers < 0:
             raise _fail("data.num_workers", f"must be >= 0, got {self.num_workers}")
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -345,11 +345,13 @@ def build_datasets(config: DataConfig) -> tuple[Dataset[Any], Dataset[Any]]:
     Raises:
         DataError: the data set cannot be found or read (see ``cifar``).
     """
+    train: Dataset[Any]
+    test: Dataset[Any]
     if config.name == "digits":
         # Split seed fixed at 0, not the run's seed: runs compared with each other must
         # share one test set.
-        return digits(train=True), digits(train=False)
-    if config.name in _CIFAR_STATS:
+        train, test = digits(train=True), digits(train=False)
+    elif config.name in _CIFAR_STATS:
         train, test = (
             cifar(
                 config.name,
@@ -361,5 +363,21 @@ def build_datasets(config: DataConfig) -> tuple[Dataset[Any], Dataset[Any]]:
             )
             for is_train in (True, False)
         )
-        return train, test
-    raise DataError(f"unknown data set {config.name!r}; expected one of {sorted(NUM_CLASSES)}")
+    else:
+        raise DataError(f"unknown data set {config.name!r}; expected one of {sorted(NUM_CLASSES)}")
+    if config.subset is not None:
+        train = Subset(train, subset_indices(len(train), config.subset, config.subset_seed))  # type: ignore[arg-type]
+    return train, test
+
+
+def subset_indices(n_total: int, n: int, seed: int) -> list[int]:
+    """The fixed training subset of ``data.subset``: the first n of a permutation seeded by
+    ``seed``, in data-set order.
+
+    Raises:
+        DataError: n is not in 1..n_total.
+    """
+    if not 0 < n <= n_total:
+        raise DataError(f"data.subset is {n} but the training set has {n_total} examples; use 1..{n_total} (or null for all)")
+    perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:n].tolist())

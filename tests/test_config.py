@@ -173,6 +173,8 @@ def test_overrides_return_a_new_config() -> None:
         ({"trian.epochs": 1}, "trian: unknown key (did you mean 'train'?)"),
         ({"optim": 1}, "optim: expected section.key"),
         ({"partition.K": 0}, "partition.K: must be >= 1, got 0"),
+        ({"data.subset": 0}, "data.subset: must be >= 1 (or null for the whole training set), got 0"),
+        ({"partition.cost": "speed"}, "partition.cost"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: dict[str, object], message: str) -> None:

@@ -199,6 +199,22 @@ def test_build_datasets_digits() -> None:
     assert NUM_CLASSES["digits"] == 10
 
 
+def test_a_subset_is_fixed_by_its_seed_and_leaves_the_test_set_whole(tmp_path: Path) -> None:
+    full, _ = build_datasets(DataConfig(name="digits"))
+    train, test = build_datasets(DataConfig(name="digits", subset=100))
+    again, _ = build_datasets(DataConfig(name="digits", subset=100))
+    other, _ = build_datasets(DataConfig(name="digits", subset=100, subset_seed=1))
+    assert len(train) == 100 and len(test) == 360  # type: ignore[arg-type]
+    assert train.indices == again.indices == sorted(train.indices)  # type: ignore[attr-defined]
+    assert train.indices != other.indices  # type: ignore[attr-defined]
+    assert torch.equal(train[5][0], full[train.indices[5]][0])  # type: ignore[attr-defined]
+    make_cifar10(tmp_path)
+    cifar_train, _ = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), verify=False, subset=7))
+    assert len(cifar_train) == 7  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="data.subset is 2000 but the training set has 1437"):
+        build_datasets(DataConfig(name="digits", subset=2000))
+
+
 # ------------------------------------------------------------------------- loaders
 
 
