@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -38,6 +39,24 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text):
         raise FxReplayError(f"{what} {text!r}: expected comma-separated positive integers, e.g. 3,32,32.")
     return [int(v) for v in text.split(",")]
+
+
+@contextmanager
+def _profile_bar(model: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar over the profiled nodes, on stderr (timing every node takes a while)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"profiling {model}"), BarColumn(), MofNCompleteColumn(), TextColumn("nodes"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("profile", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 @app.command()
@@ -77,10 +96,10 @@ def partition(
         device_list = [d.strip() for d in devices.split(",")] if devices else None
         spec = ModelSpec(spec=model, input_shape=tuple(shape) if shape else None, batch_size=batch_size if shape else None,
                          num_classes=num_classes, leaf_modules=tuple(leaf or ()))
-        with err.status(f"tracing and profiling {model} ...", spinner="dots") if not as_json else nullcontext():
+        with _profile_bar(model, quiet=as_json) as progress:
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
                                  boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
-                                 profile_device=profile_device)
+                                 profile_device=profile_device, progress=progress)
         target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
         pipe.save(target)
     except FxReplayError as exc:

@@ -5,6 +5,7 @@ Each step is one function of its own module; this file only joins them.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ def compile(
     spec: ModelSpec | None = None,
     repeats: int = 5,
     profile_device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Pipeline:
     """Trace, profile and partition ``model`` into ``K`` balanced stages.
 
@@ -127,6 +129,7 @@ def compile(
         spec: how to rebuild the model (recorded in the plan for ``fxreplay.load``).
         repeats: timed repeats per node for ``cost="time"`` (median kept, one warm-up excluded).
         profile_device: profile (and time) a copy of the model on this device.
+        progress: called as ``progress(nodes profiled, nodes in total)`` (a progress bar).
 
     Example:
         >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
@@ -142,7 +145,7 @@ def compile(
     devs = _devices(devices, K)
     cost = resolve_cost(cost, [d.name for d in devs], profile_device)
     gm = trace(model, leaf_modules)
-    profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device)
+    profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
     cg = build_cost_graph(gm)
     _check_tied(cg, K)
     required = cg.required_cuts(boundaries or [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +62,14 @@ class Profiler(fx.Interpreter):
         repeats: timed repeats per node (the median is kept); one warm-up run is excluded.
     """
 
-    def __init__(self, gm: fx.GraphModule, measure_time: bool = False, repeats: int = 5) -> None:
+    def __init__(self, gm: fx.GraphModule, measure_time: bool = False, repeats: int = 5,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         super().__init__(gm)
         self.measure_time = measure_time
         self.repeats = repeats
+        self.progress = progress
+        self._total = len(gm.graph.nodes)
+        self._done = 0
         self._seen_params: set[int] = set()
 
     def _own_params(self, node: fx.Node) -> list[torch.Tensor]:
@@ -77,6 +81,13 @@ class Profiler(fx.Interpreter):
         return []
 
     def run_node(self, n: fx.Node) -> Any:
+        result = self._run_node(n)
+        self._done += 1
+        if self.progress is not None:
+            self.progress(self._done, self._total)
+        return result
+
+    def _run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "output"):
             result = super().run_node(n)
             n.meta["cost"] = NodeCost(out_bytes=value_bytes(result) if n.op == "placeholder" else 0)
@@ -192,12 +203,14 @@ def profile(
     measure_time: bool = False,
     repeats: int = 5,
     device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Any:
     """Profile ``gm`` on ``example_inputs`` in training mode; writes ``node.meta["cost"]``.
 
     Args:
         device: run the profile (and its timings) on this device, e.g. the stage's target
             GPU; a copy of the model goes there, ``gm`` itself stays where it is.
+        progress: called as ``progress(nodes done, nodes in total)`` after every node.
 
     Returns:
         The model's output on the example inputs.
@@ -208,14 +221,14 @@ def profile(
             raise TraceError(f"cannot profile on {device}: this machine has no such CUDA device. Profile on 'cpu' or leave the profile device unset.")
         copy = copy_module(gm).to(target)
         moved = tree_map(lambda v: v.to(target) if isinstance(v, torch.Tensor) else v, example_inputs)
-        result = profile(copy, moved, measure_time=measure_time, repeats=repeats)
+        result = profile(copy, moved, measure_time=measure_time, repeats=repeats, progress=progress)
         metas = {n.name: n.meta for n in copy.graph.nodes}
         for node in gm.graph.nodes:
             node.meta["cost"] = metas[node.name]["cost"]
             node.meta["is_tuple"] = metas[node.name].get("is_tuple", False)
         return result
     with _buffers_restored(gm), _rng_restored():
-        return Profiler(gm, measure_time=measure_time, repeats=repeats).run(*example_inputs)
+        return Profiler(gm, measure_time=measure_time, repeats=repeats, progress=progress).run(*example_inputs)
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -321,3 +321,10 @@ def test_auto_cost_measures_time_where_the_stages_run() -> None:
     model = get("resnet20")
     assert fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=2).plan.cost == "time"
     assert fxreplay.compile(model, (torch.randn(2, 3, 32, 32),), K=2, devices=["cpu", "cuda:0"]).plan.cost == "flops"
+
+
+def test_profiling_reports_progress_node_by_node() -> None:
+    calls: list[tuple[int, int]] = []
+    pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", progress=lambda d, t: calls.append((d, t)))
+    total = len(pipe.graph_module.graph.nodes)
+    assert calls == [(i, total) for i in range(1, total + 1)]
