@@ -127,7 +127,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option()] = None,
     executor: Annotated[Optional[str], typer.Option(help="local (one process) | distributed (one rank per stage; implied by --nproc or torchrun)")] = None,
     nproc: Annotated[int, typer.Option(help="start K ranks on this machine, one per stage (torch elastic, as torchrun does)")] = 1,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads per rank [default: cores / ranks]")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per rank, or of the one process [default: cores / ranks; torch's own for one process]")] = None,
 ) -> None:
     """Train the partitioned model with features replay or a baseline (offline default: digits)."""
     from cli.render import run_summary
@@ -165,6 +165,10 @@ def train(
         elif cfg.train.executor == "distributed":
             result = _train_with_ranks(cfg, plan, resume, nproc, threads)
         else:
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
             result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
     except FxReplayError as exc:
         raise fail(exc) from None

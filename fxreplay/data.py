@@ -43,6 +43,9 @@ __all__ = [
     "make_loader",
     "SeededBatchSampler",
     "build_datasets",
+    "subset_indices",
+    "labels_only",
+    "LabelsOnly",
 ]
 
 NUM_CLASSES: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -368,6 +371,40 @@ def build_datasets(config: DataConfig) -> tuple[Dataset[Any], Dataset[Any]]:
     if config.subset is not None:
         train = Subset(train, subset_indices(len(train), config.subset, config.subset_seed))  # type: ignore[arg-type]
     return train, test
+
+
+class LabelsOnly(Dataset[tuple[torch.Tensor, Any]]):
+    """A data set's labels, each paired with an empty input: what a pipeline rank that never
+    looks at the inputs (every rank but the first) loads instead of decoding and augmenting
+    images. Batches keep the source's order and sizes (``x`` is ``(batch, 0)``)."""
+
+    def __init__(self, labels: Any) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        label = self.labels[index]
+        return torch.empty(0), int(label) if not isinstance(label, torch.Tensor) else label
+
+
+def labels_only(dataset: Dataset[Any]) -> Dataset[Any]:
+    """``dataset``'s labels without its inputs (:class:`LabelsOnly`) when they can be read
+    without loading an example (torchvision's ``targets``, a TensorDataset's last tensor, a
+    Subset of either); else ``dataset`` itself."""
+    labels = _labels(dataset)
+    return dataset if labels is None else LabelsOnly(labels)
+
+
+def _labels(dataset: Any) -> Any:
+    if isinstance(dataset, Subset):
+        inner = _labels(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[-1]
+    targets = getattr(dataset, "targets", None)
+    return targets if targets is not None and len(targets) == len(dataset) else None
 
 
 def subset_indices(n_total: int, n: int, seed: int) -> list[int]:

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config, save_config
-from fxreplay.data import NUM_CLASSES, build_datasets, make_loader
+from fxreplay.data import NUM_CLASSES, build_datasets, labels_only, make_loader
 from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
 from fxreplay.loading import load_model
 from fxreplay.plan import ModelSpec, Plan
@@ -196,6 +196,10 @@ def train_run(
 
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir)
+    if distributed and dist.get_rank() > 0:
+        # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip
+        # decoding and augmenting every batch on them. Same order and sizes, same seeds.
+        train_set, test_set = labels_only(train_set), labels_only(test_set)
     if ckpt is None and reporting:
         pipe.save(out / "plan")
     trainer = make_trainer(cfg, pipe)

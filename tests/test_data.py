@@ -14,6 +14,8 @@ from torch.utils.data import TensorDataset
 
 from fxreplay.config import DataConfig
 from fxreplay.data import (
+    LabelsOnly,
+    labels_only,
     NUM_CLASSES,
     SeededBatchSampler,
     build_datasets,
@@ -213,6 +215,21 @@ def test_a_subset_is_fixed_by_its_seed_and_leaves_the_test_set_whole(tmp_path: P
     assert len(cifar_train) == 7  # type: ignore[arg-type]
     with pytest.raises(DataError, match="data.subset is 2000 but the training set has 1437"):
         build_datasets(DataConfig(name="digits", subset=2000))
+
+
+def test_labels_only_batches_match_the_full_loader(tmp_path: Path) -> None:
+    make_cifar10(tmp_path)
+    cifar_train, _ = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), verify=False, subset=20))
+    digits_train, _ = build_datasets(DataConfig(name="digits"))
+    for dataset in (cifar_train, digits_train):
+        view = labels_only(dataset)
+        assert isinstance(view, LabelsOnly) and len(view) == len(dataset)  # type: ignore[arg-type]
+        full = list(make_loader(dataset, 8, shuffle=True, seed=3, epoch=1))
+        light = list(make_loader(view, 8, shuffle=True, seed=3, epoch=1))
+        assert [torch.equal(a[1], b[1]) for a, b in zip(full, light)] == [True] * len(full)
+        assert light[0][0].shape == (8, 0)  # no input decoded
+    opaque = torch.utils.data.ConcatDataset([digits_train])  # labels not readable without loading
+    assert labels_only(opaque) is opaque
 
 
 # ------------------------------------------------------------------------- loaders
