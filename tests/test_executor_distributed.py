@@ -138,14 +138,30 @@ def _rank_channel(n: int) -> dict[str, Any]:
         for b in range(2, n + 2):
             ch.send(b, (value[b], b))
             in_flight.append(len(ch._pending))
+        ch.send(n + 2, (value[0], True))  # equal to 1 but another value: a spec change
+        ch.send(n + 3, (value[0], 1))
         ch.close()
         return {"max_in_flight": max(in_flight)}
     ch = Channel(0, 1, group, torch.device("cpu"), 30.0, "rank 0 (stage 0)")
     got = [ch.recv(0, "the activations")]
     dist.barrier()
     got += [ch.recv(b, "the activations") for b in range(1, n + 2)]
+    flags = [ch.recv(b, "the activations")[1] for b in (n + 2, n + 3)]
     ch.join()
-    return {"intact": all(torch.equal(v[0], value[b]) and v[1] == (b if b >= 2 else 7) for b, v in enumerate(got))}
+    return {"intact": all(torch.equal(v[0], value[b]) and v[1] == (b if b >= 2 else 7) for b, v in enumerate(got))
+            and [type(f) for f in flags] == [bool, int]}
+
+
+def _rank_quiet_close() -> bool:
+    """Executors that never exchanged a message close at once (BP/DNI carry nothing)."""
+    for method in ("bp", "dni", "fr"):
+        make(DistributedExecutor, method, dist.get_world_size(), timeout=5.0).close()
+        first = make(DistributedExecutor, method, dist.get_world_size(), timeout=5.0)
+        second = make(DistributedExecutor, method, dist.get_world_size(), timeout=5.0)
+        second.load_state_dict(first.state_dict())  # a resumed run with no step left to do
+        first.close()
+        second.close()
+    return True
 def _rank_sleeps(pid_dir: str) -> None:
     Path(pid_dir, f"{dist.get_rank()}.pid").write_text(str(os.getpid()))
     time.sleep(3600)
@@ -288,6 +304,12 @@ def test_messages_are_received_ahead_and_sends_stay_bounded() -> None:
     results = run_distributed(_rank_channel, nproc=2, args=(12,), threads=1, timeout=30.0)
     assert results[1]["intact"]
     assert results[0]["max_in_flight"] <= Channel.MAX_IN_FLIGHT
+
+
+def test_executors_that_never_talked_close_at_once() -> None:
+    start = time.perf_counter()
+    assert run_distributed(_rank_quiet_close, nproc=3, threads=1, timeout=30.0) == {0: True, 1: True, 2: True}
+    assert time.perf_counter() - start < 5.0 + 20.0  # no receive deadline was hit
 
 
 def test_fr_carries_only_the_delayed_deltas() -> None:

@@ -109,6 +109,7 @@ class Channel:
         self.name = name
         self.record = record
         self._spec_out: Spec | None = None
+        self._blob_out = b""
         self._spec_in: Spec | None = None
         self._pending: collections.deque[list[tuple[Any, torch.Tensor]]] = collections.deque()
         self._posted: _Posted | None = None
@@ -121,11 +122,13 @@ class Channel:
         spec = _spec_of(values)
         tensors: list[torch.Tensor] = []
         blob = b""
-        if spec != self._spec_out:
-            blob = pickle.dumps(spec)
+        # Compared pickled: True and 1, or a torch.Size and a tuple, are different values here.
+        pickled = pickle.dumps(spec)
+        if pickled != self._blob_out:
+            blob = pickled
             tensors += self._filler()
             tensors.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device))
-            self._spec_out = spec
+            self._spec_out, self._blob_out = spec, pickled
         header = torch.tensor([batch, len(blob)], dtype=torch.int64, device=self.device)
         tensors = [header] + tensors + [_wire(v, self.device) for v in values if isinstance(v, torch.Tensor)]
         self._post(tensors)
@@ -140,7 +143,7 @@ class Channel:
         while len(self._pending) >= self.MAX_IN_FLIGHT:
             for work, _ in self._pending.popleft():
                 self._wait(work, "deliver a message to")
-        self._pending.append([(dist.isend(t, self.dst, group=self.group), t) for t in tensors])
+        self._pending.append([(self._p2p(dist.isend, t, self.dst, "deliver a message to"), t) for t in tensors])
 
     def flush(self) -> None:
         """Wait until every posted message has been delivered."""
@@ -148,18 +151,31 @@ class Channel:
             for work, _ in self._pending.popleft():
                 self._wait(work, "deliver a message to")
 
-    def close(self) -> None:
-        """End the stream (the peer's :meth:`join` takes the end) and wait until every
-        posted message has been delivered; call once, when this rank is done sending."""
+    def end(self) -> None:
+        """Post the end of the stream (the peer's :meth:`join` takes it); returns at once.
+        Call once, when this rank is done sending, then :meth:`flush`."""
         self._post([torch.tensor([END_BATCH, 0], dtype=torch.int64, device=self.device)] + self._filler())
+
+    def close(self) -> None:
+        """:meth:`end`, then wait until every posted message has been delivered (the peer
+        must be receiving: a pair of ranks ends both directions first, then flushes)."""
+        self.end()
         self.flush()
 
     # -- receiving -------------------------------------------------------------------------
     def _post_next(self) -> None:
+        doing = "post a receive for"
         header = torch.empty(2, dtype=torch.int64, device=self.device)
-        work = dist.irecv(header, self.src, group=self.group)
+        work = self._p2p(dist.irecv, header, self.src, doing)
         buffers = [] if self._spec_in is None else _buffers(self._spec_in, self.device)
-        self._posted = _Posted(header, work, buffers, [dist.irecv(b, self.src, group=self.group) for b in buffers])
+        self._posted = _Posted(header, work, buffers, [self._p2p(dist.irecv, b, self.src, doing) for b in buffers])
+
+    def _p2p(self, op: Callable[..., Any], tensor: torch.Tensor, peer: int, doing: str) -> Any:
+        """Post an isend/irecv; a connection the peer already closed raises here."""
+        try:
+            return op(tensor, peer, group=self.group)
+        except RuntimeError as exc:
+            raise _failure(doing, self.name, self.timeout, exc) from exc
 
     def recv(self, batch: int, what: str) -> tuple[Any, ...]:
         """Block until the next message is in; it must be the one of ``batch``.
@@ -206,10 +222,10 @@ class Channel:
                 self._ended = True
                 return got, ()
             raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            self._wait(dist.irecv(raw, self.src, group=self.group), doing)
+            self._wait(self._p2p(dist.irecv, raw, self.src, doing), doing)
             self._spec_in = pickle.loads(raw.cpu().numpy().tobytes())
             buffers = _buffers(self._spec_in, self.device)
-            works = [dist.irecv(b, self.src, group=self.group) for b in buffers]
+            works = [self._p2p(dist.irecv, b, self.src, doing) for b in buffers]
         for w in works:
             self._wait(w, doing)
         self._post_next()  # message n+1 travels while this rank computes on message n

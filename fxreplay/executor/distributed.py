@@ -60,6 +60,7 @@ from .channel import EVAL_BATCH, Channel
 __all__ = ["DistributedExecutor", "backend_for", "carried_messages", "executor_for"]
 
 _FORMAT = 1
+_CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -220,8 +221,11 @@ class DistributedExecutor:
         rec = self._note
         self._up_in = self._up_out = self._down_in = self._down_out = None
         for k in range(K - 1):
-            up = dist.new_group([k, k + 1], timeout=timeout)
-            down = dist.new_group([k, k + 1], timeout=timeout)
+            # Receives are posted a step ahead and may stay pending through an evaluation
+            # or a checkpoint: the groups' own timeout (NCCL's watchdog) is long; every wait
+            # has the executor's deadline (``timeout``) of its own.
+            up = dist.new_group([k, k + 1], timeout=_CHANNEL_GROUP_TIMEOUT)
+            down = dist.new_group([k, k + 1], timeout=_CHANNEL_GROUP_TIMEOUT)
             if rank == k:
                 self._up_out = Channel(k, k + 1, up, wire, self.timeout, _who(k + 1), rec)
                 self._down_in = Channel(k + 1, k, down, wire, self.timeout, _who(k + 1), rec)
@@ -481,12 +485,16 @@ class DistributedExecutor:
                 self._down_in.recv(batch, "the δ")
             elif kind == "act" and src == self.rank - 1 and self._up_in is not None:
                 self._up_in.recv(batch, "the activations")
-        for ch in (self._up_out, self._down_out):
-            if ch is not None:
-                ch.close()
-        for ch in (self._up_in, self._down_in):
-            if ch is not None:
-                ch.join()
+        # End both directions before waiting on either: a pair that never exchanged a
+        # message has no receive posted yet, so a flush first would wait on the other's flush.
+        outs = [ch for ch in (self._up_out, self._down_out) if ch is not None]
+        for ch in outs:
+            ch.end()
+        for inbound in (self._up_in, self._down_in):
+            if inbound is not None:
+                inbound.join()
+        for ch in outs:
+            ch.flush()
 
 
 def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any) -> Any:
