@@ -202,7 +202,7 @@ class Channel:
         """Take the peer's end of stream (after the last expected message)."""
         if self._ended:
             return
-        got, _ = self._receive(f"receive the end of the stream from")
+        got, _ = self._receive("receive the end of the stream from")
         if got != END_BATCH:
             raise TrainingError(f"{self.name} sent batch {_show(got)} after this rank's last step; the ranks ran different steps")
 

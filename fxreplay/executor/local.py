@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, RngState, as_tuple, capture_rng, frozen_norm_stats, restored_rng
+from ..methods.base import LossFn, OptimizerFactory, RngState, as_tuple, frozen_norm_stats, restored_rng
 from ..schedule import Action, validate
 
 __all__ = ["LocalExecutor"]
