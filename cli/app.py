@@ -117,7 +117,7 @@ def train(
     plan: Annotated[Optional[Path], typer.Option(help="a plan directory from `fxreplay partition` to train instead of partitioning")] = None,
     method: Annotated[Optional[str], typer.Option(help="fr | bp | ddg | dni")] = None,
     K: Annotated[Optional[int], typer.Option("--K", "-K", help="number of stages")] = None,
-    cost: Annotated[Optional[str], typer.Option(help="partition cost model: flops (the configs' default: deterministic) | auto | time | params | uniform")] = None,
+    cost: Annotated[Optional[str], typer.Option(help="partition cost model (overrides partition.cost): flops (deterministic) | auto (measured time on CPU plans) | time | params | uniform")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many iterations")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
@@ -128,6 +128,7 @@ def train(
     executor: Annotated[Optional[str], typer.Option(help="local (one process) | distributed (one rank per stage; implied by --nproc or torchrun)")] = None,
     nproc: Annotated[int, typer.Option(help="start K ranks on this machine, one per stage (torch elastic, as torchrun does)")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch threads per rank, or of the one process [default: cores / ranks; torch's own for one process]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="start afresh in --out even if it holds another run (its files are overwritten)")] = False,
 ) -> None:
     """Train the partitioned model with features replay or a baseline (offline default: digits)."""
     from cli.render import run_summary
@@ -159,17 +160,21 @@ def train(
             given["train.executor"] = "distributed"
         cfg = apply_overrides(cfg, given)
         if under_torchrun():
-            result = _train_under_torchrun(cfg, plan, resume)
+            result = _train_under_torchrun(cfg, plan, resume, force)
             if result is None:
                 return  # not the reporting rank: it prints nothing
         elif cfg.train.executor == "distributed":
-            result = _train_with_ranks(cfg, plan, resume, nproc, threads)
+            if resume is None and not force:
+                from fxreplay.run import check_fresh_out
+
+                check_fresh_out(Path(cfg.train.out))  # before any rank starts
+            result = _train_with_ranks(cfg, plan, resume, nproc, threads, force)
         else:
             if threads is not None:
                 import torch
 
                 torch.set_num_threads(threads)
-            result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
+            result = train_run(cfg, plan_dir=plan, resume=resume, console=err, overwrite=force)
     except FxReplayError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
@@ -189,7 +194,7 @@ def _stage_device_kind(cfg: Any) -> str:
     return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
 
 
-def _train_with_ranks(cfg: Any, plan: Path | None, resume: Path | None, nproc: int, threads: int | None) -> Any:
+def _train_with_ranks(cfg: Any, plan: Path | None, resume: Path | None, nproc: int, threads: int | None, force: bool) -> Any:
     """``--nproc K``: K local ranks through torch elastic; the last one reports."""
     import os
 
@@ -201,13 +206,13 @@ def _train_with_ranks(cfg: Any, plan: Path | None, resume: Path | None, nproc: i
         raise FxReplayError(f"--nproc {nproc} but K={cfg.partition.K}: the distributed executor runs one stage per rank; use --nproc {cfg.partition.K}.")
     per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
     results = run_distributed(
-        distributed_main, nproc, args=(to_dict(cfg), str(plan) if plan else None, str(resume) if resume else None),
+        distributed_main, nproc, args=(to_dict(cfg), str(plan) if plan else None, str(resume) if resume else None, force),
         device=_stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank,
     )
     return results[nproc - 1]
 
 
-def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None) -> Any:
+def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None, force: bool) -> Any:
     """Started by torchrun: this process is one rank; join the group and train its stage."""
     import torch.distributed as dist
 
@@ -216,7 +221,7 @@ def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None) -> A
 
     init_process_group(_stage_device_kind(cfg), cfg.train.timeout)
     try:
-        result = train_run(cfg, plan_dir=plan, resume=resume, console=err)
+        result = train_run(cfg, plan_dir=plan, resume=resume, console=err, overwrite=force)
         return result if dist.get_rank() == dist.get_world_size() - 1 else None
     finally:
         dist.destroy_process_group()

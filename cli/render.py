@@ -49,7 +49,7 @@ def plan_table(plan: Plan) -> Group:
     table.caption = "fwd/bwd: FLOPs per batch; sends: bytes crossing into the next stage; % max: predicted cost / bottleneck"
     summary = Text.assemble(
         ("balance: ", "bold"), f"bottleneck / mean = {plan.balance:.3f}",
-        ("   FR speed-up bound vs BP on one device: ", "bold"), f"{fr_speedup_bound(plan):.2f}x",
+        ("   FR speed-up bound vs BP on one device, by FLOPs: ", "bold"), f"{fr_speedup_bound(plan):.2f}x",
     )
     return Group(table, summary)
 

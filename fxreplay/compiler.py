@@ -5,9 +5,10 @@ Each step is one function of its own module; this file only joins them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,9 @@ class Pipeline:
             merged.update(stage.state_dict())
         return {k: merged[k] for k in self.model.state_dict() if k in merged}
 
-    def save(self, out: Path) -> Path:
+    def save(self, out: str | Path) -> Path:
         """Write ``plan.yaml``, ``stage_<k>.py`` and the initial weights into ``out``."""
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self.plan.save(out)
         write_stage_files(self.stages, out, self.plan.model.spec)
@@ -80,6 +82,19 @@ def _devices(devices: Sequence[str] | None, K: int) -> list[Device]:
     if len(devices) != K:
         raise PartitionError(f"{len(devices)} devices given for K={K} stages ({', '.join(devices)}); give exactly one per stage.")
     return [Device(*parse_device(d)) for d in devices]
+
+
+@contextmanager
+def _profile_threads(cost: str, profile_device: str | None, threads: int | None, K: int) -> Iterator[None]:
+    if cost != "time" or torch.device(profile_device or "cpu").type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // K))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_cost(cost: str, devices: Sequence[str], profile_device: str | None = None) -> str:
@@ -112,6 +127,7 @@ def compile(
     repeats: int = 5,
     profile_device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
 ) -> Pipeline:
     """Trace, profile and partition ``model`` into ``K`` balanced stages.
 
@@ -130,6 +146,9 @@ def compile(
         repeats: timed repeats per node for ``cost="time"`` (median kept, one warm-up excluded).
         profile_device: profile (and time) a copy of the model on this device.
         progress: called as ``progress(nodes profiled, nodes in total)`` (a progress bar).
+        threads: CPU threads to time nodes with (``cost="time"`` on a CPU); default: what each
+            stage gets when the K stages run as K ranks on this machine, cores // K. Times
+            taken with more threads than a stage will have under-weight memory-bound ops.
 
     Example:
         >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
@@ -145,13 +164,18 @@ def compile(
     devs = _devices(devices, K)
     cost = resolve_cost(cost, [d.name for d in devs], profile_device)
     gm = trace(model, leaf_modules)
-    profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
+    with _profile_threads(cost, profile_device, threads, K):
+        profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
     cg = build_cost_graph(gm)
     _check_tied(cg, K)
     required = cg.required_cuts(boundaries or [])
     problem = cg.problem(cost, method, required=required)
     part = solve(problem, K, devs)
     spec = spec or ModelSpec(leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
+    if spec.input_shape is None and len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
+        # One batched tensor: record its shape, so fxreplay.load(dir, model=...) needs no inputs.
+        x = example_inputs[0]
+        spec = replace(spec, input_shape=tuple(x.shape[1:]), batch_size=spec.batch_size or int(x.shape[0]))
     plan = _make_plan(cg, part, devs, cost, method, tuple(boundaries or ()), spec)
     return _pipeline(model, gm, cg, plan)
 

@@ -64,6 +64,7 @@ def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeli
         pipe = load_plan(plan_dir)
         if cfg.partition.K != pipe.K:
             raise ConfigError(f"partition.K is {cfg.partition.K} but the plan in {plan_dir} has K={pipe.K}; drop --K or re-partition.")
+        _check_plan_fits_data(pipe, plan_dir, cfg, tuple(train_set[0][0].shape))
         return pipe
     loaded = load_model(cfg.model.name, num_classes)
     example = torch.stack([train_set[i][0] for i in range(min(cfg.data.batch_size, len(train_set)))])
@@ -89,6 +90,24 @@ def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeli
         loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
         devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec,
     )
+
+
+def _check_plan_fits_data(pipe: Pipeline, plan_dir: Path, cfg: Config, example_shape: tuple[int, ...]) -> None:
+    """The data set gives one input per example, of one shape: the plan's model must take that.
+
+    Raises:
+        ConfigError: the plan's model takes other inputs.
+    """
+    graph = getattr(pipe.stages[0], "graph", None)
+    inputs = [n.name for n in graph.nodes if n.op == "placeholder"] if graph is not None else ["x"]
+    shape = pipe.plan.model.input_shape
+    if len(inputs) != 1 or (shape is not None and tuple(shape) != example_shape):
+        takes = f"{len(inputs)} inputs ({', '.join(inputs)})" if len(inputs) != 1 else f"inputs of shape {tuple(shape or ())}"
+        raise ConfigError(
+            f"the plan in {plan_dir} is for a model that takes {takes}, but data set {cfg.data.name!r} gives one "
+            f"input of shape {example_shape} per example. Train the plan on the data it was made for "
+            "(--config with that data set), or train such a model through the Python API (fxreplay.Trainer)."
+        )
 
 
 def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
@@ -143,12 +162,26 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def check_fresh_out(out: Path) -> None:
+    """A new run must not write over a previous one (its metrics would be truncated).
+
+    Raises:
+        ConfigError: ``out`` holds a run's checkpoint.
+    """
+    if (out / CHECKPOINT_FILE).is_file():
+        raise ConfigError(
+            f"{out} already holds a run (its {CHECKPOINT_FILE}); nothing was changed. Continue it with "
+            f"--resume {out}, train into another directory with --out DIR, or start over in it with --force."
+        )
+
+
 def train_run(
     cfg: Config | None = None,
     plan_dir: Path | None = None,
     resume: Path | None = None,
     console: Console | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train as the config says; write metrics, checkpoints and the model into ``cfg.train.out``.
 
@@ -158,6 +191,7 @@ def train_run(
         resume: a previous run's out directory: continue exactly where its checkpoint is.
         console: where progress goes (default: stderr).
         on_step: called as ``on_step(step, loss)`` after every iteration (tests use it).
+        overwrite: start afresh even if ``train.out`` holds another run's checkpoint.
 
     Raises:
         DivergenceError: the loss became NaN/inf (the last good checkpoint is kept).
@@ -186,15 +220,18 @@ def train_run(
     # knows the loss, writes everything (files, metrics, progress).
     reporting = not distributed or dist.get_rank() == dist.get_world_size() - 1
     out = Path(cfg.train.out)
-    if reporting:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            save_config(cfg, out / "config.yaml")
+    if ckpt is None and not overwrite:
+        check_fresh_out(out)
     if not reporting:
         console = Console(quiet=True)
 
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir)
+    # Only now, with the model and data known to fit, does the run directory change.
+    if reporting:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            save_config(cfg, out / "config.yaml")
     if distributed and dist.get_rank() > 0:
         # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip
         # decoding and augmenting every batch on them. Same order and sizes, same seeds.
@@ -325,7 +362,7 @@ class _NoMetrics:
         pass
 
 
-def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str | None) -> RunResult | None:
+def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str | None, overwrite: bool = False) -> RunResult | None:
     """One rank of ``fxreplay train --nproc K`` (module level: the launcher pickles it).
 
     Returns:
@@ -333,7 +370,7 @@ def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str
     """
     from fxreplay.config import from_dict
 
-    result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None)
+    result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None, overwrite=overwrite)
     return result if dist.get_rank() == dist.get_world_size() - 1 else None
 
 

@@ -142,6 +142,26 @@ def test_train_default_then_resume(tmp_path: Path) -> None:
     assert "5 / 0" in again.output  # steps / completed epochs
 
 
+def test_a_new_run_never_writes_over_an_old_one(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _run("train", "--max-steps", "3", "--out", str(out)).exit_code == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    again = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out))
+    _assert_user_error(again, "already holds a run", "--resume", "--force")
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before  # nothing touched
+    _assert_user_error(_run("train", "--nproc", "2", "--max-steps", "2", "--out", str(out)), "already holds a run")
+    forced = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "bp / 2" in forced.output
+
+
+def test_a_plan_for_other_inputs_is_refused_before_the_run_starts(tmp_path: Path, examples_dir: Path) -> None:
+    assert _run("partition", str(examples_dir / "branchy_net.py"), "--K", "2", "--out", str(tmp_path / "p")).exit_code == 0
+    result = _run("train", "--plan", str(tmp_path / "p"), "--max-steps", "2", "--out", str(tmp_path / "run"))
+    _assert_user_error(result, "takes 2 inputs", "data set 'digits' gives one input of shape (1, 8, 8)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_on_a_plan(tmp_path: Path) -> None:
     assert _run("partition", "digits_cnn", "--K", "3", "--input-shape", "1,8,8", "--batch-size", "64", "--out", str(tmp_path / "p")).exit_code == 0
     result = _run("train", "--plan", str(tmp_path / "p"), "--method", "dni", "--max-steps", "4", "--out", str(tmp_path / "run"))

@@ -328,3 +328,31 @@ def test_profiling_reports_progress_node_by_node() -> None:
     pipe = fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", progress=lambda d, t: calls.append((d, t)))
     total = len(pipe.graph_module.graph.nodes)
     assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_a_compiled_plan_saves_to_a_str_path_and_loads_with_just_the_model(tmp_path: Path) -> None:
+    model = get("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    pipe = fxreplay.compile(model, (x,), K=2, cost="flops")
+    pipe.save(str(tmp_path / "r20"))  # the README's snippet passes a str
+    again = fxreplay.load(str(tmp_path / "r20"), model=model)  # input shape and batch come from the plan
+    assert again.plan.model.input_shape == (3, 32, 32) and again.plan.model.batch_size == 4
+    torch.testing.assert_close(again(x), pipe(x))
+
+
+def test_time_is_measured_with_the_threads_a_stage_will_have(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = fxreplay.compiler.profile
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fxreplay.compiler, "profile", spy)
+    monkeypatch.setattr(fxreplay.compiler.os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    x = (torch.randn(2, 3, 32, 32),)
+    fxreplay.compile(get("resnet20"), x, K=4, cost="time", repeats=1)
+    fxreplay.compile(get("resnet20"), x, K=2, cost="time", repeats=1, threads=3)
+    fxreplay.compile(get("resnet20"), x, K=4, cost="flops")
+    assert seen == [2, 3, before] and torch.get_num_threads() == before

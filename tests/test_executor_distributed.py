@@ -21,7 +21,7 @@ from torch import nn
 
 from fxreplay.errors import TrainingError
 from fxreplay.executor import DistributedExecutor, LocalExecutor, executor_for
-from fxreplay.executor.channel import Channel
+from fxreplay.executor.channel import EVAL_BATCH, Channel
 from fxreplay.executor.distributed import carried_messages
 from fxreplay.launch import run_distributed, under_torchrun
 from fxreplay.schedule import schedule
@@ -251,6 +251,7 @@ def test_distributed_weights_equal_local(K: int) -> None:
             assert all(torch.equal(results[k]["synced"][j][n], v) for n, v in results[j]["dni"][1].items())
     tl = results[0]["timeline"]
     assert len(tl.ranks) == K and all(any(e[0] == "compute" for e in r) for r in tl.ranks)
+    assert not [e for r in tl.ranks for e in r if str(EVAL_BATCH) in e[3]]  # evaluation is not a training step
 
 
 @pytest.mark.parametrize("how, match", [("kill", r"rank 1 \(stage 1\).*SIGKILL"), ("raise", r"rank 1 \(stage 1\).*boom")])

@@ -203,6 +203,7 @@ class DistributedExecutor:
         self._resend: list[tuple[str, int, Any]] = []
         self.step_count = 0
         self._closed = False
+        self._evaluating = False
         self.last_output: Any = None
         self.last_loss: float | None = None
         self.stage_times: list[float] = [0.0] * K
@@ -340,7 +341,15 @@ class DistributedExecutor:
     # -- evaluation ----------------------------------------------------------------------------
     def forward(self, *inputs: Any) -> Any:
         """Inference through the ranks (every rank calls it with the same inputs); the output
-        is returned on every rank. No grad, no history, no δ touched (call ``.eval()`` first)."""
+        is returned on every rank. No grad, no history, no δ touched (call ``.eval()`` first).
+        Not recorded in the timeline, which shows training steps."""
+        self._evaluating = True
+        try:
+            return self._forward(inputs)
+        finally:
+            self._evaluating = False
+
+    def _forward(self, inputs: tuple[Any, ...]) -> Any:
         with torch.no_grad():
             if self._up_in is None:
                 args = inputs
@@ -395,6 +404,8 @@ class DistributedExecutor:
         return self.wait_time
 
     def _note(self, kind: str, start: float, end: float, label: str) -> None:
+        if self._evaluating:
+            return
         if kind == "wait":
             self.wait_time += end - start
         if self.recorder is not None:
