@@ -7,6 +7,7 @@ of 3: ``build_cost_graph`` (networkx graph, narrow topological order, cut bytes)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -29,6 +30,7 @@ K = 8
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     torch.set_num_threads(2)
     rows = []
     print(f"{'layers':>7} {'nodes':>6} {'order+graph s':>14} {'solve s':>8} {'total s':>8}")

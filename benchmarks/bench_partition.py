@@ -9,6 +9,7 @@ devices whose cap binds), ``heterogeneous`` (4 devices of different speeds, K=4)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -73,6 +74,7 @@ def variants(p: Problem) -> list[tuple[str, int, list[Device]]]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     rows = []
     print(f"{'N':>6} {'K':>3}  {'variant':<22} {'seconds':>9}")
     for n in SIZES:

@@ -73,6 +73,7 @@ def partition(
     batch_size: Annotated[int, typer.Option(help="batch size of the example input (boundary bytes and memory are per batch)")] = 128,
     num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
     profile_device: Annotated[Optional[str], typer.Option(help="profile (and time, for --cost time) on this device, e.g. cuda:0")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads to time nodes with [default: cores / K, what each rank of `train --nproc K` gets]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON instead of the table")] = False,
 ) -> None:
     """Trace, profile and cut MODEL into K balanced stages; write plan.yaml and readable stage code."""
@@ -99,7 +100,7 @@ def partition(
         with _profile_bar(model, quiet=as_json) as progress:
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
                                  boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
-                                 profile_device=profile_device, progress=progress)
+                                 profile_device=profile_device, progress=progress, threads=threads)
         target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
         pipe.save(target)
     except FxReplayError as exc:
