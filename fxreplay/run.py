@@ -231,6 +231,7 @@ def train_run(
     if reporting:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
+            (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # --force: the old run's state must not be resumed
             save_config(cfg, out / "config.yaml")
     if distributed and dist.get_rank() > 0:
         # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip

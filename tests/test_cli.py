@@ -153,6 +153,9 @@ def test_a_new_run_never_writes_over_an_old_one(tmp_path: Path) -> None:
     forced = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out), "--force")
     assert forced.exit_code == 0, forced.output
     assert "bp / 2" in forced.output
+    import torch
+
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["method"] == "bp"  # the old run's state is gone
 
 
 def test_a_plan_for_other_inputs_is_refused_before_the_run_starts(tmp_path: Path, examples_dir: Path) -> None:
