@@ -74,6 +74,7 @@ def partition(
     num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
     profile_device: Annotated[Optional[str], typer.Option(help="profile (and time, for --cost time) on this device, e.g. cuda:0")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads to time nodes with [default: cores / K, what each rank of `train --nproc K` gets]")] = None,
+    refine: Annotated[int, typer.Option(help="time cost on CPUs: rounds of timing the chosen stages whole and re-solving (0: trust per-node times)")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON instead of the table")] = False,
 ) -> None:
     """Trace, profile and cut MODEL into K balanced stages; write plan.yaml and readable stage code."""
@@ -100,7 +101,7 @@ def partition(
         with _profile_bar(model, quiet=as_json) as progress:
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
                                  boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
-                                 profile_device=profile_device, progress=progress, threads=threads)
+                                 profile_device=profile_device, progress=progress, threads=threads, refine=refine)
         target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
         pipe.save(target)
     except FxReplayError as exc:

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxreplay.errors import TraceError
 
-__all__ = ["NodeCost", "Profiler", "profile", "value_bytes"]
+__all__ = ["NodeCost", "Profiler", "profile", "time_stages", "value_bytes"]
 
 
 @dataclass(frozen=True)
@@ -243,3 +243,51 @@ def _rng_restored() -> Iterator[None]:
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: str = "fr", repeats: int = 1) -> list[float]:
+    """Seconds of one iteration's work of each stage, timed whole (median of ``repeats``
+    after a warm-up): FR stages before the last play (no grad), replay (forward keeping the
+    graph) and backpropagate; the last stage and the other methods' stages run a forward
+    with graph and a backward. The inputs of stage k are stage k-1's outputs on
+    ``example_inputs``. Weights, buffers, gradients and the RNG are left as they were.
+    """
+    params = [p for s in stages for p in s.parameters()]
+    grads = [p.grad for p in params]
+    out: list[float] = []
+    with _rng_restored(), _buffers_restored_all(stages):
+        value: tuple[Any, ...] = tuple(example_inputs)
+        for k, stage in enumerate(stages):
+            last = k == len(stages) - 1
+            inputs = tuple(v.detach().requires_grad_(k > 0) if _needs_grad(v) else v for v in value)
+            wrt = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad] + [p for p in stage.parameters() if p.requires_grad]
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                if method == "fr" and not last:
+                    with torch.no_grad():
+                        stage(*inputs)
+                result = stage(*inputs)
+                outs = [o for o in tree_flatten(result)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+                if outs and wrt:
+                    torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
+                _sync()
+                times.append(time.perf_counter() - start)
+            out.append(statistics.median(times[1:]))
+            with torch.no_grad():
+                nxt = stage(*inputs)
+            value = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in (nxt if isinstance(nxt, tuple) else (nxt,)))
+    for p, g in zip(params, grads):
+        p.grad = g
+    return out
+
+
+@contextmanager
+def _buffers_restored_all(modules: Any) -> Iterator[None]:
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
