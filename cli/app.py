@@ -74,7 +74,7 @@ def partition(
     num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
     profile_device: Annotated[Optional[str], typer.Option(help="profile (and time, for --cost time) on this device, e.g. cuda:0")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads to time nodes with [default: cores / K, what each rank of `train --nproc K` gets]")] = None,
-    refine: Annotated[int, typer.Option(help="time cost on CPUs: rounds of timing the chosen stages whole and re-solving (0: trust per-node times)")] = 2,
+    refine: Annotated[int, typer.Option(help="time cost on CPUs: rounds of timing the chosen stages whole and re-solving (0: trust per-node times)")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON instead of the table")] = False,
 ) -> None:
     """Trace, profile and cut MODEL into K balanced stages; write plan.yaml and readable stage code."""

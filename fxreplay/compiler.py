@@ -128,7 +128,7 @@ def compile(
     profile_device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     threads: int | None = None,
-    refine: int = 2,
+    refine: int = 4,
 ) -> Pipeline:
     """Trace, profile and partition ``model`` into ``K`` balanced stages.
 
