@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,17 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fxreplay  # noqa: E402
-from bench_parallel import batches, time_stage  # noqa: E402
 from fxreplay.models import get  # noqa: E402
-
-
-def measured(pipe: Any, batch: int, repeats: int) -> list[float]:
-    x, y = batches(1, batch)[0]
-    out = []
-    for k in range(pipe.K):
-        f, r, b = time_stage(pipe, k, x, y, repeats=repeats)
-        out.append(f + b if k == pipe.K - 1 else f + r + b)
-    return out
+from fxreplay.profiling import time_stages  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
     for cost in ("flops", "time"):
         torch.manual_seed(0)
         pipe = fxreplay.compile(get(args.model), (x,), K=args.K, cost=cost, threads=1)
-        times = measured(pipe, args.batch_size, args.repeats)
+        times = time_stages(pipe.stages, (x,), "fr", repeats=args.repeats)
         predicted = [s.predicted_cost for s in pipe.plan.stages]
         row = {
             "cost": cost, "stage_seconds": times, "bottleneck_over_mean": max(times) / (sum(times) / len(times)),

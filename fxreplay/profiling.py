@@ -187,14 +187,15 @@ def _sync() -> None:
 
 
 @contextmanager
-def _buffers_restored(gm: fx.GraphModule) -> Iterator[None]:
-    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+def _buffers_restored(*modules: torch.nn.Module) -> Iterator[None]:
+    """BatchNorm running stats (every buffer) as they were when the block ends."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, b in gm.named_buffers():
-                b.copy_(saved[name])
+            for b, v in saved:
+                b.copy_(v)
 
 
 def profile(
@@ -250,12 +251,11 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: str = "fr"
     after a warm-up): FR stages before the last play (no grad), replay (forward keeping the
     graph) and backpropagate; the last stage and the other methods' stages run a forward
     with graph and a backward. The inputs of stage k are stage k-1's outputs on
-    ``example_inputs``. Weights, buffers, gradients and the RNG are left as they were.
+    ``example_inputs``. Weights, buffers, ``.grad`` (autograd.grad is used) and the RNG are
+    left as they were.
     """
-    params = [p for s in stages for p in s.parameters()]
-    grads = [p.grad for p in params]
     out: list[float] = []
-    with _rng_restored(), _buffers_restored_all(stages):
+    with _rng_restored(), _buffers_restored(*stages):
         value: tuple[Any, ...] = tuple(example_inputs)
         for k, stage in enumerate(stages):
             last = k == len(stages) - 1
@@ -277,17 +277,4 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: str = "fr"
             with torch.no_grad():
                 nxt = stage(*inputs)
             value = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in (nxt if isinstance(nxt, tuple) else (nxt,)))
-    for p, g in zip(params, grads):
-        p.grad = g
     return out
-
-
-@contextmanager
-def _buffers_restored_all(modules: Any) -> Iterator[None]:
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)

@@ -108,8 +108,7 @@ class Channel:
         self.timeout = timeout
         self.name = name
         self.record = record
-        self._spec_out: Spec | None = None
-        self._blob_out = b""
+        self._spec_out = b""  # the last message's spec, pickled (b"": nothing sent yet)
         self._spec_in: Spec | None = None
         self._pending: collections.deque[list[tuple[Any, torch.Tensor]]] = collections.deque()
         self._posted: _Posted | None = None
@@ -124,11 +123,11 @@ class Channel:
         blob = b""
         # Compared pickled: True and 1, or a torch.Size and a tuple, are different values here.
         pickled = pickle.dumps(spec)
-        if pickled != self._blob_out:
+        if pickled != self._spec_out:
             blob = pickled
             tensors += self._filler()
             tensors.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device))
-            self._spec_out, self._blob_out = spec, pickled
+            self._spec_out = pickled
         header = torch.tensor([batch, len(blob)], dtype=torch.int64, device=self.device)
         tensors = [header] + tensors + [_wire(v, self.device) for v in values if isinstance(v, torch.Tensor)]
         self._post(tensors)
@@ -137,17 +136,15 @@ class Channel:
 
     def _filler(self) -> list[torch.Tensor]:
         """Tensors of the previous spec's shapes: what the receiver posted on its guess."""
-        return [] if self._spec_out is None else _buffers(self._spec_out, self.device)
+        return _buffers(pickle.loads(self._spec_out), self.device) if self._spec_out else []
 
     def _post(self, tensors: list[torch.Tensor]) -> None:
-        while len(self._pending) >= self.MAX_IN_FLIGHT:
-            for work, _ in self._pending.popleft():
-                self._wait(work, "deliver a message to")
+        self.flush(keep=self.MAX_IN_FLIGHT - 1)
         self._pending.append([(self._p2p(dist.isend, t, self.dst, "deliver a message to"), t) for t in tensors])
 
-    def flush(self) -> None:
-        """Wait until every posted message has been delivered."""
-        while self._pending:
+    def flush(self, keep: int = 0) -> None:
+        """Wait until all but the ``keep`` newest posted messages have been delivered."""
+        while len(self._pending) > keep:
             for work, _ in self._pending.popleft():
                 self._wait(work, "deliver a message to")
 
