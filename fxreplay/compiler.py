@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -23,8 +24,8 @@ from fxreplay.loading import load_model, make_example_inputs
 from fxreplay.partition import Device, Partition, Problem, solve
 from fxreplay.plan import ModelSpec, Plan, StagePlan, parse_device
 from fxreplay.profiling import NodeCost, profile, time_stages
-from fxreplay.split import build_stages, run_chain, write_stage_files
-from fxreplay.tracing import trace
+from fxreplay.split import Stage, assign_eval_stages, build_stages, dual_stages, run_chain, write_stage_files
+from fxreplay.tracing import Traced, trace_modes
 
 __all__ = ["Pipeline", "compile", "load", "resolve_cost", "METHODS"]
 
@@ -41,15 +42,27 @@ class Pipeline:
         stages: K ``nn.Module``s; stage 0 takes the model's inputs, stage k what stage k-1
             returns, the last returns the model's outputs.
         model: the original model (the stages share its modules and parameters).
-        graph_module: the traced model.
+        graph_module: the traced model (training mode).
         cost_graph: the profiled graph and order the partition was made on.
+        eval_graph_module: the eval-mode trace when the model computes differently in eval
+            mode (it reads ``self.training``), else None.
     """
 
     plan: Plan
-    stages: list[fx.GraphModule]
+    stages: list[Stage]
     model: nn.Module
     graph_module: fx.GraphModule
     cost_graph: CostGraph
+    eval_graph_module: fx.GraphModule | None = None
+
+    def train(self, mode: bool = True) -> Pipeline:
+        """Put every stage in training (or eval) mode; returns the pipeline."""
+        for stage in self.stages:
+            stage.train(mode)
+        return self
+
+    def eval(self) -> Pipeline:
+        return self.train(False)
 
     @property
     def K(self) -> int:
@@ -167,7 +180,8 @@ def compile(
     example_inputs = tuple(example_inputs)
     devs = _devices(devices, K)
     cost = resolve_cost(cost, [d.name for d in devs], profile_device)
-    gm = trace(model, leaf_modules)
+    traced = _trace(model, leaf_modules, example_inputs)
+    gm = traced[0].gm
     with _profile_threads(cost, profile_device, threads, K):
         profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
     cg = build_cost_graph(gm)
@@ -182,7 +196,7 @@ def compile(
         spec = replace(spec, input_shape=tuple(x.shape[1:]), batch_size=spec.batch_size or int(x.shape[0]))
 
     def pipeline(p: Partition) -> Pipeline:
-        return _pipeline(model, gm, cg, _make_plan(cg, p, devs, cost, method, tuple(boundaries or ()), spec))
+        return _pipeline(model, traced, cg, _make_plan(cg, p, devs, cost, method, tuple(boundaries or ()), spec))
 
     if cost == "time" and refine > 0 and K > 1 and all(torch.device(d.name).type == "cpu" for d in devs):
         with _profile_threads(cost, profile_device, threads, K):
@@ -245,13 +259,36 @@ def _make_plan(
     return Plan(K=len(stages), stages=tuple(stages), cost=cost, method=method, bottleneck=float(part.bottleneck), model=spec, boundaries=boundaries)
 
 
-def _pipeline(model: nn.Module, gm: fx.GraphModule, cg: CostGraph, plan: Plan) -> Pipeline:
+def _trace(model: nn.Module, leaf_modules: Sequence[str | type], example_inputs: Sequence[Any]) -> tuple[Traced, Traced | None]:
+    """Trace both modes; warn about checkpointed regions that the stages do not keep."""
+    train, evaluation = trace_modes(model, leaf_modules, example_inputs)
+    if train.checkpointed:
+        places = "; ".join(f"{path or 'the top-level module'} at {line}" for path, line in dict.fromkeys(train.checkpointed))
+        warnings.warn(
+            f"torch.utils.checkpoint regions are traced through, so the stages keep their "
+            f"activations (the numbers are the same, the memory saving is not kept): {places}. "
+            "FR already recomputes each stage in its replay; to recompute a block inside a stage "
+            "too, mark it a leaf (--leaf) and checkpoint inside it.",
+            stacklevel=3,
+        )
+    return train, evaluation
+
+
+def _pipeline(model: nn.Module, traced: tuple[Traced, Traced | None], cg: CostGraph, plan: Plan) -> Pipeline:
     # cg.order lists the plan's stages one after the other, so the ranges are running sums.
+    train, evaluation = traced
+    gm = train.gm
     ends = list(itertools.accumulate((len(s.nodes) for s in plan.stages), initial=0))
     ranges = list(itertools.pairwise(ends))
     crossing = [cg.crossing(b) for _, b in ranges[:-1]]
-    stages = build_stages(gm, cg.order, ranges, crossing)
-    return Pipeline(plan=plan, stages=stages, model=model, graph_module=gm, cost_graph=cg)
+    train_stages = build_stages(gm, cg.order, ranges, crossing)
+    eval_stages = None
+    if evaluation is not None:
+        stage_of = {name: s.index for s in plan.stages for name in s.nodes}
+        eval_stages = build_stages(evaluation.gm, *assign_eval_stages(gm, stage_of, evaluation.gm, plan.K))
+    stages = dual_stages(train_stages, eval_stages, train.out_spec, evaluation.out_spec if evaluation else None)
+    return Pipeline(plan=plan, stages=stages, model=model, graph_module=gm, cost_graph=cg,
+                    eval_graph_module=evaluation.gm if evaluation else None)
 
 
 def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: Sequence[Any] | None = None) -> Pipeline:
@@ -287,7 +324,8 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
         if plan.model.input_shape is None:
             raise PlanError(f"the plan in {plan_dir} gives no model.input_shape and the model file no example_inputs(); add one of them.")
         example_inputs = make_example_inputs(plan.model.input_shape, plan.model.batch_size or 1)
-    gm = trace(model, plan.model.leaf_modules)
+    traced = _trace(model, plan.model.leaf_modules, tuple(example_inputs))
+    gm = traced[0].gm
     names = [n.name for n in gm.graph.nodes if n.op != "output"]
     planned = [n for s in plan.stages for n in s.nodes]
     missing = [n for n in names if n not in set(planned)]
@@ -317,4 +355,4 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
                 raise PlanError(f"the plan in {plan_dir} puts the model input {name!r} in stage {s.index}; inputs belong to stage 0.")
     profile(gm, tuple(example_inputs))
     cg = build_cost_graph(gm, order=planned)
-    return _pipeline(model, gm, cg, plan)
+    return _pipeline(model, traced, cg, plan)

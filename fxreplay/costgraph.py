@@ -4,7 +4,8 @@ The nodes become a networkx DiGraph (edge u -> v: v uses u's value) weighted by 
 profile; a topological order that keeps boundaries narrow is chosen
 (:func:`fxreplay.ordering.narrow_order`), and the per-position arrays of
 :class:`fxreplay.partition.Problem` are laid out along it. Cuts that would leave a stage
-without computation, or split the uses of a tied parameter, are forbidden; boundaries
+without computation, split the uses of a tied parameter or a written buffer, or carry a
+structured value (tuple, dict) are forbidden; boundaries
 pinned by module name become required cuts.
 """
 from __future__ import annotations
@@ -180,4 +181,11 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
         ps = sorted(pos[u] for u in users)
         for c in range(ps[0] + 1, ps[-1] + 1):
             allowed[c] = False
+    for n in ordered:
+        # A tuple, list or dict value (a leaf module's structured output) is unpacked where
+        # it is made: stages exchange tensors and plain values, so no cut may carry one.
+        if n.op != "get_attr" and n.meta.get("is_container", n.meta.get("is_tuple", False)):
+            last = max((N if u.op == "output" else pos[u] for u in n.users), default=pos[n])
+            for c in range(pos[n] + 1, last + 1):
+                allowed[c] = False
     return CostGraph(gm=gm, graph=G, order=ordered, cut_bytes=cut, allowed=allowed, tied=tied)

@@ -9,6 +9,7 @@ __all__ = [
     "FxReplayError",
     "ModelLoadError",
     "TraceError",
+    "ShapeGuardError",
     "PartitionError",
     "PlanError",
     "ConfigError",
@@ -29,6 +30,11 @@ class ModelLoadError(FxReplayError):
 
 class TraceError(FxReplayError):
     """torch.fx could not trace the model, or the traced graph breaks an fxreplay rule."""
+
+
+class ShapeGuardError(FxReplayError):
+    """The stages were compiled for inputs on which the model's code took another path
+    (a size read as a Python value, an ``assert``, an ``if`` on a shape)."""
 
 
 class PartitionError(FxReplayError):

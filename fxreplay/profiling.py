@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxreplay.errors import TraceError
 
-__all__ = ["NodeCost", "Profiler", "profile", "time_stages", "value_bytes"]
+__all__ = ["NodeCost", "Profiler", "is_tensor_container", "profile", "time_stages", "value_bytes"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ def value_bytes(value: Any) -> int:
     """Bytes of every tensor in a (nested) value; non-tensors count 0."""
     leaves, _ = tree_flatten(value)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def is_tensor_container(value: Any) -> bool:
+    """Whether ``value`` is a structure (tuple, list, dict, dataclass…) holding a tensor: such
+    a value cannot cross a stage boundary whole (its tensors would lose their gradient)."""
+    if isinstance(value, torch.Tensor):
+        return False
+    leaves, spec = tree_flatten(value)
+    return not spec.is_leaf() and any(isinstance(v, torch.Tensor) for v in leaves)
 
 
 def _needs_grad(t: Any) -> bool:
@@ -157,6 +166,7 @@ class Profiler(fx.Interpreter):
             flops_fwd = numel
             flops_bwd = 2 * numel if outs and wrt else 0
         n.meta["is_tuple"] = isinstance(out, (tuple, list))
+        n.meta["is_container"] = is_tensor_container(out)
         n.meta["cost"] = NodeCost(
             flops_fwd=int(flops_fwd),
             flops_bwd=int(flops_bwd),
@@ -227,6 +237,7 @@ def profile(
         for node in gm.graph.nodes:
             node.meta["cost"] = metas[node.name]["cost"]
             node.meta["is_tuple"] = metas[node.name].get("is_tuple", False)
+            node.meta["is_container"] = metas[node.name].get("is_container", False)
         return result
     with _buffers_restored(gm), _rng_restored():
         return Profiler(gm, measure_time=measure_time, repeats=repeats, progress=progress).run(*example_inputs)

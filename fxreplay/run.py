@@ -31,6 +31,7 @@ from fxreplay.config import Config, load_config, save_config
 from fxreplay.data import NUM_CLASSES, build_datasets, labels_only, make_loader
 from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
 from fxreplay.loading import load_model
+from fxreplay.metrics import correct_count, default_loss
 from fxreplay.plan import ModelSpec, Plan
 from fxreplay.trainer import Trainer, distributed_job
 
@@ -117,7 +118,7 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
         pipe,
         method=cfg.train.method,
         optimizer=lambda params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
-        loss_fn=torch.nn.CrossEntropyLoss(),
+        loss_fn=default_loss,
         lr_scales=scales,
         synth_optimizer=lambda params: torch.optim.Adam(params, lr=o.synth_lr),
         measure_memory=True,
@@ -274,7 +275,7 @@ def train_run(
                                  skip=batch_index, num_workers=cfg.data.num_workers)
             task = progress.add_task(f"{t_cfg.method} K={pipe.K} epoch {epoch + 1}/{t_cfg.epochs}", total=len(loader) + batch_index,
                                      completed=batch_index, loss=float("nan"), acc=0.0, sps=0.0)
-            seen, correct, loss_sum, n_loss = 0, 0, 0.0, 0
+            seen, correct, predicted, loss_sum, n_loss = 0, 0, 0, 0.0, 0
             epoch_start = time.perf_counter()
             for x, y in loader:
                 sigma: list[float] | None = None
@@ -290,14 +291,16 @@ def train_run(
                 step += 1
                 batch_index += 1
                 result.losses.append(loss)
-                out_t = trainer.last_output
-                if out_t is not None and isinstance(out_t, torch.Tensor) and out_t.shape[0] == len(y):
-                    correct += int((out_t.argmax(1) == y.to(out_t.device)).sum())  # FR/DDG: the batch the last stage ran now
+                # FR/DDG: the output is of the batch the last stage ran now; same size but the
+                # last batch, whose few examples the count then skips.
+                right, counted = correct_count(trainer.last_output, y)
+                correct += right
+                predicted += counted
                 seen += len(y)
                 loss_sum += loss
                 n_loss += 1
                 elapsed = time.perf_counter() - epoch_start
-                progress.update(task, advance=1, loss=loss_sum / n_loss, acc=correct / max(seen, 1), sps=seen / max(elapsed, 1e-9))
+                progress.update(task, advance=1, loss=loss_sum / n_loss, acc=correct / max(predicted, 1), sps=seen / max(elapsed, 1e-9))
                 if on_step is not None:
                     on_step(step, loss)
                 if step % t_cfg.log_every == 0:
@@ -315,13 +318,13 @@ def train_run(
                     break
             finished_epoch = _epoch_done(train_set, cfg, batch_index)
             record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss_sum / max(n_loss, 1),
-                      "train_accuracy": correct / max(seen, 1), "lr": trainer.lr, "wall": wall_offset + time.perf_counter() - start,
+                      "train_accuracy": correct / max(predicted, 1), "lr": trainer.lr, "wall": wall_offset + time.perf_counter() - start,
                       "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9), "complete": finished_epoch}
             last = not finished_epoch or epoch + 1 >= t_cfg.epochs
             if t_cfg.eval_every_epoch or last:
                 test = trainer.evaluate(make_loader(test_set, 512, shuffle=False, seed=0, epoch=0))
-                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-                result.final = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "train_loss": record["train_loss"]}
+                record.update({f"test_{name}": value for name, value in test.items() if name != "samples"})
+                result.final = {"test_accuracy": test.get("accuracy", math.nan), "test_loss": test["loss"], "train_loss": record["train_loss"]}
                 if not math.isfinite(test["loss"]):
                     # The training losses were finite, but weights or BatchNorm statistics
                     # no longer are: this state must not become "the last good checkpoint".

@@ -14,14 +14,93 @@ the stages trains the model and stage state_dict keys are the model's keys.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["build_stages", "stage_source"]
+from fxreplay.errors import TraceError
+
+__all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "stage_source", "run_chain"]
+
+
+class Stage(fx.GraphModule):
+    """One stage: a GraphModule of the training-mode trace that computes the eval-mode trace
+    when put in eval mode (only where the two differ), and rebuilds the model's output
+    structure (dict, dataclass, named tuple…) when it is the last stage.
+
+    Both graphs run on this module's own submodules and parameters (the eval code is
+    called with ``self`` = this stage), so ``.to()``, ``state_dict()`` and optimizers see
+    one set of weights. ``code`` is the training code, ``eval_code`` the other (or None).
+    """
+
+    def __init__(self, train: fx.GraphModule, evaluation: fx.GraphModule | None = None,
+                 out_spec: pytree.TreeSpec | None = None, eval_out_spec: pytree.TreeSpec | None = None,
+                 class_name: str = "Stage") -> None:
+        object.__setattr__(self, "_eval_holder", None)
+        object.__setattr__(self, "_out_spec", out_spec)
+        object.__setattr__(self, "_eval_out_spec", eval_out_spec)
+        super().__init__(train, train.graph, class_name)
+        if evaluation is not None:
+            for node in evaluation.graph.nodes:
+                if node.op in ("get_attr", "call_module") and not _has_path(self, str(node.target)):
+                    _copy_path(evaluation, self, str(node.target))
+            # Not a submodule: it only holds the compiled eval code (its own attributes
+            # are the same objects as this stage's).
+            object.__setattr__(self, "_eval_holder", evaluation)
+
+    @property
+    def eval_code(self) -> str | None:
+        holder = self.__dict__.get("_eval_holder")
+        return None if holder is None else str(holder.code)
+
+    def recompile(self) -> Any:
+        result = super().recompile()
+        train_forward = type(self).forward
+
+        def forward(self: Stage, *args: Any, **kwargs: Any) -> Any:
+            holder = self.__dict__.get("_eval_holder")
+            if holder is not None and not self.training:
+                out, spec = type(holder).forward(self, *args, **kwargs), self.__dict__.get("_eval_out_spec")
+            else:
+                out, spec = train_forward(self, *args, **kwargs), self.__dict__.get("_out_spec")
+            return out if spec is None else pytree.tree_unflatten(list(out), spec)
+
+        type(self).forward = forward  # type: ignore[method-assign]
+        return result
+
+
+def _has_path(m: nn.Module, target: str) -> bool:
+    obj: Any = m
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _copy_path(src: nn.Module, dst: nn.Module, target: str) -> None:
+    *prefix, last = target.split(".")
+    s: Any = src
+    d: Any = dst
+    for part in prefix:
+        s = getattr(s, part)
+        if not hasattr(d, part):
+            d.add_module(part, nn.Module())
+        d = getattr(d, part)
+    value = getattr(s, last)
+    if isinstance(value, nn.Module):
+        d.add_module(last, value)
+    elif last in getattr(s, "_buffers", {}):
+        d.register_buffer(last, value)
+    elif isinstance(value, nn.Parameter):
+        d.register_parameter(last, value)
+    else:
+        setattr(d, last, value)
 
 
 def build_stages(
@@ -81,6 +160,120 @@ def build_stages(
     return stages
 
 
+def _state_owner(gm: fx.GraphModule, node: fx.Node, param_stage: Mapping[int, int], module_stage: Mapping[str, int]) -> int | None:
+    """The stage that must run ``node`` because it uses a module or a parameter that stage owns."""
+    if node.op == "call_module":
+        if str(node.target) in module_stage:
+            return module_stage[str(node.target)]
+        for p in gm.get_submodule(str(node.target)).parameters():
+            if id(p) in param_stage:
+                return param_stage[id(p)]
+        return None
+    for u in node.all_input_nodes:
+        if u.op == "get_attr":
+            value = _attr(gm, str(u.target))
+            if isinstance(value, torch.Tensor) and id(value) in param_stage:
+                return param_stage[id(value)]
+    return None
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def assign_eval_stages(
+    train_gm: fx.GraphModule, train_stage: Mapping[str, int], eval_gm: fx.GraphModule, K: int
+) -> tuple[list[fx.Node], list[tuple[int, int]], list[list[fx.Node]]]:
+    """Cut the eval-mode graph the way the training graph was cut.
+
+    Every node that uses a module, a parameter or a buffer the graph writes runs in the
+    stage that owns that state in training (the weights live there); the others go to the
+    stage of the training node of the same name where it exists, moved as little as their
+    inputs and users require.
+
+    Returns:
+        ``(order, ranges, crossing)`` for :func:`build_stages`.
+
+    Raises:
+        TraceError: no cut of the eval graph keeps every module in its training stage (the
+            model uses its modules in another order in eval mode).
+    """
+    param_stage: dict[int, int] = {}
+    module_stage: dict[str, int] = {}
+    for node in train_gm.graph.nodes:
+        k = train_stage.get(node.name)
+        if k is None:
+            continue
+        if node.op == "call_module":
+            module_stage.setdefault(str(node.target), k)
+            for p in train_gm.get_submodule(str(node.target)).parameters():
+                param_stage.setdefault(id(p), k)
+            for b in train_gm.get_submodule(str(node.target)).buffers():
+                param_stage.setdefault(id(b), k)
+        for u in node.all_input_nodes:
+            if u.op == "get_attr":
+                value = _attr(train_gm, str(u.target))
+                written = any(_mutates(train_gm, w, u) for w in u.users)
+                if isinstance(value, nn.Parameter) or written:
+                    param_stage.setdefault(id(value), k)
+    nodes = [n for n in eval_gm.graph.nodes if n.op not in ("output", "get_attr")]
+    train_kinds = {n.name: (n.op, n.target) for n in train_gm.graph.nodes}
+    owner = {n: 0 if n.op == "placeholder" else _state_owner(eval_gm, n, param_stage, module_stage) for n in nodes}
+    # Latest stage each node may run in: before every user that is pinned to a stage.
+    hi: dict[fx.Node, int] = {}
+    for n in reversed(nodes):
+        bound = K - 1
+        for u in n.users:
+            if u.op != "output":
+                bound = min(bound, owner[u] if owner[u] is not None else hi[u])
+        hi[n] = bound if owner[n] is None else owner[n]
+    stage: dict[fx.Node, int] = {}
+    for n in nodes:
+        earliest = max((stage[u] for u in n.all_input_nodes if u in stage), default=0)
+        pinned = owner[n]
+        if pinned is not None:
+            if earliest > pinned:
+                late = next(u for u in n.all_input_nodes if u in stage and stage[u] == earliest)
+                raise TraceError(
+                    f"in eval mode the model computes {n.format_node()} (which uses state of "
+                    f"stage {pinned}) from {late.name!r}, which only stage {earliest} can compute: "
+                    "the eval-mode code uses the modules in another order than the training code, "
+                    "so the training cut cannot be kept. Pin other boundaries (--boundary) or "
+                    "mark the module that branches on self.training a leaf (--leaf)."
+                )
+            stage[n] = pinned
+            continue
+        hint = train_stage.get(n.name) if train_kinds.get(n.name) == (n.op, n.target) else None
+        stage[n] = min(max(earliest, hint if hint is not None else earliest), hi[n])
+    order = sorted(nodes, key=lambda n: stage[n])  # stable: keeps the graph's order within a stage
+    counts = [sum(1 for n in nodes if stage[n] == k) for k in range(K)]
+    ends = [sum(counts[: k + 1]) for k in range(K)]
+    ranges = [(ends[k - 1] if k else 0, ends[k]) for k in range(K)]
+    crossing = [
+        [n for n in order if stage[n] <= k and any(u.op == "output" or stage[u] > k for u in n.users)]
+        for k in range(K - 1)
+    ]
+    return order, ranges, crossing
+
+
+def dual_stages(
+    train: Sequence[fx.GraphModule], evaluation: Sequence[fx.GraphModule] | None,
+    out_spec: pytree.TreeSpec | None, eval_out_spec: pytree.TreeSpec | None,
+) -> list[Stage]:
+    """Join the training and eval stage graphs into :class:`Stage` modules."""
+    K = len(train)
+    return [
+        Stage(
+            train[k], evaluation[k] if evaluation is not None else None,
+            out_spec if k == K - 1 else None, eval_out_spec if k == K - 1 else None, class_name=f"Stage{k}",
+        )
+        for k in range(K)
+    ]
+
+
 def _mutates(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
     """Whether ``node`` may write ``value`` in place (its first argument, in-place op)."""
     if not node.args or node.args[0] is not value:
@@ -130,6 +323,10 @@ def stage_source(stage: fx.GraphModule, index: int, K: int, model_spec: str | No
     ]
     body = stage.code.strip("\n")
     body_lines = ["    " + line if line.strip() else "" for line in body.splitlines()]
+    eval_code = getattr(stage, "eval_code", None)
+    if eval_code:
+        body_lines += ["", "    # In eval mode (the model reads self.training) the stage runs this instead:"]
+        body_lines += ["    " + line.replace("def forward(", "def forward_eval(", 1) if line.strip() else "" for line in eval_code.strip("\n").splitlines()]
     return "\n".join(header + body_lines) + "\n"
 
 

@@ -1,46 +1,201 @@
-"""Trace a model into a torch.fx GraphModule, with errors a user can act on.
+"""Trace a model into torch.fx GraphModules that compute exactly what the model computes.
 
-A model that cannot be traced (data-dependent control flow, an unsupported call) gets a
-:class:`~fxreplay.errors.TraceError` naming the module being traced and the source line,
-and saying what to do: mark the module a leaf, or pin boundaries around it.
+Plain symbolic tracing (``torch.fx.symbolic_trace``) gives readable, module-level graphs but
+silently computes another function on much of today's model code. This tracer keeps the
+readable graphs and closes those gaps:
+
+- **Concrete values beside the proxies.** When example inputs are given, every node is also
+  evaluated on them while tracing (on the real model, whose buffers and RNG are put back
+  afterwards). Where Python needs a value — ``assert t <= block_size``, ``if x.dim() == 4``,
+  ``range(T)``, ``len(x)`` — the tracer answers with the example's value *and records a
+  guard node* (:func:`guard`) that re-checks it whenever the stages run: an input for which
+  the code would have taken another path raises :class:`ShapeGuardError` instead of
+  returning numbers from the wrong function. Sizes used in tensor ops (``x.view(B, T, C)``,
+  ``self.bias[:, :, :T, :T]``) stay symbolic, so a smaller last batch works. Branching on a
+  tensor's *values* (data-dependent control flow) cannot be one graph: a clear error names
+  the module and the source line.
+- **Buffers are graph values.** ``self.ema.mul_(0.9)`` is recorded as a node that writes the
+  buffer (``proxy_buffer_attributes``), instead of running once at trace time.
+- **Both modes.** ``self.training`` is a Python bool, frozen at trace time; :func:`trace_modes`
+  traces the model in train and in eval mode (the eval graph is dropped when both are the
+  same code), so the stages can compute each mode exactly.
+- **torch.nn containers are traced through** (``nn.TransformerEncoder`` and its layers), so
+  they can be cut between their layers; real kernels (``nn.MultiheadAttention``, convs,
+  ``nn.LSTM``) stay leaves.
+- **Any output structure.** A dict, named tuple, dataclass, ``ModelOutput`` or nested output
+  is flattened into a tuple of leaves; :attr:`Traced.out_spec` rebuilds it.
+- **Activation checkpointing is reported**: regions wrapped in ``torch.utils.checkpoint``
+  are traced through (the numbers are exact) and listed in :attr:`Traced.checkpointed`, so
+  the compiler can say that the memory saving is not kept.
+
+A model that cannot be traced gets a :class:`~fxreplay.errors.TraceError` naming the module
+and the source line, with what to do: mark the module a leaf, or pin boundaries around it.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
+import operator
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as _fx_trace
+import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 from torch import nn
 
-from fxreplay.errors import TraceError
+from fxreplay.errors import ShapeGuardError, TraceError
+from fxreplay.profiling import is_tensor_container
 
-__all__ = ["FxReplayTracer", "trace", "tied_parameter_groups", "node_module_path"]
+__all__ = [
+    "FxReplayTracer",
+    "Traced",
+    "guard",
+    "trace",
+    "trace_modes",
+    "tied_parameter_groups",
+    "node_module_path",
+]
 
 # Files whose frames are never "the user's line": torch's own, and ours.
-_INTERNAL = ("/torch/", "/fxreplay/tracing.py", "/typing.py", "/contextlib.py")
+_INTERNAL = ("/torch/", "/fxreplay/tracing.py", "/typing.py", "/contextlib.py", "/functools.py")
+
+# torch.nn modules that only call their submodules: traced through, so a cut can fall
+# between their layers. Every other torch.nn module is a kernel and stays one leaf node.
+_CONTAINERS = (
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+class _Unknown:
+    """The concrete value of a proxy that could not be evaluated on the example inputs."""
+
+    def __repr__(self) -> str:
+        return "<unknown>"
+
+
+UNKNOWN: Any = _Unknown()
+
+
+class _DataDependent(Exception):
+    """Python branched on a tensor's values while tracing."""
+
+
+def guard(value: Any, expected: Any, where: str) -> None:
+    """Check, when the stages run, a value the traced code turned into a Python constant.
+
+    Raises:
+        ShapeGuardError: the value differs from the one seen at compile time, so the
+            graph is not the function the model computes on these inputs.
+    """
+    got = bool(value) if isinstance(expected, bool) else value
+    if got != expected:
+        raise ShapeGuardError(
+            f"the model's code at {where} was compiled for inputs where it gave {expected!r}, "
+            f"but these inputs give {got!r}: the stages would compute another function. "
+            "Compile (fxreplay partition / fxreplay.compile) with example inputs of the shape "
+            "you run, or drop the batches that differ (e.g. DataLoader(drop_last=True))."
+        )
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A Proxy whose value on the example inputs the tracer knows (see the module docstring)."""
+
+    tracer: FxReplayTracer
+
+    def __getattr__(self, k: str) -> Any:
+        return _ConcreteAttribute(self, k)
+
+    def __len__(self) -> int:
+        value = self.tracer.concrete(self, "len()")
+        n = len(value)
+        if isinstance(value, torch.Tensor):
+            self.tracer.add_guard(self.tracer.create_proxy("call_method", "size", (self, 0), {}), n)
+        return n
+
+    def __index__(self) -> int:
+        value = self.tracer.concrete(self, "an integer")
+        if not isinstance(value, int) or isinstance(value, bool):
+            value = operator.index(value)
+        self.tracer.add_guard(self, value)
+        return int(value)
+
+    def __int__(self) -> int:
+        return self.__index__()
+
+    def __float__(self) -> float:
+        value = float(self.tracer.concrete(self, "a float"))
+        self.tracer.add_guard(self, value)
+        return value
+
+
+class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
+    pass
+
+
+@dataclass
+class Traced:
+    """What tracing one mode of a model produced.
+
+    Attributes:
+        gm: the GraphModule (returns a tuple of leaves when ``out_spec`` is set).
+        out_spec: the pytree spec of the model's output when it is not a tensor or a flat
+            tuple of them (dict, named tuple, dataclass, nested), else None.
+        checkpointed: ``(module path, source line)`` of each ``torch.utils.checkpoint``
+            call traced through.
+        training: the mode traced.
+    """
+
+    gm: fx.GraphModule
+    out_spec: pytree.TreeSpec | None = None
+    checkpointed: list[tuple[str, str]] = field(default_factory=list)
+    training: bool = True
 
 
 class FxReplayTracer(fx.Tracer):
-    """A Tracer with configurable leaf modules that remembers where it is.
+    """A Tracer with configurable leaf modules, concrete values and guards.
 
     Args:
         leaf_modules: module class names (``"MyBlock"``), classes, or qualified names
             (``"layer3.1"``) to keep as single opaque nodes.
+        example_inputs: positional inputs to evaluate the graph on while tracing (without
+            them the tracer behaves like plain symbolic tracing for control flow).
     """
 
-    def __init__(self, leaf_modules: Iterable[str | type] = ()) -> None:
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None) -> None:
         super().__init__()
+        leaf_modules = list(leaf_modules)
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.where_stack: list[tuple[str, str]] = []
+        self.example_inputs = None if example_inputs is None else tuple(example_inputs)
+        self.values: dict[fx.Node, Any] = {}
+        self.out_spec: pytree.TreeSpec | None = None
+        self.checkpointed: list[tuple[str, str]] = []
+        self._placeholders: dict[str, Any] = {}
 
+    # -- leaves ------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if type(m) in _CONTAINERS:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
@@ -56,6 +211,236 @@ class FxReplayTracer(fx.Tracer):
         finally:
             self.where_stack.pop()
 
+    # -- concrete values -----------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     name: str | None = None, type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example_inputs is not None:
+            value = self._evaluate(kind, target, args, kwargs, proxy.node)
+            self.values[proxy.node] = value
+            if value is not UNKNOWN:
+                proxy.node.meta["is_tuple"] = isinstance(value, (tuple, list))
+                proxy.node.meta["is_container"] = is_tensor_container(value)
+        return proxy
+
+    def value_of(self, a: Any) -> Any:
+        """The concrete value of a proxy (or of a structure holding proxies)."""
+        if isinstance(a, fx.proxy.Attribute) and a._node is None:
+            base = self.value_of(a.root)
+            if base is UNKNOWN:
+                return UNKNOWN
+            try:
+                return getattr(base, a.attr)
+            except Exception:
+                return UNKNOWN
+        if isinstance(a, fx.Proxy):
+            return self.values.get(a.node, UNKNOWN)
+        if isinstance(a, (tuple, list)):
+            items = [self.value_of(v) for v in a]
+            if any(v is UNKNOWN for v in items):
+                return UNKNOWN
+            return type(a)(items) if not hasattr(a, "_fields") else type(a)(*items)
+        if isinstance(a, dict):
+            d = {k: self.value_of(v) for k, v in a.items()}
+            return UNKNOWN if any(v is UNKNOWN for v in d.values()) else d
+        if isinstance(a, slice):
+            parts = (self.value_of(a.start), self.value_of(a.stop), self.value_of(a.step))
+            return UNKNOWN if UNKNOWN in parts else slice(*parts)
+        return a
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any, node: fx.Node) -> Any:
+        if kind == "placeholder":
+            return self._placeholders.get(node.name, self._placeholders.get(str(target), UNKNOWN))
+        if kind == "output":
+            return UNKNOWN
+        a, k = self.value_of(tuple(args)), self.value_of(dict(kwargs))
+        if a is UNKNOWN or k is UNKNOWN:
+            return UNKNOWN
+        try:
+            with torch.no_grad(), _unpatched():
+                if kind == "get_attr":
+                    return _get_attr(self.root, str(target))
+                if kind == "call_function":
+                    return target(*a, **k)
+                if kind == "call_method":
+                    return getattr(a[0], str(target))(*a[1:], **k)
+                if kind == "call_module":
+                    return self.root.get_submodule(str(target))(*a, **k)
+        except Exception:
+            return UNKNOWN
+        return UNKNOWN
+
+    def concrete(self, proxy: fx.Proxy, what: str) -> Any:
+        """The value of ``proxy`` where Python needs one, or a TraceError saying why not."""
+        value = self.value_of(proxy)
+        if value is UNKNOWN:
+            raise TraceError(
+                f"the code needs {what} from a traced value ({proxy.node.format_node()}), and "
+                "its value on the example inputs is not known"
+                + ("" if self.example_inputs is not None else " (no example inputs were given)")
+            )
+        if isinstance(value, torch.Tensor) and what != "len()":
+            raise _DataDependent(
+                "the Python code turns a tensor's values into a Python value (data-dependent "
+                "control flow), which one graph cannot represent"
+            )
+        return value
+
+    def add_guard(self, proxy: fx.Proxy, expected: Any) -> None:
+        self.create_proxy("call_function", guard, (proxy, expected, _caller()), {})
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.value_of(obj)
+        if value is UNKNOWN:
+            return super().to_bool(obj)
+        if isinstance(value, torch.Tensor):
+            raise _DataDependent(
+                "a Python `if`/`while`/`assert` depends on a tensor's values (data-dependent "
+                "control flow), which one graph cannot represent"
+            )
+        result = bool(value)
+        self.add_guard(obj, result)
+        return result
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = self.value_of(obj)
+        if value is UNKNOWN:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(obj) if isinstance(value, torch.Tensor) else len(value))])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        value = self.value_of(obj)
+        if isinstance(value, dict):
+            return list(value.keys())
+        return super().keys(obj)
+
+    # -- inputs and outputs ----------------------------------------------------------------
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        if self.example_inputs is not None and is_module and not concrete_args:
+            # One placeholder per example input, named after forward's parameters; the
+            # other parameters keep their defaults (``attention_mask=None`` stays None,
+            # so ``is None`` checks tell the truth), and a ``**kwargs`` signature (Hugging
+            # Face) needs no rewriting of its code object.
+            params = list(inspect.signature(root_fn).parameters.values())[1:]
+            names = []
+            for i in range(len(self.example_inputs)):
+                p = params[i] if i < len(params) else None
+                ok = p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                names.append(p.name if ok and p is not None else f"input_{i}")
+            self._placeholders = dict(zip(names, self.example_inputs))
+            placeholders = [self.create_proxy("placeholder", name, (), {}) for name in names]
+
+            def fn(root: nn.Module, *inputs: Any) -> Any:
+                return root_fn(root, *inputs)
+
+            args: list[Any] = [self.root, *placeholders]
+        else:
+            fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def flattened(*a: Any) -> Any:
+            out = fn(*a)
+            _register_dataclasses(out)
+            leaves, spec = pytree.tree_flatten(out)
+            for leaf in leaves:
+                if not isinstance(leaf, (fx.Proxy, torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)):
+                    hint = (" For a Hugging Face model this is the key/value cache, which training does not use: "
+                            "build the model with use_cache=False (model.config.use_cache = False).") if "Cache" in type(leaf).__name__ else ""
+                    raise TraceError(
+                        f"the model returns a {type(leaf).__module__}.{type(leaf).__qualname__} object among its outputs; "
+                        "stages can return tensors, numbers, strings and tuples, lists, dicts, named tuples or "
+                        f"dataclasses of them.{hint} Otherwise return what the loss needs from forward."
+                    )
+            if spec.is_leaf() or (spec.type is tuple and all(c.is_leaf() for c in spec.children())):
+                return out  # a value or a flat tuple: the graph returns it as it is
+            self.out_spec = spec
+            return tuple(leaves)
+
+        return flattened, args
+
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        ckpt = torch.utils.checkpoint
+        saved = (ckpt.checkpoint, ckpt._checkpoint_without_reentrant_generator_impl, ckpt.CheckpointFunction)
+
+        def note() -> None:
+            path = self.where_stack[-1][0] if self.where_stack else ""
+            self.checkpointed.append((path, _caller()))
+
+        # Checkpointed regions are traced into the graph (same numbers); the memory saving
+        # is not kept, so they are recorded for the compiler to warn about. Three entry
+        # points: ``torch.utils.checkpoint.checkpoint`` looked up at call time, a
+        # ``checkpoint`` imported by name (its non-reentrant and reentrant internals).
+        def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            note()
+            for key in ("use_reentrant", "context_fn", "determinism_check", "debug", "preserve_rng_state", "early_stop"):
+                kwargs.pop(key, None)
+            return function(*args, **kwargs)
+
+        def non_reentrant(*args: Any, **kwargs: Any) -> Iterator[None]:
+            note()
+            yield
+
+        class Reentrant:
+            @staticmethod
+            def apply(function: Callable[..., Any], preserve: bool, *args: Any) -> Any:
+                note()
+                return function(*args)
+
+        ckpt.checkpoint, ckpt._checkpoint_without_reentrant_generator_impl, ckpt.CheckpointFunction = (  # type: ignore[assignment]
+            checkpoint, non_reentrant, Reentrant)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            ckpt.checkpoint, ckpt._checkpoint_without_reentrant_generator_impl, ckpt.CheckpointFunction = saved  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _unpatched() -> Iterator[None]:
+    """While tracing, torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` to record
+    calls; evaluating a module on concrete values must run the real ones."""
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__ = _fx_trace._orig_module_call  # type: ignore[method-assign]
+    nn.Module.__getattr__ = _fx_trace._orig_module_getattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = getattr_  # type: ignore[method-assign]
+
+
+def _register_dataclasses(out: Any) -> None:
+    """Let pytree flatten (and rebuild) the user's own dataclass outputs."""
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        if type(out) not in pytree.SUPPORTED_NODES:
+            pytree.register_dataclass(type(out))
+        for f in dataclasses.fields(out):
+            _register_dataclasses(getattr(out, f.name))
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            _register_dataclasses(v)
+    elif isinstance(out, dict):
+        for v in out.values():
+            _register_dataclasses(v)
+
+
+def _caller() -> str:
+    """Where the traced code is, for messages: ``file:line: `code``` of the innermost frame
+    outside the tracer, and when that is torch's own code, the user's line that called it."""
+    stack = [f for f in reversed(traceback.extract_stack()) if not any(
+        part in f.filename.replace("\\", "/") for part in ("/fxreplay/tracing.py", "/torch/fx/", "/contextlib.py", "/functools.py"))]
+    if not stack:
+        return "an unknown place"
+
+    def fmt(f: traceback.FrameSummary) -> str:
+        return f"{f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
+
+    user = next((f for f in stack if not any(part in f.filename.replace("\\", "/") for part in _INTERNAL)), None)
+    if user is None or user is stack[0]:
+        return fmt(user or stack[0])
+    return f"{fmt(stack[0])} (called from {fmt(user)})"
+
 
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     frames = traceback.extract_tb(exc.__traceback__)
@@ -70,36 +455,102 @@ def _trace_error(exc: BaseException, stack: list[tuple[str, str]]) -> TraceError
     where = f"module {path!r} ({cls})" if path else f"the top-level module ({cls})"
     frame = _user_frame(exc)
     line = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
-    fix = (
-        f"Mark it a leaf so it stays one opaque node (--leaf {cls}, or leaf_modules=[{cls!r}]), "
-        "or rewrite the code without data-dependent control flow"
-    )
+    if isinstance(exc, _DataDependent):
+        cause = f"{exc}"
+        fix = (
+            f"Mark the module a leaf so it runs as one opaque node (--leaf {cls}, or "
+            f"leaf_modules=[{cls!r}]), or compute the condition with tensor ops (torch.where)"
+        )
+    else:
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        fix = (
+            f"Mark it a leaf so it stays one opaque node (--leaf {cls}, or leaf_modules=[{cls!r}]), "
+            "or rewrite the code so that it can be traced"
+        )
     if path:
         fix += f", and pin boundaries around it if you want it alone in a stage (--boundary {path})"
-    return TraceError(
-        f"torch.fx could not trace {where}{line}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-        f"{fix}."
-    )
+    return TraceError(f"torch.fx could not trace {where}{line}: {cause}. {fix}.")
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` (which is not modified).
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Buffers and RNG as they were: evaluating the graph while tracing must leave no trace."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None) -> Traced:
+    """Trace ``model`` in its current mode (the model is not modified).
 
     The GraphModule shares the model's submodules and parameters, so training the stages
     trains the original model.
 
+    Args:
+        example_inputs: positional inputs of one forward: sizes read as Python values are
+            then concrete (with guards), see the module docstring.
+
     Raises:
         TraceError: naming the module and source line that could not be traced.
     """
-    tracer = FxReplayTracer(leaf_modules)
+    inputs = None if example_inputs is None else tuple(
+        v.detach().clone() if isinstance(v, torch.Tensor) else v for v in example_inputs
+    )
+    tracer = FxReplayTracer(leaf_modules, inputs)
+    attributes = set(model.__dict__)
     try:
-        graph = tracer.trace(model)
+        with _state_kept(model):
+            graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except TraceError:
         raise
     except Exception as exc:
         raise _trace_error(exc, tracer.where_stack) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    finally:
+        tracer.values.clear()
+        # torch.fx stores the tensor constants it meets on the model itself; the
+        # GraphModule has its own reference, the user's model stays as it was.
+        for name in set(model.__dict__) - attributes:
+            delattr(model, name)
+    return Traced(gm=gm, out_spec=tracer.out_spec, checkpointed=list(tracer.checkpointed), training=model.training)
+
+
+def trace_modes(
+    model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None
+) -> tuple[Traced, Traced | None]:
+    """Trace ``model`` in train mode and in eval mode.
+
+    Returns:
+        ``(train, eval)``; ``eval`` is None when both modes trace to the same code (the
+        modules that behave differently, Dropout or BatchNorm, then do so by themselves).
+    """
+    leaf_modules = list(leaf_modules)
+    was = model.training
+    try:
+        model.train(True)
+        train = trace(model, leaf_modules, example_inputs)
+        model.train(False)
+        evaluation = trace(model, leaf_modules, example_inputs)
+    finally:
+        model.train(was)
+    if evaluation.gm.code == train.gm.code and evaluation.out_spec == train.out_spec:
+        return train, None
+    # Tensor constants of the two traces share names (_tensor_constant0…) but may differ:
+    # the eval ones are renamed, as both graphs end up on one stage module.
+    gm = evaluation.gm
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "." not in str(node.target) and str(node.target).startswith("_tensor_constant"):
+            renamed = f"_eval{node.target}"
+            setattr(gm, renamed, getattr(gm, str(node.target)))
+            node.target = renamed
+    gm.recompile()
+    return train, evaluation
 
 
 def node_module_path(node: fx.Node) -> str:
@@ -115,33 +566,53 @@ def node_module_path(node: fx.Node) -> str:
     return ""
 
 
+def _writes_first_arg(node: fx.Node) -> bool:
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+
+
 def tied_parameter_groups(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node]]]:
-    """Parameters that more than one graph node uses (tied weights, reused modules).
+    """State that more than one graph node uses: tied weights, reused modules, and buffers
+    that the graph writes in place and reads elsewhere.
 
     Returns:
-        ``(parameter name, nodes that use it)`` for each such parameter: these nodes must
-        stay in one stage, or the stages would hold diverging copies of one weight.
+        ``(name, nodes that use it)`` for each: these nodes must stay in one stage, or the
+        stages would hold diverging copies of one weight or buffer.
     """
     users: dict[int, list[fx.Node]] = {}
     names: dict[int, str] = {}
+    written: set[int] = set()
     for node in gm.graph.nodes:
-        params: list[tuple[str, torch.Tensor]] = []
+        state: list[tuple[str, torch.Tensor]] = []
+        at: list[fx.Node] = [node]
         if node.op == "call_module":
             sub = gm.get_submodule(str(node.target))
-            params = [(f"{node.target}.{n}", p) for n, p in sub.named_parameters(remove_duplicate=False)]
+            state = [(f"{node.target}.{n}", p) for n, p in sub.named_parameters(remove_duplicate=False)]
         elif node.op == "get_attr":
             value = _get_attr(gm, str(node.target))
-            if isinstance(value, nn.Parameter):
-                params = [(str(node.target), value)]
-        for name, p in params:
+            if isinstance(value, torch.Tensor):
+                state = [(str(node.target), value)]
+                # The nodes that read the value are where it is used (a get_attr is re-read
+                # by every stage that needs it).
+                at = [u for u in node.users if u.op != "output"]
+                # A buffer written in place (an EMA) is state like a weight: whoever reads
+                # it must be in the stage that writes it.
+                if not isinstance(value, nn.Parameter) and any(_writes_first_arg(u) and u.args[0] is node for u in node.users):
+                    written.add(id(value))
+        for name, p in state:
             key = id(p)
             names.setdefault(key, name)
-            if node not in users.setdefault(key, []):
-                users[key].append(node)
-    return [(names[k], nodes) for k, nodes in users.items() if len(nodes) > 1]
+            for n in at:
+                if n not in users.setdefault(key, []):
+                    users[key].append(n)
+    params = {id(p) for p in gm.parameters()}
+    return [
+        (names[k], nodes) for k, nodes in users.items()
+        if len(nodes) > 1 and (k in params or k in written)
+    ]
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+def _get_attr(gm: nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

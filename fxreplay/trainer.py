@@ -11,7 +11,7 @@ under the original model's keys.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
 from fxreplay.executor import executor_for
+from fxreplay.metrics import Evaluation, MetricFn, default_loss
 
 __all__ = ["Trainer", "place_stages", "distributed_job"]
 
@@ -62,7 +63,9 @@ class Trainer:
         pipe: the compiled pipeline (``fxreplay.compile`` or ``fxreplay.load``).
         method: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
         optimizer: builds one optimizer per stage from that stage's parameters.
-        loss_fn: ``loss_fn(output, target)``.
+        loss_fn: ``loss_fn(output, target)``, where ``output`` is exactly what the model
+            returns; default :func:`fxreplay.metrics.default_loss` (cross-entropy on the
+            predictions, per token for (B, T, V) outputs).
         lr_scales: per-stage multipliers of the learning rate (e.g. ``[2, 1, 1, 1]`` for the
             official code's doubled lr on module 1); default all 1.
         synth_optimizer: DNI's synthesizer optimizer factory (default Adam, lr 1e-4).
@@ -90,7 +93,7 @@ class Trainer:
         self.pipe = pipe
         self.method = method
         factory = optimizer or (lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4))
-        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.loss_fn = loss_fn or default_loss
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
         self.distributed = distributed_job()
@@ -149,24 +152,28 @@ class Trainer:
         return self.executor.last_output
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
+    def evaluate(self, loader: Iterable[Any], metrics: Mapping[str, MetricFn] | None = None) -> dict[str, float]:
         """Plain forward through the stages in eval mode; FR histories and δ are untouched.
 
+        Args:
+            loader: batches ``(inputs..., target)``.
+            metrics: extra ``name -> metric(output, target)`` (a batch mean, averaged over
+                the examples); ``output`` is exactly what the model returns.
+
         Returns:
-            ``{"loss": mean loss, "accuracy": fraction correct, "samples": n}``.
+            ``loss`` (mean), ``samples``, and what fits the output (see
+            :mod:`fxreplay.metrics`): ``accuracy`` for (N, C) class scores, per-token
+            ``accuracy`` and ``perplexity`` for (B, T, V) token scores, then ``metrics``.
         """
         self.train(False)
-        total, correct, loss_sum = 0, 0, 0.0
+        evaluation = Evaluation(metrics)
         try:
             for *inputs, target in loader:
                 out = self.executor.forward(*inputs)
-                target = target.to(out.device)
-                loss_sum += float(self.loss_fn(out, target)) * len(target)
-                correct += int((out.argmax(dim=1) == target).sum())
-                total += len(target)
+                evaluation.add(out, target, float(self.loss_fn(out, target)))
         finally:
             self.train(True)
-        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1), "samples": float(total)}
+        return evaluation.result()
 
     def state_dict(self) -> dict[str, Any] | None:
         """Everything needed to resume exactly (weights, optimizers, histories, δ in flight).

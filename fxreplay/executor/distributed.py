@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 from torch import nn
 
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
@@ -536,6 +537,4 @@ def _detach(payload: Any) -> Any:
 
 
 def _to_cpu(out: Any) -> Any:
-    if isinstance(out, tuple):
-        return tuple(_to_cpu(v) for v in out)
-    return out.detach().cpu() if isinstance(out, torch.Tensor) else out
+    return tree_map(lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v, out)

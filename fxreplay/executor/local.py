@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, RngState, as_tuple, frozen_norm_stats, restored_rng
+from ..methods.base import LossFn, OptimizerFactory, RngState, as_tuple, frozen_norm_stats, kept_buffers, restored_rng
 from ..schedule import Action, validate
 
 __all__ = ["LocalExecutor"]
@@ -252,6 +252,7 @@ class LocalExecutor:
             stack.enter_context(restored_rng(rng, device))
             for w in self.workers:
                 stack.enter_context(frozen_norm_stats(w.norms))
+                stack.enter_context(kept_buffers(w.written))
             stack.enter_context(torch.enable_grad())
             out = self._chain(inputs)
             last = self.workers[-1].device

@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import TrainingError
@@ -42,6 +43,8 @@ __all__ = [
     "capture_rng",
     "restored_rng",
     "frozen_norm_stats",
+    "kept_buffers",
+    "written_buffers",
 ]
 
 OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
@@ -62,8 +65,9 @@ def as_tuple(value: Any) -> tuple[Any, ...]:
     return value if isinstance(value, tuple) else (value,)
 
 
-def _detached(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
+def detached(value: Any) -> Any:
+    """``value`` (a tensor, or any structure of them: a model's output) without autograd history."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _is_diff(v: Any) -> bool:
@@ -111,6 +115,49 @@ def frozen_norm_stats(norms: Iterable[_BatchNorm]) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def written_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """Buffers a stage's forward writes in place other than BatchNorm's (see
+    :func:`frozen_norm_stats`): a buffer the model's own code updates (an EMA, a counter),
+    and the buffers of leaf modules that are not torch.nn's (their code is not visible).
+
+    Read from the stage's graph; a module without one reports none.
+    """
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return []
+    found: dict[int, torch.Tensor] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value: Any = module
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            writes = any(
+                u.op in ("call_method", "call_function") and u.args and u.args[0] is node
+                and (str(u.target) if u.op == "call_method" else getattr(u.target, "__name__", "")).endswith("_")
+                for u in node.users
+            )
+            if writes and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                found[id(value)] = value
+        elif node.op == "call_module":
+            sub = module.get_submodule(str(node.target))
+            if not type(sub).__module__.startswith("torch."):
+                found.update((id(b), b) for b in sub.buffers())
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def kept_buffers(buffers: Iterable[torch.Tensor]) -> Iterator[None]:
+    """The buffers hold, after the block, what they held before it (a forward that must not
+    count as an update, like FR's replay or σ's BP pass)."""
+    saved = [(b, b.detach().clone()) for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
 class StageWorker:
     """One stage of a method: runs that stage's schedule actions, talks through a Link.
 
@@ -151,6 +198,7 @@ class StageWorker:
             first = next(iter(module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        self.written = written_buffers(module)
         self.grad_batch: int | None = None
         self.meter: MemoryMeter | None = None
         self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
@@ -216,10 +264,9 @@ class StageWorker:
                 y = y.to(self.device) if isinstance(y, torch.Tensor) else y
                 loss = self.loss_fn(out, y)
         if self.is_last:
-            shown = _detached(out) if isinstance(out, tuple) else out.detach()
-            link.send("out", batch, (loss.detach(), shown))
+            link.send("out", batch, (loss.detach(), detached(out)))
             return (batch, inputs, loss, saved)
-        link.send("act", batch, _detached(as_tuple(out)))
+        link.send("act", batch, detached(as_tuple(out)))
         return (batch, inputs, out, saved)
 
     def backprop(self, entry: tuple[Any, ...], link: Link, params: list[torch.Tensor] | None = None) -> None:

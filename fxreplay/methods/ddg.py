@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ..measure import StorageMap, storages_of
-from .base import Link, RngState, StageWorker, capture_rng, frozen_norm_stats, restored_rng
+from .base import Link, RngState, StageWorker, capture_rng, frozen_norm_stats, kept_buffers, restored_rng
 
 __all__ = ["DDGWorker"]
 
@@ -85,9 +85,11 @@ class DDGWorker(StageWorker):
             return
         stored = self.graphs.popleft()
         assert stored.batch == batch, f"DDG stage {self.stage}: oldest graph is batch {stored.batch}, δ is for {batch}"
-        if stored.result is None:
-            self._rebuild(stored)
-        self.backprop((batch, stored.inputs, stored.result, stored.saved), link, params=stored.params)
+        # A graph rebuilt after a resume must not update the model's own buffers again.
+        with kept_buffers(self.written if stored.result is None else ()):
+            if stored.result is None:
+                self._rebuild(stored)
+            self.backprop((batch, stored.inputs, stored.result, stored.saved), link, params=stored.params)
 
     def _rebuild(self, stored: _Stored) -> None:
         """Recompute a graph dropped by a checkpoint: same weights, same RNG, no BN update."""

@@ -19,7 +19,9 @@ the δ in flight persist across epochs.
 
 BatchNorm running statistics are updated exactly once per batch, by the play (train mode);
 the replay normalises with the replayed batch's own statistics and writes no buffer (see
-:func:`~fxreplay.methods.base.frozen_norm_stats`).
+:func:`~fxreplay.methods.base.frozen_norm_stats`). Buffers the model's own code writes (an
+EMA) are likewise updated by the play only: the replay computes with their current value,
+and they are put back after its backward.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class FRWorker(StageWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.history: deque[tuple[int, tuple[Any, ...], RngState]] = deque()
+        self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def op_F(self, batch: int, link: Link) -> None:
         """The play (Alg. 1 lines 5-7); the last stage's play keeps its graph (line 9)."""
@@ -65,6 +68,10 @@ class FRWorker(StageWorker):
         stored_batch, stored, rng = self.history[0]
         assert stored_batch == batch, f"FR stage {self.stage}: history starts at batch {stored_batch}, replay wants {batch}"
         inputs = self.leaf_inputs(stored)
+        # Buffers the model writes itself (an EMA) are put back after the backward (op_B):
+        # the replay must not update them a second time, and restoring them before the
+        # backward could change a tensor autograd saved.
+        self._kept = [(b, b.detach().clone()) for b in self.written]
         with restored_rng(rng, self.device), frozen_norm_stats(self.norms), self.recording() as saved:
             out = self.module(*inputs)
         self._live = (batch, inputs, out, saved)
@@ -79,6 +86,10 @@ class FRWorker(StageWorker):
         if not self.is_last:
             self.history.popleft()
         self.backprop(entry, link)
+        with torch.no_grad():
+            for b, v in self._kept:
+                b.copy_(v)
+        self._kept = []
 
     def held_storages(self) -> list[StorageMap]:
         return super().held_storages() + [storages_of(inputs) for _, inputs, _ in self.history]

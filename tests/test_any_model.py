@@ -1,0 +1,230 @@
+"""The stages compute exactly what the model computes, in both modes, for models written
+elsewhere: nanoGPT, an SDPA GPT, nn.TransformerEncoder, dict / dataclass / named-tuple
+outputs, an EMA buffer, checkpointed blocks, torchvision's stochastic-depth models and
+Hugging Face's GPT-2 and BERT; and they train with every method."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+import fxreplay
+import zoo_external as Z
+from fxreplay.errors import ShapeGuardError
+from fxreplay.metrics import default_loss
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Same structure and type, every tensor allclose (absolute and relative)."""
+    assert type(a) is type(b), (type(a), type(b))
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            assert x == y
+
+
+def buffers_of(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for b in model.buffers()]
+
+
+def check_composes(model: nn.Module, inputs: tuple[Any, ...], pipe: fxreplay.Pipeline) -> None:
+    """Both modes, same RNG seed, same buffers before: same outputs and same buffers after."""
+    for mode in (True, False):
+        model.train(mode)
+        pipe.train(mode)
+        before = buffers_of(model)
+        torch.manual_seed(11)
+        expected = model(*inputs)
+        after = buffers_of(model)
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), before):
+                b.copy_(v)
+        torch.manual_seed(11)
+        got = pipe(*inputs)
+        assert_same(got, expected)
+        for b, v in zip(model.buffers(), after):
+            assert torch.equal(b, v), "the stages updated a buffer differently from the model"
+
+
+SMALL: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]]] = {
+    "nanogpt": (Z.NanoGPT, lambda: (torch.randint(0, 64, (3, 16)),)),
+    "sdpa_gpt": (Z.SdpaGPT, lambda: (torch.randint(0, 64, (3, 16)),)),
+    "encoder": (Z.EncoderClassifier, lambda: (torch.randint(0, 50, (3, 10)),)),
+    "dict": (Z.DictNet, lambda: (torch.randn(5, 8),)),
+    "dataclass": (Z.DataclassNet, lambda: (torch.randn(5, 8),)),
+    "namedtuple": (Z.NamedTupleNet, lambda: (torch.randn(5, 8),)),
+    "ema": (Z.EMANet, lambda: (torch.randn(5, 8),)),
+    "checkpointed": (Z.CheckpointedNet, lambda: (torch.randn(5, 8),)),
+    "size_loop": (Z.SizeLoop, lambda: (torch.randn(5, 4, 8),)),
+}
+
+
+@pytest.mark.parametrize("compiled_in_train_mode", [True, False])
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_stages_equal_the_model_in_both_modes(name: str, K: int, compiled_in_train_mode: bool) -> None:
+    build, make_inputs = SMALL[name]
+    model = build().train(compiled_in_train_mode)
+    inputs = make_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = fxreplay.compile(model, inputs, K=K, cost="flops")
+    assert model.training == compiled_in_train_mode
+    check_composes(model, inputs, pipe)
+    check_composes(model, make_inputs(), pipe)  # other values of the same shape
+
+
+def test_checkpointed_regions_warn_with_their_place() -> None:
+    with pytest.warns(UserWarning, match=r"torch.utils.checkpoint regions are traced through.*zoo_external.py:\d+"):
+        fxreplay.compile(Z.CheckpointedNet(), (torch.randn(4, 8),), K=2, cost="flops")
+
+
+def test_four_block_gpt_balances_at_K4() -> None:
+    pipe = fxreplay.compile(Z.NanoGPT(), (torch.randint(0, 64, (8, 16)),), K=4, cost="flops")
+    assert pipe.plan.balance <= 1.3
+
+
+def test_other_batch_sizes_work_and_other_sequence_shapes_are_refused() -> None:
+    model = Z.SizeLoop().eval()
+    pipe = fxreplay.compile(model, (torch.randn(8, 4, 8),), K=2, cost="flops").eval()
+    x = torch.randn(3, 4, 8)
+    assert_same(pipe(x), model(x))
+    with pytest.raises(ShapeGuardError, match=r"range\(x.size\(1\)\).*gave 4.*give 5.*with example inputs of the shape you run"):
+        pipe(torch.randn(3, 5, 8))
+
+
+@pytest.mark.parametrize("name", ["swin_t", "efficientnet_b0", "convnext_tiny"])
+def test_torchvision_stochastic_depth_models(name: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops import StochasticDepth
+
+    model = getattr(torchvision.models, name)(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, StochasticDepth):
+            m.p = 0.5  # visible in one step
+        if hasattr(m, "layer_scale"):
+            m.layer_scale.data.fill_(1.0)  # a fresh layer scale of 1e-6 would hide a wrong branch
+    x = torch.randn(2, 3, 32, 32)
+    for K, mode in ((4, True), (2, False)):
+        model.train(mode)
+        pipe = fxreplay.compile(model, (x,), K=K, cost="flops")
+        assert pipe.eval_graph_module is not None  # they read self.training
+        check_composes(model, (x,), pipe)
+
+
+@pytest.mark.parametrize("method", ["bp", "fr", "ddg", "dni"])
+def test_structured_output_trains_with_every_method(method: str) -> None:
+    torch.manual_seed(0)
+    model = Z.DictNet()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    pipe = fxreplay.compile(model, (x,), K=3, cost="flops")
+    trainer = fxreplay.Trainer(pipe, method=method, loss_fn=lambda out, t: nn.functional.cross_entropy(out["logits"], t))
+    losses = [trainer.step(x, y) for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert isinstance(trainer.last_output, dict) and set(trainer.last_output) == {"logits", "features", "scale"}
+    result = trainer.evaluate([(x, y)])
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["samples"] == 16
+    sd = trainer.model_state_dict()
+    assert set(sd) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("method", ["bp", "fr", "ddg"])
+def test_nanogpt_trains_and_reports_perplexity(method: str) -> None:
+    torch.manual_seed(0)
+    model = Z.NanoGPT(Z.GPTConfig(dropout=0.0))
+    ids = torch.randint(0, 64, (8, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+    pipe = fxreplay.compile(model, (x,), K=4, cost="flops")
+    trainer = fxreplay.Trainer(pipe, method=method, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    losses = [trainer.step(x, y) for _ in range(40)]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns the batch
+    result = trainer.evaluate([(x, y)])
+    assert set(result) == {"loss", "samples", "accuracy", "perplexity"}
+    assert result["perplexity"] == pytest.approx(torch.tensor(result["loss"]).exp().item())
+
+
+def test_bp_through_stages_of_a_dropout_model_equals_bp_on_the_model() -> None:
+    """Dropout included: the same RNG seed gives the same masks through the stages."""
+    torch.manual_seed(0)
+    reference = Z.SdpaGPT()
+    model = Z.SdpaGPT()
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 64, (4, 16))
+    pipe = fxreplay.compile(model.eval(), (ids,), K=3, cost="flops")  # compiled in eval mode
+    trainer = fxreplay.Trainer(pipe, method="bp", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference.train()
+    for step in range(4):
+        torch.manual_seed(100 + step)
+        trainer.step(ids, ids)
+        torch.manual_seed(100 + step)
+        opt.zero_grad()
+        default_loss(reference(ids), ids).backward()
+        opt.step()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(trainer.model_state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+class InputEMA(nn.Module):
+    """A buffer updated from the input alone (weight-independent), so the expected value
+    after T training steps is known in closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(8))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.ema.mul_(0.5).add_(x.mean(0) * 0.5)
+            self.count.add_(1)
+        h = torch.relu(self.a(x - self.ema))
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("method", ["fr", "bp", "ddg", "dni"])
+def test_buffer_written_in_forward_updates_once_per_step(method: str) -> None:
+    model = InputEMA()
+    batches = [(torch.randn(6, 8), torch.randint(0, 3, (6,))) for _ in range(6)]
+    pipe = fxreplay.compile(model, (batches[0][0],), K=3, cost="flops")
+    assert "ema" in pipe.stages[0].code  # the writing stage replays under FR
+    trainer = fxreplay.Trainer(pipe, method=method)
+    expected = torch.zeros(8)
+    for x, y in batches:
+        trainer.step(x, y)
+        expected = expected * 0.5 + x.mean(0) * 0.5
+        torch.testing.assert_close(model.ema, expected)
+    assert int(model.count) == len(batches)
+    trainer.evaluate([batches[0]])
+    torch.testing.assert_close(model.ema, expected)  # eval mode writes nothing
+    assert int(model.count) == len(batches)
+
+
+def test_hugging_face_models_compile_compose_and_train() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=4, n_head=2, use_cache=False, tie_word_embeddings=False))
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, num_labels=3))
+    ids = torch.randint(0, 64, (4, 16))
+    for model, target in ((gpt2, ids), (bert, torch.randint(0, 3, (4,)))):
+        for K in (2, 4):
+            pipe = fxreplay.compile(model, (ids,), K=K, cost="flops")
+            check_composes(model, (ids,), pipe)
+        for method in ("bp", "fr"):
+            pipe = fxreplay.compile(model, (ids,), K=2, cost="flops")
+            trainer = fxreplay.Trainer(pipe, method=method)
+            losses = [trainer.step(ids, target) for _ in range(3)]
+            assert all(torch.isfinite(torch.tensor(losses)))
+            assert type(trainer.last_output).__name__.endswith("Output") or "Output" in type(trainer.last_output).__name__
