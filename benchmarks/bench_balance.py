@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    gm = trace(get(args.model))
+    gm = trace(get(args.model)).gm
     profile(gm, (torch.randn(args.batch_size, 3, 32, 32),))
     cg = build_cost_graph(gm)
     yardstick = cg.problem("flops", "fr")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import sys
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fxreplay.errors import FxReplayError
+from fxreplay.errors import FxReplayError, FxReplayWarning
 
 app = typer.Typer(
     name="fxreplay",
@@ -71,6 +72,7 @@ def partition(
     leaf: Annotated[Optional[list[str]], typer.Option("--leaf", help="module class or qualified name to keep opaque (repeatable)")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="per-example input shape, e.g. 3,32,32 [default: example_inputs() of a model file; 3,224,224 for torchvision; 3,32,32 for the CIFAR zoo]")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size of the example input (boundary bytes and memory are per batch)")] = 128,
+    input_dtype: Annotated[Optional[str], typer.Option(help="dtype of the example input with --input-shape: float32 (default), int64 for token ids (zeros)")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="passed to the model builder")] = None,
     profile_device: Annotated[Optional[str], typer.Option(help="profile (and time, for --cost time) on this device, e.g. cuda:0")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads to time nodes with [default: cores / K, what each rank of `train --nproc K` gets]")] = None,
@@ -94,14 +96,20 @@ def partition(
                     f"{model} gives no example inputs: pass --input-shape (per example, e.g. 3,32,32) "
                     "and --batch-size, or define example_inputs() in the model file."
                 )
-            inputs = make_example_inputs(shape, batch_size)
+            inputs = make_example_inputs(shape, batch_size, dtype=input_dtype)
         device_list = [d.strip() for d in devices.split(",")] if devices else None
         spec = ModelSpec(spec=model, input_shape=tuple(shape) if shape else None, batch_size=batch_size if shape else None,
                          num_classes=num_classes, leaf_modules=tuple(leaf or ()))
-        with _profile_bar(model, quiet=as_json) as progress:
+        with _profile_bar(model, quiet=as_json) as progress, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
                                  boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
                                  profile_device=profile_device, progress=progress, threads=threads, refine=refine)
+        for w in caught:
+            if issubclass(w.category, FxReplayWarning):
+                err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
         pipe.save(target)
     except FxReplayError as exc:

@@ -19,7 +19,7 @@ from torch import nn
 
 from fxreplay.checkpoint import save_atomic
 from fxreplay.costgraph import COST_MODELS, CostGraph, build_cost_graph
-from fxreplay.errors import PartitionError, PlanError
+from fxreplay.errors import FxReplayWarning, PartitionError, PlanError
 from fxreplay.loading import load_model, make_example_inputs
 from fxreplay.partition import Device, Partition, Problem, solve
 from fxreplay.plan import ModelSpec, Plan, StagePlan, parse_device
@@ -193,7 +193,8 @@ def compile(
     if spec.input_shape is None and len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
         # One batched tensor: record its shape, so fxreplay.load(dir, model=...) needs no inputs.
         x = example_inputs[0]
-        spec = replace(spec, input_shape=tuple(x.shape[1:]), batch_size=spec.batch_size or int(x.shape[0]))
+        spec = replace(spec, input_shape=tuple(x.shape[1:]), batch_size=spec.batch_size or int(x.shape[0]),
+                       input_dtype=None if x.dtype == torch.float32 else str(x.dtype).removeprefix("torch."))
 
     def pipeline(p: Partition) -> Pipeline:
         return _pipeline(model, traced, cg, _make_plan(cg, p, devs, cost, method, tuple(boundaries or ()), spec))
@@ -269,6 +270,7 @@ def _trace(model: nn.Module, leaf_modules: Sequence[str | type], example_inputs:
             f"activations (the numbers are the same, the memory saving is not kept): {places}. "
             "FR already recomputes each stage in its replay; to recompute a block inside a stage "
             "too, mark it a leaf (--leaf) and checkpoint inside it.",
+            FxReplayWarning,
             stacklevel=3,
         )
     return train, evaluation
@@ -323,7 +325,7 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
     if example_inputs is None:
         if plan.model.input_shape is None:
             raise PlanError(f"the plan in {plan_dir} gives no model.input_shape and the model file no example_inputs(); add one of them.")
-        example_inputs = make_example_inputs(plan.model.input_shape, plan.model.batch_size or 1)
+        example_inputs = make_example_inputs(plan.model.input_shape, plan.model.batch_size or 1, dtype=plan.model.input_dtype)
     traced = _trace(model, plan.model.leaf_modules, tuple(example_inputs))
     gm = traced[0].gm
     names = [n.name for n in gm.graph.nodes if n.op != "output"]

@@ -17,6 +17,7 @@ __all__ = [
     "TrainingError",
     "DivergenceError",
     "CheckpointError",
+    "FxReplayWarning",
 ]
 
 
@@ -63,3 +64,7 @@ class DivergenceError(TrainingError):
 
 class CheckpointError(FxReplayError):
     """A checkpoint is missing, corrupt or from a different run."""
+
+
+class FxReplayWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it)."""

@@ -181,12 +181,20 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
     return LoadedModel(_instantiate(obj, where, kwargs), _example_inputs_of(module), spec)
 
 
-def make_example_inputs(input_shape: Sequence[int], batch_size: int, seed: int = 0) -> tuple[torch.Tensor]:
-    """One random float input of shape ``(batch_size, *input_shape)``, reproducible by seed."""
+def make_example_inputs(input_shape: Sequence[int], batch_size: int, seed: int = 0, dtype: str | None = None) -> tuple[torch.Tensor]:
+    """One input of shape ``(batch_size, *input_shape)``: random floats reproducible by seed,
+    or zeros for an integer ``dtype`` such as ``"int64"`` (token ids: index 0 is valid in
+    every embedding)."""
     if not input_shape or any(int(s) <= 0 for s in input_shape) or batch_size <= 0:
         raise ModelLoadError(
             f"bad input shape {list(input_shape)} / batch size {batch_size}: give positive sizes, "
             "e.g. --input-shape 3,32,32 --batch-size 128."
         )
+    shape = (batch_size, *[int(s) for s in input_shape])
+    kind = getattr(torch, dtype or "float32", None)
+    if not isinstance(kind, torch.dtype):
+        raise ModelLoadError(f"unknown input dtype {dtype!r}: use a torch dtype name such as float32 or int64.")
+    if not kind.is_floating_point:
+        return (torch.zeros(shape, dtype=kind),)
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch_size, *[int(s) for s in input_shape], generator=gen),)
+    return (torch.randn(shape, generator=gen).to(kind),)

@@ -28,6 +28,7 @@ class ModelSpec:
 
     spec: str | None = None  # e.g. "examples/branchy_net.py", "resnet56", "torchvision:resnet50"
     input_shape: tuple[int, ...] | None = None  # per-example shape, when the model file gives no example_inputs()
+    input_dtype: str | None = None  # e.g. "int64" for token ids (default: float32)
     batch_size: int | None = None  # the batch the profile and boundary bytes are for
     num_classes: int | None = None
     leaf_modules: tuple[str, ...] = ()
@@ -137,6 +138,7 @@ class Plan:
         model = ModelSpec(
             spec=_typed(m, "spec", str, f"{source}: model", default=None),
             input_shape=tuple(shape) if shape is not None else None,
+            input_dtype=_typed(m, "input_dtype", str, f"{source}: model", default=None),
             batch_size=_typed(m, "batch_size", int, f"{source}: model", default=None),
             num_classes=_typed(m, "num_classes", int, f"{source}: model", default=None),
             leaf_modules=tuple(_str_list(m.get("leaf_modules", []), f"{source}: model.leaf_modules")),

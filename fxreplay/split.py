@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxreplay.errors import TraceError
+from fxreplay.errors import TraceError, TrainingError
 
 __all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "stage_source", "run_chain"]
 
@@ -64,6 +64,8 @@ class Stage(fx.GraphModule):
 
         def forward(self: Stage, *args: Any, **kwargs: Any) -> Any:
             holder = self.__dict__.get("_eval_holder")
+            if holder is not None:
+                _check_mode(self)
             if holder is not None and not self.training:
                 out, spec = type(holder).forward(self, *args, **kwargs), self.__dict__.get("_eval_out_spec")
             else:
@@ -72,6 +74,19 @@ class Stage(fx.GraphModule):
 
         type(self).forward = forward  # type: ignore[method-assign]
         return result
+
+
+def _check_mode(stage: Stage) -> None:
+    """A stage with two graphs runs the one of its own mode; its modules in the other mode
+    (``model.eval()`` without ``pipe.eval()``) would mix the two functions."""
+    mode = stage.training
+    odd = next((name for name, m in stage.named_modules() if name and m.training != mode), None)
+    if odd is not None:
+        raise TrainingError(
+            f"stage {type(stage).__name__} is in {'train' if mode else 'eval'} mode but its module {odd!r} is not: "
+            "the model computes differently in the two modes (it reads self.training), so the stage and its "
+            "modules must agree. Switch the stages, not the model: pipe.train() / pipe.eval() (or .train(mode) on every stage)."
+        )
 
 
 def _has_path(m: nn.Module, target: str) -> bool:

@@ -450,25 +450,24 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     return None
 
 
-def _trace_error(exc: BaseException, stack: list[tuple[str, str]]) -> TraceError:
-    path, cls = stack[-1] if stack else ("", "the model")
+def _trace_error(exc: BaseException, stack: list[tuple[str, str]], top: str = "the model") -> TraceError:
+    path, cls = stack[-1] if stack else ("", top)
     where = f"module {path!r} ({cls})" if path else f"the top-level module ({cls})"
     frame = _user_frame(exc)
     line = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     if isinstance(exc, _DataDependent):
         cause = f"{exc}"
-        fix = (
-            f"Mark the module a leaf so it runs as one opaque node (--leaf {cls}, or "
-            f"leaf_modules=[{cls!r}]), or compute the condition with tensor ops (torch.where)"
-        )
+        leaf = "compute the condition with tensor ops (torch.where)"
     else:
         cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        fix = (
-            f"Mark it a leaf so it stays one opaque node (--leaf {cls}, or leaf_modules=[{cls!r}]), "
-            "or rewrite the code so that it can be traced"
-        )
+        leaf = "rewrite the code so that it can be traced"
     if path:
-        fix += f", and pin boundaries around it if you want it alone in a stage (--boundary {path})"
+        fix = (
+            f"Mark the module a leaf so it runs as one opaque node (--leaf {cls}, or leaf_modules=[{cls!r}]), "
+            f"or {leaf}, and pin boundaries around it if you want it alone in a stage (--boundary {path})"
+        )
+    else:
+        fix = f"The top-level module cannot be a leaf: {leaf}, or move that code into a submodule and mark it a leaf (--leaf)"
     return TraceError(f"torch.fx could not trace {where}{line}: {cause}. {fix}.")
 
 
@@ -511,7 +510,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inp
     except TraceError:
         raise
     except Exception as exc:
-        raise _trace_error(exc, tracer.where_stack) from exc
+        raise _trace_error(exc, tracer.where_stack, type(model).__name__) from exc
     finally:
         tracer.values.clear()
         # torch.fx stores the tensor constants it meets on the model itself; the

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxreplay
 from fxreplay.compiler import resolve_cost
-from fxreplay.errors import PartitionError, PlanError, TraceError
+from fxreplay.errors import PartitionError, PlanError, TraceError, TrainingError
 from fxreplay.loading import load_model
 from fxreplay.models import get
 from fxreplay.split import run_chain
@@ -378,3 +378,33 @@ def test_measured_refinement_moves_the_cuts_toward_the_true_balance() -> None:
     assert measure(first) == [14.0, 6.0]  # the per-node split, 6 | 6 nodes, is far off
     refined = _refined(first, problem, 2, devs, measure, rounds=2)
     assert max(sum(true[a:b]) for a, b in refined.ranges) <= 11.0  # the true optimum is 10 | 10
+
+
+def test_a_model_that_reads_self_training_round_trips_both_graphs(tmp_path: Path) -> None:
+    import zoo_external as Z
+
+    torch.manual_seed(0)
+    model = Z.SdpaGPT()
+    ids = torch.randint(0, 64, (3, 16))
+    pipe = fxreplay.compile(model, (ids,), K=2, cost="flops")
+    pipe.save(tmp_path / "plan")
+    source = (tmp_path / "plan" / "stage_0.py").read_text()
+    assert "def forward(" in source and "def forward_eval(" in source and "dropout_p = 0.0" in source
+    again = fxreplay.load(tmp_path / "plan", model=model)
+    assert again.eval_graph_module is not None
+    again.eval()
+    model.eval()
+    torch.testing.assert_close(again(ids), model(ids))
+
+
+def test_stage_and_module_modes_must_agree() -> None:
+    import zoo_external as Z
+
+    model = Z.SdpaGPT()
+    ids = torch.randint(0, 64, (2, 8))
+    pipe = fxreplay.compile(model, (ids,), K=2, cost="flops")
+    model.eval()  # the model's modules, not the stages
+    with pytest.raises(TrainingError, match=r"pipe.train\(\) / pipe.eval\(\)"):
+        pipe(ids)
+    pipe.eval()
+    torch.testing.assert_close(pipe(ids), model(ids))

@@ -211,7 +211,70 @@ def _rank_dies(how: str, rank: int, at_step: int, timeout: float) -> None:
         ex.step(x, y)
 
 
+class EvalDiffersDict(nn.Module):
+    """Returns a dict; keeps an EMA in a buffer in train mode only (its eval graph differs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.register_buffer("ema", torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        h = torch.relu(self.a(x))
+        if self.training:
+            self.ema.mul_(0.9).add_(h.detach().mean(0) * 0.1)
+        h = torch.relu(self.b(h - self.ema))
+        return {"logits": self.c(h), "hidden": h, "n": x.shape[0]}
+
+
+def structured_pipe(K: int) -> Any:
+    import fxreplay
+
+    torch.manual_seed(0)
+    return fxreplay.compile(EvalDiffersDict(), (data()[0][0],), K=K, cost="flops")
+
+
+def dict_loss(out: dict[str, Any], y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out["logits"], y)
+
+
+def _rank_structured(K: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        pipe = structured_pipe(K)
+        ex = DistributedExecutor(pipe.stages, method, optimizer=sgd, loss_fn=dict_loss, timeout=30.0)
+        torch.manual_seed(7)
+        losses = [ex.step(x, y) for x, y in data()]
+        for s in ex.stages:
+            s.eval()
+        evaluated = ex.forward(data()[0][0])
+        ex.close()
+        out[method] = (losses, _own_state(ex), evaluated)
+    return out
+
+
 # ------------------------------------------------------------------- tests
+def test_structured_output_and_eval_graph_distributed_equal_local() -> None:
+    """A dict output and a model whose eval graph differs: every method, 2 ranks == local."""
+    results = run_distributed(_rank_structured, nproc=2, args=(2,), threads=1, timeout=30.0)
+    torch.set_num_threads(1)
+    for method in METHODS:
+        pipe = structured_pipe(2)
+        ex = LocalExecutor(pipe.stages, method, optimizer=sgd, loss_fn=dict_loss)
+        torch.manual_seed(7)
+        losses = [ex.step(x, y) for x, y in data()]
+        assert results[1][method][0] == pytest.approx(losses, abs=1e-6), method
+        for k in range(2):
+            for name, value in pipe.stages[k].state_dict().items():
+                assert torch.allclose(results[k][method][1][name], value, atol=1e-5, rtol=0), (method, k, name)
+        pipe.train(False)
+        want = ex.forward(data()[0][0])
+        for k in range(2):
+            got = results[k][method][2]
+            assert set(got) == {"logits", "hidden", "n"} and got["n"] == 10
+            torch.testing.assert_close(got["logits"], want["logits"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("K", [2, 3])
 def test_distributed_weights_equal_local(K: int) -> None:
     results = run_distributed(_rank_all_methods, nproc=K, args=(K,), threads=1, timeout=30.0)
