@@ -190,11 +190,13 @@ def compile(
     problem = cg.problem(cost, method, required=required)
     part = solve(problem, K, devs)
     spec = spec or ModelSpec(leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
-    if spec.input_shape is None and len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
-        # One batched tensor: record its shape, so fxreplay.load(dir, model=...) needs no inputs.
+    if len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
+        # One batched tensor: record its shape and dtype, so fxreplay.load(dir, model=...) needs no inputs.
         x = example_inputs[0]
-        spec = replace(spec, input_shape=tuple(x.shape[1:]), batch_size=spec.batch_size or int(x.shape[0]),
-                       input_dtype=None if x.dtype == torch.float32 else str(x.dtype).removeprefix("torch."))
+        if spec.input_shape is None:
+            spec = replace(spec, input_shape=tuple(x.shape[1:]), batch_size=spec.batch_size or int(x.shape[0]))
+        if spec.input_dtype is None and x.dtype != torch.float32:
+            spec = replace(spec, input_dtype=str(x.dtype).removeprefix("torch."))
 
     def pipeline(p: Partition) -> Pipeline:
         return _pipeline(model, traced, cg, _make_plan(cg, p, devs, cost, method, tuple(boundaries or ()), spec))

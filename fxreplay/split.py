@@ -80,7 +80,11 @@ def _check_mode(stage: Stage) -> None:
     """A stage with two graphs runs the one of its own mode; its modules in the other mode
     (``model.eval()`` without ``pipe.eval()``) would mix the two functions."""
     mode = stage.training
-    odd = next((name for name, m in stage.named_modules() if name and m.training != mode), None)
+    modules = stage.__dict__.get("_submodules")
+    if modules is None:  # cached: this runs on every call
+        modules = [(name, m) for name, m in stage.named_modules() if name]
+        object.__setattr__(stage, "_submodules", modules)
+    odd = next((name for name, m in modules if m.training != mode), None)
     if odd is not None:
         raise TrainingError(
             f"stage {type(stage).__name__} is in {'train' if mode else 'eval'} mode but its module {odd!r} is not: "
@@ -243,8 +247,10 @@ def assign_eval_stages(
         bound = K - 1
         for u in n.users:
             if u.op != "output":
-                bound = min(bound, owner[u] if owner[u] is not None else hi[u])
-        hi[n] = bound if owner[n] is None else owner[n]
+                pinned_user = owner[u]
+                bound = min(bound, pinned_user if pinned_user is not None else hi[u])
+        pinned_here = owner[n]
+        hi[n] = bound if pinned_here is None else pinned_here
     stage: dict[fx.Node, int] = {}
     for n in nodes:
         earliest = max((stage[u] for u in n.all_input_nodes if u in stage), default=0)

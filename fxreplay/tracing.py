@@ -47,6 +47,7 @@ import torch.fx as fx
 import torch.fx._symbolic_trace as _fx_trace
 import torch.utils._pytree as pytree
 import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
 from fxreplay.errors import ShapeGuardError, TraceError
@@ -183,7 +184,11 @@ class FxReplayTracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.where_stack: list[tuple[str, str]] = []
         self.example_inputs = None if example_inputs is None else tuple(example_inputs)
+        # Values are computed on fake tensors (shapes, dtypes, devices; no data, no compute,
+        # no write to a real buffer): tracing costs no forward pass of the model.
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.values: dict[fx.Node, Any] = {}
+        self.index: dict[fx.Node, int] = {}  # creation order: a topological order of the graph
         self.out_spec: pytree.TreeSpec | None = None
         self.checkpointed: list[tuple[str, str]] = []
         self._placeholders: dict[str, Any] = {}
@@ -218,16 +223,20 @@ class FxReplayTracer(fx.Tracer):
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      name: str | None = None, type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        if self.example_inputs is not None:
-            value = self._evaluate(kind, target, args, kwargs, proxy.node)
-            self.values[proxy.node] = value
-            if value is not UNKNOWN:
-                proxy.node.meta["is_tuple"] = isinstance(value, (tuple, list))
-                proxy.node.meta["is_container"] = is_tensor_container(value)
+        self.index.setdefault(proxy.node, len(self.index))
         return proxy
 
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        self.index.setdefault(node, len(self.index))
+        return node
+
     def value_of(self, a: Any) -> Any:
-        """The concrete value of a proxy (or of a structure holding proxies)."""
+        """The concrete value of a proxy (or of a structure holding proxies).
+
+        Evaluated lazily, when Python first needs it: most graphs never do, and then
+        tracing costs what plain symbolic tracing costs.
+        """
         if isinstance(a, fx.proxy.Attribute) and a._node is None:
             base = self.value_of(a.root)
             if base is UNKNOWN:
@@ -237,7 +246,7 @@ class FxReplayTracer(fx.Tracer):
             except Exception:
                 return UNKNOWN
         if isinstance(a, fx.Proxy):
-            return self.values.get(a.node, UNKNOWN)
+            return self._value(a.node)
         if isinstance(a, (tuple, list)):
             items = [self.value_of(v) for v in a]
             if any(v is UNKNOWN for v in items):
@@ -251,24 +260,46 @@ class FxReplayTracer(fx.Tracer):
             return UNKNOWN if UNKNOWN in parts else slice(*parts)
         return a
 
-    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any, node: fx.Node) -> Any:
-        if kind == "placeholder":
-            return self._placeholders.get(node.name, self._placeholders.get(str(target), UNKNOWN))
-        if kind == "output":
+    def _value(self, node: fx.Node) -> Any:
+        if self.example_inputs is None:
             return UNKNOWN
-        a, k = self.value_of(tuple(args)), self.value_of(dict(kwargs))
-        if a is UNKNOWN or k is UNKNOWN:
+        if node in self.values:
+            return self.values[node]
+        # The node's ancestors not yet evaluated, then the node, in the order they were made
+        # (iteratively: a chain of thousands of nodes must not recurse).
+        todo, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in todo or n in self.values:
+                continue
+            todo.add(n)
+            stack.extend(n.all_input_nodes)
+        for n in sorted(todo, key=lambda n: self.index.get(n, -1)):
+            self.values[n] = self._evaluate(n)
+        return self.values[node]
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self._placeholders.get(node.name, self._placeholders.get(str(node.target), UNKNOWN))
+        if node.op == "output":
             return UNKNOWN
+        inputs = node.all_input_nodes
+        if any(self.values.get(u, UNKNOWN) is UNKNOWN for u in inputs):
+            return UNKNOWN
+        a = fx.node.map_arg(node.args, lambda n: self.values[n])
+        k = fx.node.map_arg(node.kwargs, lambda n: self.values[n])
         try:
-            with torch.no_grad(), _unpatched():
-                if kind == "get_attr":
-                    return _get_attr(self.root, str(target))
-                if kind == "call_function":
-                    return target(*a, **k)
-                if kind == "call_method":
-                    return getattr(a[0], str(target))(*a[1:], **k)
-                if kind == "call_module":
-                    return self.root.get_submodule(str(target))(*a, **k)
+            # Fake tensors: shapes, dtypes and devices without data or compute, and no
+            # write reaches a real buffer.
+            with torch.no_grad(), _unpatched(), self.fake_mode:
+                if node.op == "get_attr":
+                    return _get_attr(self.root, str(node.target))
+                if node.op == "call_function":
+                    return node.target(*a, **k)  # type: ignore[operator]
+                if node.op == "call_method":
+                    return getattr(a[0], str(node.target))(*a[1:], **k)
+                if node.op == "call_module":
+                    return self.root.get_submodule(str(node.target))(*a, **k)
         except Exception:
             return UNKNOWN
         return UNKNOWN
@@ -309,7 +340,7 @@ class FxReplayTracer(fx.Tracer):
         value = self.value_of(obj)
         if value is UNKNOWN:
             return super().iter(obj)
-        return iter([obj[i] for i in range(len(obj) if isinstance(value, torch.Tensor) else len(value))])
+        return iter([obj[i] for i in range(len(obj) if isinstance(value, torch.Tensor) else len(value))])  # type: ignore[index]
 
     def keys(self, obj: fx.Proxy) -> Any:
         value = self.value_of(obj)
@@ -330,7 +361,10 @@ class FxReplayTracer(fx.Tracer):
                 p = params[i] if i < len(params) else None
                 ok = p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                 names.append(p.name if ok and p is not None else f"input_{i}")
-            self._placeholders = dict(zip(names, self.example_inputs))
+            self._placeholders = {
+                name: self.fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+                for name, v in zip(names, self.example_inputs)
+            }
             placeholders = [self.create_proxy("placeholder", name, (), {}) for name in names]
 
             def fn(root: nn.Module, *inputs: Any) -> Any:
@@ -362,7 +396,8 @@ class FxReplayTracer(fx.Tracer):
 
     def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         ckpt = torch.utils.checkpoint
-        saved = (ckpt.checkpoint, ckpt._checkpoint_without_reentrant_generator_impl, ckpt.CheckpointFunction)
+        names = ("checkpoint", "_checkpoint_without_reentrant_generator_impl", "CheckpointFunction")
+        saved = [getattr(ckpt, name) for name in names]
 
         def note() -> None:
             path = self.where_stack[-1][0] if self.where_stack else ""
@@ -388,12 +423,13 @@ class FxReplayTracer(fx.Tracer):
                 note()
                 return function(*args)
 
-        ckpt.checkpoint, ckpt._checkpoint_without_reentrant_generator_impl, ckpt.CheckpointFunction = (  # type: ignore[assignment]
-            checkpoint, non_reentrant, Reentrant)
+        for name, value in zip(names, (checkpoint, non_reentrant, Reentrant)):
+            setattr(ckpt, name, value)
         try:
             return super().trace(root, concrete_args)
         finally:
-            ckpt.checkpoint, ckpt._checkpoint_without_reentrant_generator_impl, ckpt.CheckpointFunction = saved  # type: ignore[assignment]
+            for name, value in zip(names, saved):
+                setattr(ckpt, name, value)
 
 
 @contextlib.contextmanager
@@ -549,7 +585,29 @@ def trace_modes(
             setattr(gm, renamed, getattr(gm, str(node.target)))
             node.target = renamed
     gm.recompile()
+    if example_inputs is not None:
+        _mark_structures(model, gm, tuple(example_inputs))
     return train, evaluation
+
+
+class _StructureMarker(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        n.meta["is_tuple"] = isinstance(value, (tuple, list))
+        n.meta["is_container"] = is_tensor_container(value)
+        return value
+
+
+def _mark_structures(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    """``meta["is_tuple"]`` / ``["is_container"]`` on the nodes of a graph the profiler does
+    not run (the eval-mode trace), from one forward without grad; state left as it was."""
+    with _state_kept(model), torch.no_grad():
+        was = model.training
+        model.train(False)
+        try:
+            _StructureMarker(gm).run(*inputs)
+        finally:
+            model.train(was)
 
 
 def node_module_path(node: fx.Node) -> str:

@@ -219,3 +219,37 @@ def test_train_with_two_ranks_then_resume(tmp_path: Path) -> None:
 
 def test_nproc_must_match_K(tmp_path: Path) -> None:
     _assert_user_error(_run("train", "--nproc", "3", "--K", "2", "--out", str(tmp_path)), "--nproc 3 but K=2")
+
+
+def test_untraceable_names_the_cause(tmp_path: Path) -> None:
+    path = tmp_path / "gated.py"
+    path.write_text(UNTRACEABLE)
+    _assert_user_error(_run("partition", str(path), "--K", "2"), "data-dependent control flow", "torch.where")
+
+
+def test_partition_models_written_elsewhere(tmp_path: Path) -> None:
+    """nanoGPT as written (token ids given by --input-dtype), a checkpointed model (a warning,
+    not an error), and a Hugging Face GPT-2 from an example file."""
+    zoo = Path(__file__).parent / "zoo_external.py"
+    gpt = _run("partition", f"{zoo}:NanoGPT", "--K", "4", "--input-shape", "16", "--input-dtype", "int64",
+               "--batch-size", "4", "--cost", "flops", "--out", str(tmp_path / "gpt"))
+    assert gpt.exit_code == 0, gpt.output
+    assert "input_dtype: int64" in (tmp_path / "gpt" / "plan.yaml").read_text()
+    ckpt = _run("partition", f"{zoo}:CheckpointedNet", "--K", "2", "--input-shape", "8", "--batch-size", "4",
+                "--cost", "flops", "--out", str(tmp_path / "ckpt"))
+    assert ckpt.exit_code == 0, ckpt.output
+    assert "warning: torch.utils.checkpoint regions are traced through" in " ".join(ckpt.output.split())
+    pytest.importorskip("transformers")
+    hf = _run("partition", str(Path(__file__).parents[1] / "examples" / "hf_gpt2.py"), "--K", "4", "--cost", "flops",
+              "--out", str(tmp_path / "hf"))
+    assert hf.exit_code == 0, hf.output
+    assert sorted(p.name for p in (tmp_path / "hf").glob("stage_*.py")) == [f"stage_{k}.py" for k in range(4)]
+
+
+def test_a_plan_for_token_inputs_is_refused_by_image_data(tmp_path: Path) -> None:
+    zoo = Path(__file__).parent / "zoo_external.py"
+    assert _run("partition", f"{zoo}:NanoGPT", "--K", "2", "--input-shape", "16", "--input-dtype", "int64",
+                "--batch-size", "4", "--cost", "flops", "--out", str(tmp_path / "gpt")).exit_code == 0
+    _assert_user_error(_run("train", "--plan", str(tmp_path / "gpt"), "--max-steps", "1", "--out", str(tmp_path / "run")),
+                       "is for a model that takes inputs of shape (16,)")
+    assert not (tmp_path / "run").exists()
