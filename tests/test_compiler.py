@@ -1,6 +1,8 @@
 """The compiler end to end: stages composed == the original model; plans round-trip."""
 from __future__ import annotations
 
+import itertools
+
 from pathlib import Path
 
 import pytest
@@ -408,3 +410,34 @@ def test_stage_and_module_modes_must_agree() -> None:
         pipe(ids)
     pipe.eval()
     torch.testing.assert_close(pipe(ids), model(ids))
+
+
+class _Recurrent(nn.Module):
+    """nn.LSTM returns (out, (h, c)): a tuple of tensors that no cut may carry whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.side = nn.Linear(8, 8)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.lstm(self.inp(x))
+        side = torch.relu(self.side(self.inp(x)))  # work between the LSTM and its unpacking
+        seq, (h, _) = state
+        return self.out(torch.cat([seq[:, -1] + side[:, -1], h[0]], dim=-1))
+
+
+def test_no_cut_carries_a_tuple_of_tensors() -> None:
+    x = torch.randn(3, 5, 4)
+    model = _Recurrent()
+    for K in (2, 3, 4):
+        pipe = fxreplay.compile(model, (x,), K=K, cost="uniform")
+        crossing = [pipe.cost_graph.crossing(b) for b in itertools.accumulate(len(s.nodes) for s in pipe.plan.stages[:-1])]
+        assert not [n.name for c in crossing for n in c if n.meta.get("is_container")], K
+        y = torch.randint(0, 2, (3,))
+        trainer = fxreplay.Trainer(pipe, method="fr", loss_fn=nn.functional.cross_entropy)
+        for _ in range(K + 1):
+            trainer.step(x, y)
+        assert all(p.grad is not None for p in model.inp.parameters())  # δ reached the first stage
