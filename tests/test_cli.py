@@ -253,3 +253,19 @@ def test_a_plan_for_token_inputs_is_refused_by_image_data(tmp_path: Path) -> Non
     _assert_user_error(_run("train", "--plan", str(tmp_path / "gpt"), "--max-steps", "1", "--out", str(tmp_path / "run")),
                        "is for a model that takes inputs of shape (16,)")
     assert not (tmp_path / "run").exists()
+
+
+def test_partition_a_hugging_face_model_by_module_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    (tmp_path / "my_hf_models.py").write_text(
+        "import torch, transformers\n"
+        "def bert():\n"
+        "    return transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=64, hidden_size=32,\n"
+        "        num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, max_position_embeddings=16, num_labels=3))\n"
+        "def example_inputs():\n"
+        "    return (torch.randint(0, 64, (4, 16)),)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = _run("partition", "my_hf_models:bert", "--K", "4", "--cost", "flops", "--out", str(tmp_path / "plan"))
+    assert result.exit_code == 0, result.output
+    assert "input_dtype: int64" in (tmp_path / "plan" / "plan.yaml").read_text()
