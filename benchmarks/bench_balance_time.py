@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import fxreplay  # noqa: E402
 from fxreplay.models import get  # noqa: E402
+from fxreplay import methods  # noqa: E402
 from fxreplay.profiling import time_stages  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     for cost in ("flops", "time"):
         torch.manual_seed(0)
         pipe = fxreplay.compile(get(args.model), (x,), K=args.K, cost=cost, threads=1)
-        times = time_stages(pipe.stages, (x,), "fr", repeats=args.repeats)
+        times = time_stages(pipe.stages, (x,), methods.get("fr").cost, repeats=args.repeats)
         predicted = [s.predicted_cost for s in pipe.plan.stages]
         row = {
             "cost": cost, "stage_seconds": times, "bottleneck_over_mean": max(times) / (sum(times) / len(times)),

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fxreplay.errors import FxReplayError, FxReplayWarning
+from fxreplay.methods import METHODS, PROPOSED
 
 app = typer.Typer(
     name="fxreplay",
@@ -66,7 +67,7 @@ def partition(
     K: Annotated[int, typer.Option("--K", "-K", help="number of stages")] = 4,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="where to write plan.yaml and stage_<k>.py [default: plans/<model>-K<K>]")] = None,
     cost: Annotated[str, typer.Option(help="cost model: auto (measured time when profiling on the stages' kind of device, else flops) | time | flops | params | uniform")] = "auto",
-    method: Annotated[str, typer.Option(help="the method the stage costs are for: fr | bp | ddg | dni")] = "fr",
+    method: Annotated[str, typer.Option(help=f"the method the stage costs are for: {' | '.join(METHODS)}")] = PROPOSED.name,
     devices: Annotated[Optional[str], typer.Option(help="one per stage, comma-separated NAME[@SPEED][/MEMORY], e.g. cuda:0,cuda:1@2/8GiB")] = None,
     boundary: Annotated[Optional[list[str]], typer.Option("--boundary", "-b", help="module name a stage must start at (repeatable)")] = None,
     leaf: Annotated[Optional[list[str]], typer.Option("--leaf", help="module class or qualified name to keep opaque (repeatable)")] = None,
@@ -125,7 +126,7 @@ def partition(
 def train(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (default: the embedded offline quick start)")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="a plan directory from `fxreplay partition` to train instead of partitioning")] = None,
-    method: Annotated[Optional[str], typer.Option(help="fr | bp | ddg | dni")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{' | '.join(METHODS)} [default: {PROPOSED.name}]")] = None,
     K: Annotated[Optional[int], typer.Option("--K", "-K", help="number of stages")] = None,
     cost: Annotated[Optional[str], typer.Option(help="partition cost model (overrides partition.cost): flops (deterministic) | auto (measured time on CPU plans) | time | params | uniform")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,

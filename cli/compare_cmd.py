@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from fxreplay.errors import FxReplayError
+from fxreplay.methods import METHODS
 
 __all__ = ["compare", "show"]
 
@@ -24,7 +25,7 @@ def _csv(text: str, what: str, pattern: str, example: str) -> list[str]:
 
 def compare(
     config: Annotated[Optional[Path], typer.Option(help="YAML config shared by every run (default: the offline quick start)")] = None,
-    methods: Annotated[str, typer.Option(help="comma-separated: bp, ddg, dni, fr")] = "bp,ddg,dni,fr",
+    methods: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(METHODS)}")] = ",".join(METHODS),
     K: Annotated[str, typer.Option("--K", "-K", help="comma-separated numbers of stages, e.g. 2,4")] = "2,4",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="runs, report.md and figures [default: reports/<model>]")] = None,
     force: Annotated[bool, typer.Option(help="re-run finished runs instead of reusing them")] = False,

@@ -7,6 +7,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from fxreplay.methods import PROPOSED, REFERENCE
 from fxreplay.plan import Plan, format_bytes
 
 
@@ -15,18 +16,6 @@ def _flops(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f}"
-
-
-def fr_speedup_bound(plan: Plan) -> float:
-    """Upper bound on FR's throughput over BP on one device, from the plan's FLOPs.
-
-    BP on one device does sum_k (F_k + B_k) per iteration; FR on K devices is bound by its
-    slowest stage, 2 F_k + B_k (play, replay, backward; the last stage plays once).
-    """
-    K = plan.K
-    bp = sum(s.flops_fwd + s.flops_bwd for s in plan.stages)
-    fr = max((2 if k < K - 1 else 1) * s.flops_fwd + s.flops_bwd for k, s in enumerate(plan.stages))
-    return bp / fr if fr else 1.0
 
 
 def _short(name: str, width: int = 22) -> str:
@@ -49,7 +38,8 @@ def plan_table(plan: Plan) -> Group:
     table.caption = "fwd/bwd: FLOPs per batch; sends: bytes crossing into the next stage; % max: predicted cost / bottleneck"
     summary = Text.assemble(
         ("balance: ", "bold"), f"bottleneck / mean = {plan.balance:.3f}",
-        ("   FR speed-up bound vs BP on one device, by FLOPs: ", "bold"), f"{fr_speedup_bound(plan):.2f}x",
+        (f"   {PROPOSED.label} speed-up bound vs {REFERENCE.label} on one device, by FLOPs: ", "bold"),
+        f"{plan.speedup_bound(PROPOSED.cost):.2f}x",
     )
     return Group(table, summary)
 
@@ -58,7 +48,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
     """The plan as a JSON-able dict (the --json output)."""
     d = plan.to_dict()
     d["balance"] = plan.balance
-    d["fr_speedup_bound"] = fr_speedup_bound(plan)
+    d[f"{PROPOSED.name}_speedup_bound"] = plan.speedup_bound(PROPOSED.cost)
     return d
 
 

@@ -8,7 +8,7 @@ from their checkpoint, and a run whose loss becomes NaN/inf is kept and marked d
 rather than stopping the comparison (the paper's DNI and K=4 DDG on ResNet152 diverge).
 
 >>> cfg = load_config("configs/resnet20_cifar10.yaml")
->>> result = compare(cfg, ["bp", "fr"], [2, 4], Path("reports/r20"))
+>>> result = compare(cfg, list(methods.METHODS), [2, 4], Path("reports/r20"))
 >>> result.report
 PosixPath('reports/r20/report.md')
 """
@@ -24,13 +24,12 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from fxreplay import methods
 from fxreplay.checkpoint import CHECKPOINT_FILE
 from fxreplay.config import Config, load_config, to_dict
 from fxreplay.errors import ConfigError, DivergenceError
 
-__all__ = ["METHODS", "RunOutcome", "CompareResult", "run_dir", "run_state", "compare"]
-
-METHODS = ("bp", "ddg", "dni", "fr")  # the paper's order: BP first, FR last
+__all__ = ["RunOutcome", "CompareResult", "run_dir", "run_state", "compare"]
 
 State = Literal["missing", "interrupted", "finished", "diverged"]
 
@@ -106,14 +105,15 @@ def _check_same_config(path: Path, cfg: Config) -> None:
         )
 
 
-def _pairs(methods: Sequence[str], Ks: Sequence[int]) -> list[tuple[str, int]]:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"methods {list(methods)}: expected one or more of {', '.join(METHODS)} (e.g. bp,fr).")
+def _pairs(names: Sequence[str], Ks: Sequence[int]) -> list[tuple[str, int]]:
+    order = list(methods.METHODS)  # the registry's order: the reference first
+    unknown = [m for m in names if m not in order]
+    if unknown or not names:
+        raise ConfigError(f"methods {list(names)}: expected one or more of {', '.join(order)} (e.g. {order[0]},{order[-1]}).")
     bad = [k for k in Ks if k < 1]
     if bad or not Ks:
         raise ConfigError(f"K values {list(Ks)}: expected one or more integers >= 1 (e.g. 2,4).")
-    ms = sorted(set(methods), key=METHODS.index)
+    ms = sorted(set(names), key=order.index)
     return [(m, k) for k in sorted(set(Ks)) for m in ms]
 
 
@@ -130,7 +130,7 @@ def compare(
     Args:
         cfg: the shared config; its ``train.method``, ``partition.K`` and ``train.out``
             are replaced per run.
-        methods: any of bp, ddg, dni, fr.
+        methods: method names (``fxreplay.methods.METHODS``).
         Ks: numbers of stages.
         out_dir: one sub-directory per run, plus the report and its figures.
         force: re-run finished runs instead of reusing them.

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxreplay import methods
 from fxreplay.checkpoint import save_atomic
 from fxreplay.costgraph import COST_MODELS, CostGraph, build_cost_graph
 from fxreplay.errors import FxReplayWarning, PartitionError, PlanError
@@ -27,9 +28,7 @@ from fxreplay.profiling import NodeCost, profile, time_stages
 from fxreplay.split import Stage, assign_eval_stages, build_stages, dual_stages, run_chain, write_stage_files
 from fxreplay.tracing import Traced, trace_modes
 
-__all__ = ["Pipeline", "compile", "load", "resolve_cost", "METHODS"]
-
-METHODS = ("fr", "bp", "ddg", "dni")
+__all__ = ["Pipeline", "compile", "load", "resolve_cost"]
 WEIGHTS_FILE = "weights.pt"
 
 
@@ -151,8 +150,9 @@ def compile(
         K: number of stages.
         cost: ``"auto"`` (default: :func:`resolve_cost`), ``"time"`` (measured per node),
             ``"flops"``, ``"params"`` or ``"uniform"``. The plan records the one used.
-        method: the training method the stage cost is for: FR stages before the last do
-            two forwards and a backward, the others one of each.
+        method: the training method the stage cost is for (its
+            :class:`~fxreplay.partition.MethodCost`: FR stages before the last do two
+            forwards and a backward, the others one of each).
         devices: one device string per stage, ``NAME[@SPEED][/MEMORY]`` (default all "cpu").
         boundaries: module names at which a stage must start, e.g. ``["layer2", "layer3.1"]``.
         leaf_modules: module class names / qualified names to keep opaque when tracing.
@@ -171,8 +171,7 @@ def compile(
         >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
         >>> pipe.plan.balance  # bottleneck / mean stage cost
     """
-    if method not in METHODS:
-        raise PartitionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    method_cost = methods.get(method).cost
     if cost not in COST_MODELS + ("auto",):
         raise PartitionError(f"unknown cost model {cost!r}; choose one of auto, {', '.join(COST_MODELS)}.")
     if not isinstance(K, int) or K < 1:
@@ -187,7 +186,7 @@ def compile(
     cg = build_cost_graph(gm)
     _check_tied(cg, K)
     required = cg.required_cuts(boundaries or [])
-    problem = cg.problem(cost, method, required=required)
+    problem = cg.problem(cost, method_cost, required=required)
     part = solve(problem, K, devs)
     spec = spec or ModelSpec(leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
     if len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
@@ -203,7 +202,7 @@ def compile(
 
     if cost == "time" and refine > 0 and K > 1 and all(torch.device(d.name).type == "cpu" for d in devs):
         with _profile_threads(cost, profile_device, threads, K):
-            part = _refined(part, problem, K, devs, lambda p: time_stages(pipeline(p).stages, example_inputs, method), refine)
+            part = _refined(part, problem, K, devs, lambda p: time_stages(pipeline(p).stages, example_inputs, method_cost), refine)
     return pipeline(part)
 
 

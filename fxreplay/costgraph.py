@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from fxreplay.errors import PartitionError
 from fxreplay.ordering import cut_bytes, narrow_order
-from fxreplay.partition import Problem
+from fxreplay.partition import PLAIN, MethodCost, Problem
 from fxreplay.profiling import NodeCost
 from fxreplay.tracing import node_module_path, tied_parameter_groups
 
@@ -99,7 +99,7 @@ class CostGraph:
     def problem(
         self,
         cost: str,
-        method: str,
+        method: MethodCost,
         required: Sequence[int] = (),
         optimizer_state_factor: float = OPTIMIZER_STATE_FACTOR,
         comm_cost_per_byte: float | None = None,
@@ -131,7 +131,7 @@ class CostGraph:
             act_bytes=tuple(float(c.act_bytes) for c in costs),
             allowed=tuple(self.allowed),
             required=tuple(required),
-            method=method if cost in ("flops", "time") else "plain",
+            method=method if cost in ("flops", "time") else PLAIN,
             comm_cost_per_byte=per_byte if comm_cost_per_byte is None else comm_cost_per_byte,
         )
 

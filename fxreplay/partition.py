@@ -10,13 +10,14 @@ forward (Huo et al. 2018, Algorithm 1) on every stage but the last, else 1::
              + comm_cost_per_byte * ((cut_bytes[a] if k > 0 else 0) + (cut_bytes[b] if k < K-1 else 0))
     memory = sum(static[a:b]) + r_k * sum(act[a:b]) + h_k * cut_bytes[a]
 
-with ``r_k = K - k`` stored graphs for DDG (else 1) and ``h_k = K - k`` stored inputs for
-FR (else 0). :func:`solve` is exact (see its docstring); :func:`brute_force` enumerates
+with ``m_k``, ``r_k`` and ``h_k`` from the method's :class:`MethodCost`: FR's stages before
+the last run two forwards and keep ``h_k = K - k`` inputs, DDG's keep ``r_k = K - k``
+activation graphs, the others one forward, one graph and no stored input. :func:`solve` is exact (see its docstring); :func:`brute_force` enumerates
 every partition and is what the tests compare it with.
 
 Example:
     >>> p = Problem(fwd=(1.0,) * 8, bwd=(0.0,) * 8, cut_bytes=(0.0,) * 9, static_bytes=(0.0,) * 8,
-    ...             act_bytes=(0.0,) * 8, allowed=(True,) * 9, method="bp")
+    ...             act_bytes=(0.0,) * 8, allowed=(True,) * 9)
     >>> solve(p, 4).cuts
     (2, 4, 6)
 """
@@ -32,9 +33,7 @@ import numpy.typing as npt
 
 from fxreplay.errors import PartitionError
 
-__all__ = ["METHODS", "Device", "Problem", "Partition", "evaluate", "solve", "brute_force"]
-
-METHODS = ("fr", "bp", "ddg", "dni", "plain")
+__all__ = ["MethodCost", "PLAIN", "Device", "Problem", "Partition", "evaluate", "solve", "brute_force"]
 _REL_GAP = 1e-12  # bisection stops when (hi - lo) <= _REL_GAP * hi: far below any test tolerance
 _MAX_ITERATIONS = 200  # a float bisection from 0 to hi needs ~45; this only guards against bugs
 # Byte counts are whole numbers kept in float64; below 2**52 every sum, product by K and
@@ -68,6 +67,36 @@ class Device:
 
 
 @dataclass(frozen=True)
+class MethodCost:
+    """How a training method loads stage k of K, for the partitioner (plain data: each
+    method declares its own in ``fxreplay/methods/<name>.py``).
+
+    Attributes:
+        name: for messages.
+        replay: stages before the last run a second forward each iteration (FR's replay):
+            ``m_k = 2``; the last stage's play is its training forward.
+        stored_graphs: stage k keeps ``r_k = K - k`` activation graphs (DDG), else 1.
+        stored_inputs: stage k keeps ``h_k = K - k`` boundary inputs (FR's history), else 0.
+    """
+
+    name: str = "plain"
+    replay: bool = False
+    stored_graphs: bool = False
+    stored_inputs: bool = False
+
+    def factors(self, k: int, K: int) -> tuple[int, int, int]:
+        """``(m_k forward passes, r_k stored activation sets, h_k stored inputs)`` of stage k."""
+        m = 2 if self.replay and k < K - 1 else 1
+        r = K - k if self.stored_graphs else 1
+        h = K - k if self.stored_inputs else 0
+        return m, r, h
+
+
+PLAIN = MethodCost()
+"""One forward and one backward per stage, nothing stored between iterations (BP-like)."""
+
+
+@dataclass(frozen=True)
 class Problem:
     """Per-position costs and bytes along one topological order of N nodes.
 
@@ -85,7 +114,7 @@ class Problem:
         allowed: ``N + 1`` flags; no cut at ``c`` when ``allowed[c]`` is False (entries 0
             and N are ignored).
         required: cut positions that must be used (pinned boundaries).
-        method: ``"fr" | "bp" | "ddg" | "dni" | "plain"``; selects m_k, r_k and h_k.
+        method: the training method's :class:`MethodCost` (m_k, r_k and h_k).
         comm_cost_per_byte: cost of one byte crossing a stage's input or output cut.
     """
 
@@ -96,7 +125,7 @@ class Problem:
     act_bytes: tuple[float, ...]
     allowed: tuple[bool, ...]
     required: tuple[int, ...] = ()  # no pinned boundaries
-    method: str = "fr"  # the method this package is about
+    method: MethodCost = PLAIN  # BP-like stages unless the method says otherwise
     comm_cost_per_byte: float = 0.0  # free communication: compute alone decides
 
     def __post_init__(self) -> None:
@@ -109,8 +138,6 @@ class Problem:
                 f"fwd, bwd, static_bytes and act_bytes need one entry per node (N >= 1), cut_bytes and "
                 f"allowed one per cut position 0..N (N + 1)."
             )
-        if self.method not in METHODS:
-            raise PartitionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         for name in ("fwd", "bwd", "cut_bytes", "static_bytes", "act_bytes"):
             values = tuple(float(v) for v in getattr(self, name))
             bad = next((i for i, v in enumerate(values) if not (math.isfinite(v) and v >= 0)), None)
@@ -168,14 +195,6 @@ class Partition:
         return tuple(zip(bounds[:-1], bounds[1:]))
 
 
-def _factors(method: str, k: int, K: int) -> tuple[int, int, int]:
-    """(m_k forward passes, r_k stored activation sets, h_k stored inputs) of stage k."""
-    m = 2 if method == "fr" and k < K - 1 else 1  # the last FR stage's play is its training forward
-    r = K - k if method == "ddg" else 1
-    h = K - k if method == "fr" else 0
-    return m, r, h
-
-
 def _measure(problem: Problem, cuts: Sequence[int], device_ids: Sequence[int], devices: Sequence[Device]) -> tuple[list[float], list[float]]:
     """Stage costs and memory by the definition (direct sums), no validation."""
     K, p = len(cuts) + 1, problem
@@ -183,7 +202,7 @@ def _measure(problem: Problem, cuts: Sequence[int], device_ids: Sequence[int], d
     costs, memory = [], []
     for k in range(K):
         a, b, d = bounds[k], bounds[k + 1], devices[device_ids[k]]
-        m, r, h = _factors(p.method, k, K)
+        m, r, h = p.method.factors(k, K)
         compute = (m * math.fsum(p.fwd[a:b]) + math.fsum(p.bwd[a:b])) / d.speed
         comm = p.comm_cost_per_byte * ((p.cut_bytes[a] if k > 0 else 0.0) + (p.cut_bytes[b] if k < K - 1 else 0.0))
         costs.append(compute + comm)
@@ -256,7 +275,7 @@ def evaluate(problem: Problem, cuts: Sequence[int], device_ids: Sequence[int], d
         if cap is not None and mem > cap:
             a, b = ((0, *cuts, n)[k], (0, *cuts, n)[k + 1])
             raise PartitionError(
-                f"stage {k} (positions {a}..{b - 1}) needs {_fmt_bytes(mem)} for method {problem.method!r} but device "
+                f"stage {k} (positions {a}..{b - 1}) needs {_fmt_bytes(mem)} for method {problem.method.name!r} but device "
                 f"{d} ({devs[d].name}) has {_fmt_bytes(cap)}: move the cuts, use a larger device or another method."
             )
     return Partition(cuts, device_ids, tuple(costs), tuple(memory), max(costs), n)
@@ -439,7 +458,7 @@ def _prefix(values: Sequence[float]) -> FloatArray:
 
 def _memory_terms(problem: Problem, k: int, K: int) -> tuple[FloatArray, FloatArray]:
     """``(D, S)`` with stage memory ``D[j] - S[i]`` for stage k on ``[i, j)``; exact in float64."""
-    _, r, h = _factors(problem.method, k, K)
+    _, r, h = problem.method.factors(k, K)
     D = _prefix(problem.static_bytes) + r * _prefix(problem.act_bytes)
     return D, D - h * np.asarray(problem.cut_bytes)
 
@@ -464,11 +483,11 @@ def _memory_error(problem: Problem, K: int, devices: Sequence[Device], cuts: tup
         else ""
     )
     return PartitionError(
-        f"no {K}-stage split of the {problem.size} nodes fits the device memory caps for method {problem.method!r}: "
+        f"no {K}-stage split of the {problem.size} nodes fits the device memory caps for method {problem.method.name!r}: "
         f"the split that minimises the largest stage's memory (cuts {list(cuts)}) still needs {_fmt_bytes(memory[k])} "
         f"on stage {k} (positions {bounds[k]}..{bounds[k + 1] - 1}); the caps are [{caps}] bytes.{extra} Use a larger K, "
-        f"devices with more memory, or a method that stores less (bp/dni/plain store one input per stage; fr stores K-k "
-        f"inputs and ddg K-k activation sets at stage k)."
+        f"devices with more memory, or a method that stores less (a method that replays stores K-k inputs at stage k, one "
+        f"that keeps its graphs K-k activation sets)."
     )
 
 
@@ -504,7 +523,7 @@ def solve(problem: Problem, K: int, devices: Sequence[Device] | None = None) -> 
     F, Bw = _prefix(problem.fwd), _prefix(problem.bwd)
     steps: list[list[_Step]] = []
     for k in range(K):
-        m, _, _ = _factors(problem.method, k, K)
+        m, _, _ = problem.method.factors(k, K)
         D, S = _memory_terms(problem, k, K)
         row = []
         for members in classes:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from fxreplay.errors import PlanError
+from fxreplay.partition import MethodCost
 
 __all__ = ["ModelSpec", "StagePlan", "Plan", "PLAN_FILE", "parse_device", "format_bytes"]
 
@@ -72,6 +73,15 @@ class Plan:
         costs = [s.predicted_cost for s in self.stages]
         mean = sum(costs) / len(costs) if costs else 0.0
         return max(costs) / mean if mean > 0 else 1.0
+
+    def speedup_bound(self, method: MethodCost) -> float:
+        """Upper bound, from the plan's FLOPs, on a method's throughput on K devices over BP
+        on one device: BP does sum_k (F_k + B_k) per iteration, the method is bound by its
+        slowest stage, m_k F_k + B_k (FR: play, replay and backward; its last stage plays once).
+        """
+        one = sum(s.flops_fwd + s.flops_bwd for s in self.stages)
+        slowest = max(method.factors(k, self.K)[0] * s.flops_fwd + s.flops_bwd for k, s in enumerate(self.stages))
+        return one / slowest if slowest else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

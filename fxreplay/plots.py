@@ -20,12 +20,22 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
 
+from fxreplay import methods  # noqa: E402
+
 if TYPE_CHECKING:
     from fxreplay.report import RunMetrics
 
-__all__ = ["COLORS", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
+__all__ = ["loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
 
-COLORS = {"bp": "#444444", "ddg": "#e08214", "dni": "#4dac26", "fr": "#2166ac"}
+
+def _color(method: str) -> str | None:
+    spec = methods.METHODS.get(method)
+    return spec.color if spec else None
+
+
+def _ordered(names: set[str]) -> list[str]:
+    """The registry's order (the reference first), then any other name."""
+    return [m for m in methods.METHODS if m in names] + sorted(names - set(methods.METHODS))
 WIDTH_IN, DPI = 7.0, 110  # 770 px: embedded at ~700 px the text stays at ~10 px or more
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8})
@@ -59,7 +69,7 @@ def _label(run: RunMetrics) -> str:
 
 
 def _curve(ax: Any, run: RunMetrics, xs: list[float], ys: list[float]) -> None:
-    color = COLORS.get(run.method, None)
+    color = _color(run.method)
     # Plotted even with no points, so a run that diverged before its first log line is in the legend.
     ax.plot(xs, ys, color=color, lw=1.4, label=_label(run), ls="--" if run.diverged else "-")
     if run.diverged and xs:
@@ -109,7 +119,8 @@ def _modelled_time(run: RunMetrics) -> list[float]:
     A logged step stands for the unlogged ones before it; a step that also measured σ ran an
     extra BP pass, so it borrows the cost of the nearest plain logged step.
     """
-    combine = sum if run.method == "bp" else max
+    spec = methods.METHODS.get(run.method)
+    combine = max if spec is None or spec.parallel else sum
     costs: list[float | None] = [None if "sigma" in r else float(combine(r["stage_time"])) for r in run.steps]
     plain = [c for c in costs if c is not None]
     last = plain[0] if plain else 0.0
@@ -142,21 +153,21 @@ def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
 def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
     """Peak memory held for backward, grouped bars: x = K, one bar per method, ×BP on top (Fig. 5)."""
     groups = _by_K(runs)
-    methods = [m for m in COLORS if any(r.method == m for r in runs)] + sorted({r.method for r in runs} - set(COLORS))
-    width = 0.8 / max(len(methods), 1)
+    names = _ordered({r.method for r in runs})
+    width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4), layout="constrained")
     top = 0.0
-    for i, m in enumerate(methods):
+    for i, m in enumerate(names):
         for j, (K, group) in enumerate(groups.items()):
             run = next((r for r in group if r.method == m), None)
             if run is None or run.peak_memory is None:
                 continue
             mib = run.peak_memory / 2**20
             top = max(top, mib)
-            x = j + (i - (len(methods) - 1) / 2) * width
-            ax.bar(x, mib, width * 0.92, color=COLORS.get(m), hatch="//" if run.diverged else None,
+            x = j + (i - (len(names) - 1) / 2) * width
+            ax.bar(x, mib, width * 0.92, color=_color(m), hatch="//" if run.diverged else None,
                    edgecolor="white" if run.diverged else None)
-            bp = next((r for r in group if r.method == "bp"), None)
+            bp = next((r for r in group if r.method == methods.REFERENCE.name), None)
             if bp is not None and bp.peak_memory:
                 ax.annotate(f"{run.peak_memory / bp.peak_memory:.2f}×", (x, mib), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7.5)
@@ -164,8 +175,8 @@ def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
     ax.set_xlabel("number of modules")
     ax.set_ylabel("peak memory (MiB)")
     ax.set_ylim(0, top * 1.25 if top else 1)
-    ax.set_title("Memory held for backward, summed over modules (labels: ratio to BP)")
-    handles: list[Any] = [Line2D([], [], color=COLORS.get(m), lw=8, label=m.upper()) for m in methods]
+    ax.set_title(f"Memory held for backward, summed over modules (labels: ratio to {methods.REFERENCE.label})")
+    handles: list[Any] = [Line2D([], [], color=_color(m), lw=8, label=m.upper()) for m in names]
     if any(r.diverged for r in runs):
         from matplotlib.patches import Patch
 
@@ -180,15 +191,15 @@ def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -
 
     Returns None when no run measured σ. BP is left out: its σ is 1 by definition.
     """
-    measured = [r for r in runs if r.sigma and r.method != "bp"]
+    measured = [r for r in runs if r.sigma and r.method != methods.REFERENCE.name]
     if not measured:
         return None
-    methods = [m for m in COLORS if any(r.method == m for r in measured)] + sorted({r.method for r in measured} - set(COLORS))
+    names = _ordered({r.method for r in measured})
     Ks = sorted({r.K for r in measured})
-    fig, axes = plt.subplots(len(methods), len(Ks), figsize=(WIDTH_IN, 2.5 * len(methods) + 0.4), squeeze=False,
+    fig, axes = plt.subplots(len(names), len(Ks), figsize=(WIDTH_IN, 2.5 * len(names) + 0.4), squeeze=False,
                              sharex=True, layout="constrained")
     cmap = plt.get_cmap("viridis")
-    for i, m in enumerate(methods):
+    for i, m in enumerate(names):
         for j, K in enumerate(Ks):
             ax = axes[i][j]
             run = next((r for r in measured if r.method == m and r.K == K), None)
@@ -211,7 +222,7 @@ def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -
             ax.legend(loc="best", frameon=False)
             if j == 0:
                 ax.set_ylabel("σ (dimensionless)")
-            if i == len(methods) - 1:
+            if i == len(names) - 1:
                 ax.set_xlabel("epoch" if steps_per_epoch else "iteration")
     fig.suptitle("Sufficient direction constant σ per module (> 0: descent; 1: BP's direction)")
     return _save(fig, path)

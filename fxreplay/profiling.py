@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxreplay.errors import TraceError
+from fxreplay.partition import PLAIN, MethodCost
 
 __all__ = ["NodeCost", "Profiler", "is_tensor_container", "profile", "time_stages", "value_bytes"]
 
@@ -257,7 +258,7 @@ def _rng_restored() -> Iterator[None]:
         yield
 
 
-def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: str = "fr", repeats: int = 1) -> list[float]:
+def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost = PLAIN, repeats: int = 1) -> list[float]:
     """Seconds of one iteration's work of each stage, timed whole (median of ``repeats``
     after a warm-up): FR stages before the last play (no grad), replay (forward keeping the
     graph) and backpropagate; the last stage and the other methods' stages run a forward
@@ -275,7 +276,7 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: str = "fr"
             times = []
             for _ in range(repeats + 1):
                 start = time.perf_counter()
-                if method == "fr" and not last:
+                if method.replay and not last:
                     with torch.no_grad():
                         stage(*inputs)
                 result = stage(*inputs)

@@ -7,7 +7,7 @@ figures (:mod:`fxreplay.plots`) are its Fig. 4 (loss against epochs and time), F
 ``timeline.json``, the pipeline's Gantt chart. A run whose loss became NaN/inf is kept
 and marked with † (its numbers are from before it diverged).
 
->>> runs = [load_run("fr", 2, Path("reports/r20/fr-K2"))]
+>>> runs = [load_run("fr", 2, Path("reports/r20/fr-K2"))]  # doctest: +SKIP
 >>> print(render_markdown(runs, figures={}, notes=[]))
 """
 from __future__ import annotations
@@ -20,15 +20,19 @@ from typing import Any
 
 import yaml
 
+from fxreplay import methods
 from fxreplay.plan import format_bytes
 
-__all__ = ["RunMetrics", "load_run", "steps_per_epoch", "render_markdown", "write_report", "COMPLEXITY", "LABELS"]
+__all__ = ["RunMetrics", "load_run", "steps_per_epoch", "render_markdown", "write_report"]
 
 REPORT_FILE = "report.md"
 
 # The paper's Table 1: activation memory for L layers in K modules, L_s synthesizer layers.
-COMPLEXITY = {"bp": "O(L)", "ddg": "O(LK + K²)", "dni": "O(L + K·L_s)", "fr": "O(L + K²)"}
-LABELS = {"bp": "BP", "ddg": "DDG", "dni": "DNI", "fr": "FR"}
+
+
+def _label(method: str) -> str:
+    spec = methods.METHODS.get(method)
+    return spec.label if spec else method.upper()
 DIVERGED = "†"
 
 
@@ -47,7 +51,7 @@ class RunMetrics:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.method, self.method.upper())
+        return _label(self.method)
 
     @property
     def best_test_error(self) -> float | None:
@@ -140,17 +144,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _grid(runs: Sequence[RunMetrics]) -> tuple[list[str], list[int], dict[tuple[str, int], RunMetrics]]:
-    methods = sorted({r.method for r in runs}, key=lambda m: list(LABELS).index(m) if m in LABELS else 99)
+    order = list(methods.METHODS)
+    names = sorted({r.method for r in runs}, key=lambda m: order.index(m) if m in order else 99)
     Ks = sorted({r.K for r in runs})
-    return methods, Ks, {(r.method, r.K): r for r in runs}
+    return names, Ks, {(r.method, r.K): r for r in runs}
 
 
 def error_table(runs: Sequence[RunMetrics]) -> list[str]:
     """Best test error (%): rows = method, columns = K."""
-    methods, Ks, by = _grid(runs)
+    names, Ks, by = _grid(runs)
     rows = []
-    for m in methods:
-        row = [LABELS.get(m, m)]
+    for m in names:
+        row = [_label(m)]
         for K in Ks:
             run = by.get((m, K))
             row.append("–" if run is None else _mark(run, _num(run.best_test_error)))
@@ -160,12 +165,13 @@ def error_table(runs: Sequence[RunMetrics]) -> list[str]:
 
 def memory_table(runs: Sequence[RunMetrics]) -> list[str]:
     """Peak memory held for backward (MiB, and × BP at the same K) next to Table 1."""
-    methods, Ks, by = _grid(runs)
+    names, Ks, by = _grid(runs)
     rows = []
-    for m in methods:
-        row = [LABELS.get(m, m), COMPLEXITY.get(m, "?")]
+    for m in names:
+        spec = methods.METHODS.get(m)
+        row = [_label(m), spec.complexity if spec else "?"]
         for K in Ks:
-            run, bp = by.get((m, K)), by.get(("bp", K))
+            run, bp = by.get((m, K)), by.get((methods.REFERENCE.name, K))
             if run is None or run.peak_memory is None:
                 row.append("–" if run is None else _mark(run, "–"))
                 continue

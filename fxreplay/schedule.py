@@ -21,7 +21,10 @@ T     DNI: train synthesizer S_k on the true δ_k              grad            -
 U     optimizer step (line 13)                                --              --
 ====  ======================================================  ==============  ==============
 
->>> print(render(schedule("fr", 3)))
+Each method builds its own schedule from these actions (``fxreplay/methods/<name>.py``);
+``fxreplay.methods.schedule(name, K)`` looks one up:
+
+>>> print(render(schedule("fr", 3)))  # doctest: +SKIP
 clock | stage 0 | stage 1 | stage 2
     0 | 0F0     |         |
     1 |         | 1F0     |
@@ -36,10 +39,10 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["OPS", "METHOD_NAMES", "Action", "Schedule", "schedule", "render", "validate", "stage_program", "all_actions"]
+__all__ = ["OPS", "Action", "Schedule", "render", "validate", "stage_program", "all_actions",
+           "consumes", "produces", "carried_messages", "forward_chain", "check_K"]
 
 OPS = "FRBSTU"
-METHOD_NAMES = ("bp", "fr", "ddg", "dni")
 
 _ACTION_RE = re.compile(r"^(\d+)([FRBSTU])(-?\d+)$")
 
@@ -81,58 +84,14 @@ class Action:
 Schedule = tuple[tuple[Action, ...], ...]
 
 
-def schedule(method: str, K: int) -> Schedule:
-    """The clock ticks of one iteration of ``method`` on ``K`` stages (0-based, delay d_k = K-1-k).
+def forward_chain(K: int) -> list[tuple[Action, ...]]:
+    """Ticks 0..K-1: stage k runs F of batch t at tick k (the chain up every method starts with)."""
+    return [(Action(k, "F", 0),) for k in range(K)]
 
-    - ``bp``: forward chain up, backward chain down, each stage updates right after its
-      backward (the diagonal is backward locking).
-    - ``fr``: Algorithm 1 — the play chain up (lines 4-8), then every stage replays the
-      batch of t-d_k and backpropagates the δ received at t-1 *in parallel* (lines 10-15).
-    - ``ddg``: forward chain up (with graphs kept), then every stage backpropagates the δ of
-      batch t-d_k through its stored graph in parallel.
-    - ``dni``: each stage updates from its synthetic δ as soon as its forward is done;
-      the synthesizer trains when the true δ arrives from above.
 
-    Raises:
-        ValueError: unknown method or K < 1.
-    """
-    if method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHOD_NAMES)}")
+def check_K(K: int) -> None:
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
-    forward = [(Action(k, "F", 0),) for k in range(K)]
-    if method == "bp":
-        # Tick K-1+j: stage K-1-j backpropagates while stage K-j (one above) updates.
-        backward = []
-        for j in range(K + 1):
-            tick = []
-            if j < K:
-                tick.append(Action(K - 1 - j, "B", 0))
-            if j > 0:
-                tick.append(Action(K - j, "U", 0))
-            backward.append(tuple(sorted(tick)))
-        return tuple(forward + backward)
-    if method in ("fr", "ddg"):
-        delay = [K - 1 - k for k in range(K)]
-        ticks: list[tuple[Action, ...]] = []
-        if method == "fr":
-            # The last stage's play is its training forward: it has nothing to replay.
-            ticks.append(tuple(Action(k, "R", -delay[k]) for k in range(K - 1)) + (Action(K - 1, "B", 0),))
-            ticks.append(tuple(Action(k, "B", -delay[k]) for k in range(K - 1)) + (Action(K - 1, "U", 0),))
-            ticks.append(tuple(Action(k, "U", -delay[k]) for k in range(K - 1)))
-        else:
-            ticks.append(tuple(Action(k, "B", -delay[k]) for k in range(K)))
-            ticks.append(tuple(Action(k, "U", -delay[k]) for k in range(K)))
-        return tuple(forward + [t for t in ticks if t])
-    # dni: stage k runs F at tick k, S at k+1, U at k+2, and T at k+3 (after stage k+1's
-    # S/B at tick k+2 produced the true δ_k). The last stage runs F, B, U.
-    table: dict[int, list[Action]] = {}
-    for k in range(K):
-        last = k == K - 1
-        ops = ["F", "B", "U"] if last else ["F", "S", "U", "T"]
-        for i, op in enumerate(ops):
-            table.setdefault(k + i, []).append(Action(k, op, 0))
-    return tuple(tuple(sorted(table[c])) for c in sorted(table))
 
 
 def stage_program(sched: Schedule, stage: int) -> tuple[Action, ...]:
@@ -160,15 +119,19 @@ def render(sched: Schedule, K: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _consumes(a: Action, K: int) -> str | None:
+def consumes(a: Action, K: int) -> tuple[str, int] | None:
+    """The message an action needs before it can run, as ``(kind, source stage)``: an F
+    above stage 0 needs the activations from below, a B below the last stage and DNI's T
+    need δ from above (the table in the module docstring)."""
     if a.op == "F" and a.stage > 0:
-        return "act"
+        return "act", a.stage - 1
     if (a.op == "B" and a.stage < K - 1) or a.op == "T":
-        return "grad"
+        return "grad", a.stage + 1
     return None
 
 
-def _produces(a: Action, K: int) -> str | None:
+def produces(a: Action, K: int) -> str | None:
+    """The kind of message an action sends (``"act"`` up, ``"grad"`` down), or None."""
     if a.op == "F" and a.stage < K - 1:
         return "act"
     if a.op in "BS" and a.stage > 0:
@@ -176,8 +139,25 @@ def _produces(a: Action, K: int) -> str | None:
     return None
 
 
-def _source(a: Action, kind: str) -> int:
-    return a.stage - 1 if kind == "act" else a.stage + 1
+def carried_messages(sched: Schedule, K: int) -> frozenset[tuple[str, int, int]]:
+    """The sends ``(kind, stage, offset)`` consumed only in the *next* iteration (FR's and
+    DDG's δ). Invariant 7 of :func:`validate` says every message is consumed in its own
+    iteration or in the next; these are the ones a checkpoint must carry."""
+    produced: dict[tuple[str, int, int], int] = {}
+    flat = [(c, a) for c, tick in enumerate(sched) for a in tick]
+    for c, a in flat:
+        kind = produces(a, K)
+        if kind is not None:
+            produced[(kind, a.stage, a.offset)] = c
+    carried = set()
+    for c, a in flat:
+        need = consumes(a, K)
+        if need is None:
+            continue
+        same = produced.get((need[0], need[1], a.offset))
+        if same is None or same > c:
+            carried.add((need[0], need[1], a.offset + 1))
+    return frozenset(carried)
 
 
 def validate(sched: Schedule, K: int) -> None:
@@ -229,15 +209,15 @@ def validate(sched: Schedule, K: int) -> None:
                 fail(9, "backward after forward", f"stage {k} runs {a} before {k}F0")
     produced: dict[tuple[str, int, int], int] = {}  # (kind, src stage, offset) -> clock
     for c, a in flat:
-        kind = _produces(a, K)
-        if kind is not None:
-            produced[(kind, a.stage, a.offset)] = c
+        made = produces(a, K)
+        if made is not None:
+            produced[(made, a.stage, a.offset)] = c
     consumed: set[tuple[str, int, int]] = set()
     for c, a in flat:
-        kind = _consumes(a, K)
-        if kind is None:
+        need = consumes(a, K)
+        if need is None:
             continue
-        src = _source(a, kind)
+        kind, src = need
         same = produced.get((kind, src, a.offset))
         same_ok = same is not None and same < c
         prev_ok = (kind, src, a.offset + 1) in produced

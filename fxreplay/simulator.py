@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .schedule import Action, schedule as make_schedule, stage_program
+from .methods import schedule as make_schedule
+from .schedule import Action, consumes, produces, stage_program
 from .timeline import Event, Timeline
 
 __all__ = ["StageCosts", "SimResult", "simulate", "barrier_bound", "dataflow_bound", "bp_time"]
@@ -99,22 +100,6 @@ class SimResult:
         return [b / self.iteration_time if self.iteration_time else 0.0 for b in self.busy]
 
 
-def _kind_consumed(a: Action, K: int) -> tuple[str, int] | None:
-    if a.op == "F" and a.stage > 0:
-        return "act", a.stage - 1
-    if (a.op == "B" and a.stage < K - 1) or a.op == "T":
-        return "grad", a.stage + 1
-    return None
-
-
-def _kind_produced(a: Action, K: int) -> str | None:
-    if a.op == "F" and a.stage < K - 1:
-        return "act"
-    if a.op in "BS" and a.stage > 0:
-        return "grad"
-    return None
-
-
 def simulate(method: str, costs: StageCosts, *, barrier: bool = False, iterations: int | None = None) -> SimResult:
     """Run ``iterations`` iterations of ``method``'s schedule on ``costs.K`` devices.
 
@@ -147,7 +132,7 @@ def simulate(method: str, costs: StageCosts, *, barrier: bool = False, iteration
                     while positions[k] < len(prog) and prog[positions[k]].op in ops:
                         a = prog[positions[k]]
                         batch = t + a.offset
-                        need = _kind_consumed(a, K) if batch >= 0 else None
+                        need = consumes(a, K) if batch >= 0 else None
                         ready = max(free[k], gate)
                         if need is not None:
                             key = (need[0], need[1], batch)
@@ -161,7 +146,7 @@ def simulate(method: str, costs: StageCosts, *, barrier: bool = False, iteration
                             events[k].append(("compute", ready, end, f"{a.stage}{a.op}{batch}", t))
                             if t >= n // 2:
                                 busy[k] += d
-                        kind = _kind_produced(a, K)
+                        kind = produces(a, K)
                         if kind is not None and batch >= 0:
                             dst = k + 1 if kind == "act" else k - 1
                             sent[(kind, k, batch)] = end + costs.latency(k, dst)

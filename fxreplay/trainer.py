@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fxreplay import methods
 from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
 from fxreplay.executor import executor_for
@@ -61,14 +62,15 @@ class Trainer:
 
     Args:
         pipe: the compiled pipeline (``fxreplay.compile`` or ``fxreplay.load``).
-        method: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
+        method: a method name of :data:`fxreplay.methods.METHODS`.
         optimizer: builds one optimizer per stage from that stage's parameters.
         loss_fn: ``loss_fn(output, target)``, where ``output`` is exactly what the model
             returns; default :func:`fxreplay.metrics.default_loss` (cross-entropy on the
             predictions, per token for (B, T, V) outputs).
         lr_scales: per-stage multipliers of the learning rate (e.g. ``[2, 1, 1, 1]`` for the
             official code's doubled lr on module 1); default all 1.
-        synth_optimizer: DNI's synthesizer optimizer factory (default Adam, lr 1e-4).
+        synth_optimizer: the synthesizers' optimizer factory, for a method that has them
+            (DNI; default Adam, lr 1e-4).
         measure_memory: count activation/history bytes per stage each step.
         timeout: distributed only: seconds a rank waits for a neighbour before failing the job.
         record_timeline: distributed only: record compute / wait / send intervals per rank.
@@ -98,7 +100,7 @@ class Trainer:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
         self.distributed = distributed_job()
         options: dict[str, Any] = {}
-        if method == "dni" and synth_optimizer is not None:
+        if synth_optimizer is not None and "synth_optimizer" in methods.get(method).worker.option_names:
             options["synth_optimizer"] = synth_optimizer
         # A distributed rank moves only its own stage; the executor checks world size == K.
         place_stages(pipe, only=dist.get_rank() if self.distributed else None)

@@ -368,7 +368,7 @@ def test_measured_refinement_moves_the_cuts_toward_the_true_balance() -> None:
     true = [3.0] * 4 + [1.0] * 8
     n = len(true)
     problem = Problem(fwd=(1.0,) * n, bwd=(0.0,) * n, cut_bytes=(0.0,) * (n + 1), static_bytes=(0.0,) * n,
-                      act_bytes=(0.0,) * n, allowed=(False,) + (True,) * (n - 1) + (False,), method="bp")
+                      act_bytes=(0.0,) * n, allowed=(False,) + (True,) * (n - 1) + (False,))
     devs = [Device()] * 2
     measured_calls = []
 

@@ -103,7 +103,7 @@ def test_unknown_section_suggests_the_right_one() -> None:
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer, got 2.5 (float)"),
         ({"train": {"epochs": True}}, "train.epochs: expected an integer, got True (bool)"),
         ({"data": {"verify": "maybe"}}, "data.verify: expected true or false, got 'maybe'"),
-        ({"train": {"method": "sgd"}}, "train.method: expected one of 'bp', 'fr', 'ddg', 'dni'"),
+        ({"train": {"method": "sgd"}}, "train.method: expected one of 'bp', 'ddg', 'dni', 'fr'"),
         ({"partition": {"boundaries": "layer2"}}, None),  # a single name is fine
         ({"partition": {"boundaries": [1]}}, "partition.boundaries[0]: expected a string, got 1"),
         ({"model": {"name": 3}}, "model.name: expected a string, got 3 (int)"),

@@ -22,9 +22,9 @@ from torch import nn
 from fxreplay.errors import TrainingError
 from fxreplay.executor import DistributedExecutor, LocalExecutor, executor_for
 from fxreplay.executor.channel import EVAL_BATCH, Channel
-from fxreplay.executor.distributed import carried_messages
 from fxreplay.launch import run_distributed, under_torchrun
-from fxreplay.schedule import schedule
+from fxreplay.methods import schedule
+from fxreplay.schedule import carried_messages
 
 METHODS = ("fr", "bp", "ddg", "dni")
 STEPS = 7  # > K + 1 (past warm-up), the last batch smaller

@@ -9,7 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxreplay.errors import PartitionError
-from fxreplay.partition import METHODS, Device, Partition, Problem, brute_force, evaluate, solve
+from fxreplay import methods
+from fxreplay.errors import TrainingError
+from fxreplay.partition import PLAIN, Device, MethodCost, Partition, Problem, brute_force, evaluate, solve
+
+METHODS = (*methods.names(), "plain")
+
+
+def cost_of(name: str) -> MethodCost:
+    """A method's stage cost, by name ("plain": one forward, nothing stored)."""
+    return PLAIN if name == "plain" else methods.get(name).cost
 
 
 def make(
@@ -34,7 +43,7 @@ def make(
         act_bytes=tuple(act if act is not None else [0.0] * n),
         allowed=tuple(allowed if allowed is not None else [True] * (n + 1)),
         required=tuple(required),
-        method=method,
+        method=cost_of(method),
         comm_cost_per_byte=rho,
     )
 
@@ -122,9 +131,9 @@ def quadratic_dp(p: Problem, K: int, cap: float | None, objective: str = "cost")
     best = [[math.inf] * (n + 1) for _ in range(K + 1)]
     best[0][0] = 0.0
     for k in range(K):
-        m = 2 if p.method == "fr" and k < K - 1 else 1
-        r = K - k if p.method == "ddg" else 1
-        h = K - k if p.method == "fr" else 0
+        m = 2 if p.method.name == "fr" and k < K - 1 else 1
+        r = K - k if p.method.name == "ddg" else 1
+        h = K - k if p.method.name == "fr" else 0
         for j in range(k + 1, n + 1):
             if (k < K - 1) == (j == n) or (j < n and not p.allowed[j]):
                 continue
@@ -225,7 +234,7 @@ def test_error_mismatched_lengths() -> None:
 
 
 def test_error_bad_values() -> None:
-    with pytest.raises(PartitionError, match=r"unknown method 'pipedream'"):
+    with pytest.raises(TrainingError, match=r"unknown method 'pipedream'"):
         make([1], method="pipedream")
     with pytest.raises(PartitionError, match=r"fwd\[1\] = -1.0"):
         make([1, -1])
@@ -266,7 +275,7 @@ def problems(draw: st.DrawFn) -> tuple[Problem, int, list[Device]]:
         act_bytes=tuple(draw(st.lists(byte_counts, min_size=n, max_size=n))),
         allowed=tuple(allowed),
         required=tuple(required),
-        method=draw(st.sampled_from(METHODS)),
+        method=cost_of(draw(st.sampled_from(METHODS))),
         comm_cost_per_byte=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])),
     )
     capped = draw(st.booleans())

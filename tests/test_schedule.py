@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from fxreplay.schedule import METHOD_NAMES, Action, render, schedule, stage_program, validate
+from fxreplay.methods import names, schedule
+from fxreplay.schedule import Action, render, stage_program, validate
+
+METHOD_NAMES = names()
 
 
 def grid(method: str, K: int = 3) -> str:

@@ -52,13 +52,13 @@ from torch import nn
 
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
 from ..measure import MemoryMeter
-from ..methods import METHODS
+from ..methods import build_method
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, capture_rng
-from ..schedule import Action, Schedule, schedule as make_schedule, stage_program, validate
+from ..schedule import Action, carried_messages, stage_program, validate
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
 
-__all__ = ["DistributedExecutor", "backend_for", "carried_messages", "executor_for"]
+__all__ = ["DistributedExecutor", "backend_for", "executor_for"]
 
 _FORMAT = 1
 _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
@@ -67,31 +67,6 @@ _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
 def backend_for(device: str | torch.device) -> str:
     """The process-group backend for a stage device: NCCL for CUDA, gloo otherwise."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-def carried_messages(sched: Schedule, K: int) -> frozenset[tuple[str, int, int]]:
-    """The sends ``(kind, stage, offset)`` consumed only in the *next* iteration (FR's and
-    DDG's δ). Schedule invariant 7 says every message is consumed in its own iteration or in
-    the next; these are the ones a checkpoint must carry."""
-    produced: dict[tuple[str, int, int], int] = {}
-    flat = [(c, a) for c, tick in enumerate(sched) for a in tick]
-    for c, a in flat:
-        if a.op == "F" and a.stage < K - 1:
-            produced[("act", a.stage, a.offset)] = c
-        elif a.op in "BS" and a.stage > 0:
-            produced[("grad", a.stage, a.offset)] = c
-    carried = set()
-    for c, a in flat:
-        if a.op == "F" and a.stage > 0:
-            kind, src = "act", a.stage - 1
-        elif (a.op == "B" and a.stage < K - 1) or a.op == "T":
-            kind, src = "grad", a.stage + 1
-        else:
-            continue
-        same = produced.get((kind, src, a.offset))
-        if same is None or same > c:
-            carried.add((kind, src, a.offset + 1))
-    return frozenset(carried)
 
 
 class _RankLink:
@@ -136,7 +111,7 @@ class DistributedExecutor:
 
     Args:
         stages: all K stage modules (stage ``rank`` must already be on its device).
-        method: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
+        method: a method name of :data:`fxreplay.methods.METHODS`.
         optimizer: factory ``params -> Optimizer`` (this rank's stage only).
         loss_fn: ``loss_fn(output, y)`` (used on the last rank).
         synth_optimizer: DNI's synthesizer optimizer factory.
@@ -172,8 +147,6 @@ class DistributedExecutor:
         rank, world = dist.get_rank(), dist.get_world_size()
         if world != K:
             raise TrainingError(f"{world} ranks for K={K} stages: the distributed executor runs one stage per rank; start K={K} processes")
-        if method not in METHODS:
-            raise TrainingError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
         if synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer
         self.method = method
@@ -182,8 +155,9 @@ class DistributedExecutor:
         self.loss_fn = loss_fn
         self.timeout = timeout
         self.stages = list(stages)
-        self.worker = METHODS[method](rank, K, stages[rank], optimizer, loss_fn, **options)
-        self.schedule = make_schedule(method, K)
+        bound = build_method(method, stages, optimizer, loss_fn, only=rank, **options)
+        self.worker = bound.workers[0]
+        self.schedule = bound.schedule
         validate(self.schedule, K)
         self.program: tuple[Action, ...] = stage_program(self.schedule, rank)
         self._carried_keys = carried_messages(self.schedule, K)

@@ -1,7 +1,7 @@
 """The local executor: all stages in one process, the schedule run in order (DESIGN §5).
 
 It is the deterministic reference every other executor must match. It knows nothing of
-the method: it runs the actions of :func:`fxreplay.schedule.schedule` on the workers of
+the method: it runs the actions of the method's schedule (:func:`fxreplay.methods.schedule`) on the workers of
 :func:`fxreplay.methods.build_method` and carries their messages in a dictionary keyed
 by ``(kind, destination stage, batch)``. Messages still in the dictionary at the end of an
 iteration are the ones in flight to the next (FR's and DDG's δ); they are checkpointed.
@@ -66,7 +66,7 @@ class LocalExecutor:
 
     Args:
         stages: the K stage modules; stage k>0 is called with the tuple stage k-1 returned.
-        method: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
+        method: a method name of :data:`fxreplay.methods.METHODS`.
         optimizer: factory ``params -> Optimizer``, called once per stage.
         loss_fn: ``loss_fn(output, y)``.
         synth_optimizer: DNI only: factory for the synthesizers' optimizers (default

@@ -1,11 +1,21 @@
-"""Training methods as per-stage workers: BP, FR (features replay), DDG and DNI.
+"""Training methods as per-stage workers: the registry of BP, FR (features replay), DDG and DNI.
 
-A method is a schedule (:func:`fxreplay.schedule.schedule`) plus one worker per stage
-that runs that stage's actions. Executors run the actions and carry the messages; they
+A method is one value, a :class:`~fxreplay.methods.spec.MethodSpec` declared by its own
+file (``bp.py``, ``fr.py``, ``ddg.py``, ``dni.py``): its schedule, its worker, its stage
+cost for the partitioner, its label and colour. Everything else asks this registry; no
+other module spells a method name. Executors run the actions and carry the messages; they
 never know which method they run, and workers never know which executor runs them.
 
->>> m = build_method("fr", stages, lambda p: torch.optim.SGD(p, lr=0.1), nn.MSELoss())  # doctest: +SKIP
->>> print(render(m.schedule))                                                          # doctest: +SKIP
+>>> [m.name for m in METHODS.values()]
+['bp', 'ddg', 'dni', 'fr']
+>>> print(render(schedule("fr", 3)))
+clock | stage 0 | stage 1 | stage 2
+    0 | 0F0     |         |
+    1 |         | 1F0     |
+    2 |         |         | 2F0
+    3 | 0R-2    | 1R-1    | 2B0
+    4 | 0B-2    | 1B-1    | 2U0
+    5 | 0U-2    | 1U-1    |
 """
 from __future__ import annotations
 
@@ -15,25 +25,61 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..errors import TrainingError
-from ..schedule import Schedule, schedule
+from ..schedule import Schedule, render
+from . import bp, ddg, dni, fr
 from .base import LossFn, OptimizerFactory, StageWorker
-from .bp import BPWorker
-from .ddg import DDGWorker
-from .dni import DNIWorker
-from .fr import FRWorker
+from .spec import MethodSpec
 
-__all__ = ["METHODS", "Method", "StageWorker", "build_method"]
+__all__ = ["METHODS", "REFERENCE", "PROPOSED", "Method", "MethodSpec", "StageWorker", "build_method", "get", "names", "schedule", "render"]
 
-METHODS: dict[str, type[StageWorker]] = {"bp": BPWorker, "fr": FRWorker, "ddg": DDGWorker, "dni": DNIWorker}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (bp.SPEC, ddg.SPEC, dni.SPEC, fr.SPEC)}
+"""Every method by name, in the paper's order of comparison: the reference first, FR last."""
+
+REFERENCE: MethodSpec = next(spec for spec in METHODS.values() if spec.reference)
+"""The exact-gradient baseline (BP): memory ratios and σ are relative to it."""
+
+PROPOSED: MethodSpec = fr.SPEC
+"""The method this project is about: the default, and the one whose speed-up a plan reports."""
+
+
+def names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def get(name: str) -> MethodSpec:
+    """The method called ``name``.
+
+    Raises:
+        TrainingError: no such method (the message lists them).
+    """
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise TrainingError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}") from None
+
+
+def schedule(name: str, K: int) -> Schedule:
+    """The clock ticks of one iteration of method ``name`` on ``K`` stages.
+
+    Raises:
+        ValueError: unknown method or K < 1.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
+    return METHODS[name].schedule(K)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method bound to stages: its name, its schedule and one worker per stage."""
+    """A method bound to stages: its spec, its schedule and one worker per stage."""
 
-    name: str
+    spec: MethodSpec
     schedule: Schedule
     workers: tuple[StageWorker, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def build_method(
@@ -41,26 +87,28 @@ def build_method(
     stages: Sequence[nn.Module],
     optimizer: OptimizerFactory,
     loss_fn: LossFn,
+    only: int | None = None,
     **options: Any,
 ) -> Method:
     """Build the workers of method ``name`` over ``stages`` (one optimizer per stage).
 
     Args:
-        name: ``"bp"``, ``"fr"``, ``"ddg"`` or ``"dni"``.
+        name: a name of :data:`METHODS`.
         stages: the K stage modules (disjoint parameters).
         optimizer: factory ``params -> torch.optim.Optimizer``, called once per stage.
         loss_fn: ``loss_fn(output, y)`` applied by the last stage.
+        only: build only this stage's worker (a distributed rank); ``workers`` then holds
+            that one worker.
         options: method-specific options (DNI: ``synthesizer``, ``synth_hidden``,
             ``synth_optimizer``).
 
     Raises:
         TrainingError: unknown method, no stages, or an option the method does not take.
     """
-    if name not in METHODS:
-        raise TrainingError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
+    spec = get(name)
     if len(stages) == 0:
         raise TrainingError("no stages to train: the partition produced K=0 stages")
     K = len(stages)
-    worker_cls = METHODS[name]
-    workers = tuple(worker_cls(k, K, module, optimizer, loss_fn, **options) for k, module in enumerate(stages))
-    return Method(name, schedule(name, K), workers)
+    ks = range(K) if only is None else [only]
+    workers = tuple(spec.worker(k, K, stages[k], optimizer, loss_fn, **options) for k in ks)
+    return Method(spec, spec.schedule(K), workers)

@@ -5,15 +5,35 @@ at iteration t, for the δ that stage k+1 computes at the same iteration t.
 """
 from __future__ import annotations
 
+from ..partition import PLAIN
+from ..schedule import Action, Schedule, check_K, forward_chain
 from .base import Link, StageWorker
+from .spec import MethodSpec
 
-__all__ = ["BPWorker"]
+__all__ = ["BPWorker", "schedule", "SPEC"]
+
+
+def schedule(K: int) -> Schedule:
+    """Forward chain up, backward chain down, each stage updating right after its backward
+    (the diagonal is backward locking): tick K-1+j has stage K-1-j backpropagating while
+    stage K-j, one above, updates."""
+    check_K(K)
+    backward = []
+    for j in range(K + 1):
+        tick = []
+        if j < K:
+            tick.append(Action(K - 1 - j, "B", 0))
+        if j > 0:
+            tick.append(Action(K - j, "U", 0))
+        backward.append(tuple(sorted(tick)))
+    return tuple(forward_chain(K) + backward)
 
 
 class BPWorker(StageWorker):
     """A stage trained by plain backpropagation."""
 
     method = "bp"
+
 
     def op_F(self, batch: int, link: Link) -> None:
         """Forward of batch t with graph; send the output up (or compute the loss)."""
@@ -26,3 +46,9 @@ class BPWorker(StageWorker):
         entry, self._live = self._live, None
         assert entry is not None and entry[0] == batch, f"stage {self.stage}: no forward of batch {batch} to backpropagate"
         self.backprop(entry, link)
+
+
+SPEC = MethodSpec(
+    name=BPWorker.method, label="BP", summary="plain backpropagation through the stages (exact gradients, backward locking)",
+    worker=BPWorker, schedule=schedule, cost=PLAIN, color="#444444", complexity="O(L)", reference=True, parallel=False,
+)

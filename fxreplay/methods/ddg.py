@@ -28,9 +28,23 @@ from typing import Any, Callable
 import torch
 
 from ..measure import StorageMap, storages_of
+from ..partition import MethodCost
+from ..schedule import Action, Schedule, check_K, forward_chain
 from .base import Link, RngState, StageWorker, capture_rng, frozen_norm_stats, kept_buffers, restored_rng
+from .spec import MethodSpec
 
-__all__ = ["DDGWorker"]
+__all__ = ["DDGWorker", "schedule", "SPEC"]
+
+
+def schedule(K: int) -> Schedule:
+    """Forward chain up (graphs kept), then every stage backpropagates the δ of batch
+    t-d_k through its stored graph, in parallel, and updates."""
+    check_K(K)
+    delay = [K - 1 - k for k in range(K)]
+    return tuple(forward_chain(K) + [
+        tuple(Action(k, "B", -delay[k]) for k in range(K)),
+        tuple(Action(k, "U", -delay[k]) for k in range(K)),
+    ])
 
 
 class _Stored:
@@ -52,6 +66,7 @@ class DDGWorker(StageWorker):
     """
 
     method = "ddg"
+
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -116,3 +131,10 @@ class DDGWorker(StageWorker):
             inputs = self.leaf_inputs(tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in inputs))
             snapshot = [p.to(live.device).detach().requires_grad_(live.requires_grad) for p, live in zip(params, self.params)]
             self.graphs.append(_Stored(batch, inputs, snapshot, rng))
+
+
+SPEC = MethodSpec(
+    name=DDGWorker.method, label="DDG", summary="decoupled parallel backpropagation with delayed gradients (Huo et al., ICML 2018)",
+    worker=DDGWorker, schedule=schedule, cost=MethodCost(DDGWorker.method, stored_graphs=True),
+    color="#e08214", complexity="O(LK + K²)",
+)

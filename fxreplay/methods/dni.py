@@ -29,10 +29,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..measure import StorageMap, storages_of
+from ..partition import MethodCost
+from ..schedule import Action, Schedule, check_K
 from .base import Link, OptimizerFactory, StageWorker, _is_diff, as_tuple
+from .spec import MethodSpec
 from .synthesizer import make_synthesizer
 
-__all__ = ["DNIWorker"]
+__all__ = ["DNIWorker", "schedule", "SPEC"]
+
+
+def schedule(K: int) -> Schedule:
+    """Stage k runs F at tick k, S at k+1, U at k+2, and T at k+3 (after stage k+1's S/B at
+    tick k+2 produced the true δ_k); the last stage runs F, B, U."""
+    check_K(K)
+    table: dict[int, list[Action]] = {}
+    for k in range(K):
+        ops = ["F", "B", "U"] if k == K - 1 else ["F", "S", "U", "T"]
+        for i, op in enumerate(ops):
+            table.setdefault(k + i, []).append(Action(k, op, 0))
+    return tuple(tuple(sorted(table[c])) for c in sorted(table))
 
 
 def _default_synth_optimizer(params: list[Any]) -> torch.optim.Optimizer:
@@ -48,6 +63,7 @@ class DNIWorker(StageWorker):
     """
 
     method = "dni"
+
     option_names = frozenset({"synthesizer", "synth_hidden", "synth_optimizer"})
 
     def _apply_options(self, options: dict[str, Any]) -> None:
@@ -153,3 +169,9 @@ class DNIWorker(StageWorker):
             if opt is not None and state["synth_opts"][i] is not None:
                 opt.load_state_dict(state["synth_opts"][i])
         self.last_synth_loss = state["last_synth_loss"]
+
+
+SPEC = MethodSpec(
+    name=DNIWorker.method, label="DNI", summary="decoupled neural interfaces with synthetic gradients (Jaderberg et al., 2016)",
+    worker=DNIWorker, schedule=schedule, cost=MethodCost(DNIWorker.method), color="#4dac26", complexity="O(L + K·L_s)",
+)

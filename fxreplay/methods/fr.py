@@ -31,9 +31,26 @@ from typing import Any
 import torch
 
 from ..measure import StorageMap, storages_of
+from ..partition import MethodCost
+from ..schedule import Action, Schedule, check_K, forward_chain
 from .base import Link, RngState, StageWorker, capture_rng, frozen_norm_stats, restored_rng
+from .spec import MethodSpec
 
-__all__ = ["FRWorker"]
+__all__ = ["FRWorker", "schedule", "SPEC"]
+
+
+def schedule(K: int) -> Schedule:
+    """Algorithm 1: the play chain up (lines 4-8), then every stage replays the batch of
+    t-d_k and backpropagates the δ received at t-1 *in parallel* (lines 10-15); the last
+    stage's play is its training forward, so it has nothing to replay."""
+    check_K(K)
+    delay = [K - 1 - k for k in range(K)]
+    ticks = [
+        tuple(Action(k, "R", -delay[k]) for k in range(K - 1)) + (Action(K - 1, "B", 0),),
+        tuple(Action(k, "B", -delay[k]) for k in range(K - 1)) + (Action(K - 1, "U", 0),),
+        tuple(Action(k, "U", -delay[k]) for k in range(K - 1)),
+    ]
+    return tuple(forward_chain(K) + [t for t in ticks if t])
 
 
 class FRWorker(StageWorker):
@@ -102,3 +119,10 @@ class FRWorker(StageWorker):
             (b, tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in inputs), rng)
             for b, inputs, rng in state["history"]
         )
+
+
+SPEC = MethodSpec(
+    name=FRWorker.method, label="FR", summary="features replay (Huo, Gu & Huang, NeurIPS 2018)",
+    worker=FRWorker, schedule=schedule, cost=MethodCost(FRWorker.method, replay=True, stored_inputs=True),
+    color="#2166ac", complexity="O(L + K²)",
+)
