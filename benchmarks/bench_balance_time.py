@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import fxreplay  # noqa: E402
 from fxreplay.models import get  # noqa: E402
 from fxreplay import methods  # noqa: E402
-from fxreplay.profiling import time_stages  # noqa: E402
+from fxreplay.compiler.profiling import time_stages  # noqa: E402
 
 
 def main() -> None:

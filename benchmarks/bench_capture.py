@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the external-style models live with t
 import zoo_external as Z  # noqa: E402
 
 from fxreplay.models import get  # noqa: E402
-from fxreplay.tracing import trace_modes  # noqa: E402
+from fxreplay.compiler.tracing import trace_modes  # noqa: E402
 
 
 def models() -> list[tuple[str, Callable[[], nn.Module], tuple[Any, ...]]]:

@@ -19,11 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fxreplay.costgraph import build_cost_graph  # noqa: E402
+from fxreplay.compiler.costgraph import build_cost_graph  # noqa: E402
 from fxreplay.models.resnet_cifar import CifarResNet  # noqa: E402
 from fxreplay.partition import solve  # noqa: E402
-from fxreplay.profiling import profile  # noqa: E402
-from fxreplay.tracing import trace  # noqa: E402
+from fxreplay.compiler.profiling import profile  # noqa: E402
+from fxreplay.compiler.tracing import trace  # noqa: E402
 
 BLOCKS = (9, 40, 120, 240)  # per stage of the ResNet: 56, 242, 722, 1442 layers
 K = 8

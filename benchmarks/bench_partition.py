@@ -22,7 +22,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from fxreplay.ordering import cut_bytes  # noqa: E402
+from fxreplay.compiler.ordering import cut_bytes  # noqa: E402
 from fxreplay.partition import Device, Problem, solve  # noqa: E402
 
 SIZES = (500, 1000, 2000, 5000, 10000)

@@ -83,8 +83,8 @@ def partition(
     """Trace, profile and cut MODEL into K balanced stages; write plan.yaml and readable stage code."""
     from cli.render import plan_json, plan_table
     from fxreplay.compiler import compile as compile_model
-    from fxreplay.loading import load_model, make_example_inputs
-    from fxreplay.plan import ModelSpec
+    from fxreplay.compiler.loading import load_model, make_example_inputs
+    from fxreplay.compiler.plan import ModelSpec
 
     try:
         shape = _ints(input_shape, "--input-shape")
@@ -159,7 +159,7 @@ def train(
         else:
             cfg = load_config(config)
         if plan is not None and K is None:
-            from fxreplay.plan import Plan
+            from fxreplay.compiler.plan import Plan
 
             overrides["partition.K"] = Plan.load(plan).K
         given: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}

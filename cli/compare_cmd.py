@@ -66,7 +66,7 @@ def show(
     """Print a plan's stage table and draw its graph, coloured by stage, with the bytes on each cut edge."""
     from cli.app import err, fail, out
     from cli.render import plan_table
-    from fxreplay.plan import Plan
+    from fxreplay.compiler.plan import Plan
 
     try:
         plan = Plan.load(plan_dir)

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fxreplay.methods import PROPOSED, REFERENCE
-from fxreplay.plan import Plan, format_bytes
+from fxreplay.compiler.plan import Plan, format_bytes
 
 
 def _flops(n: float) -> str:

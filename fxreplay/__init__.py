@@ -47,7 +47,7 @@ _LAZY = {
     "compile": ("fxreplay.compiler", "compile"),
     "load": ("fxreplay.compiler", "load"),
     "Pipeline": ("fxreplay.compiler", "Pipeline"),
-    "Plan": ("fxreplay.plan", "Plan"),
+    "Plan": ("fxreplay.compiler.plan", "Plan"),
     "Trainer": ("fxreplay.trainer", "Trainer"),
 }
 

@@ -60,7 +60,7 @@ class ModelConfig:
     section: ClassVar[str] = "model"
 
     # A zoo name ("resnet20"), a file ("examples/branchy_net.py"), "pkg.mod:attr" or
-    # "torchvision:resnet18"; resolved by fxreplay.loading, kept as a string here.
+    # "torchvision:resnet18"; resolved by fxreplay.compiler.loading, kept as a string here.
     # digits_cnn because it is the one model the offline quick-start data fits.
     name: str = "digits_cnn"
     # None: the data set's class count (10 or 100), so one model line serves both CIFARs.

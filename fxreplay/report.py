@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from fxreplay import methods
-from fxreplay.plan import format_bytes
+from fxreplay.compiler.plan import format_bytes
 
 __all__ = ["RunMetrics", "load_run", "steps_per_epoch", "render_markdown", "write_report"]
 

@@ -30,9 +30,9 @@ from fxreplay.compiler import Pipeline, compile as compile_model, load as load_p
 from fxreplay.config import Config, load_config, save_config
 from fxreplay.data import NUM_CLASSES, build_datasets, labels_only, make_loader
 from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
-from fxreplay.loading import load_model
+from fxreplay.compiler.loading import load_model
 from fxreplay.metrics import correct_count, default_loss
-from fxreplay.plan import ModelSpec, Plan
+from fxreplay.compiler.plan import ModelSpec, Plan
 from fxreplay.trainer import Trainer, distributed_job
 
 __all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]

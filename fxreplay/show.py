@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from fxreplay.plan import format_bytes
+from fxreplay.compiler.plan import format_bytes
 
 if TYPE_CHECKING:
     from fxreplay.compiler import Pipeline
@@ -78,7 +78,7 @@ def _module_key(depth: int, paths: dict[str, str]) -> Callable[[str], str]:
 
 def readable_graph(pipe: Pipeline, max_nodes: int = MAX_NODES) -> tuple[nx.DiGraph, str]:
     """The finest view with at most ``max_nodes`` boxes, and a word on what a box is."""
-    from fxreplay.tracing import node_module_path
+    from fxreplay.compiler.tracing import node_module_path
 
     G = stage_graph(pipe)
     # get_attr values are re-read by each stage, not sent: leave them out of the picture.

@@ -13,9 +13,9 @@ from torch import nn
 import fxreplay
 from fxreplay.compiler import resolve_cost
 from fxreplay.errors import PartitionError, PlanError, TraceError, TrainingError
-from fxreplay.loading import load_model
+from fxreplay.compiler.loading import load_model
 from fxreplay.models import get
-from fxreplay.split import run_chain
+from fxreplay.compiler.split import run_chain
 
 
 def _assert_transparent(model: nn.Module, inputs: tuple[torch.Tensor, ...], K: int) -> fxreplay.Pipeline:
@@ -115,7 +115,7 @@ def test_resnet164_balance_by_flops() -> None:
 
 
 def test_plan_round_trip(tmp_path: Path, examples_dir: Path) -> None:
-    from fxreplay.plan import ModelSpec
+    from fxreplay.compiler.plan import ModelSpec
 
     spec = str(examples_dir / "branchy_net.py")
     loaded = load_model(spec)
@@ -267,7 +267,7 @@ def test_heterogeneous_devices_give_faster_device_more_work() -> None:
 def test_hand_edited_plan_is_validated(tmp_path: Path, examples_dir: Path, edit, message: str) -> None:
     import yaml
 
-    from fxreplay.plan import ModelSpec
+    from fxreplay.compiler.plan import ModelSpec
 
     spec = str(examples_dir / "branchy_net.py")
     loaded = load_model(spec)
@@ -361,7 +361,7 @@ def test_time_is_measured_with_the_threads_a_stage_will_have(monkeypatch: pytest
 
 
 def test_measured_refinement_moves_the_cuts_toward_the_true_balance() -> None:
-    from fxreplay.compiler import _refined
+    from fxreplay.compiler.refine import refined as _refined
     from fxreplay.partition import Device, Problem, solve
 
     # 12 nodes that the per-node profile says cost 1 each; really the first 4 cost 3 each.

@@ -1,4 +1,4 @@
-"""Tests for fxreplay.ordering: cut bytes by hand, narrow orders, validity on random DAGs."""
+"""Tests for fxreplay.compiler.ordering: cut bytes by hand, narrow orders, validity on random DAGs."""
 from __future__ import annotations
 
 import random
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxreplay.errors import PartitionError
-from fxreplay.ordering import cut_bytes, narrow_order
+from fxreplay.compiler.ordering import cut_bytes, narrow_order
 
 
 def graph(nodes: Sequence[tuple[str, float]], edges: Sequence[tuple[str, str]]) -> nx.DiGraph:

@@ -9,7 +9,7 @@ from torch import nn
 
 import zoo_external as Z
 from fxreplay.errors import ShapeGuardError, TraceError
-from fxreplay.tracing import guard, trace, trace_modes
+from fxreplay.compiler.tracing import guard, trace, trace_modes
 
 
 def _ops(gm: fx.GraphModule) -> list[str]:

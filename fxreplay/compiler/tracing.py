@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
 from fxreplay.errors import ShapeGuardError, TraceError
-from fxreplay.profiling import is_tensor_container
+from fxreplay.compiler.profiling import is_tensor_container
 
 __all__ = [
     "FxReplayTracer",
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 # Files whose frames are never "the user's line": torch's own, and ours.
-_INTERNAL = ("/torch/", "/fxreplay/tracing.py", "/typing.py", "/contextlib.py", "/functools.py")
+_INTERNAL = ("/torch/", "/fxreplay/compiler/tracing.py", "/typing.py", "/contextlib.py", "/functools.py")
 
 # torch.nn modules that only call their submodules: traced through, so a cut can fall
 # between their layers. Every other torch.nn module is a kernel and stays one leaf node.
@@ -465,7 +465,7 @@ def _caller() -> str:
     """Where the traced code is, for messages: ``file:line: `code``` of the innermost frame
     outside the tracer, and when that is torch's own code, the user's line that called it."""
     stack = [f for f in reversed(traceback.extract_stack()) if not any(
-        part in f.filename.replace("\\", "/") for part in ("/fxreplay/tracing.py", "/torch/fx/", "/contextlib.py", "/functools.py"))]
+        part in f.filename.replace("\\", "/") for part in ("/fxreplay/compiler/tracing.py", "/torch/fx/", "/contextlib.py", "/functools.py"))]
     if not stack:
         return "an unknown place"
 

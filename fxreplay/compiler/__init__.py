@@ -1,6 +1,17 @@
-"""``fxreplay.compile`` and ``fxreplay.load``: model -> trace -> profile -> partition -> stages.
+"""The compile chain: model -> trace -> profile -> cost graph -> partition -> plan -> stages.
 
-Each step is one function of its own module; this file only joins them.
+One module per step, joined here by ``fxreplay.compile`` and ``fxreplay.load``:
+
+- :mod:`~fxreplay.compiler.loading` a model spec string -> model and example inputs
+- :mod:`~fxreplay.compiler.tracing` the model, in train and eval mode -> torch.fx graphs
+- :mod:`~fxreplay.compiler.profiling` node costs (FLOPs, bytes, time) in ``node.meta``
+- :mod:`~fxreplay.compiler.ordering` + :mod:`~fxreplay.compiler.costgraph` a networkx
+  graph laid out along a narrow topological order -> the partitioner's plain-data problem
+- :mod:`fxreplay.partition` (outside this package: pure, no torch, and shared with the
+  methods, which declare their stage cost in its terms) the exact minimum-bottleneck cut
+- :mod:`~fxreplay.compiler.refine` measured refinement of a time-cost cut
+- :mod:`~fxreplay.compiler.plan` the serialisable plan, and its check against a graph
+- :mod:`~fxreplay.compiler.split` the K stage modules (train and eval graphs), stage code
 """
 from __future__ import annotations
 
@@ -19,14 +30,15 @@ from torch import nn
 
 from fxreplay import methods
 from fxreplay.checkpoint import save_atomic
-from fxreplay.costgraph import COST_MODELS, CostGraph, build_cost_graph
+from fxreplay.compiler.costgraph import COST_MODELS, CostGraph, build_cost_graph
+from fxreplay.compiler.loading import load_model, make_example_inputs
+from fxreplay.compiler.plan import ModelSpec, Plan, StagePlan, parse_device
+from fxreplay.compiler.profiling import NodeCost, profile, time_stages
+from fxreplay.compiler.refine import refined
+from fxreplay.compiler.split import Stage, assign_eval_stages, build_stages, dual_stages, run_chain, write_stage_files
+from fxreplay.compiler.tracing import Traced, trace_modes
 from fxreplay.errors import FxReplayWarning, PartitionError, PlanError
-from fxreplay.loading import load_model, make_example_inputs
-from fxreplay.partition import Device, Partition, Problem, solve
-from fxreplay.plan import ModelSpec, Plan, StagePlan, parse_device
-from fxreplay.profiling import NodeCost, profile, time_stages
-from fxreplay.split import Stage, assign_eval_stages, build_stages, dual_stages, run_chain, write_stage_files
-from fxreplay.tracing import Traced, trace_modes
+from fxreplay.partition import Device, Partition, solve
 
 __all__ = ["Pipeline", "compile", "load", "resolve_cost"]
 WEIGHTS_FILE = "weights.pt"
@@ -184,7 +196,7 @@ def compile(
     with _profile_threads(cost, profile_device, threads, K):
         profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
     cg = build_cost_graph(gm)
-    _check_tied(cg, K)
+    cg.check_cuts(K)
     required = cg.required_cuts(boundaries or [])
     problem = cg.problem(cost, method_cost, required=required)
     part = solve(problem, K, devs)
@@ -202,41 +214,8 @@ def compile(
 
     if cost == "time" and refine > 0 and K > 1 and all(torch.device(d.name).type == "cpu" for d in devs):
         with _profile_threads(cost, profile_device, threads, K):
-            part = _refined(part, problem, K, devs, lambda p: time_stages(pipeline(p).stages, example_inputs, method_cost), refine)
+            part = refined(part, problem, K, devs, lambda p: time_stages(pipeline(p).stages, example_inputs, method_cost), refine)
     return pipeline(part)
-
-
-def _refined(part: Partition, problem: Problem, K: int, devs: Sequence[Device], measure: Callable[[Partition], list[float]], rounds: int) -> Partition:
-    """Per-node times summed over a stage can miss what the stage takes when it runs whole
-    (allocation, cache reuse across ops). Time the stages whole, scale every node of stage k
-    by measured / predicted, solve again; keep the partition whose measured bottleneck is
-    smallest. Stops early once the measured stages are within 3% of their mean."""
-    best, best_bottleneck = part, float("inf")
-    for round_ in range(rounds + 1):
-        measured = measure(part)
-        if max(measured) < best_bottleneck:
-            best, best_bottleneck = part, max(measured)
-        if round_ == rounds or max(measured) <= 1.03 * sum(measured) / len(measured):
-            break
-        scale = [0.0] * len(problem.fwd)
-        for k, (a, b) in enumerate(part.ranges):
-            factor = measured[k] / part.stage_costs[k] if part.stage_costs[k] > 0 else 1.0
-            for i in range(a, b):
-                scale[i] = factor
-        problem = replace(problem, fwd=tuple(f * c for f, c in zip(problem.fwd, scale)), bwd=tuple(v * c for v, c in zip(problem.bwd, scale)))
-        part = solve(problem, K, devs)
-    return best
-
-
-def _check_tied(cg: CostGraph, K: int) -> None:
-    possible = sum(cg.allowed[1:-1])
-    if K - 1 > possible:
-        tied = f" Tied parameters keep some nodes together: {', '.join(name for name, _ in cg.tied)}." if cg.tied else ""
-        raise PartitionError(
-            f"K={K} stages need {K - 1} cuts but this model allows only {possible} (it has "
-            f"{sum(n.op not in ('placeholder', 'get_attr') for n in cg.order)} operations).{tied} "
-            f"Use K <= {possible + 1}, or trace with fewer leaf modules so there are more nodes to cut between."
-        )
 
 
 def _make_plan(
@@ -329,33 +308,11 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
         example_inputs = make_example_inputs(plan.model.input_shape, plan.model.batch_size or 1, dtype=plan.model.input_dtype)
     traced = _trace(model, plan.model.leaf_modules, tuple(example_inputs))
     gm = traced[0].gm
-    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    plan.check_graph(
+        [(n.name, n.op == "placeholder", [u.name for u in n.all_input_nodes]) for n in gm.graph.nodes if n.op != "output"],
+        where=f"the plan in {plan_dir}",
+    )
     planned = [n for s in plan.stages for n in s.nodes]
-    missing = [n for n in names if n not in set(planned)]
-    unknown = [n for n in planned if n not in set(names)]
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"nodes of the model in no stage: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unknown:
-            parts.append(f"nodes in the plan that the model does not have: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
-        raise PlanError(
-            f"the plan in {plan_dir} does not match the model ({'; '.join(parts)}). Every fx node "
-            "must be in exactly one stage: re-run `fxreplay partition` for this model."
-        )
-    by_name = {n.name: n for n in gm.graph.nodes}
-    seen: set[str] = set()
-    for s in plan.stages:
-        for name in s.nodes:
-            early = [u.name for u in by_name[name].all_input_nodes if u.name not in seen]
-            if early:
-                raise PlanError(
-                    f"the plan in {plan_dir} puts node {name!r} (stage {s.index}) before its input "
-                    f"{early[0]!r}: stages must list nodes in an order where every value is computed before it is used."
-                )
-            seen.add(name)
-            if by_name[name].op == "placeholder" and s.index != 0:
-                raise PlanError(f"the plan in {plan_dir} puts the model input {name!r} in stage {s.index}; inputs belong to stage 0.")
     profile(gm, tuple(example_inputs))
     cg = build_cost_graph(gm, order=planned)
     return _pipeline(model, traced, cg, plan)

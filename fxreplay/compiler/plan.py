@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -82,6 +83,45 @@ class Plan:
         one = sum(s.flops_fwd + s.flops_bwd for s in self.stages)
         slowest = max(method.factors(k, self.K)[0] * s.flops_fwd + s.flops_bwd for k, s in enumerate(self.stages))
         return one / slowest if slowest else 1.0
+
+    def check_graph(self, nodes: Sequence[tuple[str, bool, Sequence[str]]], where: str = "the plan") -> None:
+        """Check the plan against the graph it is applied to: every node in exactly one stage,
+        every value computed before it is used, the model's inputs in stage 0.
+
+        Args:
+            nodes: ``(name, is an input, names of the nodes it reads)`` for each graph node.
+
+        Raises:
+            PlanError: naming the first node that breaks a rule, and what to do.
+        """
+        names = [name for name, _, _ in nodes]
+        planned = [n for s in self.stages for n in s.nodes]
+        missing = [n for n in names if n not in set(planned)]
+        unknown = [n for n in planned if n not in set(names)]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"nodes of the model in no stage: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            if unknown:
+                parts.append(f"nodes in the plan that the model does not have: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+            raise PlanError(
+                f"{where} does not match the model ({'; '.join(parts)}). Every fx node "
+                "must be in exactly one stage: re-run `fxreplay partition` for this model."
+            )
+        by_name = {name: (is_input, inputs) for name, is_input, inputs in nodes}
+        seen: set[str] = set()
+        for s in self.stages:
+            for name in s.nodes:
+                is_input, inputs = by_name[name]
+                early = [u for u in inputs if u not in seen]
+                if early:
+                    raise PlanError(
+                        f"{where} puts node {name!r} (stage {s.index}) before its input "
+                        f"{early[0]!r}: stages must list nodes in an order where every value is computed before it is used."
+                    )
+                seen.add(name)
+                if is_input and s.index != 0:
+                    raise PlanError(f"{where} puts the model input {name!r} in stage {s.index}; inputs belong to stage 0.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

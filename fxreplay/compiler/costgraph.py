@@ -2,7 +2,7 @@
 
 The nodes become a networkx DiGraph (edge u -> v: v uses u's value) weighted by their
 profile; a topological order that keeps boundaries narrow is chosen
-(:func:`fxreplay.ordering.narrow_order`), and the per-position arrays of
+(:func:`fxreplay.compiler.ordering.narrow_order`), and the per-position arrays of
 :class:`fxreplay.partition.Problem` are laid out along it. Cuts that would leave a stage
 without computation, split the uses of a tied parameter or a written buffer, or carry a
 structured value (tuple, dict) are forbidden; boundaries
@@ -18,10 +18,10 @@ import networkx as nx
 import torch.fx as fx
 
 from fxreplay.errors import PartitionError
-from fxreplay.ordering import cut_bytes, narrow_order
+from fxreplay.compiler.ordering import cut_bytes, narrow_order
 from fxreplay.partition import PLAIN, MethodCost, Problem
-from fxreplay.profiling import NodeCost
-from fxreplay.tracing import node_module_path, tied_parameter_groups
+from fxreplay.compiler.profiling import NodeCost
+from fxreplay.compiler.tracing import node_module_path, tied_parameter_groups
 
 __all__ = ["CostGraph", "build_cost_graph", "COST_MODELS", "OPTIMIZER_STATE_FACTOR"]
 
@@ -71,6 +71,17 @@ class CostGraph:
             if any(u.op == "output" or pos[u] >= c for u in node.users):
                 out.append(node)
         return out
+
+    def check_cuts(self, K: int) -> None:
+        """Raise a PartitionError when the graph allows fewer than the K-1 cuts K stages need."""
+        possible = sum(self.allowed[1:-1])
+        if K - 1 > possible:
+            tied = f" Tied parameters keep some nodes together: {', '.join(name for name, _ in self.tied)}." if self.tied else ""
+            raise PartitionError(
+                f"K={K} stages need {K - 1} cuts but this model allows only {possible} (it has "
+                f"{sum(n.op not in ('placeholder', 'get_attr') for n in self.order)} operations).{tied} "
+                f"Use K <= {possible + 1}, or trace with fewer leaf modules so there are more nodes to cut between."
+            )
 
     def required_cuts(self, boundaries: Sequence[str]) -> list[int]:
         """Cut positions for boundaries pinned by module name: a cut right before the module's first node."""
@@ -140,9 +151,9 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
     """Lay a profiled GraphModule out for partitioning.
 
     Args:
-        gm: a traced model whose nodes carry ``meta["cost"]`` (see :func:`fxreplay.profiling.profile`).
+        gm: a traced model whose nodes carry ``meta["cost"]`` (see :func:`fxreplay.compiler.profiling.profile`).
         order: node names in a given topological order (e.g. from a plan); default: chosen
-            by :func:`fxreplay.ordering.narrow_order`.
+            by :func:`fxreplay.compiler.ordering.narrow_order`.
     """
     # The output node is in the graph too (a sink), so the model's outputs count as live
     # until the end, both for the order's choice and for the cut bytes.
