@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import fxreplay  # noqa: E402
+from fxreplay import plots  # noqa: E402
 from fxreplay.executor import DistributedExecutor, LocalExecutor  # noqa: E402
 from fxreplay.launch import run_distributed  # noqa: E402
 from fxreplay.models import resnet_cifar  # noqa: E402
@@ -264,7 +265,7 @@ def main() -> None:
     }
     timeline = fr_results[0]["timeline"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    png = timeline.save_png(args.out.with_name(f"{args.out.stem}_fr_timeline.png"), title=f"FR, {args.model}, 2 ranks x 1 thread, batch {args.batch}")
+    png = plots.gantt(timeline, args.out.with_name(f"{args.out.stem}_fr_timeline.png"), title=f"FR, {args.model}, 2 ranks x 1 thread, batch {args.batch}")
     text = timeline.render_text(100)
     print(f"{args.model}, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; 2-stage {args.cost}-balanced split")
     print(f"{'configuration':<22} {'s/step':>8} {'images/s':>9}")

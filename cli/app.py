@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from cli.compare_cmd import compare, show
+from cli.console import err, fail, out
 from fxreplay.errors import FxReplayError, FxReplayWarning
 from fxreplay.methods import METHODS, PROPOSED
 
@@ -25,14 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts show NAME[@SPEED][/MEMORY] literally
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def fail(exc: BaseException) -> typer.Exit:
-    """Print a user error as one paragraph on stderr; return the Exit to raise."""
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -194,7 +187,6 @@ def train(
     out.print(run_summary(cfg, result))
 
 
-from cli.compare_cmd import compare, show  # noqa: E402  (registered after `app` exists)
 
 app.command()(compare)
 app.command()(show)

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli.console import err, fail, out
 from fxreplay.errors import FxReplayError
 from fxreplay.methods import METHODS
 
@@ -34,7 +35,6 @@ def compare(
     sigma_every: Annotated[Optional[int], typer.Option(help="measure σ every N iterations (the paper's Fig. 3; costs a BP pass each)")] = None,
 ) -> None:
     """Run every (method, K) pair with one seed and schedule; write report.md with the paper's tables and figures."""
-    from cli.app import err, fail, out  # here, not at the top: cli.app imports this module
     from fxreplay.compare import compare as run_compare
     from fxreplay.config import apply_overrides, load_config
 
@@ -64,7 +64,6 @@ def show(
     no_png: Annotated[bool, typer.Option("--no-png", help="only print the stage table (no model needed)")] = False,
 ) -> None:
     """Print a plan's stage table and draw its graph, coloured by stage, with the bytes on each cut edge."""
-    from cli.app import err, fail, out
     from cli.render import plan_table
     from fxreplay.compiler.plan import Plan
 

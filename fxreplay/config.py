@@ -9,7 +9,7 @@ data, never code. Unknown keys and wrong types raise ``ConfigError`` naming the 
 
 Example:
     >>> cfg = load_config("configs/resnet20_cifar10.yaml")
-    >>> cfg = apply_overrides(cfg, {"train.method": "bp", "partition.K": "3"})
+    >>> cfg = apply_overrides(cfg, {"train.method": "fr", "partition.K": "3"})
     >>> yaml.safe_dump(to_dict(cfg))
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The comparison report's figures: the paper's Fig. 3, 4 and 5, and the pipeline timeline.
 
-Every function takes loaded runs (:class:`fxreplay.report.RunMetrics`), writes one PNG
+Every function takes loaded runs (:class:`fxreplay.runlog.RunMetrics`), writes one PNG
 sized to read at about 700 px wide, and returns its path (or None when there is nothing
 to draw). Colours are fixed per method across figures; a diverged run ends in a cross.
 """
@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -21,11 +21,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
 
 from fxreplay import methods  # noqa: E402
+from fxreplay.runlog import RunMetrics  # noqa: E402
+from fxreplay.timeline import COLORS as TIMELINE_COLORS, KINDS, Timeline  # noqa: E402
 
-if TYPE_CHECKING:
-    from fxreplay.report import RunMetrics
-
-__all__ = ["loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
+__all__ = ["gantt", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
 
 
 def _color(method: str) -> str | None:
@@ -246,31 +245,34 @@ def _decade(v: float) -> str:
     return ("−" if v < 0 else "") + ("1" if e == 0 else f"1e{e}")
 
 
-def timeline(path: Path, png: Path, title: str, steps: int = 4) -> Path:
-    """The distributed executor's Gantt chart from a run's ``timeline.json`` (``Timeline.to_json``).
-
-    Only ``steps`` iterations after the first (warm-up) one are drawn: at 700 px a whole
-    run's bars would merge into one block.
-    """
+def gantt(tl: Timeline, png: Path, title: str) -> Path:
+    """The distributed executor's Gantt chart: one lane per rank (= stage), time in ms from
+    the first event on x, compute / wait / send in their colours. The only renderer of a
+    :class:`~fxreplay.timeline.Timeline` (a run's ``timeline.png``, the report's figure)."""
     from matplotlib.patches import Patch
 
-    from fxreplay.timeline import _COLOR, KINDS, Timeline
-
-    tl = Timeline.from_ranks(json.loads(path.read_text())["ranks"])
-    last = max((e[4] for r in tl.ranks for e in r), default=0)
-    first = 1 if last >= 1 + steps else 0
-    tl = tl.window(first, min(last, first + steps - 1))
+    lo, _ = tl.span
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.3 + 0.55 * len(tl.ranks)), layout="constrained")
     for rank, events in enumerate(tl.ranks):
         for kind, height in (("compute", 0.8), ("send", 0.45), ("wait", 0.45)):
-            bars = [(s * 1e3, (e - s) * 1e3) for k, s, e, _, _ in events if k == kind]
+            bars = [((s - lo) * 1e3, (e - s) * 1e3) for k, s, e, _, _ in events if k == kind]
             if bars:
-                ax.broken_barh(bars, (rank - height / 2, height), facecolors=_COLOR[kind])
+                ax.broken_barh(bars, (rank - height / 2, height), facecolors=TIMELINE_COLORS[kind])
     ax.set_yticks(range(len(tl.ranks)), [f"stage {r}" for r in range(len(tl.ranks))])
     ax.set_ylim(len(tl.ranks) - 0.5, -0.5)
     ax.set_xlabel("time (ms)")
-    shown = f"iteration {first + 1}" if first == min(last, first + steps - 1) else f"iterations {first + 1}-{min(last, first + steps - 1) + 1}"
-    ax.set_title(f"{title} ({shown})")
-    fig.legend(handles=[Patch(color=_COLOR[k], label=k) for k in KINDS], loc="outside lower center", ncol=3, frameon=False)
+    ax.set_title(title)
+    fig.legend(handles=[Patch(color=TIMELINE_COLORS[k], label=k) for k in KINDS], loc="outside lower center", ncol=3, frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, png)
+
+
+def timeline(path: Path, png: Path, title: str, steps: int = 4) -> Path:
+    """:func:`gantt` of a run's ``timeline.json`` (``Timeline.to_json``), ``steps``
+    iterations after the first (warm-up) one: at 700 px a whole run's bars would merge."""
+    tl = Timeline.from_ranks(json.loads(path.read_text())["ranks"])
+    last = max((e[4] for r in tl.ranks for e in r), default=0)
+    first = 1 if last >= 1 + steps else 0
+    end = min(last, first + steps - 1)
+    shown = f"iteration {first + 1}" if first == end else f"iterations {first + 1}-{end + 1}"
+    return gantt(tl.window(first, end), png, f"{title} ({shown})")

@@ -12,122 +12,17 @@ and marked with † (its numbers are from before it diverged).
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from fxreplay import methods
+from fxreplay import methods, plots
 from fxreplay.compiler.plan import format_bytes
+from fxreplay.runlog import RunMetrics, label, load_run, steps_per_epoch
 
-__all__ = ["RunMetrics", "load_run", "steps_per_epoch", "render_markdown", "write_report"]
+__all__ = ["render_markdown", "write_report"]
 
 REPORT_FILE = "report.md"
-
-# The paper's Table 1: activation memory for L layers in K modules, L_s synthesizer layers.
-
-
-def _label(method: str) -> str:
-    spec = methods.METHODS.get(method)
-    return spec.label if spec else method.upper()
 DIVERGED = "†"
-
-
-@dataclass
-class RunMetrics:
-    """One run's records, split by kind, with ``wall`` made cumulative across resumes."""
-
-    method: str
-    K: int
-    path: Path
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    sigma: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, σ per module)
-    diverged: dict[str, Any] | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return _label(self.method)
-
-    @property
-    def best_test_error(self) -> float | None:
-        """Lowest test error over the evaluated epochs, in % (the paper's Table 2)."""
-        accs = [r["test_accuracy"] for r in self.epochs if r.get("test_accuracy") is not None]
-        return 100 * (1 - max(accs)) if accs else None
-
-    @property
-    def final_test_error(self) -> float | None:
-        accs = [r["test_accuracy"] for r in self.epochs if r.get("test_accuracy") is not None]
-        return 100 * (1 - accs[-1]) if accs else None
-
-    @property
-    def peak_memory(self) -> int | None:
-        """Max over the logged steps of the bytes held for backward, summed over stages."""
-        totals = [sum(r["memory_bytes"]) for r in self.steps if r.get("memory_bytes")]
-        return max(totals) if totals else None
-
-    @property
-    def last_step(self) -> int:
-        candidates = [r["step"] for r in self.steps + self.epochs] + ([self.diverged["step"]] if self.diverged else [])
-        return max(candidates, default=0)
-
-    @property
-    def wall(self) -> float | None:
-        walls = [r["wall"] for r in self.steps + self.epochs]
-        return max(walls) if walls else None
-
-    @property
-    def samples_per_s(self) -> float | None:
-        rates = [r["samples_per_s"] for r in self.epochs if r.get("complete")] or [r["samples_per_s"] for r in self.epochs]
-        return sum(rates) / len(rates) if rates else None
-
-
-def load_run(method: str, K: int, path: Path) -> RunMetrics:
-    """Read a run directory's ``metrics.jsonl`` (missing file: an empty run)."""
-    run = RunMetrics(method=method, K=K, path=path)
-    cfg_file = path / "config.yaml"
-    if cfg_file.is_file():
-        run.config = yaml.safe_load(cfg_file.read_text()) or {}
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        return run
-    offset, last_wall = 0.0, 0.0
-    for line in metrics.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if "wall" in r:
-            # A resumed invocation restarts its clock: continue from the last record before it.
-            if r["wall"] + offset < last_wall:
-                offset = last_wall
-            r = {**r, "wall": r["wall"] + offset}
-            last_wall = r["wall"]
-        kind = r.get("kind")
-        if kind == "step":
-            run.steps.append(r)
-            if r.get("sigma") is not None:
-                run.sigma.append((r["step"], list(r["sigma"])))
-        elif kind == "sigma":
-            run.sigma.append((r["step"], list(r["sigma"])))
-        elif kind == "epoch":
-            run.epochs.append(r)
-        elif kind == "diverged":
-            run.diverged = r
-    return run
-
-
-def steps_per_epoch(runs: Iterable[RunMetrics]) -> int | None:
-    """Iterations per epoch, from any run's first complete epoch (runs share data and batch size)."""
-    for run in runs:
-        for r in run.epochs:
-            if r.get("complete"):
-                return int(r["step"] // (r["epoch"] + 1))
-    return None
-
 
 def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "–" if value is None else fmt.format(value)
@@ -155,7 +50,7 @@ def error_table(runs: Sequence[RunMetrics]) -> list[str]:
     names, Ks, by = _grid(runs)
     rows = []
     for m in names:
-        row = [_label(m)]
+        row = [label(m)]
         for K in Ks:
             run = by.get((m, K))
             row.append("–" if run is None else _mark(run, _num(run.best_test_error)))
@@ -169,7 +64,7 @@ def memory_table(runs: Sequence[RunMetrics]) -> list[str]:
     rows = []
     for m in names:
         spec = methods.METHODS.get(m)
-        row = [_label(m), spec.complexity if spec else "?"]
+        row = [label(m), spec.complexity if spec else "?"]
         for K in Ks:
             run, bp = by.get((m, K)), by.get((methods.REFERENCE.name, K))
             if run is None or run.peak_memory is None:
@@ -252,8 +147,6 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     Returns:
         The path of ``report.md``.
     """
-    from fxreplay import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
 
     loaded = [load_run(m, K, p) for m, K, p in runs]

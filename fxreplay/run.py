@@ -25,6 +25,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fxreplay import plots
 from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config, save_config
@@ -352,7 +353,7 @@ def train_run(
             # the last 50 iterations: enough to see the steady state, small on disk
             (out / "timeline.json").write_text(json.dumps(timeline.window(max(0, step - 50)).to_json()))
             shown = timeline.window(max(0, step - 4))
-            shown.save_png(out / "timeline.png", title=f"{cfg.train.method} K={pipe.K}: the last iterations, per rank")
+            plots.gantt(shown, out / "timeline.png", title=f"{cfg.train.method} K={pipe.K}: the last iterations, per rank")
             console.print(shown.render_text(width=max(40, console.width - 12)), highlight=False)
     return result
 

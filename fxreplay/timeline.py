@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["Event", "Recorder", "Timeline"]
@@ -32,7 +31,7 @@ Event = tuple[str, float, float, str, int]
 
 KINDS = ("compute", "wait", "send")
 _CHAR = {"compute": "#", "wait": ".", "send": ">"}
-_COLOR = {"compute": "tab:blue", "wait": "tab:red", "send": "tab:green"}
+COLORS = {"compute": "tab:blue", "wait": "tab:red", "send": "tab:green"}  # fxreplay.plots.gantt draws with them
 
 
 class Recorder:
@@ -104,32 +103,6 @@ class Timeline:
                         row[i] = _CHAR[kind]
             lines.append(f"rank {rank} |{''.join(row)}|")
         return "\n".join(lines)
-
-    def save_png(self, path: str | Path, title: str = "fxreplay timeline") -> Path:
-        """A Gantt chart: one lane per rank, time in ms on x, compute/wait/send colours."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-
-        lo, _ = self.span
-        fig, ax = plt.subplots(figsize=(12, 1.2 + 0.8 * len(self.ranks)))
-        for rank, events in enumerate(self.ranks):
-            for kind, height in (("compute", 0.8), ("send", 0.5), ("wait", 0.5)):
-                bars = [((s - lo) * 1e3, (e - s) * 1e3) for k, s, e, _, _ in events if k == kind]
-                if bars:
-                    ax.broken_barh(bars, (rank - height / 2, height), facecolors=_COLOR[kind])
-        ax.set_yticks(range(len(self.ranks)), [f"rank {r}" for r in range(len(self.ranks))])
-        ax.invert_yaxis()
-        ax.set_xlabel("time since start (ms)")
-        ax.set_title(title)
-        ax.legend(handles=[Patch(color=_COLOR[k], label=k) for k in KINDS], loc="upper right", ncol=3)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
 
     def to_json(self) -> dict[str, Any]:
         return {"ranks": [[list(e) for e in r] for r in self.ranks]}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from fxreplay import plots
 from fxreplay.timeline import Recorder, Timeline
 
 
@@ -27,7 +28,7 @@ def test_totals_subtract_waits_from_the_action_that_waited() -> None:
 
 
 def test_png_gantt_chart(tmp_path: Path) -> None:
-    path = timeline().save_png(tmp_path / "timeline.png", title="toy")
+    path = plots.gantt(timeline(), tmp_path / "timeline.png", title="toy")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxreplay.errors import TraceError
 from fxreplay.partition import PLAIN, MethodCost
+from fxreplay.state import forked_rng, kept_buffers
 
 __all__ = ["NodeCost", "Profiler", "is_tensor_container", "profile", "time_stages", "value_bytes"]
 
@@ -197,18 +197,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@contextmanager
-def _buffers_restored(*modules: torch.nn.Module) -> Iterator[None]:
-    """BatchNorm running stats (every buffer) as they were when the block ends."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
 def profile(
     gm: fx.GraphModule,
     example_inputs: tuple[Any, ...],
@@ -240,7 +228,7 @@ def profile(
             node.meta["is_tuple"] = metas[node.name].get("is_tuple", False)
             node.meta["is_container"] = metas[node.name].get("is_container", False)
         return result
-    with _buffers_restored(gm), _rng_restored():
+    with kept_buffers(gm.buffers()), forked_rng():
         return Profiler(gm, measure_time=measure_time, repeats=repeats, progress=progress).run(*example_inputs)
 
 
@@ -249,13 +237,6 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     import copy
 
     return copy.deepcopy(gm)
-
-
-@contextmanager
-def _rng_restored() -> Iterator[None]:
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost = PLAIN, repeats: int = 1) -> list[float]:
@@ -267,7 +248,7 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
     left as they were.
     """
     out: list[float] = []
-    with _rng_restored(), _buffers_restored(*stages):
+    with forked_rng(), kept_buffers(b for stage in stages for b in stage.buffers()):
         value: tuple[Any, ...] = tuple(example_inputs)
         for k, stage in enumerate(stages):
             last = k == len(stages) - 1

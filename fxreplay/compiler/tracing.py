@@ -52,6 +52,7 @@ from torch import nn
 
 from fxreplay.errors import ShapeGuardError, TraceError
 from fxreplay.compiler.profiling import is_tensor_container
+from fxreplay.state import forked_rng, kept_buffers
 
 __all__ = [
     "FxReplayTracer",
@@ -507,20 +508,6 @@ def _trace_error(exc: BaseException, stack: list[tuple[str, str]], top: str = "t
     return TraceError(f"torch.fx could not trace {where}{line}: {cause}. {fix}.")
 
 
-@contextlib.contextmanager
-def _state_kept(model: nn.Module) -> Iterator[None]:
-    """Buffers and RNG as they were: evaluating the graph while tracing must leave no trace."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
 def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None) -> Traced:
     """Trace ``model`` in its current mode (the model is not modified).
 
@@ -540,7 +527,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inp
     tracer = FxReplayTracer(leaf_modules, inputs)
     attributes = set(model.__dict__)
     try:
-        with _state_kept(model):
+        with kept_buffers(model.buffers()), forked_rng():
             graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except TraceError:
@@ -601,7 +588,7 @@ class _StructureMarker(fx.Interpreter):
 def _mark_structures(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
     """``meta["is_tuple"]`` / ``["is_container"]`` on the nodes of a graph the profiler does
     not run (the eval-mode trace), from one forward without grad; state left as it was."""
-    with _state_kept(model), torch.no_grad():
+    with kept_buffers(model.buffers()), forked_rng(), torch.no_grad():
         was = model.training
         model.train(False)
         try:

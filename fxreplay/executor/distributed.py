@@ -53,8 +53,9 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
 from ..measure import MemoryMeter
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, as_tuple, capture_rng
+from ..methods.base import LossFn, OptimizerFactory, as_tuple
 from ..schedule import Action, carried_messages, stage_program, validate
+from ..state import capture_rng
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
 

@@ -29,7 +29,8 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, RngState, as_tuple, frozen_norm_stats, kept_buffers, restored_rng
+from ..methods.base import LossFn, OptimizerFactory, as_tuple, frozen_norm_stats
+from ..state import RngState, capture_rng, kept_buffers, restored_rng
 from ..schedule import Action, validate
 
 __all__ = ["LocalExecutor"]
@@ -221,8 +222,7 @@ class LocalExecutor:
         return [w.meter.peak if w.meter is not None else 0 for w in self.workers]
 
     def _capture_rng(self) -> RngState:
-        cuda = torch.cuda.get_rng_state(self._devices[0]) if self._devices else None
-        return torch.get_rng_state(), cuda
+        return capture_rng(self._devices[0] if self._devices else torch.device("cpu"))
 
     def _sigmas(self) -> list[float]:
         true: dict[int, dict[Any, torch.Tensor | None] | None] = {}

@@ -37,19 +37,14 @@ __all__ = [
     "Link",
     "LossFn",
     "OptimizerFactory",
-    "RngState",
     "StageWorker",
     "as_tuple",
-    "capture_rng",
-    "restored_rng",
     "frozen_norm_stats",
-    "kept_buffers",
     "written_buffers",
 ]
 
 OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
-RngState = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 class Link(Protocol):
@@ -72,27 +67,6 @@ def detached(value: Any) -> Any:
 
 def _is_diff(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
-
-
-def capture_rng(device: torch.device) -> RngState:
-    """The RNG state a forward on ``device`` will draw from (CPU always, CUDA when used)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def restored_rng(state: RngState, device: torch.device) -> Iterator[None]:
-    """Run a block with the RNG as it was at ``state``, then put the global stream back.
-
-    Like ``torch.utils.checkpoint``: a replayed dropout draws the very mask of the play,
-    and the replay does not shift the random numbers the next play will see.
-    """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
 
 
 @contextlib.contextmanager
@@ -143,19 +117,6 @@ def written_buffers(module: nn.Module) -> list[torch.Tensor]:
             if not type(sub).__module__.startswith("torch."):
                 found.update((id(b), b) for b in sub.buffers())
     return list(found.values())
-
-
-@contextlib.contextmanager
-def kept_buffers(buffers: Iterable[torch.Tensor]) -> Iterator[None]:
-    """The buffers hold, after the block, what they held before it (a forward that must not
-    count as an update, like FR's replay or σ's BP pass)."""
-    saved = [(b, b.detach().clone()) for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 class StageWorker:

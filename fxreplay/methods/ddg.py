@@ -30,7 +30,8 @@ import torch
 from ..measure import StorageMap, storages_of
 from ..partition import MethodCost
 from ..schedule import Action, Schedule, check_K, forward_chain
-from .base import Link, RngState, StageWorker, capture_rng, frozen_norm_stats, kept_buffers, restored_rng
+from ..state import RngState, capture_rng, kept_buffers, restored_rng
+from .base import Link, StageWorker, frozen_norm_stats
 from .spec import MethodSpec
 
 __all__ = ["DDGWorker", "schedule", "SPEC"]

@@ -1,0 +1,120 @@
+"""A finished or running run, read back from its directory: ``metrics.jsonl`` and
+``config.yaml`` -> :class:`RunMetrics` (what the report's tables and figures are made of).
+
+>>> run = load_run("fr", 2, Path("reports/r20/fr-K2"))  # doctest: +SKIP
+>>> run.best_test_error, run.peak_memory                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fxreplay import methods
+
+__all__ = ["RunMetrics", "label", "load_run", "steps_per_epoch"]
+
+
+def label(method: str) -> str:
+    """A method's name as tables and figures show it."""
+    spec = methods.METHODS.get(method)
+    return spec.label if spec else method.upper()
+
+
+@dataclass
+class RunMetrics:
+    """One run's records, split by kind, with ``wall`` made cumulative across resumes."""
+
+    method: str
+    K: int
+    path: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    sigma: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, σ per module)
+    diverged: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return label(self.method)
+
+    @property
+    def best_test_error(self) -> float | None:
+        """Lowest test error over the evaluated epochs, in % (the paper's Table 2)."""
+        accs = [r["test_accuracy"] for r in self.epochs if r.get("test_accuracy") is not None]
+        return 100 * (1 - max(accs)) if accs else None
+
+    @property
+    def final_test_error(self) -> float | None:
+        accs = [r["test_accuracy"] for r in self.epochs if r.get("test_accuracy") is not None]
+        return 100 * (1 - accs[-1]) if accs else None
+
+    @property
+    def peak_memory(self) -> int | None:
+        """Max over the logged steps of the bytes held for backward, summed over stages."""
+        totals = [sum(r["memory_bytes"]) for r in self.steps if r.get("memory_bytes")]
+        return max(totals) if totals else None
+
+    @property
+    def last_step(self) -> int:
+        candidates = [r["step"] for r in self.steps + self.epochs] + ([self.diverged["step"]] if self.diverged else [])
+        return max(candidates, default=0)
+
+    @property
+    def wall(self) -> float | None:
+        walls = [r["wall"] for r in self.steps + self.epochs]
+        return max(walls) if walls else None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        rates = [r["samples_per_s"] for r in self.epochs if r.get("complete")] or [r["samples_per_s"] for r in self.epochs]
+        return sum(rates) / len(rates) if rates else None
+
+
+def load_run(method: str, K: int, path: Path) -> RunMetrics:
+    """Read a run directory's ``metrics.jsonl`` (missing file: an empty run)."""
+    run = RunMetrics(method=method, K=K, path=path)
+    cfg_file = path / "config.yaml"
+    if cfg_file.is_file():
+        run.config = yaml.safe_load(cfg_file.read_text()) or {}
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return run
+    offset, last_wall = 0.0, 0.0
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "wall" in r:
+            # A resumed invocation restarts its clock: continue from the last record before it.
+            if r["wall"] + offset < last_wall:
+                offset = last_wall
+            r = {**r, "wall": r["wall"] + offset}
+            last_wall = r["wall"]
+        kind = r.get("kind")
+        if kind == "step":
+            run.steps.append(r)
+            if r.get("sigma") is not None:
+                run.sigma.append((r["step"], list(r["sigma"])))
+        elif kind == "sigma":
+            run.sigma.append((r["step"], list(r["sigma"])))
+        elif kind == "epoch":
+            run.epochs.append(r)
+        elif kind == "diverged":
+            run.diverged = r
+    return run
+
+
+def steps_per_epoch(runs: Iterable[RunMetrics]) -> int | None:
+    """Iterations per epoch, from any run's first complete epoch (runs share data and batch size)."""
+    for run in runs:
+        for r in run.epochs:
+            if r.get("complete"):
+                return int(r["step"] // (r["epoch"] + 1))
+    return None
+
+
