@@ -219,13 +219,13 @@ def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None, forc
     """Started by torchrun: this process is one rank; join the group and train its stage."""
     import torch.distributed as dist
 
-    from fxreplay.launch import init_process_group
+    from fxreplay.launch import init_process_group, reports
     from fxreplay.run import train_run
 
     init_process_group(_stage_device_kind(cfg), cfg.train.timeout)
     try:
         result = train_run(cfg, plan_dir=plan, resume=resume, console=err, overwrite=force)
-        return result if dist.get_rank() == dist.get_world_size() - 1 else None
+        return result if reports() else None
     finally:
         dist.destroy_process_group()
 

@@ -43,6 +43,27 @@ DEFAULT_TIMEOUT = 60.0
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def backend_for(device: str | torch.device) -> str:
+    """The process-group backend for a stage device: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def distributed_job() -> bool:
+    """Whether this process is one rank of a torch.distributed job of several ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reporting_rank(world_size: int) -> int:
+    """The rank that reports (progress, metrics, checkpoints, the model): the last one, which
+    runs the last stage and so knows the loss."""
+    return world_size - 1
+
+
+def reports() -> bool:
+    """Whether this process reports: a one-process run always, a job's :func:`reporting_rank`."""
+    return not distributed_job() or dist.get_rank() == reporting_rank(dist.get_world_size())
+
+
 def under_torchrun() -> bool:
     """True in a process started by torchrun / torch elastic (its env variables are set)."""
     return all(name in os.environ for name in _TORCHRUN_ENV)
@@ -68,7 +89,6 @@ def init_process_group(device: str | torch.device = "cpu", timeout: float = DEFA
     Raises:
         TrainingError: not started by a launcher, or a CUDA device without CUDA.
     """
-    from .executor.distributed import backend_for
 
     if not under_torchrun():
         raise TrainingError(

@@ -34,7 +34,8 @@ from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
 from fxreplay.compiler.loading import load_model
 from fxreplay.metrics import correct_count, default_loss
 from fxreplay.compiler.plan import ModelSpec, Plan
-from fxreplay.trainer import Trainer, distributed_job
+from fxreplay.launch import distributed_job, reports
+from fxreplay.trainer import Trainer
 
 __all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]
 
@@ -220,7 +221,7 @@ def train_run(
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
     # Distributed: every rank trains its stage on the same batches; the last rank, which
     # knows the loss, writes everything (files, metrics, progress).
-    reporting = not distributed or dist.get_rank() == dist.get_world_size() - 1
+    reporting = reports()
     out = Path(cfg.train.out)
     if ckpt is None and not overwrite:
         check_fresh_out(out)
@@ -345,7 +346,7 @@ def train_run(
                 break
     result.steps = step
     weights = trainer.model_state_dict()  # collective when distributed
-    timeline = trainer.executor.timeline() if distributed and cfg.train.timeline else None
+    timeline = trainer.executor.timeline() if cfg.train.timeline else None
     trainer.close()
     if reporting:
         save_atomic(weights, out / "model.pt")
@@ -376,7 +377,7 @@ def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str
     from fxreplay.config import from_dict
 
     result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None, overwrite=overwrite)
-    return result if dist.get_rank() == dist.get_world_size() - 1 else None
+    return result if reports() else None
 
 
 def _epoch_done(train_set: Any, cfg: Config, batch_index: int) -> bool:

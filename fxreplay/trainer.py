@@ -21,17 +21,13 @@ from torch import nn
 from fxreplay import methods
 from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
-from fxreplay.executor import executor_for
+from fxreplay.executor import Executor, executor_for
+from fxreplay.launch import distributed_job
 from fxreplay.metrics import Evaluation, MetricFn, default_loss
 
-__all__ = ["Trainer", "place_stages", "distributed_job"]
+__all__ = ["Trainer", "place_stages"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def distributed_job() -> bool:
-    """Whether this process is one rank of a torch.distributed job of several ranks."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def place_stages(pipe: Pipeline, only: int | None = None) -> None:
@@ -98,13 +94,13 @@ class Trainer:
         self.loss_fn = loss_fn or default_loss
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
-        self.distributed = distributed_job()
+        distributed = distributed_job()
         options: dict[str, Any] = {}
         if synth_optimizer is not None and "synth_optimizer" in methods.get(method).worker.option_names:
             options["synth_optimizer"] = synth_optimizer
         # A distributed rank moves only its own stage; the executor checks world size == K.
-        place_stages(pipe, only=dist.get_rank() if self.distributed else None)
-        self.executor: Any = executor_for(
+        place_stages(pipe, only=dist.get_rank() if distributed else None)
+        self.executor: Executor = executor_for(
             list(pipe.stages), method, optimizer=factory, loss_fn=self.loss_fn,
             measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, **options,
         )
@@ -183,12 +179,8 @@ class Trainer:
         Distributed: collective; every stage's state gathered on the reporting rank (None on
         the others), so one checkpoint holds the whole pipeline.
         """
-        if self.distributed:
-            ranks = self.executor.gather_to(self.executor.state_dict(), self.executor.reporting_rank)
-            if ranks is None:
-                return None
-            return {"method": self.method, "K": self.K, "ranks": ranks, "lr_scales": self.lr_scales}
-        return {"method": self.method, "K": self.K, "executor": self.executor.state_dict(), "lr_scales": self.lr_scales}
+        job = self.executor.job_state()
+        return None if job is None else {"method": self.method, "K": self.K, **job, "lr_scales": self.lr_scales}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("method") != self.method or sd.get("K") != self.K:
@@ -196,10 +188,7 @@ class Trainer:
                 f"this state is from method={sd.get('method')} K={sd.get('K')}, but the trainer is "
                 f"method={self.method} K={self.K}; resume with the same method and K."
             )
-        if ("ranks" in sd) != self.distributed:
-            made, now = ("distributed", "local") if "ranks" in sd else ("local", "distributed")
-            raise TrainingError(f"this state was saved by a {made} run and cannot resume a {now} one; resume with the executor it was made with.")
-        self.executor.load_state_dict(sd["ranks"][dist.get_rank()] if self.distributed else sd["executor"])
+        self.executor.load_job_state(sd)
         self.lr_scales = list(sd["lr_scales"])
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -207,25 +196,21 @@ class Trainer:
 
         Collective when distributed: every rank must call it (it gathers every stage).
         """
-        if self.distributed:
-            self.executor.sync_stages()
+        self.executor.sync_stages()
         return self.pipe.model_state_dict()
 
     def close(self) -> None:
         """End of training (every rank, when distributed): drain the δ still in flight."""
-        if self.distributed:
-            self.executor.close()
+        self.executor.close()
 
     @property
     def is_reporting(self) -> bool:
         """This process reports the loss and writes logs (always, unless distributed: the last rank)."""
-        return not self.distributed or bool(self.executor.is_reporting)
+        return bool(self.executor.is_reporting)
 
     def stats(self) -> dict[str, list[float]]:
         """Per-stage compute time and activation memory of the last step (collective when distributed)."""
-        if self.distributed:
-            return self.executor.gather_stats()
-        return {"stage_time": list(self.executor.stage_times), "memory_bytes": [float(b) for b in self.executor.memory_bytes()]}
+        return self.executor.stats()
 
     def memory_bytes(self) -> list[int]:
         return list(self.executor.memory_bytes())

@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_map
 from torch import nn
 
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
+from ..launch import reporting_rank
 from ..measure import MemoryMeter
 from ..methods import build_method
 from ..methods.base import LossFn, OptimizerFactory, as_tuple
@@ -59,15 +60,10 @@ from ..state import capture_rng
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
 
-__all__ = ["DistributedExecutor", "backend_for", "executor_for"]
+__all__ = ["DistributedExecutor", "executor_for"]
 
 _FORMAT = 1
 _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
-
-
-def backend_for(device: str | torch.device) -> str:
-    """The process-group backend for a stage device: NCCL for CUDA, gloo otherwise."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 class _RankLink:
@@ -228,7 +224,7 @@ class DistributedExecutor:
     @property
     def reporting_rank(self) -> int:
         """The rank that knows the loss, the output and (reading the same data) the labels."""
-        return self.num_stages - 1
+        return reporting_rank(self.num_stages)
 
     @property
     def is_reporting(self) -> bool:
@@ -375,6 +371,25 @@ class DistributedExecutor:
         box: list[Any] | None = [None] * self.num_stages if self.rank == dst else None
         dist.gather_object(obj, box, dst=dst, group=self._control)
         return box
+
+    # -- the job-level interface (fxreplay.executor.Executor) ------------------------------
+    distributed = True
+
+    def job_state(self) -> dict[str, Any] | None:
+        """Collective: every stage's state gathered on the reporting rank (None on the others),
+        so one checkpoint holds the whole pipeline."""
+        ranks = self.gather_to(self.state_dict(), self.reporting_rank)
+        return None if ranks is None else {"ranks": ranks}
+
+    def load_job_state(self, state: dict[str, Any]) -> None:
+        """Restore this rank's part of a :meth:`job_state`."""
+        if "ranks" not in state:
+            raise TrainingError("this state was saved by a local run and cannot resume a distributed one; resume with the executor it was made with.")
+        self.load_state_dict(state["ranks"][self.rank])
+
+    def stats(self) -> dict[str, list[float]]:
+        """Collective: :meth:`gather_stats`."""
+        return self.gather_stats()
 
     def _wait_total(self) -> float:
         return self.wait_time

@@ -32,6 +32,7 @@ from ..methods import build_method
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, frozen_norm_stats
 from ..state import RngState, capture_rng, kept_buffers, restored_rng
 from ..schedule import Action, validate
+from ..timeline import Timeline
 
 __all__ = ["LocalExecutor"]
 
@@ -259,6 +260,33 @@ class LocalExecutor:
             loss = self.loss_fn(out, y.to(last) if isinstance(y, torch.Tensor) else y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return dict(zip(params, grads))
+
+    # -- the job-level interface (fxreplay.executor.Executor) ------------------------------
+    distributed = False
+    is_reporting = True  # one process: it reports
+
+    def job_state(self) -> dict[str, Any] | None:
+        """The whole pipeline's state (every stage is here)."""
+        return {"executor": self.state_dict()}
+
+    def load_job_state(self, state: dict[str, Any]) -> None:
+        if "executor" not in state:
+            raise TrainingError("this state was saved by a distributed run and cannot resume a local one; resume with the executor it was made with.")
+        self.load_state_dict(state["executor"])
+
+    def stats(self) -> dict[str, list[float]]:
+        """Per-stage compute time and held memory of the last step."""
+        return {"stage_time": list(self.stage_times), "memory_bytes": [float(b) for b in self.memory_bytes()]}
+
+    def sync_stages(self) -> None:
+        """Every stage is in this process: nothing to gather."""
+
+    def close(self) -> None:
+        """Nothing is in flight between processes."""
+
+    def timeline(self) -> Timeline | None:
+        """One process runs the schedule in order: there is no pipeline timeline to record."""
+        return None
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
