@@ -146,9 +146,9 @@ def train(
     }
     try:
         if resume is not None and config is None:
-            if not (resume / "config.yaml").is_file():
-                raise FxReplayError(f"--resume {resume}: no config.yaml there; is it the --out directory of an earlier run?")
-            cfg = load_config(resume / "config.yaml")
+            from fxreplay.rundir import RunDir
+
+            cfg = RunDir(resume).load_config()
         else:
             cfg = load_config(config)
         if plan is not None and K is None:
@@ -169,9 +169,9 @@ def train(
                 return  # not the reporting rank: it prints nothing
         elif cfg.train.executor == "distributed":
             if resume is None and not force:
-                from fxreplay.run import check_fresh_out
+                from fxreplay.rundir import RunDir
 
-                check_fresh_out(Path(cfg.train.out))  # before any rank starts
+                RunDir(Path(cfg.train.out)).check_fresh()  # before any rank starts
             result = _train_with_ranks(cfg, plan, resume, nproc, threads, force)
         else:
             if threads is not None:

@@ -1,12 +1,10 @@
 """The training run behind ``fxreplay train``: data, pipeline, method, epochs, metrics,
 checkpoints, resume.
 
-Everything a run writes goes to ``train.out``:
-  ``config.yaml``    the resolved config (``--resume`` reads it back)
-  ``plan/``          the plan and readable stage code
-  ``metrics.jsonl``  one record per logged step and per epoch
-  ``checkpoint.pt``  written atomically after every epoch (and at max_steps); resumes exactly
-  ``model.pt``       the trained weights under the original model's keys
+:func:`train_run` opens the run (a fresh one, or a resume through :class:`~fxreplay.rundir.RunDir`),
+builds the data and the pipeline, and runs epochs: each is a loop of steps, then the
+evaluation that closes it (or declares divergence), then a checkpoint. What goes where in
+the run directory is :mod:`fxreplay.rundir`'s.
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,15 +24,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fxreplay import plots
-from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
-from fxreplay.config import Config, load_config, save_config
+from fxreplay.config import Config, load_config
 from fxreplay.data import NUM_CLASSES, build_datasets, labels_only, make_loader
-from fxreplay.errors import CheckpointError, ConfigError, DivergenceError
+from fxreplay.errors import ConfigError, DivergenceError
 from fxreplay.compiler.loading import load_model
 from fxreplay.metrics import correct_count, default_loss
 from fxreplay.compiler.plan import ModelSpec, Plan
 from fxreplay.launch import distributed_job, reports
+from fxreplay.rundir import Metrics, NoMetrics, RunDir
 from fxreplay.trainer import Trainer
 
 __all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]
@@ -129,21 +127,6 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
     )
 
 
-class Metrics:
-    """Append-only ``metrics.jsonl``; truncated back to the checkpoint's line on resume."""
-
-    def __init__(self, path: Path, keep_lines: int | None = None) -> None:
-        self.path = path
-        lines = path.read_text().splitlines()[:keep_lines] if keep_lines is not None and path.exists() else []
-        path.write_text("".join(line + "\n" for line in lines))
-        self.lines = len(lines)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.lines += 1
-
-
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -163,19 +146,6 @@ def _progress(console: Console) -> Progress:
         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}  {task.fields[sps]:.0f} samples/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     )
-
-
-def check_fresh_out(out: Path) -> None:
-    """A new run must not write over a previous one (its metrics would be truncated).
-
-    Raises:
-        ConfigError: ``out`` holds a run's checkpoint.
-    """
-    if (out / CHECKPOINT_FILE).is_file():
-        raise ConfigError(
-            f"{out} already holds a run (its {CHECKPOINT_FILE}); nothing was changed. Continue it with "
-            f"--resume {out}, train into another directory with --out DIR, or start over in it with --force."
-        )
 
 
 def train_run(
@@ -199,32 +169,21 @@ def train_run(
     Raises:
         DivergenceError: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    console = console or Console(stderr=True)
     ckpt: dict[str, Any] | None = None
     if resume is not None:
-        ckpt = load_checkpoint(resume)
-        saved_cfg = resume / "config.yaml"
-        cfg = cfg or (load_config(saved_cfg) if saved_cfg.is_file() else None)
-        if cfg is None:
-            raise CheckpointError(f"{resume} has no config.yaml; pass --config with the run's config.")
-        cfg = replace(cfg, train=replace(cfg.train, out=str(resume)))
-        if ckpt["method"] != cfg.train.method or ckpt["K"] != cfg.partition.K:
-            raise CheckpointError(
-                f"the checkpoint in {resume} is from method={ckpt['method']} K={ckpt['K']}, "
-                f"not method={cfg.train.method} K={cfg.partition.K}: resume with the same method and K."
-            )
-        if (resume / "plan").is_dir():
-            plan_dir = resume / "plan"
+        resumed = RunDir(resume).resume(cfg)
+        cfg, ckpt, plan_dir = resumed.cfg, resumed.checkpoint, resumed.plan_dir or plan_dir
     cfg = cfg or load_config(None)
     distributed = distributed_job()
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
-    # Distributed: every rank trains its stage on the same batches; the last rank, which
+    # Distributed: every rank trains its stage on the same batches; the reporting rank, which
     # knows the loss, writes everything (files, metrics, progress).
     reporting = reports()
-    out = Path(cfg.train.out)
+    run_dir = RunDir(Path(cfg.train.out))
     if ckpt is None and not overwrite:
-        check_fresh_out(out)
+        run_dir.check_fresh()
+    console = console or Console(stderr=True)
     if not reporting:
         console = Console(quiet=True)
 
@@ -232,140 +191,163 @@ def train_run(
     pipe = build_pipeline(cfg, train_set, plan_dir)
     # Only now, with the model and data known to fit, does the run directory change.
     if reporting:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # --force: the old run's state must not be resumed
-            save_config(cfg, out / "config.yaml")
+        run_dir.start(cfg, fresh=ckpt is None)
     if distributed and dist.get_rank() > 0:
         # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip
         # decoding and augmenting every batch on them. Same order and sizes, same seeds.
         train_set, test_set = labels_only(train_set), labels_only(test_set)
     if ckpt is None and reporting:
-        pipe.save(out / "plan")
-    trainer = make_trainer(cfg, pipe)
-    metrics = Metrics(out / "metrics.jsonl", keep_lines=ckpt["metrics_lines"] if ckpt else None) if reporting else _NoMetrics()
+        pipe.save(run_dir.plan_dir)
+    run = _Run(cfg, pipe, run_dir, reporting, console, on_step, train_set, test_set, ckpt)
+    with _progress(console) as progress:
+        while run.epoch < cfg.train.epochs and not run.at_max_steps:
+            run.epoch_of_training(progress)
+            run.checkpoint()
+            if run.at_max_steps:
+                break
+    return run.finish()
 
-    epoch, batch_index, step = 0, 0, 0
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt["trainer"])
-        epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
-        if not distributed:  # a distributed rank's RNG is part of its executor state
-            _set_rng_state(ckpt["rng"])
-    else:
-        torch.manual_seed(cfg.train.seed + 1)  # dropout stream: independent of the init stream
 
-    def checkpoint(next_epoch: int, next_batch: int) -> None:
-        state = trainer.state_dict()  # collective when distributed
-        if not reporting:
+class _Run:
+    """The state of one training run and its pieces: an epoch of steps, the evaluation that
+    closes it (or declares divergence), the checkpoint, the end."""
+
+    def __init__(self, cfg: Config, pipe: Pipeline, run_dir: RunDir, reporting: bool, console: Console,
+                 on_step: Callable[[int, float], None] | None, train_set: Any, test_set: Any,
+                 ckpt: dict[str, Any] | None) -> None:
+        self.cfg, self.pipe, self.run_dir, self.reporting, self.console = cfg, pipe, run_dir, reporting, console
+        self.on_step, self.train_set, self.test_set = on_step, train_set, test_set
+        self.trainer = make_trainer(cfg, pipe)
+        self.metrics: Metrics | NoMetrics = run_dir.metrics(ckpt["metrics_lines"] if ckpt else None) if reporting else NoMetrics()
+        self.epoch, self.batch_index, self.step = 0, 0, 0
+        if ckpt is not None:
+            self.trainer.load_state_dict(ckpt["trainer"])
+            self.epoch, self.batch_index, self.step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
+            if not self.trainer.executor.distributed:  # a distributed rank's RNG is part of its executor state
+                _set_rng_state(ckpt["rng"])
+        else:
+            torch.manual_seed(cfg.train.seed + 1)  # dropout stream: independent of the init stream
+        self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
+        self.start = time.perf_counter()
+        self.wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume
+
+    @property
+    def at_max_steps(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.start
+
+    def epoch_of_training(self, progress: Progress) -> None:
+        """The steps of the current epoch (from where a resume left it, to its end or max_steps),
+        then its record with the evaluation; moves to the next epoch when this one is done."""
+        cfg, t_cfg, trainer = self.cfg, self.cfg.train, self.trainer
+        trainer.set_lr_factor(lr_factor(self.epoch, t_cfg.epochs, cfg.optim.milestones, cfg.optim.gamma))
+        loader = make_loader(self.train_set, cfg.data.batch_size, shuffle=True, seed=t_cfg.seed, epoch=self.epoch,
+                             skip=self.batch_index, num_workers=cfg.data.num_workers)
+        task = progress.add_task(f"{t_cfg.method} K={self.pipe.K} epoch {self.epoch + 1}/{t_cfg.epochs}",
+                                 total=len(loader) + self.batch_index, completed=self.batch_index,
+                                 loss=float("nan"), acc=0.0, sps=0.0)
+        seen, correct, predicted, loss_sum, n_loss = 0, 0, 0, 0.0, 0
+        epoch_start = time.perf_counter()
+        for x, y in loader:
+            loss, sigma = self._step(x, y)
+            # FR/DDG: the output is of the batch the last stage ran now; same size but the
+            # last batch, whose few examples the count then skips.
+            right, counted = correct_count(trainer.last_output, y)
+            correct += right
+            predicted += counted
+            seen += len(y)
+            loss_sum += loss
+            n_loss += 1
+            elapsed = time.perf_counter() - epoch_start
+            progress.update(task, advance=1, loss=loss_sum / n_loss, acc=correct / max(predicted, 1), sps=seen / max(elapsed, 1e-9))
+            if self.on_step is not None:
+                self.on_step(self.step, loss)
+            self._log_step(loss, sigma)
+            if self.at_max_steps:
+                break
+        finished = _epoch_done(self.train_set, cfg, self.batch_index)
+        record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "train_loss": loss_sum / max(n_loss, 1),
+                  "train_accuracy": correct / max(predicted, 1), "lr": trainer.lr, "wall": self.wall(),
+                  "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9), "complete": finished}
+        if t_cfg.eval_every_epoch or not finished or self.epoch + 1 >= t_cfg.epochs:
+            self._evaluate_or_diverge(record)
+        self.metrics.write(record)
+        if finished:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        self.result.epochs_done = self.epoch
+
+    def _step(self, x: Any, y: Any) -> tuple[float, list[float] | None]:
+        t_cfg = self.cfg.train
+        try:
+            if t_cfg.sigma_every and (self.step + 1) % t_cfg.sigma_every == 0:
+                loss, sigma = self.trainer.step_with_sigma(x, y)
+            else:
+                loss, sigma = self.trainer.step(x, y), None
+        except DivergenceError as exc:
+            self.result.diverged = str(exc)
+            self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": str(exc)})
+            raise
+        self.step += 1
+        self.batch_index += 1
+        self.result.losses.append(loss)
+        return loss, sigma
+
+    def _log_step(self, loss: float, sigma: list[float] | None) -> None:
+        if self.step % self.cfg.train.log_every == 0:
+            stats = self.trainer.stats()  # collective when distributed
+            record: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": loss,
+                                      "lr": self.trainer.lr, "wall": self.wall(), **stats}
+            if sigma is not None:
+                record["sigma"] = sigma
+            self.metrics.write(record)
+        elif sigma is not None:
+            self.metrics.write({"kind": "sigma", "step": self.step, "epoch": self.epoch, "sigma": sigma})
+
+    def _evaluate_or_diverge(self, record: dict[str, Any]) -> None:
+        """Evaluate on the test set into ``record``; a non-finite test loss is a divergence."""
+        test = self.trainer.evaluate(make_loader(self.test_set, 512, shuffle=False, seed=0, epoch=0))
+        record.update({f"test_{name}": value for name, value in test.items() if name != "samples"})
+        self.result.final = {"test_accuracy": test.get("accuracy", math.nan), "test_loss": test["loss"], "train_loss": record["train_loss"]}
+        if not math.isfinite(test["loss"]):
+            # The training losses were finite, but weights or BatchNorm statistics no longer
+            # are: this state must not become "the last good checkpoint".
+            message = (f"{self.cfg.train.method} diverged by step {self.step}: the test loss after epoch {self.epoch + 1} is "
+                       f"{test['loss']} (weights or BatchNorm statistics are no longer finite). The last good "
+                       "checkpoint is kept; lower the learning rate (or warm it up) and resume from it.")
+            self.metrics.write(record)
+            self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": message})
+            self.result.diverged = message
+            raise DivergenceError(message)
+
+    def checkpoint(self) -> None:
+        """Write the checkpoint of where the run is (collective when distributed)."""
+        state = self.trainer.state_dict()
+        if not self.reporting:
             return
-        save_atomic(
-            {"trainer": state, "method": cfg.train.method, "K": pipe.K, "epoch": next_epoch,
-             "batch_index": next_batch, "step": step, "rng": _rng_state(), "metrics_lines": metrics.lines,
-             "wall": wall_offset + time.perf_counter() - start},
-            out / CHECKPOINT_FILE,
+        self.run_dir.save_checkpoint(
+            {"trainer": state, "method": self.cfg.train.method, "K": self.pipe.K, "epoch": self.epoch,
+             "batch_index": self.batch_index, "step": self.step, "rng": _rng_state(), "metrics_lines": self.metrics.lines,
+             "wall": self.wall()}
         )
 
-    result = RunResult(out=out, steps=step, epochs_done=epoch)
-    start = time.perf_counter()
-    wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume
-    t_cfg = cfg.train
-    with _progress(console) as progress:
-        while epoch < t_cfg.epochs and (t_cfg.max_steps is None or step < t_cfg.max_steps):
-            factor = lr_factor(epoch, t_cfg.epochs, cfg.optim.milestones, cfg.optim.gamma)
-            trainer.set_lr_factor(factor)
-            loader = make_loader(train_set, cfg.data.batch_size, shuffle=True, seed=t_cfg.seed, epoch=epoch,
-                                 skip=batch_index, num_workers=cfg.data.num_workers)
-            task = progress.add_task(f"{t_cfg.method} K={pipe.K} epoch {epoch + 1}/{t_cfg.epochs}", total=len(loader) + batch_index,
-                                     completed=batch_index, loss=float("nan"), acc=0.0, sps=0.0)
-            seen, correct, predicted, loss_sum, n_loss = 0, 0, 0, 0.0, 0
-            epoch_start = time.perf_counter()
-            for x, y in loader:
-                sigma: list[float] | None = None
-                try:
-                    if t_cfg.sigma_every and (step + 1) % t_cfg.sigma_every == 0:
-                        loss, sigma = trainer.step_with_sigma(x, y)
-                    else:
-                        loss = trainer.step(x, y)
-                except DivergenceError as exc:
-                    result.diverged = str(exc)
-                    metrics.write({"kind": "diverged", "step": step, "epoch": epoch, "message": str(exc)})
-                    raise
-                step += 1
-                batch_index += 1
-                result.losses.append(loss)
-                # FR/DDG: the output is of the batch the last stage ran now; same size but the
-                # last batch, whose few examples the count then skips.
-                right, counted = correct_count(trainer.last_output, y)
-                correct += right
-                predicted += counted
-                seen += len(y)
-                loss_sum += loss
-                n_loss += 1
-                elapsed = time.perf_counter() - epoch_start
-                progress.update(task, advance=1, loss=loss_sum / n_loss, acc=correct / max(predicted, 1), sps=seen / max(elapsed, 1e-9))
-                if on_step is not None:
-                    on_step(step, loss)
-                if step % t_cfg.log_every == 0:
-                    stats = trainer.stats()  # collective when distributed
-                    record: dict[str, Any] = {
-                        "kind": "step", "step": step, "epoch": epoch, "loss": loss, "lr": trainer.lr,
-                        "wall": wall_offset + time.perf_counter() - start, **stats,
-                    }
-                    if sigma is not None:
-                        record["sigma"] = sigma
-                    metrics.write(record)
-                elif sigma is not None:
-                    metrics.write({"kind": "sigma", "step": step, "epoch": epoch, "sigma": sigma})
-                if t_cfg.max_steps is not None and step >= t_cfg.max_steps:
-                    break
-            finished_epoch = _epoch_done(train_set, cfg, batch_index)
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss_sum / max(n_loss, 1),
-                      "train_accuracy": correct / max(predicted, 1), "lr": trainer.lr, "wall": wall_offset + time.perf_counter() - start,
-                      "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9), "complete": finished_epoch}
-            last = not finished_epoch or epoch + 1 >= t_cfg.epochs
-            if t_cfg.eval_every_epoch or last:
-                test = trainer.evaluate(make_loader(test_set, 512, shuffle=False, seed=0, epoch=0))
-                record.update({f"test_{name}": value for name, value in test.items() if name != "samples"})
-                result.final = {"test_accuracy": test.get("accuracy", math.nan), "test_loss": test["loss"], "train_loss": record["train_loss"]}
-                if not math.isfinite(test["loss"]):
-                    # The training losses were finite, but weights or BatchNorm statistics
-                    # no longer are: this state must not become "the last good checkpoint".
-                    message = (f"{t_cfg.method} diverged by step {step}: the test loss after epoch {epoch + 1} is "
-                               f"{test['loss']} (weights or BatchNorm statistics are no longer finite). The last good "
-                               "checkpoint is kept; lower the learning rate (or warm it up) and resume from it.")
-                    metrics.write(record)
-                    metrics.write({"kind": "diverged", "step": step, "epoch": epoch, "message": message})
-                    result.diverged = message
-                    raise DivergenceError(message)
-            metrics.write(record)
-            if finished_epoch:
-                epoch, batch_index = epoch + 1, 0
-            checkpoint(epoch, batch_index)
-            result.epochs_done = epoch
-            if t_cfg.max_steps is not None and step >= t_cfg.max_steps:
-                break
-    result.steps = step
-    weights = trainer.model_state_dict()  # collective when distributed
-    timeline = trainer.executor.timeline() if cfg.train.timeline else None
-    trainer.close()
-    if reporting:
-        save_atomic(weights, out / "model.pt")
-        if timeline is not None:
-            # the last 50 iterations: enough to see the steady state, small on disk
-            (out / "timeline.json").write_text(json.dumps(timeline.window(max(0, step - 50)).to_json()))
-            shown = timeline.window(max(0, step - 4))
-            plots.gantt(shown, out / "timeline.png", title=f"{cfg.train.method} K={pipe.K}: the last iterations, per rank")
-            console.print(shown.render_text(width=max(40, console.width - 12)), highlight=False)
-    return result
-
-
-class _NoMetrics:
-    """What a non-reporting rank writes: nothing."""
-
-    lines = 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
+    def finish(self) -> RunResult:
+        """The trained model and, for a pipeline, its timeline (collective when distributed)."""
+        self.result.steps = self.step
+        weights = self.trainer.model_state_dict()
+        timeline = self.trainer.executor.timeline() if self.cfg.train.timeline else None
+        self.trainer.close()
+        if self.reporting:
+            self.run_dir.save_model(weights)
+            if timeline is not None:
+                # the last 50 iterations: enough to see the steady state, small on disk
+                (self.run_dir.path / "timeline.json").write_text(json.dumps(timeline.window(max(0, self.step - 50)).to_json()))
+                shown = timeline.window(max(0, self.step - 4))
+                plots.gantt(shown, self.run_dir.path / "timeline.png",
+                            title=f"{self.cfg.train.method} K={self.pipe.K}: the last iterations, per rank")
+                self.console.print(shown.render_text(width=max(40, self.console.width - 12)), highlight=False)
+        return self.result
 
 
 def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str | None, overwrite: bool = False) -> RunResult | None:

@@ -1,0 +1,140 @@
+"""A run directory: what a run writes where, and the rules for starting and resuming one.
+
+``train.out`` holds:
+  ``config.yaml``    the resolved config (``--resume`` reads it back)
+  ``plan/``          the plan and readable stage code
+  ``metrics.jsonl``  one record per logged step and per epoch
+  ``checkpoint.pt``  written atomically after every epoch (and at max_steps); resumes exactly
+  ``model.pt``       the trained weights under the original model's keys
+  ``timeline.json`` / ``timeline.png``  distributed runs: the last iterations, per rank
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
+from fxreplay.config import Config, load_config, save_config
+from fxreplay.errors import CheckpointError, ConfigError
+
+__all__ = ["RunDir", "Resume", "Metrics", "NoMetrics"]
+
+
+class Metrics:
+    """Append-only ``metrics.jsonl``; truncated back to the checkpoint's line on resume."""
+
+    def __init__(self, path: Path, keep_lines: int | None = None) -> None:
+        self.path = path
+        lines = path.read_text().splitlines()[:keep_lines] if keep_lines is not None and path.exists() else []
+        path.write_text("".join(line + "\n" for line in lines))
+        self.lines = len(lines)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+class NoMetrics:
+    """What a rank that does not report writes: nothing."""
+
+    lines = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run to continue: its config (``train.out`` pointing at it), checkpoint and plan."""
+
+    cfg: Config
+    checkpoint: dict[str, Any]
+    plan_dir: Path | None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run, under ``path``."""
+
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def plan_dir(self) -> Path:
+        return self.path / "plan"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.pt"
+
+    def check_fresh(self) -> None:
+        """A new run must not write over a previous one (its metrics would be truncated).
+
+        Raises:
+            ConfigError: the directory holds a run's checkpoint.
+        """
+        if self.checkpoint_file.is_file():
+            raise ConfigError(
+                f"{self.path} already holds a run (its {CHECKPOINT_FILE}); nothing was changed. Continue it with "
+                f"--resume {self.path}, train into another directory with --out DIR, or start over in it with --force."
+            )
+
+    def load_config(self) -> Config:
+        """The config the run was started with (``--resume`` without ``--config``).
+
+        Raises:
+            ConfigError: there is none: not a run directory.
+        """
+        if not self.config_file.is_file():
+            raise ConfigError(f"--resume {self.path}: no config.yaml there; is it the --out directory of an earlier run?")
+        return load_config(self.config_file)
+
+    def resume(self, cfg: Config | None) -> Resume:
+        """Everything to continue this run exactly: config, checkpoint and plan.
+
+        Args:
+            cfg: the config to resume with (default: the run's own ``config.yaml``).
+
+        Raises:
+            CheckpointError: no readable checkpoint, no config, or a checkpoint of another
+                method or K than the config's.
+        """
+        ckpt = load_checkpoint(self.path)
+        if cfg is None:
+            if not self.config_file.is_file():
+                raise CheckpointError(f"{self.path} has no config.yaml; pass --config with the run's config.")
+            cfg = load_config(self.config_file)
+        cfg = replace(cfg, train=replace(cfg.train, out=str(self.path)))
+        if ckpt["method"] != cfg.train.method or ckpt["K"] != cfg.partition.K:
+            raise CheckpointError(
+                f"the checkpoint in {self.path} is from method={ckpt['method']} K={ckpt['K']}, "
+                f"not method={cfg.train.method} K={cfg.partition.K}: resume with the same method and K."
+            )
+        return Resume(cfg, ckpt, self.plan_dir if self.plan_dir.is_dir() else None)
+
+    def start(self, cfg: Config, fresh: bool) -> None:
+        """Create the directory; a fresh run removes an old run's checkpoint (``--force``: its
+        state must not be resumed) and writes its config."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.checkpoint_file.unlink(missing_ok=True)
+            save_config(cfg, self.config_file)
+
+    def metrics(self, keep_lines: int | None) -> Metrics:
+        return Metrics(self.path / "metrics.jsonl", keep_lines=keep_lines)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        save_atomic(state, self.checkpoint_file)
+
+    def save_model(self, weights: dict[str, Any]) -> None:
+        save_atomic(weights, self.model_file)
