@@ -254,17 +254,16 @@ def assign_eval_stages(
     stage: dict[fx.Node, int] = {}
     for n in nodes:
         earliest = max((stage[u] for u in n.all_input_nodes if u in stage), default=0)
+        if earliest > hi[n]:  # it needs a later stage's value but feeds an earlier stage's module
+            late = next(u for u in n.all_input_nodes if u in stage and stage[u] == earliest)
+            raise TraceError(
+                f"in eval mode the model computes {n.format_node()} (needed by stage {hi[n]}) from "
+                f"{late.name!r}, which only stage {earliest} can compute: the eval-mode code uses the "
+                "modules in another order than the training code, so the training cut cannot be kept. "
+                "Pin other boundaries (--boundary) or mark the module that branches on self.training a leaf (--leaf)."
+            )
         pinned = owner[n]
         if pinned is not None:
-            if earliest > pinned:
-                late = next(u for u in n.all_input_nodes if u in stage and stage[u] == earliest)
-                raise TraceError(
-                    f"in eval mode the model computes {n.format_node()} (which uses state of "
-                    f"stage {pinned}) from {late.name!r}, which only stage {earliest} can compute: "
-                    "the eval-mode code uses the modules in another order than the training code, "
-                    "so the training cut cannot be kept. Pin other boundaries (--boundary) or "
-                    "mark the module that branches on self.training a leaf (--leaf)."
-                )
             stage[n] = pinned
             continue
         hint = train_stage.get(n.name) if train_kinds.get(n.name) == (n.op, n.target) else None

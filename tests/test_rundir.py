@@ -1,0 +1,43 @@
+"""fxreplay.rundir: a run directory's files, the fresh-run rule and the resume path."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fxreplay.config import load_config
+from fxreplay.errors import CheckpointError, ConfigError
+from fxreplay.rundir import RunDir
+
+
+def test_fresh_run_start_and_checkpoint_then_resume(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    run = RunDir(tmp_path / "run")
+    run.check_fresh()  # nothing there yet
+    run.start(cfg, fresh=True)
+    assert run.config_file.is_file()
+    metrics = run.metrics(None)
+    metrics.write({"kind": "step", "step": 1})
+    metrics.write({"kind": "step", "step": 2})
+    run.save_checkpoint({"method": cfg.train.method, "K": cfg.partition.K, "metrics_lines": 1})
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run.check_fresh()
+    resumed = run.resume(None)
+    assert resumed.cfg.train.out == str(run.path) and resumed.checkpoint["metrics_lines"] == 1
+    assert run.metrics(resumed.checkpoint["metrics_lines"]).lines == 1  # cut back to the checkpoint
+    assert (run.path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_resume_refuses_another_method_or_a_missing_run(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    run = RunDir(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run.resume(cfg)
+    run.start(cfg, fresh=True)
+    run.save_checkpoint({"method": cfg.train.method, "K": cfg.partition.K})
+    other = replace(cfg, partition=replace(cfg.partition, K=cfg.partition.K + 1))
+    with pytest.raises(CheckpointError, match="resume with the same method and K"):
+        run.resume(other)
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        RunDir(tmp_path / "nothing").load_config()
