@@ -80,6 +80,8 @@ def partition(
     from fxreplay.compiler.plan import ModelSpec
 
     try:
+        if threads is not None and threads < 1:
+            raise FxReplayError(f"--threads {threads}: give a positive number of threads to time nodes with (or leave it out).")
         shape = _ints(input_shape, "--input-shape")
         loaded = load_model(model, num_classes)
         inputs = loaded.example_inputs
@@ -145,6 +147,10 @@ def train(
         "train.seed": seed, "train.executor": executor,
     }
     try:
+        if threads is not None and threads < 1:
+            raise FxReplayError(f"--threads {threads}: give a positive number of threads per process (or leave it out).")
+        if nproc < 1:
+            raise FxReplayError(f"--nproc {nproc}: give the number of ranks to start, one per stage (>= 1; 1 runs in this process).")
         if resume is not None and config is None:
             from fxreplay.rundir import RunDir
 

@@ -1,10 +1,21 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, then rename.
+"""Files fxreplay writes and reads back: atomic, checksummed, and never executed on load.
 
-A crash mid-write leaves the previous checkpoint intact; ``os.replace`` is atomic on POSIX
-and Windows when source and target are on one file system.
+- **Atomic**: written to a temporary file in the same directory, then renamed; a crash
+  mid-write leaves the previous file intact (``os.replace`` is atomic on POSIX and Windows
+  on one file system). A temporary file left by a killed writer is removed by the next write.
+- **Checksummed** (``checkpoint.pt``, a plan's ``weights.pt``): the file is a header line,
+  the SHA-256 of the payload, then the payload ``torch.save`` made. A flipped byte or a
+  truncated file is refused with the file's name, never resumed from.
+- **Safe to read**: payloads are loaded with ``torch.load(..., weights_only=True)``: tensors,
+  numbers, strings and containers of them. A pickle that would run code is refused.
+
+``model.pt`` (the trained weights for the user's own model) stays a plain ``torch.save``
+file, so ``model.load_state_dict(torch.load("model.pt"))`` works without fxreplay.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -13,18 +24,50 @@ import torch
 
 from fxreplay.errors import CheckpointError
 
-__all__ = ["save_atomic", "load_checkpoint", "CHECKPOINT_FILE"]
+__all__ = ["save_atomic", "load_verified", "load_checkpoint", "CHECKPOINT_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+MAGIC = b"fxreplay checksummed file v1\n"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` so that readers see the old file or the new one, never half."""
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of this path left by writers that no longer run (killed mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2: -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_atomic(obj: Any, path: Path, checksum: bool = False) -> None:
+    """``torch.save`` to ``path`` so that readers see the old file or the new one, never half.
+
+    Args:
+        checksum: write the checksummed format :func:`load_verified` reads (fxreplay's own
+            files); False: a plain ``torch.save`` file any torch can load.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            if checksum:
+                buffer = io.BytesIO()
+                torch.save(obj, buffer)
+                payload = buffer.getvalue()
+                f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+                f.write(payload)
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,11 +76,52 @@ def save_atomic(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """Read ``run_dir/checkpoint.pt``.
+def load_verified(path: Path, what: str = "file", plain_ok: bool = False) -> Any:
+    """Read a file :func:`save_atomic` wrote with ``checksum=True``.
+
+    Args:
+        what: what the file is, for messages ("checkpoint", "plan weights").
+        plain_ok: also accept a plain ``torch.save`` file (one written before checksums);
+            it is still loaded with ``weights_only=True``.
 
     Raises:
-        CheckpointError: it is missing or unreadable.
+        CheckpointError: missing, truncated, altered (checksum mismatch), not fxreplay's,
+            or holding objects other than tensors, numbers, strings and containers.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}.") from exc
+    if data.startswith(MAGIC):
+        header_end = data.find(b"\n", len(MAGIC))
+        expected = data[len(MAGIC):header_end].decode("ascii", "replace")
+        payload = data[header_end + 1:]
+        if header_end < 0 or hashlib.sha256(payload).hexdigest() != expected:
+            raise CheckpointError(
+                f"the {what} {str(path)!r} is damaged: its checksum does not match its contents (a truncated "
+                "copy, a disk error or an edit). It was not used; restore the file, or start again without it."
+            )
+    elif plain_ok:
+        payload = data
+    else:
+        raise CheckpointError(
+            f"{str(path)!r} is not an fxreplay {what} (no fxreplay header: another program's file, or one "
+            "written by an fxreplay version without checksums). Start a new run, or point at the right directory."
+        )
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        unsafe = "weights_only" in str(exc) or "Unsupported global" in str(exc)
+        why = ("it holds Python objects that loading would execute; fxreplay loads only tensors, numbers, "
+               "strings and containers of them, so it was refused" if unsafe else f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        raise CheckpointError(f"cannot read the {what} {str(path)!r}: {why}. Use a file fxreplay wrote.") from exc
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """Read ``run_dir/checkpoint.pt`` (verified, see :func:`load_verified`).
+
+    Raises:
+        CheckpointError: it is missing, damaged, foreign or unsafe.
     """
     path = run_dir / CHECKPOINT_FILE if run_dir.is_dir() else run_dir
     if not path.is_file():
@@ -45,8 +129,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
             f"no checkpoint at {str(path)!r}. --resume takes the --out directory of an earlier "
             "run (it holds checkpoint.pt after the first epoch or at max-steps)."
         )
-    try:
-        # Our own files: they hold optimizer states and RNG states, not just tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}. Start a new run or pick another directory.") from exc
+    state = load_verified(path, "checkpoint")
+    if not isinstance(state, dict) or not {"trainer", "method", "K"} <= set(state):
+        raise CheckpointError(f"{str(path)!r} is not a run checkpoint (it lacks the trainer state); point --resume at a run's --out directory.")
+    return state

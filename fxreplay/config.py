@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -136,6 +137,9 @@ class OptimConfig:
     synth_lr: float = 1e-4
 
     def __post_init__(self) -> None:
+        for key in ("lr", "synth_lr", "gamma", "momentum", "weight_decay"):
+            if not math.isfinite(getattr(self, key)):
+                raise _fail(f"optim.{key}", f"must be a finite number, got {getattr(self, key)}")
         for key in ("lr", "synth_lr", "gamma"):
             if getattr(self, key) <= 0:
                 raise _fail(f"optim.{key}", f"must be > 0, got {getattr(self, key)}")

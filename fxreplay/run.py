@@ -8,8 +8,10 @@ the run directory is :mod:`fxreplay.rundir`'s.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from fractions import Fraction
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +37,7 @@ from fxreplay.launch import distributed_job, reports
 from fxreplay.rundir import Metrics, NoMetrics, RunDir
 from fxreplay.trainer import Trainer
 
-__all__ = ["RunResult", "train_run", "lr_factor", "distributed_main"]
+__all__ = ["RunResult", "train_run", "lr_factor", "milestone_epochs", "distributed_main"]
 
 
 
@@ -51,9 +53,18 @@ class RunResult:
     diverged: str | None = None
 
 
+def milestone_epochs(epochs: int, milestones: tuple[float, ...]) -> list[int]:
+    """The 0-based epochs at which each milestone's decay starts: the first epoch e with
+    e / epochs >= m, by exact arithmetic (the milestone as written in decimal, no float
+    product, no rounding to nearest): 4 epochs, (0.5, 0.75) -> [2, 3]; 3 -> [2, 3]; 1 -> [1, 1]
+    (a one-epoch run never decays)."""
+    return [math.ceil(Fraction(repr(m)) * epochs) for m in milestones]
+
+
 def lr_factor(epoch: int, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
-    """Step decay: lr x gamma at each milestone fraction of the epochs (paper: /10 at 50%, 75%)."""
-    passed = sum(1 for m in milestones if epoch >= round(m * epochs))
+    """Step decay: lr x gamma from each milestone fraction of the epochs on (paper: /10 at 50%
+    and 75%), see :func:`milestone_epochs`."""
+    passed = sum(1 for start in milestone_epochs(epochs, milestones) if epoch >= start)
     return gamma**passed
 
 
@@ -169,18 +180,24 @@ def train_run(
     Raises:
         DivergenceError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    reporting = reports()  # one process, or the job's reporting rank: the one that writes files
+    run_dir = RunDir(resume if resume is not None else Path((cfg or load_config(None)).train.out))
+    # The directory is owned for the run's life: a second run on it is refused, and a resume
+    # reads the checkpoint only once no other process can be writing it.
+    with run_dir.locked() if reporting else contextlib.nullcontext():
+        return _train(cfg, plan_dir, resume, run_dir, reporting, console, on_step, overwrite)
+
+
+def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_dir: RunDir, reporting: bool,
+           console: Console | None, on_step: Callable[[int, float], None] | None, overwrite: bool) -> RunResult:
     ckpt: dict[str, Any] | None = None
     if resume is not None:
-        resumed = RunDir(resume).resume(cfg)
+        resumed = run_dir.resume(cfg)
         cfg, ckpt, plan_dir = resumed.cfg, resumed.checkpoint, resumed.plan_dir or plan_dir
     cfg = cfg or load_config(None)
     distributed = distributed_job()
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
-    # Distributed: every rank trains its stage on the same batches; the reporting rank, which
-    # knows the loss, writes everything (files, metrics, progress).
-    reporting = reports()
-    run_dir = RunDir(Path(cfg.train.out))
     if ckpt is None and not overwrite:
         run_dir.check_fresh()
     console = console or Console(stderr=True)

@@ -7,19 +7,32 @@
   ``checkpoint.pt``  written atomically after every epoch (and at max_steps); resumes exactly
   ``model.pt``       the trained weights under the original model's keys
   ``timeline.json`` / ``timeline.png``  distributed runs: the last iterations, per rank
+  ``.lock``          held by the run that owns the directory (pid, host, start time)
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (documented in the README)
+    fcntl = None  # type: ignore[assignment]
 
 from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
 from fxreplay.config import Config, load_config, save_config
 from fxreplay.errors import CheckpointError, ConfigError
 
-__all__ = ["RunDir", "Resume", "Metrics", "NoMetrics"]
+__all__ = ["RunDir", "Resume", "Metrics", "NoMetrics", "LOCK_FILE"]
+
+LOCK_FILE = ".lock"
 
 
 class Metrics:
@@ -76,6 +89,43 @@ class RunDir:
     @property
     def model_file(self) -> Path:
         return self.path / "model.pt"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Own the directory for the block: an exclusive lock on ``.lock`` (released on any
+        exit, and by the system when the process dies, so a dead run never blocks a new one).
+
+        Raises:
+            ConfigError: another live process holds it (the message names it).
+        """
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise ConfigError(f"cannot use {self.path} as a run directory: {exc.strerror or exc}. Choose another --out.") from exc
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise ConfigError(
+                        f"{self.path} is in use by another run ({holder}); nothing was changed. Wait for it to "
+                        "finish, or train into another directory with --out DIR."
+                    ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+            if created and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
+                # The run never got to write anything: leave no empty directory behind.
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+                self.path.rmdir()
 
     def check_fresh(self) -> None:
         """A new run must not write over a previous one (its metrics would be truncated).
@@ -134,7 +184,7 @@ class RunDir:
         return Metrics(self.path / "metrics.jsonl", keep_lines=keep_lines)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        save_atomic(state, self.checkpoint_file)
+        save_atomic(state, self.checkpoint_file, checksum=True)
 
     def save_model(self, weights: dict[str, Any]) -> None:
         save_atomic(weights, self.model_file)

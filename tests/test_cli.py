@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from fxreplay.checkpoint import load_checkpoint
 
 runner = CliRunner()
 
@@ -145,17 +146,18 @@ def test_train_default_then_resume(tmp_path: Path) -> None:
 def test_a_new_run_never_writes_over_an_old_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _run("train", "--max-steps", "3", "--out", str(out)).exit_code == 0
-    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    def files() -> dict[str, bytes]:  # the run's files (.lock records who holds the directory now)
+        return {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
+
+    before = files()
     again = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out))
     _assert_user_error(again, "already holds a run", "--resume", "--force")
-    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before  # nothing touched
+    assert files() == before  # nothing touched
     _assert_user_error(_run("train", "--nproc", "2", "--max-steps", "2", "--out", str(out)), "already holds a run")
     forced = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out), "--force")
     assert forced.exit_code == 0, forced.output
     assert "bp / 2" in forced.output
-    import torch
-
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["method"] == "bp"  # the old run's state is gone
+    assert load_checkpoint(out)["method"] == "bp"  # the old run's state is gone
 
 
 def test_a_plan_for_other_inputs_is_refused_before_the_run_starts(tmp_path: Path, examples_dir: Path) -> None:
@@ -208,9 +210,8 @@ def test_train_with_two_ranks_then_resume(tmp_path: Path) -> None:
     assert "ddg / 2" in result.output
     assert "cost: time" in (out / "plan" / "plan.yaml").read_text()
     assert {"timeline.json", "timeline.png", "checkpoint.pt", "model.pt"} <= {p.name for p in out.iterdir()}
-    import torch
 
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(out)
     assert len(state["trainer"]["ranks"]) == 2  # one checkpoint holds every stage
     again = _run("train", "--resume", str(out), "--nproc", "2", "--max-steps", "9")
     assert again.exit_code == 0, again.output
@@ -269,3 +270,17 @@ def test_partition_a_hugging_face_model_by_module_spec(tmp_path: Path, monkeypat
     result = _run("partition", "my_hf_models:bert", "--K", "4", "--cost", "flops", "--out", str(tmp_path / "plan"))
     assert result.exit_code == 0, result.output
     assert "input_dtype: int64" in (tmp_path / "plan" / "plan.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--threads", "0"], "--threads 0: give a positive number"),
+        (["train", "--threads", "-2"], "--threads -2: give a positive number"),
+        (["train", "--nproc", "0"], "--nproc 0: give the number of ranks"),
+        (["partition", "resnet20", "--threads", "0"], "--threads 0: give a positive number"),
+    ],
+)
+def test_bad_process_options_are_refused(args: list[str], message: str, tmp_path: Path) -> None:
+    _assert_user_error(_run(*args, "--out", str(tmp_path / "out")), message)
+    assert not (tmp_path / "out").exists()

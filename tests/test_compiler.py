@@ -441,3 +441,18 @@ def test_no_cut_carries_a_tuple_of_tensors() -> None:
         for _ in range(K + 1):
             trainer.step(x, y)
         assert all(p.grad is not None for p in model.inp.parameters())  # δ reached the first stage
+
+
+def test_plan_weights_missing_or_foreign_are_refused(tmp_path: Path, examples_dir: Path) -> None:
+    from fxreplay.compiler.plan import ModelSpec
+
+    spec = str(examples_dir / "branchy_net.py")
+    loaded = load_model(spec)
+    fxreplay.compile(loaded.model, loaded.example_inputs, K=2, cost="flops", spec=ModelSpec(spec=spec)).save(tmp_path / "p")
+    weights = tmp_path / "p" / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(1)}, weights)  # another model's
+    with pytest.raises(PlanError, match="holds another model's weights"):
+        fxreplay.load(tmp_path / "p")
+    weights.unlink()
+    with pytest.raises(PlanError, match="has no weights.pt"):
+        fxreplay.load(tmp_path / "p")

@@ -104,6 +104,8 @@ def test_unknown_section_suggests_the_right_one() -> None:
         ({"train": {"epochs": True}}, "train.epochs: expected an integer, got True (bool)"),
         ({"data": {"verify": "maybe"}}, "data.verify: expected true or false, got 'maybe'"),
         ({"train": {"method": "sgd"}}, "train.method: expected one of 'bp', 'ddg', 'dni', 'fr'"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr: must be a finite number, got inf"),
+        ({"optim": {"momentum": float("nan")}}, "optim.momentum: must be a finite number, got nan"),
         ({"partition": {"boundaries": "layer2"}}, None),  # a single name is fine
         ({"partition": {"boundaries": [1]}}, "partition.boundaries[0]: expected a string, got 1"),
         ({"model": {"name": 3}}, "model.name: expected a string, got 3 (int)"),

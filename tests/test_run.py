@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fxreplay.checkpoint import load_checkpoint
 from fxreplay.config import apply_overrides, load_config
 from fxreplay.errors import CheckpointError, DivergenceError
 from fxreplay.models import get
-from fxreplay.run import lr_factor, train_run
+from fxreplay.run import lr_factor, milestone_epochs, train_run
 
 
 def _cfg(tmp_path: Path, **overrides: object):
@@ -27,6 +28,22 @@ def test_lr_schedule_is_the_papers() -> None:
     assert [lr_factor(e, 300, (0.5, 0.75), 0.1) for e in (0, 149, 150, 224, 225, 299)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01]
     )
+
+
+@pytest.mark.parametrize(
+    "epochs, factors",
+    [
+        (1, [1]),  # never decays (banker's rounding made it lr/10 throughout)
+        (2, [1, 0.1]),
+        (3, [1, 1, 0.1]),  # /10 for the last third, no jump to /100
+        (4, [1, 1, 0.1, 0.01]),
+        (5, [1, 1, 1, 0.1, 0.01]),  # 50% of 5 is 2.5: epoch 3 is the first past it; 75% -> epoch 4
+    ],
+)
+def test_lr_milestones_by_exact_arithmetic(epochs: int, factors: list[float]) -> None:
+    assert [lr_factor(e, epochs, (0.5, 0.75), 0.1) for e in range(epochs)] == pytest.approx(factors)
+    # a milestone whose float product lands just above an integer: 0.7 * 10 = 7.000000000000001
+    assert milestone_epochs(10, (0.7,)) == [7]
 
 
 @pytest.mark.parametrize("method", ["fr", "ddg"])
@@ -56,7 +73,7 @@ def test_metrics_and_outputs(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, **{"train.sigma_every": 4, "partition.K": 3})
     result = train_run(cfg)
     run = Path(cfg.train.out)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt", "plan"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt", "plan"]
     records = _records(run)
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [5, 10]
@@ -84,7 +101,7 @@ def test_divergence_after_an_epoch_leaves_the_last_good_checkpoint(tmp_path: Pat
     cfg = _cfg(tmp_path, **{"train.method": "fr", "data.batch_size": 512})
     train_run(cfg)
     run = Path(cfg.train.out)
-    good = torch.load(run / "checkpoint.pt", weights_only=False)
+    good = load_checkpoint(run)
     assert good["epoch"] == 2 and good["step"] == 6
     lines_before = len(_records(run))
     wild = apply_overrides(cfg, {"optim.lr": 1e6, "train.epochs": 8})
@@ -92,7 +109,7 @@ def test_divergence_after_an_epoch_leaves_the_last_good_checkpoint(tmp_path: Pat
         train_run(wild, resume=run)
     records = _records(run)
     assert records[-1]["kind"] == "diverged" and f"step {records[-1]['step']}" in str(info.value)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(run)
     # the checkpoint is the last one with finite weights, and it still resumes
     weights = state["trainer"]["executor"]
     assert state["step"] >= 6 and state["step"] < records[-1]["step"] + 1

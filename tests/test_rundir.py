@@ -20,7 +20,7 @@ def test_fresh_run_start_and_checkpoint_then_resume(tmp_path: Path) -> None:
     metrics = run.metrics(None)
     metrics.write({"kind": "step", "step": 1})
     metrics.write({"kind": "step", "step": 2})
-    run.save_checkpoint({"method": cfg.train.method, "K": cfg.partition.K, "metrics_lines": 1})
+    run.save_checkpoint({"trainer": {}, "method": cfg.train.method, "K": cfg.partition.K, "metrics_lines": 1})
     with pytest.raises(ConfigError, match="already holds a run"):
         run.check_fresh()
     resumed = run.resume(None)
@@ -35,9 +35,48 @@ def test_resume_refuses_another_method_or_a_missing_run(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run.resume(cfg)
     run.start(cfg, fresh=True)
-    run.save_checkpoint({"method": cfg.train.method, "K": cfg.partition.K})
+    run.save_checkpoint({"trainer": {}, "method": cfg.train.method, "K": cfg.partition.K})
     other = replace(cfg, partition=replace(cfg.partition, K=cfg.partition.K + 1))
     with pytest.raises(CheckpointError, match="resume with the same method and K"):
         run.resume(other)
     with pytest.raises(ConfigError, match="no config.yaml"):
         RunDir(tmp_path / "nothing").load_config()
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\n"
+        "from fxreplay.rundir import RunDir\n"
+        "with RunDir(Path(%r)).locked():\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    ) % (str(Path(__file__).parents[1]), str(run))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid} on .*\); nothing was changed"):
+            with RunDir(run).locked():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 10
+    while True:  # the holder died: its lock went with it
+        try:
+            with RunDir(run).locked():
+                break
+        except ConfigError:
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+
+def test_a_lock_on_a_new_directory_leaves_nothing_when_the_run_writes_nothing(tmp_path: Path) -> None:
+    with RunDir(tmp_path / "new").locked():
+        assert (tmp_path / "new" / ".lock").is_file()
+    assert not (tmp_path / "new").exists()

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxreplay import methods
-from fxreplay.checkpoint import save_atomic
+from fxreplay.checkpoint import load_verified, save_atomic
 from fxreplay.compiler.costgraph import COST_MODELS, CostGraph, build_cost_graph
 from fxreplay.compiler.loading import load_model, make_example_inputs
 from fxreplay.compiler.plan import ModelSpec, Plan, StagePlan, parse_device
@@ -96,7 +96,7 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         self.plan.save(out)
         write_stage_files(self.stages, out, self.plan.model.spec)
-        save_atomic(self.model.state_dict(), out / WEIGHTS_FILE)
+        save_atomic(self.model.state_dict(), out / WEIGHTS_FILE, checksum=True)
         return out
 
 
@@ -298,8 +298,20 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
         loaded = load_model(plan.model.spec, plan.model.num_classes)
         model, loaded_inputs = loaded.model, loaded.example_inputs
         weights = (plan_dir if plan_dir.is_dir() else plan_dir.parent) / WEIGHTS_FILE
-        if weights.is_file():
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        if not weights.is_file():
+            raise PlanError(
+                f"the plan in {plan_dir} has no {WEIGHTS_FILE} (the initial weights `fxreplay partition` wrote): "
+                "training it would start from other weights than the plan's. Re-run `fxreplay partition`, or pass "
+                "the model: fxreplay.load(plan_dir, model=...)."
+            )
+        state = load_verified(weights, "plan weights", plain_ok=True)
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise PlanError(
+                f"{weights} does not fit the model {plan.model.spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                "it holds another model's weights. Re-run `fxreplay partition` for this model."
+            ) from exc
     if example_inputs is None:
         example_inputs = loaded_inputs
     if example_inputs is None:

@@ -15,7 +15,8 @@ the wire a message is
 
 1. a header, ``int64[2] = (batch, spec_bytes)``;
 2. when the spec changed (``spec_bytes > 0``): first a *filler* with the previous spec's
-   shapes, which fills the receives posted on that guess, then the pickled new spec (the
+   shapes, which fills the receives posted on that guess, then the new spec as JSON (plain
+   data: a receiver never unpickles what a peer sends; the
    receiver posts the right receives only now). The first message has no filler: nothing
    was guessed;
 3. the tensors, one ``isend`` each.
@@ -38,7 +39,7 @@ iteration would block the activations coming up the same pair.
 from __future__ import annotations
 
 import collections
-import pickle
+import json
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -48,7 +49,7 @@ import torch.distributed as dist
 
 from ..errors import TrainingError
 
-__all__ = ["Channel", "EVAL_BATCH"]
+__all__ = ["Channel", "EVAL_BATCH", "encode_spec", "decode_spec"]
 
 EVAL_BATCH = -(2**62)
 """The batch key of an evaluation forward (training batches are >= 0)."""
@@ -68,6 +69,84 @@ def _spec_of(values: tuple[Any, ...]) -> Spec:
             out.append(("n",))
         else:
             out.append(("o", v))
+    return tuple(out)
+
+
+def _encode_value(v: Any) -> Any:
+    """A boundary's non-tensor value as plain JSON data, its type kept (True is not 1, a
+    torch.Size is not a tuple)."""
+    if isinstance(v, bool):
+        return {"b": v}
+    if isinstance(v, int):
+        return {"i": v}
+    if isinstance(v, float):
+        return {"f": v}
+    if isinstance(v, str):
+        return {"s": v}
+    if v is None:
+        return {"none": 0}
+    if isinstance(v, torch.Size):
+        return {"size": list(v)}
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).removeprefix("torch.")}
+    if isinstance(v, torch.device):
+        return {"device": str(v)}
+    if isinstance(v, (tuple, list)) and not hasattr(v, "_fields"):
+        return {type(v).__name__: [_encode_value(x) for x in v]}
+    raise TrainingError(
+        f"a stage boundary carries a {type(v).__module__}.{type(v).__qualname__} value, which ranks do not send "
+        "(they exchange tensors and plain values: numbers, bools, strings, None, shapes, dtypes, devices and "
+        "tuples or lists of them). Cut elsewhere (--boundary) or return tensors from that part of the model."
+    )
+
+
+def _decode_value(d: Any) -> Any:
+    (kind, x), = d.items()
+    if kind in ("b", "i", "f", "s"):
+        return x
+    if kind == "none":
+        return None
+    if kind == "size":
+        return torch.Size(x)
+    if kind == "dtype":
+        dtype = getattr(torch, x, None)
+        if not isinstance(dtype, torch.dtype):
+            raise TrainingError(f"a peer sent an unknown dtype {x!r}")
+        return dtype
+    if kind == "device":
+        return torch.device(x)
+    if kind in ("tuple", "list"):
+        items = [_decode_value(v) for v in x]
+        return tuple(items) if kind == "tuple" else items
+    raise TrainingError(f"a peer sent a value of unknown kind {kind!r}")
+
+
+def encode_spec(spec: Spec) -> bytes:
+    """A message's spec as JSON bytes: plain data, nothing a receiver would execute."""
+    entries = []
+    for entry in spec:
+        if entry[0] == "t":
+            entries.append(["t", list(entry[1]), str(entry[2]).removeprefix("torch.")])
+        elif entry[0] == "n":
+            entries.append(["n"])
+        else:
+            entries.append(["o", _encode_value(entry[1])])
+    return json.dumps(entries, sort_keys=True).encode()
+
+
+def decode_spec(raw: bytes) -> Spec:
+    """The spec :func:`encode_spec` wrote."""
+    out: list[tuple[Any, ...]] = []
+    for entry in json.loads(raw.decode()):
+        if entry[0] == "t":
+            dtype = getattr(torch, entry[2], None)
+            if not isinstance(dtype, torch.dtype):
+                raise TrainingError(f"a peer sent a tensor of unknown dtype {entry[2]!r}")
+            out.append(("t", tuple(int(d) for d in entry[1]), dtype))
+        elif entry[0] == "n":
+            out.append(("n",))
+        else:
+            out.append(("o", _decode_value(entry[1])))
     return tuple(out)
 
 
@@ -108,7 +187,7 @@ class Channel:
         self.timeout = timeout
         self.name = name
         self.record = record
-        self._spec_out = b""  # the last message's spec, pickled (b"": nothing sent yet)
+        self._spec_out = b""  # the last message's spec, encoded (b"": nothing sent yet)
         self._spec_in: Spec | None = None
         self._pending: collections.deque[list[tuple[Any, torch.Tensor]]] = collections.deque()
         self._posted: _Posted | None = None
@@ -121,13 +200,13 @@ class Channel:
         spec = _spec_of(values)
         tensors: list[torch.Tensor] = []
         blob = b""
-        # Compared pickled: True and 1, or a torch.Size and a tuple, are different values here.
-        pickled = pickle.dumps(spec)
-        if pickled != self._spec_out:
-            blob = pickled
+        # Compared encoded: True and 1, or a torch.Size and a tuple, are different values here.
+        encoded = encode_spec(spec)
+        if encoded != self._spec_out:
+            blob = encoded
             tensors += self._filler()
             tensors.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device))
-            self._spec_out = pickled
+            self._spec_out = encoded
         header = torch.tensor([batch, len(blob)], dtype=torch.int64, device=self.device)
         tensors = [header] + tensors + [_wire(v, self.device) for v in values if isinstance(v, torch.Tensor)]
         self._post(tensors)
@@ -136,7 +215,7 @@ class Channel:
 
     def _filler(self) -> list[torch.Tensor]:
         """Tensors of the previous spec's shapes: what the receiver posted on its guess."""
-        return _buffers(pickle.loads(self._spec_out), self.device) if self._spec_out else []
+        return _buffers(decode_spec(self._spec_out), self.device) if self._spec_out else []
 
     def _post(self, tensors: list[torch.Tensor]) -> None:
         self.flush(keep=self.MAX_IN_FLIGHT - 1)
@@ -220,7 +299,7 @@ class Channel:
                 return got, ()
             raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._wait(self._p2p(dist.irecv, raw, self.src, doing), doing)
-            self._spec_in = pickle.loads(raw.cpu().numpy().tobytes())
+            self._spec_in = decode_spec(raw.cpu().numpy().tobytes())
             buffers = _buffers(self._spec_in, self.device)
             works = [self._p2p(dist.irecv, b, self.src, doing) for b in buffers]
         for w in works:
