@@ -188,7 +188,12 @@ def train(
     except FxReplayError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] the last checkpoint (written after each epoch) is kept; continue with --resume.")
+        run_dir = resume or Path(cfg.train.out) if "cfg" in locals() else resume
+        if run_dir is not None and (run_dir / "checkpoint.pt").is_file():
+            err.print(f"[yellow]interrupted:[/] the last checkpoint (written after each epoch) is kept; continue with --resume {run_dir}.")
+        else:
+            err.print("[yellow]interrupted[/] before the first checkpoint (written at the end of the first epoch): there is nothing "
+                      "to resume; start the run again (--force to reuse its --out).")
         raise typer.Exit(code=130) from None
     out.print(run_summary(cfg, result))
 

@@ -303,8 +303,11 @@ class _Run:
             else:
                 loss, sigma = self.trainer.step(x, y), None
         except DivergenceError as exc:
-            self.result.diverged = str(exc)
-            self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": str(exc)})
+            message = self._no_checkpoint_yet(str(exc))
+            self.result.diverged = message
+            self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": message})
+            if message != str(exc):
+                raise DivergenceError(message) from exc
             raise
         self.step += 1
         self.batch_index += 1
@@ -330,13 +333,23 @@ class _Run:
         if not math.isfinite(test["loss"]):
             # The training losses were finite, but weights or BatchNorm statistics no longer
             # are: this state must not become "the last good checkpoint".
-            message = (f"{self.cfg.train.method} diverged by step {self.step}: the test loss after epoch {self.epoch + 1} is "
-                       f"{test['loss']} (weights or BatchNorm statistics are no longer finite). The last good "
-                       "checkpoint is kept; lower the learning rate (or warm it up) and resume from it.")
+            message = self._no_checkpoint_yet(
+                f"{self.cfg.train.method} diverged by step {self.step}: the test loss after epoch {self.epoch + 1} is "
+                f"{test['loss']} (weights or BatchNorm statistics are no longer finite). The last good "
+                "checkpoint is kept; lower the learning rate (or warm it up) and resume from it.")
             self.metrics.write(record)
             self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": message})
             self.result.diverged = message
             raise DivergenceError(message)
+
+    def _no_checkpoint_yet(self, message: str) -> str:
+        """A divergence message that promises "the last checkpoint", said before the first
+        one was written, says what is true instead."""
+        if self.run_dir.checkpoint_file.is_file() or "checkpoint" not in message:
+            return message
+        head = message.split(" and the last checkpoint is kept")[0].split(" The last good checkpoint is kept")[0].rstrip(".")
+        return (f"{head}. There is no checkpoint yet (the first is written at the end of the first epoch): lower the "
+                "learning rate (or warm it up) and start the run again (--force to reuse this --out).")
 
     def checkpoint(self) -> None:
         """Write the checkpoint of where the run is (collective when distributed)."""

@@ -89,10 +89,11 @@ def test_metrics_and_outputs(tmp_path: Path) -> None:
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, **{"optim.lr": 1e6, "train.method": "bp", "train.epochs": 3})
-    with pytest.raises(DivergenceError, match=r"bp.*step"):
+    with pytest.raises(DivergenceError, match=r"bp diverged at step \d+.*There is no checkpoint yet.*start the run again"):
         train_run(cfg)
     records = _records(Path(cfg.train.out))
-    assert records[-1]["kind"] == "diverged"
+    assert records[-1]["kind"] == "diverged" and "no checkpoint yet" in records[-1]["message"]
+    assert not (Path(cfg.train.out) / "checkpoint.pt").exists()  # the message says only what is true
 
 
 def test_divergence_after_an_epoch_leaves_the_last_good_checkpoint(tmp_path: Path) -> None:
