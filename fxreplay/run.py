@@ -235,15 +235,15 @@ class _Run:
         self.cfg, self.pipe, self.run_dir, self.reporting, self.console = cfg, pipe, run_dir, reporting, console
         self.on_step, self.train_set, self.test_set = on_step, train_set, test_set
         self.trainer = make_trainer(cfg, pipe)
-        self.metrics: Metrics | NoMetrics = run_dir.metrics(ckpt["metrics_lines"] if ckpt else None) if reporting else NoMetrics()
         self.epoch, self.batch_index, self.step = 0, 0, 0
         if ckpt is not None:
-            self.trainer.load_state_dict(ckpt["trainer"])
+            self.trainer.load_state_dict(ckpt["trainer"])  # may refuse: before metrics.jsonl is cut back
             self.epoch, self.batch_index, self.step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
             if not self.trainer.executor.distributed:  # a distributed rank's RNG is part of its executor state
                 _set_rng_state(ckpt["rng"])
         else:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream: independent of the init stream
+        self.metrics: Metrics | NoMetrics = run_dir.metrics(ckpt["metrics_lines"] if ckpt else None) if reporting else NoMetrics()
         self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
         self.start = time.perf_counter()
         self.wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume

@@ -27,12 +27,26 @@ except ImportError:  # not POSIX: no lock (documented in the README)
     fcntl = None  # type: ignore[assignment]
 
 from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
-from fxreplay.config import Config, load_config, save_config
+from fxreplay.config import Config, load_config, save_config, to_dict
 from fxreplay.errors import CheckpointError, ConfigError
 
 __all__ = ["RunDir", "Resume", "Metrics", "NoMetrics", "LOCK_FILE"]
 
 LOCK_FILE = ".lock"
+
+RESUME_MAY_CHANGE = frozenset({
+    "train.max_steps", "train.epochs", "train.log_every", "train.out", "train.timeline", "train.timeout",
+    "train.eval_every_epoch", "train.sigma_every", "data.num_workers", "data.root", "data.download",
+    "optim.lr",
+})
+"""Settings a ``--resume`` may change: when to stop, what to log and where things are, not
+what is computed (``train.epochs`` extends a run; its lr milestones follow the new length) —
+and the learning rate, the one deliberate change a diverged run's message advises (lower it
+and resume). Every change is recorded in ``config.yaml``."""
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, part in to_dict(cfg).items() for key, value in part.items()}
 
 
 class Metrics:
@@ -165,6 +179,8 @@ class RunDir:
                 raise CheckpointError(f"{self.path} has no config.yaml; pass --config with the run's config.")
             cfg = load_config(self.config_file)
         cfg = replace(cfg, train=replace(cfg.train, out=str(self.path)))
+        if self.config_file.is_file():
+            self._check_same_computation(load_config(self.config_file), cfg)
         if ckpt["method"] != cfg.train.method or ckpt["K"] != cfg.partition.K:
             raise CheckpointError(
                 f"the checkpoint in {self.path} is from method={ckpt['method']} K={ckpt['K']}, "
@@ -172,13 +188,27 @@ class RunDir:
             )
         return Resume(cfg, ckpt, self.plan_dir if self.plan_dir.is_dir() else None)
 
+    def _check_same_computation(self, saved: Config, cfg: Config) -> None:
+        """A resume continues exactly or not at all: settings that change what is computed
+        (batch size, seed, model, data, optimizer, partition, method…) must be the run's own."""
+        before, now = _flat(saved), _flat(cfg)
+        changed = [k for k in now if k not in RESUME_MAY_CHANGE and before.get(k) != now[k]]
+        if changed:
+            diffs = ", ".join(f"{k} ({before.get(k)!r} -> {now[k]!r})" for k in changed)
+            raise CheckpointError(
+                f"--resume {self.path} cannot change {diffs}: that changes the computation, so the run would not "
+                f"continue exactly; nothing was changed. Drop the override(s) (a resume may change only "
+                f"{', '.join(sorted(RESUME_MAY_CHANGE))}), or start a new run with --out DIR."
+            )
+
     def start(self, cfg: Config, fresh: bool) -> None:
         """Create the directory; a fresh run removes an old run's checkpoint (``--force``: its
-        state must not be resumed) and writes its config."""
+        state must not be resumed). The config is written either way: a resume records the
+        settings it was allowed to change (``RESUME_MAY_CHANGE``)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.checkpoint_file.unlink(missing_ok=True)
-            save_config(cfg, self.config_file)
+        save_config(cfg, self.config_file)
 
     def metrics(self, keep_lines: int | None) -> Metrics:
         return Metrics(self.path / "metrics.jsonl", keep_lines=keep_lines)

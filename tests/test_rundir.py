@@ -37,6 +37,9 @@ def test_resume_refuses_another_method_or_a_missing_run(tmp_path: Path) -> None:
     run.start(cfg, fresh=True)
     run.save_checkpoint({"trainer": {}, "method": cfg.train.method, "K": cfg.partition.K})
     other = replace(cfg, partition=replace(cfg.partition, K=cfg.partition.K + 1))
+    with pytest.raises(CheckpointError, match=r"cannot change partition.K \(2 -> 3\)"):
+        run.resume(other)
+    (run.config_file).unlink()  # no config to compare with: the checkpoint's method and K still decide
     with pytest.raises(CheckpointError, match="resume with the same method and K"):
         run.resume(other)
     with pytest.raises(ConfigError, match="no config.yaml"):
@@ -80,3 +83,17 @@ def test_a_lock_on_a_new_directory_leaves_nothing_when_the_run_writes_nothing(tm
     with RunDir(tmp_path / "new").locked():
         assert (tmp_path / "new" / ".lock").is_file()
     assert not (tmp_path / "new").exists()
+
+
+def test_resume_refuses_overrides_that_change_the_computation(tmp_path: Path) -> None:
+    from fxreplay.config import apply_overrides
+
+    cfg = load_config(None)
+    run = RunDir(tmp_path)
+    run.start(cfg, fresh=True)
+    run.save_checkpoint({"trainer": {}, "method": cfg.train.method, "K": cfg.partition.K})
+    for key, value in (("data.batch_size", 16), ("train.seed", 3), ("optim.gamma", 0.5), ("data.subset", 100)):
+        with pytest.raises(CheckpointError, match=rf"cannot change {key} .*nothing was changed"):
+            run.resume(apply_overrides(cfg, {key: value}))
+    allowed = apply_overrides(cfg, {"train.max_steps": 5, "train.epochs": 9, "optim.lr": 0.001, "train.log_every": 3})
+    assert run.resume(allowed).cfg.train.epochs == 9
