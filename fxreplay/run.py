@@ -181,7 +181,9 @@ def train_run(
         DivergenceError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     reporting = reports()  # one process, or the job's reporting rank: the one that writes files
-    run_dir = RunDir(resume if resume is not None else Path((cfg or load_config(None)).train.out))
+    if cfg is None and resume is None:
+        cfg = load_config(None)  # the offline quick start (a resume reads the run's own config)
+    run_dir = RunDir(resume) if resume is not None else RunDir(Path(cfg.train.out))  # type: ignore[union-attr]
     # The directory is owned for the run's life: a second run on it is refused, and a resume
     # reads the checkpoint only once no other process can be writing it.
     with run_dir.locked() if reporting else contextlib.nullcontext():
@@ -194,7 +196,7 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
     if resume is not None:
         resumed = run_dir.resume(cfg)
         cfg, ckpt, plan_dir = resumed.cfg, resumed.checkpoint, resumed.plan_dir or plan_dir
-    cfg = cfg or load_config(None)
+    assert cfg is not None  # given, the quick start's, or the resumed run's
     distributed = distributed_job()
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")

@@ -22,16 +22,8 @@ U     optimizer step (line 13)                                --              --
 ====  ======================================================  ==============  ==============
 
 Each method builds its own schedule from these actions (``fxreplay/methods/<name>.py``);
-``fxreplay.methods.schedule(name, K)`` looks one up:
-
->>> print(render(schedule("fr", 3)))  # doctest: +SKIP
-clock | stage 0 | stage 1 | stage 2
-    0 | 0F0     |         |
-    1 |         | 1F0     |
-    2 |         |         | 2F0
-    3 | 0R-2    | 1R-1    | 2B0
-    4 | 0B-2    | 1B-1    | 2U0
-    5 | 0U-2    | 1U-1    |
+``fxreplay.methods.schedule(name, K)`` looks one up and ``render`` prints it as a clock x
+stage grid (FR's is in :mod:`fxreplay.methods`).
 """
 from __future__ import annotations
 

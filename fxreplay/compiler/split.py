@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxreplay.compiler.tracing import writes_in_place
 from fxreplay.errors import TraceError, TrainingError
 
 __all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "stage_source", "run_chain"]
@@ -52,6 +53,23 @@ class Stage(fx.GraphModule):
             # Not a submodule: it only holds the compiled eval code (its own attributes
             # are the same objects as this stage's).
             object.__setattr__(self, "_eval_holder", evaluation)
+
+    def written_buffers(self) -> list[torch.Tensor]:
+        """Buffers this stage's training forward writes in place, other than BatchNorm's
+        (a buffer the model's own code updates: an EMA, a counter), and the buffers of leaf
+        modules that are not torch.nn's (their code is not visible). A method whose replay or
+        rebuild must not count as an update puts them back."""
+        found: dict[int, torch.Tensor] = {}
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and any(writes_in_place(self, u, node) for u in node.users):
+                value = _attr(self, str(node.target))
+                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                    found[id(value)] = value
+            elif node.op == "call_module":
+                sub = self.get_submodule(str(node.target))
+                if not type(sub).__module__.startswith("torch."):
+                    found.update((id(b), b) for b in sub.buffers())
+        return list(found.values())
 
     @property
     def eval_code(self) -> str | None:
@@ -151,7 +169,7 @@ def build_stages(
                 # A stage's inputs are leaves that require grad (and FR's are its stored
                 # history): an in-place op on one (ReLU(inplace=True) right after a cut)
                 # would fail or corrupt them, so such an input is cloned first.
-                if any(_mutates(gm, u, value) for u in value.users if u in order[a:b]):
+                if any(writes_in_place(gm, u, value) for u in value.users if u in order[a:b]):
                     clone = graph.call_method("clone", (env[value],))
                     clone.meta = dict(value.meta)
                     env[value] = clone
@@ -235,7 +253,7 @@ def assign_eval_stages(
         for u in node.all_input_nodes:
             if u.op == "get_attr":
                 value = _attr(train_gm, str(u.target))
-                written = any(_mutates(train_gm, w, u) for w in u.users)
+                written = any(writes_in_place(train_gm, w, u) for w in u.users)
                 if isinstance(value, nn.Parameter) or written:
                     param_stage.setdefault(id(value), k)
     nodes = [n for n in eval_gm.graph.nodes if n.op not in ("output", "get_attr")]
@@ -292,21 +310,6 @@ def dual_stages(
         )
         for k in range(K)
     ]
-
-
-def _mutates(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
-    """Whether ``node`` may write ``value`` in place (its first argument, in-place op)."""
-    if not node.args or node.args[0] is not value:
-        return False
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__"))
-    if node.op == "call_method":
-        name = str(node.target)
-        return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__"))
-    return False
 
 
 def _module_lines(stage: fx.GraphModule) -> list[str]:

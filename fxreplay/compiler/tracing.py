@@ -62,6 +62,7 @@ __all__ = [
     "trace_modes",
     "tied_parameter_groups",
     "node_module_path",
+    "writes_in_place",
 ]
 
 # Files whose frames are never "the user's line": torch's own, and ours.
@@ -610,9 +611,17 @@ def node_module_path(node: fx.Node) -> str:
     return ""
 
 
-def _writes_first_arg(node: fx.Node) -> bool:
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+def writes_in_place(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` may write ``value`` in place (its first argument: ``x.mul_(…)``,
+    ``torch.relu_(x)``, ``inplace=True``, a module built with ``inplace=True``)."""
+    if not node.args or node.args[0] is not value:
+        return False
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.op in ("call_function", "call_method"):
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__"))
+    return False
 
 
 def tied_parameter_groups(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node]]]:
@@ -641,7 +650,7 @@ def tied_parameter_groups(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node]]]
                 at = [u for u in node.users if u.op != "output"]
                 # A buffer written in place (an EMA) is state like a weight: whoever reads
                 # it must be in the stage that writes it.
-                if not isinstance(value, nn.Parameter) and any(_writes_first_arg(u) and u.args[0] is node for u in node.users):
+                if not isinstance(value, nn.Parameter) and any(writes_in_place(gm, u, node) for u in node.users):
                     written.add(id(value))
         for name, p in state:
             key = id(p)

@@ -40,7 +40,6 @@ __all__ = [
     "StageWorker",
     "as_tuple",
     "frozen_norm_stats",
-    "written_buffers",
 ]
 
 OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
@@ -89,36 +88,6 @@ def frozen_norm_stats(norms: Iterable[_BatchNorm]) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def written_buffers(module: nn.Module) -> list[torch.Tensor]:
-    """Buffers a stage's forward writes in place other than BatchNorm's (see
-    :func:`frozen_norm_stats`): a buffer the model's own code updates (an EMA, a counter),
-    and the buffers of leaf modules that are not torch.nn's (their code is not visible).
-
-    Read from the stage's graph; a module without one reports none.
-    """
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        return []
-    found: dict[int, torch.Tensor] = {}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            value: Any = module
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            writes = any(
-                u.op in ("call_method", "call_function") and u.args and u.args[0] is node
-                and (str(u.target) if u.op == "call_method" else getattr(u.target, "__name__", "")).endswith("_")
-                for u in node.users
-            )
-            if writes and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                found[id(value)] = value
-        elif node.op == "call_module":
-            sub = module.get_submodule(str(node.target))
-            if not type(sub).__module__.startswith("torch."):
-                found.update((id(b), b) for b in sub.buffers())
-    return list(found.values())
-
-
 class StageWorker:
     """One stage of a method: runs that stage's schedule actions, talks through a Link.
 
@@ -159,7 +128,10 @@ class StageWorker:
             first = next(iter(module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
-        self.written = written_buffers(module)
+        # Buffers the stage's own code writes (a compiled Stage knows them; a plain module has none
+        # the worker could find).
+        written = getattr(module, "written_buffers", None)
+        self.written: list[torch.Tensor] = written() if callable(written) else []
         self.grad_batch: int | None = None
         self.meter: MemoryMeter | None = None
         self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
