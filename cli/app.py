@@ -77,12 +77,17 @@ def partition(
     from cli.render import plan_json, plan_table
     from fxreplay.compiler import compile as compile_model
     from fxreplay.compiler.loading import load_model, make_example_inputs
+    from fxreplay.checkpoint import make_directory
     from fxreplay.compiler.plan import ModelSpec
+    from fxreplay.errors import PlanError
 
+    target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
+    created = not target.exists()
     try:
         if threads is not None and threads < 1:
             raise FxReplayError(f"--threads {threads}: give a positive number of threads to time nodes with (or leave it out).")
         shape = _ints(input_shape, "--input-shape")
+        make_directory(target, PlanError, "a plan directory", "--out")  # before minutes of profiling
         loaded = load_model(model, num_classes)
         inputs = loaded.example_inputs
         if inputs is None:
@@ -106,9 +111,10 @@ def partition(
                 err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        target = out_dir or Path("plans") / f"{_slug(model)}-K{K}"
         pipe.save(target)
     except FxReplayError as exc:
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # made for this plan, which failed: leave no empty directory behind
         raise fail(exc) from None
     if as_json:
         sys.stdout.write(json.dumps(plan_json(pipe.plan), indent=2) + "\n")

@@ -22,12 +22,39 @@ from typing import Any
 
 import torch
 
-from fxreplay.errors import CheckpointError
+from fxreplay.errors import CheckpointError, FxReplayError
 
-__all__ = ["save_atomic", "load_verified", "load_checkpoint", "CHECKPOINT_FILE"]
+__all__ = ["save_atomic", "load_verified", "load_checkpoint", "make_directory", "CHECKPOINT_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MAGIC = b"fxreplay checksummed file v1\n"
+
+
+def make_directory(path: Path, error: type[FxReplayError], what: str, option: str) -> None:
+    """Create ``path`` (and its parents) if needed and check that files can be written in it,
+    before any work whose results would go there.
+
+    Args:
+        error: the error class to raise (the caller's kind: a run directory is a config
+            problem, a plan directory a plan problem).
+        what: what the directory is for ("a run directory"), for the message.
+        option: the option that chose it ("--out"), for the message.
+
+    Raises:
+        error: the path is a file, lies under a file, cannot be created, or is not writable.
+    """
+    why = ""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = (f"{blocking} is a file, not a directory" if blocking is not None
+               else f"it cannot be created ({exc.strerror or exc})")
+    else:
+        if not os.access(path, os.W_OK | os.X_OK):
+            why = "it is not writable by this user"
+    if why:
+        raise error(f"cannot use {path} as {what}: {why}. Choose another {option}.")
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -111,9 +138,14 @@ def load_verified(path: Path, what: str = "file", plain_ok: bool = False) -> Any
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:
-        unsafe = "weights_only" in str(exc) or "Unsupported global" in str(exc)
-        why = ("it holds Python objects that loading would execute; fxreplay loads only tensors, numbers, "
-               "strings and containers of them, so it was refused" if unsafe else f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text:
+            why = ("it holds Python objects that loading would execute; fxreplay loads only tensors, numbers, "
+                   "strings and containers of them, so it was refused")
+        elif "PytorchStreamReader" in text or "zip archive" in text or isinstance(exc, (EOFError, UnicodeDecodeError)):
+            why = "it is not a complete torch.save file (a truncated copy, or another format)"
+        else:
+            why = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
         raise CheckpointError(f"cannot read the {what} {str(path)!r}: {why}. Use a file fxreplay wrote.") from exc
 
 

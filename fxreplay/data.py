@@ -407,6 +407,30 @@ def _labels(dataset: Any) -> Any:
     return targets if targets is not None and len(targets) == len(dataset) else None
 
 
+def check_labels(dataset: Dataset[Any], num_classes: int | None, which: str) -> None:
+    """Every label of ``dataset`` is a class the model predicts (0..num_classes-1), checked
+    before training starts (a label out of range would fail at some step deep in an epoch).
+    Data sets whose labels cannot be read without loading every example are checked batch
+    by batch instead (:func:`fxreplay.metrics.default_loss`).
+
+    Raises:
+        DataError: a label is negative or ``>= num_classes``.
+    """
+    labels = _labels(dataset)
+    if labels is None or num_classes is None or len(labels) == 0:
+        return
+    values = torch.as_tensor(labels) if not isinstance(labels, torch.Tensor) else labels
+    if values.is_floating_point() or values.is_complex():
+        return  # not class labels: the model's loss decides
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(
+            f"the {which} set has labels {low}..{high}, but the model predicts {num_classes} classes (labels "
+            f"0..{num_classes - 1}). Set model.num_classes to the data set's number of classes (at least "
+            f"{high + 1}), or use a data set whose labels count from 0."
+        )
+
+
 def subset_indices(n_total: int, n: int, seed: int) -> list[int]:
     """The fixed training subset of ``data.subset``: the first n of a permutation seeded by
     ``seed``, in data-set order.

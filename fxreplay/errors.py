@@ -17,7 +17,10 @@ __all__ = [
     "TrainingError",
     "DivergenceError",
     "CheckpointError",
+    "DeviceMemoryError",
     "FxReplayWarning",
+    "out_of_memory",
+    "allocation_detail",
 ]
 
 
@@ -64,6 +67,37 @@ class DivergenceError(TrainingError):
 
 class CheckpointError(FxReplayError):
     """A checkpoint is missing, corrupt or from a different run."""
+
+
+class DeviceMemoryError(TrainingError):
+    """A device ran out of memory (training, evaluation or profiling); says where and how much."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation: CUDA's ``torch.OutOfMemoryError``, the CPU
+    allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), a
+    ``MemoryError``."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator" in text or "out of memory" in text.lower())
+
+
+def allocation_detail(exc: BaseException) -> str:
+    """The part of an allocator's message that says how much: "tried to allocate 40.0 TB"."""
+    import re
+
+    text = str(exc)
+    match = re.search(r"tried to allocate (\d+) bytes", text)
+    if match:
+        size = float(match.group(1))
+        for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+            if size < 1024 or unit == "PB":
+                break
+            size /= 1024
+        return f"tried to allocate {size:.1f} {unit}" if unit != "bytes" else f"tried to allocate {int(size)} bytes"
+    first = next((line.strip() for line in text.splitlines() if "allocate" in line), "")
+    return first[:300] or type(exc).__name__
 
 
 class FxReplayWarning(UserWarning):

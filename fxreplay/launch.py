@@ -13,7 +13,8 @@ Two ways in, one code path per rank:
 Failure: a rank that raises exits non-zero; one that is killed dies with its signal; one
 that stops answering makes its neighbours' receives time out after ``timeout`` seconds and
 *they* raise. In all cases torch elastic's agent sees the first failed worker within
-``monitor_interval``, stops the others (SIGTERM, then SIGKILL after ``shutdown_timeout``),
+``monitor_interval``, stops the others at once (SIGTERM, then SIGKILL: also a rank that ignores SIGTERM or is
+stopped),
 and :func:`run_distributed` raises a :class:`~fxreplay.errors.TrainingError` naming the first
 rank that failed and its stage, with its own error message. No process outlives the call.
 
@@ -23,12 +24,13 @@ rank that failed and its stage, with its own error message. No process outlives 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import uuid
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -156,7 +158,8 @@ def run_distributed(
         timeout: seconds a rank waits for a peer before failing (the process-group timeout).
         threads: ``torch.set_num_threads`` in each rank (None: torch's default).
         monitor_interval: how often the agent checks its workers (seconds).
-        shutdown_timeout: seconds between SIGTERM and SIGKILL when stopping the survivors.
+        shutdown_timeout: seconds between SIGTERM and SIGKILL for the ranks when this process is
+            interrupted (Ctrl-C, SIGTERM); after a rank failed the others are stopped at once.
 
     Returns:
         ``{rank: fn's return value}``.
@@ -185,7 +188,8 @@ def run_distributed(
         shutdown_timeout=shutdown_timeout,
     )
     try:
-        return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
+        with _survivors_stopped_at_once():
+            return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
     except ChildFailedError as exc:
         raise TrainingError(describe_failure(exc)) from None
     except SignalException as exc:
@@ -193,6 +197,36 @@ def run_distributed(
         if exc.sigval == signal.SIGINT:
             raise KeyboardInterrupt from None
         raise TrainingError(f"stopped by signal {exc.sigval.name}: all {nproc} ranks were stopped") from None
+
+
+@contextlib.contextmanager
+def _survivors_stopped_at_once() -> Iterator[None]:
+    """While a job runs, the survivors of a failed rank are stopped at once -- also one that
+    ignores SIGTERM or is frozen by SIGSTOP (only SIGKILL reaches it).
+
+    The job has failed when a rank fails (a pipeline cannot go on without a stage; the
+    checkpoint on disk is what a resume starts from, and it is written atomically), so there
+    is nothing for the others to finish. torch (2.14) stops them from
+    ``torch.multiprocessing``'s ``ProcessContext.join``, which elastic's process context calls
+    with no ``grace_period``: SIGTERM, then a fixed 30 s before SIGKILL (``LaunchConfig``'s
+    ``shutdown_timeout`` does not reach it). A stopped rank so held the job ``train.timeout``
+    + 30 s instead of the promised ``train.timeout`` + a few. For the duration of the call
+    (this launcher process runs one job at a time) ``join`` gets a grace period of 0 -- SIGTERM
+    then SIGKILL -- and is put back afterwards. ``tests/test_executor_distributed.py`` times
+    a killed, a raising, a silent, a SIGTERM-ignoring and a stopped rank.
+    """
+    import torch.multiprocessing as mp
+
+    join = mp.ProcessContext.join
+
+    def join_at_once(self: Any, timeout: float | None = None, grace_period: float | None = None) -> Any:
+        return join(self, timeout, 0.0 if grace_period is None else grace_period)
+
+    mp.ProcessContext.join = join_at_once  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        mp.ProcessContext.join = join  # type: ignore[method-assign]
 
 
 def describe_failure(exc: Any) -> str:

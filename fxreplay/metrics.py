@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 __all__ = ["MetricFn", "Evaluation", "default_loss", "predictions", "correct_count"]
 
 MetricFn = Callable[[Any, Any], float]
@@ -60,12 +62,33 @@ def _is_classes(scores: torch.Tensor, target: Any) -> bool:
     return isinstance(target, torch.Tensor) and scores.dim() == 2 and target.dim() == 1 and scores.shape[0] == target.shape[0]
 
 
+IGNORE_INDEX = -100
+"""The target cross-entropy skips (torch's default ``ignore_index``; language models mark
+padding with it)."""
+
+
+def _check_targets(target: torch.Tensor, classes: int) -> None:
+    """Class targets are 0..classes-1 (or :data:`IGNORE_INDEX`): torch would fail with an
+    IndexError deep in the loss (on CUDA, a device-side assert that kills the process)."""
+    if target.is_floating_point() or target.numel() == 0:
+        return  # probabilities, not classes
+    valid = (target == IGNORE_INDEX) | ((target >= 0) & (target < classes))
+    if not bool(valid.all()):
+        bad = target[~valid]
+        raise DataError(
+            f"a batch has target(s) {sorted(set(bad.tolist()))[:5]} but the model predicts {classes} classes "
+            f"(targets 0..{classes - 1}, or {IGNORE_INDEX} to skip): set model.num_classes to the data set's "
+            "number of classes, or fix the labels"
+        )
+
+
 def default_loss(output: Any, target: Any) -> torch.Tensor:
     """Cross-entropy of the output's predictions: (N, C) against (N,) classes, or (B, T, V)
     against (B, T) tokens (the mean over every token, as language models train).
 
     Raises:
         ValueError: the output has no predictions tensor, or its shape does not fit the target.
+        DataError: a class target out of range.
     """
     scores = predictions(output)
     if scores is None:
@@ -75,6 +98,7 @@ def default_loss(output: Any, target: Any) -> torch.Tensor:
         )
     if isinstance(target, torch.Tensor):
         target = target.to(scores.device)
+        _check_targets(target, scores.shape[-1])
     if _is_sequence(scores, target):
         return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1))
     return F.cross_entropy(scores, target)

@@ -82,7 +82,7 @@ def runs_table(runs: Sequence[RunMetrics]) -> list[str]:
     """One row per run: how far it got, final and best numbers, speed, memory."""
     rows = []
     for run in runs:
-        status = f"diverged at step {run.diverged['step'] + 1}" if run.diverged else ("ok" if run.epochs else "no records")
+        status = f"diverged at step {run.diverged['step']}" if run.diverged else ("ok" if run.epochs else "no records")
         final_loss = run.epochs[-1]["train_loss"] if run.epochs else None
         rows.append([
             f"{run.label} K={run.K}", status, str(run.last_step), str(sum(1 for r in run.epochs if r.get("complete"))),
@@ -116,7 +116,7 @@ def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None],
     diverged = [r for r in runs if r.diverged]
     footnote = (
         [f"{DIVERGED} diverged (the loss became NaN/inf): "
-         + "; ".join(f"{r.label} K={r.K} at step {r.diverged['step'] + 1}" for r in diverged if r.diverged)
+         + "; ".join(f"{r.label} K={r.K} at step {r.diverged['step']}" for r in diverged if r.diverged)
          + ". Its numbers are from before that.", ""]
         if diverged else []
     )

@@ -28,8 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fxreplay import plots
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
-from fxreplay.data import NUM_CLASSES, build_datasets, labels_only, make_loader
-from fxreplay.errors import ConfigError, DivergenceError
+from fxreplay.data import NUM_CLASSES, build_datasets, check_labels, labels_only, make_loader
+from fxreplay.errors import ConfigError, DeviceMemoryError, DivergenceError, FxReplayError, allocation_detail, out_of_memory
 from fxreplay.compiler.loading import load_model
 from fxreplay.metrics import correct_count, default_loss
 from fxreplay.compiler.plan import ModelSpec, Plan
@@ -59,6 +59,10 @@ def milestone_epochs(epochs: int, milestones: tuple[float, ...]) -> list[int]:
     product, no rounding to nearest): 4 epochs, (0.5, 0.75) -> [2, 3]; 3 -> [2, 3]; 1 -> [1, 1]
     (a one-epoch run never decays)."""
     return [math.ceil(Fraction(repr(m)) * epochs) for m in milestones]
+
+
+EVAL_BATCH = 512
+"""Examples per test batch in the per-epoch evaluation (no gradients, no history)."""
 
 
 def lr_factor(epoch: int, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
@@ -208,15 +212,12 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
 
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir)
-    # Only now, with the model and data known to fit, does the run directory change.
-    if reporting:
-        run_dir.start(cfg, fresh=ckpt is None)
+    for dataset, which in ((train_set, "training"), (test_set, "test")):
+        check_labels(dataset, pipe.plan.model.num_classes, which)
     if distributed and dist.get_rank() > 0:
         # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip
         # decoding and augmenting every batch on them. Same order and sizes, same seeds.
         train_set, test_set = labels_only(train_set), labels_only(test_set)
-    if ckpt is None and reporting:
-        pipe.save(run_dir.plan_dir)
     run = _Run(cfg, pipe, run_dir, reporting, console, on_step, train_set, test_set, ckpt)
     with _progress(console) as progress:
         while run.epoch < cfg.train.epochs and not run.at_max_steps:
@@ -245,6 +246,12 @@ class _Run:
                 _set_rng_state(ckpt["rng"])
         else:
             torch.manual_seed(cfg.train.seed + 1)  # dropout stream: independent of the init stream
+        if reporting:
+            # Only now, with the model, the data and the checkpoint's state known to fit, does
+            # the run directory change: a refused resume leaves every file as it was.
+            run_dir.start(cfg, fresh=ckpt is None)
+            if ckpt is None:
+                pipe.save(run_dir.plan_dir)
         self.metrics: Metrics | NoMetrics = run_dir.metrics(ckpt["metrics_lines"] if ckpt else None) if reporting else NoMetrics()
         self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
         self.start = time.perf_counter()
@@ -307,7 +314,9 @@ class _Run:
         except DivergenceError as exc:
             message = self._no_checkpoint_yet(str(exc))
             self.result.diverged = message
-            self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": message})
+            # Steps count from 1 (the record of step N is written after the N-th update): the
+            # step that diverged is the next one, and it has no step record.
+            self.metrics.write({"kind": "diverged", "step": self.step + 1, "epoch": self.epoch, "message": message})
             if message != str(exc):
                 raise DivergenceError(message) from exc
             raise
@@ -329,7 +338,17 @@ class _Run:
 
     def _evaluate_or_diverge(self, record: dict[str, Any]) -> None:
         """Evaluate on the test set into ``record``; a non-finite test loss is a divergence."""
-        test = self.trainer.evaluate(make_loader(self.test_set, 512, shuffle=False, seed=0, epoch=0))
+        try:
+            test = self.trainer.evaluate(make_loader(self.test_set, EVAL_BATCH, shuffle=False, seed=0, epoch=0))
+        except Exception as exc:
+            if isinstance(exc, FxReplayError) or not out_of_memory(exc):
+                raise
+            then = ("The last checkpoint is kept: resume from it (--resume)" if self.run_dir.checkpoint_file.is_file()
+                    else "There is no checkpoint yet: start again (--force to reuse this --out)")
+            raise DeviceMemoryError(
+                f"the evaluation after epoch {self.epoch + 1} ran out of memory ({allocation_detail(exc)}) on test "
+                f"batches of {EVAL_BATCH}. {then} on a device with more memory, or with a smaller model."
+            ) from exc
         record.update({f"test_{name}": value for name, value in test.items() if name != "samples"})
         self.result.final = {"test_accuracy": test.get("accuracy", math.nan), "test_loss": test["loss"], "train_loss": record["train_loss"]}
         if not math.isfinite(test["loss"]):

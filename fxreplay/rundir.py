@@ -26,7 +26,7 @@ try:
 except ImportError:  # not POSIX: no lock (documented in the README)
     fcntl = None  # type: ignore[assignment]
 
-from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_atomic
+from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, make_directory, save_atomic
 from fxreplay.config import Config, load_config, save_config, to_dict
 from fxreplay.errors import CheckpointError, ConfigError
 
@@ -113,8 +113,8 @@ class RunDir:
             ConfigError: another live process holds it (the message names it).
         """
         created = not self.path.exists()
+        make_directory(self.path, ConfigError, "a run directory", "--out")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.path / LOCK_FILE, "a+")
         except OSError as exc:
             raise ConfigError(f"cannot use {self.path} as a run directory: {exc.strerror or exc}. Choose another --out.") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.compare_cmd import compare as compare_cmd
 from cli.compare_cmd import show as show_cmd
+from fxreplay import plots
 from fxreplay.compare import compare, run_dir
 from fxreplay.config import apply_overrides, load_config
 from fxreplay.errors import ConfigError
@@ -46,8 +48,43 @@ def _assert_png(path: Path) -> None:
         assert 600 <= im.size[0] <= 900, (path, im.size)  # sized to read at ~700 px wide
 
 
+DRAWN: dict[str, list[dict[str, Any]]] = {}
+"""What each figure of the ``compared`` report plots, by file name (see :func:`_drawn`)."""
+
+
+def _drawn(fig: Any) -> list[dict[str, Any]]:
+    """The visible panels of a figure as data: title, labelled lines (x, y), bar heights,
+    broken-bar segments, legend entries (the axes' and the figure's)."""
+    panels = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        legends = [leg for leg in (ax.get_legend(), *fig.legends) if leg is not None]
+        panels.append({
+            "title": ax.get_title(),
+            "lines": {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
+                      for line in ax.get_lines() if not line.get_label().startswith("_")},
+            "bars": [float(p.get_height()) for p in ax.patches],
+            "segments": sum(len(c.get_paths()) for c in ax.collections),
+            "legend": [t.get_text() for leg in legends for t in leg.get_texts()],
+        })
+    return panels
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    original_save = plots._save
+
+    def recording_save(fig: Any, path: Path) -> Path:
+        DRAWN[path.name] = _drawn(fig)
+        return original_save(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_save", recording_save)
+        return _compare_fixture(tmp_path_factory)
+
+
+def _compare_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cmp")
     cfg = _cfg()
     # bp K=2 is interrupted by a crash after its first epoch's checkpoint: compare resumes it.
@@ -96,6 +133,40 @@ def test_every_figure_is_a_png(compared: Path) -> None:
     assert {"loss_epochs.png", "loss_time.png", "memory.png", "sigma.png", "timeline-fr-K2.png"} <= set(figures)
     for name in figures:
         _assert_png(compared / name)
+
+
+def test_every_figure_plots_the_runs_numbers(compared: Path) -> None:
+    runs = {m: _records(run_dir(compared, m, 2)) for m in ("bp", "fr")}
+    steps = {m: [r for r in records if r["kind"] == "step"] for m, records in runs.items()}
+    per_epoch = 23  # digits: 1437 training examples in batches of 64 (drop_last off: 23 batches)
+    # loss against epochs: each method's logged losses at step / steps-per-epoch
+    (epochs_panel,) = DRAWN["loss_epochs.png"]
+    assert epochs_panel["title"] == "K = 2" and set(epochs_panel["legend"]) == {"BP", "FR"}
+    for m, label in (("bp", "BP"), ("fr", "FR")):
+        xs, ys = epochs_panel["lines"][label]
+        assert ys == [r["loss"] for r in steps[m]] and len(ys) == 6
+        assert xs == pytest.approx([r["step"] / per_epoch for r in steps[m]])
+    # loss against time: both panels have every run, at increasing, non-zero times
+    measured, modelled = DRAWN["loss_time.png"]
+    for panel in (measured, modelled):
+        for m, label in (("bp", "BP"), ("fr", "FR")):
+            xs, ys = panel["lines"][label]
+            assert ys == [r["loss"] for r in steps[m]]
+            assert xs == sorted(xs) and xs[0] > 0, (panel["title"], label, xs)
+    # memory: one bar per method, its peak held memory in MiB
+    (bars,) = DRAWN["memory.png"]
+    assert bars["bars"] == pytest.approx([max(sum(r["memory_bytes"]) for r in steps[m]) / 2**20 for m in ("bp", "fr")])
+    assert bars["legend"] == ["BP", "FR"]
+    # σ: FR only (BP's is 1 by definition), one curve per module, the logged values
+    (sigma_panel,) = DRAWN["sigma.png"]
+    assert sigma_panel["title"] == "FR, K = 2" and set(sigma_panel["lines"]) == {"module 1", "module 2"}
+    logged = [(r["step"], r["sigma"]) for r in runs["fr"] if "sigma" in r]
+    for k in range(2):
+        finite = [v[k] for _, v in logged if v[k] == v[k]]
+        assert sigma_panel["lines"][f"module {k + 1}"][1] == finite and finite
+    # the timeline: both stages' lanes have bars, the legend names the kinds of interval
+    (gantt_panel,) = DRAWN["timeline-fr-K2.png"]
+    assert gantt_panel["segments"] >= 2 and {"compute", "wait"} <= set(gantt_panel["legend"])
 
 
 def test_changed_config_is_not_reused(compared: Path) -> None:

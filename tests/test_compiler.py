@@ -1,6 +1,8 @@
 """The compiler end to end: stages composed == the original model; plans round-trip."""
 from __future__ import annotations
 
+import copy
+
 import itertools
 
 from pathlib import Path
@@ -237,8 +239,19 @@ def test_untraceable_model_names_module_and_line() -> None:
 
 def test_leaf_module_makes_it_traceable() -> None:
     model = nn.Sequential(nn.Linear(2, 2), _Branchy(), nn.Linear(2, 2))
-    pipe = fxreplay.compile(model, (torch.randn(2, 2),), K=2, cost="flops", leaf_modules=["_Branchy"])
-    assert any(n == "_1" for s in pipe.plan.stages for n in s.nodes)
+    x = torch.randn(2, 2)
+    pipe = fxreplay.compile(model, (x,), K=2, cost="flops", leaf_modules=["_Branchy"])
+    # the leaf is one opaque call of the module (its data-dependent `if` runs at call time) ...
+    calls = [n for s in pipe.stages for n in s.graph.nodes if n.op == "call_module"]
+    assert [str(n.target) for n in calls if str(n.target).startswith("1")] == ["1"]
+    assert not any(n.op == "call_method" and n.target == "sum" for s in pipe.stages for n in s.graph.nodes)
+    # ... and takes either branch, like the model, for inputs that go either way
+    g = torch.Generator().manual_seed(0)
+    inputs = [10 * torch.randn(2, 2, generator=g) for _ in range(12)]
+    assert {bool(model[0](inp).sum() > 0) for inp in inputs} == {True, False}
+    with torch.no_grad():
+        for inp in inputs:
+            torch.testing.assert_close(pipe(inp), model(inp))
 
 
 def test_memory_caps_infeasible() -> None:
@@ -310,9 +323,18 @@ def test_a_cut_right_before_an_inplace_op_clones_the_stage_input() -> None:
     pipe = fxreplay.compile(model, (x,), K=2, cost="flops", boundaries=["1"])
     assert pipe.plan.stages[1].nodes[0] == "_1"
     assert "clone" in pipe.stages[1].code
+    # The same model with an out-of-place ReLU is the reference: FR must train both alike,
+    # which it would not if the in-place op overwrote the stored input it replays.
+    reference = nn.Sequential(model[0], nn.ReLU(), model[2])
+    ref_pipe = fxreplay.compile(copy.deepcopy(reference), (x,), K=2, cost="flops", boundaries=["1"])
     trainer = fxreplay.Trainer(pipe, method="fr", loss_fn=nn.CrossEntropyLoss())
-    for _ in range(3):
-        assert torch.isfinite(torch.tensor(trainer.step(x, y)))
+    ref = fxreplay.Trainer(ref_pipe, method="fr", loss_fn=nn.CrossEntropyLoss())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        xb = torch.randn(5, 4, generator=g)
+        assert trainer.step(xb, y) == ref.step(xb, y)
+    for a, b in zip(trainer.model_state_dict().values(), ref.model_state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_auto_cost_measures_time_where_the_stages_run() -> None:

@@ -151,7 +151,11 @@ def test_augmentation_only_on_training(tmp_path: Path) -> None:
     crops = torch.stack([augmented[0][0] for _ in range(8)])
     assert crops.shape == (8, 3, 32, 32)
     assert not all(torch.equal(crops[0], c) for c in crops[1:])  # random crops differ
-    assert torch.equal(plain[0][0], plain[0][0])
+    # without augmentation an image is exactly the file's pixels, scaled and normalised
+    raw = torch.from_numpy(plain.data[0]).permute(2, 0, 1).float() / 255  # type: ignore[attr-defined]
+    mean, std = (torch.tensor(v)[:, None, None] for v in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    torch.testing.assert_close(plain[0][0], (raw - mean) / std)
+    torch.testing.assert_close(test[0][0], (torch.from_numpy(test.data[0]).permute(2, 0, 1).float() / 255 - mean) / std)  # type: ignore[attr-defined]
 
 
 def test_augmented_batches_are_a_function_of_seed_and_epoch(tmp_path: Path) -> None:

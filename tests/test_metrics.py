@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fxreplay.errors import DataError
 from fxreplay.metrics import Evaluation, correct_count, default_loss, predictions
 
 
@@ -32,6 +33,18 @@ def test_default_loss_is_cross_entropy_per_example_and_per_token() -> None:
     torch.testing.assert_close(default_loss({"logits": seq}, tokens), F.cross_entropy(seq.reshape(6, 7), tokens.reshape(6)))
     with pytest.raises(ValueError, match="pass loss_fn="):
         default_loss({"a": seq, "b": seq}, tokens)
+
+
+def test_default_loss_refuses_targets_out_of_range_but_skips_the_ignore_index() -> None:
+    scores = torch.randn(4, 5)
+    for bad in ([0, 1, 5, 2], [0, -1, 2, 3]):
+        with pytest.raises(DataError, match=rf"target\(s\) \[{bad[2] if bad[2] == 5 else -1}\].*predicts 5 classes.*model.num_classes"):
+            default_loss(scores, torch.tensor(bad))
+    seq, tokens = torch.randn(2, 3, 7), torch.tensor([[0, 1, -100], [6, -100, 2]])
+    kept = tokens.reshape(-1) != -100
+    torch.testing.assert_close(default_loss(seq, tokens), F.cross_entropy(seq.reshape(6, 7)[kept], tokens.reshape(-1)[kept]))
+    soft = torch.softmax(torch.randn(4, 5), -1)  # probabilities as targets: no class check
+    torch.testing.assert_close(default_loss(scores, soft), F.cross_entropy(scores, soft))
 
 
 def test_accuracy_counts_examples_or_tokens() -> None:

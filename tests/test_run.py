@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from fxreplay.checkpoint import load_checkpoint
 from fxreplay.config import apply_overrides, load_config
-from fxreplay.errors import CheckpointError, DivergenceError
+from fxreplay.errors import CheckpointError, DataError, DivergenceError
 from fxreplay.models import get
 from fxreplay.run import lr_factor, milestone_epochs, train_run
 
@@ -88,11 +89,17 @@ def test_metrics_and_outputs(tmp_path: Path) -> None:
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, **{"optim.lr": 1e6, "train.method": "bp", "train.epochs": 3})
-    with pytest.raises(DivergenceError, match=r"bp diverged at step \d+.*There is no checkpoint yet.*start the run again"):
+    cfg = _cfg(tmp_path, **{"optim.lr": 1e6, "train.method": "bp", "train.epochs": 3, "train.log_every": 1})
+    with pytest.raises(DivergenceError, match=r"bp diverged at step \d+.*There is no checkpoint yet.*start the run again") as info:
         train_run(cfg)
     records = _records(Path(cfg.train.out))
     assert records[-1]["kind"] == "diverged" and "no checkpoint yet" in records[-1]["message"]
+    # steps count from 1 everywhere: every logged step before it is finite, and the diverged
+    # record is the step after the last of them -- the step the message names
+    steps = [r for r in records if r["kind"] == "step"]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert records[-1]["step"] == (steps[-1]["step"] if steps else 0) + 1
+    assert f"diverged at step {records[-1]['step']}:" in str(info.value)
     assert not (Path(cfg.train.out) / "checkpoint.pt").exists()  # the message says only what is true
 
 
@@ -125,6 +132,15 @@ def test_resume_refuses_another_method(tmp_path: Path) -> None:
     cfg = apply_overrides(load_config(tmp_path / "run" / "config.yaml"), {"train.method": "bp"})
     with pytest.raises(CheckpointError, match=r"cannot change train.method \('fr' -> 'bp'\)"):
         train_run(cfg, resume=tmp_path / "run")
+
+
+def test_labels_out_of_range_are_refused_before_training(tmp_path: Path) -> None:
+    # digits has labels 0..9; a 5-class model would fail with an IndexError at the first batch
+    # holding a 5 -- now refused before the run directory is touched.
+    cfg = _cfg(tmp_path, **{"model.num_classes": 5})
+    with pytest.raises(DataError, match=r"training set has labels 0\.\.9, but the model predicts 5 classes.*at least 10"):
+        train_run(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "plan").exists()
 
 
 def test_resume_without_checkpoint(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fxreplay.checkpoint import make_directory
 from fxreplay.errors import PlanError
 from fxreplay.partition import MethodCost
 
@@ -208,8 +209,12 @@ class Plan:
         )
 
     def save(self, directory: Path) -> Path:
-        """Write ``plan.yaml`` into ``directory`` (atomically) and return its path."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``plan.yaml`` into ``directory`` (atomically) and return its path.
+
+        Raises:
+            PlanError: ``directory`` cannot be created or written (a file, under a file, ...).
+        """
+        make_directory(directory, PlanError, "a plan directory", "--out")
         path = directory / PLAN_FILE
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(

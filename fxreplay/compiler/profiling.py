@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxreplay.errors import TraceError
+from fxreplay.errors import DeviceMemoryError, TraceError, allocation_detail, out_of_memory
 from fxreplay.partition import PLAIN, MethodCost
 from fxreplay.state import forked_rng, kept_buffers
 
@@ -75,6 +75,7 @@ class Profiler(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, measure_time: bool = False, repeats: int = 5,
                  progress: Callable[[int, int], None] | None = None) -> None:
         super().__init__(gm)
+        self.extra_traceback = False  # _run_node's own errors name the node, in one paragraph
         self.measure_time = measure_time
         self.repeats = repeats
         self.progress = progress
@@ -105,6 +106,12 @@ class Profiler(fx.Interpreter):
         try:
             return self._profile_node(n)
         except Exception as exc:
+            if out_of_memory(exc):
+                raise DeviceMemoryError(
+                    f"profiling ran out of memory at node {n.format_node()} ({allocation_detail(exc)}): it runs one "
+                    "training step of the example batch with every activation kept. Partition with a smaller "
+                    "--batch-size (the balance of the stages hardly depends on it), or on a device with more memory."
+                ) from exc
             frame = n.meta.get("stack_trace", "")
             src = f" (source: {frame.strip().splitlines()[-2].strip()})" if frame and len(frame.strip().splitlines()) >= 2 else ""
             raise TraceError(

@@ -298,8 +298,8 @@ class DistributedExecutor:
         loss = float(self._out[0])
         if not math.isfinite(loss):
             raise DivergenceError(
-                f"{self.method} diverged at step {t}: the loss is {loss} (rank {self.rank}, the last stage). "
-                f"The last stage's update of step {t} was not applied and the job stops; lower the learning rate "
+                f"{self.method} diverged at step {t + 1}: the loss is {loss} (rank {self.rank}, the last stage). "
+                f"The last stage's update of step {t + 1} was not applied and the job stops; lower the learning rate "
                 "(or warm it up) and resume from the last checkpoint"
             )
 

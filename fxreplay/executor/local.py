@@ -177,7 +177,7 @@ class LocalExecutor:
         loss = float(loss_t)
         if not math.isfinite(loss):
             raise DivergenceError(
-                f"{self.method} diverged at step {t}: the loss is {loss}. No update of step {t} was applied "
+                f"{self.method} diverged at step {t + 1}: the loss is {loss}. No update of step {t + 1} was applied "
                 f"and the last checkpoint is kept; lower the learning rate (or warm it up) and resume from it"
             )
         if sigmas is not None:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import TrainingError
+from ..errors import CheckpointError, DeviceMemoryError, FxReplayError, TrainingError, allocation_detail, out_of_memory
 from ..measure import MemoryMeter, StorageMap, storages_of
 from ..schedule import Action
 
@@ -153,7 +153,17 @@ class StageWorker:
         handler = getattr(self, f"op_{action.op}", None)
         if handler is None:
             raise TrainingError(f"method {self.method!r} has no op {action.op!r} (action {action})")
-        handler(step + action.offset, link)
+        try:
+            handler(step + action.offset, link)
+        except Exception as exc:
+            if isinstance(exc, FxReplayError) or not out_of_memory(exc):
+                raise
+            raise DeviceMemoryError(
+                f"stage {self.stage} ran out of memory on {self.device} in {action} of step {step + 1} "
+                f"({allocation_detail(exc)}). Lower data.batch_size (activations grow with it), or split the model "
+                "into more stages (K) so that each holds fewer layers; `fxreplay partition` prints each stage's "
+                "memory under this method."
+            ) from exc
 
     def op_U(self, batch: int, link: Link) -> None:
         """Alg. 1 line 13: w^{t+1} = optimizer step with the gradient of ``batch``.
@@ -262,6 +272,24 @@ class StageWorker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            CheckpointError: the saved stage holds other parameters or buffers than this one
+                (the plan was edited after the checkpoint was written).
+        """
+        saved, own = set(state["module"]), set(self.module.state_dict())
+        if saved != own:
+            def some(names: set[str]) -> str:
+                return ", ".join(sorted(names)[:4]) + (" ..." if len(names) > 4 else "")
+
+            differences = ([f"the plan's needs {some(own - saved)}, which the checkpoint's lacks"] if own - saved else []) + (
+                [f"the checkpoint's holds {some(saved - own)}, which the plan's does not"] if saved - own else [])
+            raise CheckpointError(
+                f"the checkpoint's stage {self.stage} does not fit stage {self.stage} of the plan: "
+                f"{'; '.join(differences)}. The plan (plan.yaml in the run directory) was changed after the checkpoint "
+                "was written: restore it, or start a new run (--force)."
+            )
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         # Gradients are recomputed from scratch at every backward; none survives a resume.

@@ -1,0 +1,182 @@
+"""fxreplay.show: the stage graph's stages and cut bytes, module-level collapsing, the
+readable view's size, and the PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import networkx as nx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import fxreplay
+from fxreplay.compiler.costgraph import build_cost_graph
+from fxreplay.compiler.plan import Plan, StagePlan
+from fxreplay.compiler.profiling import profile
+from fxreplay.compiler.tracing import trace
+from fxreplay.show import MAX_NODES, collapse, draw_plan, readable_graph, stage_graph
+
+B = 3
+F32 = 4
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = _Block()
+        self.block2 = _Block()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block2(self.block1(x)))
+
+
+NODES = ["x", "block1_lin", "block1_act", "block2_lin", "block2_act", "head"]
+
+
+@pytest.fixture(scope="module")
+def pipe() -> fxreplay.Pipeline:
+    torch.manual_seed(0)
+    pipe = fxreplay.compile(_Net(), (torch.randn(B, 4),), K=2, cost="flops", boundaries=["block2"])
+    assert [list(s.nodes) for s in pipe.plan.stages] == [NODES[:3], NODES[3:]]
+    return pipe
+
+
+def test_stage_graph_marks_stages_and_the_cut_edge(pipe: fxreplay.Pipeline) -> None:
+    G = stage_graph(pipe)
+    assert {n: d["stage"] for n, d in G.nodes(data=True)} == {n: int(i >= 3) for i, n in enumerate(NODES)}
+    assert all(d["members"] == [n] for n, d in G.nodes(data=True))
+    cuts = {(u, v): d["bytes"] for u, v, d in G.edges(data=True) if d["cut"]}
+    assert cuts == {("block1_act", "block2_lin"): B * 4 * F32}
+    assert cuts[("block1_act", "block2_lin")] == pipe.plan.stages[0].boundary_bytes
+    assert all(d["bytes"] == 0.0 for _, _, d in G.edges(data=True) if not d["cut"])
+    assert pipe.cost_graph.graph.number_of_edges() == G.number_of_edges()
+    assert "stage" not in pipe.cost_graph.graph.nodes["x"]  # a copy: the pipeline's graph is untouched
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * self.scale)
+
+
+def test_a_parameter_read_by_the_next_stage_is_not_a_cut_edge() -> None:
+    x = torch.randn(B, 4)
+    gm = trace(_Scaled(), example_inputs=(x,)).gm
+    profile(gm, (x,))
+    cg = build_cost_graph(gm, order=["a", "scale", "mul", "b"])
+    plan = Plan(K=2, stages=(StagePlan(index=0, nodes=("x", "a", "scale")), StagePlan(index=1, nodes=("mul", "b"))))
+    G = stage_graph(SimpleNamespace(plan=plan, cost_graph=cg))  # type: ignore[arg-type]
+    cuts = {(u, v): d["bytes"] for u, v, d in G.edges(data=True) if d["cut"]}
+    assert cuts == {("a", "mul"): B * 4 * F32}  # scale -> mul crosses the stages but is re-read, not sent
+    assert G.nodes["scale"]["op"] == "get_attr"
+
+
+# -- collapse ---------------------------------------------------------------------------
+
+def _graph(nodes: dict[str, int], edges: list[tuple[str, str]], sizes: dict[str, float]) -> nx.DiGraph:
+    """Nodes with their stage, edges cut where the stage changes, bytes of each value sent."""
+    G = nx.DiGraph()
+    for n, stage in nodes.items():
+        G.add_node(n, stage=stage, members=[n], bytes=sizes.get(n, 0.0))
+    for u, v in edges:
+        cut = nodes[u] != nodes[v]
+        G.add_edge(u, v, cut=cut, bytes=sizes.get(u, 0.0) if cut else 0.0)
+    return G
+
+
+def test_collapse_merges_by_key_and_stage_and_counts_each_value_sent_once() -> None:
+    # a1 is sent to two nodes of group q and a2 to one: the cut between p and q carries 10 + 5.
+    G = _graph({"a1": 0, "a2": 0, "b1": 1, "b2": 1, "c": 1},
+               [("a1", "a2"), ("a1", "b1"), ("a1", "b2"), ("a2", "b2"), ("b1", "c"), ("b2", "c")],
+               {"a1": 10.0, "a2": 5.0})
+    H = collapse(G, {"a1": "p", "a2": "p", "b1": "q", "b2": "q", "c": ""}.__getitem__)
+    assert sorted(H.nodes) == ["c@1", "p@0", "q@1"]
+    assert H.nodes["p@0"]["members"] == ["a1", "a2"] and H.nodes["q@1"]["members"] == ["b1", "b2"]
+    assert (H.nodes["p@0"]["label"], H.nodes["c@1"]["label"]) == ("p", "c")  # no key: the node's own name
+    assert H.edges["p@0", "q@1"] == {"cut": True, "bytes": 15.0}
+    assert H.edges["q@1", "c@1"] == {"cut": False, "bytes": 0.0}
+    assert H.number_of_edges() == 2
+
+
+def test_collapse_keeps_one_key_apart_across_stages() -> None:
+    G = _graph({"m1": 0, "m2": 1}, [("m1", "m2")], {"m1": 8.0})
+    H = collapse(G, lambda n: "m")
+    assert sorted(H.nodes) == ["m@0", "m@1"] and H.edges["m@0", "m@1"]["bytes"] == 8.0
+
+
+def test_collapse_that_would_make_a_cycle_is_not_made() -> None:
+    # A module called twice with other work between the calls: merging its calls would loop.
+    G = _graph({"m_1": 0, "x": 0, "m_2": 0}, [("m_1", "x"), ("x", "m_2")], {})
+    assert collapse(G, {"m_1": "m", "x": "", "m_2": "m"}.__getitem__) is G
+
+
+# -- readable_graph ---------------------------------------------------------------------
+
+def test_a_small_graph_is_shown_node_by_node_without_parameters() -> None:
+    x = torch.randn(B, 4)
+    gm = trace(_Scaled(), example_inputs=(x,)).gm
+    profile(gm, (x,))
+    cg = build_cost_graph(gm, order=["a", "scale", "mul", "b"])
+    plan = Plan(K=2, stages=(StagePlan(index=0, nodes=("x", "a", "scale")), StagePlan(index=1, nodes=("mul", "b"))))
+    H, unit = readable_graph(SimpleNamespace(plan=plan, cost_graph=cg))  # type: ignore[arg-type]
+    assert unit == "fx node" and sorted(H.nodes) == ["a", "b", "mul", "x"]
+
+
+def test_a_bigger_graph_is_collapsed_to_modules(pipe: fxreplay.Pipeline) -> None:
+    H, unit = readable_graph(pipe, max_nodes=4)
+    assert unit == "module (depth 1)"
+    assert {n: d["members"] for n, d in H.nodes(data=True)} == {
+        "x@0": ["x"], "block1@0": ["block1_lin", "block1_act"], "block2@1": ["block2_lin", "block2_act"], "head@1": ["head"]}
+    assert [(u, v) for u, v, d in H.edges(data=True) if d["cut"]] == [("block1@0", "block2@1")]
+    assert H.edges["block1@0", "block2@1"]["bytes"] == B * 4 * F32
+    H6, unit6 = readable_graph(pipe, max_nodes=6)
+    assert unit6 == "fx node" and H6.number_of_nodes() == 6
+
+
+def test_too_many_modules_merge_runs_of_nodes(pipe: fxreplay.Pipeline) -> None:
+    H, unit = readable_graph(pipe, max_nodes=2)
+    assert unit.startswith("run of ~")
+    members = [m for _, d in H.nodes(data=True) for m in d["members"]]
+    assert sorted(members) == sorted(NODES)  # every node in one box
+    stage_of = {n: s.index for s in pipe.plan.stages for n in s.nodes}
+    assert all({stage_of[m] for m in d["members"]} == {d["stage"]} for _, d in H.nodes(data=True))  # a box is in one stage
+    assert nx.is_directed_acyclic_graph(H)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "readable_graph promises at most max_nodes boxes, but its runs of ~N nodes are cut along the order "
+    "without regard to stages, so a run that straddles a cut becomes two boxes: 6 nodes, K=2, "
+    "max_nodes=3 gives 4 boxes although one run per stage would fit"))
+def test_runs_of_nodes_respect_the_box_limit(pipe: fxreplay.Pipeline) -> None:
+    H, _ = readable_graph(pipe, max_nodes=3)
+    assert H.number_of_nodes() <= 3
+
+
+# -- draw_plan ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_nodes", [MAX_NODES, 4])
+def test_draw_plan_writes_a_png(tmp_path: Path, pipe: fxreplay.Pipeline, max_nodes: int) -> None:
+    target = tmp_path / "new" / "graph.png"
+    assert draw_plan(pipe, target, max_nodes=max_nodes) == target
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(target) as im:
+        im.verify()
+        assert im.size[0] == 770  # 7 in at 110 dpi: readable at ~700 px wide
