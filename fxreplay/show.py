@@ -92,16 +92,24 @@ def readable_graph(pipe: Pipeline, max_nodes: int = MAX_NODES) -> tuple[nx.DiGra
         best = collapse(G, _module_key(depth, paths))
         if best.number_of_nodes() <= max_nodes:
             return best, f"module (depth {depth})"
-    # Even top-level modules are too many: merge runs of nodes along the order within each stage.
+    # Even top-level modules are too many: merge runs of nodes along the order within each
+    # stage, the shortest runs whose boxes (ceil(n_k / per) in stage k) fit in max_nodes
+    # (one box per stage at least).
     order = {n.name: i for i, n in enumerate(pipe.cost_graph.order)}
+    sizes = [sum(1 for n in G if G.nodes[n]["stage"] == k) for k in range(pipe.K)]
     per = max(1, -(-G.number_of_nodes() // max_nodes))
+    while per < max(sizes) and sum(-(-s // per) for s in sizes) > max_nodes:
+        per += 1
     chunk = _chunk_key(G, order, per)
     return collapse(G, chunk), f"run of ~{per} fx nodes"
 
 
 def _chunk_key(G: nx.DiGraph, order: dict[str, int], per: int) -> Callable[[str], str]:
-    ranked = sorted(G, key=lambda n: order.get(n, 0))
-    first = {n: ranked[(i // per) * per] for i, n in enumerate(ranked)}
+    """Runs of ``per`` consecutive nodes of one stage (a run never straddles a cut)."""
+    first: dict[str, str] = {}
+    for k in sorted({G.nodes[n]["stage"] for n in G}):
+        ranked = sorted((n for n in G if G.nodes[n]["stage"] == k), key=lambda n: order.get(n, 0))
+        first.update({n: ranked[(i // per) * per] for i, n in enumerate(ranked)})
     return lambda n: f"{first[n]}…"
 
 

@@ -65,9 +65,6 @@ class _Halves:
     second: torch.Tensor
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the docstring counts dataclasses as structures, but pytree flattens an unregistered dataclass "
-    "to one leaf, so is_tensor_container says False (and the partitioner lets a cut carry it)"))
 def test_a_dataclass_holding_tensors_is_a_container() -> None:
     assert is_tensor_container(_Halves(torch.zeros(1), torch.zeros(1)))
 
@@ -107,10 +104,6 @@ def test_uncounted_ops_cost_one_per_output_element() -> None:
     assert relu.act_bytes == 3 * 8 * F32  # ReLU saves its output for the backward
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "act_bytes counts the storages autograd saves, parameters included: a Linear's act_bytes holds "
-    "its weight, which static_bytes already counts (x3); MemoryMeter excludes parameters, so the "
-    "predicted stage memory double-counts weights"))
 def test_linear_activation_bytes_are_its_saved_input_only() -> None:
     _, cost = _profiled(nn.Sequential(nn.Linear(4, 8)), torch.randn(3, 4))
     assert cost["_0"].act_bytes == 3 * 4 * F32  # the input, kept for the weight's gradient

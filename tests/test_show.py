@@ -161,10 +161,6 @@ def test_too_many_modules_merge_runs_of_nodes(pipe: fxreplay.Pipeline) -> None:
     assert nx.is_directed_acyclic_graph(H)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "readable_graph promises at most max_nodes boxes, but its runs of ~N nodes are cut along the order "
-    "without regard to stages, so a run that straddles a cut becomes two boxes: 6 nodes, K=2, "
-    "max_nodes=3 gives 4 boxes although one run per stage would fit"))
 def test_runs_of_nodes_respect_the_box_limit(pipe: fxreplay.Pipeline) -> None:
     H, _ = readable_graph(pipe, max_nodes=3)
     assert H.number_of_nodes() <= 3

@@ -187,6 +187,12 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
     last_compute = max((i for i, c in enumerate(compute) if c), default=0)
     for c in range(last_compute + 1, N + 1):
         allowed[c] = False  # the last stage would do nothing
+    for i, n in enumerate(ordered):
+        # A parameter read goes with what follows it: a cut right after one is the cut before
+        # it (a parameter is re-read where it is used, never sent), except that it could
+        # leave a stage of parameter reads alone, which computes nothing.
+        if n.op == "get_attr":
+            allowed[i + 1] = False
     tied = tied_parameter_groups(gm)
     for _, users in tied:
         ps = sorted(pos[u] for u in users)

@@ -292,8 +292,8 @@ def parse_device(text: str) -> tuple[str, float, float | None]:
         speed_f = float(speed) if speed else 1.0
     except ValueError:
         raise PartitionError(f"device {text!r}: speed {speed!r} is not a number (e.g. cuda:0@2).") from None
-    if speed_f <= 0:
-        raise PartitionError(f"device {text!r}: speed must be positive.")
+    if not (0 < speed_f < float("inf")):
+        raise PartitionError(f"device {text!r}: speed must be a positive finite number (e.g. cuda:0@2).")
     memory: float | None = None
     if mem:
         num = mem.rstrip("BbKkMmGgTtIi")
@@ -304,6 +304,8 @@ def parse_device(text: str) -> tuple[str, float, float | None]:
             memory = float(num) * _UNITS[unit]
         except ValueError:
             raise PartitionError(f"device {text!r}: memory {mem!r} must look like 512MiB, 16GB or 8e9.") from None
+        if not (0 < memory < float("inf")):
+            raise PartitionError(f"device {text!r}: memory {mem!r} must be a positive finite size (e.g. 16GiB).")
     return name, speed_f, memory
 
 

@@ -9,6 +9,7 @@ they were (BatchNorm running stats are restored).
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -50,13 +51,24 @@ def value_bytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
-def is_tensor_container(value: Any) -> bool:
-    """Whether ``value`` is a structure (tuple, list, dict, dataclass…) holding a tensor: such
-    a value cannot cross a stage boundary whole (its tensors would lose their gradient)."""
-    if isinstance(value, torch.Tensor):
+def is_tensor_container(value: Any, _depth: int = 0) -> bool:
+    """Whether ``value`` is a structure (tuple, list, dict, dataclass, any object with tensor
+    attributes) holding a tensor: such a value cannot cross a stage boundary whole (its
+    tensors would lose their gradient)."""
+    if isinstance(value, torch.Tensor) or _depth > 4:
         return False
     leaves, spec = tree_flatten(value)
-    return not spec.is_leaf() and any(isinstance(v, torch.Tensor) for v in leaves)
+    if not spec.is_leaf():
+        return any(isinstance(v, torch.Tensor) or is_tensor_container(v, _depth + 1) for v in leaves)
+    # One pytree leaf that is not a tensor: an unregistered dataclass or another object (a leaf
+    # module may return either) still holds tensors if one of its fields does.
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+    elif isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, (type, torch.nn.Module)):
+        fields = list(vars(value).values())
+    else:
+        return False
+    return any(isinstance(v, torch.Tensor) or is_tensor_container(v, _depth + 1) for v in fields)
 
 
 def _needs_grad(t: Any) -> bool:
@@ -82,6 +94,9 @@ class Profiler(fx.Interpreter):
         self._total = len(gm.graph.nodes)
         self._done = 0
         self._seen_params: set[int] = set()
+        # Parameters and buffers autograd saves (a Linear keeps its weight for the input's
+        # gradient) are the model's state, not activations: measured memory leaves them out too.
+        self._state_storages = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
 
     def _own_params(self, node: fx.Node) -> list[torch.Tensor]:
         if node.op == "call_module":
@@ -143,7 +158,8 @@ class Profiler(fx.Interpreter):
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
-            saved[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in self._state_storages:  # weights count once, in param_bytes
+                saved[storage.data_ptr()] = storage.nbytes()
             return t
 
         run = getattr(self, n.op)
