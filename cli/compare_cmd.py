@@ -24,6 +24,21 @@ def _csv(text: str, what: str, pattern: str, example: str) -> list[str]:
     return items
 
 
+def _boundaries(items: list[str]) -> dict[int, list[str]]:
+    """``["2=layer2", "4=layer1.2,layer2,layer3"]`` -> ``{2: ["layer2"], 4: [...]}``."""
+    pinned: dict[int, list[str]] = {}
+    for item in items:
+        K, sep, names = item.partition("=")
+        if not sep or not K.strip().isdigit() or int(K) in pinned:
+            again = f" (K={int(K)} is given twice)" if sep and K.strip().isdigit() else ""
+            raise FxReplayError(
+                f"--boundaries {item!r}{again}: expected K=NAME,NAME,... once per K, the K-1 modules at which stages "
+                "1..K-1 start, e.g. --boundaries 2=layer2 --boundaries 4=layer1.2,layer2,layer3."
+            )
+        pinned[int(K)] = [n.strip() for n in names.split(",") if n.strip()]
+    return pinned
+
+
 def compare(
     config: Annotated[Optional[Path], typer.Option(help="YAML config shared by every run (default: the offline quick start)")] = None,
     methods: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(METHODS)}")] = ",".join(METHODS),
@@ -33,6 +48,12 @@ def compare(
     epochs: Annotated[Optional[int], typer.Option(help="override train.epochs")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="override train.max_steps (iterations per run)")] = None,
     sigma_every: Annotated[Optional[int], typer.Option(help="measure σ every N iterations (the paper's Fig. 3; costs a BP pass each)")] = None,
+    boundaries: Annotated[Optional[list[str]], typer.Option(
+        "--boundaries", metavar="K=NAME,...",
+        help="pin the split at one K for every method: the K-1 modules at which stages 1..K-1 start, e.g. "
+             "2=layer2 or 4=layer1.2,layer2,layer3 (repeatable, once per K; a K without it keeps the config's "
+             "partition.boundaries, by default none: the partitioner chooses)",
+    )] = None,
 ) -> None:
     """Run every (method, K) pair with one seed and schedule; write report.md with the paper's tables and figures."""
     from fxreplay.compare import compare as run_compare
@@ -45,7 +66,8 @@ def compare(
         given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every}
         cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
         target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)
-        result = run_compare(cfg, method_list, Ks, target, force=force, console=err)
+        pinned = _boundaries(boundaries or [])
+        result = run_compare(cfg, method_list, Ks, target, force=force, console=err, boundaries=pinned)
     except FxReplayError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:

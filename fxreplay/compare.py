@@ -7,8 +7,15 @@ order and the lr schedule are shared), then writes ``out/report.md`` and its fig
 from their checkpoint, and a run whose loss becomes NaN/inf is kept and marked diverged
 rather than stopping the comparison (the paper's DNI and K=4 DDG on ResNet152 diverge).
 
+``boundaries`` pins the split per K (``partition.boundaries``: the modules at which stages
+1..K-1 start), so every method at that K trains the same modules, as in the paper, which
+splits a network into K modules once; left to the partitioner, whose cost is method-aware,
+FR would be cut elsewhere than BP. The split is part of each run's config, so a run made
+with another split is refused rather than reused.
+
 >>> cfg = load_config("configs/resnet20_cifar10.yaml")
->>> result = compare(cfg, list(methods.METHODS), [2, 4], Path("reports/r20"))
+>>> result = compare(cfg, list(methods.METHODS), [2, 4], Path("reports/r20"),
+...                  boundaries={2: ["layer2.1"], 4: ["layer1.2", "layer2.1", "layer3"]})
 >>> result.report
 PosixPath('reports/r20/report.md')
 """
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +36,7 @@ from fxreplay.checkpoint import CHECKPOINT_FILE
 from fxreplay.config import Config, load_config, to_dict
 from fxreplay.errors import ConfigError, DivergenceError
 
-__all__ = ["RunOutcome", "CompareResult", "run_dir", "run_state", "compare"]
+__all__ = ["RunOutcome", "CompareResult", "run_dir", "run_config", "run_state", "compare"]
 
 State = Literal["missing", "interrupted", "finished", "diverged"]
 
@@ -57,6 +64,14 @@ class CompareResult:
 def run_dir(out_dir: Path, method: str, K: int) -> Path:
     """Where the (method, K) run of a comparison lives."""
     return out_dir / f"{method}-K{K}"
+
+
+def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequence[str] | None = None) -> Config:
+    """The config of the (method, K) run of a comparison: ``cfg`` with its method, K, output
+    directory and, when given, its pinned stage starts replaced (else ``cfg``'s own)."""
+    pinned = cfg.partition.boundaries if boundaries is None else tuple(boundaries)
+    return replace(cfg, train=replace(cfg.train, method=method, out=str(run_dir(out_dir, method, K))),
+                   partition=replace(cfg.partition, K=K, boundaries=pinned))
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -117,6 +132,30 @@ def _pairs(names: Sequence[str], Ks: Sequence[int]) -> list[tuple[str, int]]:
     return [(m, k) for k in sorted(set(Ks)) for m in ms]
 
 
+def _pinned(boundaries: Mapping[int, Sequence[str]], Ks: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """``boundaries`` checked against the compared Ks: K-1 distinct module names per K."""
+    out: dict[int, tuple[str, ...]] = {}
+    for K, names in sorted(boundaries.items()):
+        if K not in Ks:
+            raise ConfigError(
+                f"stage boundaries are given for K={K}, which is not compared (K = {', '.join(map(str, sorted(set(Ks))))}): "
+                f"add {K} to --K, or drop the boundaries for K={K}."
+            )
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                f"stage boundaries for K={K}: expected a list of module names, got {names!r} "
+                f"(on the command line: --boundaries {K}=NAME,NAME...)."
+            )
+        if len(names) != K - 1 or len(set(names)) != len(names):
+            raise ConfigError(
+                f"stage boundaries for K={K} name {len(names)} module(s) ({', '.join(names) or 'none'}), but K={K} stages "
+                f"start at K-1 = {K - 1} distinct modules (stages 1..{K - 1}; stage 0 starts at the input): give exactly "
+                f"{K - 1} different names as in model.named_modules(), or leave K={K} out to let the partitioner choose its split."
+            )
+        out[K] = tuple(names)
+    return out
+
+
 def compare(
     cfg: Config,
     methods: Sequence[str],
@@ -124,21 +163,26 @@ def compare(
     out_dir: Path,
     force: bool = False,
     console: Console | None = None,
+    boundaries: Mapping[int, Sequence[str]] | None = None,
 ) -> CompareResult:
     """Train every (method, K) pair under ``cfg`` and write ``out_dir/report.md``.
 
     Args:
         cfg: the shared config; its ``train.method``, ``partition.K`` and ``train.out``
-            are replaced per run.
+            are replaced per run (see :func:`run_config`).
         methods: method names (``fxreplay.methods.METHODS``).
         Ks: numbers of stages.
         out_dir: one sub-directory per run, plus the report and its figures.
         force: re-run finished runs instead of reusing them.
         console: where progress goes (default: stderr).
+        boundaries: K -> the K-1 module names at which stages 1..K-1 start, the same for
+            every method at that K (``partition.boundaries`` of those runs); a K without an
+            entry keeps ``cfg.partition.boundaries``.
 
     Raises:
-        ConfigError: an unknown method, a K < 1, or a run in ``out_dir`` made with another
-            config (without ``force``).
+        ConfigError: an unknown method, a K < 1, boundaries for a K not compared or not
+            K-1 distinct names, or a run in ``out_dir`` made with another config
+            (a changed split included; without ``force``).
         FxReplayError: any run's other failure (a diverging loss is not one: it is marked).
     """
     from fxreplay.report import write_report
@@ -146,6 +190,7 @@ def compare(
 
     console = console or Console(stderr=True)
     pairs = _pairs(methods, Ks)
+    pinned = _pinned(boundaries or {}, Ks)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out=out_dir)
     with Progress(
@@ -156,8 +201,7 @@ def compare(
         tasks = {p: progress.add_task(f"{p[0]} K={p[1]}", total=1, start=False, status="[dim]waiting") for p in pairs}
         for i, (method, K) in enumerate(pairs):
             path = run_dir(out_dir, method, K)
-            run_cfg = replace(cfg, train=replace(cfg.train, method=method, out=str(path)),  # type: ignore[arg-type]
-                              partition=replace(cfg.partition, K=K))
+            run_cfg = run_config(cfg, method, K, out_dir, pinned.get(K))
             task = tasks[(method, K)]
             if force and path.exists():
                 shutil.rmtree(path)

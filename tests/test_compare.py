@@ -16,6 +16,7 @@ from cli.compare_cmd import compare as compare_cmd
 from cli.compare_cmd import show as show_cmd
 from fxreplay import plots
 from fxreplay.compare import compare, run_dir
+from fxreplay.compiler.plan import Plan
 from fxreplay.config import apply_overrides, load_config
 from fxreplay.errors import ConfigError
 from fxreplay.run import train_run
@@ -195,6 +196,59 @@ def test_unknown_method_or_bad_K(tmp_path: Path) -> None:
         compare(_cfg(), ["bp"], [0], tmp_path)
 
 
+# -- stage boundaries pinned per K ---------------------------------------------------------
+
+# digits_cnn's own split is stage 1 at layer1.conv2 (K=2) and layer1.bn1, layer2.0 (K=3), for
+# BP and FR alike at these FLOPs: these pins are elsewhere.
+PINNED = {2: ["layer2"], 3: ["pool", "layer2.1"]}
+FIRST_NODES = {2: ["layer2_0"], 3: ["pool", "layer2_1"]}  # the fx nodes those modules begin with
+TINY = {"train.epochs": 1, "train.max_steps": 1, "train.log_every": 1, "train.sigma_every": 0}
+
+
+@pytest.fixture(scope="module")
+def pinned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pinned")
+    result = compare(_cfg(**TINY), ["bp", "fr"], [2, 3], out, boundaries=PINNED)
+    assert [(r.method, r.K, r.action) for r in result.runs] == [
+        ("bp", 2, "trained"), ("fr", 2, "trained"), ("bp", 3, "trained"), ("fr", 3, "trained")]
+    return out
+
+
+def test_pinned_boundaries_start_every_methods_stages(pinned: Path) -> None:
+    for K, names in PINNED.items():
+        for method in ("bp", "fr"):
+            run = run_dir(pinned, method, K)
+            plan = Plan.load(run / "plan")
+            assert [s.nodes[0] for s in plan.stages[1:]] == FIRST_NODES[K], (method, K)
+            assert list(plan.boundaries) == names
+            assert load_config(run / "config.yaml").partition.boundaries == tuple(names)
+
+
+def test_changed_split_is_not_reused(pinned: Path) -> None:
+    before = {p: p.read_bytes() for p in pinned.rglob("*") if p.is_file() and p.suffix != ".png"}
+    with pytest.raises(ConfigError, match=r"partition\.boundaries: \['layer2'\] -> \['pool'\].*--force"):
+        compare(_cfg(**TINY), ["bp"], [2], pinned, boundaries={2: ["pool"]})
+    with pytest.raises(ConfigError, match=r"partition\.boundaries: \['layer2'\] -> \[\]"):
+        compare(_cfg(**TINY), ["bp"], [2], pinned)  # the partitioner's own split is another split
+    assert {p: p.read_bytes() for p in before} == before
+    # the same split (a tuple this time) is the same config: reused
+    again = compare(_cfg(**TINY), ["fr"], [3], pinned, boundaries={3: ("pool", "layer2.1")})
+    assert [r.action for r in again.runs] == ["reused"]
+
+
+@pytest.mark.parametrize("boundaries, Ks, message", [
+    ({4: ["a", "b", "c"]}, [2], r"given for K=4, which is not compared \(K = 2\): add 4 to --K"),
+    ({2: []}, [2], r"K=2 name 0 module\(s\) \(none\).*exactly 1 different"),
+    ({3: ["pool", "layer2", "fc"]}, [2, 3], r"K=3 name 3 module\(s\) \(pool, layer2, fc\).*exactly 2 different"),
+    ({3: ["pool", "pool"]}, [3], r"exactly 2 different names"),
+    ({2: "layer2"}, [2], r"expected a list of module names, got 'layer2'"),
+])
+def test_bad_boundaries_are_refused_before_anything(tmp_path: Path, boundaries: Any, Ks: list[int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compare(_cfg(), ["bp"], Ks, tmp_path / "cmp", boundaries=boundaries)
+    assert not (tmp_path / "cmp").exists()
+
+
 # -- CLI ----------------------------------------------------------------------------------
 
 def _app() -> typer.Typer:
@@ -220,6 +274,27 @@ def test_cli_compare(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bp-K2" / "metrics.jsonl").read_text().splitlines()[0])["kind"] in ("step", "sigma")
     _assert_user_error(runner.invoke(_app(), ["compare", "--methods", "bp,sgd", "--out", str(tmp_path)]), "bp, ddg, dni, fr")
     _assert_user_error(runner.invoke(_app(), ["compare", "--K", "2,x", "--out", str(tmp_path)]), "comma-separated")
+
+
+def test_cli_compare_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxreplay.compare
+
+    seen: dict[str, Any] = {}
+
+    def fake_compare(cfg: Any, methods: Any, Ks: Any, out: Path, **kwargs: Any) -> fxreplay.compare.CompareResult:
+        seen.update(Ks=Ks, **kwargs)
+        return fxreplay.compare.CompareResult(out=out, report=out / "report.md")
+
+    monkeypatch.setattr(fxreplay.compare, "compare", fake_compare)
+    args = ["compare", "--methods", "bp", "--K", "2,4", "--out", str(tmp_path)]
+    result = runner.invoke(_app(), [*args, "--boundaries", "2=layer2", "--boundaries", "4=layer1.2, layer2,layer3"])
+    assert result.exit_code == 0, result.output
+    assert seen["boundaries"] == {2: ["layer2"], 4: ["layer1.2", "layer2", "layer3"]}
+    _assert_user_error(runner.invoke(_app(), [*args, "--boundaries", "layer2"]), "expected K=NAME,NAME")
+    _assert_user_error(runner.invoke(_app(), [*args, "--boundaries", "2=a", "--boundaries", "2=b"]), "K=2 is given twice")
+    monkeypatch.undo()
+    _assert_user_error(runner.invoke(_app(), [*args, "--boundaries", "3=layer2,fc"]), "K=3, which is not compared")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_show(tmp_path: Path, examples_dir: Path) -> None:
