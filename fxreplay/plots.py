@@ -254,7 +254,7 @@ def gantt(tl: Timeline, png: Path, title: str) -> Path:
     lo, _ = tl.span
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.3 + 0.55 * len(tl.ranks)), layout="constrained")
     for rank, events in enumerate(tl.ranks):
-        for kind, height in (("compute", 0.8), ("send", 0.45), ("wait", 0.45)):
+        for kind, height in (("compute", 0.8), ("send", 0.45), ("wait", 0.45), ("reduce", 0.45)):
             bars = [((s - lo) * 1e3, (e - s) * 1e3) for k, s, e, _, _ in events if k == kind]
             if bars:
                 ax.broken_barh(bars, (rank - height / 2, height), facecolors=TIMELINE_COLORS[kind])
@@ -262,7 +262,7 @@ def gantt(tl: Timeline, png: Path, title: str) -> Path:
     ax.set_ylim(len(tl.ranks) - 0.5, -0.5)
     ax.set_xlabel("time (ms)")
     ax.set_title(title)
-    fig.legend(handles=[Patch(color=TIMELINE_COLORS[k], label=k) for k in KINDS], loc="outside lower center", ncol=3, frameon=False)
+    fig.legend(handles=[Patch(color=TIMELINE_COLORS[k], label=k) for k in KINDS], loc="outside lower center", ncol=len(KINDS), frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, png)
 

@@ -14,7 +14,7 @@ event.
 
 >>> tl = Timeline([[("compute", 0.0, 1.0, "0F0", 0)], [("wait", 0.0, 1.0, "act 0", 0)]])
 >>> print(tl.render_text(width=10))
-time 0 .. 1 s, 10 columns of 0.1 s; # compute, . wait, > send
+time 0 .. 1 s, 10 columns of 0.1 s; # compute, . wait, > send, ~ reduce
 rank 0 |##########|
 rank 1 |..........|
 """
@@ -27,11 +27,11 @@ from typing import Any, Sequence
 __all__ = ["Event", "Recorder", "Timeline"]
 
 Event = tuple[str, float, float, str, int]
-"""``(kind, start s, end s, label, step)`` with kind in compute / wait / send."""
+"""``(kind, start s, end s, label, step)`` with kind in compute / wait / send / reduce."""
 
-KINDS = ("compute", "wait", "send")
-_CHAR = {"compute": "#", "wait": ".", "send": ">"}
-COLORS = {"compute": "tab:blue", "wait": "tab:red", "send": "tab:green"}  # fxreplay.plots.gantt draws with them
+KINDS = ("compute", "wait", "send", "reduce")
+_CHAR = {"compute": "#", "wait": ".", "send": ">", "reduce": "~"}
+COLORS = {"compute": "tab:blue", "wait": "tab:red", "send": "tab:green", "reduce": "tab:purple"}  # fxreplay.plots.gantt draws with them
 
 
 class Recorder:
@@ -75,25 +75,27 @@ class Timeline:
         return (min(starts, default=0.0), max(ends, default=0.0))
 
     def totals(self) -> list[dict[str, float]]:
-        """Per rank: seconds of compute (actions minus their waits), wait and send."""
+        """Per rank: seconds of compute (actions minus what they waited for), wait, send and
+        reduce (summing a shared parameter's gradient with the other stages that hold it)."""
         out = []
         for r in self.ranks:
             t = {k: sum(e[2] - e[1] for e in r if e[0] == k) for k in KINDS}
-            t["compute"] -= t["wait"] + t["send"]  # waits and sends happen inside actions
+            t["compute"] -= t["wait"] + t["send"] + t["reduce"]  # they happen inside actions
             out.append(t)
         return out
 
     def render_text(self, width: int = 100) -> str:
         """One row per rank, one column per ``span / width`` seconds: ``#`` compute,
-        ``.`` waiting for a message, ``>`` posting a send, blank idle (between steps)."""
+        ``.`` waiting for a message, ``>`` posting a send, ``~`` summing a shared parameter's
+        gradient, blank idle (between steps)."""
         lo, hi = self.span
         dt = (hi - lo) / width if hi > lo else 1.0
-        lines = [f"time {lo:g} .. {hi:g} s, {width} columns of {dt:.3g} s; # compute, . wait, > send"]
+        lines = [f"time {lo:g} .. {hi:g} s, {width} columns of {dt:.3g} s; # compute, . wait, > send, ~ reduce"]
         rank = 0
         for rank, events in enumerate(self.ranks):
             row = [" "] * width
             # Paint compute first, then send and wait on top: a wait inside an action shows.
-            for kind in ("compute", "send", "wait"):
+            for kind in ("compute", "send", "wait", "reduce"):
                 for k, s, e, _, _ in events:
                     if k != kind:
                         continue

@@ -23,6 +23,7 @@ from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
 from fxreplay.executor import Executor, executor_for
 from fxreplay.launch import distributed_job
+from fxreplay.methods.base import replica_groups
 from fxreplay.metrics import Evaluation, MetricFn, default_loss
 
 __all__ = ["Trainer", "place_stages"]
@@ -94,6 +95,14 @@ class Trainer:
         self.loss_fn = loss_fn or default_loss
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
+        for name, members in replica_groups(pipe.stages) if lr_scales is not None else []:
+            scales = {lr_scales[k] for k, _ in members}
+            if len(scales) > 1:
+                raise TrainingError(
+                    f"{name} is shared by stages {', '.join(str(k) for k, _ in members)}, whose learning rates are "
+                    f"scaled differently ({', '.join(f'{lr_scales[k]:g}' for k, _ in members)}): its copies would "
+                    "take different steps. Give those stages one scale (e.g. optim.double_first_stage_lr: false)."
+                )
         distributed = distributed_job()
         options: dict[str, Any] = {}
         if synth_optimizer is not None and "synth_optimizer" in methods.get(method).worker.option_names:

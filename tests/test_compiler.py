@@ -144,6 +144,12 @@ def test_unknown_boundary_names_close_matches() -> None:
         fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=2, cost="flops", boundaries=["layer9"])
 
 
+def test_two_names_for_one_boundary_are_refused() -> None:
+    # layer2 and layer2.0 start at the same node: pinning both would silently pin one cut
+    with pytest.raises(PartitionError, match=r"'layer2' and 'layer2.0' start at the same place"):
+        fxreplay.compile(get("resnet20"), (torch.randn(2, 3, 32, 32),), K=3, cost="flops", boundaries=["layer2", "layer2.0"])
+
+
 def test_K_above_possible_cuts() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(PartitionError, match="K=5 stages need 4 cuts but this model allows only 2"):
@@ -162,11 +168,34 @@ class _Tied(nn.Module):
         return self.head(self.mid(self.embed(x)))
 
 
-def test_tied_weights_stay_in_one_stage() -> None:
+def _bp_matches_the_model(model: nn.Module, x: torch.Tensor, K: int, steps: int = 5) -> fxreplay.Pipeline:
+    """BP through the K stages takes the model's own SGD steps (shared weights included)."""
+    whole = copy.deepcopy(model)
+    pipe = fxreplay.compile(model, (x,), K=K, cost="flops")
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
+    opt = sgd(whole.parameters())
+    trainer = fxreplay.Trainer(pipe, method="bp", optimizer=sgd, loss_fn=lambda out, y: (out - y).pow(2).mean())
+    g = torch.Generator().manual_seed(2)
+    width = whole(x).shape[1]
+    for _ in range(steps):
+        xb, yb = torch.randn(x.shape, generator=g), torch.randn(x.shape[0], width, generator=g)
+        opt.zero_grad()
+        (whole(xb) - yb).pow(2).mean().backward()
+        opt.step()
+        trainer.step(xb, yb)
+    trained = trainer.model_state_dict()
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(trained[name], value, atol=1e-6, rtol=0, msg=name)
+    return pipe
+
+
+def test_tied_weights_are_copied_into_each_stage_that_uses_them() -> None:
     model = _Tied()
-    x = torch.randn(3, 8)
-    with pytest.raises(PartitionError, match="Tied parameters keep some nodes together: embed.weight"):
-        fxreplay.compile(model, (x,), K=2, cost="flops")
+    pipe = _bp_matches_the_model(model, torch.randn(3, 8), K=2)
+    assert [s.replicas for s in pipe.plan.stages] == [("embed.weight",), ("embed.weight",)]
+    assert pipe.stages[0].embed.weight is model.embed.weight  # the first holder keeps the original
+    assert pipe.stages[1].head.weight is not model.embed.weight
+    assert torch.equal(pipe.stages[1].head.weight, pipe.stages[0].embed.weight)
 
 
 class _TiedMiddle(nn.Module):
@@ -185,16 +214,16 @@ class _TiedMiddle(nn.Module):
 
 
 @pytest.mark.parametrize("K", [2, 3, 4])
-def test_tied_weights_feasible_split_keeps_the_users_together(K: int) -> None:
-    # DESIGN: "Parameters used by two stages (tied weights): detect them at partition time;
-    # either refuse with a clear message or keep the uses in one stage." Here a split exists.
+def test_tied_weights_in_the_middle_give_one_tensor_per_stage(K: int) -> None:
     model = _TiedMiddle()
     x = torch.randn(3, 8)
     pipe = _assert_transparent(model, (x,), K)
-    owners = {k for k, s in enumerate(pipe.plan.stages) for n in s.nodes if n.startswith("tie_")}
-    assert len(owners) == 1, [s.nodes for s in pipe.plan.stages]
-    holders = [k for k, s in enumerate(pipe.stages) if any(p is model.tie_a.weight for p in s.parameters())]
-    assert holders == list(owners)  # the shared tensor lives in exactly one stage
+    users = {k for k, s in enumerate(pipe.plan.stages) for n in s.nodes if n.startswith("tie_")}
+    for k, stage in enumerate(pipe.stages):
+        held = {id(p) for name, p in stage.named_parameters(remove_duplicate=False) if name in ("tie_a.weight", "tie_b.weight")}
+        assert len(held) == (1 if k in users else 0)  # within a stage the two uses stay one tensor
+    assert {s.index for s in pipe.plan.stages if s.replicas} == (users if len(users) > 1 else set())
+    _bp_matches_the_model(_TiedMiddle(), x, K)
 
 
 class _Reused(nn.Module):
@@ -210,10 +239,11 @@ class _Reused(nn.Module):
         return self.post(self.shared(torch.relu(self.shared(self.pre(x)))))
 
 
-def test_reused_module_never_split() -> None:
-    pipe = fxreplay.compile(_Reused(), (torch.randn(3, 8),), K=3, cost="flops")
-    owners = [k for k, s in enumerate(pipe.plan.stages) for n in s.nodes if n.startswith("shared")]
-    assert len(set(owners)) == 1
+def test_a_module_reused_across_stages_gets_its_gradients_summed() -> None:
+    pipe = _bp_matches_the_model(_Reused(), torch.randn(3, 8), K=3)
+    owners = {k for k, s in enumerate(pipe.plan.stages) for n in s.nodes if n.startswith("shared")}
+    assert len(owners) == 2  # the two calls went to different stages: each holds a copy
+    assert all(s.replicas == ("shared.bias", "shared.weight") for s in pipe.plan.stages if s.index in owners)
 
 
 class _Untraceable(nn.Module):

@@ -279,15 +279,19 @@ class _TiedMiddle(nn.Module):
         return self.post(self.tie_b(self.mid(self.tie_a(self.pre(x)))))
 
 
-def test_no_cut_between_the_users_of_a_tied_weight() -> None:
+def test_a_tied_weight_is_replicated_not_a_forbidden_cut() -> None:
     cg = _cost_graph(_TiedMiddle(), torch.randn(3, 4))
     assert _names(cg) == ["x", "pre", "tie_a", "mid", "tie_b", "post"]
-    assert [(name, _names(cg, users)) for name, users in cg.tied] == [("tie_a.weight", ["tie_a", "tie_b"])]
-    # tie_a at 2, tie_b at 4: cuts 3 and 4 would put the two users in different stages.
-    assert cg.allowed == [False, False, True, False, False, True, False]
-    cg.check_cuts(3)
-    with pytest.raises(PartitionError, match="allows only 2 .*Tied parameters keep some nodes together: tie_a.weight"):
-        cg.check_cuts(4)
+    assert cg.tied == []
+    assert [(s.name, _names(cg, s.users), s.nbytes) for s in cg.replicated] == [("tie_a.weight", ["tie_a", "tie_b"], 4 * 4 * F32)]
+    # every cut between operations is possible: the stages of tie_a and tie_b hold a copy each
+    assert cg.allowed == [False, False, True, True, True, True, False]
+    cg.check_cuts(5)
+    # ... and the memory counts the copy at its second use (x3: weight, gradient, momentum)
+    problem = cg.problem("flops", PLAIN)
+    own = [3.0 * c.param_bytes for c in (n.meta["cost"] for n in cg.order)]
+    extra = [b - o for b, o in zip(problem.static_bytes, own)]
+    assert extra == [0, 0, 0, 0, 3.0 * 4 * 4 * F32, 0]
 
 
 def test_no_cut_between_the_writer_and_a_reader_of_a_buffer() -> None:
@@ -297,7 +301,7 @@ def test_no_cut_between_the_writer_and_a_reader_of_a_buffer() -> None:
     ema = next(n for n in cg.order if n.op == "get_attr" and n.target == "ema")
     users = sorted(cg.position[u] for u in ema.users)
     assert len(users) == 2  # the in-place update and the division's read
-    assert [name for name, _ in cg.tied] == ["ema"]
+    assert [s.name for s in cg.tied] == ["ema"] and cg.replicated == []
     assert not any(cg.allowed[users[0] + 1: users[-1] + 1])
     # around them cuts stay possible: before the buffer's read, and after its last user (the
     # cut right after the read itself is the cut before it: never offered twice)

@@ -23,7 +23,7 @@ def test_text_grid_marks_compute_wait_send() -> None:
 
 def test_totals_subtract_waits_from_the_action_that_waited() -> None:
     totals = timeline().totals()
-    assert totals[1] == pytest.approx({"compute": 0.5, "wait": 0.5, "send": 0.0})
+    assert totals[1] == pytest.approx({"compute": 0.5, "wait": 0.5, "send": 0.0, "reduce": 0.0})
     assert totals[0]["send"] == pytest.approx(0.1)
 
 

@@ -35,7 +35,8 @@ from fxreplay.compiler.loading import load_model, make_example_inputs
 from fxreplay.compiler.plan import ModelSpec, Plan, StagePlan, parse_device
 from fxreplay.compiler.profiling import NodeCost, profile, time_stages
 from fxreplay.compiler.refine import refined
-from fxreplay.compiler.split import Stage, assign_eval_stages, build_stages, dual_stages, run_chain, write_stage_files
+from fxreplay.compiler.split import (Stage, assign_eval_stages, build_stages, dual_stages, replicate_shared, run_chain,
+                                     write_stage_files)
 from fxreplay.compiler.tracing import Traced, trace_modes
 from fxreplay.errors import FxReplayWarning, PartitionError, PlanError
 from fxreplay.partition import Device, Partition, solve
@@ -223,7 +224,16 @@ def _make_plan(
 ) -> Plan:
     stages = []
     costs: list[NodeCost] = [n.meta["cost"] for n in cg.order]
+    pos = cg.position
+    stage_at = [k for k, (a, b) in enumerate(part.ranges) for _ in range(a, b)]
+    holders = {s.name: sorted({stage_at[pos[u]] for u in s.users}) for s in cg.replicated}
+    copies = {name: ks for name, ks in holders.items() if len(ks) > 1}  # a parameter in several stages
+    sizes = {s.name: s.nbytes for s in cg.replicated}
     for k, (a, b) in enumerate(part.ranges):
+        replicas = tuple(sorted(name for name, ks in copies.items() if k in ks))
+        # NodeCost counts a parameter at its first use: a stage holding a copy of one first
+        # used in an earlier stage holds its bytes too.
+        extra = sum(sizes[name] for name in replicas if copies[name][0] != k)
         stages.append(
             StagePlan(
                 index=k,
@@ -231,10 +241,11 @@ def _make_plan(
                 device=devs[part.devices[k]].name,
                 flops_fwd=sum(c.flops_fwd for c in costs[a:b]),
                 flops_bwd=sum(c.flops_bwd for c in costs[a:b]),
-                param_bytes=sum(c.param_bytes for c in costs[a:b]),
+                param_bytes=sum(c.param_bytes for c in costs[a:b]) + extra,
                 boundary_bytes=int(cg.cut_bytes[b]) if k < len(part.ranges) - 1 else 0,
                 predicted_cost=float(part.stage_costs[k]),
                 memory_bytes=float(part.stage_memory[k]),
+                replicas=replicas,
             )
         )
     return Plan(K=len(stages), stages=tuple(stages), cost=cost, method=method, bottleneck=float(part.bottleneck), model=spec, boundaries=boundaries)
@@ -269,6 +280,7 @@ def _pipeline(model: nn.Module, traced: tuple[Traced, Traced | None], cg: CostGr
         stage_of = {name: s.index for s in plan.stages for name in s.nodes}
         eval_stages = build_stages(evaluation.gm, *assign_eval_stages(gm, stage_of, evaluation.gm, plan.K))
     stages = dual_stages(train_stages, eval_stages, train.out_spec, evaluation.out_spec if evaluation else None)
+    replicate_shared(stages)
     return Pipeline(plan=plan, stages=stages, model=model, graph_module=gm, cost_graph=cg,
                     eval_graph_module=evaluation.gm if evaluation else None)
 

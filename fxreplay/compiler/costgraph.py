@@ -4,9 +4,11 @@ The nodes become a networkx DiGraph (edge u -> v: v uses u's value) weighted by 
 profile; a topological order that keeps boundaries narrow is chosen
 (:func:`fxreplay.compiler.ordering.narrow_order`), and the per-position arrays of
 :class:`fxreplay.partition.Problem` are laid out along it. Cuts that would leave a stage
-without computation, split the uses of a tied parameter or a written buffer, or carry a
-structured value (tuple, dict) are forbidden; boundaries
-pinned by module name become required cuts.
+without computation, split the uses of a written buffer, or carry a structured value (tuple,
+dict) are forbidden; boundaries pinned by module name become required cuts. A parameter used
+in several places (a tied embedding, a reused module) does not forbid cuts: each stage that
+uses it holds a copy (see :func:`fxreplay.compiler.split.replicate_shared`), which the
+problem's memory counts once per using node.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from fxreplay.errors import PartitionError
 from fxreplay.compiler.ordering import cut_bytes, narrow_order
 from fxreplay.partition import PLAIN, MethodCost, Problem
 from fxreplay.compiler.profiling import NodeCost
-from fxreplay.compiler.tracing import node_module_path, tied_parameter_groups
+from fxreplay.compiler.tracing import SharedState, node_module_path, shared_state
 
 __all__ = ["CostGraph", "build_cost_graph", "COST_MODELS", "OPTIMIZER_STATE_FACTOR"]
 
@@ -47,7 +49,8 @@ class CostGraph:
         order: the fx nodes (output excluded) in the chosen topological order.
         cut_bytes: ``cut_bytes[c]``: bytes that cross a cut before position ``c``.
         allowed: ``allowed[c]``: a cut at ``c`` is permitted.
-        tied: tied parameters and the nodes that use them.
+        tied: state whose users must stay in one stage (buffers a forward writes).
+        replicated: parameters used by several nodes: a copy in each stage that uses them.
     """
 
     gm: fx.GraphModule
@@ -55,7 +58,8 @@ class CostGraph:
     order: list[fx.Node]
     cut_bytes: list[float]
     allowed: list[bool]
-    tied: list[tuple[str, list[fx.Node]]]
+    tied: list[SharedState]
+    replicated: list[SharedState]
 
     @property
     def position(self) -> dict[fx.Node, int]:
@@ -76,7 +80,7 @@ class CostGraph:
         """Raise a PartitionError when the graph allows fewer than the K-1 cuts K stages need."""
         possible = sum(self.allowed[1:-1])
         if K - 1 > possible:
-            tied = f" Tied parameters keep some nodes together: {', '.join(name for name, _ in self.tied)}." if self.tied else ""
+            tied = f" State written in place keeps some nodes together: {', '.join(s.name for s in self.tied)}." if self.tied else ""
             raise PartitionError(
                 f"K={K} stages need {K - 1} cuts but this model allows only {possible} (it has "
                 f"{sum(n.op not in ('placeholder', 'get_attr') for n in self.order)} operations).{tied} "
@@ -101,11 +105,28 @@ class CostGraph:
             if not self.allowed[c]:
                 raise PartitionError(
                     f"pinned boundary {name!r} (a cut before node {self.order[c].name!r}) is not "
-                    "allowed: it would leave a stage without computation or split the uses of a "
-                    "tied parameter. Pin a different module."
+                    "allowed: it would leave a stage without computation, split the uses of a "
+                    "buffer written in place, or carry a structured value. Pin a different module."
+                )
+            if c in cuts:
+                other = boundaries[cuts.index(c)]
+                raise PartitionError(
+                    f"pinned boundaries {other!r} and {name!r} start at the same place (a cut before node "
+                    f"{self.order[c].name!r}): they pin one cut, not two. Pin modules that start at different nodes."
                 )
             cuts.append(c)
-        return sorted(set(cuts))
+        return sorted(cuts)
+
+    def _param_bytes(self, costs: Sequence[NodeCost]) -> list[float]:
+        """Parameter bytes per position: each node's own (a parameter counts at its first
+        use), plus one copy of a replicated parameter at every further use, so a stage that
+        uses it holds it (conservative: two uses in one stage count two copies)."""
+        out = [float(c.param_bytes) for c in costs]
+        pos = self.position
+        for shared in self.replicated:
+            for node in sorted(shared.users, key=pos.__getitem__)[1:]:
+                out[pos[node]] += shared.nbytes
+        return out
 
     def problem(
         self,
@@ -138,7 +159,7 @@ class CostGraph:
             fwd=tuple(fwd),
             bwd=tuple(bwd),
             cut_bytes=tuple(self.cut_bytes),
-            static_bytes=tuple(optimizer_state_factor * c.param_bytes for c in costs),
+            static_bytes=tuple(optimizer_state_factor * b for b in self._param_bytes(costs)),
             act_bytes=tuple(float(c.act_bytes) for c in costs),
             allowed=tuple(self.allowed),
             required=tuple(required),
@@ -193,9 +214,10 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
         # leave a stage of parameter reads alone, which computes nothing.
         if n.op == "get_attr":
             allowed[i + 1] = False
-    tied = tied_parameter_groups(gm)
-    for _, users in tied:
-        ps = sorted(pos[u] for u in users)
+    shared = shared_state(gm)
+    tied = [s for s in shared if not s.replicable]
+    for state in tied:
+        ps = sorted(pos[u] for u in state.users)
         for c in range(ps[0] + 1, ps[-1] + 1):
             allowed[c] = False
     for n in ordered:
@@ -205,4 +227,5 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
             last = max((N if u.op == "output" else pos[u] for u in n.users), default=pos[n])
             for c in range(pos[n] + 1, last + 1):
                 allowed[c] = False
-    return CostGraph(gm=gm, graph=G, order=ordered, cut_bytes=cut, allowed=allowed, tied=tied)
+    replicated = [s for s in shared if s.replicable]
+    return CostGraph(gm=gm, graph=G, order=ordered, cut_bytes=cut, allowed=allowed, tied=tied, replicated=replicated)

@@ -50,6 +50,7 @@ class StagePlan:
     boundary_bytes: int = 0  # what crosses into the next stage (0 for the last)
     predicted_cost: float = 0.0  # in the cost model's units, method-aware, with communication
     memory_bytes: float = 0.0  # predicted: parameters + optimizer state + activations (+ FR history)
+    replicas: tuple[str, ...] = ()  # parameters this stage holds a copy of, shared with other stages
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class Plan:
         d = dataclasses.asdict(self)
         d["model"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["model"].items()}
         d["boundaries"] = list(self.boundaries)
-        d["stages"] = [{**s, "nodes": list(s["nodes"])} for s in d["stages"]]
+        d["stages"] = [{**s, "nodes": list(s["nodes"]), "replicas": list(s["replicas"])} for s in d["stages"]]
         return d
 
     @classmethod
@@ -171,6 +172,7 @@ class Plan:
                     boundary_bytes=_typed(s, "boundary_bytes", int, where, default=0),
                     predicted_cost=float(_typed(s, "predicted_cost", (int, float), where, default=0.0)),
                     memory_bytes=float(_typed(s, "memory_bytes", (int, float), where, default=0.0)),
+                    replicas=tuple(_str_list(s.get("replicas", []), f"{where}.replicas")),
                 )
             )
         seen: dict[str, int] = {}

@@ -14,6 +14,7 @@ the stages trains the model and stage state_dict keys are the model's keys.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 from fxreplay.compiler.tracing import writes_in_place
 from fxreplay.errors import TraceError, TrainingError
 
-__all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "stage_source", "run_chain"]
+__all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "replicate_shared", "stage_source", "run_chain"]
 
 
 class Stage(fx.GraphModule):
@@ -310,6 +311,62 @@ def dual_stages(
         )
         for k in range(K)
     ]
+
+
+def replicate_shared(stages: Sequence[nn.Module]) -> None:
+    """Give every stage its own copy of each parameter it shares with an earlier stage.
+
+    A tied weight (GPT's token embedding and output head) or a reused module's weights end
+    up in several stages; were they one tensor, each stage's optimizer would step it. The
+    first stage that uses such a parameter keeps the original (so training the stages still
+    trains the model); each later one gets a clone, placed along private copies of the
+    modules on its path (the originals, which the model and the earlier stage use, are not
+    touched). Uses within one stage stay one tensor. Each stage records its copies in
+    ``stage.replicas`` (parameter name in the stage -> the name in the first stage that
+    holds it): the executors sum the copies' gradients before every update, so all copies
+    take the same step and stay identical (Megatron does this for the embedding of the first
+    and last pipeline stage).
+    """
+    first: dict[int, tuple[int, str]] = {}  # id(original parameter) -> (stage, name) of its first holder
+    for k, stage in enumerate(stages):
+        clones: dict[int, nn.Parameter] = {}
+        private: set[int] = set()
+        replicas: dict[str, str] = {}
+        for name, p in list(stage.named_parameters(remove_duplicate=False)):
+            if id(p) in first and first[id(p)][0] != k:
+                clone = clones.get(id(p))
+                if clone is None:
+                    clone = clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                *path, attr = name.split(".")
+                _private_module(stage, path, private)._parameters[attr] = clone
+                replicas[name] = first[id(p)][1]
+        for name, p in stage.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), (k, name))
+        object.__setattr__(stage, "replicas", replicas)
+    # the first holders: a name of theirs that a later stage copied
+    copied = {source for stage in stages for source in getattr(stage, "replicas", {}).values()}
+    for k, stage in enumerate(stages):
+        own = {name: name for name, p in stage.named_parameters(remove_duplicate=False) if name in copied}
+        stage.replicas.update({n: s for n, s in own.items() if n not in stage.replicas})
+
+
+def _private_module(root: nn.Module, path: Sequence[str], private: set[int]) -> nn.Module:
+    """The module at ``path`` under ``root``, made private to ``root`` along the way: each
+    module on the path is replaced by a shallow copy with its own parameter, buffer and
+    submodule tables (so replacing an entry changes nothing outside ``root``)."""
+    module = root
+    for part in path:
+        child = module._modules[part]
+        assert child is not None
+        if id(child) not in private:
+            child = copy.copy(child)
+            child._parameters = dict(child._parameters)
+            child._buffers = dict(child._buffers)
+            child._modules = dict(child._modules)
+            module._modules[part] = child
+            private.add(id(child))
+        module = child
+    return module
 
 
 def _module_lines(stage: fx.GraphModule) -> list[str]:

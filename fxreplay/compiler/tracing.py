@@ -60,7 +60,8 @@ __all__ = [
     "guard",
     "trace",
     "trace_modes",
-    "tied_parameter_groups",
+    "SharedState",
+    "shared_state",
     "node_module_path",
     "writes_in_place",
 ]
@@ -624,44 +625,66 @@ def writes_in_place(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
     return False
 
 
-def tied_parameter_groups(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node]]]:
-    """State that more than one graph node uses: tied weights, reused modules, and buffers
-    that the graph writes in place and reads elsewhere.
+@dataclass(frozen=True)
+class SharedState:
+    """A parameter or buffer that more than one graph node uses.
 
-    Returns:
-        ``(name, nodes that use it)`` for each: these nodes must stay in one stage, or the
-        stages would hold diverging copies of one weight or buffer.
+    Attributes:
+        name: its first qualified name in the model.
+        users: the nodes that use it.
+        replicable: a parameter (a tied weight, a reused module's weight): stages may each
+            hold a copy, kept identical by summing the copies' gradients before every update.
+            False for state that a forward writes (a buffer updated in place, a reused
+            module's buffers): whoever uses it must be in one stage.
+        nbytes: its size, which each further stage holding a copy adds.
     """
+
+    name: str
+    users: list[fx.Node]
+    replicable: bool
+    nbytes: int
+
+
+def shared_state(gm: fx.GraphModule) -> list[SharedState]:
+    """State that more than one graph node uses: tied weights, reused modules, parameters read
+    in several places, and buffers that the graph writes in place and reads elsewhere."""
     users: dict[int, list[fx.Node]] = {}
     names: dict[int, str] = {}
-    written: set[int] = set()
+    sizes: dict[int, int] = {}
+    pinned: set[int] = set()  # state that cannot be copied between stages
     for node in gm.graph.nodes:
-        state: list[tuple[str, torch.Tensor]] = []
+        state: list[tuple[str, torch.Tensor, bool]] = []  # (name, tensor, pinned)
         at: list[fx.Node] = [node]
         if node.op == "call_module":
             sub = gm.get_submodule(str(node.target))
-            state = [(f"{node.target}.{n}", p) for n, p in sub.named_parameters(remove_duplicate=False)]
+            state = [(f"{node.target}.{n}", p, False) for n, p in sub.named_parameters(remove_duplicate=False)]
+            # A module's own buffers may be written by its forward (BatchNorm's statistics):
+            # a module reused across stages could not keep one copy of them.
+            state += [(f"{node.target}.{n}", b, True) for n, b in sub.named_buffers(remove_duplicate=False)]
         elif node.op == "get_attr":
             value = _get_attr(gm, str(node.target))
             if isinstance(value, torch.Tensor):
-                state = [(str(node.target), value)]
+                # A buffer written in place (an EMA) is state like a weight: whoever reads
+                # it must be in the stage that writes it.
+                written = not isinstance(value, nn.Parameter) and any(writes_in_place(gm, u, node) for u in node.users)
+                state = [(str(node.target), value, written)]
                 # The nodes that read the value are where it is used (a get_attr is re-read
                 # by every stage that needs it).
                 at = [u for u in node.users if u.op != "output"]
-                # A buffer written in place (an EMA) is state like a weight: whoever reads
-                # it must be in the stage that writes it.
-                if not isinstance(value, nn.Parameter) and any(writes_in_place(gm, u, node) for u in node.users):
-                    written.add(id(value))
-        for name, p in state:
-            key = id(p)
+        for name, t, pin in state:
+            key = id(t)
             names.setdefault(key, name)
+            sizes[key] = t.numel() * t.element_size()
+            if pin:
+                pinned.add(key)
             for n in at:
                 if n not in users.setdefault(key, []):
                     users[key].append(n)
     params = {id(p) for p in gm.parameters()}
     return [
-        (names[k], nodes) for k, nodes in users.items()
-        if len(nodes) > 1 and (k in params or k in written)
+        SharedState(names[k], nodes, replicable=k in params and k not in pinned, nbytes=sizes[k])
+        for k, nodes in users.items()
+        if len(nodes) > 1 and (k in params or k in pinned)
     ]
 
 

@@ -54,7 +54,7 @@ from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingEr
 from ..launch import reporting_rank
 from ..measure import MemoryMeter
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, as_tuple
+from ..methods.base import LossFn, OptimizerFactory, as_tuple, replica_groups
 from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng
 from ..timeline import Recorder, Timeline
@@ -96,6 +96,57 @@ class _RankLink:
                 f"(method {ex.method!r}, step {ex.step_count}); this is a schedule bug, please report it"
             )
         return channel.recv(batch, "the activations" if kind == "act" else "the δ")
+
+
+class _RankReplicas:
+    """:class:`~fxreplay.methods.base.Replicas` for one rank per stage: in its update, each
+    rank holding a copy of a shared parameter all-reduces (sums) its contribution -- its
+    gradient, or zeros in warm-up -- with the other holders, over a process group of exactly
+    those ranks (Megatron's "embedding group"); a count rides along, so the holders know
+    whether any of them had a gradient. The update of iteration t so waits until every
+    holder has finished its backward of iteration t: the only serialisation the sum needs.
+
+    Every rank creates every group, in the same order, as torch.distributed requires.
+    """
+
+    def __init__(self, ex: DistributedExecutor) -> None:
+        self.ex = ex
+        self.mine: list[tuple[str, Any, torch.Tensor, list[int]]] = []
+        for name, members in replica_groups(ex.stages):
+            ranks = sorted({k for k, _ in members})
+            group = dist.new_group(ranks, timeout=timedelta(seconds=ex.timeout))
+            local = next((n for k, n in members if k == ex.rank), None)
+            if local is not None:
+                self.mine.append((name, group, ex.worker.shared_params[local], ranks))
+        if self.mine:
+            ex.worker.replicas = self
+
+    def reduce(self, worker: Any, own: bool) -> bool:
+        summed = False
+        for name, group, p, ranks in self.mine:
+            start = time.perf_counter()
+            have = own and p.grad is not None
+            flat = torch.cat([(p.grad if have else torch.zeros_like(p)).detach().reshape(-1),
+                              torch.ones(1, dtype=p.dtype, device=p.device) * float(have)])
+            work = dist.all_reduce(flat, group=group, async_op=True)
+            try:
+                assert work is not None
+                work.wait(timedelta(seconds=self.ex.timeout))
+            except Exception as exc:
+                others = ", ".join(str(r) for r in ranks if r != self.ex.rank)
+                raise TrainingError(
+                    f"could not sum the gradient of {name} (shared with rank(s) {others}) within "
+                    f"{self.ex.timeout:g} s: a holder failed, was killed or stopped answering ({exc}). See its own "
+                    "error above; raise the timeout if a stage is legitimately this slow"
+                ) from exc
+            if float(flat[-1]) > 0:
+                p.grad = flat[:-1].view_as(p)
+                summed = True
+            else:
+                p.grad = None
+            if self.ex.recorder is not None:
+                self.ex.recorder.record("reduce", start, time.perf_counter(), f"sum {name}")
+        return summed
 
 
 class DistributedExecutor:
@@ -166,6 +217,7 @@ class DistributedExecutor:
             self.worker.meter = MemoryMeter(exclude=self.worker.params)
         self.recorder = Recorder(rank) if record_timeline else None
         self._build_channels()
+        self._replicas = _RankReplicas(self)
         self._link = _RankLink(self)
         self._inbox: dict[tuple[str, int], Any] = {}
         self._out: tuple[torch.Tensor, Any] | None = None

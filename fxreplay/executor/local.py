@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, as_tuple, frozen_norm_stats
+from ..methods.base import LossFn, OptimizerFactory, StageWorker, as_tuple, frozen_norm_stats, replica_groups
 from ..state import RngState, capture_rng, kept_buffers, restored_rng
 from ..schedule import Action, validate
 from ..timeline import Timeline
@@ -61,6 +61,40 @@ class _StageLink:
                 f"stage {self._stage} needs the {kind!r} message of batch {batch} but nobody sent it "
                 f"(method {self._ex.method!r}, step {self._ex.step_count}); this is a schedule bug, please report it"
             ) from None
+
+
+class _LocalReplicas:
+    """:class:`~fxreplay.methods.base.Replicas` for stages in one process: before the updates
+    of an iteration, each shared parameter's copies get the sum of the gradients of the
+    holders whose update this is (in stage order, so the sum is the same every run)."""
+
+    def __init__(self, workers: Sequence[StageWorker]) -> None:
+        self.workers = list(workers)
+        self.groups = [
+            [(workers[k], workers[k].shared_params[local]) for k, local in members]
+            for _, members in replica_groups([w.module for w in workers])
+        ]
+        self._summed: set[int] = set()  # stages whose copies got a sum this iteration
+        for w in workers:
+            if w.shared_params:
+                w.replicas = self
+
+    def prepare(self, t: int, updates: Sequence[Action]) -> None:
+        # A holder contributes when this update applies its own gradient (not in warm-up).
+        own = {a.stage: self.workers[a.stage].grad_batch == t + a.offset >= 0 for a in updates if a.op == "U"}
+        self._summed = set()
+        for members in self.groups:
+            grads = [p.grad for w, p in members if own.get(w.stage) and p.grad is not None]
+            total = None
+            for g in grads:
+                total = g.clone() if total is None else total.add_(g.to(total.device))
+            for w, p in members:
+                p.grad = None if total is None else total.to(p.device, copy=True)
+                if total is not None:
+                    self._summed.add(w.stage)
+
+    def reduce(self, worker: StageWorker, own: bool) -> bool:
+        return worker.stage in self._summed
 
 
 class LocalExecutor:
@@ -116,6 +150,7 @@ class LocalExecutor:
         self.last_output: Any = None
         self.last_loss: float | None = None
         self.stage_times: list[float] = [0.0] * len(stages)
+        self._replicas = _LocalReplicas(self.workers) if any(w.shared_params for w in self.workers) else None
 
     @property
     def num_stages(self) -> int:
@@ -182,6 +217,8 @@ class LocalExecutor:
             )
         if sigmas is not None:
             sigmas.extend(self._sigmas())
+        if self._replicas is not None:
+            self._replicas.prepare(t, updates)
         for action in updates:
             self._run(action, t)
         for w in self.workers:

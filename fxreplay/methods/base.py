@@ -22,6 +22,7 @@ the same way, and a worker never knows which one it runs under.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
@@ -35,6 +36,8 @@ from ..schedule import Action
 
 __all__ = [
     "Link",
+    "Replicas",
+    "replica_groups",
     "LossFn",
     "OptimizerFactory",
     "StageWorker",
@@ -52,6 +55,31 @@ class Link(Protocol):
     def send(self, kind: str, batch: int, payload: Any) -> None: ...
 
     def recv(self, kind: str, batch: int) -> Any: ...
+
+
+class Replicas(Protocol):
+    """How a worker sums the gradients of the parameters its stage shares with other stages
+    (``stage.replicas``, see :func:`fxreplay.compiler.split.replicate_shared`): each holder
+    contributes the gradient its own schedule produced for the update of this iteration
+    (none in warm-up), and every copy gets the sum. In one process the executor sums over
+    its workers; one rank per stage, an all-reduce over the ranks that hold the parameter."""
+
+    def reduce(self, worker: StageWorker, own: bool) -> bool:
+        """Put the summed gradient on ``worker``'s copies; False when no holder had one
+        (their ``.grad`` is then None)."""
+        ...
+
+
+def replica_groups(stages: Sequence[nn.Module]) -> list[tuple[str, list[tuple[int, str]]]]:
+    """The copies :func:`fxreplay.compiler.split.replicate_shared` made, grouped: ``(name, [(stage, name in it), ...])``
+    for each parameter held by more than one stage, sorted by name (the same on every rank)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for k, stage in enumerate(stages):
+        for local, source in sorted(getattr(stage, "replicas", {}).items()):
+            members = groups.setdefault(source, [])
+            if all(m[0] != k for m in members):
+                members.append((k, local))
+    return sorted((name, members) for name, members in groups.items() if len({k for k, _ in members}) > 1)
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:
@@ -133,6 +161,12 @@ class StageWorker:
         written = getattr(module, "written_buffers", None)
         self.written: list[torch.Tensor] = written() if callable(written) else []
         self.grad_batch: int | None = None
+        # Parameters shared with other stages (a tied embedding): their gradients are summed
+        # with the other copies' before every update, by ``replicas`` (set by the executor).
+        shared = getattr(module, "replicas", None) or {}
+        named = dict(module.named_parameters(remove_duplicate=False))
+        self.shared_params: dict[str, nn.Parameter] = {name: named[name] for name in sorted(shared) if name in named}
+        self.replicas: Replicas | None = None
         self.meter: MemoryMeter | None = None
         self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
         self._apply_options(options)
@@ -169,10 +203,23 @@ class StageWorker:
         """Alg. 1 line 13: w^{t+1} = optimizer step with the gradient of ``batch``.
 
         Skipped in warm-up (no gradient yet): stepping with zero gradients would still move
-        the weights through momentum and weight decay.
+        the weights through momentum and weight decay. Copies of a parameter shared with
+        other stages first get the sum of every holder's gradient, and take their step even
+        while this stage's own parameters wait for their first gradient (another holder may
+        have one), so all copies take the same steps and stay identical.
         """
-        if self.grad_batch == batch and batch >= 0:
+        own = self.grad_batch == batch and batch >= 0
+        shared = self.replicas is not None and bool(self.shared_params) and self.replicas.reduce(self, own)
+        if own:
             self.optimizer.step()
+        elif shared:
+            others = [p for p in self.params if all(p is not q for q in self.shared_params.values())]
+            held = [p.grad for p in others]
+            for p in others:
+                p.grad = None  # optimizers skip parameters without a gradient
+            self.optimizer.step()
+            for p, g in zip(others, held):
+                p.grad = g
 
     # -- building blocks ---------------------------------------------------------------
     def recv_inputs(self, batch: int, link: Link) -> tuple[Any, ...]:
