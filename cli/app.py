@@ -97,7 +97,7 @@ def partition(
                     f"{model} gives no example inputs: pass --input-shape (per example, e.g. 3,32,32) "
                     "and --batch-size, or define example_inputs() in the model file."
                 )
-            inputs = make_example_inputs(shape, batch_size, dtype=input_dtype)
+            inputs = make_example_inputs(shape, batch_size, dtype=input_dtype or loaded.input_dtype)
         device_list = [d.strip() for d in devices.split(",")] if devices else None
         spec = ModelSpec(spec=model, input_shape=tuple(shape) if shape else None, batch_size=batch_size if shape else None,
                          num_classes=num_classes, leaf_modules=tuple(leaf or ()))

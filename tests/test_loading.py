@@ -215,7 +215,7 @@ def test_zoo_models_know_their_input_shape(spec: str, shape: tuple[int, ...] | N
 
 def test_zoo_num_classes_and_unknown_names() -> None:
     assert load_model("digits_cnn", num_classes=3).model.fc.out_features == 3
-    with pytest.raises(ModelLoadError, match="unknown model 'resnet7'; the zoo has: digits_cnn, mlp, resnet101"):
+    with pytest.raises(ModelLoadError, match="unknown model 'resnet7'; the zoo has: digits_cnn, gpt_tiny, mlp, resnet101"):
         load_model("zoo:resnet7")
 
 

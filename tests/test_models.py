@@ -1,6 +1,8 @@
 """The model zoo: parameter counts against the papers, shapes, fx-traceability, naming."""
 from __future__ import annotations
 
+import math
+
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +186,26 @@ def test_branchy_net_example(examples_dir: Path) -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == 2
+
+
+def test_gpt_tiny_is_a_causal_byte_language_model_with_a_tied_head() -> None:
+    torch.manual_seed(0)
+    model = models.get("gpt_tiny")
+    assert model.head.weight is model.tok_emb.weight  # GPT-2's weight tying
+    assert 0.7e6 < n_params(model) < 0.9e6
+    shape, dtype = models.input_of("gpt_tiny")
+    assert shape == (64,) and dtype == "int64"
+    idx = torch.randint(0, 256, (2, 64))
+    logits = model(idx)
+    assert logits.shape == (2, 64, 256)
+    # causal: changing token j changes no logit before position j
+    changed = idx.clone()
+    changed[:, 40] = (changed[:, 40] + 1) % 256
+    other = model(changed)
+    assert torch.equal(logits[:, :40], other[:, :40]) and not torch.equal(logits[:, 40:], other[:, 40:])
+    # shorter sequences work (positions are taken from the input's length)
+    assert model(idx[:, :10]).shape == (2, 10, 256)
+    # the loss at initialisation is about log(256): an untrained model guesses uniformly
+    targets = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+    assert abs(float(loss) - math.log(256)) < 0.1

@@ -35,6 +35,7 @@ class LoadedModel:
     example_inputs: tuple[Any, ...] | None
     spec: str
     input_shape: tuple[int, ...] | None = None  # per-example shape the model is made for, when known
+    input_dtype: str | None = None  # and its dtype ("int64" for token ids), when known
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -155,8 +156,8 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
 
         name = attr if path_part == "zoo" else path_part
         kw = {"num_classes": num_classes} if num_classes else {}
-        shape = (1, 8, 8) if name == "digits_cnn" else (3, 32, 32) if name.startswith("resnet") else None
-        return LoadedModel(models.get(name, **kw), None, spec, shape)
+        shape, dtype = models.input_of(name)
+        return LoadedModel(models.get(name, **kw), None, spec, shape, dtype)
 
     if is_file:
         module = _import_file(Path(path_part))

@@ -24,12 +24,16 @@ from fxreplay.models.resnet_cifar import (
     resnet152,
     resnet164,
 )
+from fxreplay.models.gpt import gpt_tiny
 from fxreplay.models.small import digits_cnn, mlp
 
 __all__ = [
     "ZOO",
     "get",
+    "INPUTS",
+    "input_of",
     "digits_cnn",
+    "gpt_tiny",
     "mlp",
     "resnet20",
     "resnet32",
@@ -52,7 +56,21 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet164": resnet164,
     "resnet101": resnet101,
     "resnet152": resnet152,
+    "gpt_tiny": gpt_tiny,
 }
+
+INPUTS: dict[str, tuple[tuple[int, ...], str]] = {
+    "digits_cnn": ((1, 8, 8), "float32"),
+    **{name: ((3, 32, 32), "float32") for name in ZOO if name.startswith("resnet")},
+    "gpt_tiny": ((64,), "int64"),  # token ids, one block
+}
+"""What a zoo model takes, per example: ``(shape, dtype)`` (``mlp`` takes any flat size)."""
+
+
+def input_of(name: str) -> tuple[tuple[int, ...] | None, str | None]:
+    """The per-example input shape and dtype zoo model ``name`` is made for, if it has one."""
+    shape, dtype = INPUTS.get(name, (None, None))
+    return shape, dtype
 
 
 def get(name: str, **kwargs: object) -> nn.Module:
