@@ -4,6 +4,7 @@ with an oracle synthesizer; plus FR's pitfalls (warm-up, BatchNorm, dropout, tup
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -387,12 +388,16 @@ def test_dni_synthesizer_learns_the_true_gradient() -> None:
     # Stage weights frozen (lr 0): the true δ has a fixed distribution to learn.
     ex = LocalExecutor(stages, "dni", optimizer=lambda p: torch.optim.SGD(p, lr=0.0), loss_fn=nn.CrossEntropyLoss(),
                        synth_optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), synth_hidden=32)
+    # Labels a function of the input (a fixed teacher): the true δ is a function of h that
+    # the synthesizer can learn (with random labels most of it would be noise it cannot see).
+    teacher = torch.randn(4, 3, generator=torch.Generator().manual_seed(4))
     losses = []
-    for x, y in batches(50, width=4):
-        ex.step(x.float(), y)
+    for x, _ in batches(50, width=4):
+        ex.step(x.float(), (x.float() @ teacher).argmax(1))
         losses.append(ex.workers[0].last_synth_loss)
+    # MSE in units of the true δ's RMS: a zero prediction scores 1
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
+    assert 0.8 < first < 1.2 and last < 0.5 * first, (first, last)
 
 
 def test_dni_conv_synthesizer_starts_at_zero() -> None:
@@ -451,3 +456,33 @@ def test_dni_divergence_leaves_the_synthesizers_untouched() -> None:
     with pytest.raises(DivergenceError):
         ex.step(torch.full_like(x, float("nan")), y)
     assert_close(synths(), before, atol=0)
+
+
+def test_dni_synthetic_gradients_are_in_units_of_the_true_deltas_rms() -> None:
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(4, 16), nn.Tanh()), nn.Linear(16, 3)]
+    ex = LocalExecutor(stages, "dni", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), synth_hidden=8)
+    before = weights([stages[0]])
+    x, y = batches(1, width=4)[0]
+    seen: list[torch.Tensor] = []
+    stages[1].register_full_backward_hook(lambda m, gin, gout: seen.append(gin[0].detach().clone()))
+    ex.step(x.float(), y)
+    worker = ex.workers[0]
+    # no true δ had been seen at the first S: the synthetic gradient was zero, the stage did not move
+    assert_close(weights([stages[0]]), before, atol=0)
+    # ... and the scale is now the RMS of the true δ of that batch (the first average is the value)
+    (true,) = seen
+    assert worker.mean_square[0] == pytest.approx(float(true.double().pow(2).mean()), rel=1e-9)
+    assert 1e-6 < worker.mean_square[0] < 1e-2  # a batch-mean loss's δ: small
+
+
+def test_dni_learns_the_offline_default_within_5_points_of_bp(tmp_path: Path) -> None:
+    from fxreplay.config import apply_overrides, load_config
+    from fxreplay.run import train_run
+
+    accuracy = {}
+    for method in ("bp", "dni"):
+        cfg = apply_overrides(load_config(None), {"train.method": method, "partition.K": 2, "train.out": str(tmp_path / method)})
+        accuracy[method] = train_run(cfg).final["test_accuracy"]
+    assert accuracy["bp"] > 0.95
+    assert accuracy["dni"] > accuracy["bp"] - 0.05, accuracy

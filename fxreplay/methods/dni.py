@@ -14,14 +14,27 @@ Stages 0..K-2 each own one synthesizer per floating boundary tensor (see
 
 The last stage runs F, B, U exactly like BP. With a perfect synthesizer this is BP.
 
+**Scale.** The true δ of a batch-mean loss is tiny (of order 1/batch per element, smaller
+still deep in a network), while an optimizer's first steps move a fresh synthesizer's
+output by about its learning rate: unscaled, the first synthetic gradients were orders of
+magnitude larger than the true ones and blew the stages up (the offline default trained to
+66% at K=2, chance at K=4, where BP reaches 98%). The built-in synthesizers therefore work
+in units of the true δ's running RMS σ_k (an exponential average over the T steps, per
+boundary tensor): S_k is trained on δ_k / σ_k and the stage receives δ̂_k = σ_k · S_k(h_k).
+Until a true δ has been seen (σ_k unknown) the synthetic gradient is zero: the stage waits,
+as FR's stages wait in warm-up. A synthesizer given as a callable (an oracle in tests)
+predicts δ itself, unscaled.
+
 Options:
     synthesizer: ``"auto"`` | ``"conv"`` | ``"mlp"``, or a callable
         ``(stage, example_tensor) -> nn.Module`` (e.g. an oracle in tests).
     synth_hidden: hidden channels/features of the built-in synthesizers.
-    synth_optimizer: factory ``params -> Optimizer``; default ``Adam(lr=1e-4)``.
+    synth_optimizer: factory ``params -> Optimizer``; default ``Adam(lr=1e-3)`` (on the
+        scaled targets).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -51,7 +64,11 @@ def schedule(K: int) -> Schedule:
 
 
 def _default_synth_optimizer(params: list[Any]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-4)
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+SCALE_DECAY = 0.95
+"""Weight of the past in the running mean square of the true δ (about 20 iterations)."""
 
 
 class DNIWorker(StageWorker):
@@ -76,6 +93,9 @@ class DNIWorker(StageWorker):
         self._spec: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
         self._pred: tuple[int, dict[int, torch.Tensor], StorageMap] | None = None
         self.last_synth_loss: float | None = None
+        # Built-in synthesizers predict δ / σ (see the module docstring); a callable predicts δ.
+        self.scaled = not callable(self.synth_kind)
+        self.mean_square: dict[int, float] = {}  # boundary position -> running mean of δ², once seen
 
     def _synth(self, position: int, example: torch.Tensor) -> nn.Module:
         if position not in self.synths:
@@ -115,8 +135,9 @@ class DNIWorker(StageWorker):
         self._live = None
         for p in self.params:
             p.grad = None
-        if preds:
-            torch.autograd.backward([outs[i] for i in preds], [p.detach() for p in preds.values()])
+        synthetic = {i: pred.detach() * self._scale(i) for i, pred in preds.items()}
+        if synthetic:
+            torch.autograd.backward([outs[i] for i in synthetic], list(synthetic.values()))
         self.grad_batch = batch
         self.send_input_grads(batch, inputs, link)
 
@@ -133,7 +154,13 @@ class DNIWorker(StageWorker):
         _, preds, _ = self._pred
         self._pred = None
         true = as_tuple(link.recv("grad", batch))
-        terms = [F.mse_loss(pred, true[i].to(pred.device).detach()) for i, pred in preds.items() if true[i] is not None]
+        known = {i: true[i].to(pred.device).detach() for i, pred in preds.items() if true[i] is not None}
+        if self.scaled:
+            for i, delta in known.items():
+                square = float(delta.double().pow(2).mean())
+                past = self.mean_square.get(i)
+                self.mean_square[i] = square if past is None else SCALE_DECAY * past + (1 - SCALE_DECAY) * square
+        terms = [F.mse_loss(preds[i], delta / self._scale(i)) for i, delta in known.items() if self._scale(i) > 0]
         if not terms:
             return
         loss = torch.stack(terms).sum()
@@ -145,6 +172,13 @@ class DNIWorker(StageWorker):
             loss.backward()
             for o in opts:
                 o.step()
+
+    def _scale(self, position: int) -> float:
+        """σ of boundary ``position``: what the synthesizer's output is multiplied by (1 for a
+        callable synthesizer; 0 before any true δ was seen)."""
+        if not self.scaled:
+            return 1.0
+        return math.sqrt(self.mean_square.get(position, 0.0))
 
     def held_storages(self) -> list[StorageMap]:
         maps = super().held_storages()
@@ -158,6 +192,7 @@ class DNIWorker(StageWorker):
             "synths": {i: m.state_dict() for i, m in self.synths.items()},
             "synth_opts": {i: (o.state_dict() if o is not None else None) for i, o in self.synth_opts.items()},
             "last_synth_loss": self.last_synth_loss,
+            "mean_square": dict(self.mean_square),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -169,6 +204,7 @@ class DNIWorker(StageWorker):
             if opt is not None and state["synth_opts"][i] is not None:
                 opt.load_state_dict(state["synth_opts"][i])
         self.last_synth_loss = state["last_synth_loss"]
+        self.mean_square = {int(i): float(v) for i, v in state.get("mean_square", {}).items()}
 
 
 SPEC = MethodSpec(
