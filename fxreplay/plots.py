@@ -80,11 +80,13 @@ def _losses(run: RunMetrics) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _finish_loss_axes(ax: Any, title: str, xlabel: str) -> None:
+def _finish_loss_axes(ax: Any, title: str, xlabel: str, explained: bool = False) -> None:
+    """Title, labels, log scale when the loss falls by orders of magnitude, legend; an empty
+    panel says why (unless the caller already did: ``explained``)."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
-    if not ys:
+    if not ys and not explained:
         ax.text(0.5, 0.5, "no logged steps\n(train.log_every > the steps run)", transform=ax.transAxes,
                 ha="center", va="center", color="#666666")
         ax.set_xticks([])
@@ -94,7 +96,8 @@ def _finish_loss_axes(ax: Any, title: str, xlabel: str) -> None:
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="best", frameon=False)
+    if ax.get_lines():
+        ax.legend(loc="best", frameon=False)
 
 
 def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path:
@@ -112,17 +115,20 @@ def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int |
     return _save(fig, path)
 
 
-def _modelled_time(run: RunMetrics) -> list[float]:
+def _modelled_time(run: RunMetrics) -> list[float] | None:
     """Seconds on K devices: each iteration costs the slowest module (BP: the sum, it is backward-locked).
 
     A logged step stands for the unlogged ones before it; a step that also measured σ ran an
-    extra BP pass, so it borrows the cost of the nearest plain logged step.
+    extra BP pass, so it borrows the cost of the nearest plain logged step. None when no
+    logged step is plain (σ measured at every one): the time is then unknown, not zero.
     """
     spec = methods.METHODS.get(run.method)
     combine = max if spec is None or spec.parallel else sum
     costs: list[float | None] = [None if "sigma" in r else float(combine(r["stage_time"])) for r in run.steps]
     plain = [c for c in costs if c is not None]
-    last = plain[0] if plain else 0.0
+    if not plain:
+        return None
+    last = plain[0]
     out, t, prev = [], 0.0, 0
     for r, c in zip(run.steps, costs):
         last = c if c is not None else last
@@ -137,13 +143,22 @@ def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
     groups = _by_K(runs)
     fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH_IN, 2.9 * len(groups)), squeeze=False, layout="constrained")
     for row, (K, group) in zip(axes, groups.items()):
+        unknown = []
         for run in group:
             _, ys = _losses(run)
             walls = [r["wall"] for r in run.steps] or [r["wall"] for r in run.epochs]
             _curve(row[0], run, walls, ys)
-            _curve(row[1], run, _modelled_time(run), [r["loss"] for r in run.steps])
+            modelled = _modelled_time(run)
+            if modelled is None:
+                unknown.append(run.label)
+                continue
+            _curve(row[1], run, modelled, [r["loss"] for r in run.steps])
         _finish_loss_axes(row[0], f"K = {K}: measured (one process)", "wall time (s)")
-        _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)")
+        _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)", explained=bool(unknown))
+        if unknown:
+            row[1].text(0.5, 0.5 if not row[1].get_lines() else 0.08, f"not drawn: {', '.join(unknown)} (σ measured at every logged step,\n"
+                        "so no logged step times a plain iteration; log more often than σ)",
+                        transform=row[1].transAxes, ha="center", va="bottom", fontsize=7.5, color="#666666")
         row[0].set_ylabel("training loss")
     fig.suptitle("Training loss against time")
     return _save(fig, path)

@@ -308,3 +308,25 @@ def test_cli_show(tmp_path: Path, examples_dir: Path) -> None:
     assert "K=3" in result.output and "bottleneck" in result.output and str(png) in " ".join(result.output.split())
     _assert_png(png)
     _assert_user_error(runner.invoke(_app(), ["show", str(tmp_path / "nowhere")]), "nowhere")
+
+
+def test_modelled_time_is_not_drawn_at_zero_when_every_logged_step_measured_sigma(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxreplay.runlog import RunMetrics
+
+    def run(method: str, sigma_everywhere: bool) -> RunMetrics:
+        steps = [{"step": s, "loss": 2.0 / s, "wall": 0.1 * s, "stage_time": [0.01, 0.02],
+                  **({"sigma": [1.0, 1.0]} if sigma_everywhere or s % 2 == 0 else {})} for s in range(1, 7)]
+        return RunMetrics(method=method, K=2, path=tmp_path, steps=steps)
+
+    drawn: dict[str, Any] = {}
+    original = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.update({path.name: (_drawn(fig), [t.get_text() for ax in fig.axes for t in ax.texts])}), original(fig, path))[1])
+    plots.loss_vs_time([run("fr", True), run("bp", False)], tmp_path / "loss_time.png")
+    (measured, modelled), texts = drawn["loss_time.png"]
+    assert set(measured["lines"]) == {"FR", "BP"}
+    # BP has plain logged steps: its modelled times are the sums of its stage times (0.03 s)
+    xs, _ = modelled["lines"]["BP"]
+    assert xs == pytest.approx([0.03 * s for s in range(1, 7)])
+    # FR measured σ at every logged step: not drawn, and the panel says why
+    assert "FR" not in modelled["lines"]
+    assert any("not drawn: FR" in t and "σ measured at every logged step" in t for t in texts)
