@@ -119,7 +119,7 @@ def partition(
     if as_json:
         sys.stdout.write(json.dumps(plan_json(pipe.plan), indent=2) + "\n")
         return
-    out.print(plan_table(pipe.plan))
+    out.print(plan_table(pipe.plan, width=out.width))
     out.print(f"wrote {target / 'plan.yaml'} and {K} stage files in {target}/")
 
 
@@ -127,6 +127,9 @@ def partition(
 def train(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (default: the embedded offline quick start)")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="a plan directory from `fxreplay partition` to train instead of partitioning")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr or torchvision:NAME")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="the data set (overrides data.name): digits | cifar10 | cifar100 | torchvision:NAME | imagefolder:DIR | text:PATH (text: = the built-in corpus) | file.py:fn | pkg.module:fn")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="where the data set's files are (overrides data.root)")] = None,
     method: Annotated[Optional[str], typer.Option(help=f"{' | '.join(METHODS)} [default: {PROPOSED.name}]")] = None,
     K: Annotated[Optional[int], typer.Option("--K", "-K", help="number of stages")] = None,
     cost: Annotated[Optional[str], typer.Option(help="partition cost model (overrides partition.cost): flops (deterministic) | auto (measured time on CPU plans) | time | params | uniform")] = None,
@@ -150,7 +153,8 @@ def train(
     overrides = {
         "train.method": method, "partition.K": K, "partition.cost": cost, "train.epochs": epochs, "train.max_steps": max_steps,
         "data.batch_size": batch_size, "optim.lr": lr, "train.out": str(out_dir) if out_dir else None,
-        "train.seed": seed, "train.executor": executor,
+        "train.seed": seed, "train.executor": executor, "model.name": model, "data.name": data,
+        "data.root": str(data_root) if data_root else None,
     }
     try:
         if threads is not None and threads < 1:

@@ -93,7 +93,7 @@ def show(
         plan = Plan.load(plan_dir)
     except FxReplayError as exc:
         raise fail(exc) from None
-    out.print(plan_table(plan))
+    out.print(plan_table(plan, width=out.width))
     if no_png:
         return
     from fxreplay.compiler import load

@@ -8,40 +8,70 @@ from rich.table import Table
 from rich.text import Text
 
 from fxreplay.methods import PROPOSED, REFERENCE
-from fxreplay.compiler.plan import Plan, format_bytes
+from fxreplay.compiler.plan import Plan
 
 
 def _flops(n: float) -> str:
+    """FLOPs in 5 characters or fewer: 543M, 1.21G."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            v = n / scale
+            return f"{v:.2f}{unit}" if v < 10 else f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
     return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    """Bytes in 6 characters or fewer: 678K, 5.0M, 1.1G (binary units)."""
+    for unit, scale in (("T", 2.0**40), ("G", 2.0**30), ("M", 2.0**20), ("K", 2.0**10)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+WIDE = 110
+"""Terminal columns from which the stage table also shows each stage's first and last node."""
 
 
 def _short(name: str, width: int = 22) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def plan_table(plan: Plan) -> Group:
-    """The stage table and a balance summary."""
-    table = Table(title=f"{plan.model.spec or 'model'}: K={plan.K}, cost={plan.cost}, method={plan.method}", title_justify="left")
-    for col in ("#", "first → last node", "nodes", "fwd", "bwd", "params", "sends", "memory", "% max", "device"):
+def plan_table(plan: Plan, width: int = WIDE) -> Group:
+    """The stage table and a balance summary, readable at ``width`` terminal columns (80: the
+    node ranges move under the table)."""
+    from rich import box
+
+    wide = width >= WIDE
+    table = Table(title=f"{plan.model.spec or 'model'}: K={plan.K}, cost={plan.cost}, method={plan.method}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["#"] + (["first → last node"] if wide else []) + [
+        "nodes", "fwd", "bwd", "params", "sends", "memory", "%max", "device"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("first → last node", "device") else "right", no_wrap=True)
     for s in plan.stages:
         share = 100 * s.predicted_cost / plan.bottleneck if plan.bottleneck else 100.0
         table.add_row(
-            str(s.index), f"{_short(s.nodes[0])} → {_short(s.nodes[-1])}", str(len(s.nodes)),
-            _flops(s.flops_fwd), _flops(s.flops_bwd), format_bytes(s.param_bytes),
-            format_bytes(s.boundary_bytes) if s.index < plan.K - 1 else "-",
-            format_bytes(s.memory_bytes), f"{share:.1f}", s.device,
+            str(s.index), *([f"{_short(s.nodes[0])} → {_short(s.nodes[-1])}"] if wide else []), str(len(s.nodes)),
+            _flops(s.flops_fwd), _flops(s.flops_bwd), _bytes(s.param_bytes),
+            _bytes(s.boundary_bytes) if s.index < plan.K - 1 else "-",
+            _bytes(s.memory_bytes), f"{share:.0f}", s.device,
         )
-    table.caption = "fwd/bwd: FLOPs per batch; sends: bytes crossing into the next stage; % max: predicted cost / bottleneck"
-    summary = Text.assemble(
+    table.caption = ("fwd/bwd: FLOPs per batch; params, sends (into the next stage) and memory (predicted, with "
+                     "optimizer state): bytes; %max: predicted cost / bottleneck")
+    parts: list[Any] = [table]
+    if not wide:
+        parts += [Text(f"stage {s.index}: {s.nodes[0]} → {s.nodes[-1]}") for s in plan.stages]
+    shared = sorted({name for s in plan.stages for name in s.replicas})
+    for name in shared:
+        holders = ", ".join(str(s.index) for s in plan.stages if name in s.replicas)
+        parts.append(Text.assemble(("shared: ", "bold"), f"{name} has a copy in stages {holders} (gradients summed before each update)"))
+    parts.append(Text.assemble(
         ("balance: ", "bold"), f"bottleneck / mean = {plan.balance:.3f}",
         (f"   {PROPOSED.label} speed-up bound vs {REFERENCE.label} on one device, by FLOPs: ", "bold"),
         f"{plan.speedup_bound(PROPOSED.cost):.2f}x",
-    )
-    return Group(table, summary)
+    ))
+    return Group(*parts)
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
@@ -53,14 +83,30 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def run_summary(cfg: Any, result: Any) -> Table:
-    """The end-of-run table."""
+    """The end-of-run table: the run's last evaluation as ``metrics.jsonl`` records it (every
+    metric it reported: accuracy, loss, and perplexity for a language model), then the outputs."""
+    import json
+    from pathlib import Path
+
+    final = dict(result.final)
+    try:
+        lines = (Path(result.out) / "metrics.jsonl").read_text().splitlines()
+        evaluated = [r for r in map(json.loads, lines) if r.get("kind") == "epoch" and "test_loss" in r]
+    except (OSError, ValueError):
+        evaluated = []
+    if evaluated and final.get("test_loss") == evaluated[-1]["test_loss"]:  # the same evaluation
+        final.update({k: v for k, v in evaluated[-1].items() if k.startswith("test_") and k not in final})
+    per_token = " (per token)" if "test_perplexity" in final else ""
     table = Table(title=f"run {result.out}", title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("method / K", f"{cfg.train.method} / {cfg.partition.K}")
     table.add_row("model / data", f"{cfg.model.name} / {cfg.data.name}")
     table.add_row("steps / epochs", f"{result.steps} / {result.epochs_done}")
-    for key, value in result.final.items():
-        table.add_row(key.replace("_", " "), f"{value:.2%}" if "accuracy" in key else f"{value:.4f}")
+    for key, value in final.items():
+        if "accuracy" in key:
+            table.add_row(key.replace("_", " ") + per_token, f"{value:.2%}")
+        else:
+            table.add_row(key.replace("_", " "), f"{value:.2f}" if "perplexity" in key else f"{value:.4f}")
     table.add_row("outputs", f"{result.out}/metrics.jsonl, checkpoint.pt, model.pt, plan/")
     return table

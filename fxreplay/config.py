@@ -47,7 +47,6 @@ __all__ = [
 
 Cost = Literal["flops", "time", "auto", "params", "uniform"]
 Executor = Literal["local", "distributed"]
-DataName = Literal["digits", "cifar10", "cifar100"]
 
 
 def _fail(key: str, message: str) -> ConfigError:
@@ -85,9 +84,12 @@ class DataConfig:
 
     section: ClassVar[str] = "data"
 
-    # digits ships inside scikit-learn: the only data set guaranteed to be there offline.
-    name: DataName = "digits"
-    # Relative to the working directory; holds cifar-10-batches-py/ or cifar-100-python/.
+    # digits ships inside scikit-learn: the only data set guaranteed to be there offline (with
+    # text:, the Python standard library's source). Also cifar10, cifar100, torchvision:NAME,
+    # imagefolder:DIR, text:PATH, file.py:fn, pkg.module:fn; resolved by fxreplay.data.
+    name: str = "digits"
+    # Relative to the working directory; holds cifar-10-batches-py/ or cifar-100-python/, a
+    # torchvision data set's folder (FashionMNIST/raw/...), or is passed to a file.py:fn as root=.
     root: str = "data"
     # Off: runs must not reach the network unless the user asks (most machines here have none).
     download: bool = False
@@ -104,8 +106,14 @@ class DataConfig:
     subset: int | None = None
     # The subset's permutation seed (independent of train.seed: compared runs share the subset).
     subset_seed: int = 0
+    # text: bytes per example, the context a language model sees (gpt_tiny's position table is 64).
+    block_size: int = 64
 
     def __post_init__(self) -> None:
+        if not self.name:
+            raise _fail("data.name", "must not be empty")
+        if self.block_size < 1:
+            raise _fail("data.block_size", f"must be >= 1, got {self.block_size}")
         if self.batch_size < 1:
             raise _fail("data.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.subset is not None and self.subset < 1:

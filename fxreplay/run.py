@@ -9,6 +9,7 @@ the run directory is :mod:`fxreplay.rundir`'s.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from fractions import Fraction
@@ -28,10 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fxreplay import plots
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
-from fxreplay.data import NUM_CLASSES, build_datasets, check_labels, labels_only, make_loader
-from fxreplay.errors import ConfigError, DeviceMemoryError, DivergenceError, FxReplayError, allocation_detail, out_of_memory
-from fxreplay.compiler.loading import load_model
-from fxreplay.metrics import correct_count, default_loss
+from fxreplay.data import build_datasets, check_labels, example_batch, labels_only, make_loader, num_classes_of
+from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, DivergenceError, FxReplayError, TraceError, allocation_detail,
+                             out_of_memory)
+from fxreplay.compiler.loading import LoadedModel, load_model
+from fxreplay.metrics import correct_count, default_loss, predictions
 from fxreplay.compiler.plan import ModelSpec, Plan
 from fxreplay.launch import distributed_job, reports
 from fxreplay.rundir import Metrics, NoMetrics, RunDir
@@ -73,57 +75,145 @@ def lr_factor(epoch: int, epochs: int, milestones: tuple[float, ...], gamma: flo
 
 
 def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeline:
-    """The stages, from a plan directory or by compiling the configured model."""
+    """The stages, from a plan directory or by compiling the configured model on a batch of
+    the training set (its shape and dtype; ``model.num_classes`` or the data set's class count).
+
+    Raises:
+        ConfigError: the plan's K is not ``partition.K``, or its model takes other inputs.
+        DataError: the model cannot run on the data set's inputs (it names the node that failed).
+    """
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
-    num_classes = cfg.model.num_classes or NUM_CLASSES[cfg.data.name]
+    num_classes = cfg.model.num_classes or num_classes_of(train_set)
     if plan_dir is not None:
         pipe = load_plan(plan_dir)
         if cfg.partition.K != pipe.K:
             raise ConfigError(f"partition.K is {cfg.partition.K} but the plan in {plan_dir} has K={pipe.K}; drop --K or re-partition.")
-        _check_plan_fits_data(pipe, plan_dir, cfg, tuple(train_set[0][0].shape))
+        _check_plan_fits_data(pipe, plan_dir, cfg, example_batch(train_set, 1, cfg.data.name)[0][0])
         return pipe
     loaded = load_model(cfg.model.name, num_classes)
-    example = torch.stack([train_set[i][0] for i in range(min(cfg.data.batch_size, len(train_set)))])
+    example = example_batch(train_set, cfg.data.batch_size, cfg.data.name)[0]
     spec = ModelSpec(spec=cfg.model.name, input_shape=tuple(example.shape[1:]), batch_size=cfg.data.batch_size, num_classes=num_classes)
     devices = list(cfg.partition.devices) if cfg.partition.devices else None
     cost = resolve_cost(cfg.partition.cost, devices or ["cpu"] * cfg.partition.K)
-    if distributed_job() and cost == "time":
-        # Measured times differ from rank to rank: rank 0 partitions, every rank uses its plan.
-        box: list[Any] = [None]
-        patient = dist.new_group(backend="gloo", timeout=timedelta(hours=2))  # profiling may take minutes
-        assert isinstance(patient, dist.ProcessGroup)
-        if dist.get_rank() == 0:
-            pipe = compile_model(loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
-                                 devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec)
-            box = [pipe.plan.to_dict()]
-        dist.broadcast_object_list(box, src=0, group=patient)
-        if dist.get_rank() == 0:
-            return pipe
-        with tempfile.TemporaryDirectory() as tmp:
-            Plan.from_dict(box[0]).save(Path(tmp))
-            return load_plan(tmp, model=loaded.model, example_inputs=(example,))
-    return compile_model(
-        loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
-        devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec,
+    try:
+        if distributed_job() and cost == "time":
+            # Measured times differ from rank to rank: rank 0 partitions, every rank uses its plan.
+            box: list[Any] = [None]
+            patient = dist.new_group(backend="gloo", timeout=timedelta(hours=2))  # profiling may take minutes
+            assert isinstance(patient, dist.ProcessGroup)
+            if dist.get_rank() == 0:
+                pipe = compile_model(loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
+                                     devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec)
+                box = [pipe.plan.to_dict()]
+            dist.broadcast_object_list(box, src=0, group=patient)
+            if dist.get_rank() == 0:
+                return pipe
+            with tempfile.TemporaryDirectory() as tmp:
+                Plan.from_dict(box[0]).save(Path(tmp))
+                return load_plan(tmp, model=loaded.model, example_inputs=(example,))
+        return compile_model(
+            loaded.model, (example,), K=cfg.partition.K, cost=cost, method=cfg.train.method,
+            devices=devices, boundaries=list(cfg.partition.boundaries), spec=spec,
+        )
+    except TraceError as exc:
+        if exc.__cause__ is None or isinstance(exc.__cause__, FxReplayError):
+            raise  # not a failure of the model on these inputs (e.g. untraceable code): its own message
+        raise _inputs_do_not_fit(cfg, loaded, example, exc) from exc
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _inputs_do_not_fit(cfg: Config, loaded: LoadedModel, example: torch.Tensor, exc: TraceError) -> DataError:
+    """The model failed on a batch of the data set: say so with the data set's inputs and, when
+    known, the inputs the model is made for (the compiler's message names the node)."""
+    made_for = ""
+    if loaded.input_shape:
+        made_for = f"; {cfg.model.name} is made for examples of shape {tuple(loaded.input_shape)}, {loaded.input_dtype or 'float32'}"
+    detail = str(exc).split(" Check that the example inputs")[0].rstrip(".")
+    return DataError(
+        f"model {cfg.model.name!r} cannot take the inputs of data set {cfg.data.name!r} (examples of shape "
+        f"{tuple(example.shape[1:])}, {_dtype(example)}{made_for}): {detail}. Train a model made for these inputs "
+        "(model.name, --model) or on data it takes (data.name, --data)."
     )
 
 
-def _check_plan_fits_data(pipe: Pipeline, plan_dir: Path, cfg: Config, example_shape: tuple[int, ...]) -> None:
-    """The data set gives one input per example, of one shape: the plan's model must take that.
+def _check_plan_fits_data(pipe: Pipeline, plan_dir: Path, cfg: Config, example: torch.Tensor) -> None:
+    """The data set gives one input per example, of one shape and dtype: the plan's model must take that.
 
     Raises:
         ConfigError: the plan's model takes other inputs.
     """
     graph = getattr(pipe.stages[0], "graph", None)
     inputs = [n.name for n in graph.nodes if n.op == "placeholder"] if graph is not None else ["x"]
-    shape = pipe.plan.model.input_shape
-    if len(inputs) != 1 or (shape is not None and tuple(shape) != example_shape):
-        takes = f"{len(inputs)} inputs ({', '.join(inputs)})" if len(inputs) != 1 else f"inputs of shape {tuple(shape or ())}"
+    shape, example_shape = pipe.plan.model.input_shape, tuple(example.shape)
+    dtype, plan_dtype = _dtype(example), pipe.plan.model.input_dtype or "float32"
+    if len(inputs) != 1 or (shape is not None and tuple(shape) != example_shape) or dtype != plan_dtype:
+        of_dtype = "" if dtype == plan_dtype else f" and dtype {plan_dtype}"
+        takes = f"{len(inputs)} inputs ({', '.join(inputs)})" if len(inputs) != 1 else f"inputs of shape {tuple(shape or ())}{of_dtype}"
+        gives = f"shape {example_shape}" + ("" if dtype == plan_dtype else f" and dtype {dtype}")
         raise ConfigError(
             f"the plan in {plan_dir} is for a model that takes {takes}, but data set {cfg.data.name!r} gives one "
-            f"input of shape {example_shape} per example. Train the plan on the data it was made for "
+            f"input of {gives} per example. Train the plan on the data it was made for "
             "(--config with that data set), or train such a model through the Python API (fxreplay.Trainer)."
         )
+
+
+def _check_model_fits_data(cfg: Config, pipe: Pipeline, train_set: Any, test_set: Any) -> None:
+    """Before the run directory changes: every label (where the labels can be read) is a class
+    the model predicts, and the loss takes the model's output on a batch of the data set.
+
+    The model runs on 2 training examples in eval mode, without gradients, its buffers and the
+    RNG restored afterwards (the initial state is untouched); a model on other devices than
+    the CPU is not run, and its labels are checked against ``model.num_classes``.
+
+    Raises:
+        DataError: labels beyond the model's classes, or an output the loss cannot take.
+    """
+    x, y = example_batch(train_set, 2, cfg.data.name)
+    output = _eval_output(pipe.model, x)
+    scores = predictions(output) if output is not None else None
+    classes = int(scores.shape[-1]) if scores is not None and scores.dim() in (2, 3) else pipe.plan.model.num_classes
+    batch_error: DataError | None = None
+    if output is not None:
+        try:
+            default_loss(output, y)
+        except DataError as exc:  # targets of this batch beyond the classes: the whole set's check says more
+            batch_error = exc
+        except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+            shape = tuple(scores.shape) if scores is not None else type(output).__name__
+            target = f"shape {tuple(y.shape)}, {_dtype(y)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise DataError(
+                f"model {cfg.model.name!r} does not fit the targets of data set {cfg.data.name!r}: on a batch of 2 its "
+                f"output is {shape} and the targets are {target}, and the loss (cross-entropy) fails: "
+                f"{type(exc).__name__}: {exc}. Class labels (N,) need (N, C) class scores; tokens (B, T) need "
+                "(B, T, V) scores. Train a model made for this data (model.name, --model)."
+            ) from exc
+    for dataset, which in ((train_set, "training"), (test_set, "test")):
+        check_labels(dataset, classes, which)
+    if batch_error is not None:
+        raise batch_error
+
+
+def _eval_output(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)`` in eval mode, leaving no trace (modes, buffers, RNG); None if it is not on the CPU or fails."""
+    if any(t.device.type != "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
+            return model(x)
+    except Exception:
+        return None  # the compiler ran it in training mode; evaluation will say what fails
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
@@ -212,8 +302,7 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
 
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir)
-    for dataset, which in ((train_set, "training"), (test_set, "test")):
-        check_labels(dataset, pipe.plan.model.num_classes, which)
+    _check_model_fits_data(cfg, pipe, train_set, test_set)
     if distributed and dist.get_rank() > 0:
         # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip
         # decoding and augmenting every batch on them. Same order and sizes, same seeds.

@@ -95,12 +95,12 @@ class Trainer:
         self.loss_fn = loss_fn or default_loss
         if lr_scales is not None and len(lr_scales) != pipe.K:
             raise TrainingError(f"lr_scales has {len(lr_scales)} entries for K={pipe.K} stages; give one per stage.")
-        for name, members in replica_groups(pipe.stages) if lr_scales is not None else []:
-            scales = {lr_scales[k] for k, _ in members}
-            if len(scales) > 1:
+        scale_of = list(lr_scales) if lr_scales is not None else [1.0] * pipe.K
+        for name, members in replica_groups(pipe.stages):
+            if len({scale_of[k] for k, _ in members}) > 1:
                 raise TrainingError(
                     f"{name} is shared by stages {', '.join(str(k) for k, _ in members)}, whose learning rates are "
-                    f"scaled differently ({', '.join(f'{lr_scales[k]:g}' for k, _ in members)}): its copies would "
+                    f"scaled differently ({', '.join(f'{scale_of[k]:g}' for k, _ in members)}): its copies would "
                     "take different steps. Give those stages one scale (e.g. optim.double_first_stage_lr: false)."
                 )
         distributed = distributed_job()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from clitools import assert_user_error, run_cli
 from fxreplay.checkpoint import load_checkpoint
 
@@ -282,3 +283,21 @@ def test_partition_a_hugging_face_model_by_module_spec(tmp_path: Path, monkeypat
 def test_bad_process_options_are_refused(args: list[str], message: str, tmp_path: Path) -> None:
     _assert_user_error(_run(*args, "--out", str(tmp_path / "out")), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_train_takes_the_model_the_data_and_its_root(tmp_path: Path) -> None:
+    text = " ".join(_run("train", "--help").output.split())
+    for needle in ("--model", "--data ", "--data-root", "torchvision:NAME", "imagefolder:DIR", "text:PATH", "file.py:fn"):
+        assert needle in text, needle
+    out = tmp_path / "run"
+    result = _run("train", "--model", "zoo:digits_cnn", "--data", "digits", "--data-root", str(tmp_path / "d"),
+                  "--max-steps", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "zoo:digits_cnn / digits" in " ".join(result.output.split())
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["model"]["name"], saved["data"]["name"], saved["data"]["root"]) == ("zoo:digits_cnn", "digits", str(tmp_path / "d"))
+    # a resume may move the data (--data-root), not change it (--data) or the model (--model)
+    _assert_user_error(_run("train", "--resume", str(out), "--data", "text:"), "cannot change data.name ('digits' -> 'text:')")
+    _assert_user_error(_run("train", "--resume", str(out), "--model", "gpt_tiny"), "cannot change model.name")
+    moved = _run("train", "--resume", str(out), "--data-root", str(tmp_path / "e"), "--max-steps", "2")
+    assert moved.exit_code == 0, moved.output

@@ -68,6 +68,13 @@ def test_cifar10_configs_read_the_offline_copy() -> None:
         assert "shared/data/cifar10/build.py data/cifar10" in (ROOT / "configs" / name).read_text()
 
 
+def test_the_language_model_config_runs_offline() -> None:
+    cfg = load_config(ROOT / "configs" / "gpt_text.yaml")
+    assert (cfg.model.name, cfg.data.name, cfg.data.block_size, cfg.data.batch_size) == ("gpt_tiny", "text:default", 64, 32)
+    assert (cfg.partition.K, cfg.partition.cost, cfg.train.method) == (2, "flops", "fr")
+    assert cfg.train.epochs <= 3 and not cfg.data.download
+
+
 def test_default_config_is_the_offline_quick_start() -> None:
     cfg = load_config(None)
     assert (cfg.model.name, cfg.data.name) == ("digits_cnn", "digits")
@@ -112,6 +119,10 @@ def test_unknown_section_suggests_the_right_one() -> None:
         ({"optim": 0.1}, "optim: expected a mapping"),
         ({"optim": {"milestones": [150, 225]}}, "optim.milestones: must be increasing fractions"),
         ({"data": {"batch_size": 0}}, "data.batch_size: must be >= 1, got 0"),
+        ({"data": {"block_size": 0}}, "data.block_size: must be >= 1, got 0"),
+        ({"data": {"name": ""}}, "data.name: must not be empty"),
+        ({"data": {"name": 10}}, "data.name: expected a string, got 10 (int)"),
+        ({"data": {"name": "torchvision:FashionMNIST"}}, None),  # a spec: fxreplay.data resolves it
         ({"partition": {"K": 2, "boundaries": ["a", "b"]}}, "partition.boundaries: 2 pinned"),
     ],
 )

@@ -208,4 +208,4 @@ def test_gpt_tiny_is_a_causal_byte_language_model_with_a_tied_head() -> None:
     # the loss at initialisation is about log(256): an untrained model guesses uniformly
     targets = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
-    assert abs(float(loss) - math.log(256)) < 0.1
+    assert abs(loss.item() - math.log(256)) < 0.1

@@ -89,9 +89,10 @@ class CostGraph:
 
     def required_cuts(self, boundaries: Sequence[str]) -> list[int]:
         """Cut positions for boundaries pinned by module name: a cut right before the module's first node."""
-        cuts = []
+        cuts: list[int] = []
+        named: list[str] = []
         paths = [node_module_path(n) for n in self.order]
-        for name in boundaries:
+        for name in dict.fromkeys(boundaries):  # a name given twice pins its cut once
             hits = [i for i, p in enumerate(paths) if p == name or p.startswith(name + ".")]
             if not hits:
                 known = sorted({p for p in paths if p})
@@ -109,12 +110,13 @@ class CostGraph:
                     "buffer written in place, or carry a structured value. Pin a different module."
                 )
             if c in cuts:
-                other = boundaries[cuts.index(c)]
+                other = named[cuts.index(c)]
                 raise PartitionError(
                     f"pinned boundaries {other!r} and {name!r} start at the same place (a cut before node "
                     f"{self.order[c].name!r}): they pin one cut, not two. Pin modules that start at different nodes."
                 )
             cuts.append(c)
+            named.append(name)
         return sorted(cuts)
 
     def _param_bytes(self, costs: Sequence[NodeCost]) -> list[float]:

@@ -345,9 +345,11 @@ def replicate_shared(stages: Sequence[nn.Module]) -> None:
         object.__setattr__(stage, "replicas", replicas)
     # the first holders: a name of theirs that a later stage copied
     copied = {source for stage in stages for source in getattr(stage, "replicas", {}).values()}
-    for k, stage in enumerate(stages):
-        own = {name: name for name, p in stage.named_parameters(remove_duplicate=False) if name in copied}
-        stage.replicas.update({n: s for n, s in own.items() if n not in stage.replicas})
+    for stage in stages:
+        held: dict[str, str] = stage.__dict__["replicas"]
+        for name, _ in stage.named_parameters(remove_duplicate=False):
+            if name in copied and name not in held:
+                held[name] = name
 
 
 def _private_module(root: nn.Module, path: Sequence[str], private: set[int]) -> nn.Module:

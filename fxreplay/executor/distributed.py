@@ -125,8 +125,9 @@ class _RankReplicas:
         summed = False
         for name, group, p, ranks in self.mine:
             start = time.perf_counter()
-            have = own and p.grad is not None
-            flat = torch.cat([(p.grad if have else torch.zeros_like(p)).detach().reshape(-1),
+            grad = p.grad if own else None
+            have = grad is not None
+            flat = torch.cat([(grad if grad is not None else torch.zeros_like(p)).detach().reshape(-1),
                               torch.ones(1, dtype=p.dtype, device=p.device) * float(have)])
             work = dist.all_reduce(flat, group=group, async_op=True)
             try:
