@@ -50,7 +50,13 @@ def test_evaluate_between_epochs_changes_nothing_of_the_training(method: str) ->
     torch.manual_seed(11)
     got = [evaluated.step(x, y) for x, y in batches[:4]]
     result = evaluated.evaluate(test)
-    assert result["samples"] == 24 and 0.0 <= result["accuracy"] <= 1.0
+    evaluated.pipe.eval()
+    with torch.no_grad():  # accuracy and loss by hand, over the 3 test batches of 8
+        outs = [(evaluated.pipe(x), y) for x, y in test]
+    evaluated.pipe.train()
+    assert result["samples"] == 24
+    assert result["accuracy"] == pytest.approx(sum(int((o.argmax(1) == y).sum()) for o, y in outs) / 24, abs=1e-12)
+    assert result["loss"] == pytest.approx(sum(float(nn.functional.cross_entropy(o, y)) * 8 for o, y in outs) / 24, rel=1e-6)
     # evaluate puts the stages back in train mode (BN batch statistics, dropout on)
     assert all(m.training for s in evaluated.pipe.stages for m in s.modules())
     got += [evaluated.step(x, y) for x, y in batches[4:]]
