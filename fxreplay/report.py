@@ -58,6 +58,23 @@ def error_table(runs: Sequence[RunMetrics]) -> list[str]:
     return _table(["method"] + [f"K={K}" for K in Ks], rows)
 
 
+def perplexity_table(runs: Sequence[RunMetrics]) -> list[str]:
+    """Language models: the last evaluation's loss and perplexity (per token), rows = method,
+    columns = K; empty when no run reported a perplexity."""
+    if not any("test_perplexity" in r for run in runs for r in run.epochs):
+        return []
+    names, Ks, by = _grid(runs)
+    rows = []
+    for m in names:
+        row = [label(m)]
+        for K in Ks:
+            run = by.get((m, K))
+            last = next((r for r in reversed(run.epochs) if "test_perplexity" in r), None) if run else None
+            row.append("–" if last is None else _mark(run, f"{last['test_loss']:.3f} / {last['test_perplexity']:.4g}"))  # type: ignore[arg-type]
+        rows.append(row)
+    return _table(["method"] + [f"K={K}" for K in Ks], rows)
+
+
 def memory_table(runs: Sequence[RunMetrics]) -> list[str]:
     """Peak memory held for backward (MiB, and × BP at the same K) next to Table 1."""
     names, Ks, by = _grid(runs)
@@ -100,10 +117,12 @@ def _setup(runs: Sequence[RunMetrics]) -> list[str]:
         return []
     m, d, o, t = (cfg.get(k, {}) for k in ("model", "data", "optim", "train"))
     length = f"{t.get('epochs')} epochs" + (f", at most {t['max_steps']} steps" if t.get("max_steps") else "")
+    milestones = o.get("milestones") or []
+    decay = (f"×{o.get('gamma')} at {', '.join(f'{100 * x:g}%' for x in milestones)} of the epochs" if milestones
+             else "constant")
     return [
         f"Model `{m.get('name')}` on `{d.get('name')}`, batch {d.get('batch_size')}, SGD lr {o.get('lr')} "
-        f"(momentum {o.get('momentum')}, weight decay {o.get('weight_decay')}, ×{o.get('gamma')} at "
-        f"{', '.join(f'{100 * x:g}%' for x in o.get('milestones', []))} of the epochs), {length}, seed {t.get('seed')}, "
+        f"(momentum {o.get('momentum')}, weight decay {o.get('weight_decay')}, {decay}), {length}, seed {t.get('seed')}, "
         f"executor `{t.get('executor')}`. Every run shares the seed, so the initial weights, data order and "
         "schedule are the same; only the method and K differ.",
         "",
@@ -123,6 +142,11 @@ def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None],
     lines += ["## Test error (%)", "", "Best test error over the evaluated epochs, as in the paper's Table 2 "
               "(rows: method, columns: number of modules K).", ""]
     lines += error_table(runs) + [""] + footnote
+    perplexity = perplexity_table(runs)
+    if perplexity:
+        lines += ["## Validation loss / perplexity", "", "A language model's last evaluation: mean loss per token and its "
+                  "perplexity (exp of the loss; lower is better). The test error above is 1 - per-token accuracy.", ""]
+        lines += perplexity + [""] + footnote
     lines += ["## Memory", "", "Peak bytes held for backward (saved activations, FR's history, DDG's stored "
               "graphs, DNI's synthesizers), summed over the K modules, with the ratio to BP at the same K; "
               "the paper's Table 1 complexity for L layers beside it.", ""]

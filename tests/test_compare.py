@@ -330,3 +330,17 @@ def test_modelled_time_is_not_drawn_at_zero_when_every_logged_step_measured_sigm
     # FR measured σ at every logged step: not drawn, and the panel says why
     assert "FR" not in modelled["lines"]
     assert any("not drawn: FR" in t and "σ measured at every logged step" in t for t in texts)
+
+
+def test_a_language_model_report_has_a_perplexity_table(tmp_path: Path) -> None:
+    from fxreplay.report import perplexity_table
+    from fxreplay.runlog import RunMetrics
+
+    def run(method: str, loss: float) -> RunMetrics:
+        epochs = [{"epoch": 0, "step": 10, "test_loss": loss + 1, "test_perplexity": 2.718281828 ** (loss + 1)},
+                  {"epoch": 1, "step": 20, "test_loss": loss, "test_perplexity": 2.718281828 ** loss}]
+        return RunMetrics(method=method, K=2, path=tmp_path, epochs=epochs)
+
+    table = perplexity_table([run("bp", 2.0), run("fr", 2.5)])
+    assert table[2] == "| BP | 2.000 / 7.389 |" and table[3] == "| FR | 2.500 / 12.18 |"  # the last evaluation
+    assert perplexity_table([RunMetrics(method="bp", K=2, path=tmp_path, epochs=[{"test_loss": 1.0}])]) == []
