@@ -584,15 +584,14 @@ def user_datasets(spec: str, root: str) -> tuple[Dataset[Any], Dataset[Any]]:
         DataError: the file, module or function is missing, the call fails, or it does not
             return two map-style data sets.
     """
-    from fxreplay.compiler.loading import _accepts, _import_file, _import_module, _resolve
+    from fxreplay.compiler.loading import _accepts, _resolve, import_source, is_file_spec
 
     path_part, _, attr = spec.partition(":")
-    is_file = path_part.endswith(".py") or "/" in path_part
-    if is_file and not Path(path_part).is_file():
+    if is_file_spec(path_part) and not Path(path_part).is_file():
         raise DataError(f"data set {spec!r}: there is no file {path_part!r} (relative to {os.getcwd()}). Give "
                         "file.py:fn or pkg.module:fn, a function that returns (train, test) data sets.")
     try:
-        module = _import_file(Path(path_part)) if is_file else _import_module(path_part)
+        module = import_source(path_part)
     except ModelLoadError as exc:
         raise DataError(f"data set {spec!r}: {exc}") from exc
     try:

@@ -24,7 +24,7 @@ from torch import nn
 
 from fxreplay.errors import ModelLoadError
 
-__all__ = ["LoadedModel", "load_model", "make_example_inputs"]
+__all__ = ["LoadedModel", "load_model", "make_example_inputs", "import_source", "is_file_spec"]
 
 
 @dataclass
@@ -122,6 +122,21 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def is_file_spec(path_part: str) -> bool:
+    """Whether the part of a spec before ``:`` names a file (``model.py``, ``dir/x``) rather
+    than a module (``pkg.module``) or a zoo name."""
+    return path_part.endswith(".py") or "/" in path_part
+
+
+def import_source(path_part: str) -> ModuleType:
+    """The Python file or importable module a spec's first part names (model and data specs).
+
+    Raises:
+        ModelLoadError: it does not exist or fails to import.
+    """
+    return _import_file(Path(path_part)) if is_file_spec(path_part) else _import_module(path_part)
+
+
 def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
     """Load a model from a spec string (see the module docstring).
 
@@ -150,8 +165,7 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
         return LoadedModel(model, None, spec, (3, size, size))
 
     path_part, _, attr = spec.partition(":")
-    is_file = path_part.endswith(".py") or "/" in path_part
-    if path_part == "zoo" or (not attr and not is_file):
+    if path_part == "zoo" or (not attr and not is_file_spec(path_part)):
         from fxreplay import models
 
         name = attr if path_part == "zoo" else path_part
@@ -159,12 +173,8 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
         shape, dtype = models.input_of(name)
         return LoadedModel(models.get(name, **kw), None, spec, shape, dtype)
 
-    if is_file:
-        module = _import_file(Path(path_part))
-        where = f"{path_part}"
-    else:
-        module = _import_module(path_part)
-        where = path_part
+    module = import_source(path_part)
+    where = path_part
     if attr:
         obj = _resolve(module, attr, where)
         where = f"{where}:{attr}"
