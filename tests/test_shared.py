@@ -266,3 +266,12 @@ def test_one_rank_per_stage_sums_the_copies_like_the_local_executor() -> None:
     timeline = results[1]["fr"][2]
     for events in timeline.ranks:
         assert sum(1 for e in events if e[0] == "reduce") == steps
+
+
+def test_weights_loaded_into_the_model_after_compiling_are_refused_not_half_used() -> None:
+    model = TiedNet()
+    pipe = fxreplay.compile(model, (small_data(1)[0][0],), K=3, cost="flops", boundaries=["mid1", "mid2"])
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)  # reaches stage 0 (the model's tensor), not stage 2's copy
+    with pytest.raises(TrainingError, match=r"copies of emb.weight in stages 0 and 2 differ.*before fxreplay.compile"):
+        LocalExecutor(pipe.stages, "bp", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())

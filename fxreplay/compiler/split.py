@@ -327,29 +327,25 @@ def replicate_shared(stages: Sequence[nn.Module]) -> None:
     take the same step and stay identical (Megatron does this for the embedding of the first
     and last pipeline stage).
     """
+    replicas: list[dict[str, str]] = [{} for _ in stages]
     first: dict[int, tuple[int, str]] = {}  # id(original parameter) -> (stage, name) of its first holder
     for k, stage in enumerate(stages):
         clones: dict[int, nn.Parameter] = {}
         private: set[int] = set()
-        replicas: dict[str, str] = {}
         for name, p in list(stage.named_parameters(remove_duplicate=False)):
             if id(p) in first and first[id(p)][0] != k:
+                holder, source = first[id(p)]
+                replicas[holder][source] = source
                 clone = clones.get(id(p))
                 if clone is None:
                     clone = clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                 *path, attr = name.split(".")
                 _private_module(stage, path, private)._parameters[attr] = clone
-                replicas[name] = first[id(p)][1]
+                replicas[k][name] = source
         for name, p in stage.named_parameters(remove_duplicate=False):
             first.setdefault(id(p), (k, name))
-        object.__setattr__(stage, "replicas", replicas)
-    # the first holders: a name of theirs that a later stage copied
-    copied = {source for stage in stages for source in getattr(stage, "replicas", {}).values()}
-    for stage in stages:
-        held: dict[str, str] = stage.__dict__["replicas"]
-        for name, _ in stage.named_parameters(remove_duplicate=False):
-            if name in copied and name not in held:
-                held[name] = name
+    for stage, held in zip(stages, replicas):
+        object.__setattr__(stage, "replicas", held)
 
 
 def _private_module(root: nn.Module, path: Sequence[str], private: set[int]) -> nn.Module:

@@ -54,7 +54,7 @@ from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingEr
 from ..launch import reporting_rank
 from ..measure import MemoryMeter
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, as_tuple, replica_groups
+from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_equal, replica_groups
 from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng
 from ..timeline import Recorder, Timeline
@@ -111,6 +111,7 @@ class _RankReplicas:
 
     def __init__(self, ex: DistributedExecutor) -> None:
         self.ex = ex
+        check_replicas_equal(ex.stages)  # every rank builds every stage: each can check all copies
         self.mine: list[tuple[str, Any, torch.Tensor, list[int]]] = []
         for name, members in replica_groups(ex.stages):
             ranks = sorted({k for k, _ in members})

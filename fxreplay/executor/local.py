@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, StageWorker, as_tuple, frozen_norm_stats, replica_groups
+from ..methods.base import LossFn, OptimizerFactory, StageWorker, as_tuple, check_replicas_equal, frozen_norm_stats, replica_groups
 from ..state import RngState, capture_rng, kept_buffers, restored_rng
 from ..schedule import Action, validate
 from ..timeline import Timeline
@@ -69,6 +69,7 @@ class _LocalReplicas:
     holders whose update this is (in stage order, so the sum is the same every run)."""
 
     def __init__(self, workers: Sequence[StageWorker]) -> None:
+        check_replicas_equal([w.module for w in workers])
         self.workers = list(workers)
         self.groups = [
             [(workers[k], workers[k].shared_params[local]) for k, local in members]
@@ -81,7 +82,7 @@ class _LocalReplicas:
 
     def prepare(self, t: int, updates: Sequence[Action]) -> None:
         # A holder contributes when this update applies its own gradient (not in warm-up).
-        own = {a.stage: self.workers[a.stage].grad_batch == t + a.offset >= 0 for a in updates if a.op == "U"}
+        own = {a.stage: self.workers[a.stage].has_gradient_of(t + a.offset) for a in updates if a.op == "U"}
         self._summed = set()
         for members in self.groups:
             grads = [p.grad for w, p in members if own.get(w.stage) and p.grad is not None]

@@ -38,6 +38,7 @@ __all__ = [
     "Link",
     "Replicas",
     "replica_groups",
+    "check_replicas_equal",
     "LossFn",
     "OptimizerFactory",
     "StageWorker",
@@ -80,6 +81,26 @@ def replica_groups(stages: Sequence[nn.Module]) -> list[tuple[str, list[tuple[in
             if all(m[0] != k for m in members):
                 members.append((k, local))
     return sorted((name, members) for name, members in groups.items() if len({k for k, _ in members}) > 1)
+
+
+def check_replicas_equal(stages: Sequence[nn.Module]) -> None:
+    """Every copy of a shared parameter holds the same values: training keeps them so, but
+    weights loaded into the model after it was compiled reach only the first copy (the model's
+    own tensor), and the stages would then compute another function than the model.
+
+    Raises:
+        TrainingError: two copies differ, naming the parameter and the stages.
+    """
+    for name, members in replica_groups(stages):
+        tensors = [dict(stages[k].named_parameters(remove_duplicate=False))[local] for k, local in members]
+        for (k, _), t in zip(members[1:], tensors[1:]):
+            if not torch.equal(t.detach().to(tensors[0].device), tensors[0].detach()):
+                raise TrainingError(
+                    f"the copies of {name} in stages {members[0][0]} and {k} differ: weights were loaded into the model "
+                    "after it was compiled, and only the first stage shares the model's tensor. Load them before "
+                    "fxreplay.compile (or fxreplay.load(plan_dir, model=...)), or load a run's checkpoint with "
+                    "Trainer.load_state_dict."
+                )
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:
@@ -166,6 +187,8 @@ class StageWorker:
         shared = getattr(module, "replicas", None) or {}
         named = dict(module.named_parameters(remove_duplicate=False))
         self.shared_params: dict[str, nn.Parameter] = {name: named[name] for name in sorted(shared) if name in named}
+        shared_ids = {id(p) for p in self.shared_params.values()}
+        self._unshared = [p for p in self.params if id(p) not in shared_ids]
         self.replicas: Replicas | None = None
         self.meter: MemoryMeter | None = None
         self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
@@ -208,18 +231,22 @@ class StageWorker:
         while this stage's own parameters wait for their first gradient (another holder may
         have one), so all copies take the same steps and stay identical.
         """
-        own = self.grad_batch == batch and batch >= 0
+        own = self.has_gradient_of(batch)
         shared = self.replicas is not None and bool(self.shared_params) and self.replicas.reduce(self, own)
         if own:
             self.optimizer.step()
         elif shared:
-            others = [p for p in self.params if all(p is not q for q in self.shared_params.values())]
-            held = [p.grad for p in others]
-            for p in others:
+            held = [p.grad for p in self._unshared]
+            for p in self._unshared:
                 p.grad = None  # optimizers skip parameters without a gradient
             self.optimizer.step()
-            for p, g in zip(others, held):
+            for p, g in zip(self._unshared, held):
                 p.grad = g
+
+    def has_gradient_of(self, batch: int) -> bool:
+        """Whether the ``.grad`` of this stage's parameters is the gradient of ``batch`` (what its
+        update of that batch applies; False in warm-up)."""
+        return self.grad_batch == batch and batch >= 0
 
     # -- building blocks ---------------------------------------------------------------
     def recv_inputs(self, batch: int, link: Link) -> tuple[Any, ...]:
