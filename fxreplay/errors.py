@@ -5,6 +5,8 @@ prints them as one paragraph and exits non-zero; a user never sees a traceback f
 """
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "FxReplayError",
     "ModelLoadError",
@@ -85,8 +87,6 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def allocation_detail(exc: BaseException) -> str:
     """The part of an allocator's message that says how much: "tried to allocate 40.0 TB"."""
-    import re
-
     text = str(exc)
     match = re.search(r"tried to allocate (\d+) bytes", text)
     if match:

@@ -12,7 +12,7 @@ and marked with † (its numbers are from before it diverged).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fxreplay import methods, plots
@@ -45,17 +45,17 @@ def _grid(runs: Sequence[RunMetrics]) -> tuple[list[str], list[int], dict[tuple[
     return names, Ks, {(r.method, r.K): r for r in runs}
 
 
+def _method_by_K(runs: Sequence[RunMetrics], cell: Callable[[RunMetrics], str]) -> list[str]:
+    """A table with a row per method and a column per K; ``cell`` writes one run's entry
+    (marked † when it diverged, – when the pair was not run)."""
+    names, Ks, by = _grid(runs)
+    rows = [[label(m)] + [_mark(by[(m, K)], cell(by[(m, K)])) if (m, K) in by else "–" for K in Ks] for m in names]
+    return _table(["method"] + [f"K={K}" for K in Ks], rows)
+
+
 def error_table(runs: Sequence[RunMetrics]) -> list[str]:
     """Best test error (%): rows = method, columns = K."""
-    names, Ks, by = _grid(runs)
-    rows = []
-    for m in names:
-        row = [label(m)]
-        for K in Ks:
-            run = by.get((m, K))
-            row.append("–" if run is None else _mark(run, _num(run.best_test_error)))
-        rows.append(row)
-    return _table(["method"] + [f"K={K}" for K in Ks], rows)
+    return _method_by_K(runs, lambda run: _num(run.best_test_error))
 
 
 def perplexity_table(runs: Sequence[RunMetrics]) -> list[str]:
@@ -63,16 +63,12 @@ def perplexity_table(runs: Sequence[RunMetrics]) -> list[str]:
     columns = K; empty when no run reported a perplexity."""
     if not any("test_perplexity" in r for run in runs for r in run.epochs):
         return []
-    names, Ks, by = _grid(runs)
-    rows = []
-    for m in names:
-        row = [label(m)]
-        for K in Ks:
-            run = by.get((m, K))
-            last = next((r for r in reversed(run.epochs) if "test_perplexity" in r), None) if run else None
-            row.append("–" if last is None else _mark(run, f"{last['test_loss']:.3f} / {last['test_perplexity']:.4g}"))  # type: ignore[arg-type]
-        rows.append(row)
-    return _table(["method"] + [f"K={K}" for K in Ks], rows)
+
+    def cell(run: RunMetrics) -> str:
+        last = next((r for r in reversed(run.epochs) if "test_perplexity" in r), None)
+        return "–" if last is None else f"{last['test_loss']:.3f} / {last['test_perplexity']:.4g}"
+
+    return _method_by_K(runs, cell)
 
 
 def memory_table(runs: Sequence[RunMetrics]) -> list[str]:

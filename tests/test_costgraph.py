@@ -22,6 +22,7 @@ from fxreplay.compiler.tracing import trace
 from fxreplay.errors import PartitionError
 from fxreplay.methods import get as method
 from fxreplay.partition import PLAIN
+from zoo_external import Scaled
 
 F32 = 4  # bytes per float32 element
 
@@ -176,21 +177,8 @@ def test_crossing_values_skip_get_attr_and_include_the_skip() -> None:
     assert cg.cut_bytes[pos["lin"]] == cg.cut_bytes[pos["add"]] == 2 * 3 * 4 * F32
 
 
-class _Scaled(nn.Module):
-    """Three operations, with a bare parameter read between the first two."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.scale = nn.Parameter(torch.ones(4))
-        self.b = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x) * self.scale)
-
-
 def test_no_stage_without_computation_around_a_parameter_read() -> None:
-    cg = _cost_graph(_Scaled(), torch.randn(3, 4), order=["a", "scale", "mul", "b"])
+    cg = _cost_graph(Scaled(), torch.randn(3, 4), order=["a", "scale", "mul", "b"])
     assert _names(cg) == ["x", "a", "scale", "mul", "b"]
     cg.check_cuts(3)
     with pytest.raises(PartitionError, match="it has 3 operations"):

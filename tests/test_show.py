@@ -17,6 +17,7 @@ from fxreplay.compiler.plan import Plan, StagePlan
 from fxreplay.compiler.profiling import profile
 from fxreplay.compiler.tracing import trace
 from fxreplay.show import MAX_NODES, collapse, draw_plan, readable_graph, stage_graph
+from zoo_external import Scaled
 
 B = 3
 F32 = 4
@@ -66,24 +67,18 @@ def test_stage_graph_marks_stages_and_the_cut_edge(pipe: fxreplay.Pipeline) -> N
     assert "stage" not in pipe.cost_graph.graph.nodes["x"]  # a copy: the pipeline's graph is untouched
 
 
-class _Scaled(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.scale = nn.Parameter(torch.ones(4))
-        self.b = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x) * self.scale)
-
-
-def test_a_parameter_read_by_the_next_stage_is_not_a_cut_edge() -> None:
+def _scaled_split() -> SimpleNamespace:
+    """``Scaled`` cut after its parameter read: stage 0 = x, a, scale; stage 1 = mul, b."""
     x = torch.randn(B, 4)
-    gm = trace(_Scaled(), example_inputs=(x,)).gm
+    gm = trace(Scaled(), example_inputs=(x,)).gm
     profile(gm, (x,))
     cg = build_cost_graph(gm, order=["a", "scale", "mul", "b"])
     plan = Plan(K=2, stages=(StagePlan(index=0, nodes=("x", "a", "scale")), StagePlan(index=1, nodes=("mul", "b"))))
-    G = stage_graph(SimpleNamespace(plan=plan, cost_graph=cg))  # type: ignore[arg-type]
+    return SimpleNamespace(plan=plan, cost_graph=cg)
+
+
+def test_a_parameter_read_by_the_next_stage_is_not_a_cut_edge() -> None:
+    G = stage_graph(_scaled_split())  # type: ignore[arg-type]
     cuts = {(u, v): d["bytes"] for u, v, d in G.edges(data=True) if d["cut"]}
     assert cuts == {("a", "mul"): B * 4 * F32}  # scale -> mul crosses the stages but is re-read, not sent
     assert G.nodes["scale"]["op"] == "get_attr"
@@ -131,12 +126,7 @@ def test_collapse_that_would_make_a_cycle_is_not_made() -> None:
 # -- readable_graph ---------------------------------------------------------------------
 
 def test_a_small_graph_is_shown_node_by_node_without_parameters() -> None:
-    x = torch.randn(B, 4)
-    gm = trace(_Scaled(), example_inputs=(x,)).gm
-    profile(gm, (x,))
-    cg = build_cost_graph(gm, order=["a", "scale", "mul", "b"])
-    plan = Plan(K=2, stages=(StagePlan(index=0, nodes=("x", "a", "scale")), StagePlan(index=1, nodes=("mul", "b"))))
-    H, unit = readable_graph(SimpleNamespace(plan=plan, cost_graph=cg))  # type: ignore[arg-type]
+    H, unit = readable_graph(_scaled_split())  # type: ignore[arg-type]
     assert unit == "fx node" and sorted(H.nodes) == ["a", "b", "mul", "x"]
 
 

@@ -242,3 +242,16 @@ class SizeLoop(nn.Module):
         for i in range(x.size(1)):
             h = torch.tanh(self.cell(h) + x[:, i])
         return self.out(h)
+
+
+class Scaled(nn.Module):
+    """Three operations, with a bare parameter read (``get_attr``) between the first two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * self.scale)
