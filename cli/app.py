@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from cli.compare_cmd import compare, show
 from cli.console import err, fail, out
+from cli.options import BatchSizeOption, DataOption, DataRootOption, LrOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError, FxReplayWarning
 from fxreplay.methods import METHODS, PROPOSED
 
@@ -127,16 +128,16 @@ def partition(
 def train(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (default: the embedded offline quick start)")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="a plan directory from `fxreplay partition` to train instead of partitioning")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr or torchvision:NAME")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="the data set (overrides data.name): digits | cifar10 | cifar100 | torchvision:NAME | imagefolder:DIR | text:PATH (text: = the built-in corpus) | file.py:fn | pkg.module:fn")] = None,
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="where the data set's files are (overrides data.root)")] = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    data_root: DataRootOption = None,
     method: Annotated[Optional[str], typer.Option(help=f"{' | '.join(METHODS)} [default: {PROPOSED.name}]")] = None,
     K: Annotated[Optional[int], typer.Option("--K", "-K", help="number of stages")] = None,
     cost: Annotated[Optional[str], typer.Option(help="partition cost model (overrides partition.cost): flops (deterministic) | auto (measured time on CPU plans) | time | params | uniform")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many iterations")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory (metrics, checkpoints, model)")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -152,9 +153,8 @@ def train(
 
     overrides = {
         "train.method": method, "partition.K": K, "partition.cost": cost, "train.epochs": epochs, "train.max_steps": max_steps,
-        "data.batch_size": batch_size, "optim.lr": lr, "train.out": str(out_dir) if out_dir else None,
-        "train.seed": seed, "train.executor": executor, "model.name": model, "data.name": data,
-        "data.root": str(data_root) if data_root else None,
+        "train.out": str(out_dir) if out_dir else None, "train.seed": seed, "train.executor": executor,
+        **data_overrides(model, data, data_root, lr, batch_size),
     }
     try:
         if threads is not None and threads < 1:

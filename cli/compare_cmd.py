@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.console import err, fail, out
+from cli.options import BatchSizeOption, DataOption, DataRootOption, LrOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError
 from fxreplay.methods import METHODS
 
@@ -48,6 +49,14 @@ def compare(
     epochs: Annotated[Optional[int], typer.Option(help="override train.epochs")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="override train.max_steps (iterations per run)")] = None,
     sigma_every: Annotated[Optional[int], typer.Option(help="measure σ every N iterations (the paper's Fig. 3; costs a BP pass each)")] = None,
+    seeds: Annotated[Optional[str], typer.Option(
+        help="comma-separated seeds, e.g. 0,1,2: every (method, K) once per seed (initial weights, data order); "
+             "tables give mean ± std [default: the config's train.seed, once]")] = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    data_root: DataRootOption = None,
+    lr: LrOption = None,
+    batch_size: BatchSizeOption = None,
     boundaries: Annotated[Optional[list[str]], typer.Option(
         "--boundaries", metavar="K=NAME,...",
         help="pin the split at one K for every method: the K-1 modules at which stages 1..K-1 start, e.g. "
@@ -55,26 +64,28 @@ def compare(
              "partition.boundaries, by default none: the partitioner chooses)",
     )] = None,
 ) -> None:
-    """Run every (method, K) pair with one seed and schedule; write report.md with the paper's tables and figures."""
+    """Run every (method, K) pair with one schedule (and each seed); write report.md with the paper's tables and figures."""
     from fxreplay.compare import compare as run_compare
     from fxreplay.config import apply_overrides, load_config
 
     try:
         method_list = _csv(methods, "--methods", r"[a-z]+", "bp,fr")
         Ks = [int(k) for k in _csv(K, "--K", r"\d+", "2,4")]
+        seed_list = None if seeds is None else [int(s) for s in _csv(seeds, "--seeds", r"\d+", "0,1,2")]
         cfg = load_config(config)
-        given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every}
+        given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every,
+                 **data_overrides(model, data, data_root, lr, batch_size)}
         cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
         target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)
         pinned = _boundaries(boundaries or [])
-        result = run_compare(cfg, method_list, Ks, target, force=force, console=err, boundaries=pinned)
+        result = run_compare(cfg, method_list, Ks, target, force=force, console=err, boundaries=pinned, seeds=seed_list)
     except FxReplayError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted:[/] finished runs are kept and the current one resumes from its last "
                   "checkpoint: run the same command again.")
         raise typer.Exit(code=130) from None
-    diverged = [f"{r.method} K={r.K}" for r in result.runs if r.diverged]
+    diverged = [f"{r.method} K={r.K}" + ("" if r.seed is None else f" seed {r.seed}") for r in result.runs if r.diverged]
     if diverged:
         out.print(f"[yellow]diverged:[/] {', '.join(diverged)} (marked † in the report)")
     out.print(f"wrote {result.report} ({len(result.runs)} runs in {result.out}/)")

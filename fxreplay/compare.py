@@ -50,6 +50,7 @@ class RunOutcome:
     path: Path
     action: Literal["trained", "resumed", "reused"]
     diverged: str | None = None  # the divergence message, if the loss became NaN/inf
+    seed: int | None = None  # the run's train.seed when the comparison repeats seeds
 
 
 @dataclass
@@ -61,17 +62,22 @@ class CompareResult:
     report: Path | None = None
 
 
-def run_dir(out_dir: Path, method: str, K: int) -> Path:
-    """Where the (method, K) run of a comparison lives."""
-    return out_dir / f"{method}-K{K}"
+def run_dir(out_dir: Path, method: str, K: int, seed: int | None = None) -> Path:
+    """Where the (method, K) run of a comparison lives (``-s<seed>`` appended when the
+    comparison repeats seeds)."""
+    return out_dir / (f"{method}-K{K}" if seed is None else f"{method}-K{K}-s{seed}")
 
 
-def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequence[str] | None = None) -> Config:
-    """The config of the (method, K) run of a comparison: ``cfg`` with its method, K, output
-    directory and, when given, its pinned stage starts replaced (else ``cfg``'s own)."""
+def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequence[str] | None = None,
+               seed: int | None = None) -> Config:
+    """The config of the (method, K[, seed]) run of a comparison: ``cfg`` with its method, K,
+    output directory, and, when given, its pinned stage starts and seed replaced (else
+    ``cfg``'s own)."""
     pinned = cfg.partition.boundaries if boundaries is None else tuple(boundaries)
-    return replace(cfg, train=replace(cfg.train, method=method, out=str(run_dir(out_dir, method, K))),
-                   partition=replace(cfg.partition, K=K, boundaries=pinned))
+    train = replace(cfg.train, method=method, out=str(run_dir(out_dir, method, K, seed)))
+    if seed is not None:
+        train = replace(train, seed=seed)
+    return replace(cfg, train=train, partition=replace(cfg.partition, K=K, boundaries=pinned))
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -120,6 +126,14 @@ def _check_same_config(path: Path, cfg: Config) -> None:
         )
 
 
+def _seeds(seeds: Sequence[int] | None) -> list[int | None]:
+    if seeds is None:
+        return [None]
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds {list(seeds)}: expected one or more distinct integers >= 0 (e.g. 0,1,2).")
+    return list(seeds)
+
+
 def _pairs(names: Sequence[str], Ks: Sequence[int]) -> list[tuple[str, int]]:
     order = list(methods.METHODS)  # the registry's order: the reference first
     unknown = [m for m in names if m not in order]
@@ -164,8 +178,9 @@ def compare(
     force: bool = False,
     console: Console | None = None,
     boundaries: Mapping[int, Sequence[str]] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> CompareResult:
-    """Train every (method, K) pair under ``cfg`` and write ``out_dir/report.md``.
+    """Train every (method, K) pair under ``cfg`` (once per seed) and write ``out_dir/report.md``.
 
     Args:
         cfg: the shared config; its ``train.method``, ``partition.K`` and ``train.out``
@@ -178,6 +193,9 @@ def compare(
         boundaries: K -> the K-1 module names at which stages 1..K-1 start, the same for
             every method at that K (``partition.boundaries`` of those runs); a K without an
             entry keeps ``cfg.partition.boundaries``.
+        seeds: train every pair once per seed (``train.seed``: initial weights, data order,
+            augmentation) into ``<method>-K<k>-s<seed>``; the report gives mean ± std over
+            them. None: one run per pair with ``cfg.train.seed``, in ``<method>-K<k>``.
 
     Raises:
         ConfigError: an unknown method, a K < 1, boundaries for a K not compared or not
@@ -189,7 +207,8 @@ def compare(
     from fxreplay.run import train_run
 
     console = console or Console(stderr=True)
-    pairs = _pairs(methods, Ks)
+    # Seed by seed: an interrupted comparison has whole seeds done, each a complete table.
+    pairs = [(m, K, seed) for seed in _seeds(seeds) for m, K in _pairs(methods, Ks)]
     pinned = _pinned(boundaries or {}, Ks)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out=out_dir)
@@ -198,27 +217,28 @@ def compare(
         TimeElapsedColumn(), console=console,
     ) as progress:
         overall = progress.add_task("[bold]compare", total=len(pairs), status=f"0/{len(pairs)} runs done")
-        tasks = {p: progress.add_task(f"{p[0]} K={p[1]}", total=1, start=False, status="[dim]waiting") for p in pairs}
-        for i, (method, K) in enumerate(pairs):
-            path = run_dir(out_dir, method, K)
-            run_cfg = run_config(cfg, method, K, out_dir, pinned.get(K))
-            task = tasks[(method, K)]
+        tasks = {p: progress.add_task(f"{p[0]} K={p[1]}" + ("" if p[2] is None else f" seed {p[2]}"), total=1, start=False,
+                                      status="[dim]waiting") for p in pairs}
+        for i, (method, K, seed) in enumerate(pairs):
+            path = run_dir(out_dir, method, K, seed)
+            run_cfg = run_config(cfg, method, K, out_dir, pinned.get(K), seed)
+            task = tasks[(method, K, seed)]
             if force and path.exists():
                 shutil.rmtree(path)
             state = run_state(path, cfg.train.epochs, cfg.train.max_steps)
             if state != "missing":
                 _check_same_config(path, run_cfg)
             if state in ("finished", "diverged"):
-                outcome = RunOutcome(method, K, path, "reused", _diverged_message(path) if state == "diverged" else None)
+                outcome = RunOutcome(method, K, path, "reused", _diverged_message(path) if state == "diverged" else None, seed)
             else:
                 progress.start_task(task)
                 progress.update(task, status="[bold yellow]resuming" if state == "interrupted" else "[bold yellow]training")
                 action: Literal["trained", "resumed"] = "resumed" if state == "interrupted" else "trained"
                 try:
                     train_run(run_cfg, resume=path if state == "interrupted" else None, console=console)
-                    outcome = RunOutcome(method, K, path, action)
+                    outcome = RunOutcome(method, K, path, action, seed=seed)
                 except DivergenceError as exc:
-                    outcome = RunOutcome(method, K, path, action, str(exc))
+                    outcome = RunOutcome(method, K, path, action, str(exc), seed)
             result.runs.append(outcome)
             status = "[red]diverged" if outcome.diverged else f"[green]{outcome.action}"
             progress.update(task, completed=1, status=status)

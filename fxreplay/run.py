@@ -345,6 +345,9 @@ class _Run:
         self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
         self.start = time.perf_counter()
         self.wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume
+        # The training losses since the last step record (sum, count): a step record logs
+        # their mean, so a curve shows the trend over the interval rather than one batch.
+        self.loss_window: tuple[float, int] = tuple(ckpt.get("loss_window", (0.0, 0))) if ckpt else (0.0, 0)  # type: ignore[assignment]
 
     @property
     def at_max_steps(self) -> bool:
@@ -415,15 +418,20 @@ class _Run:
         return loss, sigma
 
     def _log_step(self, loss: float, sigma: list[float] | None) -> None:
+        total, count = self.loss_window
+        total, count = total + loss, count + 1
         if self.step % self.cfg.train.log_every == 0:
             stats = self.trainer.stats()  # collective when distributed
-            record: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": loss,
-                                      "lr": self.trainer.lr, "wall": self.wall(), **stats}
+            # loss: the mean over the batches since the last record; batch_loss: this step's.
+            record: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": total / count,
+                                      "batch_loss": loss, "lr": self.trainer.lr, "wall": self.wall(), **stats}
+            total, count = 0.0, 0
             if sigma is not None:
                 record["sigma"] = sigma
             self.metrics.write(record)
         elif sigma is not None:
             self.metrics.write({"kind": "sigma", "step": self.step, "epoch": self.epoch, "sigma": sigma})
+        self.loss_window = (total, count)
 
     def _evaluate_or_diverge(self, record: dict[str, Any]) -> None:
         """Evaluate on the test set into ``record``; a non-finite test loss is a divergence."""
@@ -469,7 +477,7 @@ class _Run:
         self.run_dir.save_checkpoint(
             {"trainer": state, "method": self.cfg.train.method, "K": self.pipe.K, "epoch": self.epoch,
              "batch_index": self.batch_index, "step": self.step, "rng": _rng_state(), "metrics_lines": self.metrics.lines,
-             "wall": self.wall()}
+             "wall": self.wall(), "loss_window": list(self.loss_window)}
         )
 
     def finish(self) -> RunResult:

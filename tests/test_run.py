@@ -63,6 +63,22 @@ def test_resume_is_bit_identical(tmp_path: Path, method: str) -> None:
     assert epochs == [0, 1]
 
 
+def test_logged_loss_is_the_mean_since_the_last_record_across_a_resume(tmp_path: Path) -> None:
+    # 6 steps per epoch, a record every 4: the window of step 8 spans the epoch boundary
+    # and, in the second run, the resume after step 6.
+    full = train_run(_cfg(tmp_path / "a", **{"train.log_every": 4}))
+    records = [r for r in _records(tmp_path / "a" / "run") if r["kind"] == "step"]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r, lo in zip(records, (0, 4, 8)):
+        window = full.losses[lo:r["step"]]
+        assert r["loss"] == pytest.approx(sum(window) / 4, rel=1e-12) and r["batch_loss"] == full.losses[r["step"] - 1]
+    assert records[0]["loss"] != records[0]["batch_loss"]  # the record is not one batch's loss
+    train_run(_cfg(tmp_path / "b", **{"train.log_every": 4, "train.max_steps": 6}))
+    train_run(_cfg(tmp_path / "b", **{"train.log_every": 4}), resume=tmp_path / "b" / "run")
+    resumed = [r for r in _records(tmp_path / "b" / "run") if r["kind"] == "step"]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in records]
+
+
 def test_resume_mid_epoch_is_bit_identical(tmp_path: Path) -> None:
     full = train_run(_cfg(tmp_path / "a", **{"train.epochs": 1}))
     first = train_run(_cfg(tmp_path / "b", **{"train.epochs": 1, "train.max_steps": 3}))

@@ -1,0 +1,26 @@
+"""Options that several commands take, declared once so their names and help agree."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+__all__ = ["ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "data_overrides"]
+
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr "
+                    "or torchvision:NAME")]
+DataOption = Annotated[Optional[str], typer.Option(
+    "--data", help="the data set (overrides data.name): digits | cifar10 | cifar100 | torchvision:NAME | imagefolder:DIR | "
+                   "text:PATH (text: = the built-in corpus) | file.py:fn | pkg.module:fn")]
+DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", help="where the data set's files are (overrides data.root)")]
+LrOption = Annotated[Optional[float], typer.Option(help="override optim.lr")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(help="override data.batch_size")]
+
+
+def data_overrides(model: str | None, data: str | None, data_root: Path | None, lr: float | None,
+                   batch_size: int | None) -> dict[str, object]:
+    """The config keys these options override (None: not given)."""
+    return {"model.name": model, "data.name": data, "data.root": str(data_root) if data_root else None,
+            "optim.lr": lr, "data.batch_size": batch_size}
