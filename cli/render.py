@@ -83,19 +83,21 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def run_summary(cfg: Any, result: Any) -> Table:
-    """The end-of-run table: the run's last evaluation as ``metrics.jsonl`` records it (every
-    metric it reported: accuracy, loss, and perplexity for a language model), then the outputs."""
+    """The end-of-run table: the run's last evaluation (every metric it reported: accuracy,
+    loss, and perplexity for a language model; read back from ``metrics.jsonl`` when this
+    invocation evaluated nothing), then the outputs."""
     import json
     from pathlib import Path
 
     final = dict(result.final)
-    try:
-        lines = (Path(result.out) / "metrics.jsonl").read_text().splitlines()
-        evaluated = [r for r in map(json.loads, lines) if r.get("kind") == "epoch" and "test_loss" in r]
-    except (OSError, ValueError):
-        evaluated = []
-    if evaluated and final.get("test_loss") == evaluated[-1]["test_loss"]:  # the same evaluation
-        final.update({k: v for k, v in evaluated[-1].items() if k.startswith("test_") and k not in final})
+    if not final:  # nothing evaluated in this invocation (a finished run resumed): its last evaluation
+        try:
+            lines = (Path(result.out) / "metrics.jsonl").read_text().splitlines()
+            evaluated = [r for r in map(json.loads, lines) if r.get("kind") == "epoch" and "test_loss" in r]
+        except (OSError, ValueError):
+            evaluated = []
+        if evaluated:
+            final = {k: v for k, v in evaluated[-1].items() if k.startswith("test_") or k == "train_loss"}
     per_token = " (per token)" if "test_perplexity" in final else ""
     table = Table(title=f"run {result.out}", title_justify="left", show_header=False)
     table.add_column("", style="bold")

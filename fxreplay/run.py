@@ -76,7 +76,8 @@ def lr_factor(epoch: int, epochs: int, milestones: tuple[float, ...], gamma: flo
 
 def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeline:
     """The stages, from a plan directory or by compiling the configured model on a batch of
-    the training set (its shape and dtype; ``model.num_classes`` or the data set's class count).
+    the training set (its shape and dtype; ``model.num_classes`` or the data set's class count,
+    and for token sequences their length as ``block_size`` to a builder that takes one).
 
     Raises:
         ConfigError: the plan's K is not ``partition.K``, or its model takes other inputs.
@@ -90,8 +91,10 @@ def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeli
             raise ConfigError(f"partition.K is {cfg.partition.K} but the plan in {plan_dir} has K={pipe.K}; drop --K or re-partition.")
         _check_plan_fits_data(pipe, plan_dir, cfg, example_batch(train_set, 1, cfg.data.name)[0][0])
         return pipe
-    loaded = load_model(cfg.model.name, num_classes)
     example = example_batch(train_set, cfg.data.batch_size, cfg.data.name)[0]
+    # Token sequences (B, T) of integers: T is the context a language model is built for.
+    tokens = example.dim() == 2 and not example.is_floating_point()
+    loaded = load_model(cfg.model.name, num_classes, block_size=int(example.shape[1]) if tokens else None)
     spec = ModelSpec(spec=cfg.model.name, input_shape=tuple(example.shape[1:]), batch_size=cfg.data.batch_size, num_classes=num_classes)
     devices = list(cfg.partition.devices) if cfg.partition.devices else None
     cost = resolve_cost(cfg.partition.cost, devices or ["cpu"] * cfg.partition.K)
@@ -447,7 +450,7 @@ class _Run:
                 f"batches of {EVAL_BATCH}. {then} on a device with more memory, or with a smaller model."
             ) from exc
         record.update({f"test_{name}": value for name, value in test.items() if name != "samples"})
-        self.result.final = {"test_accuracy": test.get("accuracy", math.nan), "test_loss": test["loss"], "train_loss": record["train_loss"]}
+        self.result.final = {**{k: v for k, v in record.items() if k.startswith("test_")}, "train_loss": record["train_loss"]}
         if not math.isfinite(test["loss"]):
             # The training losses were finite, but weights or BatchNorm statistics no longer
             # are: this state must not become "the last good checkpoint".

@@ -339,6 +339,23 @@ def test_train_gpt_on_a_text_file(tmp_path: Path) -> None:
     assert "test perplexity" in text and "test accuracy (per token)" in text
 
 
+def test_a_language_model_is_built_for_the_data_sets_block_size(tmp_path: Path) -> None:
+    # gpt_tiny's own context is 64 tokens; data.block_size 96 builds it with 96 positions
+    # (a user's builder with a block_size argument gets it the same way).
+    (tmp_path / "tiny.txt").write_bytes(b"def f(x):\n    return x + 1\n" * 200)
+    (tmp_path / "fxt_lm.py").write_text(
+        "from fxreplay.models.gpt import GPT\n"
+        "def build_model(num_classes, block_size):\n"
+        "    return GPT(vocab=num_classes, block_size=block_size, layers=1, heads=2, width=16, dropout=0.0, tie=True)\n")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"data": {"block_size": 96}}))
+    for i, model in enumerate(("gpt_tiny", str(tmp_path / "fxt_lm.py"))):
+        out = _train(tmp_path / str(i), "--config", str(tmp_path / "cfg.yaml"), "--model", model, "--data", f"text:{tmp_path / 'tiny.txt'}",
+                     batch="4")
+        weights = torch.load(out / "model.pt")
+        assert weights["pos_emb.weight"].shape[0] == 96, model
+        assert yaml.safe_load((out / "plan" / "plan.yaml").read_text())["model"]["input_shape"] == [96]
+
+
 @pytest.mark.parametrize("kind", ["imagefolder", "function", "module", "default text", "cifar10"])
 def test_train_on_every_kind_of_data_set(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "tiny_rgb.py").write_text(TINY_RGB)

@@ -137,17 +137,20 @@ def import_source(path_part: str) -> ModuleType:
     return _import_file(Path(path_part)) if is_file_spec(path_part) else _import_module(path_part)
 
 
-def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
+def load_model(spec: str, num_classes: int | None = None, block_size: int | None = None) -> LoadedModel:
     """Load a model from a spec string (see the module docstring).
 
     Args:
         spec: where the model is.
         num_classes: passed to the builder when it accepts ``num_classes``.
+        block_size: a token sequence's length (the data set's), passed to a builder that
+            accepts ``block_size`` (a language model's context, e.g. ``gpt_tiny``).
 
     Raises:
         ModelLoadError: the file, module or attribute is missing, or does not give a module.
     """
     kwargs: dict[str, Any] = {}
+    hints = {k: v for k, v in (("num_classes", num_classes), ("block_size", block_size)) if v}
     if spec.startswith("torchvision:"):
         import torchvision
 
@@ -169,8 +172,9 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
         from fxreplay import models
 
         name = attr if path_part == "zoo" else path_part
-        kw = {"num_classes": num_classes} if num_classes else {}
         shape, dtype = models.input_of(name)
+        builder = models.ZOO.get(name)
+        kw = {k: v for k, v in hints.items() if builder is not None and _accepts(builder, k)}
         return LoadedModel(models.get(name, **kw), None, spec, shape, dtype)
 
     module = import_source(path_part)
@@ -187,8 +191,8 @@ def load_model(spec: str, num_classes: int | None = None) -> LoadedModel:
             f"{where} defines neither build_model() nor model. Add one of them, or name the "
             f"attribute to use: '{path_part}:MyNet'."
         )
-    if num_classes and callable(obj) and not isinstance(obj, nn.Module) and _accepts(obj, "num_classes"):
-        kwargs["num_classes"] = num_classes
+    if callable(obj) and not isinstance(obj, nn.Module):
+        kwargs.update({k: v for k, v in hints.items() if _accepts(obj, k)})
     return LoadedModel(_instantiate(obj, where, kwargs), _example_inputs_of(module), spec)
 
 
