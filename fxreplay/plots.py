@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
 
 from fxreplay import methods  # noqa: E402
-from fxreplay.runlog import RunMetrics  # noqa: E402
+from fxreplay.runlog import RunGroup, RunMetrics, group_runs  # noqa: E402
 from fxreplay.timeline import COLORS as TIMELINE_COLORS, KINDS, Timeline  # noqa: E402
 
 __all__ = ["gantt", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
@@ -56,28 +57,54 @@ def _panels(n: int, height: float) -> tuple[Figure, list[Any]]:
     return fig, flat
 
 
-def _by_K(runs: Sequence[RunMetrics]) -> dict[int, list[RunMetrics]]:
-    out: dict[int, list[RunMetrics]] = {}
-    for r in runs:
-        out.setdefault(r.K, []).append(r)
+def _by_K(runs: Sequence[RunMetrics]) -> dict[int, list[RunGroup]]:
+    """The (method, K) groups of runs (one run per seed) by K."""
+    out: dict[int, list[RunGroup]] = {}
+    for group in group_runs(runs):
+        out.setdefault(group.K, []).append(group)
     return dict(sorted(out.items()))
 
 
-def _label(run: RunMetrics) -> str:
-    return f"{run.label} (diverged)" if run.diverged else run.label
+def _label(group: RunGroup) -> str:
+    text = group.label if group.n == 1 else f"{group.label} (mean of {group.n})"
+    if group.diverged:
+        text += " (diverged)" if len(group.diverged) == group.n else f" ({len(group.diverged)} of {group.n} diverged)"
+    return text
 
 
-def _curve(ax: Any, run: RunMetrics, xs: list[float], ys: list[float]) -> None:
-    color = _color(run.method)
+Points = Callable[[RunMetrics], Sequence[tuple[int, float]]]
+
+
+def _series(group: RunGroup, points: Points) -> tuple[list[int], list[float], list[float]]:
+    """The steps every run of the group logged, the mean over the runs at each, and the
+    sample standard deviation (0 for one run): a mean curve and its band."""
+    per_run = [dict(points(run)) for run in group.runs]
+    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    means = [statistics.fmean(p[s] for p in per_run) for s in steps]
+    stds = [statistics.stdev(p[s] for p in per_run) if len(per_run) > 1 else 0.0 for s in steps]
+    return steps, means, stds
+
+
+def _curve(ax: Any, group: RunGroup, xs: Sequence[float], ys: Sequence[float], std: Sequence[float] = ()) -> None:
+    """One group's curve (its mean over seeds), with a ± one standard deviation band when it
+    has more than one run; a diverged group is dashed and ends in a cross."""
+    color = _color(group.method)
+    diverged = bool(group.diverged)
     # Plotted even with no points, so a run that diverged before its first log line is in the legend.
-    ax.plot(xs, ys, color=color, lw=1.4, label=_label(run), ls="--" if run.diverged else "-")
-    if run.diverged and xs:
+    ax.plot(xs, ys, color=color, lw=1.4, label=_label(group), ls="--" if diverged else "-")
+    if group.n > 1 and len(xs):
+        ax.fill_between(xs, [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)], color=color, alpha=0.18, lw=0)
+    if diverged and len(xs):
         ax.plot(xs[-1], ys[-1], marker="X", ms=9, color=color, mec="white", mew=0.8, zorder=5)
 
 
-def _losses(run: RunMetrics) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r["loss"]) for r in run.steps] or [(r["step"], r["train_loss"]) for r in run.epochs]
-    return [p[0] for p in pts], [p[1] for p in pts]
+def _losses(run: RunMetrics) -> list[tuple[int, float]]:
+    """(step, training loss): the step records (mean over each logging interval), else the epochs'."""
+    return [(r["step"], r["loss"]) for r in run.steps] or [(r["step"], r["train_loss"]) for r in run.epochs]
+
+
+def _walls(run: RunMetrics) -> list[tuple[int, float]]:
+    return [(r["step"], r["wall"]) for r in run.steps] or [(r["step"], r["wall"]) for r in run.epochs]
 
 
 def _finish_loss_axes(ax: Any, title: str, xlabel: str, explained: bool = False) -> None:
@@ -101,16 +128,17 @@ def _finish_loss_axes(ax: Any, title: str, xlabel: str, explained: bool = False)
 
 
 def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path:
-    """Training loss against epochs, one panel per K (Fig. 4, row 1)."""
+    """Training loss against epochs, one panel per K (Fig. 4, row 1); over seeds, the mean
+    curve with a ± one standard deviation band."""
     groups = _by_K(runs)
     fig, axes = _panels(len(groups), 2.9)
-    for ax, (K, group) in zip(axes, groups.items()):
-        for run in group:
-            steps, ys = _losses(run)
+    for ax, (K, group_list) in zip(axes, groups.items()):
+        for group in group_list:
+            steps, ys, std = _series(group, _losses)
             xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
-            _curve(ax, run, xs, ys)
+            _curve(ax, group, xs, ys, std)
         _finish_loss_axes(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
-    axes[0].set_ylabel("training loss")
+    axes[0].set_ylabel("training loss (mean over each logging interval)")
     fig.suptitle("Training loss against epochs")
     return _save(fig, path)
 
@@ -139,20 +167,24 @@ def _modelled_time(run: RunMetrics) -> list[float] | None:
 
 
 def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
-    """Training loss against measured wall time and against modelled K-device time, one row per K (Fig. 4, row 2)."""
+    """Training loss against measured wall time and against modelled K-device time, one row
+    per K (Fig. 4, row 2); over seeds, mean times and losses with a band."""
     groups = _by_K(runs)
     fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH_IN, 2.9 * len(groups)), squeeze=False, layout="constrained")
-    for row, (K, group) in zip(axes, groups.items()):
+    for row, (K, group_list) in zip(axes, groups.items()):
         unknown = []
-        for run in group:
-            _, ys = _losses(run)
-            walls = [r["wall"] for r in run.steps] or [r["wall"] for r in run.epochs]
-            _curve(row[0], run, walls, ys)
-            modelled = _modelled_time(run)
-            if modelled is None:
-                unknown.append(run.label)
+        for group in group_list:
+            steps, ys, std = _series(group, _losses)
+            _, walls, _ = _series(group, _walls)
+            _curve(row[0], group, walls, ys, std)
+            modelled = [_modelled_time(run) for run in group.runs]
+            if any(m is None for m in modelled):
+                unknown.append(group.label)
                 continue
-            _curve(row[1], run, modelled, [r["loss"] for r in run.steps])
+            times = {id(run): dict(zip((r["step"] for r in run.steps), m)) for run, m in zip(group.runs, modelled) if m}
+            steps, ys, std = _series(group, lambda run: [(r["step"], r["loss"]) for r in run.steps])
+            _, xs, _ = _series(group, lambda run: list(times[id(run)].items()))
+            _curve(row[1], group, xs, ys, std)
         _finish_loss_axes(row[0], f"K = {K}: measured (one process)", "wall time (s)")
         _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)", explained=bool(unknown))
         if unknown:
@@ -165,26 +197,30 @@ def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
 
 
 def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
-    """Peak memory held for backward, grouped bars: x = K, one bar per method, ×BP on top (Fig. 5)."""
+    """Peak memory held for backward, grouped bars: x = K, one bar per method, ×BP on top
+    (Fig. 5); over seeds, the mean with a ± one standard deviation whisker."""
     groups = _by_K(runs)
     names = _ordered({r.method for r in runs})
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4), layout="constrained")
     top = 0.0
     for i, m in enumerate(names):
-        for j, (K, group) in enumerate(groups.items()):
-            run = next((r for r in group if r.method == m), None)
-            if run is None or run.peak_memory is None:
+        for j, (K, group_list) in enumerate(groups.items()):
+            group = next((g for g in group_list if g.method == m), None)
+            peaks = _peaks(group)
+            if group is None or not peaks:
                 continue
-            mib = run.peak_memory / 2**20
-            top = max(top, mib)
+            mib = statistics.fmean(peaks) / 2**20
+            std = statistics.stdev(peaks) / 2**20 if len(peaks) > 1 else None
+            top = max(top, mib + (std or 0))
             x = j + (i - (len(names) - 1) / 2) * width
-            ax.bar(x, mib, width * 0.92, color=_color(m), hatch="//" if run.diverged else None,
-                   edgecolor="white" if run.diverged else None)
-            bp = next((r for r in group if r.method == methods.REFERENCE.name), None)
-            if bp is not None and bp.peak_memory:
-                ax.annotate(f"{run.peak_memory / bp.peak_memory:.2f}×", (x, mib), xytext=(0, 2), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=7.5)
+            diverged = bool(group.diverged)
+            ax.bar(x, mib, width * 0.92, color=_color(m), hatch="//" if diverged else None,
+                   edgecolor="white" if diverged else None, yerr=std, ecolor="#333333", capsize=2)
+            bp = _peaks(next((g for g in group_list if g.method == methods.REFERENCE.name), None))
+            if bp:
+                ax.annotate(f"{statistics.fmean(peaks) / statistics.fmean(bp):.2f}×", (x, mib + (std or 0)), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=7.5)
     ax.set_xticks(range(len(groups)), [f"K = {K}" for K in groups])
     ax.set_xlabel("number of modules")
     ax.set_ylabel("peak memory (MiB)")
@@ -200,38 +236,44 @@ def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _peaks(group: RunGroup | None) -> list[int]:
+    """The measured peak memory of each run of the group (runs without one left out)."""
+    return [r.peak_memory for r in group.runs if r.peak_memory is not None] if group is not None else []
+
+
 def sigma(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path | None:
-    """σ_k per module over training: rows = method, columns = K, for runs that measured it (Fig. 3).
+    """σ_k per module over training: rows = method, columns = K, for runs that measured it
+    (Fig. 3); over seeds, the mean.
 
     Returns None when no run measured σ. BP is left out: its σ is 1 by definition.
     """
-    measured = [r for r in runs if r.sigma and r.method != methods.REFERENCE.name]
+    measured = [g for g in group_runs(r for r in runs if r.sigma) if g.method != methods.REFERENCE.name]
     if not measured:
         return None
-    names = _ordered({r.method for r in measured})
-    Ks = sorted({r.K for r in measured})
+    names = _ordered({g.method for g in measured})
+    Ks = sorted({g.K for g in measured})
     fig, axes = plt.subplots(len(names), len(Ks), figsize=(WIDTH_IN, 2.5 * len(names) + 0.4), squeeze=False,
                              sharex=True, layout="constrained")
     cmap = plt.get_cmap("viridis")
     for i, m in enumerate(names):
         for j, K in enumerate(Ks):
             ax = axes[i][j]
-            run = next((r for r in measured if r.method == m and r.K == K), None)
-            if run is None:
+            group = next((g for g in measured if g.method == m and g.K == K), None)
+            if group is None:
                 ax.set_visible(False)
                 continue
             values = []
             for k in range(K):
-                pts = [(s, v[k]) for s, v in run.sigma if v[k] == v[k]]  # NaN: warm-up, no gradient yet
-                xs = [s / steps_per_epoch if steps_per_epoch else s for s, _ in pts]
-                values += [v for _, v in pts]
-                ax.plot(xs, [v for _, v in pts], marker="o", ms=2.5, lw=1.2, color=cmap(k / max(K - 1, 1) * 0.85),
-                        label=f"module {k + 1}")
+                # NaN: warm-up, no gradient yet; over seeds, the mean at the steps all measured
+                steps, ys, _ = _series(group, lambda run: [(s, v[k]) for s, v in run.sigma if v[k] == v[k]])
+                xs = [s / steps_per_epoch if steps_per_epoch else s for s in steps]
+                values += ys
+                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, color=cmap(k / max(K - 1, 1) * 0.85), label=f"module {k + 1}")
             if values and (min(values) < -1 or max(values) > 2):
                 _symlog(ax, values)  # DNI's synthetic gradients can be far off
             ax.axhline(0, color="black", lw=0.6)
             ax.axhline(1, color="black", lw=0.6, ls=":")
-            ax.set_title(f"{_label(run)}, K = {run.K}")
+            ax.set_title(f"{_label(group)}, K = {K}")
             ax.grid(True, alpha=0.3)
             ax.legend(loc="best", frameon=False)
             if j == 0:

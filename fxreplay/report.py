@@ -12,12 +12,14 @@ and marked with † (its numbers are from before it diverged).
 """
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fxreplay import methods, plots
 from fxreplay.compiler.plan import format_bytes
-from fxreplay.runlog import RunMetrics, label, load_run, steps_per_epoch
+from fxreplay.runlog import RunGroup, RunMetrics, group_runs, label, load_run, steps_per_epoch
 
 __all__ = ["render_markdown", "write_report"]
 
@@ -28,8 +30,20 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def _mark(run: RunMetrics, text: str) -> str:
-    return f"{text} {DIVERGED}" if run.diverged else text
+def _stat(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """One number, or over seeds ``mean ± sample std (n=N)``; – when there is none."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))} (n={len(values)})"
+
+
+def _mark(group: RunGroup, text: str) -> str:
+    """† after a cell whose runs diverged (with how many, when only some did)."""
+    if not group.diverged:
+        return text
+    return f"{text} {DIVERGED}" if len(group.diverged) == group.n else f"{text} {DIVERGED}{len(group.diverged)}/{group.n}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -38,67 +52,89 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _grid(runs: Sequence[RunMetrics]) -> tuple[list[str], list[int], dict[tuple[str, int], RunMetrics]]:
+def _grid(runs: Sequence[RunMetrics]) -> tuple[list[str], list[int], dict[tuple[str, int], RunGroup]]:
+    groups = group_runs(runs)
     order = list(methods.METHODS)
-    names = sorted({r.method for r in runs}, key=lambda m: order.index(m) if m in order else 99)
-    Ks = sorted({r.K for r in runs})
-    return names, Ks, {(r.method, r.K): r for r in runs}
+    names = sorted({g.method for g in groups}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    return names, sorted({g.K for g in groups}), {(g.method, g.K): g for g in groups}
 
 
-def _method_by_K(runs: Sequence[RunMetrics], cell: Callable[[RunMetrics], str]) -> list[str]:
-    """A table with a row per method and a column per K; ``cell`` writes one run's entry
-    (marked † when it diverged, – when the pair was not run)."""
+def _method_by_K(runs: Sequence[RunMetrics], cell: Callable[[RunGroup], str]) -> list[str]:
+    """A table with a row per method and a column per K; ``cell`` writes one (method, K)
+    group's entry (its runs over seeds; marked † when they diverged, – when not run)."""
     names, Ks, by = _grid(runs)
     rows = [[label(m)] + [_mark(by[(m, K)], cell(by[(m, K)])) if (m, K) in by else "–" for K in Ks] for m in names]
     return _table(["method"] + [f"K={K}" for K in Ks], rows)
 
 
 def error_table(runs: Sequence[RunMetrics]) -> list[str]:
-    """Best test error (%): rows = method, columns = K."""
-    return _method_by_K(runs, lambda run: _num(run.best_test_error))
+    """Best test error (%): rows = method, columns = K; over seeds, mean ± std (n)."""
+    return _method_by_K(runs, lambda g: _stat([r.best_test_error for r in g.runs if r.best_test_error is not None]))
+
+
+def _last_evaluation(run: RunMetrics) -> dict[str, Any] | None:
+    return next((r for r in reversed(run.epochs) if "test_perplexity" in r), None)
 
 
 def perplexity_table(runs: Sequence[RunMetrics]) -> list[str]:
     """Language models: the last evaluation's loss and perplexity (per token), rows = method,
-    columns = K; empty when no run reported a perplexity."""
+    columns = K (over seeds, each mean ± std); empty when no run reported a perplexity."""
     if not any("test_perplexity" in r for run in runs for r in run.epochs):
         return []
 
-    def cell(run: RunMetrics) -> str:
-        last = next((r for r in reversed(run.epochs) if "test_perplexity" in r), None)
-        return "–" if last is None else f"{last['test_loss']:.3f} / {last['test_perplexity']:.4g}"
+    def cell(group: RunGroup) -> str:
+        last = [e for e in map(_last_evaluation, group.runs) if e is not None]
+        if not last:
+            return "–"
+        return f"{_stat([e['test_loss'] for e in last], '{:.3f}')} / {_stat([e['test_perplexity'] for e in last], '{:.4g}')}"
 
     return _method_by_K(runs, cell)
 
 
 def memory_table(runs: Sequence[RunMetrics]) -> list[str]:
-    """Peak memory held for backward (MiB, and × BP at the same K) next to Table 1."""
+    """Peak memory held for backward (MiB, and × BP at the same K) next to Table 1; over
+    seeds, the mean (and the ratio of the means)."""
     names, Ks, by = _grid(runs)
+
+    def peak(group: RunGroup | None) -> float | None:
+        peaks = [r.peak_memory for r in group.runs if r.peak_memory is not None] if group else []
+        return statistics.fmean(peaks) if peaks else None
+
     rows = []
     for m in names:
         spec = methods.METHODS.get(m)
         row = [label(m), spec.complexity if spec else "?"]
         for K in Ks:
-            run, bp = by.get((m, K)), by.get((methods.REFERENCE.name, K))
-            if run is None or run.peak_memory is None:
-                row.append("–" if run is None else _mark(run, "–"))
+            group = by.get((m, K))
+            mine, bp = peak(group), peak(by.get((methods.REFERENCE.name, K)))
+            if group is None or mine is None:
+                row.append("–" if group is None else _mark(group, "–"))
                 continue
-            text = f"{run.peak_memory / 2**20:.2f} MiB"
-            if bp is not None and bp.peak_memory:
-                text += f" ({run.peak_memory / bp.peak_memory:.2f}×)"
-            row.append(_mark(run, text))
+            text = f"{mine / 2**20:.2f} MiB"
+            if bp:
+                text += f" ({mine / bp:.2f}×)"
+            row.append(_mark(group, text))
         rows.append(row)
     return _table(["method", "paper (Table 1)"] + [f"K={K}" for K in Ks], rows)
 
 
+def _seeds(runs: Sequence[RunMetrics]) -> list[int]:
+    return sorted({r.seed for r in runs if r.seed is not None})
+
+
+def _name(run: RunMetrics, seeded: bool) -> str:
+    return f"{run.label} K={run.K}" + (f" seed {run.seed}" if seeded else "")
+
+
 def runs_table(runs: Sequence[RunMetrics]) -> list[str]:
-    """One row per run: how far it got, final and best numbers, speed, memory."""
+    """One row per run (by K, method, seed): how far it got, final and best numbers, speed, memory."""
+    seeded = len(_seeds(runs)) > 1
     rows = []
-    for run in runs:
+    for run in (run for group in group_runs(runs) for run in group.runs):
         status = f"diverged at step {run.diverged['step']}" if run.diverged else ("ok" if run.epochs else "no records")
         final_loss = run.epochs[-1]["train_loss"] if run.epochs else None
         rows.append([
-            f"{run.label} K={run.K}", status, str(run.last_step), str(sum(1 for r in run.epochs if r.get("complete"))),
+            _name(run, seeded), status, str(run.last_step), str(sum(1 for r in run.epochs if r.get("complete"))),
             _num(final_loss, "{:.4f}"), _num(run.final_test_error), _num(run.best_test_error),
             _num(run.wall, "{:.1f}"), _num(run.samples_per_s, "{:.0f}"),
             "–" if run.peak_memory is None else format_bytes(run.peak_memory),
@@ -112,15 +148,23 @@ def _setup(runs: Sequence[RunMetrics]) -> list[str]:
     if not cfg:
         return []
     m, d, o, t = (cfg.get(k, {}) for k in ("model", "data", "optim", "train"))
+    seeds = _seeds(runs)
+    if len(seeds) > 1:
+        seeds_text = (f"Seeds {', '.join(map(str, seeds))}: every (method, K) ran once per seed, and a seed gives every "
+                      "method and K the same initial weights, data order and schedule. Tables give the mean ± sample "
+                      "standard deviation over the n runs; curves the mean, with a band of ± one standard deviation.")
+    else:
+        seeds_text = ("Every run shares the seed, so the initial weights, data order and schedule are the same; only "
+                      "the method and K differ. One seed: differences of a point or so can be noise (--seeds 0,1,2 "
+                      "gives mean ± std).")
     length = f"{t.get('epochs')} epochs" + (f", at most {t['max_steps']} steps" if t.get("max_steps") else "")
     milestones = o.get("milestones") or []
     decay = (f"×{o.get('gamma')} at {', '.join(f'{100 * x:g}%' for x in milestones)} of the epochs" if milestones
              else "constant")
     return [
         f"Model `{m.get('name')}` on `{d.get('name')}`, batch {d.get('batch_size')}, SGD lr {o.get('lr')} "
-        f"(momentum {o.get('momentum')}, weight decay {o.get('weight_decay')}, {decay}), {length}, seed {t.get('seed')}, "
-        f"executor `{t.get('executor')}`. Every run shares the seed, so the initial weights, data order and "
-        "schedule are the same; only the method and K differ.",
+        f"(momentum {o.get('momentum')}, weight decay {o.get('weight_decay')}, {decay}), {length}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds)) or t.get('seed')}, "
+        f"executor `{t.get('executor')}`. {seeds_text}",
         "",
     ]
 
@@ -129,9 +173,10 @@ def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None],
     """The report's text. ``figures`` maps a caption to a PNG (relative to the report) or None (skipped)."""
     lines = ["# fxreplay compare", ""] + _setup(runs)
     diverged = [r for r in runs if r.diverged]
+    seeded = len(_seeds(runs)) > 1
     footnote = (
         [f"{DIVERGED} diverged (the loss became NaN/inf): "
-         + "; ".join(f"{r.label} K={r.K} at step {r.diverged['step']}" for r in diverged if r.diverged)
+         + "; ".join(f"{_name(r, seeded)} at step {r.diverged['step']}" for r in diverged if r.diverged)
          + ". Its numbers are from before that.", ""]
         if diverged else []
     )
@@ -194,7 +239,9 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     else:
         notes.append("σ_k = <∇f(w)_k, g_k> / ‖∇f(w)_k‖² per module against a true BP gradient on the same "
                      "batch; BP's σ is 1 by definition and is not drawn. Wall times include these measurements.")
-    timelines = [(r, r.path / "timeline.json") for r in loaded if (r.path / "timeline.json").is_file()]
+    # one timeline per (method, K): over seeds, the first seed's (they differ only in the data)
+    firsts = [next((r for r in g.runs if (r.path / "timeline.json").is_file()), None) for g in group_runs(loaded)]
+    timelines = [(r, r.path / "timeline.json") for r in firsts if r is not None]
     for run, tl in timelines:
         figures[f"Pipeline timeline, {run.label} K={run.K}"] = plots.timeline(tl, out_dir / f"timeline-{run.method}-K{run.K}.png",
                                                                               f"{run.label}, K={run.K}: pipeline timeline")

@@ -16,7 +16,7 @@ import yaml
 
 from fxreplay import methods
 
-__all__ = ["RunMetrics", "label", "load_run", "steps_per_epoch"]
+__all__ = ["RunGroup", "RunMetrics", "group_runs", "label", "load_run", "steps_per_epoch"]
 
 
 def label(method: str) -> str:
@@ -41,6 +41,11 @@ class RunMetrics:
     @property
     def label(self) -> str:
         return label(self.method)
+
+    @property
+    def seed(self) -> int | None:
+        """The run's ``train.seed`` (None when its config is not there)."""
+        return self.config.get("train", {}).get("seed")
 
     @property
     def best_test_error(self) -> float | None:
@@ -73,6 +78,38 @@ class RunMetrics:
     def samples_per_s(self) -> float | None:
         rates = [r["samples_per_s"] for r in self.epochs if r.get("complete")] or [r["samples_per_s"] for r in self.epochs]
         return sum(rates) / len(rates) if rates else None
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """The runs of one (method, K) pair, one per seed: what a table cell or a curve shows."""
+
+    method: str
+    K: int
+    runs: tuple[RunMetrics, ...]
+
+    @property
+    def label(self) -> str:
+        return label(self.method)
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def diverged(self) -> list[RunMetrics]:
+        return [r for r in self.runs if r.diverged]
+
+
+def group_runs(runs: Iterable[RunMetrics]) -> list[RunGroup]:
+    """The runs grouped by (method, K): by K, then in the registry's method order (the
+    reference first), each group's runs in the order given."""
+    by: dict[tuple[str, int], list[RunMetrics]] = {}
+    for run in runs:
+        by.setdefault((run.method, run.K), []).append(run)
+    order = list(methods.METHODS)
+    keys = sorted(by, key=lambda mk: (mk[1], order.index(mk[0]) if mk[0] in order else len(order), mk[0]))
+    return [RunGroup(m, K, tuple(by[(m, K)])) for m, K in keys]
 
 
 def load_run(method: str, K: int, path: Path) -> RunMetrics:
