@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["stage_graph", "collapse", "draw_plan", "MAX_NODES"]
 
 MAX_NODES = 60  # beyond this many boxes the labels no longer fit a 700 px-wide figure
+CUT_COLOR = "#111111"  # near-black: no stage's colour (tab10/tab20 have no black)
+BEND = 0.4  # how far an edge that skips layers bends (matplotlib's arc3 rad)
 
 
 def stage_graph(pipe: Pipeline) -> nx.DiGraph:
@@ -138,36 +141,69 @@ def draw_plan(pipe: Pipeline, path: Path, max_nodes: int = MAX_NODES) -> Path:
     K = pipe.plan.K
     cmap = plt.get_cmap("tab10" if K <= 10 else "tab20")
     size = 200 if widest < 6 else 120
+    labelled: list[tuple[tuple[str, str], bool]] = []
     for cut in (False, True):
         for skip in (False, True):  # edges that jump layers bend, so they do not hide behind a chain
             edges = [(u, v) for u, v, d in H.edges(data=True) if d["cut"] == cut and (layer[v] - layer[u] > 1) == skip]
-            style = "arc3,rad=0.4" if skip else "arc3"
+            style = f"arc3,rad={BEND}" if skip else "arc3"
             nx.draw_networkx_edges(H, pos, edgelist=edges, ax=ax, node_size=size, connectionstyle=style,
-                                   edge_color="#d62728" if cut else "#9a9a9a", width=1.8 if cut else 0.8,
+                                   edge_color=CUT_COLOR if cut else "#9a9a9a", width=1.8 if cut else 0.8,
                                    arrowsize=10 if cut else 7)
-            labels = {(u, v): format_bytes(H.edges[u, v]["bytes"]) for u, v in edges if cut}
-            if labels:
-                nx.draw_networkx_edge_labels(H, pos, edge_labels=labels, ax=ax, font_size=7, font_color="#b01010",
-                                             rotate=False, connectionstyle=style, label_pos=0.3 if skip else 0.5,
-                                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "#d62728", "lw": 0.5})
+            labelled += [(e, skip) for e in edges if cut]
     nx.draw_networkx_nodes(H, pos, ax=ax, node_size=size, edgecolors="black", linewidths=0.5,
                            node_color=[cmap(H.nodes[n]["stage"] % cmap.N) for n in H])
-    for n, (x, y) in pos.items():  # names beside the nodes, offset in points so any scale works
-        ax.annotate(_short(H.nodes[n].get("label", n)), (x, y), xytext=(10, 0), textcoords="offset points",
-                    fontsize=7 if widest < 6 else 6, va="center", ha="left", clip_on=False)
+    names = [ax.annotate(_short(H.nodes[n].get("label", n)), (x, y), xytext=(10, 0), textcoords="offset points",
+                         fontsize=7 if widest < 6 else 6, va="center", ha="left", clip_on=False)
+             for n, (x, y) in pos.items()]  # names beside the nodes, offset in points so any scale works
     ax.margins(x=0.15 if widest > 1 else 0.0, y=0.02)
     if widest == 1:
         ax.set_xlim(-1.0, 3.0)  # a chain: leave room for the names and the bent skip edges
     handles = [Patch(color=cmap(k % cmap.N), label=f"stage {k} ({pipe.plan.stages[k].device})") for k in range(K)]
-    handles.append(Patch(color="#d62728", label="cut edge: bytes per batch"))
+    handles.append(Patch(color=CUT_COLOR, label="cut edge: bytes per batch"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
     spec = Path(pipe.plan.model.spec).name if pipe.plan.model.spec else "model"
     fig.suptitle(f"{spec}: K = {K} stages, one node per {unit}, data flows down")
     ax.axis("off")
+    _label_cut_edges(fig, ax, H, pos, labelled, names, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _label_cut_edges(fig: Any, ax: Any, H: nx.DiGraph, pos: dict[str, tuple[float, float]],
+                     edges: list[tuple[tuple[str, str], bool]], names: list[Any], node_size: float) -> None:
+    """The bytes of each cut edge, on the side of the edge away from the node names (which
+    are on the right): left of a straight edge's middle, left of a bent edge's bulge; a label
+    that would still overlap a name, a node or another label moves down until it does not."""
+    fig.canvas.draw()  # the layout is final: positions in display space are known
+    renderer = fig.canvas.get_renderer()
+    to_display = ax.transData.transform
+    to_figure = fig.transFigure.inverted().transform
+    radius = (node_size**0.5) / 2 * fig.dpi / 72  # a node's radius in pixels (node_size is points²)
+    nodes = [to_display(p) for p in pos.values()]
+    taken = [t.get_window_extent(renderer) for t in names]
+    for (u, v), bent in edges:
+        (x1, y1), (x2, y2) = to_display(pos[u]), to_display(pos[v])
+        mx, my = (x1 + x2) / 2, (y1 + y2) / 2
+        if bent:  # arc3: the curve's middle is half the control point's offset from the chord's
+            mx, my = mx + 0.5 * BEND * (y2 - y1), my - 0.5 * BEND * (x2 - x1)
+        label = ax.annotate(
+            format_bytes(H.edges[u, v]["bytes"]), xy=(0, 0), xycoords="figure fraction", fontsize=7, color=CUT_COLOR,
+            ha="right", va="center", annotation_clip=False,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "#777777", "lw": 0.5},
+        )
+        label.set_in_layout(False)
+        x, y = min(mx, x1, x2) - radius - 4 if not bent else mx - 6, my
+        for _ in range(12):
+            label.xy = label.xyann = tuple(to_figure((x, y)))  # a fraction of the figure: the same at any dpi
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            hits = [b for b in taken if box.overlaps(b)] + [
+                (nx_, ny_) for nx_, ny_ in nodes if box.x0 - radius < nx_ < box.x1 + radius and box.y0 - radius < ny_ < box.y1 + radius]
+            if not hits:
+                break
+            y -= box.height * 0.8
+        taken.append(label.get_window_extent(renderer))
 
 
 def _short(text: str, width: int = 20) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import networkx as nx
 import pytest
@@ -16,7 +17,7 @@ from fxreplay.compiler.costgraph import build_cost_graph
 from fxreplay.compiler.plan import Plan, StagePlan
 from fxreplay.compiler.profiling import profile
 from fxreplay.compiler.tracing import trace
-from fxreplay.show import MAX_NODES, collapse, draw_plan, readable_graph, stage_graph
+from fxreplay.show import CUT_COLOR, MAX_NODES, collapse, draw_plan, readable_graph, stage_graph
 from zoo_external import Scaled
 
 B = 3
@@ -166,3 +167,45 @@ def test_draw_plan_writes_a_png(tmp_path: Path, pipe: fxreplay.Pipeline, max_nod
     with Image.open(target) as im:
         im.verify()
         assert im.size[0] == 770  # 7 in at 110 dpi: readable at ~700 px wide
+
+
+@pytest.mark.parametrize("model, K", [("resnet20", 4), ("gpt_tiny", 4)])
+def test_cut_edges_have_their_own_colour_and_labels_keep_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              model: str, K: int) -> None:
+    import matplotlib.figure
+    from matplotlib.colors import to_hex
+    from matplotlib.text import Annotation
+
+    from fxreplay.compiler import compile as compile_model
+    from fxreplay.compiler.loading import load_model, make_example_inputs
+
+    loaded = load_model(model)
+    pipe = compile_model(loaded.model, make_example_inputs(loaded.input_shape, 8, dtype=loaded.input_dtype), K=K, cost="flops")
+    seen: list[dict[str, Any]] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig: Any, *args: Any, **kwargs: Any) -> Any:
+        done = original(fig, *args, **kwargs)  # as drawn into the PNG, before the figure is closed
+        ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+        labels = [t for t in ax.texts if isinstance(t, Annotation) and t.get_text().endswith("B")]
+        seen.append({
+            "labels": [(t.get_text(), to_hex(t.get_color()), t.get_window_extent(renderer)) for t in labels],
+            "names": [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts if t not in labels],
+            "node_colours": {to_hex(c) for coll in ax.collections if hasattr(coll, "get_facecolor") for c in coll.get_facecolor()},
+            "legend": {t.get_text(): to_hex(h.get_facecolor()) for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)},
+        })
+        return done
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    draw_plan(pipe, tmp_path / "graph.png")
+    (drawn,) = seen
+    assert len(drawn["labels"]) >= K - 1  # at least one cut edge between consecutive stages
+    # the cut colour is no stage's: no node has it; the labels and the legend's cut entry do
+    assert CUT_COLOR not in drawn["node_colours"] and all(colour == CUT_COLOR for _, colour, _ in drawn["labels"])
+    assert drawn["legend"]["cut edge: bytes per batch"] == CUT_COLOR
+    assert CUT_COLOR not in {c for name, c in drawn["legend"].items() if name.startswith("stage")}
+    # no label overlaps a node name or another label
+    boxes = [(text, box) for text, _, box in drawn["labels"]]
+    for i, (text, box) in enumerate(boxes):
+        clash = [o for o, b in drawn["names"] + boxes[:i] + boxes[i + 1:] if box.overlaps(b)]
+        assert not clash, (text, clash)
