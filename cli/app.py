@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from cli.compare_cmd import compare, show
 from cli.console import err, fail, out
-from cli.options import BatchSizeOption, DataOption, DataRootOption, LrOption, ModelOption, data_overrides
+from cli.options import BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError, FxReplayWarning
 from fxreplay.methods import METHODS, PROPOSED
 
@@ -138,6 +138,7 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many iterations")] = None,
     batch_size: BatchSizeOption = None,
     lr: LrOption = None,
+    microbatches: MicrobatchesOption = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory (metrics, checkpoints, model)")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -154,6 +155,7 @@ def train(
     overrides = {
         "train.method": method, "partition.K": K, "partition.cost": cost, "train.epochs": epochs, "train.max_steps": max_steps,
         "train.out": str(out_dir) if out_dir else None, "train.seed": seed, "train.executor": executor,
+        "train.microbatches": microbatches,
         **data_overrides(model, data, data_root, lr, batch_size),
     }
     try:
@@ -184,11 +186,9 @@ def train(
             if result is None:
                 return  # not the reporting rank: it prints nothing
         elif cfg.train.executor == "distributed":
-            if resume is None and not force:
-                from fxreplay.rundir import RunDir
+            from fxreplay.run import train_with_ranks
 
-                RunDir(Path(cfg.train.out)).check_fresh()  # before any rank starts
-            result = _train_with_ranks(cfg, plan, resume, nproc, threads, force)
+            result = train_with_ranks(cfg, plan, resume, nproc, threads, force)
         else:
             if threads is not None:
                 import torch
@@ -213,37 +213,14 @@ app.command()(compare)
 app.command()(show)
 
 
-def _stage_device_kind(cfg: Any) -> str:
-    devices = cfg.partition.devices or ()
-    return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
-
-
-def _train_with_ranks(cfg: Any, plan: Path | None, resume: Path | None, nproc: int, threads: int | None, force: bool) -> Any:
-    """``--nproc K``: K local ranks through torch elastic; the last one reports."""
-    import os
-
-    from fxreplay.config import to_dict
-    from fxreplay.launch import run_distributed
-    from fxreplay.run import distributed_main
-
-    if nproc != cfg.partition.K:
-        raise FxReplayError(f"--nproc {nproc} but K={cfg.partition.K}: the distributed executor runs one stage per rank; use --nproc {cfg.partition.K}.")
-    per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
-    results = run_distributed(
-        distributed_main, nproc, args=(to_dict(cfg), str(plan) if plan else None, str(resume) if resume else None, force),
-        device=_stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank,
-    )
-    return results[nproc - 1]
-
-
 def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None, force: bool) -> Any:
     """Started by torchrun: this process is one rank; join the group and train its stage."""
     import torch.distributed as dist
 
     from fxreplay.launch import init_process_group, reports
-    from fxreplay.run import train_run
+    from fxreplay.run import stage_device_kind, train_run
 
-    init_process_group(_stage_device_kind(cfg), cfg.train.timeout)
+    init_process_group(stage_device_kind(cfg), cfg.train.timeout)
     try:
         result = train_run(cfg, plan_dir=plan, resume=resume, console=err, overwrite=force)
         return result if reports() else None

@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-__all__ = ["ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "data_overrides"]
+from fxreplay.methods import METHODS
+
+__all__ = ["ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "MicrobatchesOption", "data_overrides"]
 
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr "
@@ -17,6 +19,10 @@ DataOption = Annotated[Optional[str], typer.Option(
 DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", help="where the data set's files are (overrides data.root)")]
 LrOption = Annotated[Optional[float], typer.Option(help="override optim.lr")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(help="override data.batch_size")]
+_PIPELINED = ", ".join(name for name, spec in METHODS.items() if spec.needs_ranks)
+MicrobatchesOption = Annotated[Optional[int], typer.Option(
+    "--microbatches", help=f"microbatches per step of the methods torch's pipeline schedules run ({_PIPELINED}); must divide "
+                           "the batch size, and 1F1B needs >= K (overrides train.microbatches, default 4)")]
 
 
 def data_overrides(model: str | None, data: str | None, data_root: Path | None, lr: float | None,

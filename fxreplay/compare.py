@@ -7,6 +7,12 @@ order and the lr schedule are shared), then writes ``out/report.md`` and its fig
 from their checkpoint, and a run whose loss becomes NaN/inf is kept and marked diverged
 rather than stopping the comparison (the paper's DNI and K=4 DDG on ResNet152 diverge).
 
+A method that needs one rank per stage (torch's GPipe and 1F1B, ``spec.needs_ranks``) is
+trained as a job of K ranks on this machine by :func:`fxreplay.run.train_with_ranks`, the
+launcher ``fxreplay train --nproc K`` uses; the others run in this process as before. Such a
+run's config says ``train.executor: distributed`` and ``train.sigma_every: 0`` (σ needs BP
+in one process; theirs is BP's gradient, σ = 1 without BatchNorm).
+
 ``boundaries`` pins the split per K (``partition.boundaries``: the modules at which stages
 1..K-1 start), so every method at that K trains the same modules, as in the paper, which
 splits a network into K modules once; left to the partitioner, whose cost is method-aware,
@@ -34,7 +40,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from fxreplay import methods
 from fxreplay.checkpoint import CHECKPOINT_FILE
 from fxreplay.config import Config, load_config, to_dict
-from fxreplay.errors import ConfigError, DivergenceError
+from fxreplay.errors import ConfigError, DivergenceError, TrainingError
 
 __all__ = ["RunOutcome", "CompareResult", "run_dir", "run_config", "run_state", "compare"]
 
@@ -72,12 +78,18 @@ def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequ
                seed: int | None = None) -> Config:
     """The config of the (method, K[, seed]) run of a comparison: ``cfg`` with its method, K,
     output directory, and, when given, its pinned stage starts and seed replaced (else
-    ``cfg``'s own)."""
+    ``cfg``'s own); a method that needs ranks runs distributed, without σ."""
     pinned = cfg.partition.boundaries if boundaries is None else tuple(boundaries)
     train = replace(cfg.train, method=method, out=str(run_dir(out_dir, method, K, seed)))
     if seed is not None:
         train = replace(train, seed=seed)
+    if _needs_ranks(method):
+        train = replace(train, executor="distributed", sigma_every=0)
     return replace(cfg, train=train, partition=replace(cfg.partition, K=K, boundaries=pinned))
+
+
+def _needs_ranks(method: str) -> bool:
+    return methods.get(method).needs_ranks
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -199,17 +211,20 @@ def compare(
 
     Raises:
         ConfigError: an unknown method, a K < 1, boundaries for a K not compared or not
-            K-1 distinct names, or a run in ``out_dir`` made with another config
-            (a changed split included; without ``force``).
+            K-1 distinct names, microbatches a method cannot take at some K, or a run in
+            ``out_dir`` made with another config (a changed split included; without ``force``).
         FxReplayError: any run's other failure (a diverging loss is not one: it is marked).
     """
     from fxreplay.report import write_report
-    from fxreplay.run import train_run
+    from fxreplay.run import train_run, train_with_ranks
 
     console = console or Console(stderr=True)
     # Seed by seed: an interrupted comparison has whole seeds done, each a complete table.
     pairs = [(m, K, seed) for seed in _seeds(seeds) for m, K in _pairs(methods, Ks)]
     pinned = _pinned(boundaries or {}, Ks)
+    # Every run's config before the first run starts: one that cannot be made (e.g. too few
+    # microbatches for 1F1B at the largest K) stops the comparison before hours of training.
+    configs = {(m, K, seed): run_config(cfg, m, K, out_dir, pinned.get(K), seed) for m, K, seed in pairs}
     out_dir.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out=out_dir)
     with Progress(
@@ -221,7 +236,7 @@ def compare(
                                       status="[dim]waiting") for p in pairs}
         for i, (method, K, seed) in enumerate(pairs):
             path = run_dir(out_dir, method, K, seed)
-            run_cfg = run_config(cfg, method, K, out_dir, pinned.get(K), seed)
+            run_cfg = configs[(method, K, seed)]
             task = tasks[(method, K, seed)]
             if force and path.exists():
                 shutil.rmtree(path)
@@ -234,11 +249,20 @@ def compare(
                 progress.start_task(task)
                 progress.update(task, status="[bold yellow]resuming" if state == "interrupted" else "[bold yellow]training")
                 action: Literal["trained", "resumed"] = "resumed" if state == "interrupted" else "trained"
+                resume = path if state == "interrupted" else None
                 try:
-                    train_run(run_cfg, resume=path if state == "interrupted" else None, console=console)
+                    if _needs_ranks(method):
+                        train_with_ranks(run_cfg, resume=resume)  # K ranks here; a failed rank ends the job
+                    else:
+                        train_run(run_cfg, resume=resume, console=console)
                     outcome = RunOutcome(method, K, path, action, seed=seed)
                 except DivergenceError as exc:
                     outcome = RunOutcome(method, K, path, action, str(exc), seed)
+                except TrainingError:
+                    # A rank's divergence reaches here as the job's failure: its record says so.
+                    if run_state(path, cfg.train.epochs, cfg.train.max_steps) != "diverged":
+                        raise
+                    outcome = RunOutcome(method, K, path, action, _diverged_message(path), seed)
             result.runs.append(outcome)
             status = "[red]diverged" if outcome.diverged else f"[green]{outcome.action}"
             progress.update(task, completed=1, status=status)

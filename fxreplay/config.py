@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 import yaml
 
 from fxreplay import methods
-from fxreplay.errors import ConfigError
+from fxreplay.errors import ConfigError, FxReplayError
 
 __all__ = [
     "ModelConfig",
@@ -221,6 +221,9 @@ class TrainConfig:
     timeline: bool = True
     # Distributed runs: seconds a rank waits for a neighbour before the job is failed.
     timeout: float = 60.0
+    # Methods torch's pipeline schedules run (GPipe, 1F1B): microbatches per step. 4 overlaps
+    # 2-4 stages (1F1B needs >= K) and divides the usual batch sizes; others ignore it.
+    microbatches: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in methods.names():
@@ -239,6 +242,8 @@ class TrainConfig:
             raise _fail("train.out", "must not be empty")
         if not self.timeout > 0:
             raise _fail("train.timeout", f"must be > 0 seconds, got {self.timeout}")
+        if self.microbatches < 1:
+            raise _fail("train.microbatches", f"must be >= 1, got {self.microbatches}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # Across sections: a method with microbatches needs M to fit K and the batch size.
+        try:
+            methods.get(self.train.method).check_microbatches(self.train.microbatches, self.partition.K, self.data.batch_size)
+        except FxReplayError as exc:
+            raise _fail("train.microbatches", str(exc)) from None
 
 
 _SECTIONS: dict[str, type[Any]] = {

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fxreplay import plots
+from fxreplay import methods, plots
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
 from fxreplay.data import build_datasets, check_labels, example_batch, labels_only, make_loader, num_classes_of
@@ -35,11 +35,11 @@ from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, Divergen
 from fxreplay.compiler.loading import LoadedModel, load_model
 from fxreplay.metrics import correct_count, default_loss, predictions
 from fxreplay.compiler.plan import ModelSpec, Plan
-from fxreplay.launch import distributed_job, reports
+from fxreplay.launch import distributed_job, reports, run_distributed
 from fxreplay.rundir import Metrics, NoMetrics, RunDir
 from fxreplay.trainer import Trainer
 
-__all__ = ["RunResult", "train_run", "lr_factor", "milestone_epochs", "distributed_main"]
+__all__ = ["RunResult", "train_run", "train_with_ranks", "stage_device_kind", "lr_factor", "milestone_epochs", "distributed_main"]
 
 
 
@@ -232,6 +232,7 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
         measure_memory=True,
         record_timeline=cfg.train.timeline,
         timeout=cfg.train.timeout,
+        microbatches=cfg.train.microbatches,
     )
 
 
@@ -295,6 +296,8 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
         cfg, ckpt, plan_dir = resumed.cfg, resumed.checkpoint, resumed.plan_dir or plan_dir
     assert cfg is not None  # given, the quick start's, or the resumed run's
     distributed = distributed_job()
+    if not distributed:
+        methods.get(cfg.train.method).check_one_process()  # before the data and the model are built
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
     if ckpt is None and not overwrite:
@@ -511,6 +514,50 @@ def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str
 
     result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None, overwrite=overwrite)
     return result if reports() else None
+
+
+def stage_device_kind(cfg: Config) -> str:
+    """The kind of device the stages run on (``"cuda"`` if the plan puts any on a GPU), which
+    picks the process group's backend."""
+    devices = cfg.partition.devices or ()
+    return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
+
+
+def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | None = None, nproc: int | None = None,
+                     threads: int | None = None, overwrite: bool = False) -> RunResult:
+    """:func:`train_run` as a job of K ranks on this machine, one per stage, started by torch's
+    launcher (``fxreplay train --nproc K``; ``compare`` for a method that needs ranks).
+
+    Args:
+        cfg: the run's config (its executor should be ``distributed``; K = ``partition.K``).
+        plan_dir, resume, overwrite: as for :func:`train_run`.
+        nproc: the ranks to start (default K); anything but K is refused.
+        threads: torch threads per rank (default: this machine's cores / ranks).
+
+    Returns:
+        The reporting (last) rank's result.
+
+    Raises:
+        FxReplayError: ``nproc`` is not K, the run directory holds another run (without
+            ``overwrite``), or a rank failed (naming the first that did and its error).
+    """
+    import os
+
+    from fxreplay.config import to_dict
+
+    K = cfg.partition.K
+    nproc = K if nproc is None else nproc
+    if nproc != K:
+        raise ConfigError(f"--nproc {nproc} but K={K}: the distributed executor runs one stage per rank; use --nproc {K}.")
+    if resume is None and not overwrite:
+        RunDir(Path(cfg.train.out)).check_fresh()  # before any rank starts
+    per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
+    results = run_distributed(
+        distributed_main, nproc, args=(to_dict(cfg), str(plan_dir) if plan_dir else None, str(resume) if resume else None, overwrite),
+        device=stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank,
+    )
+    result: RunResult = results[nproc - 1]
+    return result
 
 
 def _epoch_done(train_set: Any, cfg: Config, batch_index: int) -> bool:

@@ -1,4 +1,4 @@
-"""``fxreplay.Trainer``: a method (BP, FR, DDG, DNI) on a pipeline's stages.
+"""``fxreplay.Trainer``: a method (BP, FR, DDG, DNI; GPipe, 1F1B) on a pipeline's stages.
 
 A thin façade over :class:`fxreplay.executor.LocalExecutor` that adds what a training loop
 needs around it: learning-rate control per stage, evaluation, and the trained weights
@@ -71,6 +71,8 @@ class Trainer:
         measure_memory: count activation/history bytes per stage each step.
         timeout: distributed only: seconds a rank waits for a neighbour before failing the job.
         record_timeline: distributed only: record compute / wait / send intervals per rank.
+        microbatches: microbatches per step, for a method torch's pipeline schedules run
+            (GPipe, 1F1B; default 4); ignored by the others.
 
     Inside a torch.distributed job of K ranks (``fxreplay train --nproc K``, torchrun), the
     trainer runs this rank's stage with the :class:`~fxreplay.executor.DistributedExecutor`;
@@ -88,6 +90,7 @@ class Trainer:
         measure_memory: bool = False,
         timeout: float = 60.0,
         record_timeline: bool = False,
+        microbatches: int | None = None,
     ) -> None:
         self.pipe = pipe
         self.method = method
@@ -105,8 +108,11 @@ class Trainer:
                 )
         distributed = distributed_job()
         options: dict[str, Any] = {}
-        if synth_optimizer is not None and "synth_optimizer" in methods.get(method).worker.option_names:
+        spec = methods.get(method)
+        if synth_optimizer is not None and "synth_optimizer" in spec.worker.option_names:
             options["synth_optimizer"] = synth_optimizer
+        if microbatches is not None and "microbatches" in spec.worker.option_names:
+            options["microbatches"] = microbatches
         # A distributed rank moves only its own stage; the executor checks world size == K.
         place_stages(pipe, only=dist.get_rank() if distributed else None)
         self.executor: Executor = executor_for(

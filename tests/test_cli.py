@@ -10,6 +10,7 @@ import pytest
 import yaml
 from clitools import assert_user_error, run_cli
 from fxreplay.checkpoint import load_checkpoint
+from fxreplay.methods import METHODS
 
 UNTRACEABLE = '''
 import torch
@@ -175,7 +176,7 @@ def test_train_config_errors(tmp_path: Path) -> None:
     "command, says",
     [
         ("partition", ["fxreplay partition [OPTIONS]", "cut MODEL into K", "--K", "--out", "--cost", "--boundary", "--input-shape", "balanced stages"]),
-        ("train", ["fxreplay train [OPTIONS]", "--method", "--resume", "--nproc", "--plan", "--force", "bp | ddg | dni | fr"]),
+        ("train", ["fxreplay train [OPTIONS]", "--method", "--resume", "--nproc", "--plan", "--force", " | ".join(METHODS)]),
         ("compare", ["fxreplay compare [OPTIONS]", "--methods", "--K", "--sigma-every", "--force"]),
         ("show", ["fxreplay show [OPTIONS]", "plan_dir", "--png", "--no-png", "stage table"]),
     ],

@@ -110,7 +110,7 @@ def test_unknown_section_suggests_the_right_one() -> None:
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer, got 2.5 (float)"),
         ({"train": {"epochs": True}}, "train.epochs: expected an integer, got True (bool)"),
         ({"data": {"verify": "maybe"}}, "data.verify: expected true or false, got 'maybe'"),
-        ({"train": {"method": "sgd"}}, "train.method: expected one of 'bp', 'ddg', 'dni', 'fr'"),
+        ({"train": {"method": "sgd"}}, "train.method: expected one of 'bp', 'gpipe', '1f1b', 'ddg', 'dni'"),
         ({"optim": {"lr": float("inf")}}, "optim.lr: must be a finite number, got inf"),
         ({"optim": {"momentum": float("nan")}}, "optim.momentum: must be a finite number, got nan"),
         ({"partition": {"boundaries": "layer2"}}, None),  # a single name is fine

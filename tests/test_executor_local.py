@@ -11,7 +11,7 @@ from torch import nn
 
 from fxreplay.errors import CheckpointError, TrainingError
 from fxreplay.executor import LocalExecutor
-from fxreplay.methods import METHODS
+from fxreplay.methods import one_process_names
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:
@@ -37,7 +37,7 @@ def executor(method: str, seed: int = 0, **kw: Any) -> LocalExecutor:
     return LocalExecutor(toy(seed), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), **kw)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_resume_is_bitwise_identical(method: str) -> None:
     batches = data(8)
     straight = executor(method)

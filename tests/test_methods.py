@@ -13,7 +13,7 @@ from torch import nn
 
 from fxreplay.errors import DivergenceError, TrainingError
 from fxreplay.executor import LocalExecutor
-from fxreplay.methods import METHODS, build_method
+from fxreplay.methods import build_method, one_process_names
 
 LR, MOMENTUM = 0.1, 0.9
 
@@ -163,7 +163,7 @@ def bn_dropout_stages(seed: int = 0, p: float = 0.3) -> list[nn.Module]:
     ]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_batchnorm_running_stats_advance_once_per_step(method: str) -> None:
     stages = bn_dropout_stages()
     ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
@@ -259,7 +259,7 @@ class _Join(nn.Module):
         return self.c(main + skip[:, :width].sum(1, keepdim=True))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_tuple_boundary_with_an_int(method: str) -> None:
     torch.manual_seed(0)
     stages = [_Split().double(), _Join().double()]
@@ -415,11 +415,11 @@ def test_unknown_options_and_methods_are_rejected() -> None:
         build_method("fr", stages, sgd, loss_fn, synthesizer="mlp")
     with pytest.raises(TrainingError, match="synth_optimizer for method 'bp'"):
         LocalExecutor(stages, "bp", optimizer=sgd, loss_fn=loss_fn, synth_optimizer=sgd)
-    with pytest.raises(TrainingError, match="unknown method 'gpipe'"):
-        build_method("gpipe", stages, sgd, loss_fn)
+    with pytest.raises(TrainingError, match="unknown method 'pipedream'"):
+        build_method("pipedream", stages, sgd, loss_fn)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_divergence_raises_before_any_update(method: str) -> None:
     stages = split(mlp(), 3)
     ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=loss_fn)

@@ -17,7 +17,7 @@ from torch import nn
 import fxreplay
 from fxreplay.errors import TrainingError
 from fxreplay.executor import LocalExecutor
-from fxreplay.methods import METHODS
+from fxreplay.methods import one_process_names
 from fxreplay.methods.base import replica_groups
 from zoo_external import GPTConfig, NanoGPT
 
@@ -173,7 +173,7 @@ def test_fr_and_ddg_with_a_tied_weight_equal_the_handwritten_reference(method: s
     assert not torch.equal(pipe.stages[0].emb.weight, TiedNet().emb.weight)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_copies_stay_identical_after_every_step(method: str) -> None:
     pipe = tied_stages()
     ex = LocalExecutor(pipe.stages, method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
@@ -228,7 +228,7 @@ def _rank_tied(steps: int) -> dict[str, Any]:
     from fxreplay.executor import DistributedExecutor
 
     out: dict[str, Any] = {}
-    for method in sorted(METHODS):
+    for method in sorted(one_process_names()):
         pipe = fxreplay.compile(gpt(layers=2), (tokens(1)[0][0],), K=2, cost="flops")
         ex = DistributedExecutor(pipe.stages, method, optimizer=sgd, loss_fn=lm_loss, timeout=30.0, record_timeline=True)
         torch.manual_seed(7)
@@ -248,7 +248,7 @@ def test_one_rank_per_stage_sums_the_copies_like_the_local_executor() -> None:
     steps = 6
     results = run_distributed(_rank_tied, nproc=2, args=(steps,), threads=1, timeout=60.0)
     torch.set_num_threads(1)
-    for method in sorted(METHODS):
+    for method in sorted(one_process_names()):
         pipe = fxreplay.compile(gpt(layers=2), (tokens(1)[0][0],), K=2, cost="flops")
         ex = LocalExecutor(pipe.stages, method, optimizer=sgd, loss_fn=lm_loss)
         torch.manual_seed(7)

@@ -1,18 +1,41 @@
 """Executors run a method's schedule on its stage workers: locally or one rank per stage.
 
-Both implement :class:`Executor`, so the trainer and the run loop never ask which one runs.
+All implement :class:`Executor`, so the trainer and the run loop never ask which one runs;
+:func:`executor_for` picks one, asking the method's spec whether torch's pipeline schedules
+run it (:class:`PipeliningExecutor`).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from .. import methods
 from ..timeline import Timeline
-from .distributed import DistributedExecutor, executor_for
+from .distributed import DistributedExecutor
 from .local import LocalExecutor
+from .pipelining import PipeliningExecutor
 
-__all__ = ["Executor", "LocalExecutor", "DistributedExecutor", "executor_for"]
+__all__ = ["Executor", "LocalExecutor", "DistributedExecutor", "PipeliningExecutor", "executor_for"]
+
+
+def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any) -> Any:
+    """The executor this process should run: one rank's (a :class:`PipeliningExecutor` for a
+    method torch's schedules run, else a :class:`DistributedExecutor`) when a process group of
+    more than one rank is up (torchrun / ``run_distributed``), else a :class:`LocalExecutor`.
+    ``kwargs`` go to the chosen class; the distributed-only ones (``timeout``,
+    ``record_timeline``) are dropped for the local one.
+
+    >>> ex = executor_for(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())  # doctest: +SKIP
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        cls = PipeliningExecutor if methods.get(method).needs_ranks else DistributedExecutor
+        return cls(stages, method, **kwargs)
+    for name in ("timeout", "record_timeline"):
+        kwargs.pop(name, None)
+    return LocalExecutor(stages, method, **kwargs)
 
 
 class Executor(Protocol):

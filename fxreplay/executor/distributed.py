@@ -60,7 +60,7 @@ from ..state import capture_rng
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
 
-__all__ = ["DistributedExecutor", "executor_for"]
+__all__ = ["DistributedExecutor"]
 
 _FORMAT = 1
 _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
@@ -551,23 +551,6 @@ class DistributedExecutor:
                 inbound.join()
         for ch in outs:
             ch.flush()
-
-
-def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any) -> Any:
-    """The executor this process should run: a :class:`DistributedExecutor` when a process
-    group of more than one rank is up (torchrun / ``run_distributed``), else a
-    :class:`~fxreplay.executor.LocalExecutor`. ``kwargs`` go to the chosen class; the
-    distributed-only ones (``timeout``, ``record_timeline``) are dropped for the local one.
-
-    >>> ex = executor_for(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())  # doctest: +SKIP
-    """
-    from .local import LocalExecutor
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return DistributedExecutor(stages, method, **kwargs)
-    for name in ("timeout", "record_timeline"):
-        kwargs.pop(name, None)
-    return LocalExecutor(stages, method, **kwargs)
 
 
 def _who(rank: int) -> str:

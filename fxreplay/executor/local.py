@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
+from .. import methods
 from ..methods import build_method
 from ..methods.base import LossFn, OptimizerFactory, StageWorker, as_tuple, check_replicas_equal, frozen_norm_stats, replica_groups
 from ..state import RngState, capture_rng, kept_buffers, restored_rng
@@ -112,7 +113,8 @@ class LocalExecutor:
         options: method-specific options, see :func:`fxreplay.methods.build_method`.
 
     Raises:
-        TrainingError: unknown method or option.
+        TrainingError: unknown method or option, or a method torch's pipeline schedules run
+            (they need one process per stage).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class LocalExecutor:
         measure_memory: bool = False,
         **options: Any,
     ) -> None:
+        methods.get(method).check_one_process()
         if synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer
         bound = build_method(method, stages, optimizer, loss_fn, **options)

@@ -1,13 +1,14 @@
-"""Training methods as per-stage workers: the registry of BP, FR (features replay), DDG and DNI.
+"""Training methods as per-stage workers: the registry of BP, FR (features replay), DDG and DNI,
+and torch's GPipe and 1F1B pipeline schedules.
 
 A method is one value, a :class:`~fxreplay.methods.spec.MethodSpec` declared by its own
-file (``bp.py``, ``fr.py``, ``ddg.py``, ``dni.py``): its schedule, its worker, its stage
-cost for the partitioner, its label and colour. Everything else asks this registry; no
+file (``bp.py``, ``fr.py``, ``ddg.py``, ``dni.py``; ``torchpipe.py`` for the two schedules
+torch runs): its schedule, its worker, its stage cost for the partitioner, its label and colour. Everything else asks this registry; no
 other module spells a method name. Executors run the actions and carry the messages; they
 never know which method they run, and workers never know which executor runs them.
 
 >>> [m.name for m in METHODS.values()]
-['bp', 'ddg', 'dni', 'fr']
+['bp', 'gpipe', '1f1b', 'ddg', 'dni', 'fr']
 >>> print(render(schedule("fr", 3)))
 clock | stage 0 | stage 1 | stage 2
     0 | 0F0     |         |
@@ -26,14 +27,16 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..schedule import Schedule, render
-from . import bp, ddg, dni, fr
+from . import bp, ddg, dni, fr, torchpipe
 from .base import LossFn, OptimizerFactory, StageWorker
 from .spec import MethodSpec
 
-__all__ = ["METHODS", "REFERENCE", "PROPOSED", "Method", "MethodSpec", "StageWorker", "build_method", "get", "names", "schedule", "render"]
+__all__ = ["METHODS", "REFERENCE", "PROPOSED", "Method", "MethodSpec", "StageWorker", "build_method", "get", "names", "schedule",
+           "render", "one_process_names"]
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (bp.SPEC, ddg.SPEC, dni.SPEC, fr.SPEC)}
-"""Every method by name, in the paper's order of comparison: the reference first, FR last."""
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (bp.SPEC, *torchpipe.SPECS, ddg.SPEC, dni.SPEC, fr.SPEC)}
+"""Every method by name, in the paper's order of comparison: the reference first, then the
+exact-gradient pipelines torch runs, FR last."""
 
 REFERENCE: MethodSpec = next(spec for spec in METHODS.values() if spec.reference)
 """The exact-gradient baseline (BP): memory ratios and σ are relative to it."""
@@ -44,6 +47,11 @@ PROPOSED: MethodSpec = fr.SPEC
 
 def names() -> tuple[str, ...]:
     return tuple(METHODS)
+
+
+def one_process_names() -> tuple[str, ...]:
+    """The methods the local executor runs (all but those torch's schedules run on K ranks)."""
+    return tuple(name for name, spec in METHODS.items() if not spec.needs_ranks)
 
 
 def get(name: str) -> MethodSpec:
@@ -100,7 +108,7 @@ def build_method(
         only: build only this stage's worker (a distributed rank); ``workers`` then holds
             that one worker.
         options: method-specific options (DNI: ``synthesizer``, ``synth_hidden``,
-            ``synth_optimizer``).
+            ``synth_optimizer``; GPipe/1F1B: ``microbatches``).
 
     Raises:
         TrainingError: unknown method, no stages, or an option the method does not take.
