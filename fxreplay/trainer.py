@@ -113,6 +113,8 @@ class Trainer:
             options["synth_optimizer"] = synth_optimizer
         if microbatches is not None and "microbatches" in spec.worker.option_names:
             options["microbatches"] = microbatches
+        if "num_classes" in spec.worker.option_names:  # cDNI's label codes
+            options["num_classes"] = pipe.plan.model.num_classes
         # A distributed rank moves only its own stage; the executor checks world size == K.
         place_stages(pipe, only=dist.get_rank() if distributed else None)
         self.executor: Executor = executor_for(

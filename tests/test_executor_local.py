@@ -12,6 +12,7 @@ from torch import nn
 from fxreplay.errors import CheckpointError, TrainingError
 from fxreplay.executor import LocalExecutor
 from fxreplay.methods import one_process_names
+from methodtools import method_options
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:
@@ -34,7 +35,7 @@ def data(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def executor(method: str, seed: int = 0, **kw: Any) -> LocalExecutor:
-    return LocalExecutor(toy(seed), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), **kw)
+    return LocalExecutor(toy(seed), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), **kw, **method_options(method))
 
 
 @pytest.mark.parametrize("method", sorted(one_process_names()))

@@ -14,6 +14,7 @@ from torch import nn
 from fxreplay.errors import DivergenceError, TrainingError
 from fxreplay.executor import LocalExecutor
 from fxreplay.methods import build_method, one_process_names
+from methodtools import method_options
 
 LR, MOMENTUM = 0.1, 0.9
 
@@ -166,7 +167,7 @@ def bn_dropout_stages(seed: int = 0, p: float = 0.3) -> list[nn.Module]:
 @pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_batchnorm_running_stats_advance_once_per_step(method: str) -> None:
     stages = bn_dropout_stages()
-    ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
+    ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), **method_options(method))
     data = batches(5, width=4)
     for i, (x, y) in enumerate(data, 1):
         ex.step(x.float(), y)
@@ -265,7 +266,8 @@ def test_tuple_boundary_with_an_int(method: str) -> None:
     stages = [_Split().double(), _Join().double()]
     before = weights(stages)
     ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=loss_fn,
-                       **({"synth_optimizer": lambda p: torch.optim.Adam(p, lr=1e-2)} if method == "dni" else {}))
+                       **({"synth_optimizer": lambda p: torch.optim.Adam(p, lr=1e-2)} if "dni" in method else {}),
+                       **method_options(method))
     for x, y in batches(4):
         ex.step(x, y)
     after = weights(stages)
@@ -422,7 +424,7 @@ def test_unknown_options_and_methods_are_rejected() -> None:
 @pytest.mark.parametrize("method", sorted(one_process_names()))
 def test_divergence_raises_before_any_update(method: str) -> None:
     stages = split(mlp(), 3)
-    ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=loss_fn)
+    ex = LocalExecutor(stages, method, optimizer=sgd, loss_fn=loss_fn, **method_options(method))
     data = batches(4)
     for x, y in data[:3]:
         ex.step(x, y)

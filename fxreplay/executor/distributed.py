@@ -299,7 +299,7 @@ class DistributedExecutor:
         t = self.step_count
         if self.rank == 0:
             self._inbox[("act", t)] = as_tuple(x)
-        if self.worker.is_last:
+        if self.worker.is_last or self.worker.wants_targets:
             self._inbox[("target", t)] = y
         self._out = None
         self._carried_now = []

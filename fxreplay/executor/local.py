@@ -194,7 +194,9 @@ class LocalExecutor:
         inputs = as_tuple(x)
         self._recent.append((t, inputs, y, self._capture_rng()))
         self._mailbox[("act", 0, t)] = inputs
-        self._mailbox[("target", self.num_stages - 1, t)] = y
+        for k, worker in enumerate(self.workers):
+            if worker.is_last or worker.wants_targets:
+                self._mailbox[("target", k, t)] = y
         self._out = None
         self.stage_times = [0.0] * self.num_stages
         if self.measure_memory:

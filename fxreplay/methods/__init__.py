@@ -8,7 +8,7 @@ other module spells a method name. Executors run the actions and carry the messa
 never know which method they run, and workers never know which executor runs them.
 
 >>> [m.name for m in METHODS.values()]
-['bp', 'gpipe', '1f1b', 'ddg', 'dni', 'fr']
+['bp', 'gpipe', '1f1b', 'ddg', 'dni', 'cdni', 'fr']
 >>> print(render(schedule("fr", 3)))
 clock | stage 0 | stage 1 | stage 2
     0 | 0F0     |         |
@@ -27,14 +27,14 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..schedule import Schedule, render
-from . import bp, ddg, dni, fr, torchpipe
+from . import bp, cdni, ddg, dni, fr, torchpipe
 from .base import LossFn, OptimizerFactory, StageWorker
 from .spec import MethodSpec
 
 __all__ = ["METHODS", "REFERENCE", "PROPOSED", "Method", "MethodSpec", "StageWorker", "build_method", "get", "names", "schedule",
            "render", "one_process_names"]
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (bp.SPEC, *torchpipe.SPECS, ddg.SPEC, dni.SPEC, fr.SPEC)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (bp.SPEC, *torchpipe.SPECS, ddg.SPEC, dni.SPEC, cdni.SPEC, fr.SPEC)}
 """Every method by name, in the paper's order of comparison: the reference first, then the
 exact-gradient pipelines torch runs, FR last."""
 

@@ -152,6 +152,8 @@ class StageWorker:
 
     method: ClassVar[str] = ""
     option_names: ClassVar[frozenset[str]] = frozenset()
+    # Whether every stage (not only the last) receives its batch's targets (cDNI's synthesizers).
+    wants_targets: ClassVar[bool] = False
 
     def __init__(
         self,

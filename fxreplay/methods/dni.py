@@ -46,7 +46,7 @@ from ..partition import MethodCost
 from ..schedule import Action, Schedule, check_K
 from .base import Link, OptimizerFactory, StageWorker, _is_diff, as_tuple
 from .spec import MethodSpec
-from .synthesizer import make_synthesizer
+from .synthesizer import check_conditionable, make_synthesizer
 
 __all__ = ["DNIWorker", "schedule", "SPEC"]
 
@@ -82,6 +82,7 @@ class DNIWorker(StageWorker):
     method = "dni"
 
     option_names = frozenset({"synthesizer", "synth_hidden", "synth_optimizer"})
+    conditioned = False  # cDNI: the synthesizers also see the labels (methods/cdni.py)
 
     def _apply_options(self, options: dict[str, Any]) -> None:
         super()._apply_options(options)
@@ -96,9 +97,12 @@ class DNIWorker(StageWorker):
         # Built-in synthesizers predict δ / σ (see the module docstring); a callable predicts δ.
         self.scaled = not callable(self.synth_kind)
         self.mean_square: dict[int, float] = {}  # boundary position -> running mean of δ², once seen
+        self.num_classes: int = 0  # > 0: label-conditioned synthesizers (cDNI)
 
-    def _synth(self, position: int, example: torch.Tensor) -> nn.Module:
+    def _synth(self, position: int, example: torch.Tensor, labels: torch.Tensor | None = None) -> nn.Module:
         if position not in self.synths:
+            if self.num_classes and labels is not None and not callable(self.synth_kind):
+                check_conditionable(example, labels, self.synth_kind)
             # Initialise from a generator of its own: drawing from the global stream here
             # would shift the dropout masks of every later stage and of every later step.
             with torch.random.fork_rng(devices=[]):
@@ -106,7 +110,7 @@ class DNIWorker(StageWorker):
                 if callable(self.synth_kind):
                     module = self.synth_kind(self.stage, example)
                 else:
-                    module = make_synthesizer(example, self.synth_kind, self.synth_hidden)
+                    module = make_synthesizer(example, self.synth_kind, self.synth_hidden, self.num_classes)
             params = list(module.parameters())
             if self.meter is not None:
                 self.meter.exclude(params)  # synthesizer weights are not activations
@@ -127,9 +131,10 @@ class DNIWorker(StageWorker):
         _, inputs, out, _ = entry
         outs = as_tuple(out)
         positions = [i for i, o in enumerate(outs) if _is_diff(o) and o.requires_grad]
-        synths = {i: self._synth(i, outs[i].detach()) for i in positions}
+        labels = self._labels(batch, link)
+        synths = {i: self._synth(i, outs[i].detach(), labels) for i in positions}
         with self.recording() as saved:
-            preds = {i: synths[i](outs[i].detach()) for i in positions}
+            preds = {i: synths[i](outs[i].detach(), *(() if labels is None else (labels,))) for i in positions}
         self._pred = (batch, preds, saved)
         self.observe_memory()  # the peak: stage graph and synthesizer graph both alive
         self._live = None
@@ -140,6 +145,13 @@ class DNIWorker(StageWorker):
             torch.autograd.backward([outs[i] for i in synthetic], list(synthetic.values()))
         self.grad_batch = batch
         self.send_input_grads(batch, inputs, link)
+
+    def _labels(self, batch: int, link: Link) -> torch.Tensor | None:
+        """The labels of the batch for label-conditioned built-in synthesizers, else None."""
+        if not self.num_classes or callable(self.synth_kind):
+            return None
+        y = link.recv("target", batch)
+        return y.to(self.device) if isinstance(y, torch.Tensor) else torch.as_tensor(y, device=self.device)
 
     def op_B(self, batch: int, link: Link) -> None:
         """Last stage only: backpropagate the loss, send the true δ down."""

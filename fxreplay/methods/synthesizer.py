@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import TrainingError
 
-__all__ = ["ConvSynthesizer", "MLPSynthesizer", "make_synthesizer", "SYNTH_KINDS"]
+__all__ = ["ConvSynthesizer", "LabelConditioned", "MLPSynthesizer", "make_synthesizer", "SYNTH_KINDS"]
 
 SYNTH_KINDS = ("auto", "conv", "mlp")
 
@@ -24,14 +24,14 @@ SYNTH_KINDS = ("auto", "conv", "mlp")
 class ConvSynthesizer(nn.Sequential):
     """δ̂ = conv5x5(relu(bn(conv5x5(relu(bn(conv5x5(h))))))) for (N, C, H, W) features."""
 
-    def __init__(self, channels: int, hidden: int | None = None) -> None:
+    def __init__(self, channels: int, hidden: int | None = None, extra: int = 0) -> None:
         hidden = hidden or channels
         out = nn.Conv2d(hidden, channels, 5, padding=2)
         nn.init.zeros_(out.weight)
         assert out.bias is not None
         nn.init.zeros_(out.bias)
         super().__init__(
-            nn.Conv2d(channels, hidden, 5, padding=2), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(channels + extra, hidden, 5, padding=2), nn.BatchNorm2d(hidden), nn.ReLU(),
             nn.Conv2d(hidden, hidden, 5, padding=2), nn.BatchNorm2d(hidden), nn.ReLU(),
             out,
         )
@@ -40,24 +40,70 @@ class ConvSynthesizer(nn.Sequential):
 class MLPSynthesizer(nn.Module):
     """The same shape with linear layers, applied over the last dimension of any tensor."""
 
-    def __init__(self, features: int, hidden: int | None = None) -> None:
+    def __init__(self, features: int, hidden: int | None = None, extra: int = 0) -> None:
         super().__init__()
         hidden = hidden or features
         out = nn.Linear(hidden, features)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(features + extra, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
             out,
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])  # BatchNorm1d wants (N, F): fold leading dims into N
-        return self.net(flat).reshape(h.shape)
+        return self.net(flat).reshape(*h.shape[:-1], -1)
 
 
-def make_synthesizer(example: torch.Tensor, kind: str = "auto", hidden: int | None = None) -> nn.Module:
+class LabelConditioned(nn.Module):
+    """cDNI (Jaderberg et al., 2016, Sec. 3.2): a synthesizer that also sees the labels, as a
+    one-hot code concatenated to its input -- as extra channels broadcast over the feature
+    map of a conv synthesizer, as extra features of an MLP one (per position for token
+    labels). Labels outside ``[0, num_classes)`` (an ignore index such as -100) get no code.
+    """
+
+    def __init__(self, inner: nn.Module, num_classes: int, conv: bool) -> None:
+        super().__init__()
+        self.inner, self.num_classes, self.conv = inner, num_classes, conv
+
+    def code(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The one-hot code of ``y`` shaped to concatenate to ``h``."""
+        known = (y >= 0) & (y < self.num_classes)
+        onehot = nn.functional.one_hot(torch.where(known, y, 0).long(), self.num_classes).to(h.dtype) * known.unsqueeze(-1).to(h.dtype)
+        if self.conv:  # (N,) labels over an (N, C, H, W) map: (N, n, H, W)
+            return onehot.reshape(*onehot.shape, 1, 1).expand(-1, -1, *h.shape[2:])
+        # features last: labels y.shape must lead h.shape[:-1]; broadcast over the rest
+        lead = h.shape[:-1]
+        view = onehot.reshape(*y.shape, *([1] * (len(lead) - y.dim())), self.num_classes)
+        return view.expand(*lead, self.num_classes)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dim = 1 if self.conv else -1
+        return self.inner(torch.cat([h, self.code(h, y.to(h.device))], dim=dim))
+
+
+def check_conditionable(example: torch.Tensor, labels: torch.Tensor, kind: str) -> None:
+    """Whether labels shaped like ``labels`` can condition a synthesizer of ``example``.
+
+    Raises:
+        TrainingError: they cannot (the message says which shapes work).
+    """
+    conv = kind == "conv" or (kind == "auto" and example.dim() == 4)
+    lead = tuple(example.shape[:1]) if conv else tuple(example.shape[:-1])
+    ok = labels.dim() >= 1 and tuple(labels.shape) == lead[:labels.dim()] and not labels.is_floating_point()
+    if conv:
+        ok = ok and labels.dim() == 1
+    if not ok:
+        raise TrainingError(
+            f"cDNI cannot condition a synthesizer of features {tuple(example.shape)} on labels {tuple(labels.shape)} "
+            f"({labels.dtype}): it takes integer class labels, (N,) for (N, C, H, W) feature maps or leading the "
+            "feature dimensions of other features (e.g. (B, T) tokens for (B, T, F)). Train with --method dni instead."
+        )
+
+
+def make_synthesizer(example: torch.Tensor, kind: str = "auto", hidden: int | None = None, num_classes: int = 0) -> nn.Module:
     """A synthesizer for tensors shaped like ``example``, on its device and dtype.
 
     Args:
@@ -65,6 +111,8 @@ def make_synthesizer(example: torch.Tensor, kind: str = "auto", hidden: int | No
         kind: ``"conv"`` for (N, C, H, W) maps, ``"mlp"`` for anything else, ``"auto"``
             picks by the number of dimensions.
         hidden: hidden channels/features; default the input's.
+        num_classes: > 0: a :class:`LabelConditioned` synthesizer (cDNI), called as
+            ``synth(h, y)``, for labels in ``[0, num_classes)``.
 
     Raises:
         TrainingError: an unknown kind, or conv on a tensor that is not 4-D.
@@ -76,7 +124,9 @@ def make_synthesizer(example: torch.Tensor, kind: str = "auto", hidden: int | No
     if kind == "conv":
         if example.dim() != 4:
             raise TrainingError(f"a conv synthesizer needs (N, C, H, W) features, got shape {tuple(example.shape)}; use synthesizer='mlp'")
-        module: nn.Module = ConvSynthesizer(example.shape[1], hidden)
+        module: nn.Module = ConvSynthesizer(example.shape[1], hidden, extra=num_classes)
     else:
-        module = MLPSynthesizer(example.shape[-1], hidden)
+        module = MLPSynthesizer(example.shape[-1], hidden, extra=num_classes)
+    if num_classes > 0:
+        module = LabelConditioned(module, num_classes, conv=kind == "conv")
     return module.to(device=example.device, dtype=example.dtype)
