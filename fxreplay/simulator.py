@@ -15,6 +15,14 @@ compute). Two timings of the same updates:
 
 This is how to predict K above this machine's cores; the measured K=2 checks it.
 
+**The data dimension** (pipeline × data parallel, K stages × D replicas on K·D devices):
+each replica runs the schedule on B/D of the batch (compute and boundary bytes scale by
+1/D), and before its update stage k's gradients are summed over its D replicas with a ring
+all-reduce, 2 (D-1)/D · P_k / bandwidth + 2 (D-1) · latency for P_k parameter bytes
+(:func:`ring_allreduce`), added to the update (not overlapped with the backward: an upper
+bound on what bucketing could hide). :func:`simulate_mesh` gives the iteration time of a
+K × D mesh; pure data parallelism is K = 1.
+
 >>> c = StageCosts(F=(1, 1), R=(1, 0), B=(2, 2))
 >>> simulate("fr", c).iteration_time, simulate("fr", c, barrier=True).iteration_time
 (4.0, 5.0)
@@ -28,7 +36,8 @@ from .methods import schedule as make_schedule
 from .schedule import Action, consumes, produces, stage_program
 from .timeline import Event, Timeline
 
-__all__ = ["StageCosts", "SimResult", "simulate", "barrier_bound", "dataflow_bound", "bp_time"]
+__all__ = ["StageCosts", "SimResult", "simulate", "barrier_bound", "dataflow_bound", "bp_time", "Link", "ring_allreduce",
+           "mesh_costs", "simulate_mesh"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +187,66 @@ def dataflow_bound(costs: StageCosts) -> float:
 def bp_time(costs: StageCosts) -> float:
     """BP on K devices (naive model parallelism): Σ_k (F_k + B_k) + 2 Σ_k c_k."""
     return sum(costs.F) + sum(costs.B) + 2 * sum(costs.comm)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network between devices: ``bandwidth`` in bytes/s per direction and per-message
+    ``latency`` in seconds."""
+
+    bandwidth: float
+    latency: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth > 0 or self.latency < 0:
+            raise ValueError(f"Link needs bandwidth > 0 and latency >= 0, got {self.bandwidth}, {self.latency}")
+
+    def transfer(self, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` in one message."""
+        return self.latency + nbytes / self.bandwidth
+
+
+def ring_allreduce(nbytes: float, D: int, link: Link) -> float:
+    """Seconds of a ring all-reduce of ``nbytes`` over ``D`` devices: 2 (D-1) steps, each
+    moving nbytes / D (reduce-scatter, then all-gather); 0 for D = 1.
+
+    >>> ring_allreduce(8e6, 4, Link(1e9))  # 2 * 3/4 * 8 MB at 1 GB/s
+    0.012
+    """
+    if D < 1:
+        raise ValueError(f"D must be >= 1, got {D}")
+    if D == 1:
+        return 0.0
+    return 2 * (D - 1) * (link.latency + nbytes / D / link.bandwidth)
+
+
+def mesh_costs(F: Sequence[float], B: Sequence[float], boundary_bytes: Sequence[float], param_bytes: Sequence[float],
+               D: int, link: Link, R: Sequence[float] | None = None) -> StageCosts:
+    """One replica's stage costs on a K × D mesh, from the costs of the whole batch on one
+    device per stage: compute and boundary messages of B/D examples (÷ D), and each stage's
+    gradient all-reduce over its D replicas as its update.
+
+    Args:
+        F, B: seconds per stage for the whole batch (forward; backward); ``R`` (FR's replay)
+            defaults to F.
+        boundary_bytes: K-1 entries, bytes crossing each cut for the whole batch.
+        param_bytes: K entries, gradient bytes each stage all-reduces.
+        D: replicas.
+        link: the network between any two devices (stages and replicas alike).
+    """
+    K = len(F)
+    if len(B) != K or len(param_bytes) != K or len(boundary_bytes) != K - 1:
+        raise ValueError(f"mesh_costs: F, B and param_bytes need K = {K} entries and boundary_bytes K-1 = {K - 1}")
+    R = F if R is None else R
+    return StageCosts(
+        F=[f / D for f in F], R=[r / D for r in R], B=[b / D for b in B],
+        comm=[link.transfer(c / D) for c in boundary_bytes],
+        U=[ring_allreduce(p, D, link) for p in param_bytes],
+    )
+
+
+def simulate_mesh(method: str, costs: StageCosts) -> float:
+    """Seconds per iteration of ``method`` on a K × D mesh whose replica costs are ``costs``
+    (:func:`mesh_costs`): the dataflow simulation of one replica (the D replicas run in step,
+    meeting only in the all-reduces). K = 1 is pure data parallelism (every method is BP)."""
+    return simulate(method, costs).iteration_time

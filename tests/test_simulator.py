@@ -11,7 +11,7 @@ from torch import nn
 
 from fxreplay.executor import DistributedExecutor
 from fxreplay.launch import run_distributed
-from fxreplay.simulator import StageCosts, barrier_bound, bp_time, dataflow_bound, simulate
+from fxreplay.simulator import Link, StageCosts, barrier_bound, bp_time, dataflow_bound, mesh_costs, ring_allreduce, simulate, simulate_mesh
 
 # K=2, F=(1,1), R=(1,-), B=(2,2), one cut with 0.5 s latency.
 #   Alg. 1 barrier: F0 + c + F1 = 2.5, then max(R0+B0, B1) = 3          -> 5.5
@@ -116,3 +116,42 @@ def test_simulator_predicts_a_measured_two_rank_run() -> None:
     # its barrier (F0 + F1 + max(R0 + B0, B1) = 220 ms).
     fr = max(r["fr"] for r in results.values())
     assert fr < (dataflow_bound(costs) + barrier_bound(costs)) / 2
+
+
+# -- the data dimension ---------------------------------------------------------------------
+
+def test_ring_allreduce_moves_2_d_minus_1_over_d_of_the_bytes() -> None:
+    link = Link(bandwidth=1e9, latency=1e-5)
+    assert ring_allreduce(8e6, 1, link) == 0.0
+    # D=4: 6 steps of 2 MB at 1 GB/s, each with a 10 µs latency
+    assert ring_allreduce(8e6, 4, link) == pytest.approx(6 * (1e-5 + 2e-3))
+    # the bandwidth term tends to twice the data as D grows
+    assert ring_allreduce(8e6, 1000, Link(1e9)) == pytest.approx(2 * 8e6 / 1e9, rel=1e-2)
+    with pytest.raises(ValueError):
+        ring_allreduce(1.0, 0, link)
+    with pytest.raises(ValueError):
+        Link(bandwidth=0)
+
+
+def test_one_replica_is_the_pipeline_and_one_stage_is_data_parallelism() -> None:
+    link = Link(bandwidth=1e9)
+    F, B, cut, params = [1.0, 2.0], [2.0, 4.0], [4e6], [1e9, 2e9]
+    alone = mesh_costs(F, B, cut, params, 1, link)
+    assert alone.U == [0.0, 0.0] and alone.comm == [pytest.approx(4e-3)]
+    assert simulate_mesh("fr", alone) == pytest.approx(simulate("fr", StageCosts(F=F, R=F, B=B, comm=[4e-3])).iteration_time)
+    # K=1, D=4: a quarter of the batch's compute, then the all-reduce of all 3 GB
+    dp = mesh_costs([3.0], [6.0], [], [3e9], 4, link)
+    assert simulate_mesh("bp", dp) == pytest.approx(9.0 / 4 + 2 * 3 / 4 * 3.0)
+
+
+def test_a_mesh_by_hand() -> None:
+    # K=2 stages x D=2 replicas, no communication cost for activations (infinite-ish link
+    # for them is not separable, so use zero boundary bytes): each replica's stage does
+    # F/2, R/2, B/2 and then all-reduces its parameters.
+    link = Link(bandwidth=1e9)
+    costs = mesh_costs([2.0, 2.0], [4.0, 4.0], [0.0], [1e9, 0.0], 2, link)
+    assert costs.F == [1.0, 1.0] and costs.B == [2.0, 2.0] and costs.U == [pytest.approx(1.0), 0.0]
+    # FR's dataflow bound per replica: stage 0 does F + R + B + U = 1 + 1 + 2 + 1 = 5
+    assert simulate_mesh("fr", costs) == pytest.approx(5.0)
+    # BP on the two stages in sequence: F0 F1 B1 B0 U0 = 1 + 1 + 2 + 2 + 1 = 7
+    assert simulate_mesh("bp", costs) == pytest.approx(7.0)
