@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from cli.compare_cmd import compare, show
 from cli.console import err, fail, out
-from cli.options import BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import BatchSizeOption, DpOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError, FxReplayWarning
 from fxreplay.methods import METHODS, PROPOSED
 
@@ -143,7 +143,8 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     executor: Annotated[Optional[str], typer.Option(help="local (one process) | distributed (one rank per stage; implied by --nproc or torchrun)")] = None,
-    nproc: Annotated[int, typer.Option(help="start K ranks on this machine, one per stage (torch elastic, as torchrun does)")] = 1,
+    nproc: Annotated[int, typer.Option(help="start K ranks on this machine, one per stage (K*D with --dp D; torch elastic, as torchrun does)")] = 1,
+    dp: DpOption = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads per rank, or of the one process [default: cores / ranks; torch's own for one process]")] = None,
     force: Annotated[bool, typer.Option("--force", help="start afresh in --out even if it holds another run (its files are overwritten)")] = False,
 ) -> None:
@@ -154,7 +155,7 @@ def train(
 
     overrides = {
         "train.method": method, "partition.K": K, "partition.cost": cost, "train.epochs": epochs, "train.max_steps": max_steps,
-        "train.out": str(out_dir) if out_dir else None, "train.seed": seed, "train.executor": executor,
+        "train.out": str(out_dir) if out_dir else None, "train.seed": seed, "train.executor": executor, "train.dp": dp,
         "train.microbatches": microbatches,
         **data_overrides(model, data, data_root, lr, batch_size),
     }

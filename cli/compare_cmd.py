@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.console import err, fail, out
-from cli.options import BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import DpOption, BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError
 from fxreplay.methods import METHODS
 
@@ -58,6 +58,7 @@ def compare(
     lr: LrOption = None,
     batch_size: BatchSizeOption = None,
     microbatches: MicrobatchesOption = None,
+    dp: DpOption = None,
     boundaries: Annotated[Optional[list[str]], typer.Option(
         "--boundaries", metavar="K=NAME,...",
         help="pin the split at one K for every method: the K-1 modules at which stages 1..K-1 start, e.g. "
@@ -75,7 +76,7 @@ def compare(
         seed_list = None if seeds is None else [int(s) for s in _csv(seeds, "--seeds", r"\d+", "0,1,2")]
         cfg = load_config(config)
         given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every,
-                 "train.microbatches": microbatches,
+                 "train.microbatches": microbatches, "train.dp": dp,
                  **data_overrides(model, data, data_root, lr, batch_size)}
         cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
         target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)

@@ -8,7 +8,7 @@ import typer
 
 from fxreplay.methods import METHODS
 
-__all__ = ["ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "MicrobatchesOption", "data_overrides"]
+__all__ = ["DpOption", "ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "MicrobatchesOption", "data_overrides"]
 
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr "
@@ -18,6 +18,8 @@ DataOption = Annotated[Optional[str], typer.Option(
                    "text:PATH (text: = the built-in corpus) | file.py:fn | pkg.module:fn")]
 DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", help="where the data set's files are (overrides data.root)")]
 LrOption = Annotated[Optional[float], typer.Option(help="override optim.lr")]
+DpOption = Annotated[Optional[int], typer.Option(
+    "--dp", help="data-parallel replicas of the pipeline: K*D ranks, each replica on 1/D of every batch (overrides train.dp)")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(help="override data.batch_size")]
 _PIPELINED = ", ".join(name for name, spec in METHODS.items() if spec.needs_ranks)
 MicrobatchesOption = Annotated[Optional[int], typer.Option(

@@ -102,7 +102,8 @@ def run_summary(cfg: Any, result: Any) -> Table:
     table = Table(title=f"run {result.out}", title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    table.add_row("method / K", f"{cfg.train.method} / {cfg.partition.K}")
+    replicas = f" × {cfg.train.dp} data-parallel replicas" if cfg.train.dp > 1 else ""
+    table.add_row("method / K", f"{cfg.train.method} / {cfg.partition.K}{replicas}")
     table.add_row("model / data", f"{cfg.model.name} / {cfg.data.name}")
     table.add_row("steps / epochs", f"{result.steps} / {result.epochs_done}")
     for key, value in final.items():

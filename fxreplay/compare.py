@@ -78,12 +78,13 @@ def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequ
                seed: int | None = None) -> Config:
     """The config of the (method, K[, seed]) run of a comparison: ``cfg`` with its method, K,
     output directory, and, when given, its pinned stage starts and seed replaced (else
-    ``cfg``'s own); a method that needs ranks runs distributed, without σ."""
+    ``cfg``'s own); a method that needs ranks, or any method on D > 1 data-parallel
+    replicas (``train.dp``), runs distributed, without σ."""
     pinned = cfg.partition.boundaries if boundaries is None else tuple(boundaries)
     train = replace(cfg.train, method=method, out=str(run_dir(out_dir, method, K, seed)))
     if seed is not None:
         train = replace(train, seed=seed)
-    if _needs_ranks(method):
+    if _needs_ranks(method) or cfg.train.dp > 1:  # one rank per stage (of each replica)
         train = replace(train, executor="distributed", sigma_every=0)
     return replace(cfg, train=train, partition=replace(cfg.partition, K=K, boundaries=pinned))
 
@@ -251,8 +252,8 @@ def compare(
                 action: Literal["trained", "resumed"] = "resumed" if state == "interrupted" else "trained"
                 resume = path if state == "interrupted" else None
                 try:
-                    if _needs_ranks(method):
-                        train_with_ranks(run_cfg, resume=resume)  # K ranks here; a failed rank ends the job
+                    if run_cfg.train.executor == "distributed":
+                        train_with_ranks(run_cfg, resume=resume)  # K (x D) ranks here; a failed rank ends the job
                     else:
                         train_run(run_cfg, resume=resume, console=console)
                     outcome = RunOutcome(method, K, path, action, seed=seed)

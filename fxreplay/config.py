@@ -224,6 +224,10 @@ class TrainConfig:
     # Methods torch's pipeline schedules run (GPipe, 1F1B): microbatches per step. 4 overlaps
     # 2-4 stages (1F1B needs >= K) and divides the usual batch sizes; others ignore it.
     microbatches: int = 4
+    # Data-parallel replicas of the pipeline (K stages x D replicas, one rank each: K*D ranks).
+    # Each replica trains on 1/D of every batch; stage k's gradients are averaged over its D
+    # replicas before each update, so the weights are those of one pipeline on the whole batch.
+    dp: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in methods.names():
@@ -244,6 +248,8 @@ class TrainConfig:
             raise _fail("train.timeout", f"must be > 0 seconds, got {self.timeout}")
         if self.microbatches < 1:
             raise _fail("train.microbatches", f"must be >= 1, got {self.microbatches}")
+        if not isinstance(self.dp, int) or isinstance(self.dp, bool) or self.dp < 1:
+            raise _fail("train.dp", f"must be an integer >= 1 (data-parallel replicas), got {_describe(self.dp)}")
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,9 @@ class Config:
             methods.get(self.train.method).check_microbatches(self.train.microbatches, self.partition.K, self.data.batch_size)
         except FxReplayError as exc:
             raise _fail("train.microbatches", str(exc)) from None
+        if self.train.dp > 1 and methods.get(self.train.method).needs_ranks:
+            raise _fail("train.dp", f"{self.train.method} runs torch's pipeline schedule on one replica: D={self.train.dp} "
+                        f"data-parallel replicas are not supported with it; use D=1, or one of {', '.join(methods.one_process_names())}")
 
 
 _SECTIONS: dict[str, type[Any]] = {

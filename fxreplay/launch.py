@@ -146,6 +146,7 @@ def run_distributed(
     threads: int | None = None,
     monitor_interval: float = 0.1,
     shutdown_timeout: int = 5,
+    stages: int | None = None,
 ) -> dict[int, Any]:
     """Run ``fn(*args)`` in ``nproc`` local ranks started by torch elastic; return their results.
 
@@ -160,6 +161,8 @@ def run_distributed(
         monitor_interval: how often the agent checks its workers (seconds).
         shutdown_timeout: seconds between SIGTERM and SIGKILL for the ranks when this process is
             interrupted (Ctrl-C, SIGTERM); after a rank failed the others are stopped at once.
+        stages: K of a K × D mesh (rank r runs stage r mod K of replica r div K), for the
+            failure message; default ``nproc`` (one stage per rank).
 
     Returns:
         ``{rank: fn's return value}``.
@@ -191,7 +194,7 @@ def run_distributed(
         with _survivors_stopped_at_once():
             return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
     except ChildFailedError as exc:
-        raise TrainingError(describe_failure(exc)) from None
+        raise TrainingError(describe_failure(exc, stages, nproc)) from None
     except SignalException as exc:
         # Ctrl-C / SIGTERM on this process: the agent has already stopped every rank.
         if exc.sigval == signal.SIGINT:
@@ -229,13 +232,17 @@ def _survivors_stopped_at_once() -> Iterator[None]:
         mp.ProcessContext.join = join  # type: ignore[method-assign]
 
 
-def describe_failure(exc: Any) -> str:
-    """One paragraph from a ChildFailedError: the first rank that failed, its stage, why."""
+def describe_failure(exc: Any, stages: int | None = None, world: int | None = None) -> str:
+    """One paragraph from a ChildFailedError: the first rank that failed, its stage, and its
+    replica when the job is a mesh of ``stages`` stages × (``world`` / ``stages``) replicas."""
     rank, failure = exc.get_first_failure()
     why = _root_message(failure)
     others = sorted(r for r in exc.failures if r != rank)
     tail = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
-    return f"rank {rank} (stage {rank}) failed first{tail}: {why}"
+    K = stages or rank + 1
+    mesh = stages is not None and world is not None and world > stages
+    where = f"stage {rank % K}, replica {rank // K}" if mesh else f"stage {rank}"
+    return f"rank {rank} ({where}) failed first{tail}: {why}"
 
 
 def _root_message(failure: Any) -> str:

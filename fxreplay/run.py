@@ -233,6 +233,7 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
         record_timeline=cfg.train.timeline,
         timeout=cfg.train.timeout,
         microbatches=cfg.train.microbatches,
+        dp=cfg.train.dp,
     )
 
 
@@ -309,9 +310,10 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir)
     _check_model_fits_data(cfg, pipe, train_set, test_set)
-    if distributed and dist.get_rank() > 0:
-        # Only rank 0 reads inputs; the others need the labels (the last) or nothing: skip
-        # decoding and augmenting every batch on them. Same order and sizes, same seeds.
+    if distributed and dist.get_rank() % cfg.partition.K > 0:
+        # Only stage 0 (of each data-parallel replica) reads inputs; the others need the labels
+        # (the last) or nothing: skip decoding and augmenting every batch on them. Same order
+        # and sizes, same seeds.
         train_set, test_set = labels_only(train_set), labels_only(test_set)
     run = _Run(cfg, pipe, run_dir, reporting, console, on_step, train_set, test_set, ckpt)
     with _progress(console) as progress:
@@ -378,7 +380,8 @@ class _Run:
             loss, sigma = self._step(x, y)
             # FR/DDG: the output is of the batch the last stage ran now; same size but the
             # last batch, whose few examples the count then skips.
-            right, counted = correct_count(trainer.last_output, y)
+            # (a data-parallel replica counts its own shard of the batch)
+            right, counted = correct_count(trainer.last_output, y if trainer.last_target is None else trainer.last_target)
             correct += right
             predicted += counted
             seen += len(y)
@@ -545,16 +548,18 @@ def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | N
 
     from fxreplay.config import to_dict
 
-    K = cfg.partition.K
-    nproc = K if nproc is None else nproc
-    if nproc != K:
-        raise ConfigError(f"--nproc {nproc} but K={K}: the distributed executor runs one stage per rank; use --nproc {K}.")
+    K, D = cfg.partition.K, cfg.train.dp
+    nproc = K * D if nproc is None else nproc
+    if nproc != K * D:
+        mesh = f" x D={D} replicas" if D > 1 else ""
+        raise ConfigError(f"--nproc {nproc} but K={K}{mesh}: the distributed executor runs one stage of one replica per rank; "
+                          f"use --nproc {K * D}.")
     if resume is None and not overwrite:
         RunDir(Path(cfg.train.out)).check_fresh()  # before any rank starts
     per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
     results = run_distributed(
         distributed_main, nproc, args=(to_dict(cfg), str(plan_dir) if plan_dir else None, str(resume) if resume else None, overwrite),
-        device=stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank,
+        device=stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank, stages=K,
     )
     result: RunResult = results[nproc - 1]
     return result

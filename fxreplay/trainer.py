@@ -91,6 +91,7 @@ class Trainer:
         timeout: float = 60.0,
         record_timeline: bool = False,
         microbatches: int | None = None,
+        dp: int = 1,
     ) -> None:
         self.pipe = pipe
         self.method = method
@@ -115,11 +116,12 @@ class Trainer:
             options["microbatches"] = microbatches
         if "num_classes" in spec.worker.option_names:  # cDNI's label codes
             options["num_classes"] = pipe.plan.model.num_classes
-        # A distributed rank moves only its own stage; the executor checks world size == K.
-        place_stages(pipe, only=dist.get_rank() if distributed else None)
+        # A distributed rank moves only its own stage (rank r runs stage r mod K); the executor
+        # checks world size == K * dp.
+        place_stages(pipe, only=dist.get_rank() % pipe.K if distributed else None)
         self.executor: Executor = executor_for(
             list(pipe.stages), method, optimizer=factory, loss_fn=self.loss_fn,
-            measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, **options,
+            measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, dp=dp, **options,
         )
         self.train(True)
         self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * pipe.K
@@ -165,6 +167,12 @@ class Trainer:
     @property
     def last_output(self) -> Any:
         return self.executor.last_output
+
+    @property
+    def last_target(self) -> Any:
+        """The targets of :attr:`last_output`: a data-parallel replica's shard of the batch
+        (None: the whole batch given to :meth:`step`)."""
+        return getattr(self.executor, "last_target", None)
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable[Any], metrics: Mapping[str, MetricFn] | None = None) -> dict[str, float]:

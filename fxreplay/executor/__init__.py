@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import methods
+from ..errors import TrainingError
 from ..timeline import Timeline
 from .distributed import DistributedExecutor
 from .local import LocalExecutor
@@ -30,9 +31,16 @@ def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any)
 
     >>> ex = executor_for(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())  # doctest: +SKIP
     """
+    dp = kwargs.pop("dp", 1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        cls = PipeliningExecutor if methods.get(method).needs_ranks else DistributedExecutor
-        return cls(stages, method, **kwargs)
+        if methods.get(method).needs_ranks:
+            if dp != 1:
+                raise TrainingError(f"{method} runs torch's pipeline schedule on one replica: D={dp} data-parallel "
+                                    f"replicas are not supported with it; use D=1, or one of {', '.join(methods.one_process_names())}")
+            return PipeliningExecutor(stages, method, **kwargs)
+        return DistributedExecutor(stages, method, dp=dp, **kwargs)
+    if dp != 1:
+        raise TrainingError(f"D={dp} data-parallel replicas need K*D ranks (--nproc or torchrun); one process runs one replica")
     for name in ("timeout", "record_timeline"):
         kwargs.pop(name, None)
     return LocalExecutor(stages, method, **kwargs)

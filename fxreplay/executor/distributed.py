@@ -113,12 +113,13 @@ class _RankReplicas:
         self.ex = ex
         check_replicas_equal(ex.stages)  # every rank builds every stage: each can check all copies
         self.mine: list[tuple[str, Any, torch.Tensor, list[int]]] = []
-        for name, members in replica_groups(ex.stages):
-            ranks = sorted({k for k, _ in members})
-            group = dist.new_group(ranks, timeout=timedelta(seconds=ex.timeout))
-            local = next((n for k, n in members if k == ex.rank), None)
-            if local is not None:
-                self.mine.append((name, group, ex.worker.shared_params[local], ranks))
+        for d in range(ex.dp):  # one group per data-parallel replica: its holders only
+            for name, members in replica_groups(ex.stages):
+                ranks = sorted({d * ex.num_stages + k for k, _ in members})
+                group = dist.new_group(ranks, timeout=timedelta(seconds=ex.timeout))
+                local = next((n for k, n in members if k == ex.stage), None)
+                if local is not None and d == ex.replica:
+                    self.mine.append((name, group, ex.worker.shared_params[local], ranks))
         if self.mine:
             ex.worker.replicas = self
 
@@ -151,13 +152,55 @@ class _RankReplicas:
         return summed
 
 
+class _RankDataParallel:
+    """:class:`~fxreplay.methods.base.DataParallel` on a K × D mesh: stage k's D replicas
+    (ranks d·K + k) average their gradients with one all-reduce of all of them, flattened,
+    over a group of exactly those ranks (torch's DDP buckets the same way; here the bucket is
+    the stage). Every rank creates every group, in the same order."""
+
+    def __init__(self, ex: DistributedExecutor) -> None:
+        self.ex = ex
+        self.group: Any = None
+        for k in range(ex.num_stages):
+            group = dist.new_group([d * ex.num_stages + k for d in range(ex.dp)], timeout=timedelta(seconds=ex.timeout))
+            if k == ex.stage:
+                self.group = group
+        ex.worker.data_parallel = self
+
+    def average(self, worker: Any) -> None:
+        params = [p for p in worker.params if p.grad is not None]
+        if not params:
+            return
+        start = time.perf_counter()
+        flat = torch.cat([p.grad.detach().reshape(-1) for p in params])
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        try:
+            assert work is not None
+            work.wait(timedelta(seconds=self.ex.timeout))
+        except Exception as exc:
+            raise TrainingError(
+                f"could not average stage {self.ex.stage}'s gradients over its {self.ex.dp} replicas within "
+                f"{self.ex.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
+            ) from exc
+        flat /= self.ex.dp
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p)
+            offset += n
+        if self.ex.recorder is not None:
+            self.ex.recorder.record("reduce", start, time.perf_counter(), f"mean over {self.ex.dp} replicas")
+
+
 class DistributedExecutor:
-    """Run this rank's stage of a K-stage method; ranks 0..K-1 hold stages 0..K-1.
+    """Run this rank's stage of a K-stage method; ranks 0..K-1 hold stages 0..K-1 (on a
+    K × D mesh, ``dp=D``: rank r holds stage r mod K of replica r div K).
 
     The process group must be initialised (:func:`fxreplay.launch.init_process_group`,
     which torchrun and :func:`fxreplay.launch.run_distributed` make possible), with world
-    size K. Every rank builds the same K stages (same model, same seed) and passes them all;
-    it keeps only its own.
+    size K (K·D). Every rank builds the same K stages (same model, same seed) and passes them
+    all; it keeps only its own. With D > 1 every rank is given the whole batch and takes its
+    replica's shard; stage k's gradients are averaged over its D replicas before each update.
 
     Args:
         stages: all K stage modules (stage ``rank`` must already be on its device).
@@ -169,10 +212,11 @@ class DistributedExecutor:
         timeout: seconds a rank waits for a neighbour's message before it fails the job
             naming that neighbour.
         record_timeline: keep compute / wait / send intervals for :meth:`timeline`.
+        dp: data-parallel replicas D of the pipeline (1: one pipeline).
         options: method options, as for :func:`fxreplay.methods.build_method`.
 
     Raises:
-        TrainingError: no process group, world size != K, unknown method or option.
+        TrainingError: no process group, world size != K·D, unknown method or option.
     """
 
     def __init__(
@@ -186,6 +230,7 @@ class DistributedExecutor:
         measure_memory: bool = False,
         timeout: float = 60.0,
         record_timeline: bool = False,
+        dp: int = 1,
         **options: Any,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -195,31 +240,44 @@ class DistributedExecutor:
             )
         K = len(stages)
         rank, world = dist.get_rank(), dist.get_world_size()
-        if world != K:
-            raise TrainingError(f"{world} ranks for K={K} stages: the distributed executor runs one stage per rank; start K={K} processes")
+        if not isinstance(dp, int) or dp < 1:
+            raise TrainingError(f"dp={dp!r}: give the number of data-parallel replicas, an integer >= 1")
+        if world != K * dp:
+            raise TrainingError(
+                f"{world} ranks for K={K} stages x D={dp} replicas: the distributed executor runs one stage of one replica "
+                f"per rank; start K*D = {K * dp} processes"
+            )
         if synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer
         self.method = method
-        self.rank = self.stage = rank
+        self.rank = rank
+        # The mesh: rank r runs stage k = r mod K of replica d = r div K (D = 1: rank = stage).
+        self.dp, self.stage, self.replica = dp, rank % K, rank // K
         self.num_stages = K
         self.loss_fn = loss_fn
         self.timeout = timeout
         self.stages = list(stages)
-        bound = build_method(method, stages, optimizer, loss_fn, only=rank, **options)
+        bound = build_method(method, stages, optimizer, loss_fn, only=self.stage, **options)
         self.worker = bound.workers[0]
         self.schedule = bound.schedule
         validate(self.schedule, K)
-        self.program: tuple[Action, ...] = stage_program(self.schedule, rank)
+        self.program: tuple[Action, ...] = stage_program(self.schedule, self.stage)
         self._carried_keys = carried_messages(self.schedule, K)
         # Stand-ins for the other stages' optimizers (built by the same factory on no
         # parameters), so code that sets or reads lr on K optimizers works unchanged.
-        self._optimizers = [self.worker.optimizer if k == rank else optimizer([{"params": []}]) for k in range(K)]
+        self._optimizers = [self.worker.optimizer if k == self.stage else optimizer([{"params": []}]) for k in range(K)]
         self.measure_memory = measure_memory
         if measure_memory:
             self.worker.meter = MemoryMeter(exclude=self.worker.params)
         self.recorder = Recorder(rank) if record_timeline else None
         self._build_channels()
         self._replicas = _RankReplicas(self)
+        self._dp = _RankDataParallel(self) if dp > 1 else None
+        self._loss_scale = 1.0
+        self._base_loss = loss_fn
+        if self._dp is not None and self.worker.is_last:
+            self.worker.loss_fn = self._scaled_loss
+        self.last_target: Any = None
         self._link = _RankLink(self)
         self._inbox: dict[tuple[str, int], Any] = {}
         self._out: tuple[torch.Tensor, Any] | None = None
@@ -238,27 +296,30 @@ class DistributedExecutor:
     def _build_channels(self) -> None:
         """One two-rank group per direction and neighbour pair (every rank creates every
         group, in the same order, as torch.distributed requires)."""
-        K, rank = self.num_stages, self.rank
+        K, stage = self.num_stages, self.stage
         device = self.worker.device
         backend = dist.get_backend()
         wire = device if backend == "nccl" else torch.device("cpu")
         if backend == "nccl" and device.type != "cuda":
-            raise TrainingError(f"the process group uses NCCL but stage {rank} is on {device}: put every stage on a GPU, or use gloo")
+            raise TrainingError(f"the process group uses NCCL but stage {stage} is on {device}: put every stage on a GPU, or use gloo")
         timeout = timedelta(seconds=self.timeout)
         rec = self._note
         self._up_in = self._up_out = self._down_in = self._down_out = None
-        for k in range(K - 1):
-            # Receives are posted a step ahead and may stay pending through an evaluation
-            # or a checkpoint: the groups' own timeout (NCCL's watchdog) is long; every wait
-            # has the executor's deadline (``timeout``) of its own.
-            up = dist.new_group([k, k + 1], timeout=_CHANNEL_GROUP_TIMEOUT)
-            down = dist.new_group([k, k + 1], timeout=_CHANNEL_GROUP_TIMEOUT)
-            if rank == k:
-                self._up_out = Channel(k, k + 1, up, wire, self.timeout, _who(k + 1), rec)
-                self._down_in = Channel(k + 1, k, down, wire, self.timeout, _who(k + 1), rec)
-            elif rank == k + 1:
-                self._up_in = Channel(k, k + 1, up, wire, self.timeout, _who(k), rec)
-                self._down_out = Channel(k + 1, k, down, wire, self.timeout, _who(k), rec)
+        for d in range(self.dp):  # each replica's pipeline: ranks d*K .. d*K + K-1
+            base = d * K
+            for k in range(K - 1):
+                # Receives are posted a step ahead and may stay pending through an evaluation
+                # or a checkpoint: the groups' own timeout (NCCL's watchdog) is long; every wait
+                # has the executor's deadline (``timeout``) of its own.
+                a, b = base + k, base + k + 1
+                up = dist.new_group([a, b], timeout=_CHANNEL_GROUP_TIMEOUT)
+                down = dist.new_group([a, b], timeout=_CHANNEL_GROUP_TIMEOUT)
+                if self.rank == a:
+                    self._up_out = Channel(a, b, up, wire, self.timeout, self._who(b), rec)
+                    self._down_in = Channel(b, a, down, wire, self.timeout, self._who(b), rec)
+                elif self.rank == b:
+                    self._up_in = Channel(a, b, up, wire, self.timeout, self._who(a), rec)
+                    self._down_out = Channel(b, a, down, wire, self.timeout, self._who(a), rec)
         # Objects (evaluation outputs, timelines, stats) go over gloo whatever the backend.
         control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
         self._control: dist.ProcessGroup | None = control if isinstance(control, dist.ProcessGroup) else None
@@ -278,7 +339,7 @@ class DistributedExecutor:
     @property
     def reporting_rank(self) -> int:
         """The rank that knows the loss, the output and (reading the same data) the labels."""
-        return reporting_rank(self.num_stages)
+        return reporting_rank(self.num_stages * self.dp)  # the last stage of the last replica
 
     @property
     def is_reporting(self) -> bool:
@@ -297,7 +358,14 @@ class DistributedExecutor:
                 stage raised (the message names rank, stage, action and step).
         """
         t = self.step_count
-        if self.rank == 0:
+        if self.dp > 1:
+            rows = _rows(y)
+            x, y = self._shard(x, "inputs"), self._shard(y, "targets")
+            # Equal shards average to the batch's mean loss; unequal ones (an epoch's last
+            # batch) are weighted by their share: replica d's loss counts n_d * D / B.
+            self._loss_scale = _rows(y) * self.dp / rows if rows else 1.0
+        self.last_target = y
+        if self.stage == 0:
             self._inbox[("act", t)] = as_tuple(x)
         if self.worker.is_last or self.worker.wants_targets:
             self._inbox[("target", t)] = y
@@ -323,8 +391,32 @@ class DistributedExecutor:
         self._check_loss(t)
         loss_t, output = self._out
         self.last_output = output
-        self.last_loss = float(loss_t)
+        self.last_loss = float(loss_t) if self._dp is None else self._mean_over_replicas(loss_t)
         return self.last_loss
+
+    def _shard(self, value: Any, what: str) -> Any:
+        """This replica's rows of a batch: shard d of D along dim 0 (``torch.tensor_split``:
+        sizes differ by at most one row)."""
+        def cut(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                return v
+            if v.shape[0] < self.dp:
+                raise TrainingError(
+                    f"a batch of {v.shape[0]} {what} cannot give each of the D={self.dp} data-parallel replicas a row: "
+                    f"use batches of at least {self.dp} examples"
+                )
+            return torch.tensor_split(v, self.dp)[self.replica]
+        return tree_map(cut, value)
+
+    def _scaled_loss(self, output: Any, y: Any) -> torch.Tensor:
+        return self._base_loss(output, y) * self._loss_scale
+
+    def _mean_over_replicas(self, loss: torch.Tensor) -> float:
+        """The last stages' losses averaged over the replicas (equal shards: the batch's mean loss)."""
+        total = loss.detach().to(torch.float64).reshape(1).cpu()
+        assert self._dp is not None
+        dist.all_reduce(total, group=self._dp.group)
+        return float(total) / self.dp
 
     def _run(self, action: Action, t: int) -> None:
         start = time.perf_counter()
@@ -334,10 +426,10 @@ class DistributedExecutor:
         except FxReplayError as exc:
             if str(exc).startswith(f"rank {self.rank} "):
                 raise
-            raise type(exc)(f"rank {self.rank} (stage {self.stage}), {action} of step {t}: {exc}") from exc
+            raise type(exc)(f"{self._who(self.rank)}, {action} of step {t}: {exc}") from exc
         except Exception as exc:
             raise TrainingError(
-                f"rank {self.rank} (stage {self.stage}) failed in {action} of step {t} ({self.method}): "
+                f"{self._who(self.rank)} failed in {action} of step {t} ({self.method}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         finally:
@@ -356,6 +448,11 @@ class DistributedExecutor:
                 f"The last stage's update of step {t + 1} was not applied and the job stops; lower the learning rate "
                 "(or warm it up) and resume from the last checkpoint"
             )
+
+    def _who(self, rank: int) -> str:
+        """A rank as messages name it: its stage, and its replica on a K × D mesh."""
+        K = self.num_stages
+        return f"rank {rank} (stage {rank % K})" if self.dp == 1 else f"rank {rank} (stage {rank % K}, replica {rank // K})"
 
     def _send_resumed(self) -> None:
         for kind, batch, payload in self._resend:
@@ -415,14 +512,14 @@ class DistributedExecutor:
             "wait_time": self._wait_total(),
             "memory_bytes": float(self.worker.meter.peak) if self.worker.meter is not None else math.nan,
         }
-        box: list[Any] = [None] * self.num_stages
+        box: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(box, mine, group=self._control)
-        return {key: [r[key] for r in box] for key in mine}
+        return {key: [r[key] for r in box[:self.num_stages]] for key in mine}  # replica 0's stages
 
     def gather_to(self, obj: Any, dst: int) -> list[Any] | None:
         """Collective: every rank's ``obj`` in rank order on rank ``dst``, None on the others
         (the run loop gathers every stage's state into one checkpoint this way)."""
-        box: list[Any] | None = [None] * self.num_stages if self.rank == dst else None
+        box: list[Any] | None = [None] * dist.get_world_size() if self.rank == dst else None
         dist.gather_object(obj, box, dst=dst, group=self._control)
         return box
 
@@ -433,12 +530,18 @@ class DistributedExecutor:
         """Collective: every stage's state gathered on the reporting rank (None on the others),
         so one checkpoint holds the whole pipeline."""
         ranks = self.gather_to(self.state_dict(), self.reporting_rank)
-        return None if ranks is None else {"ranks": ranks}
+        return None if ranks is None else {"ranks": ranks, "dp": self.dp}
 
     def load_job_state(self, state: dict[str, Any]) -> None:
         """Restore this rank's part of a :meth:`job_state`."""
         if "ranks" not in state:
             raise TrainingError("this state was saved by a local run and cannot resume a distributed one; resume with the executor it was made with.")
+        if state.get("dp", 1) != self.dp:
+            # Each replica's in-flight δ (FR, DDG) is of its own shard: another D cannot continue them.
+            raise CheckpointError(
+                f"this checkpoint was made with D={state.get('dp', 1)} data-parallel replicas and this run has D={self.dp}: "
+                f"resume with --dp {state.get('dp', 1)} (the replicas' in-flight messages are of their own shards)"
+            )
         self.load_state_dict(state["ranks"][self.rank])
 
     def stats(self) -> dict[str, list[float]]:
@@ -465,7 +568,7 @@ class DistributedExecutor:
         """
         if self.recorder is None:
             raise TrainingError("no timeline was recorded: build the DistributedExecutor with record_timeline=True")
-        box: list[Any] = [None] * self.num_stages
+        box: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(box, self.recorder.events, group=self._control)
         return Timeline.from_ranks(box)
 
@@ -473,11 +576,11 @@ class DistributedExecutor:
         """Collective: copy every stage's trained weights and buffers into this rank's copies
         of the other stages, so that ``pipe.model_state_dict()`` (or a plain forward of the
         stages) is the trained model on every rank. Call before saving the model."""
-        mine = {k: v.detach().cpu() for k, v in self.stages[self.rank].state_dict().items()}
-        box: list[Any] = [None] * self.num_stages
+        mine = {k: v.detach().cpu() for k, v in self.stages[self.stage].state_dict().items()}
+        box: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(box, mine, group=self._control)
-        for k, state in enumerate(box):
-            if k != self.rank:
+        for k, state in enumerate(box[:self.num_stages]):  # replica 0's: the replicas are equal
+            if k != self.stage:
                 self.stages[k].load_state_dict(state)
 
     def sigma(self, x: Any, y: Any) -> list[float]:
@@ -537,9 +640,9 @@ class DistributedExecutor:
             batch = t + offset
             if batch < 0 or t < 0:
                 continue
-            if kind == "grad" and src == self.rank + 1 and self._down_in is not None:
+            if kind == "grad" and src == self.stage + 1 and self._down_in is not None:
                 self._down_in.recv(batch, "the δ")
-            elif kind == "act" and src == self.rank - 1 and self._up_in is not None:
+            elif kind == "act" and src == self.stage - 1 and self._up_in is not None:
                 self._up_in.recv(batch, "the activations")
         # End both directions before waiting on either: a pair that never exchanged a
         # message has no receive posted yet, so a flush first would wait on the other's flush.
@@ -553,8 +656,11 @@ class DistributedExecutor:
             ch.flush()
 
 
-def _who(rank: int) -> str:
-    return f"rank {rank} (stage {rank})"
+
+
+def _rows(value: Any) -> int:
+    """The batch size of a batch's targets (0 when they are not a batched tensor)."""
+    return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() > 0 else 0
 
 
 def _detach(payload: Any) -> Any:

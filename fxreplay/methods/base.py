@@ -58,6 +58,16 @@ class Link(Protocol):
     def recv(self, kind: str, batch: int) -> Any: ...
 
 
+class DataParallel(Protocol):
+    """How a worker averages its gradients with the same stage of the other data-parallel
+    replicas (each ran the method on its shard of the batch): afterwards every replica holds
+    the gradient of the whole batch and takes the same step."""
+
+    def average(self, worker: StageWorker) -> None:
+        """Replace the ``.grad`` of ``worker``'s parameters by their mean over the replicas."""
+        ...
+
+
 class Replicas(Protocol):
     """How a worker sums the gradients of the parameters its stage shares with other stages
     (``stage.replicas``, see :func:`fxreplay.compiler.split.replicate_shared`): each holder
@@ -192,6 +202,9 @@ class StageWorker:
         shared_ids = {id(p) for p in self.shared_params.values()}
         self._unshared = [p for p in self.params if id(p) not in shared_ids]
         self.replicas: Replicas | None = None
+        # This stage's data-parallel replicas (K stages x D replicas): their gradients are
+        # averaged before every update, by ``data_parallel`` (set by the executor when D > 1).
+        self.data_parallel: DataParallel | None = None
         self.meter: MemoryMeter | None = None
         self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
         self._apply_options(options)
@@ -234,6 +247,8 @@ class StageWorker:
         have one), so all copies take the same steps and stay identical.
         """
         own = self.has_gradient_of(batch)
+        if own and self.data_parallel is not None:
+            self.data_parallel.average(self)  # the replicas of a stage are in warm-up together
         shared = self.replicas is not None and bool(self.shared_params) and self.replicas.reduce(self, own)
         if own:
             self.optimizer.step()

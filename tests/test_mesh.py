@@ -1,0 +1,118 @@
+"""Pipeline x data parallel (K stages x D replicas, one rank each): the executor's semantics.
+
+K=2 x D=2 on 4 gloo ranks, each replica on its half of every batch, gives the weights of the
+local executor on the whole batch (mean loss, no BatchNorm), for BP, FR and DDG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from clitools import assert_user_error, run_cli
+from fxreplay.errors import TrainingError
+from fxreplay.executor import DistributedExecutor, LocalExecutor
+from fxreplay.launch import run_distributed
+
+METHODS = ("bp", "fr", "ddg")
+K, D, STEPS = 2, 2, 7
+
+
+def stages() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh()), nn.Sequential(nn.Linear(16, 4))]
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(STEPS)]
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def _rank_mesh() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        ex = DistributedExecutor(stages(), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D)
+        losses = [ex.step(x, y) for x, y in data()]
+        ex.close()
+        out[method] = (losses, {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex.stage, ex.replica)
+    try:
+        DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), dp=3)
+    except TrainingError as exc:
+        out["refused"] = str(exc)
+    return out
+
+
+def test_k2_by_d2_equals_the_local_executor_on_the_whole_batch() -> None:
+    results = run_distributed(_rank_mesh, nproc=K * D, threads=1, timeout=120.0)
+    torch.set_num_threads(1)
+    for method in METHODS:
+        local = LocalExecutor(stages(), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
+        losses = [local.step(x, y) for x, y in data()]
+        for rank in range(K * D):
+            got_losses, state, stage, replica = results[rank][method]
+            assert (stage, replica) == (rank % K, rank // K)
+            for name, value in local.stages[stage].state_dict().items():
+                torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=f"{method} rank {rank} {name}")
+            if stage == K - 1:  # the last stages report the batch's mean loss (over the two halves)
+                assert got_losses == pytest.approx(losses, abs=1e-6), method
+        # the replicas moved: not a test that passes on untrained weights
+        assert not torch.equal(results[0][method][1]["0.weight"], stages()[0].state_dict()["0.weight"])
+    assert "4 ranks for K=2 stages x D=3 replicas" in results[0]["refused"]
+
+
+def test_train_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
+    # the offline default: 23 iterations per epoch, its last batch (29 rows) split 15/14
+    common = ["--K", "2", "--dp", "2", "--nproc", "4", "--cost", "flops"]
+    straight = run_cli("train", *common, "--max-steps", "30", "--out", str(tmp_path / "a"))
+    assert straight.exit_code == 0, straight.output
+    first = run_cli("train", *common, "--max-steps", "23", "--out", str(tmp_path / "b"))
+    assert first.exit_code == 0, first.output
+    rest = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", "30", "--nproc", "4")
+    assert rest.exit_code == 0, rest.output
+    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["train"]["dp"] == 2
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [23, 30]
+    # another D cannot continue the replicas' in-flight messages: refused, nothing changed
+    before = (tmp_path / "b" / "metrics.jsonl").read_bytes()
+    other = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", "40", "--nproc", "2", "--dp", "1")
+    assert other.exit_code == 1 and "train.dp (2 -> 1)" in " ".join(other.output.split())
+    assert (tmp_path / "b" / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_failure_names_the_stage_and_the_replica() -> None:
+    from types import SimpleNamespace
+
+    from fxreplay.launch import describe_failure
+
+    failure = SimpleNamespace(exitcode=-9, signal_name=lambda: "SIGKILL", message="")
+    exc = SimpleNamespace(get_first_failure=lambda: (3, failure), failures={3: failure})
+    assert describe_failure(exc, stages=2, world=4).startswith("rank 3 (stage 1, replica 1) failed first: killed by signal SIGKILL")
+    assert describe_failure(exc, stages=4, world=4).startswith("rank 3 (stage 3) failed first")
+
+
+def test_bad_meshes_are_refused(tmp_path: Path) -> None:
+    assert_user_error(run_cli("train", "--K", "2", "--dp", "2", "--nproc", "2", "--out", str(tmp_path / "r")), "--nproc 2", "use --nproc 4")
+    assert_user_error(run_cli("train", "--K", "2", "--dp", "0", "--out", str(tmp_path / "r")), "train.dp")
+    assert_user_error(run_cli("train", "--K", "2", "--dp", "2", "--method", "1f1b", "--nproc", "4", "--out", str(tmp_path / "r")),
+                      "D=2")
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_runs_every_method_on_the_mesh(tmp_path: Path) -> None:
+    result = run_cli("compare", "--methods", "bp,fr", "--K", "2", "--dp", "2", "--max-steps", "6", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    for method in ("bp", "fr"):
+        saved = yaml.safe_load((tmp_path / f"{method}-K2" / "config.yaml").read_text())["train"]
+        assert (saved["dp"], saved["executor"]) == (2, "distributed")
+    assert "| FR |" in (tmp_path / "report.md").read_text()
