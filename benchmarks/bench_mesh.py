@@ -45,6 +45,8 @@ def main() -> None:
     stages: dict[tuple[str, int], dict[str, list[float]]] = {}
     for method in ("fr", "bp"):
         for K, _ in meshes:
+            if method == "fr" and K == 1:
+                continue  # FR with one stage is BP
             torch.manual_seed(0)
             plan = fxreplay.compile(get(args.model), (x,), K=K, cost="flops", method=method).plan
             rate = args.tflops * 1e12
@@ -54,33 +56,28 @@ def main() -> None:
                 "param_bytes": [float(s.param_bytes) for s in plan.stages],
             }
             print(f"partitioned {args.model} for {method} at K={K}", flush=True)
-    rows = []
+    # FR with one stage is BP: the K=1 column is data parallelism, once.
+    configs = [(m, K, D) for m in ("fr", "bp") for K, D in meshes if not (m == "fr" and K == 1)]
+    table: list[tuple[int, dict[str, float]]] = []  # (GB/s, seconds per iteration by configuration)
     for gbps in BANDWIDTHS_GBPS:
         link = Link(bandwidth=gbps * 1e9, latency=args.latency_us * 1e-6)
-        row: dict[str, object] = {"bandwidth_GBps": gbps}
-        for method in ("fr", "bp"):
-            for K, D in meshes:
-                s = stages[(method, K)]
-                costs = mesh_costs(s["F"], s["B"], s["boundary_bytes"], s["param_bytes"], D, link)
-                row[f"{method} K={K}xD={D}"] = simulate_mesh(method, costs)
-        best = min((k for k in row if k != "bandwidth_GBps"), key=lambda k: float(row[k]))  # type: ignore[arg-type]
-        row["best"] = best
-        rows.append(row)
+        times = {}
+        for method, K, D in configs:
+            s = stages[(method, K)]
+            times[f"{method} K={K}xD={D}"] = simulate_mesh(method, mesh_costs(s["F"], s["B"], s["boundary_bytes"], s["param_bytes"], D, link))
+        table.append((gbps, times))
     one_device = sum(stages[("bp", 1)]["F"]) + sum(stages[("bp", 1)]["B"])
-    header = ["GB/s"] + [f"{m.upper()} {K}×{D}" for m in ("fr", "bp") for K, D in meshes if not (m == "fr" and K == 1)] + ["fastest"]
+    header = ["GB/s"] + [f"{m.upper()} {K}×{D}" for m, K, D in configs] + ["fastest"]
     print(f"\n{args.model}, global batch {args.batch_size}, {n} devices at {args.tflops:g} TFLOP/s, "
           f"{args.latency_us:g} µs latency: speed-up over one device (BP, {one_device * 1e3:.1f} ms/iteration)")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---:"] * len(header)) + "|")
-    for row in rows:
-        cells = [str(row["bandwidth_GBps"])]
-        for m in ("fr", "bp"):
-            for K, D in meshes:
-                if m == "fr" and K == 1:
-                    continue  # FR with one stage is BP
-                cells.append(f"{one_device / float(row[f'{m} K={K}xD={D}']):.2f}×")  # type: ignore[arg-type]
-        best = str(row["best"]).replace("fr ", "FR ").replace("bp ", "BP ").replace("K=", "").replace("xD=", "×")
-        cells.append(best if not best.startswith("FR 1×") else best.replace("FR", "BP"))
+    rows = []
+    for gbps, times in table:
+        best = min(times, key=times.__getitem__)
+        rows.append({"bandwidth_GBps": gbps, **times, "best": best})
+        cells = [str(gbps)] + [f"{one_device / times[f'{m} K={K}xD={D}']:.2f}×" for m, K, D in configs]
+        cells.append(best.replace("fr ", "FR ").replace("bp ", "BP ").replace("K=", "").replace("xD=", "×"))
         print("| " + " | ".join(cells) + " |")
     out = ROOT / "benchmarks" / "results" / "mesh.json"
     out.write_text(json.dumps({

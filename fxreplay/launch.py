@@ -239,9 +239,8 @@ def describe_failure(exc: Any, stages: int | None = None, world: int | None = No
     why = _root_message(failure)
     others = sorted(r for r in exc.failures if r != rank)
     tail = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
-    K = stages or rank + 1
     mesh = stages is not None and world is not None and world > stages
-    where = f"stage {rank % K}, replica {rank // K}" if mesh else f"stage {rank}"
+    where = f"stage {rank % stages}, replica {rank // stages}" if stages and mesh else f"stage {rank}"
     return f"rank {rank} ({where}) failed first{tail}: {why}"
 
 

@@ -177,13 +177,11 @@ def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
             steps, ys, std = _series(group, _losses)
             _, walls, _ = _series(group, _walls)
             _curve(row[0], group, walls, ys, std)
-            modelled = [_modelled_time(run) for run in group.runs]
-            if any(m is None for m in modelled):
+            if any(_modelled_time(run) is None for run in group.runs):
                 unknown.append(group.label)
                 continue
-            times = {id(run): dict(zip((r["step"] for r in run.steps), m)) for run, m in zip(group.runs, modelled) if m}
-            steps, ys, std = _series(group, lambda run: [(r["step"], r["loss"]) for r in run.steps])
-            _, xs, _ = _series(group, lambda run: list(times[id(run)].items()))
+            _, ys, std = _series(group, lambda run: [(r["step"], r["loss"]) for r in run.steps])
+            _, xs, _ = _series(group, lambda run: list(zip((r["step"] for r in run.steps), _modelled_time(run) or [])))
             _curve(row[1], group, xs, ys, std)
         _finish_loss_axes(row[0], f"K = {K}: measured (one process)", "wall time (s)")
         _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)", explained=bool(unknown))

@@ -22,7 +22,8 @@ def markdown_table(report: str, heading: str) -> dict[tuple[str, int], str]:
 
 def drawn(fig: Any) -> list[dict[str, Any]]:
     """The visible panels of a figure as data: title, labelled lines (x, y), bar heights,
-    filled bands (their y ranges), broken-bar segments, legend entries (the axes' and the figure's)."""
+    filled bands (their y ranges), broken-bar segments, legend entries (the axes' and the
+    figure's), and the panel's free texts."""
     panels = []
     for ax in fig.axes:
         if not ax.get_visible():
@@ -37,6 +38,7 @@ def drawn(fig: Any) -> list[dict[str, Any]]:
             "bands": [(float(p.vertices[:, 1].min()), float(p.vertices[:, 1].max())) for c in bands for p in c.get_paths()],
             "segments": sum(len(c.get_paths()) for c in ax.collections),
             "legend": [t.get_text() for leg in legends for t in leg.get_texts()],
+            "texts": [t.get_text() for t in ax.texts],
         })
     return panels
 

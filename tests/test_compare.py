@@ -21,6 +21,7 @@ from fxreplay.config import apply_overrides, load_config
 from fxreplay.errors import ConfigError
 from fxreplay.methods import METHODS
 from fxreplay.run import train_run
+from reporttools import markdown_table, recording_figures
 
 # digits: 23 iterations of 64 per epoch, so 30 steps are one complete epoch and a part.
 SMALL = {"train.epochs": 2, "train.max_steps": 30, "train.log_every": 5, "train.sigma_every": 10}
@@ -34,15 +35,6 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _table(report: str, heading: str) -> dict[tuple[str, int], str]:
-    """The cells of the markdown table under ``## heading``, keyed by (method, K)."""
-    section = report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
-    header, body = rows[0], rows[2:]
-    Ks = {i: int(h[2:]) for i, h in enumerate(header) if h.startswith("K=")}
-    return {(row[0].lower(), K): row[i] for row in body for i, K in Ks.items()}
-
-
 def _assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with Image.open(path) as im:
@@ -51,39 +43,15 @@ def _assert_png(path: Path) -> None:
 
 
 DRAWN: dict[str, list[dict[str, Any]]] = {}
-"""What each figure of the ``compared`` report plots, by file name (see :func:`_drawn`)."""
-
-
-def _drawn(fig: Any) -> list[dict[str, Any]]:
-    """The visible panels of a figure as data: title, labelled lines (x, y), bar heights,
-    broken-bar segments, legend entries (the axes' and the figure's)."""
-    panels = []
-    for ax in fig.axes:
-        if not ax.get_visible():
-            continue
-        legends = [leg for leg in (ax.get_legend(), *fig.legends) if leg is not None]
-        panels.append({
-            "title": ax.get_title(),
-            "lines": {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
-                      for line in ax.get_lines() if not line.get_label().startswith("_")},
-            "bars": [float(p.get_height()) for p in ax.patches],
-            "segments": sum(len(c.get_paths()) for c in ax.collections),
-            "legend": [t.get_text() for leg in legends for t in leg.get_texts()],
-        })
-    return panels
+"""What each figure of the ``compared`` report plots, by file name (see :func:`reporttools.drawn`)."""
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    original_save = plots._save
-
-    def recording_save(fig: Any, path: Path) -> Path:
-        DRAWN[path.name] = _drawn(fig)
-        return original_save(fig, path)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plots, "_save", recording_save)
-        return _compare_fixture(tmp_path_factory)
+    with recording_figures() as figures:
+        out = _compare_fixture(tmp_path_factory)
+    DRAWN.update(figures)
+    return out
 
 
 def _compare_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -111,7 +79,7 @@ def _compare_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_report_tables_hold_the_runs_numbers(compared: Path) -> None:
     report = (compared / "report.md").read_text()
-    errors, memory = _table(report, "Test error (%)"), _table(report, "Memory")
+    errors, memory = markdown_table(report, "Test error (%)"), markdown_table(report, "Memory")
     peaks = {}
     for method in ("bp", "fr"):
         records = _records(run_dir(compared, method, 2))
@@ -181,7 +149,7 @@ def test_diverged_run_is_marked_not_dropped(tmp_path: Path) -> None:
     result = compare(cfg, ["bp"], [2], tmp_path)
     assert result.runs[0].diverged and "nan" in result.runs[0].diverged
     report = (tmp_path / "report.md").read_text()
-    assert "†" in _table(report, "Test error (%)")[("bp", 2)]
+    assert "†" in markdown_table(report, "Test error (%)")[("bp", 2)]
     assert "diverged at step" in report
     assert "sigma.png" not in report and "σ was not measured" in report
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
@@ -311,7 +279,7 @@ def test_cli_show(tmp_path: Path, examples_dir: Path) -> None:
     _assert_user_error(runner.invoke(_app(), ["show", str(tmp_path / "nowhere")]), "nowhere")
 
 
-def test_modelled_time_is_not_drawn_at_zero_when_every_logged_step_measured_sigma(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_modelled_time_is_not_drawn_at_zero_when_every_logged_step_measured_sigma(tmp_path: Path) -> None:
     from fxreplay.runlog import RunMetrics
 
     def run(method: str, sigma_everywhere: bool) -> RunMetrics:
@@ -319,11 +287,10 @@ def test_modelled_time_is_not_drawn_at_zero_when_every_logged_step_measured_sigm
                   **({"sigma": [1.0, 1.0]} if sigma_everywhere or s % 2 == 0 else {})} for s in range(1, 7)]
         return RunMetrics(method=method, K=2, path=tmp_path, steps=steps)
 
-    drawn: dict[str, Any] = {}
-    original = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.update({path.name: (_drawn(fig), [t.get_text() for ax in fig.axes for t in ax.texts])}), original(fig, path))[1])
-    plots.loss_vs_time([run("fr", True), run("bp", False)], tmp_path / "loss_time.png")
-    (measured, modelled), texts = drawn["loss_time.png"]
+    with recording_figures() as drawn:
+        plots.loss_vs_time([run("fr", True), run("bp", False)], tmp_path / "loss_time.png")
+    measured, modelled = drawn["loss_time.png"]
+    texts = modelled["texts"]
     assert set(measured["lines"]) == {"FR", "BP"}
     # BP has plain logged steps: its modelled times are the sums of its stage times (0.03 s)
     xs, _ = modelled["lines"]["BP"]

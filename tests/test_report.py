@@ -96,3 +96,9 @@ def test_bad_seeds_are_refused(tmp_path: Path) -> None:
         result = run_cli("compare", "--methods", "bp", "--K", "2", "--seeds", seeds, "--out", str(tmp_path / "x"))
         assert_user_error(result, "seeds")
     assert not (tmp_path / "x" / "bp-K2-s1").exists()
+
+
+def test_compare_overrides_the_synthesizers_rate(tmp_path: Path) -> None:
+    result = run_cli("compare", "--methods", "dni", "--K", "2", "--max-steps", "2", "--synth-lr", "0.003", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "synth_lr: 0.003" in (run_dir(tmp_path, "dni", 2) / "config.yaml").read_text()

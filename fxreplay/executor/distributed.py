@@ -423,15 +423,8 @@ class DistributedExecutor:
         self._action = action
         try:
             self.worker.run(action, t, self._link)
-        except FxReplayError as exc:
-            if str(exc).startswith(f"rank {self.rank} "):
-                raise
-            raise type(exc)(f"{self._who(self.rank)}, {action} of step {t}: {exc}") from exc
         except Exception as exc:
-            raise TrainingError(
-                f"{self._who(self.rank)} failed in {action} of step {t} ({self.method}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._failure(exc, f"{action} of step {t}", f" ({self.method})") from exc
         finally:
             self._action = None
         end = time.perf_counter()
@@ -448,6 +441,14 @@ class DistributedExecutor:
                 f"The last stage's update of step {t + 1} was not applied and the job stops; lower the learning rate "
                 "(or warm it up) and resume from the last checkpoint"
             )
+
+    def _failure(self, exc: Exception, doing: str, context: str = "", after: str = "") -> Exception:
+        """``exc`` raised by this rank while ``doing``, as the error that names the rank (with
+        its stage and replica) first: an fxreplay error keeps its type (and is returned as it
+        is when it already names this rank), anything else becomes a TrainingError."""
+        if isinstance(exc, FxReplayError):
+            return exc if str(exc).startswith(f"rank {self.rank} ") else type(exc)(f"{self._who(self.rank)}, {doing}: {exc}")
+        return TrainingError(f"{self._who(self.rank)} failed in {doing}{context}: {type(exc).__name__}: {exc}{after}")
 
     def _who(self, rank: int) -> str:
         """A rank as messages name it: its stage, and its replica on a K × D mesh."""

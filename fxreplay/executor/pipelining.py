@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import methods
-from ..errors import FxReplayError, TrainingError
+from ..errors import TrainingError
 from ..measure import StorageMap, storages_of
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, detached
 from ..schedule import Action
@@ -163,13 +163,9 @@ class PipeliningExecutor(DistributedExecutor):
             else:
                 schedule.step()
                 output = None
-        except FxReplayError as exc:
-            raise type(exc)(f"rank {self.rank} (stage {self.stage}), step {t + 1} ({self.method}): {exc}") from exc
         except Exception as exc:
-            raise TrainingError(
-                f"rank {self.rank} (stage {self.stage}) failed in step {t + 1} of {self.method} (torch's "
-                f"{type(schedule).__name__}): {type(exc).__name__}: {exc}. If a neighbour failed, its own error is above"
-            ) from exc
+            raise self._failure(exc, f"step {t + 1}", f" of {self.method} (torch's {type(schedule).__name__})",
+                                ". If a neighbour failed, its own error is above") from exc
         self.wait_time = max(0.0, time.perf_counter() - start - self._busy)
         self.stage_times[self.stage] = self._busy
         self._held = {}
