@@ -77,6 +77,8 @@ __all__ = [
     "subset_indices",
     "labels_only",
     "LabelsOnly",
+    "replica_shard",
+    "ReplicaShard",
 ]
 
 NUM_CLASSES: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -731,12 +733,73 @@ def make_loader(
     # draw from the global RNG and shift every later dropout mask of a resumed run.
     # 2**62 stands apart from every item index, so this stream is not an item's.
     generator = torch.Generator().manual_seed(_derive_seed(seed, epoch, 2**62))
+    if isinstance(dataset, ReplicaShard):
+        return DataLoader(
+            _ShardedBatches(_SeededItems(dataset.dataset, seed, epoch), dataset.labels, dataset.replica, dataset.replicas),
+            batch_sampler=sampler, num_workers=num_workers, generator=generator, collate_fn=_ShardedBatches.collate,
+        )
     return DataLoader(
         _SeededItems(dataset, seed, epoch),
         batch_sampler=sampler,
         num_workers=num_workers,
         generator=generator,
     )
+
+
+class ReplicaShard(Dataset[Any]):
+    """What stage 0 of data-parallel replica ``replica`` (of ``replicas``) reads: batched by
+    :func:`make_loader`, the inputs of its shard of every batch only -- rows
+    ``torch.tensor_split(batch, replicas)[replica]``, the very rows it would cut from the whole
+    batch, augmented alike -- with the whole batch's labels (read without decoding an input),
+    so D replicas decode each image once between them. Build it with :func:`replica_shard`."""
+
+    def __init__(self, dataset: Dataset[Any], labels: Dataset[Any], replica: int, replicas: int) -> None:
+        self.dataset, self.labels, self.replica, self.replicas = dataset, labels, replica, replicas
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]  # an example, unsharded (make_loader shards the batches)
+
+
+class _ShardedBatches(Dataset[Any]):
+    """The batch-level reader behind :class:`ReplicaShard` (DataLoader calls ``__getitems__``
+    with a batch's indices)."""
+
+    def __init__(self, items: Dataset[Any], labels: Dataset[Any], replica: int, replicas: int) -> None:
+        self.items, self.labels, self.replica, self.replicas = items, labels, replica, replicas
+
+    def __len__(self) -> int:
+        return len(self.labels)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[list[Any], list[Any]]:
+        if len(indices) < self.replicas:
+            raise DataError(
+                f"a batch of {len(indices)} examples cannot give each of the D={self.replicas} data-parallel replicas a "
+                f"row: use batches of at least {self.replicas} examples (data.batch_size), or fewer replicas"
+            )
+        mine = torch.tensor_split(torch.tensor(indices), self.replicas)[self.replica].tolist()
+        return [self.items[i] for i in mine], [self.labels[i] for i in indices]
+
+    @staticmethod
+    def collate(batch: tuple[list[Any], list[Any]]) -> list[Any]:
+        items, labels = batch
+        return [*default_collate(items)[:-1], default_collate(labels)[-1]]
+
+
+def replica_shard(dataset: Dataset[Any], replica: int, replicas: int) -> Dataset[Any]:
+    """``dataset`` as stage 0 of data-parallel replica ``replica`` reads it
+    (:class:`ReplicaShard`) when its labels can be read without its inputs (see
+    :func:`labels_only`); else ``dataset`` itself (every replica decodes the whole batch and
+    takes its shard)."""
+    labels = _labels(dataset)
+    if replicas == 1 or labels is None:
+        return dataset
+    return ReplicaShard(dataset, LabelsOnly(labels), replica, replicas)
 
 
 def build_datasets(config: DataConfig) -> tuple[Dataset[Any], Dataset[Any]]:

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fxreplay import methods, plots
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
-from fxreplay.data import build_datasets, check_labels, example_batch, labels_only, make_loader, num_classes_of
+from fxreplay.data import build_datasets, check_labels, example_batch, labels_only, make_loader, num_classes_of, replica_shard
 from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, DivergenceError, FxReplayError, TraceError, allocation_detail,
                              out_of_memory)
 from fxreplay.compiler.loading import LoadedModel, load_model
@@ -311,6 +311,10 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
         # (the last) or nothing: skip decoding and augmenting every batch on them. Same order
         # and sizes, same seeds.
         train_set, test_set = labels_only(train_set), labels_only(test_set)
+    elif distributed and cfg.train.dp > 1:
+        # Stage 0 of replica d decodes only its shard of every training batch (and reads the
+        # labels of the whole batch): the D replicas decode each image once between them.
+        train_set = replica_shard(train_set, dist.get_rank() // cfg.partition.K, cfg.train.dp)
     run = _Run(cfg, pipe, run_dir, reporting, console, on_step, train_set, test_set, ckpt)
     with _progress(console) as progress:
         while run.epoch < cfg.train.epochs and not run.at_max_steps:

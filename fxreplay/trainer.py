@@ -191,9 +191,10 @@ class Trainer:
         self.train(False)
         evaluation = Evaluation(metrics)
         try:
-            for *inputs, target in loader:
-                out = self.executor.forward(*inputs)
-                evaluation.add(out, target, float(self.loss_fn(out, target)))
+            with self.executor.replicas_merged():  # D data-parallel replicas: one model, each on a shard
+                for *inputs, target in loader:
+                    for out, part in self.executor.evaluate_batch(tuple(inputs), target):
+                        evaluation.add(out, part, float(self.loss_fn(out, part)))
         finally:
             self.train(True)
         return evaluation.result()
@@ -221,8 +222,9 @@ class Trainer:
 
         Collective when distributed: every rank must call it (it gathers every stage).
         """
-        self.executor.sync_stages()
-        return self.pipe.model_state_dict()
+        with self.executor.replicas_merged():  # D data-parallel replicas: the one model evaluation sees
+            self.executor.sync_stages()
+            return {k: v.detach().clone() for k, v in self.pipe.model_state_dict().items()}
 
     def close(self) -> None:
         """End of training (every rank, when distributed): drain the δ still in flight."""

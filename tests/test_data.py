@@ -16,6 +16,7 @@ from fxreplay.config import DataConfig
 from fxreplay.data import (
     LabelsOnly,
     labels_only,
+    replica_shard,
     NUM_CLASSES,
     SeededBatchSampler,
     build_datasets,
@@ -234,6 +235,25 @@ def test_labels_only_batches_match_the_full_loader(tmp_path: Path) -> None:
         assert light[0][0].shape == (8, 0)  # no input decoded
     opaque = torch.utils.data.ConcatDataset([digits_train])  # labels not readable without loading
     assert labels_only(opaque) is opaque
+
+
+def test_each_replica_reads_its_shard_of_the_very_batches_of_the_full_loader(tmp_path: Path) -> None:
+    make_cifar10(tmp_path)
+    cifar_train, _ = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), verify=False, subset=20))
+    digits_train, _ = build_datasets(DataConfig(name="digits"))
+    for dataset in (cifar_train, digits_train):  # CIFAR's training split is augmented (crop, flip)
+        full = list(make_loader(dataset, 8, shuffle=True, seed=3, epoch=1, skip=1))
+        for D in (2, 3):
+            for d in range(D):
+                shard = list(make_loader(replica_shard(dataset, d, D), 8, shuffle=True, seed=3, epoch=1, skip=1))
+                assert len(shard) == len(full)
+                for (x, y), (xs, ys) in zip(full, shard):
+                    assert torch.equal(xs, torch.tensor_split(x, D)[d])  # its rows, augmented alike
+                    assert torch.equal(ys, y)                              # every label of the batch
+    opaque = torch.utils.data.ConcatDataset([digits_train])  # labels not readable without loading
+    assert replica_shard(opaque, 1, 2) is opaque and replica_shard(digits_train, 0, 1) is digits_train
+    with pytest.raises(DataError, match="at least 3 examples"):
+        list(make_loader(replica_shard(digits_train, 0, 3), 2, shuffle=False, seed=0, epoch=0))
 
 
 # ------------------------------------------------------------------------- loaders

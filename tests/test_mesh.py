@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 from clitools import assert_user_error, run_cli
+from fxreplay.checkpoint import load_checkpoint
 from fxreplay.errors import TrainingError
 from fxreplay.executor import DistributedExecutor, LocalExecutor
 from fxreplay.launch import run_distributed
@@ -43,6 +44,19 @@ def _rank_mesh() -> dict[str, Any]:
         losses = [ex.step(x, y) for x, y in data()]
         ex.close()
         out[method] = (losses, {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex.stage, ex.replica)
+        out[f"{method} overlapped"] = ex._dp.started_in_backward if ex._dp is not None else None
+    # one parameter per bucket: every all-reduce its own, started mid-backward
+    ex = DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D, bucket_bytes=1)
+    for x, y in data():
+        ex.step(x, y)
+    ex.close()
+    out["fr small buckets"] = ({k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex._dp.started_in_backward)
+    # stage 0 given only its replica's rows (as a loader over fxreplay.data.replica_shard reads them)
+    ex = DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D)
+    for x, y in data():
+        ex.step(torch.tensor_split(x, D)[ex.replica] if ex.stage == 0 else x, y)
+    ex.close()
+    out["fr-presharded"] = {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}
     try:
         DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), dp=3)
     except TrainingError as exc:
@@ -65,6 +79,22 @@ def test_k2_by_d2_equals_the_local_executor_on_the_whole_batch() -> None:
                 assert got_losses == pytest.approx(losses, abs=1e-6), method
         # the replicas moved: not a test that passes on untrained weights
         assert not torch.equal(results[0][method][1]["0.weight"], stages()[0].state_dict()["0.weight"])
+        if method == "fr":  # inputs read as shards: the very same training
+            for rank in range(K * D):
+                state = results[rank]["fr-presharded"]
+                assert all(torch.equal(state[k], v) for k, v in results[rank]["fr"][1].items())
+    for rank in range(K * D):
+        # BP's and FR's all-reduces start during the backward (one bucket per stage here); DDG's
+        # delayed stages build their graph on a snapshot of the weights, so their buckets start
+        # in the update (its last stage, without delay, backpropagates through the weights)
+        stage = rank % K
+        backwards = STEPS - (K - 1 - stage)  # FR's stage k: no backward in its K-1-k warm-up steps
+        assert results[rank]["bp overlapped"] == STEPS and results[rank]["fr overlapped"] == backwards
+        assert results[rank]["ddg overlapped"] == (STEPS if stage == K - 1 else 0)
+        # with a bucket per parameter (weight, bias of each Linear), the same weights
+        state, started = results[rank]["fr small buckets"]
+        assert started == backwards * len(state)
+        assert all(torch.equal(state[k], v) for k, v in results[rank]["fr"][1].items())
     assert "4 ranks for K=2 stages x D=3 replicas" in results[0]["refused"]
 
 
@@ -79,6 +109,13 @@ def test_train_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
     assert rest.exit_code == 0, rest.output
     a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint holds each stage's weights and optimizer once (replica 0's); replica 1's
+    # ranks add only their own buffers, method state, δ in flight and RNG
+    ranks = load_checkpoint(tmp_path / "b")["trainer"]["ranks"]
+    for rank in (2, 3):
+        own, first = ranks[rank]["worker"], ranks[rank % 2]["worker"]
+        assert own["optimizer"] is None and first["optimizer"] is not None
+        assert set(own["module"]) < set(first["module"]) and not any(k.endswith("weight") for k in own["module"])
     saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert saved["train"]["dp"] == 2
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -116,3 +153,45 @@ def test_compare_runs_every_method_on_the_mesh(tmp_path: Path) -> None:
         saved = yaml.safe_load((tmp_path / f"{method}-K2" / "config.yaml").read_text())["train"]
         assert (saved["dp"], saved["executor"]) == (2, "distributed")
     assert "| FR |" in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- evaluation and the saved model
+def bn_stages() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh()), nn.Sequential(nn.Linear(16, 4))]
+
+
+def _rank_evaluates() -> dict[str, Any]:
+    ex = DistributedExecutor(bn_stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D)
+    for x, y in data():
+        ex.step(x, y)
+    module = ex.stages[ex.stage]
+    own = {k: v.clone() for k, v in module.state_dict().items()}
+    module.eval()
+    x, y = torch.randn(9, 6, generator=torch.Generator().manual_seed(5)), torch.arange(9) % 4
+    with ex.replicas_merged():
+        merged = {k: v.clone() for k, v in module.state_dict().items()}
+        parts = ex.evaluate_batch((x,), y)
+        whole = ex.forward(x)
+    after = {k: v.clone() for k, v in module.state_dict().items()}
+    ex.close()
+    return {"own": own, "merged": merged, "after": after, "parts": parts, "whole": whole, "y": y}
+
+
+def test_the_replicas_are_one_model_in_evaluation_and_each_its_own_in_training() -> None:
+    results = run_distributed(_rank_evaluates, nproc=K * D, threads=1, timeout=120.0)
+    stats = ("1.running_mean", "1.running_var")
+    first, second = results[0], results[K]  # stage 0 of replica 0 and of replica 1
+    for name in stats:
+        # each replica's statistics are of its own shards; merged, their mean -- in every replica
+        assert not torch.equal(first["own"][name], second["own"][name])
+        mean = (first["own"][name] + second["own"][name]) / 2
+        for r in (first, second):
+            torch.testing.assert_close(r["merged"][name], mean, atol=0, rtol=0)
+    for r in results.values():
+        # afterwards each replica trains on with its own buffers (an evaluation changes nothing)
+        assert all(torch.equal(r["after"][k], r["own"][k]) for k in r["own"])
+        # the two replicas each ran half of the batch: together, the merged model's output
+        assert [len(t) for _, t in r["parts"]] == [5, 4]
+        assert torch.equal(torch.cat([t for _, t in r["parts"]]), r["y"])
+        torch.testing.assert_close(torch.cat([out for out, _ in r["parts"]]), r["whole"], atol=1e-6, rtol=0)

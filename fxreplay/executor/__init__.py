@@ -6,6 +6,7 @@ run it (:class:`PipeliningExecutor`).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -70,6 +71,10 @@ class Executor(Protocol):
 
     def forward(self, *inputs: Any) -> Any: ...
 
+    def evaluate_batch(self, inputs: tuple[Any, ...], target: Any) -> list[tuple[Any, Any]]:
+        """A test batch's ``(output, target)`` pairs, together covering its examples."""
+        ...
+
     def memory_bytes(self) -> list[int]: ...
 
     def stats(self) -> dict[str, list[float]]:
@@ -85,6 +90,11 @@ class Executor(Protocol):
 
     def sync_stages(self) -> None:
         """Every stage's trained weights into this process's copies (collective)."""
+        ...
+
+    def replicas_merged(self) -> AbstractContextManager[None]:
+        """Within it, the data-parallel replicas of every stage are one model (collective on
+        entry and exit; nothing to do without replicas): evaluation and the saved model."""
         ...
 
     def close(self) -> None:

@@ -40,14 +40,16 @@ Differences from the local executor, all consequences of each rank owning only i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch import nn
 
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
@@ -56,7 +58,7 @@ from ..measure import MemoryMeter
 from ..methods import build_method
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_equal, replica_groups
 from ..schedule import Action, carried_messages, stage_program, validate
-from ..state import capture_rng
+from ..state import capture_rng, kept_buffers
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
 
@@ -152,42 +154,144 @@ class _RankReplicas:
         return summed
 
 
+BUCKET_BYTES = 25 * 2**20
+"""Gradient bytes per all-reduce bucket of a data-parallel stage (torch DDP's ``bucket_cap_mb``)."""
+
+
+class _Bucket:
+    """Parameters whose gradients are averaged by one all-reduce (of their flattened
+    concatenation), started as soon as the last of them has its gradient."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.ids = {id(p) for p in params}
+        self.ready: set[int] = set()
+        self.members: list[torch.Tensor] = []  # those that had a gradient when it started
+        self.flat: torch.Tensor | None = None
+        self.work: Any = None
+        self.stale = False  # a gradient changed after it started: start it again in the update
+
+    def start(self, group: Any) -> None:
+        grads = [(p, p.grad) for p in self.params if p.grad is not None]
+        self.members = [p for p, _ in grads]
+        if grads:
+            self.flat = torch.cat([g.detach().reshape(-1) for _, g in grads])
+            self.work = dist.all_reduce(self.flat, group=group, async_op=True)
+
+    def reset(self) -> None:
+        self.ready, self.members, self.flat, self.work, self.stale = set(), [], None, None, False
+
+
+def _buckets(params: Sequence[torch.Tensor], cap: int) -> list[_Bucket]:
+    """``params`` in reverse order (a backward produces the last layers' gradients first),
+    cut into buckets of at most ``cap`` bytes (one parameter per bucket when it alone is
+    larger) and of one dtype and device each."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for p in reversed([p for p in params if p.requires_grad]):
+        nbytes = p.numel() * p.element_size()
+        last = out[-1] if out else None
+        if last is None or size + nbytes > cap or (last[0].dtype, last[0].device) != (p.dtype, p.device):
+            out.append([p])
+            size = nbytes
+        else:
+            last.append(p)
+            size += nbytes
+    return [_Bucket(b) for b in out]
+
+
 class _RankDataParallel:
     """:class:`~fxreplay.methods.base.DataParallel` on a K × D mesh: stage k's D replicas
-    (ranks d·K + k) average their gradients with one all-reduce of all of them, flattened,
-    over a group of exactly those ranks (torch's DDP buckets the same way; here the bucket is
-    the stage). Every rank creates every group, in the same order."""
+    (ranks d·K + k) average their gradients over a group of exactly those ranks, as torch's
+    DDP does: the parameters are cut into buckets (``BUCKET_BYTES``, last layers first), and
+    each bucket's all-reduce starts, asynchronously, *during* the backward, the moment its
+    last gradient is accumulated (a ``post_accumulate_grad`` hook), so it overlaps the
+    backward of the earlier layers; the update waits for them all. Not DDP itself: its
+    reducer is tied to one forward and one backward of a wrapped module per iteration, while
+    a stage's worker replays, backpropagates another batch than it plays, or (DDG) builds its
+    graph on a snapshot of the weights. Buckets whose gradients no hook saw complete (DDG's
+    snapshot, a parameter without a gradient) start in the update, and one whose gradient
+    changed after it started (a second backward before the update) starts again there: any
+    method gets the mean of its final gradients. The replicas run the same schedule, so
+    their buckets start in the same order. Every rank creates every group, in the same order."""
 
-    def __init__(self, ex: DistributedExecutor) -> None:
+    def __init__(self, ex: DistributedExecutor, bucket_bytes: int = BUCKET_BYTES) -> None:
         self.ex = ex
         self.group: Any = None
+        self.buckets = _buckets(ex.worker.params, bucket_bytes)
+        self.started_in_backward = 0  # buckets whose all-reduce overlapped a backward (a count, for tests)
+        for p in ex.worker.params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._accumulated)
         for k in range(ex.num_stages):
             group = dist.new_group([d * ex.num_stages + k for d in range(ex.dp)], timeout=timedelta(seconds=ex.timeout))
             if k == ex.stage:
                 self.group = group
         ex.worker.data_parallel = self
+        # The buffers, which no all-reduce keeps equal: BatchNorm's running statistics (each
+        # replica's are of its own shards) and anything else a forward writes.
+        self.statistics: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
+        for module in ex.worker.module.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is None or any(buffer is b for b in self.buffers):
+                    continue
+                self.buffers.append(buffer)
+                if isinstance(module, nn.modules.batchnorm._NormBase) and name in ("running_mean", "running_var"):
+                    self.statistics.append(buffer)
 
-    def average(self, worker: Any) -> None:
-        params = [p for p in worker.params if p.grad is not None]
-        if not params:
-            return
-        start = time.perf_counter()
-        flat = torch.cat([p.grad.detach().reshape(-1) for p in params])
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
+    def merge_buffers(self) -> None:
+        """Make this stage's D replicas one model: BatchNorm's running statistics become their
+        mean over the replicas (statistics of all the shards), every other buffer replica 0's
+        (as DDP's ``broadcast_buffers``). Collective over the stage's replicas."""
+        statistics = {id(b) for b in self.statistics}
+        with torch.no_grad():
+            for buffer in self.buffers:
+                if id(buffer) in statistics:
+                    self._wait(dist.all_reduce(buffer, group=self.group, async_op=True), "merge BatchNorm statistics")
+                    buffer /= self.ex.dp
+                else:
+                    self._wait(dist.broadcast(buffer, src=self.ex.stage, group=self.group, async_op=True), "copy buffers")
+
+    def _wait(self, work: Any, doing: str) -> None:
         try:
             assert work is not None
             work.wait(timedelta(seconds=self.ex.timeout))
         except Exception as exc:
             raise TrainingError(
-                f"could not average stage {self.ex.stage}'s gradients over its {self.ex.dp} replicas within "
+                f"could not {doing} of stage {self.ex.stage} over its {self.ex.dp} replicas within "
                 f"{self.ex.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
             ) from exc
-        flat /= self.ex.dp
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p)
-            offset += n
+
+    def _accumulated(self, p: torch.Tensor) -> None:
+        bucket = next(b for b in self.buckets if id(p) in b.ids)
+        if bucket.work is not None:
+            bucket.stale = True
+            return
+        bucket.ready.add(id(p))
+        if len(bucket.ready) == len(bucket.params):
+            bucket.start(self.group)
+            self.started_in_backward += 1
+
+    def average(self, worker: Any) -> None:
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            if bucket.stale:  # its all-reduce is of gradients that changed since: drain it, start again
+                self._wait(bucket.work, "average the gradients")
+                bucket.reset()
+            if bucket.work is None:
+                bucket.start(self.group)
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                self._wait(bucket.work, "average the gradients")
+                assert bucket.flat is not None
+                bucket.flat /= self.ex.dp
+                offset = 0
+                for p in bucket.members:
+                    n = p.numel()
+                    p.grad = bucket.flat[offset:offset + n].view_as(p)
+                    offset += n
+            bucket.reset()
         if self.ex.recorder is not None:
             self.ex.recorder.record("reduce", start, time.perf_counter(), f"mean over {self.ex.dp} replicas")
 
@@ -213,6 +317,8 @@ class DistributedExecutor:
             naming that neighbour.
         record_timeline: keep compute / wait / send intervals for :meth:`timeline`.
         dp: data-parallel replicas D of the pipeline (1: one pipeline).
+        bucket_bytes: gradient bytes per all-reduce bucket when ``dp`` > 1 (each bucket's
+            all-reduce starts during the backward, as soon as its gradients are in).
         options: method options, as for :func:`fxreplay.methods.build_method`.
 
     Raises:
@@ -231,6 +337,7 @@ class DistributedExecutor:
         timeout: float = 60.0,
         record_timeline: bool = False,
         dp: int = 1,
+        bucket_bytes: int = BUCKET_BYTES,
         **options: Any,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -272,7 +379,7 @@ class DistributedExecutor:
         self.recorder = Recorder(rank) if record_timeline else None
         self._build_channels()
         self._replicas = _RankReplicas(self)
-        self._dp = _RankDataParallel(self) if dp > 1 else None
+        self._dp = _RankDataParallel(self, bucket_bytes) if dp > 1 else None
         self._loss_scale = 1.0
         self._base_loss = loss_fn
         if self._dp is not None and self.worker.is_last:
@@ -360,7 +467,9 @@ class DistributedExecutor:
         t = self.step_count
         if self.dp > 1:
             rows = _rows(y)
-            x, y = self._shard(x, "inputs"), self._shard(y, "targets")
+            if self.stage == 0:
+                x = self._input_shard(x, rows)
+            y = self._shard(y, "targets")
             # Equal shards average to the batch's mean loss; unequal ones (an epoch's last
             # batch) are weighted by their share: replica d's loss counts n_d * D / B.
             self._loss_scale = _rows(y) * self.dp / rows if rows else 1.0
@@ -394,9 +503,11 @@ class DistributedExecutor:
         self.last_loss = float(loss_t) if self._dp is None else self._mean_over_replicas(loss_t)
         return self.last_loss
 
-    def _shard(self, value: Any, what: str) -> Any:
-        """This replica's rows of a batch: shard d of D along dim 0 (``torch.tensor_split``:
-        sizes differ by at most one row)."""
+    def _shard(self, value: Any, what: str, replica: int | None = None) -> Any:
+        """This replica's (or ``replica``'s) rows of a batch: shard d of D along dim 0
+        (``torch.tensor_split``: sizes differ by at most one row)."""
+        d = self.replica if replica is None else replica
+
         def cut(v: Any) -> Any:
             if not isinstance(v, torch.Tensor) or v.dim() == 0:
                 return v
@@ -405,8 +516,22 @@ class DistributedExecutor:
                     f"a batch of {v.shape[0]} {what} cannot give each of the D={self.dp} data-parallel replicas a row: "
                     f"use batches of at least {self.dp} examples"
                 )
-            return torch.tensor_split(v, self.dp)[self.replica]
+            return torch.tensor_split(v, self.dp)[d]
         return tree_map(cut, value)
+
+    def _input_shard(self, x: Any, rows: int) -> Any:
+        """Stage 0's inputs of this replica: ``x`` is the whole batch (cut here) or, read with
+        :func:`fxreplay.data.replica_shard`, already this replica's rows of it."""
+        mine = rows // self.dp + (1 if self.replica < rows % self.dp else 0)
+        have = _leading_rows(x)
+        if have == rows or not rows:
+            return self._shard(x, "inputs")
+        if have == mine:
+            return x
+        raise TrainingError(
+            f"stage 0 of replica {self.replica} was given inputs of {have} rows with a batch of {rows} targets: expected the "
+            f"whole batch ({rows} rows) or this replica's shard of it ({mine} rows, fxreplay.data.replica_shard)"
+        )
 
     def _scaled_loss(self, output: Any, y: Any) -> torch.Tensor:
         return self._base_loss(output, y) * self._loss_scale
@@ -466,14 +591,36 @@ class DistributedExecutor:
     def forward(self, *inputs: Any) -> Any:
         """Inference through the ranks (every rank calls it with the same inputs); the output
         is returned on every rank. No grad, no history, no δ touched (call ``.eval()`` first).
-        Not recorded in the timeline, which shows training steps."""
+        Not recorded in the timeline, which shows training steps. With D replicas, every
+        replica runs the whole batch (:meth:`evaluate_batch` splits it)."""
         self._evaluating = True
         try:
-            return self._forward(inputs)
+            box = [self._forward(inputs)]
+            dist.broadcast_object_list(box, src=self.reporting_rank, group=self._control)
+            return box[0]
         finally:
             self._evaluating = False
 
+    def evaluate_batch(self, inputs: tuple[Any, ...], target: Any) -> list[tuple[Any, Any]]:
+        """A test batch's outputs as ``(output, target)`` pairs that together cover its
+        examples, on every rank (collective). With D replicas each runs its shard of the batch
+        -- cut as in training, along the first dimension -- so an evaluation takes 1/D of the
+        time; call it within :meth:`replicas_merged`, so that the replicas are one model. A
+        batch with fewer rows than replicas runs whole."""
+        if self.dp == 1 or _leading_rows(inputs) < self.dp:
+            return [(self.forward(*inputs), target)]
+        self._evaluating = True
+        try:
+            mine = self._forward(self._shard(inputs, "inputs"))
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine, group=self._control)
+        finally:
+            self._evaluating = False
+        last = self.num_stages - 1
+        return [(parts[d * self.num_stages + last], self._shard(target, "targets", d)) for d in range(self.dp)]
+
     def _forward(self, inputs: tuple[Any, ...]) -> Any:
+        """This replica's pipeline on ``inputs``: the output on its last stage (on the CPU), None on the others."""
         with torch.no_grad():
             if self._up_in is None:
                 args = inputs
@@ -483,12 +630,21 @@ class DistributedExecutor:
             out = w.module(*(a.to(w.device) if isinstance(a, torch.Tensor) else a for a in args))
             if self._up_out is not None:
                 self._up_out.send(EVAL_BATCH, as_tuple(out))
-                out = None
-            else:
-                out = _to_cpu(out)
-        box = [out]
-        dist.broadcast_object_list(box, src=self.reporting_rank, group=self._control)
-        return box[0]
+                return None
+            return _to_cpu(out)
+
+    @contextlib.contextmanager
+    def replicas_merged(self) -> Iterator[None]:
+        """Collective: within it, the D replicas of every stage are one model -- BatchNorm's
+        running statistics their mean over the replicas, every other buffer replica 0's -- and
+        afterwards each replica's buffers are its own again, so an evaluation or a saved model
+        never changes the training (which resumes exactly). D = 1: nothing to do."""
+        if self._dp is None:
+            yield
+            return
+        with kept_buffers(self._dp.buffers):
+            self._dp.merge_buffers()
+            yield
 
     # -- measurement -------------------------------------------------------------------------------
     def memory_bytes(self) -> list[int]:
@@ -529,8 +685,19 @@ class DistributedExecutor:
 
     def job_state(self) -> dict[str, Any] | None:
         """Collective: every stage's state gathered on the reporting rank (None on the others),
-        so one checkpoint holds the whole pipeline."""
-        ranks = self.gather_to(self.state_dict(), self.reporting_rank)
+        so one checkpoint holds the whole pipeline.
+
+        With D replicas, each stage's weights and optimizer state -- equal in every replica --
+        are held once, by replica 0; the other replicas add what is theirs alone: buffers
+        (BatchNorm's statistics of their shards), method state (FR's stored inputs, DNI's
+        synthesizer), the δ in flight and the RNG."""
+        mine = self.state_dict()
+        if self.replica > 0:
+            worker = mine["worker"]
+            shared = {name for name, _ in self.worker.module.named_parameters(remove_duplicate=False)}
+            mine["worker"] = {**worker, "module": {k: v for k, v in worker["module"].items() if k not in shared},
+                              "optimizer": None}
+        ranks = self.gather_to(mine, self.reporting_rank)
         return None if ranks is None else {"ranks": ranks, "dp": self.dp}
 
     def load_job_state(self, state: dict[str, Any]) -> None:
@@ -543,7 +710,12 @@ class DistributedExecutor:
                 f"this checkpoint was made with D={state.get('dp', 1)} data-parallel replicas and this run has D={self.dp}: "
                 f"resume with --dp {state.get('dp', 1)} (the replicas' in-flight messages are of their own shards)"
             )
-        self.load_state_dict(state["ranks"][self.rank])
+        mine = state["ranks"][self.rank]
+        if mine["worker"]["optimizer"] is None:  # a replica > 0: the weights are replica 0's
+            first = state["ranks"][self.stage]["worker"]
+            mine = {**mine, "worker": {**mine["worker"], "module": {**first["module"], **mine["worker"]["module"]},
+                                       "optimizer": first["optimizer"]}}
+        self.load_state_dict(mine)
 
     def stats(self) -> dict[str, list[float]]:
         """Collective: :meth:`gather_stats`."""
@@ -580,7 +752,7 @@ class DistributedExecutor:
         mine = {k: v.detach().cpu() for k, v in self.stages[self.stage].state_dict().items()}
         box: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(box, mine, group=self._control)
-        for k, state in enumerate(box[:self.num_stages]):  # replica 0's: the replicas are equal
+        for k, state in enumerate(box[:self.num_stages]):  # replica 0's (within replicas_merged, every replica's)
             if k != self.stage:
                 self.stages[k].load_state_dict(state)
 
@@ -657,6 +829,12 @@ class DistributedExecutor:
             ch.flush()
 
 
+
+
+def _leading_rows(inputs: Any) -> int:
+    """The rows of a batch's first batched tensor (0: none)."""
+    leaves = [v for v in tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else 0
 
 
 def _rows(value: Any) -> int:

@@ -324,6 +324,14 @@ class LocalExecutor:
     def sync_stages(self) -> None:
         """Every stage is in this process: nothing to gather."""
 
+    def evaluate_batch(self, inputs: tuple[Any, ...], target: Any) -> list[tuple[Any, Any]]:
+        """The whole batch's output: one pair."""
+        return [(self.forward(*inputs), target)]
+
+    def replicas_merged(self) -> contextlib.AbstractContextManager[None]:
+        """One process holds one model: nothing to merge."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         """Nothing is in flight between processes."""
 
