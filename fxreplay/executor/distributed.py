@@ -59,6 +59,7 @@ from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
+from .syncbn import sync_batchnorm as sync_batchnorm_over
 
 __all__ = ["DistributedExecutor"]
 
@@ -213,6 +214,8 @@ class DistributedExecutor:
             naming that neighbour.
         record_timeline: keep compute / wait / send intervals for :meth:`timeline`.
         dp: data-parallel replicas D of the pipeline (1: one pipeline).
+        sync_batchnorm: D > 1 on GPUs: this stage's BatchNorm layers become SyncBatchNorm
+            over :attr:`replica_group` (:func:`fxreplay.executor.syncbn.sync_batchnorm`).
         options: method options, as for :func:`fxreplay.methods.build_method`.
 
     Raises:
@@ -231,6 +234,7 @@ class DistributedExecutor:
         timeout: float = 60.0,
         record_timeline: bool = False,
         dp: int = 1,
+        sync_batchnorm: bool = False,
         **options: Any,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -273,6 +277,8 @@ class DistributedExecutor:
         self._build_channels()
         self._replicas = _RankReplicas(self)
         self._dp = _RankDataParallel(self) if dp > 1 else None
+        if sync_batchnorm and self._dp is not None:
+            sync_batchnorm_over(self.worker, self._dp.group)
         self._loss_scale = 1.0
         self._base_loss = loss_fn
         if self._dp is not None and self.worker.is_last:
@@ -344,6 +350,12 @@ class DistributedExecutor:
     @property
     def is_reporting(self) -> bool:
         return self.rank == self.reporting_rank
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup | None:
+        """The process group of this stage's D replicas (ranks d·K + k): what its gradients are
+        averaged over and its SyncBatchNorm layers synchronise over; None with D = 1."""
+        return self._dp.group if self._dp is not None else None
 
     # -- training ----------------------------------------------------------------------------
     def step(self, x: Any, y: Any) -> float:
