@@ -142,7 +142,7 @@ class Trainer:
             # mesh rule; the executor checks world size == K * dp.
             device = local_device(pipe.plan.devices)
             if sync_batchnorm:
-                check_sync_batchnorm([str(device)], dp)  # its own stage: the launcher checked them all
+                check_sync_batchnorm(pipe.plan.devices, dp)  # every rank alike (the launcher may not have)
             place_stages(pipe, only=dist.get_rank() % pipe.K, device=device)
         else:
             if sync_batchnorm:

@@ -93,3 +93,14 @@ def test_a_stages_batchnorm_syncs_over_exactly_its_replicas() -> None:
             assert out[sync]["worker_norms"] and out[sync]["params_kept"] and out[sync]["frozen"] == [False]
         assert out[True]["keys"] == out[False]["keys"]  # checkpoints and the saved model keep their keys
         assert out[True]["others"] == out[False]["others"] == ["BatchNorm1d" if stage == 0 else "BatchNorm2d"]
+
+
+def test_the_trainer_refuses_it_on_a_cpu_pipeline() -> None:
+    import fxreplay
+    from fxreplay.models import get
+
+    pipe = fxreplay.compile(get("digits_cnn"), (torch.randn(4, 1, 8, 8),), K=2, cost="flops")
+    with pytest.raises(ConfigError, match="not on a GPU"):
+        fxreplay.Trainer(pipe, method="fr", dp=2, sync_batchnorm=True)
+    with pytest.raises(ConfigError, match="train.dp = 1"):
+        fxreplay.Trainer(pipe, method="fr", sync_batchnorm=True)
