@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from cli.compare_cmd import compare, show
 from cli.console import err, fail, out
-from cli.options import BatchSizeOption, DpOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import BatchSizeOption, DpOption, SyncBatchnormOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError, FxReplayWarning
 from fxreplay.methods import METHODS, PROPOSED
 
@@ -145,6 +145,7 @@ def train(
     executor: Annotated[Optional[str], typer.Option(help="local (one process) | distributed (one rank per stage; implied by --nproc or torchrun)")] = None,
     nproc: Annotated[int, typer.Option(help="start K ranks on this machine, one per stage (K*D with --dp D; torch elastic, as torchrun does)")] = 1,
     dp: DpOption = None,
+    sync_batchnorm: SyncBatchnormOption = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads per rank, or of the one process [default: cores / ranks; torch's own for one process]")] = None,
     force: Annotated[bool, typer.Option("--force", help="start afresh in --out even if it holds another run (its files are overwritten)")] = False,
 ) -> None:
@@ -156,6 +157,7 @@ def train(
     overrides = {
         "train.method": method, "partition.K": K, "partition.cost": cost, "train.epochs": epochs, "train.max_steps": max_steps,
         "train.out": str(out_dir) if out_dir else None, "train.seed": seed, "train.executor": executor, "train.dp": dp,
+        "train.sync_batchnorm": sync_batchnorm,
         "train.microbatches": microbatches,
         **data_overrides(model, data, data_root, lr, batch_size),
     }
@@ -219,9 +221,13 @@ def _train_under_torchrun(cfg: Any, plan: Path | None, resume: Path | None, forc
     import torch.distributed as dist
 
     from fxreplay.launch import init_process_group, reports
-    from fxreplay.run import stage_device_kind, train_run
+    from fxreplay.mesh import check_sync_batchnorm
+    from fxreplay.run import stage_devices, train_run
 
-    init_process_group(stage_device_kind(cfg), cfg.train.timeout)
+    devices = stage_devices(cfg, plan, resume)
+    if cfg.train.sync_batchnorm:
+        check_sync_batchnorm(devices, cfg.train.dp)  # before this rank joins: every rank refuses alike
+    init_process_group(devices, cfg.train.timeout)
     try:
         result = train_run(cfg, plan_dir=plan, resume=resume, console=err, overwrite=force)
         return result if reports() else None

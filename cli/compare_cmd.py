@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.console import err, fail, out
-from cli.options import DpOption, BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import DpOption, SyncBatchnormOption, BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError
 from fxreplay.methods import METHODS
 
@@ -59,6 +59,7 @@ def compare(
     batch_size: BatchSizeOption = None,
     microbatches: MicrobatchesOption = None,
     dp: DpOption = None,
+    sync_batchnorm: SyncBatchnormOption = None,
     synth_lr: Annotated[Optional[float], typer.Option(help="override optim.synth_lr: Adam's lr for DNI's and cDNI's synthesizers")] = None,
     boundaries: Annotated[Optional[list[str]], typer.Option(
         "--boundaries", metavar="K=NAME,...",
@@ -77,7 +78,7 @@ def compare(
         seed_list = None if seeds is None else [int(s) for s in _csv(seeds, "--seeds", r"\d+", "0,1,2")]
         cfg = load_config(config)
         given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every,
-                 "train.microbatches": microbatches, "train.dp": dp, "optim.synth_lr": synth_lr,
+                 "train.microbatches": microbatches, "train.dp": dp, "train.sync_batchnorm": sync_batchnorm, "optim.synth_lr": synth_lr,
                  **data_overrides(model, data, data_root, lr, batch_size)}
         cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
         target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)

@@ -8,7 +8,7 @@ import typer
 
 from fxreplay.methods import METHODS
 
-__all__ = ["DpOption", "ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "MicrobatchesOption", "data_overrides"]
+__all__ = ["DpOption", "SyncBatchnormOption", "ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "MicrobatchesOption", "data_overrides"]
 
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr "
@@ -20,6 +20,9 @@ DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", help="whe
 LrOption = Annotated[Optional[float], typer.Option(help="override optim.lr")]
 DpOption = Annotated[Optional[int], typer.Option(
     "--dp", help="data-parallel replicas of the pipeline: K*D ranks, each replica on 1/D of every batch (overrides train.dp)")]
+SyncBatchnormOption = Annotated[Optional[bool], typer.Option(
+    "--sync-batchnorm/--no-sync-batchnorm", help="with --dp D > 1 on GPU stages: BatchNorm normalises over the D replicas' "
+                                                 "shards (torch's SyncBatchNorm; refused on CPU) (overrides train.sync_batchnorm)")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(help="override data.batch_size")]
 _PIPELINED = ", ".join(name for name, spec in METHODS.items() if spec.needs_ranks)
 MicrobatchesOption = Annotated[Optional[int], typer.Option(

@@ -29,6 +29,7 @@ import yaml
 
 from fxreplay import methods
 from fxreplay.errors import ConfigError, FxReplayError
+from fxreplay.mesh import check_sync_batchnorm
 
 __all__ = [
     "ModelConfig",
@@ -228,6 +229,11 @@ class TrainConfig:
     # Each replica trains on 1/D of every batch; stage k's gradients are averaged over its D
     # replicas before each update, so the weights are those of one pipeline on the whole batch.
     dp: int = 1
+    # With dp > 1 on GPU stages: each stage's BatchNorm layers become torch's SyncBatchNorm over
+    # its D replicas (statistics of the whole batch, as one pipeline would see). Off: it costs
+    # collectives in every forward and backward, and per-replica statistics are the usual
+    # data-parallel default (torch's DDP). torch synchronises only GPU inputs: refused on CPU.
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in methods.names():
@@ -250,6 +256,8 @@ class TrainConfig:
             raise _fail("train.microbatches", f"must be >= 1, got {self.microbatches}")
         if not isinstance(self.dp, int) or isinstance(self.dp, bool) or self.dp < 1:
             raise _fail("train.dp", f"must be an integer >= 1 (data-parallel replicas), got {_describe(self.dp)}")
+        if self.sync_batchnorm:
+            check_sync_batchnorm((), self.dp)
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,9 @@ class Config:
             methods.get(self.train.method).check_microbatches(self.train.microbatches, self.partition.K, self.data.batch_size)
         except FxReplayError as exc:
             raise _fail("train.microbatches", str(exc)) from None
+        if self.train.sync_batchnorm and self.partition.devices is not None:
+            # Without partition.devices a plan may still give GPUs: the launcher checks the plan's.
+            check_sync_batchnorm(self.partition.devices, self.train.dp)
         if self.train.dp > 1 and methods.get(self.train.method).needs_ranks:
             raise _fail("train.dp", f"{self.train.method} runs torch's pipeline schedule on one replica: D={self.train.dp} "
                         f"data-parallel replicas are not supported with it; use D=1, or one of {', '.join(methods.one_process_names())}")

@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from .errors import TrainingError
+from .mesh import rank_device
 
-__all__ = ["DEFAULT_TIMEOUT", "under_torchrun", "rank_info", "init_process_group", "run_distributed"]
+__all__ = ["DEFAULT_TIMEOUT", "under_torchrun", "rank_info", "cuda_count", "local_device", "init_process_group", "run_distributed"]
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds a rank waits for a peer before it declares it failed (issue 4: at most 60 s)."""
@@ -76,20 +77,41 @@ def rank_info() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_process_group(device: str | torch.device = "cpu", timeout: float = DEFAULT_TIMEOUT) -> torch.device:
+def cuda_count() -> int:
+    """This machine's usable CUDA devices (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_device(devices: Sequence[str | torch.device]) -> torch.device:
+    """This rank's device by the mesh rule (:func:`fxreplay.mesh.rank_device`), from the plan's
+    device name per stage and the launcher's environment: the rank (the process group's, once
+    joined), ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (torchrun and torch elastic set both).
+
+    Raises:
+        TrainingError: this node lacks the GPUs its ranks need (see :func:`fxreplay.mesh.node_devices`).
+    """
+    rank, world, local_rank = rank_info()
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return rank_device(devices, rank, local_rank, local_world, cuda_count())
+
+
+def init_process_group(device: str | torch.device | Sequence[str] = "cpu", timeout: float = DEFAULT_TIMEOUT) -> torch.device:
     """Join the job's process group (env:// rendezvous); the backend follows the device.
 
     Args:
-        device: this rank's stage device: ``"cpu"`` -> gloo; ``"cuda"`` / ``"cuda:N"`` ->
-            NCCL (``"cuda"`` alone means ``cuda:LOCAL_RANK``). Never assumed: pass the
-            plan's device for this rank's stage.
+        device: the plan's device name per stage (this rank takes its own by the mesh rule,
+            :func:`local_device`: what the trainer places its stage on), or this rank's
+            device: ``"cpu"`` -> gloo; ``"cuda"`` / ``"cuda:N"`` -> NCCL (``"cuda"`` alone
+            means ``cuda:LOCAL_RANK``). Never assumed: pass the plan's devices.
         timeout: seconds any collective or receive may wait for a peer.
 
     Returns:
         The device this rank's stage should be moved to.
 
     Raises:
-        TrainingError: not started by a launcher, or a CUDA device without CUDA.
+        TrainingError: not started by a launcher, or a CUDA device this node does not have.
     """
 
     if not under_torchrun():
@@ -97,12 +119,16 @@ def init_process_group(device: str | torch.device = "cpu", timeout: float = DEFA
             "no launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): start the ranks with "
             "`torchrun --nproc-per-node K -m fxreplay train ...` or `fxreplay train --nproc K`"
         )
-    dev = torch.device(device)
+    if isinstance(device, (str, torch.device)):
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise TrainingError(f"rank {rank_info()[0]} was given device {device} but this machine has no usable CUDA")
+            if dev.index is None:
+                dev = local_device([dev])  # cuda:LOCAL_RANK, the node's GPU count checked
+    else:
+        dev = local_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"rank {rank_info()[0]} was given device {device} but this machine has no usable CUDA")
-        if dev.index is None:
-            dev = torch.device("cuda", rank_info()[2])
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend_for(dev), "timeout": timedelta(seconds=timeout)}
@@ -118,7 +144,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_main(fn: Callable[..., Any], device: str, timeout: float, threads: int | None, args: Sequence[Any]) -> Any:
+def _rank_main(fn: Callable[..., Any], device: str | Sequence[str], timeout: float, threads: int | None, args: Sequence[Any]) -> Any:
     """What each spawned rank runs: join the group, run ``fn``, leave cleanly."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -141,7 +167,7 @@ def run_distributed(
     nproc: int,
     args: Sequence[Any] = (),
     *,
-    device: str = "cpu",
+    device: str | Sequence[str] = "cpu",
     timeout: float = DEFAULT_TIMEOUT,
     threads: int | None = None,
     monitor_interval: float = 0.1,
@@ -155,7 +181,9 @@ def run_distributed(
             (use :func:`rank_info` / ``torch.distributed.get_rank()`` inside).
         nproc: number of ranks (one per stage).
         args: picklable arguments, the same for every rank.
-        device: the stage device kind (``"cpu"`` -> gloo, ``"cuda"`` -> NCCL, one GPU per rank).
+        device: the plan's device name per stage (each rank joins on its own, by the mesh rule
+            of :func:`fxreplay.mesh.node_devices`), or one device for every rank (``"cpu"``
+            -> gloo, ``"cuda"`` -> NCCL on cuda:LOCAL_RANK).
         timeout: seconds a rank waits for a peer before failing (the process-group timeout).
         threads: ``torch.set_num_threads`` in each rank (None: torch's default).
         monitor_interval: how often the agent checks its workers (seconds).

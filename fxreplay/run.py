@@ -35,11 +35,12 @@ from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, Divergen
 from fxreplay.compiler.loading import LoadedModel, load_model
 from fxreplay.metrics import correct_count, default_loss, predictions
 from fxreplay.compiler.plan import ModelSpec, Plan
-from fxreplay.launch import distributed_job, reports, run_distributed
+from fxreplay.launch import cuda_count, distributed_job, reports, run_distributed
+from fxreplay.mesh import check_sync_batchnorm, node_devices
 from fxreplay.rundir import Metrics, NoMetrics, RunDir
 from fxreplay.trainer import Trainer
 
-__all__ = ["RunResult", "train_run", "train_with_ranks", "stage_device_kind", "lr_factor", "milestone_epochs", "distributed_main"]
+__all__ = ["RunResult", "train_run", "train_with_ranks", "stage_devices", "check_job_devices", "lr_factor", "milestone_epochs", "distributed_main"]
 
 
 
@@ -230,6 +231,7 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
         timeout=cfg.train.timeout,
         microbatches=cfg.train.microbatches,
         dp=cfg.train.dp,
+        sync_batchnorm=cfg.train.sync_batchnorm,
     )
 
 
@@ -523,11 +525,33 @@ def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str
     return result if reports() else None
 
 
-def stage_device_kind(cfg: Config) -> str:
-    """The kind of device the stages run on (``"cuda"`` if the plan puts any on a GPU), which
-    picks the process group's backend."""
-    devices = cfg.partition.devices or ()
-    return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
+def stage_devices(cfg: Config, plan_dir: Path | None = None, resume: Path | None = None) -> list[str]:
+    """The device name of each stage the run will train: the resumed run's plan, else the plan
+    in ``plan_dir``, else ``partition.devices`` (all "cpu" without it) -- what
+    :func:`build_pipeline` places them on. A distributed job's ranks join on them
+    (:func:`fxreplay.launch.init_process_group`, the mesh rule of :mod:`fxreplay.mesh`)."""
+    from fxreplay.compiler.plan import parse_device
+
+    saved = RunDir(resume).plan_dir if resume is not None else None
+    for directory in (saved, plan_dir):
+        if directory is not None and (directory / "plan.yaml").is_file():
+            return list(Plan.load(directory).devices)
+    if cfg.partition.devices:
+        return [parse_device(d)[0] for d in cfg.partition.devices]
+    return ["cpu"] * cfg.partition.K
+
+
+def check_job_devices(cfg: Config, devices: list[str], nproc: int) -> None:
+    """Before any rank starts: this machine has the GPUs the job's ``nproc`` local ranks need
+    (the mesh rule), and ``train.sync_batchnorm`` fits the stages' devices.
+
+    Raises:
+        ConfigError: ``train.sync_batchnorm`` on CPU stages or with D = 1.
+        TrainingError: a GPU plan this machine cannot run (see :func:`fxreplay.mesh.node_devices`).
+    """
+    if cfg.train.sync_batchnorm:
+        check_sync_batchnorm(devices, cfg.train.dp)
+    node_devices(devices, first_rank=0, local_world_size=nproc, cuda_count=cuda_count())
 
 
 def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | None = None, nproc: int | None = None,
@@ -560,10 +584,12 @@ def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | N
                           f"use --nproc {K * D}.")
     if resume is None and not overwrite:
         RunDir(Path(cfg.train.out)).check_fresh()  # before any rank starts
+    devices = stage_devices(cfg, plan_dir, resume)
+    check_job_devices(cfg, devices, nproc)
     per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
     results = run_distributed(
         distributed_main, nproc, args=(to_dict(cfg), str(plan_dir) if plan_dir else None, str(resume) if resume else None, overwrite),
-        device=stage_device_kind(cfg), timeout=cfg.train.timeout, threads=per_rank, stages=K,
+        device=devices, timeout=cfg.train.timeout, threads=per_rank, stages=K,
     )
     result: RunResult = results[nproc - 1]
     return result

@@ -22,7 +22,8 @@ from fxreplay import methods
 from fxreplay.compiler import Pipeline
 from fxreplay.errors import TrainingError
 from fxreplay.executor import Executor, executor_for
-from fxreplay.launch import distributed_job
+from fxreplay.launch import cuda_count, distributed_job, local_device
+from fxreplay.mesh import check_sync_batchnorm
 from fxreplay.methods.base import replica_groups
 from fxreplay.metrics import Evaluation, MetricFn, default_loss
 
@@ -31,27 +32,42 @@ __all__ = ["Trainer", "place_stages"]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def place_stages(pipe: Pipeline, only: int | None = None) -> None:
+def place_stages(pipe: Pipeline, only: int | None = None, device: torch.device | None = None) -> None:
     """Move each stage (or only stage ``only``) to its plan device, after checking that the
     device exists here.
 
+    Args:
+        pipe: the pipeline whose stages move.
+        only: move this stage only (a distributed rank's).
+        device: where stage ``only`` goes instead of its plan device: a distributed rank's
+            device by the mesh rule (:func:`fxreplay.launch.local_device`), which must be the
+            GPU the rank joined the process group on.
+
     Raises:
-        TrainingError: a stage is placed on a CUDA device this machine does not have.
+        TrainingError: a stage is placed on a CUDA device this machine does not have, or a
+            rank's device is not the GPU its process group uses.
     """
     for k, (stage, name) in enumerate(zip(pipe.stages, pipe.plan.devices)):
         if only is not None and k != only:
             continue
-        device = torch.device(name)
-        if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = device.index or 0
+        target = torch.device(name) if device is None else device
+        if target.type == "cuda":
+            count = cuda_count()
+            index = target.index or 0
             if index >= count:
                 raise TrainingError(
-                    f"the plan puts stage {k} on {name}, but this machine has "
+                    f"the plan puts stage {k} on {target}, but this machine has "
                     f"{count} CUDA device(s). Re-partition with --devices (e.g. all 'cpu') or edit "
                     "the devices in plan.yaml."
                 )
-        stage.to(device)
+            # NCCL binds a rank to the GPU it joined on (init_process_group's device_id).
+            if device is not None and dist.is_initialized() and dist.get_backend() == "nccl" and torch.cuda.current_device() != index:
+                raise TrainingError(
+                    f"stage {k} of this rank goes to {target} by the plan's devices ({', '.join(pipe.plan.devices)}), but the "
+                    f"rank joined the process group on cuda:{torch.cuda.current_device()}: the plan differs from the devices "
+                    "the job was started for. Start the ranks with this plan's devices (fxreplay.launch.init_process_group(plan.devices))."
+                )
+        stage.to(target)
 
 
 class Trainer:
@@ -73,6 +89,10 @@ class Trainer:
         record_timeline: distributed only: record compute / wait / send intervals per rank.
         microbatches: microbatches per step, for a method torch's pipeline schedules run
             (GPipe, 1F1B; default 4); ignored by the others.
+        dp: data-parallel replicas D of the pipeline (a job of K·D ranks).
+        sync_batchnorm: D > 1 on GPUs only: each stage's BatchNorm layers become
+            ``torch.nn.SyncBatchNorm`` over the stage's D replicas (statistics of the whole
+            batch, not of the replica's shard).
 
     Inside a torch.distributed job of K ranks (``fxreplay train --nproc K``, torchrun), the
     trainer runs this rank's stage with the :class:`~fxreplay.executor.DistributedExecutor`;
@@ -92,6 +112,7 @@ class Trainer:
         record_timeline: bool = False,
         microbatches: int | None = None,
         dp: int = 1,
+        sync_batchnorm: bool = False,
     ) -> None:
         self.pipe = pipe
         self.method = method
@@ -116,9 +137,19 @@ class Trainer:
             options["microbatches"] = microbatches
         if "num_classes" in spec.worker.option_names:  # cDNI's label codes
             options["num_classes"] = pipe.plan.model.num_classes
-        # A distributed rank moves only its own stage (rank r runs stage r mod K); the executor
-        # checks world size == K * dp.
-        place_stages(pipe, only=dist.get_rank() % pipe.K if distributed else None)
+        if distributed:
+            # A rank moves only its own stage (rank r runs stage r mod K), to its device by the
+            # mesh rule; the executor checks world size == K * dp.
+            device = local_device(pipe.plan.devices)
+            if sync_batchnorm:
+                check_sync_batchnorm(pipe.plan.devices, dp)  # every rank alike (the launcher may not have)
+            place_stages(pipe, only=dist.get_rank() % pipe.K, device=device)
+        else:
+            if sync_batchnorm:
+                check_sync_batchnorm(pipe.plan.devices, dp)
+            place_stages(pipe)
+        if sync_batchnorm:
+            options["sync_batchnorm"] = True
         self.executor: Executor = executor_for(
             list(pipe.stages), method, optimizer=factory, loss_fn=self.loss_fn,
             measure_memory=measure_memory, timeout=timeout, record_timeline=record_timeline, dp=dp, **options,

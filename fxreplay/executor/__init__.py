@@ -28,18 +28,22 @@ def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any)
     method torch's schedules run, else a :class:`DistributedExecutor`) when a process group of
     more than one rank is up (torchrun / ``run_distributed``), else a :class:`LocalExecutor`.
     ``kwargs`` go to the chosen class; the distributed-only ones (``timeout``,
-    ``record_timeline``) are dropped for the local one.
+    ``record_timeline``) are dropped for the local one; ``dp`` > 1 and ``sync_batchnorm`` need ranks.
 
     >>> ex = executor_for(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())  # doctest: +SKIP
     """
     dp = kwargs.pop("dp", 1)
+    sync_batchnorm = kwargs.pop("sync_batchnorm", False)
+    if sync_batchnorm and dp == 1:
+        raise TrainingError("sync_batchnorm synchronises BatchNorm over D > 1 data-parallel replicas; with D=1 there is nothing to "
+                            "synchronise: leave it off")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if methods.get(method).needs_ranks:
             if dp != 1:
                 raise TrainingError(f"{method} runs torch's pipeline schedule on one replica: D={dp} data-parallel "
                                     f"replicas are not supported with it; use D=1, or one of {', '.join(methods.one_process_names())}")
             return PipeliningExecutor(stages, method, **kwargs)
-        return DistributedExecutor(stages, method, dp=dp, **kwargs)
+        return DistributedExecutor(stages, method, dp=dp, sync_batchnorm=sync_batchnorm, **kwargs)
     if dp != 1:
         raise TrainingError(f"D={dp} data-parallel replicas need K*D ranks (--nproc or torchrun); one process runs one replica")
     for name in ("timeout", "record_timeline"):

@@ -61,6 +61,7 @@ from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng, kept_buffers
 from ..timeline import Recorder, Timeline
 from .channel import EVAL_BATCH, Channel
+from .syncbn import sync_batchnorm as sync_batchnorm_over
 
 __all__ = ["DistributedExecutor"]
 
@@ -319,6 +320,8 @@ class DistributedExecutor:
         dp: data-parallel replicas D of the pipeline (1: one pipeline).
         bucket_bytes: gradient bytes per all-reduce bucket when ``dp`` > 1 (each bucket's
             all-reduce starts during the backward, as soon as its gradients are in).
+        sync_batchnorm: D > 1 on GPUs: this stage's BatchNorm layers become SyncBatchNorm
+            over :attr:`replica_group` (:func:`fxreplay.executor.syncbn.sync_batchnorm`).
         options: method options, as for :func:`fxreplay.methods.build_method`.
 
     Raises:
@@ -338,6 +341,7 @@ class DistributedExecutor:
         record_timeline: bool = False,
         dp: int = 1,
         bucket_bytes: int = BUCKET_BYTES,
+        sync_batchnorm: bool = False,
         **options: Any,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -380,6 +384,10 @@ class DistributedExecutor:
         self._build_channels()
         self._replicas = _RankReplicas(self)
         self._dp = _RankDataParallel(self, bucket_bytes) if dp > 1 else None
+        if sync_batchnorm and self._dp is not None:
+            # The layers change, not their parameters or buffers (the same tensors): the
+            # gradient hooks and the buffers merged for evaluation stay those of the stage.
+            sync_batchnorm_over(self.worker, self._dp.group)
         self._loss_scale = 1.0
         self._base_loss = loss_fn
         if self._dp is not None and self.worker.is_last:
@@ -451,6 +459,12 @@ class DistributedExecutor:
     @property
     def is_reporting(self) -> bool:
         return self.rank == self.reporting_rank
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup | None:
+        """The process group of this stage's D replicas (ranks d·K + k): what its gradients are
+        averaged over and its SyncBatchNorm layers synchronise over; None with D = 1."""
+        return self._dp.group if self._dp is not None else None
 
     # -- training ----------------------------------------------------------------------------
     def step(self, x: Any, y: Any) -> float:
