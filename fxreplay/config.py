@@ -271,17 +271,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        # Across sections: a method with microbatches needs M to fit K and the batch size.
+        # Across sections: a method with microbatches needs M to fit K and each replica's
+        # share of the batch (torch's microbatches are equal: D must divide the batch too).
+        spec, D, B = methods.get(self.train.method), self.train.dp, self.data.batch_size
+        if spec.pipelining is not None and D > 1 and B % D:
+            raise _fail("train.dp", f"{self.train.method} splits each replica's share of the batch into equal microbatches, so "
+                        f"D={D} replicas must divide data.batch_size ({B}): use a batch size that is a multiple of {D}")
+        if spec.pipelining is not None and self.train.sync_batchnorm:
+            raise _fail("train.sync_batchnorm", f"is not offered with {self.train.method} (torch's schedule runs the stages' "
+                        "forwards): turn it off, or use one of " + ", ".join(methods.one_process_names()))
         try:
-            methods.get(self.train.method).check_microbatches(self.train.microbatches, self.partition.K, self.data.batch_size)
+            spec.check_microbatches(self.train.microbatches, self.partition.K, B // D if spec.pipelining is not None else B)
         except FxReplayError as exc:
             raise _fail("train.microbatches", str(exc)) from None
         if self.train.sync_batchnorm and self.partition.devices is not None:
             # Without partition.devices a plan may still give GPUs: the launcher checks the plan's.
             check_sync_batchnorm(self.partition.devices, self.train.dp)
-        if self.train.dp > 1 and methods.get(self.train.method).needs_ranks:
-            raise _fail("train.dp", f"{self.train.method} runs torch's pipeline schedule on one replica: D={self.train.dp} "
-                        f"data-parallel replicas are not supported with it; use D=1, or one of {', '.join(methods.one_process_names())}")
 
 
 _SECTIONS: dict[str, type[Any]] = {

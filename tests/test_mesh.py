@@ -16,7 +16,7 @@ from torch import nn
 from clitools import assert_user_error, run_cli
 from fxreplay.checkpoint import load_checkpoint
 from fxreplay.errors import TrainingError
-from fxreplay.executor import DistributedExecutor, LocalExecutor
+from fxreplay.executor import DistributedExecutor, LocalExecutor, PipeliningExecutor
 from fxreplay.launch import run_distributed
 
 METHODS = ("bp", "fr", "ddg")
@@ -141,8 +141,9 @@ def test_a_failure_names_the_stage_and_the_replica() -> None:
 def test_bad_meshes_are_refused(tmp_path: Path) -> None:
     assert_user_error(run_cli("train", "--K", "2", "--dp", "2", "--nproc", "2", "--out", str(tmp_path / "r")), "--nproc 2", "use --nproc 4")
     assert_user_error(run_cli("train", "--K", "2", "--dp", "0", "--out", str(tmp_path / "r")), "train.dp")
-    assert_user_error(run_cli("train", "--K", "2", "--dp", "2", "--method", "1f1b", "--nproc", "4", "--out", str(tmp_path / "r")),
-                      "D=2")
+    # torch's schedules split each replica's share into equal microbatches: D must divide the batch
+    assert_user_error(run_cli("train", "--K", "2", "--dp", "3", "--method", "1f1b", "--nproc", "6", "--batch-size", "64",
+                              "--out", str(tmp_path / "r")), "train.dp", "multiple of 3")
     assert not (tmp_path / "r").exists()
 
 
@@ -195,3 +196,27 @@ def test_the_replicas_are_one_model_in_evaluation_and_each_its_own_in_training()
         assert [len(t) for _, t in r["parts"]] == [5, 4]
         assert torch.equal(torch.cat([t for _, t in r["parts"]]), r["y"])
         torch.testing.assert_close(torch.cat([out for out, _ in r["parts"]]), r["whole"], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------- torch's schedules on a mesh
+def _rank_1f1b_mesh() -> dict[str, Any]:
+    ex = PipeliningExecutor(stages(), "1f1b", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D, microbatches=2)
+    losses = [ex.step(x, y) for x, y in data()]
+    ex.close()
+    return {"losses": losses, "state": {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()},
+            "overlapped": ex._dp.started_in_backward if ex._dp is not None else None}
+
+
+def test_1f1b_on_k2_by_d2_equals_bp_on_the_whole_batch() -> None:
+    # each replica's 4 rows in 2 microbatches of 2; torch scales the microbatch sum by 1/M,
+    # then the replicas average: the gradient of the batch of 8
+    results = run_distributed(_rank_1f1b_mesh, nproc=K * D, threads=1, timeout=120.0)
+    torch.set_num_threads(1)
+    local = LocalExecutor(stages(), "bp", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
+    losses = [local.step(x, y) for x, y in data()]
+    for rank, got in results.items():
+        for name, value in local.stages[rank % K].state_dict().items():
+            torch.testing.assert_close(got["state"][name], value, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
+        assert got["overlapped"] == 0  # torch scales the gradients after the backward: averaged in the update
+        if rank % K == K - 1:
+            assert got["losses"] == pytest.approx(losses, abs=1e-6)

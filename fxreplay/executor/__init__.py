@@ -39,10 +39,9 @@ def executor_for(stages: Sequence[nn.Module], method: str = "fr", **kwargs: Any)
                             "synchronise: leave it off")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if methods.get(method).needs_ranks:
-            if dp != 1:
-                raise TrainingError(f"{method} runs torch's pipeline schedule on one replica: D={dp} data-parallel "
-                                    f"replicas are not supported with it; use D=1, or one of {', '.join(methods.one_process_names())}")
-            return PipeliningExecutor(stages, method, **kwargs)
+            if sync_batchnorm:
+                raise TrainingError(f"sync_batchnorm is not offered with {method} (torch's schedule runs the stage's forwards)")
+            return PipeliningExecutor(stages, method, dp=dp, **kwargs)
         return DistributedExecutor(stages, method, dp=dp, sync_batchnorm=sync_batchnorm, **kwargs)
     if dp != 1:
         raise TrainingError(f"D={dp} data-parallel replicas need K*D ranks (--nproc or torchrun); one process runs one replica")

@@ -221,6 +221,7 @@ class _RankDataParallel:
         self.group: Any = None
         self.buckets = _buckets(ex.worker.params, bucket_bytes)
         self.started_in_backward = 0  # buckets whose all-reduce overlapped a backward (a count, for tests)
+        self.overlap = True  # False: every bucket starts in the update (gradients changed in place after the backward)
         for p in ex.worker.params:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._accumulated)
@@ -265,6 +266,8 @@ class _RankDataParallel:
             ) from exc
 
     def _accumulated(self, p: torch.Tensor) -> None:
+        if not self.overlap:
+            return
         bucket = next(b for b in self.buckets if id(p) in b.ids)
         if bucket.work is not None:
             bucket.stale = True

@@ -104,21 +104,30 @@ class PipeliningExecutor(DistributedExecutor):
         measure_memory: bool = False,
         timeout: float = 60.0,
         record_timeline: bool = False,
+        dp: int = 1,
         **options: Any,
     ) -> None:
         spec = methods.get(method)
         if spec.pipelining is None:
             raise TrainingError(f"method {method!r} is run by fxreplay's own schedule: use the DistributedExecutor")
         super().__init__(stages, method, optimizer=optimizer, loss_fn=loss_fn, measure_memory=measure_memory,
-                         timeout=timeout, record_timeline=record_timeline, **options)
+                         timeout=timeout, record_timeline=record_timeline, dp=dp, **options)
         self.pipelining = spec.pipelining
         self.microbatches: int = getattr(self.worker, "microbatches")
         spec.check_microbatches(self.microbatches, self.num_stages)
-        # torch's point-to-point messages on a group of their own (every rank creates it, in
-        # the same order): apart from the channels evaluation uses and the stats' collectives.
-        group = dist.new_group(list(range(self.num_stages)), timeout=timedelta(seconds=timeout))
-        assert isinstance(group, dist.ProcessGroup)
-        self._pp_group = group
+        # torch's point-to-point messages on a group per replica (its K ranks; every rank
+        # creates every group, in the same order): apart from the channels evaluation uses and
+        # the stats' collectives.
+        K = self.num_stages
+        for d in range(self.dp):
+            group = dist.new_group([d * K + k for k in range(K)], timeout=timedelta(seconds=timeout))
+            if d == self.replica:
+                assert isinstance(group, dist.ProcessGroup)
+                self._pp_group = group
+        if self._dp is not None:
+            # torch divides the summed microbatch gradients by M after the last backward, in
+            # place (no hook sees it): the replicas average them in the update, once they are final.
+            self._dp.overlap = False
         self._runs: dict[tuple[int, int], Any] = {}  # (batch size, M') -> torch schedule
         self._held: dict[int, StorageMap] = {}  # microbatch -> saved storages, until its backward
         self._chunk = 0  # the microbatch whose forward ran last (its loss follows)
@@ -148,13 +157,20 @@ class PipeliningExecutor(DistributedExecutor):
             self.recorder.step = t
         if w.meter is not None:
             w.meter.reset()
+        if self.dp > 1:  # this replica's shard, as the distributed executor takes it
+            rows = _batch_size(y)
+            if self.stage == 0:
+                x = self._input_shard(x, rows)
+            y = self._shard(y, "targets")
+            self._loss_scale = _batch_size(y) * self.dp / rows if rows else 1.0
+        self.last_target = y
         schedule = self._schedule(_batch_size(y))
         for p in w.params:
             p.grad = None  # torch accumulates the microbatches' gradients into .grad
         losses: list[torch.Tensor] = []
         start = self._idle_since = time.perf_counter()
         try:
-            if self.rank == 0:
+            if self.stage == 0:
                 schedule.step(*(v.to(w.device) if isinstance(v, torch.Tensor) else v for v in as_tuple(x)))
                 output = None
             elif w.is_last:
@@ -178,7 +194,7 @@ class PipeliningExecutor(DistributedExecutor):
         self.step_count = t + 1
         if self._out is None:
             return math.nan
-        self.last_loss = float(self._out[0])
+        self.last_loss = float(self._out[0]) if self._dp is None else self._mean_over_replicas(self._out[0])
         self.last_output = self._out[1]
         return self.last_loss
 
@@ -222,7 +238,7 @@ class PipeliningExecutor(DistributedExecutor):
             def loss_fn(output: Any, target: Any) -> torch.Tensor:
                 start = time.perf_counter()
                 with ex.worker.recording() as saved:
-                    loss = self.loss_fn(output, target)
+                    loss = self._scaled_loss(output, target)  # a replica's shard: weighted by its share
                 ex._held.setdefault(ex._chunk, {}).update(saved)
                 ex._busy += time.perf_counter() - start
                 return loss
