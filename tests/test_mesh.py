@@ -17,6 +17,7 @@ from clitools import assert_user_error, run_cli
 from fxreplay.errors import TrainingError
 from fxreplay.executor import DistributedExecutor, LocalExecutor
 from fxreplay.launch import run_distributed
+from test_executor_distributed import _children, _failure_logging_loaded, _rank_dies, _seconds_since_event
 
 METHODS = ("bp", "fr", "ddg")
 K, D, STEPS = 2, 2, 7
@@ -99,6 +100,28 @@ def test_a_failure_names_the_stage_and_the_replica() -> None:
     exc = SimpleNamespace(get_first_failure=lambda: (3, failure), failures={3: failure})
     assert describe_failure(exc, stages=2, world=4).startswith("rank 3 (stage 1, replica 1) failed first: killed by signal SIGKILL")
     assert describe_failure(exc, stages=4, world=4).startswith("rank 3 (stage 3) failed first")
+
+
+# Rank 2 is stage 0 of replica 1: its pipeline neighbour (rank 3) and its all-reduce peer
+# (rank 0, stage 0 of replica 0) both wait on it, and either may be the first to give up.
+def test_a_killed_rank_ends_the_mesh_job_naming_its_stage_and_replica(tmp_path: Path) -> None:
+    _failure_logging_loaded()
+    before = _children()
+    stamp = tmp_path / "event"
+    with pytest.raises(TrainingError, match=r"rank 2 \(stage 0, replica 1\).*SIGKILL"):
+        run_distributed(_rank_dies, nproc=K * D, args=("kill", 2, 3, 8.0, str(stamp), D), threads=1, timeout=8.0, stages=K)
+    assert _seconds_since_event(stamp) < 4.0  # seconds, far below the 8 s the survivors would wait
+    assert _children() <= before  # no orphan rank
+
+
+def test_a_silent_rank_ends_the_mesh_job_within_the_timeout(tmp_path: Path) -> None:
+    _failure_logging_loaded()
+    before = _children()
+    stamp = tmp_path / "event"
+    with pytest.raises(TrainingError, match=r"rank 2 \(stage 0, replica 1\) within 4 s"):
+        run_distributed(_rank_dies, nproc=K * D, args=("hang", 2, 3, 4.0, str(stamp), D), threads=1, timeout=4.0, stages=K)
+    assert _seconds_since_event(stamp) < 4.0 + 4.0  # the receive (or all-reduce) timeout + slack
+    assert _children() <= before
 
 
 def test_bad_meshes_are_refused(tmp_path: Path) -> None:

@@ -64,6 +64,11 @@ __all__ = ["DistributedExecutor"]
 
 _FORMAT = 1
 _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
+# The replicas' all-reduce waits this many timeouts. A silent rank's pipeline neighbour waits
+# on it directly and, with this margin, is the first to give up, naming it; a replica's
+# all-reduce may be waiting on a peer that is itself blocked behind the silent rank (both K=2
+# x D=2 cases in tests/test_mesh.py), and would name that peer instead.
+_REDUCE_PATIENCE = 2
 
 
 class _RankLink:
@@ -160,11 +165,15 @@ class _RankDataParallel:
 
     def __init__(self, ex: DistributedExecutor) -> None:
         self.ex = ex
+        self.timeout = _REDUCE_PATIENCE * ex.timeout
         self.group: Any = None
+        self.peers = ""
         for k in range(ex.num_stages):
-            group = dist.new_group([d * ex.num_stages + k for d in range(ex.dp)], timeout=timedelta(seconds=ex.timeout))
+            ranks = [d * ex.num_stages + k for d in range(ex.dp)]
+            group = dist.new_group(ranks, timeout=timedelta(seconds=self.timeout))
             if k == ex.stage:
                 self.group = group
+                self.peers = ", ".join(ex._who(r) for r in ranks if r != ex.rank)  # who a timeout may be waiting on
         ex.worker.data_parallel = self
 
     def average(self, worker: Any) -> None:
@@ -176,11 +185,11 @@ class _RankDataParallel:
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         try:
             assert work is not None
-            work.wait(timedelta(seconds=self.ex.timeout))
+            work.wait(timedelta(seconds=self.timeout))
         except Exception as exc:
             raise TrainingError(
-                f"could not average stage {self.ex.stage}'s gradients over its {self.ex.dp} replicas within "
-                f"{self.ex.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
+                f"could not average stage {self.ex.stage}'s gradients over its {self.ex.dp} replicas with {self.peers} within "
+                f"{self.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
             ) from exc
         flat /= self.ex.dp
         offset = 0
