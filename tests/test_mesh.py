@@ -91,6 +91,29 @@ def test_train_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "metrics.jsonl").read_bytes() == before
 
 
+def test_resnet20_on_cifar10_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
+    # torchvision's CIFAR-10 files (tiny: 20 training images), augmented, BatchNorm on each
+    # replica's shard of 4: 3 iterations per epoch, the last of 4 images (2 per replica);
+    # interrupted mid-epoch, where the sampler's and the augmentation's streams must resume.
+    from test_data import make_cifar10
+
+    make_cifar10(tmp_path / "data")
+    (tmp_path / "cifar.yaml").write_text(f"data: {{name: cifar10, root: {tmp_path / 'data'}, verify: false}}\n")
+    common = ["--config", str(tmp_path / "cifar.yaml"), "--model", "resnet20", "--batch-size", "8",
+              "--K", "2", "--dp", "2", "--nproc", "4", "--cost", "flops"]
+    straight = run_cli("train", *common, "--max-steps", "5", "--out", str(tmp_path / "a"))
+    assert straight.exit_code == 0, straight.output
+    first = run_cli("train", *common, "--max-steps", "4", "--out", str(tmp_path / "b"))
+    assert first.exit_code == 0, first.output
+    rest = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", "5", "--nproc", "4")
+    assert rest.exit_code == 0, rest.output
+    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("running_mean" in k for k in a)  # BatchNorm's statistics are part of the check
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [3, 5]
+
+
 def test_a_failure_names_the_stage_and_the_replica() -> None:
     from types import SimpleNamespace
 
