@@ -125,8 +125,10 @@ def test_a_failure_names_the_stage_and_the_replica() -> None:
     assert describe_failure(exc, stages=4, world=4).startswith("rank 3 (stage 3) failed first")
 
 
-# Rank 2 is stage 0 of replica 1: its pipeline neighbour (rank 3) and its all-reduce peer
-# (rank 0, stage 0 of replica 0) both wait on it, and either may be the first to give up.
+# Rank 2 is stage 0 of replica 1: its pipeline neighbour (rank 3) waits on it for activations,
+# its all-reduce peer (rank 0, stage 0 of replica 0) for gradients, and rank 1 then waits on
+# rank 3's all-reduce. Killed, it is named at once; silent, by rank 3, the first to give up
+# (the all-reduce waits twice the timeout, else rank 1 could give up first naming rank 3).
 def test_a_killed_rank_ends_the_mesh_job_naming_its_stage_and_replica(tmp_path: Path) -> None:
     _failure_logging_loaded()
     before = _children()
@@ -143,7 +145,7 @@ def test_a_silent_rank_ends_the_mesh_job_within_the_timeout(tmp_path: Path) -> N
     stamp = tmp_path / "event"
     with pytest.raises(TrainingError, match=r"rank 2 \(stage 0, replica 1\) within 4 s"):
         run_distributed(_rank_dies, nproc=K * D, args=("hang", 2, 3, 4.0, str(stamp), D), threads=1, timeout=4.0, stages=K)
-    assert _seconds_since_event(stamp) < 4.0 + 4.0  # the receive (or all-reduce) timeout + slack
+    assert _seconds_since_event(stamp) < 4.0 + 4.0  # rank 3's receive timeout + slack
     assert _children() <= before
 
 
