@@ -199,10 +199,11 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _rank_dies(how: str, rank: int, at_step: int, timeout: float, stamp: str = "") -> None:
+def _rank_dies(how: str, rank: int, at_step: int, timeout: float, stamp: str = "", dp: int = 1) -> None:
     """Rank ``rank`` fails at ``at_step`` in the way ``how`` says; ``stamp`` (a file) gets the
-    wall-clock time of the failure, so a test times the job's end from the event itself."""
-    ex = make(DistributedExecutor, "fr", dist.get_world_size(), timeout=timeout)
+    wall-clock time of the failure, so a test times the job's end from the event itself.
+    ``dp``: the ranks are a K x D mesh of D = ``dp`` replicas (tests/test_mesh.py)."""
+    ex = make(DistributedExecutor, "fr", dist.get_world_size() // dp, timeout=timeout, dp=dp)
     for t, (x, y) in enumerate(data() * 10):
         if t == at_step and dist.get_rank() == rank:
             if stamp:
@@ -331,8 +332,16 @@ def _seconds_since_event(stamp: Path) -> float:
     return time.time() - float(stamp.read_text())
 
 
+def _failure_logging_loaded() -> None:
+    """Import what torch's log formatter imports the first time it formats an exception (the
+    agent logs the failed rank's traceback): torch._dynamo, seconds on a loaded 2-core machine,
+    once per process. It is not the job's shutdown, which the failure tests time."""
+    import torch._dynamo  # noqa: F401
+
+
 @pytest.mark.parametrize("how, match", [("kill", r"rank 1 \(stage 1\).*SIGKILL"), ("raise", r"rank 1 \(stage 1\).*boom")])
 def test_a_failing_rank_ends_the_job_naming_it(how: str, match: str, tmp_path: Path) -> None:
+    _failure_logging_loaded()
     before = _children()
     stamp = tmp_path / "event"
     with pytest.raises(TrainingError, match=match):
@@ -348,6 +357,7 @@ def test_a_failing_rank_ends_the_job_naming_it(how: str, match: str, tmp_path: P
 # at once. torch alone would wait 30 s there (launch._survivors_stopped_at_once).
 @pytest.mark.parametrize("how", ["hang", "ignore_term", "stop"])
 def test_a_silent_rank_ends_the_job_within_the_timeout(how: str, tmp_path: Path) -> None:
+    _failure_logging_loaded()
     before = _children()
     stamp = tmp_path / "event"
     with pytest.raises(TrainingError, match=r"rank 1 \(stage 1\) within 4 s"):

@@ -18,6 +18,7 @@ from fxreplay.checkpoint import load_checkpoint
 from fxreplay.errors import TrainingError
 from fxreplay.executor import DistributedExecutor, LocalExecutor, PipeliningExecutor
 from fxreplay.launch import run_distributed
+from test_executor_distributed import _children, _failure_logging_loaded, _rank_dies, _seconds_since_event
 
 METHODS = ("bp", "fr", "ddg")
 K, D, STEPS = 2, 2, 7
@@ -127,6 +128,29 @@ def test_train_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "metrics.jsonl").read_bytes() == before
 
 
+def test_resnet20_on_cifar10_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
+    # torchvision's CIFAR-10 files (tiny: 20 training images), augmented, BatchNorm on each
+    # replica's shard of 4: 3 iterations per epoch, the last of 4 images (2 per replica);
+    # interrupted mid-epoch, where the sampler's and the augmentation's streams must resume.
+    from test_data import make_cifar10
+
+    make_cifar10(tmp_path / "data")
+    (tmp_path / "cifar.yaml").write_text(f"data: {{name: cifar10, root: {tmp_path / 'data'}, verify: false}}\n")
+    common = ["--config", str(tmp_path / "cifar.yaml"), "--model", "resnet20", "--batch-size", "8",
+              "--K", "2", "--dp", "2", "--nproc", "4", "--cost", "flops"]
+    straight = run_cli("train", *common, "--max-steps", "5", "--out", str(tmp_path / "a"))
+    assert straight.exit_code == 0, straight.output
+    first = run_cli("train", *common, "--max-steps", "4", "--out", str(tmp_path / "b"))
+    assert first.exit_code == 0, first.output
+    rest = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", "5", "--nproc", "4")
+    assert rest.exit_code == 0, rest.output
+    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("running_mean" in k for k in a)  # BatchNorm's statistics are part of the check
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [3, 5]
+
+
 def test_a_failure_names_the_stage_and_the_replica() -> None:
     from types import SimpleNamespace
 
@@ -136,6 +160,30 @@ def test_a_failure_names_the_stage_and_the_replica() -> None:
     exc = SimpleNamespace(get_first_failure=lambda: (3, failure), failures={3: failure})
     assert describe_failure(exc, stages=2, world=4).startswith("rank 3 (stage 1, replica 1) failed first: killed by signal SIGKILL")
     assert describe_failure(exc, stages=4, world=4).startswith("rank 3 (stage 3) failed first")
+
+
+# Rank 2 is stage 0 of replica 1: its pipeline neighbour (rank 3) waits on it for activations,
+# its all-reduce peer (rank 0, stage 0 of replica 0) for gradients, and rank 1 then waits on
+# rank 3's all-reduce. Killed, it is named at once; silent, by rank 3, the first to give up
+# (the all-reduce waits twice the timeout, else rank 1 could give up first naming rank 3).
+def test_a_killed_rank_ends_the_mesh_job_naming_its_stage_and_replica(tmp_path: Path) -> None:
+    _failure_logging_loaded()
+    before = _children()
+    stamp = tmp_path / "event"
+    with pytest.raises(TrainingError, match=r"rank 2 \(stage 0, replica 1\).*SIGKILL"):
+        run_distributed(_rank_dies, nproc=K * D, args=("kill", 2, 3, 8.0, str(stamp), D), threads=1, timeout=8.0, stages=K)
+    assert _seconds_since_event(stamp) < 4.0  # seconds, far below the 8 s the survivors would wait
+    assert _children() <= before  # no orphan rank
+
+
+def test_a_silent_rank_ends_the_mesh_job_within_the_timeout(tmp_path: Path) -> None:
+    _failure_logging_loaded()
+    before = _children()
+    stamp = tmp_path / "event"
+    with pytest.raises(TrainingError, match=r"rank 2 \(stage 0, replica 1\) within 4 s"):
+        run_distributed(_rank_dies, nproc=K * D, args=("hang", 2, 3, 4.0, str(stamp), D), threads=1, timeout=4.0, stages=K)
+    assert _seconds_since_event(stamp) < 4.0 + 4.0  # rank 3's receive timeout + slack
+    assert _children() <= before
 
 
 def test_bad_meshes_are_refused(tmp_path: Path) -> None:

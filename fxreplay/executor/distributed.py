@@ -67,6 +67,11 @@ __all__ = ["DistributedExecutor"]
 
 _FORMAT = 1
 _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
+# The replicas' all-reduce waits this many timeouts. A silent rank's pipeline neighbour waits
+# on it directly and, with this margin, is the first to give up, naming it; a replica's
+# all-reduce may be waiting on a peer that is itself blocked behind the silent rank (both K=2
+# x D=2 cases in tests/test_mesh.py), and would name that peer instead.
+_REDUCE_PATIENCE = 2
 
 
 class _RankLink:
@@ -218,7 +223,9 @@ class _RankDataParallel:
 
     def __init__(self, ex: DistributedExecutor, bucket_bytes: int = BUCKET_BYTES) -> None:
         self.ex = ex
+        self.timeout = _REDUCE_PATIENCE * ex.timeout
         self.group: Any = None
+        self.peers = ""
         self.buckets = _buckets(ex.worker.params, bucket_bytes)
         self.started_in_backward = 0  # buckets whose all-reduce overlapped a backward (a count, for tests)
         self.overlap = True  # False: every bucket starts in the update (gradients changed in place after the backward)
@@ -226,9 +233,11 @@ class _RankDataParallel:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._accumulated)
         for k in range(ex.num_stages):
-            group = dist.new_group([d * ex.num_stages + k for d in range(ex.dp)], timeout=timedelta(seconds=ex.timeout))
+            ranks = [d * ex.num_stages + k for d in range(ex.dp)]
+            group = dist.new_group(ranks, timeout=timedelta(seconds=self.timeout))
             if k == ex.stage:
                 self.group = group
+                self.peers = ", ".join(ex._who(r) for r in ranks if r != ex.rank)  # who a timeout may be waiting on
         ex.worker.data_parallel = self
         # The buffers, which no all-reduce keeps equal: BatchNorm's running statistics (each
         # replica's are of its own shards) and anything else a forward writes.
@@ -258,11 +267,11 @@ class _RankDataParallel:
     def _wait(self, work: Any, doing: str) -> None:
         try:
             assert work is not None
-            work.wait(timedelta(seconds=self.ex.timeout))
+            work.wait(timedelta(seconds=self.timeout))
         except Exception as exc:
             raise TrainingError(
-                f"could not {doing} of stage {self.ex.stage} over its {self.ex.dp} replicas within "
-                f"{self.ex.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
+                f"could not {doing} of stage {self.ex.stage} over its {self.ex.dp} replicas with {self.peers} within "
+                f"{self.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
             ) from exc
 
     def _accumulated(self, p: torch.Tensor) -> None:
