@@ -52,6 +52,18 @@ def _rank_mesh() -> dict[str, Any]:
         ex.step(x, y)
     ex.close()
     out["fr small buckets"] = ({k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex._dp.started_in_backward)
+    # a second executor on the same stages (a Trainer rebuilt on one pipeline) takes over their
+    # gradient hooks: the first one's buckets never start again
+    shared = stages()
+    first = DistributedExecutor(shared, "bp", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D)
+    first.step(*data()[0])
+    first.close()
+    second = DistributedExecutor(shared, "bp", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D)
+    for x, y in data()[1:]:
+        second.step(x, y)
+    second.close()
+    assert first._dp is not None and second._dp is not None
+    out["rebuilt"] = (first._dp.started_in_backward, second._dp.started_in_backward)
     # stage 0 given only its replica's rows (as a loader over fxreplay.data.replica_shard reads them)
     ex = DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D)
     for x, y in data():
@@ -95,6 +107,7 @@ def test_k2_by_d2_equals_the_local_executor_on_the_whole_batch() -> None:
         # with a bucket per parameter (weight, bias of each Linear), the same weights
         state, started = results[rank]["fr small buckets"]
         assert started == backwards * len(state)
+        assert results[rank]["rebuilt"] == (1, STEPS - 1)
         assert all(torch.equal(state[k], v) for k, v in results[rank]["fr"][1].items())
     assert "4 ranks for K=2 stages x D=3 replicas" in results[0]["refused"]
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, Sequence
@@ -50,6 +51,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
 
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
@@ -206,6 +208,25 @@ def _buckets(params: Sequence[torch.Tensor], cap: int) -> list[_Bucket]:
     return [_Bucket(b) for b in out]
 
 
+# A parameter's gradient hook is registered once, for the life of the parameter, and calls
+# the data-parallel state of the newest executor built on it: an executor rebuilt on the same
+# stages (a second Trainer on one pipeline) takes over, and the old one's buckets never start.
+_OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> weakref to its _RankDataParallel
+
+
+def _watch(p: torch.Tensor, owner: _RankDataParallel) -> None:
+    if p not in _OWNER:
+        p.register_post_accumulate_grad_hook(_accumulated)
+    _OWNER[p] = weakref.ref(owner)
+
+
+def _accumulated(p: torch.Tensor) -> None:
+    ref = _OWNER.get(p)
+    owner = ref() if ref is not None else None
+    if owner is not None:
+        owner.accumulated(p)
+
+
 class _RankDataParallel:
     """:class:`~fxreplay.methods.base.DataParallel` on a K × D mesh: stage k's D replicas
     (ranks d·K + k) average their gradients over a group of exactly those ranks, as torch's
@@ -231,7 +252,7 @@ class _RankDataParallel:
         self.overlap = True  # False: every bucket starts in the update (gradients changed in place after the backward)
         for p in ex.worker.params:
             if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._accumulated)
+                _watch(p, self)
         for k in range(ex.num_stages):
             ranks = [d * ex.num_stages + k for d in range(ex.dp)]
             group = dist.new_group(ranks, timeout=timedelta(seconds=self.timeout))
@@ -274,7 +295,8 @@ class _RankDataParallel:
                 f"{self.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
             ) from exc
 
-    def _accumulated(self, p: torch.Tensor) -> None:
+    def accumulated(self, p: torch.Tensor) -> None:
+        """``p``'s gradient of this backward is in: start its bucket's all-reduce once it is complete."""
         if not self.overlap:
             return
         bucket = next(b for b in self.buckets if id(p) in b.ids)
