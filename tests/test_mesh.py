@@ -112,17 +112,23 @@ def test_k2_by_d2_equals_the_local_executor_on_the_whole_batch() -> None:
     assert "4 ranks for K=2 stages x D=3 replicas" in results[0]["refused"]
 
 
-def test_train_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
-    # the offline default: 23 iterations per epoch, its last batch (29 rows) split 15/14
-    common = ["--K", "2", "--dp", "2", "--nproc", "4", "--cost", "flops"]
-    straight = run_cli("train", *common, "--max-steps", "30", "--out", str(tmp_path / "a"))
+def _straight_equals_resumed(tmp_path: Path, common: list[str], stop: int, total: int) -> dict[str, torch.Tensor]:
+    """``total`` steps straight into tmp/a, and ``stop`` steps into tmp/b resumed to ``total``:
+    the same model.pt, bit for bit (returned)."""
+    straight = run_cli("train", *common, "--max-steps", str(total), "--out", str(tmp_path / "a"))
     assert straight.exit_code == 0, straight.output
-    first = run_cli("train", *common, "--max-steps", "23", "--out", str(tmp_path / "b"))
+    first = run_cli("train", *common, "--max-steps", str(stop), "--out", str(tmp_path / "b"))
     assert first.exit_code == 0, first.output
-    rest = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", "30", "--nproc", "4")
+    rest = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", str(total), "--nproc", "4")
     assert rest.exit_code == 0, rest.output
     a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+def test_train_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Path) -> None:
+    # the offline default: 23 iterations per epoch, its last batch (29 rows) split 15/14
+    _straight_equals_resumed(tmp_path, ["--K", "2", "--dp", "2", "--nproc", "4", "--cost", "flops"], 23, 30)
     # the checkpoint holds each stage's weights and optimizer once (replica 0's); replica 1's
     # ranks add only their own buffers, method state, δ in flight and RNG
     ranks = load_checkpoint(tmp_path / "b")["trainer"]["ranks"]
@@ -151,14 +157,7 @@ def test_resnet20_on_cifar10_k2_by_d2_from_the_cli_resumes_exactly(tmp_path: Pat
     (tmp_path / "cifar.yaml").write_text(f"data: {{name: cifar10, root: {tmp_path / 'data'}, verify: false}}\n")
     common = ["--config", str(tmp_path / "cifar.yaml"), "--model", "resnet20", "--batch-size", "8",
               "--K", "2", "--dp", "2", "--nproc", "4", "--cost", "flops"]
-    straight = run_cli("train", *common, "--max-steps", "5", "--out", str(tmp_path / "a"))
-    assert straight.exit_code == 0, straight.output
-    first = run_cli("train", *common, "--max-steps", "4", "--out", str(tmp_path / "b"))
-    assert first.exit_code == 0, first.output
-    rest = run_cli("train", "--resume", str(tmp_path / "b"), "--max-steps", "5", "--nproc", "4")
-    assert rest.exit_code == 0, rest.output
-    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = _straight_equals_resumed(tmp_path, common, 4, 5)
     assert any("running_mean" in k for k in a)  # BatchNorm's statistics are part of the check
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "epoch"] == [3, 5]

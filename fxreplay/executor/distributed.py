@@ -172,7 +172,6 @@ class _Bucket:
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
-        self.ids = {id(p) for p in params}
         self.ready: set[int] = set()
         self.members: list[torch.Tensor] = []  # those that had a gradient when it started
         self.flat: torch.Tensor | None = None
@@ -248,6 +247,7 @@ class _RankDataParallel:
         self.group: Any = None
         self.peers = ""
         self.buckets = _buckets(ex.worker.params, bucket_bytes)
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.started_in_backward = 0  # buckets whose all-reduce overlapped a backward (a count, for tests)
         self.overlap = True  # False: every bucket starts in the update (gradients changed in place after the backward)
         for p in ex.worker.params:
@@ -299,7 +299,7 @@ class _RankDataParallel:
         """``p``'s gradient of this backward is in: start its bucket's all-reduce once it is complete."""
         if not self.overlap:
             return
-        bucket = next(b for b in self.buckets if id(p) in b.ids)
+        bucket = self._bucket_of[id(p)]
         if bucket.work is not None:
             bucket.stale = True
             return
@@ -513,15 +513,7 @@ class DistributedExecutor:
                 stage raised (the message names rank, stage, action and step).
         """
         t = self.step_count
-        if self.dp > 1:
-            rows = _rows(y)
-            if self.stage == 0:
-                x = self._input_shard(x, rows)
-            y = self._shard(y, "targets")
-            # Equal shards average to the batch's mean loss; unequal ones (an epoch's last
-            # batch) are weighted by their share: replica d's loss counts n_d * D / B.
-            self._loss_scale = _rows(y) * self.dp / rows if rows else 1.0
-        self.last_target = y
+        x, y = self._replica_batch(x, y)
         if self.stage == 0:
             self._inbox[("act", t)] = as_tuple(x)
         if self.worker.is_last or self.worker.wants_targets:
@@ -566,6 +558,20 @@ class DistributedExecutor:
                 )
             return torch.tensor_split(v, self.dp)[d]
         return tree_map(cut, value)
+
+    def _replica_batch(self, x: Any, y: Any) -> tuple[Any, Any]:
+        """This replica's part of a training batch (all of it when D = 1), its loss weight set
+        and its targets kept as :attr:`last_target`. Equal shards average to the batch's mean
+        loss; unequal ones (an epoch's last batch) are weighted by their share: replica d's
+        loss counts n_d * D / B."""
+        if self.dp > 1:
+            rows = _rows(y)
+            if self.stage == 0:
+                x = self._input_shard(x, rows)
+            y = self._shard(y, "targets")
+            self._loss_scale = _rows(y) * self.dp / rows if rows else 1.0
+        self.last_target = y
+        return x, y
 
     def _input_shard(self, x: Any, rows: int) -> Any:
         """Stage 0's inputs of this replica: ``x`` is the whole batch (cut here) or, read with

@@ -157,13 +157,7 @@ class PipeliningExecutor(DistributedExecutor):
             self.recorder.step = t
         if w.meter is not None:
             w.meter.reset()
-        if self.dp > 1:  # this replica's shard, as the distributed executor takes it
-            rows = _batch_size(y)
-            if self.stage == 0:
-                x = self._input_shard(x, rows)
-            y = self._shard(y, "targets")
-            self._loss_scale = _batch_size(y) * self.dp / rows if rows else 1.0
-        self.last_target = y
+        x, y = self._replica_batch(x, y)
         schedule = self._schedule(_batch_size(y))
         for p in w.params:
             p.grad = None  # torch accumulates the microbatches' gradients into .grad
