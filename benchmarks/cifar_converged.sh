@@ -9,7 +9,13 @@
 # BP equals the model's to 1e-12 in float64, tests/test_methods.py), so K=4 would only
 # repeat it. Seed 0 of both rates comes first (a complete one-seed table early), then
 # seed 1, then each rate's report over both seeds: benchmarks/runs/converged-lr{0.1,0.01}/report.md.
+# One rate only: `bash benchmarks/cifar_converged.sh 0.01`. On 2 cores, two one-thread
+# processes (one per rate) train more images per second than one two-thread process:
+#   OMP_NUM_THREADS=1 nohup bash benchmarks/cifar_converged.sh 0.1  > benchmarks/runs/converged-0.1.log 2>&1 &
+#   OMP_NUM_THREADS=1 nohup bash benchmarks/cifar_converged.sh 0.01 > benchmarks/runs/converged-0.01.log 2>&1 &
 set -euo pipefail
+RATES=("$@")
+[ ${#RATES[@]} -gt 0 ] || RATES=(0.1 0.01)
 cd "$(dirname "$0")/.."
 test -d data/cifar10/cifar-10-batches-py || python ../shared/data/cifar10/build.py data/cifar10
 CONFIG=configs/resnet20_cifar10_5k.yaml
@@ -22,9 +28,9 @@ compare() {  # compare LR SEEDS
     --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "$(out "$1")"
 }
 for seed in 0 1; do
-  for lr in 0.1 0.01; do compare "$lr" "$seed"; done
+  for lr in "${RATES[@]}"; do compare "$lr" "$seed"; done
 done
-for lr in 0.1 0.01; do  # the report over every run of this rate (both seeds, BP at K=2)
+for lr in "${RATES[@]}"; do  # the report over every run of this rate (both seeds, BP at K=2)
   python - "$(out "$lr")" <<'PY'
 import sys
 from pathlib import Path

@@ -104,3 +104,19 @@ def test_the_trainer_refuses_it_on_a_cpu_pipeline() -> None:
         fxreplay.Trainer(pipe, method="fr", dp=2, sync_batchnorm=True)
     with pytest.raises(ConfigError, match="train.dp = 1"):
         fxreplay.Trainer(pipe, method="fr", sync_batchnorm=True)
+
+
+def _rank_refuse_one_replica() -> str:
+    try:
+        DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, sync_batchnorm=True)
+    except ConfigError as exc:
+        return str(exc)
+    return "built"
+
+
+def test_the_distributed_executor_refuses_it_with_one_replica() -> None:
+    """Built directly (not through the config or the Trainer), D = 1 is refused too: on every rank, before any
+    channel to a peer is opened."""
+    results = run_distributed(_rank_refuse_one_replica, nproc=K, threads=1, timeout=60.0)
+    assert sorted(results) == list(range(K))
+    assert all("with train.dp = 1 there is one replica" in message for message in results.values())

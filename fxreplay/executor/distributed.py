@@ -57,6 +57,7 @@ from torch import nn
 from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
 from ..launch import reporting_rank
 from ..measure import MemoryMeter
+from ..mesh import check_sync_batchnorm
 from ..methods import build_method
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_equal, replica_groups
 from ..schedule import Action, carried_messages, stage_program, validate
@@ -392,6 +393,8 @@ class DistributedExecutor:
                 f"{world} ranks for K={K} stages x D={dp} replicas: the distributed executor runs one stage of one replica "
                 f"per rank; start K*D = {K * dp} processes"
             )
+        if sync_batchnorm and dp == 1:
+            check_sync_batchnorm([], dp)  # nothing to synchronise: refused as the config refuses it
         if synth_optimizer is not None:
             options["synth_optimizer"] = synth_optimizer
         self.method = method
@@ -547,6 +550,7 @@ class DistributedExecutor:
         """This replica's (or ``replica``'s) rows of a batch: shard d of D along dim 0
         (``torch.tensor_split``: sizes differ by at most one row)."""
         d = self.replica if replica is None else replica
+        _check_shardable(value, what, self.dp)
 
         def cut(v: Any) -> Any:
             if not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -892,8 +896,33 @@ def _leading_rows(inputs: Any) -> int:
 
 
 def _rows(value: Any) -> int:
-    """The batch size of a batch's targets (0 when they are not a batched tensor)."""
-    return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() > 0 else 0
+    """The batch size of a batch's targets: the rows of their first batched tensor (a tensor,
+    or a dict/tuple of them; 0 when there is none)."""
+    return _leading_rows(value)
+
+
+def _check_shardable(value: Any, what: str, dp: int) -> None:
+    """Refuse a batch that cannot be cut into D replicas' rows without a silent error: only
+    tensors are cut (along dim 0), so every batched tensor must have the batch's rows first,
+    and a non-tensor leaf -- a list of per-example strings or numbers from a custom collate --
+    would reach every replica whole (D times the examples, mismatched with the inputs)."""
+    leaves = tree_leaves(value)
+    odd = next((v for v in leaves if v is not None and not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        shown = repr(odd) if len(repr(odd)) <= 40 else repr(odd)[:37] + "..."
+        raise TrainingError(
+            f"the {what} of a batch hold a non-tensor value, {shown} ({type(odd).__name__}): with D={dp} data-parallel replicas each "
+            "replica trains on its rows of the batch, and only tensors can be cut into rows -- a list of per-example "
+            "values would reach every replica whole. Collate the batch into tensors (torch's default collate does; "
+            "per-batch constants as 0-dim tensors), or train with D = 1."
+        )
+    sizes = sorted({int(v.shape[0]) for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0})
+    if len(sizes) > 1:
+        raise TrainingError(
+            f"the {what} of a batch hold tensors of {' and '.join(map(str, sizes))} leading rows: with D={dp} "
+            "data-parallel replicas every tensor is cut along its first dimension, so each must have the batch's "
+            "examples first (per-batch values as 0-dim tensors). Reshape them, or train with D = 1."
+        )
 
 
 def _detach(payload: Any) -> Any:
