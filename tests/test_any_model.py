@@ -232,3 +232,138 @@ def test_hugging_face_models_compile_compose_and_train() -> None:
             losses = [trainer.step(ids, target) for _ in range(3)]
             assert all(torch.isfinite(torch.tensor(losses)))
             assert type(trainer.last_output).__name__.endswith("Output") or "Output" in type(trainer.last_output).__name__
+
+
+class WriteAfterRead(nn.Module):
+    """h is read (by a wide branch), then written in place (the write's result unused), then read again: an order
+    chosen from the data edges alone may move the write before the first read (it did: a different function)."""
+
+    def __init__(self, wide: int = 512) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = nn.Linear(8, 8), nn.Linear(8, wide), nn.Linear(8, 8), nn.Linear(wide, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        y1 = self.d(self.b(h).relu())
+        h.mul_(0.5)
+        return self.e(y1 + self.c(h))
+
+
+class ReadBeforeInplaceReLU(nn.Module):
+    def __init__(self, wide: int = 64) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = nn.Linear(8, 8), nn.Linear(8, wide), nn.Linear(8, 8), nn.Linear(wide, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        y2 = self.c(h)  # reads h before the in-place ReLU
+        self.act(h)
+        return self.e(self.d(self.b(h)) + y2)
+
+
+class WritesThroughViews(nn.Module):
+    """A write through a view, an item assignment (`h[:, 0] = ...`, which torch.fx cannot trace), a value that differs
+    in eval mode (a separate eval graph) and `+=`. The read before the writes saves nothing of h for the backward,
+    so the model trains (a Linear reading h there would make the model's own backward fail)."""
+
+    def __init__(self, wide: int = 512) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e, self.f = (nn.Linear(8, 8), nn.Linear(8, wide), nn.Linear(8, 8),
+                                                         nn.Linear(wide, 8), nn.Linear(8, 3), nn.Linear(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        v = h.view(-1, 2, 4)
+        y1 = self.d(self.b(h + 1.0).relu())
+        v.mul_(0.5)
+        h[:, 0] = 1.0 if self.training else 2.0
+        g = self.f(self.c(h))
+        g += y1
+        return self.e(g)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("model_class", [WriteAfterRead, ReadBeforeInplaceReLU, WritesThroughViews])
+def test_in_place_writes_keep_their_place_among_the_reads(model_class: type[nn.Module], K: int) -> None:
+    torch.manual_seed(0)
+    model, x = model_class(), torch.randn(4, 8)
+    pipe = fxreplay.compile(model, (x,), K=K, cost="flops")
+    check_composes(model, (x,), pipe)
+
+
+def test_bp_through_stages_with_in_place_writes_equals_bp_on_the_model() -> None:
+    torch.manual_seed(0)
+    reference, x, y = WritesThroughViews(), torch.randn(8, 8), torch.randint(0, 3, (8,))
+    model = WritesThroughViews()
+    model.load_state_dict(reference.state_dict())
+    pipe = fxreplay.compile(model, (x,), K=3, cost="flops")
+    trainer = fxreplay.Trainer(pipe, method="bp", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(3):
+        trainer.step(x, y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(trainer.model_state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_plan_whose_order_moves_a_write_across_a_read_is_refused(tmp_path: Any) -> None:
+    from fxreplay.compiler.costgraph import build_cost_graph
+    from fxreplay.compiler.tracing import trace
+    from fxreplay.errors import PlanError
+
+    torch.manual_seed(0)
+    gm = trace(WriteAfterRead(), (), (torch.randn(4, 8),)).gm
+    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    moved = [n for n in names if n != "mul_"]
+    moved.insert(moved.index("b"), "mul_")  # the write before the first read: what the old order did
+    with pytest.raises(PlanError, match=r"runs 'mul_' before 'b'.*Partition the model again"):
+        build_cost_graph(gm, order=moved)
+    assert [n.name for n in build_cost_graph(gm, order=names).order] == names
+
+
+class CheckpointsWhenTraining(nn.Module):
+    """DenseNet's memory-efficient layers: `if any(t.requires_grad ...)` checkpoints, else runs directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.requires_grad:
+            h = torch.utils.checkpoint.checkpoint(self.b, h, use_reentrant=False)
+        else:
+            h = self.b(h)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("method", ["bp", "fr", "ddg"])
+def test_code_that_branches_on_requires_grad_traces_the_training_branch_and_trains(method: str) -> None:
+    """Traced with autograd on in training mode (requires_grad reads True, as in the model's step; it read False and
+    every training step raised), under no_grad in eval mode; FR's play without autograd does not trip the guard."""
+    torch.manual_seed(0)
+    reference, x, y = CheckpointsWhenTraining(), torch.randn(8, 8), torch.randint(0, 3, (8,))
+    model = CheckpointsWhenTraining()
+    model.load_state_dict(reference.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the checkpointed region is traced through (a warning says so)
+        pipe = fxreplay.compile(model, (x,), K=2, cost="flops")
+    assert "grad_guard" in pipe.stages[0].code
+    trainer = fxreplay.Trainer(pipe, method=method, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    for _ in range(3):
+        trainer.step(x, y)
+    if method == "bp":  # BP through the stages is BP on the model
+        opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(reference(x), y).backward()
+            opt.step()
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(trainer.model_state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    pipe.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe(x), model(x))

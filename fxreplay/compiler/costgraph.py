@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 
-from fxreplay.errors import PartitionError
+from fxreplay.errors import PartitionError, PlanError
 from fxreplay.compiler.ordering import cut_bytes, narrow_order
 from fxreplay.partition import PLAIN, MethodCost, Problem
 from fxreplay.compiler.profiling import NodeCost
-from fxreplay.compiler.tracing import SharedState, node_module_path, shared_state
+from fxreplay.compiler.tracing import SharedState, inplace_order, node_module_path, shared_state, written_groups
 
 __all__ = ["CostGraph", "build_cost_graph", "COST_MODELS", "OPTIMIZER_STATE_FACTOR"]
 
@@ -188,7 +188,25 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
             G.add_edge(u.name, n.name)
     by_name = {n.name: n for n in gm.graph.nodes}
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    names = list(order) if order is not None else narrow_order(G)
+    # In-place writes order their readers too (a read before a write must stay before it):
+    # the order is chosen on the data edges plus those, the bytes counted on the data edges.
+    constraints = [(a.name, b.name) for a, b in inplace_order(gm)]
+    if order is None:
+        ordering = G
+        if constraints:
+            ordering = G.copy()
+            ordering.add_edges_from(constraints)
+        names = narrow_order(ordering)
+    else:
+        names = list(order)
+        at = {name: i for i, name in enumerate(names)}
+        broken = next(((a, b) for a, b in constraints if a in at and b in at and at[a] > at[b]), None)
+        if broken is not None:
+            raise PlanError(
+                f"the plan's node order runs {broken[1]!r} before {broken[0]!r}, but one of them writes in place a value "
+                "the other reads, so the stages would compute another function than the model (a plan written by an "
+                "fxreplay that did not keep in-place writes in order). Partition the model again (fxreplay partition)."
+            )
     # Stage 0 takes the model's inputs in the signature's order, so placeholders lead; the
     # output closes the order (it belongs to no stage).
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -228,6 +246,14 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
         if n.op != "get_attr" and n.meta.get("is_container", n.meta.get("is_tuple", False)):
             last = max((N if u.op == "output" else pos[u] for u in n.users), default=pos[n])
             for c in range(pos[n] + 1, last + 1):
+                allowed[c] = False
+    for w, group in written_groups(gm):
+        # Values that share memory cross a cut as separate tensors: once two of them exist,
+        # no cut may fall before a write to them (it would change one copy only). One alone
+        # may cross (the next stage clones it before writing: build_stages).
+        made = sorted(pos[m] for m in group if m in pos and pos[m] < pos[w])
+        if len(made) >= 2:
+            for c in range(made[1] + 1, pos[w] + 1):
                 allowed[c] = False
     replicated = [s for s in shared if s.replicable]
     return CostGraph(gm=gm, graph=G, order=ordered, cut_bytes=cut, allowed=allowed, tied=tied, replicated=replicated)

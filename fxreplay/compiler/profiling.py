@@ -75,6 +75,14 @@ def _needs_grad(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
+def _detached(v: Any) -> Any:
+    if not isinstance(v, torch.Tensor):
+        return v
+    tracked = v.requires_grad
+    v = v.detach()
+    return v.requires_grad_(True) if tracked and v.is_floating_point() else v
+
+
 class Profiler(fx.Interpreter):
     """Runs the graph node by node and records a :class:`NodeCost` per node.
 
@@ -153,7 +161,8 @@ class Profiler(fx.Interpreter):
                 return leaf_v.clone()
             return v
 
-        args, kwargs = tree_map(leaf, args), tree_map(leaf, kwargs)
+        if not (n.op == "call_function" and n.target is getattr):  # x.requires_grad reads the value as it is
+            args, kwargs = tree_map(leaf, args), tree_map(leaf, kwargs)
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -200,7 +209,10 @@ class Profiler(fx.Interpreter):
             time_fwd=time_fwd,
             time_bwd=time_bwd,
         )
-        return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+        # Detached, each keeping whether the model's own forward would track it (what code
+        # such as `if x.requires_grad:` -- a guard here -- reads): the measurement's inputs
+        # are fresh leaves, which all require grad.
+        return tree_map(_detached, out)
 
     def _median(self, fn: Any, grad: bool) -> float:
         times = []

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxreplay.compiler.tracing import writes_in_place
+from fxreplay.compiler.tracing import inplace_order, writes_in_place, written_groups
 from fxreplay.errors import TraceError, TrainingError
 
 __all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "replicate_shared", "stage_source", "run_chain"]
@@ -158,6 +158,7 @@ def build_stages(
     K = len(ranges)
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     stages: list[fx.GraphModule] = []
+    groups = written_groups(gm)
     for k, (a, b) in enumerate(ranges):
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
@@ -166,11 +167,13 @@ def build_stages(
                 ph = graph.placeholder(value.name)
                 ph.meta = dict(value.meta)
                 env[value] = ph
+            here = set(order[a:b])
+            written = set().union(*(group for w, group in groups if w in here))
             for value in crossing[k - 1]:
                 # A stage's inputs are leaves that require grad (and FR's are its stored
-                # history): an in-place op on one (ReLU(inplace=True) right after a cut)
-                # would fail or corrupt them, so such an input is cloned first.
-                if any(writes_in_place(gm, u, value) for u in value.users if u in order[a:b]):
+                # history): an in-place op on one or on a view of it (ReLU(inplace=True) right
+                # after a cut) would fail or corrupt them, so such an input is cloned first.
+                if value in written:
                     clone = graph.call_method("clone", (env[value],))
                     clone.meta = dict(value.meta)
                     env[value] = clone
@@ -260,11 +263,19 @@ def assign_eval_stages(
     nodes = [n for n in eval_gm.graph.nodes if n.op not in ("output", "get_attr")]
     train_kinds = {n.name: (n.op, n.target) for n in train_gm.graph.nodes}
     owner = {n: 0 if n.op == "placeholder" else _state_owner(eval_gm, n, param_stage, module_stage) for n in nodes}
+    # An in-place write keeps its side of every read of what it writes (inplace_order): the
+    # later readers count as its users, the earlier ones as its inputs.
+    later: dict[fx.Node, list[fx.Node]] = {}
+    earlier: dict[fx.Node, list[fx.Node]] = {}
+    for before, after in inplace_order(eval_gm):
+        if before.op != "get_attr" and after.op != "get_attr":
+            later.setdefault(before, []).append(after)
+            earlier.setdefault(after, []).append(before)
     # Latest stage each node may run in: before every user that is pinned to a stage.
     hi: dict[fx.Node, int] = {}
     for n in reversed(nodes):
         bound = K - 1
-        for u in n.users:
+        for u in [*n.users, *later.get(n, ())]:
             if u.op != "output":
                 pinned_user = owner[u]
                 bound = min(bound, pinned_user if pinned_user is not None else hi[u])
@@ -272,9 +283,9 @@ def assign_eval_stages(
         hi[n] = bound if pinned_here is None else pinned_here
     stage: dict[fx.Node, int] = {}
     for n in nodes:
-        earliest = max((stage[u] for u in n.all_input_nodes if u in stage), default=0)
+        earliest = max((stage[u] for u in [*n.all_input_nodes, *earlier.get(n, ())] if u in stage), default=0)
         if earliest > hi[n]:  # it needs a later stage's value but feeds an earlier stage's module
-            late = next(u for u in n.all_input_nodes if u in stage and stage[u] == earliest)
+            late = next(u for u in [*n.all_input_nodes, *earlier.get(n, ())] if u in stage and stage[u] == earliest)
             raise TraceError(
                 f"in eval mode the model computes {n.format_node()} (needed by stage {hi[n]}) from "
                 f"{late.name!r}, which only stage {earliest} can compute: the eval-mode code uses the "
@@ -287,6 +298,17 @@ def assign_eval_stages(
             continue
         hint = train_stage.get(n.name) if train_kinds.get(n.name) == (n.op, n.target) else None
         stage[n] = min(max(earliest, hint if hint is not None else earliest), hi[n])
+    for w, group in written_groups(eval_gm):
+        # As in training (costgraph): values sharing memory cross a cut as separate tensors,
+        # so a write after the cut would change one of them only. Never silently: refused.
+        apart = [m for m in group if m in stage and w in stage and stage[m] < stage[w]]
+        if len(apart) >= 2:
+            raise TraceError(
+                f"in eval mode {w.format_node()} writes in place a value that shares memory with "
+                f"{', '.join(sorted(m.name for m in apart))}, made in an earlier stage than the write under the training "
+                "cut: sent between stages they would be separate tensors and the write would change one of them only. "
+                "Pin other boundaries (--boundary) or mark the module that writes a leaf (--leaf)."
+            )
     order = sorted(nodes, key=lambda n: stage[n])  # stable: keeps the graph's order within a stage
     counts = [sum(1 for n in nodes if stage[n] == k) for k in range(K)]
     ends = [sum(counts[: k + 1]) for k in range(K)]

@@ -58,12 +58,15 @@ __all__ = [
     "FxReplayTracer",
     "Traced",
     "guard",
+    "grad_guard",
     "trace",
     "trace_modes",
     "SharedState",
     "shared_state",
     "node_module_path",
     "writes_in_place",
+    "inplace_order",
+    "written_groups",
 ]
 
 # Files whose frames are never "the user's line": torch's own, and ours.
@@ -95,6 +98,21 @@ UNKNOWN: Any = _Unknown()
 
 class _DataDependent(Exception):
     """Python branched on a tensor's values while tracing."""
+
+
+def grad_guard(value: Any, expected: Any, where: str) -> None:
+    """A guard on ``x.requires_grad`` (code that checkpoints only when training, such as
+    DenseNet's memory-efficient layers): checked when autograd records. A forward run
+    without it -- FR's play, evaluation -- would read False for every tensor where the
+    model's own step reads True; which branch ran is what the trace fixed, with autograd on
+    in training mode and off in eval mode."""
+    if torch.is_grad_enabled() and bool(value) != expected:
+        raise ShapeGuardError(
+            f"the model's code at {where} was compiled where `requires_grad` gave {expected!r} and gives {bool(value)!r} "
+            "here: the stages follow the branch taken when compiled. In training mode it reads True for values computed "
+            "from weights; in eval mode it was compiled under torch.no_grad(), so run evaluation under no_grad (the "
+            "Trainer does), or mark the module that branches a leaf (--leaf)."
+        )
 
 
 def guard(value: Any, expected: Any, where: str) -> None:
@@ -143,6 +161,11 @@ class _ConcreteProxy(fx.Proxy):
         value = float(self.tracer.concrete(self, "a float"))
         self.tracer.add_guard(self, value)
         return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # `h[:, 0] = 0`: an in-place write, recorded as a node (torch.fx refuses it). Its
+        # place among the other readers of h is kept by inplace_order().
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
@@ -293,8 +316,10 @@ class FxReplayTracer(fx.Tracer):
         k = fx.node.map_arg(node.kwargs, lambda n: self.values[n])
         try:
             # Fake tensors: shapes, dtypes and devices without data or compute, and no
-            # write reaches a real buffer.
-            with torch.no_grad(), _unpatched(), self.fake_mode:
+            # write reaches a real buffer. Autograd on in training mode, so that
+            # `x.requires_grad` reads what a training step sees (DenseNet's memory-efficient
+            # checkpointing branches on it); off in eval mode, run under no_grad.
+            with torch.set_grad_enabled(self.root.training), _unpatched(), self.fake_mode:
                 if node.op == "get_attr":
                     return _get_attr(self.root, str(node.target))
                 if node.op == "call_function":
@@ -324,7 +349,9 @@ class FxReplayTracer(fx.Tracer):
         return value
 
     def add_guard(self, proxy: fx.Proxy, expected: Any) -> None:
-        self.create_proxy("call_function", guard, (proxy, expected, _caller()), {})
+        node = proxy.node
+        reads_grad = node.op == "call_function" and node.target is getattr and node.args[1:2] == ("requires_grad",)
+        self.create_proxy("call_function", grad_guard if reads_grad else guard, (proxy, expected, _caller()), {})
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self.value_of(obj)
@@ -620,9 +647,83 @@ def writes_in_place(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     if node.op in ("call_function", "call_method"):
+        if node.target is operator.setitem:
+            return True
         name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
         return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__"))
     return False
+
+
+# Operations whose result may share memory with their first argument: an in-place write to
+# either is seen through the other. (Methods and functions by name; torch's view operations,
+# plus those that return their input unchanged when there is nothing to do.)
+_ALIASING = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+    "permute", "t", "narrow", "select", "expand", "expand_as", "as_strided", "chunk", "split", "tensor_split",
+    "split_with_sizes", "unbind", "diagonal", "detach", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold",
+    "contiguous", "getitem", "getattr", "real", "imag", "view_as_real", "view_as_complex", "hsplit", "vsplit",
+    "dsplit", "alias", "adjoint", "positive", "to", "type", "type_as", "float", "double", "half", "bfloat16",
+    "cpu", "cuda", "dropout", "alpha_dropout", "feature_alpha_dropout", "identity",
+})
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                     nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _may_alias_input(gm: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node``'s result may be (a view of) its first argument."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, _ALIASING_MODULES) or bool(getattr(module, "inplace", False))
+    if node.op in ("call_function", "call_method"):
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return name in _ALIASING or writes_in_place(gm, node, node.args[0])
+    return False
+
+
+def written_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, set[fx.Node]]]:
+    """Each in-place write of the graph with the values it may change: the value written and
+    every value that may share its memory (connected to it through views, ``nn.Identity``,
+    dropout, other in-place writes... -- operations that may return their input)."""
+    out: list[tuple[fx.Node, set[fx.Node]]] = []
+    for w in gm.graph.nodes:
+        value = w.args[0] if w.args and isinstance(w.args[0], fx.Node) else None
+        if value is None or not writes_in_place(gm, w, value):
+            continue
+        group, todo = {value}, [value]
+        while todo:
+            n = todo.pop()
+            near = [u for u in n.users if u is not w and _may_alias_input(gm, u) and u.args[0] is n]
+            if _may_alias_input(gm, n):
+                near.append(n.args[0])  # type: ignore[arg-type]
+            for m in near:
+                if m not in group:
+                    group.add(m)
+                    todo.append(m)
+        out.append((w, group))
+    return out
+
+
+def inplace_order(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """Ordering constraints ``(before, after)`` that in-place writes add to the data flow.
+
+    ``h.mul_(0.5)`` (``h[:, 0] = 0``, ``ReLU(inplace=True)``...) changes ``h`` for the nodes
+    that read it after the write, and must not change it for those that read it before; the
+    data edges alone do not say so (the write's result may be unused), so an order or a stage
+    assignment chosen from them could move the write across a read: a different function,
+    silently. Every read of a value the write may change (:func:`written_groups`) keeps its
+    side of the write: ``(reader, write)`` for earlier readers, ``(write, reader)`` for later
+    ones (another write to them is a reader too). Program order satisfies them all.
+    """
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    edges: list[tuple[fx.Node, fx.Node]] = []
+    for w, group in written_groups(gm):
+        for member in group:
+            for reader in member.users:
+                if reader is not w and reader.op != "output":
+                    edges.append((reader, w) if index[reader] < index[w] else (w, reader))
+    return edges
 
 
 @dataclass(frozen=True)
