@@ -213,6 +213,41 @@ def test_buffer_written_in_forward_updates_once_per_step(method: str) -> None:
     assert int(model.count) == len(batches)
 
 
+class LeafModulesWriteBuffers(nn.Module):
+    """torch.nn leaves whose forward writes their own buffers: spectral norm's power iteration (a parametrization's
+    _u, _v) and InstanceNorm's running statistics; both in stage 0, which FR replays and DDG rebuilds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3))
+        self.norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.b = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.Tanh())
+        self.c = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(torch.relu(self.norm(self.a(x)))))
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg", "bp"])
+def test_buffers_that_leaf_modules_write_update_once_per_step(method: str) -> None:
+    """With the learning rate 0 the weights stay, so after T steps every buffer must be the model's after T training
+    forwards (FR's replay ran spectral norm's power iteration and InstanceNorm's statistics a second time)."""
+    torch.manual_seed(0)
+    model, reference = LeafModulesWriteBuffers(), LeafModulesWriteBuffers()
+    reference.load_state_dict(model.state_dict())
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))) for _ in range(4)]
+    pipe = fxreplay.compile(model, (batches[0][0],), K=2, boundaries=["b"], cost="flops")
+    trainer = fxreplay.Trainer(pipe, method=method, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    reference.train()
+    for x, y in batches:
+        trainer.step(x, y)
+        with torch.no_grad():
+            reference(x)
+    got = trainer.model_state_dict()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(got[key], value, msg=lambda m, key=key: f"{key}: {m}")  # type: ignore[misc]
+
+
 def test_hugging_face_models_compile_compose_and_train() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

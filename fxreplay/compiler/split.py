@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxreplay.compiler.tracing import inplace_order, writes_in_place, written_groups
 from fxreplay.errors import TraceError, TrainingError
@@ -58,8 +59,10 @@ class Stage(fx.GraphModule):
     def written_buffers(self) -> list[torch.Tensor]:
         """Buffers this stage's training forward writes in place, other than BatchNorm's
         (a buffer the model's own code updates: an EMA, a counter), and the buffers of leaf
-        modules that are not torch.nn's (their code is not visible). A method whose replay or
-        rebuild must not count as an update puts them back."""
+        modules (their code is not visible: spectral norm's power iteration, InstanceNorm's
+        running statistics, a module of the user's), BatchNorm's excepted (FR and DDG freeze
+        those instead). A method whose replay or rebuild must not count as an update puts
+        them back."""
         found: dict[int, torch.Tensor] = {}
         for node in self.graph.nodes:
             if node.op == "get_attr" and any(writes_in_place(self, u, node) for u in node.users):
@@ -67,9 +70,9 @@ class Stage(fx.GraphModule):
                 if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                     found[id(value)] = value
             elif node.op == "call_module":
-                sub = self.get_submodule(str(node.target))
-                if not type(sub).__module__.startswith("torch."):
-                    found.update((id(b), b) for b in sub.buffers())
+                for module in self.get_submodule(str(node.target)).modules():
+                    if not isinstance(module, _BatchNorm):
+                        found.update((id(b), b) for b in module.buffers(recurse=False))
         return list(found.values())
 
     @property
