@@ -402,3 +402,17 @@ def test_code_that_branches_on_requires_grad_traces_the_training_branch_and_trai
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(pipe(x), model(x))
+
+
+def test_a_torch_compiled_model_is_partitioned_through_its_wrapper() -> None:
+    """torch.compile(model) has no forward of its own to trace (torch.fx refused it): the module it wraps is
+    partitioned (the same weights), with a warning that the stages run eagerly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    from fxreplay.errors import FxReplayWarning
+
+    with pytest.warns(FxReplayWarning, match=r"torch.compile wrapper: fxreplay partitions the Sequential"):
+        pipe = fxreplay.compile(torch.compile(model), (x,), K=2, cost="flops")
+    check_composes(model, (x,), pipe)
+    assert set(pipe.model_state_dict()) == set(model.state_dict())

@@ -184,6 +184,7 @@ def compile(
         >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
         >>> pipe.plan.balance  # bottleneck / mean stage cost
     """
+    model = _uncompiled(model)
     method_cost = methods.get(method).cost
     if cost not in COST_MODELS + ("auto",):
         raise PartitionError(f"unknown cost model {cost!r}; choose one of auto, {', '.join(COST_MODELS)}.")
@@ -251,6 +252,21 @@ def _make_plan(
     return Plan(K=len(stages), stages=tuple(stages), cost=cost, method=method, bottleneck=float(part.bottleneck), model=spec, boundaries=boundaries)
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (the same weights), with a warning; any other model as is."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        warnings.warn(
+            f"the model is a torch.compile wrapper: fxreplay partitions the {type(inner).__name__} it wraps (the same "
+            "weights; keys without the '_orig_mod.' prefix), and the stages run eagerly -- torch.compile's "
+            "optimisation does not carry over. Pass the module itself to silence this warning.",
+            FxReplayWarning,
+            stacklevel=3,
+        )
+        return inner
+    return model
+
+
 def _trace(model: nn.Module, leaf_modules: Sequence[str | type], example_inputs: Sequence[Any]) -> tuple[Traced, Traced | None]:
     """Trace both modes; warn about checkpointed regions that the stages do not keep."""
     train, evaluation = trace_modes(model, leaf_modules, example_inputs)
@@ -301,6 +317,8 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
     plan_dir = Path(plan_dir)
     plan = Plan.load(plan_dir)
     loaded_inputs = None
+    if model is not None:
+        model = _uncompiled(model)
     if model is None:
         if not plan.model.spec:
             raise PlanError(
@@ -308,7 +326,7 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
                 "object): pass the model, fxreplay.load(plan_dir, model=MyNet())."
             )
         loaded = load_model(plan.model.spec, plan.model.num_classes)
-        model, loaded_inputs = loaded.model, loaded.example_inputs
+        model, loaded_inputs = _uncompiled(loaded.model), loaded.example_inputs
         weights = (plan_dir if plan_dir.is_dir() else plan_dir.parent) / WEIGHTS_FILE
         if not weights.is_file():
             raise PlanError(
