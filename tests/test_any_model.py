@@ -416,3 +416,31 @@ def test_a_torch_compiled_model_is_partitioned_through_its_wrapper() -> None:
         pipe = fxreplay.compile(torch.compile(model), (x,), K=2, cost="flops")
     check_composes(model, (x,), pipe)
     assert set(pipe.model_state_dict()) == set(model.state_dict())
+
+
+class TwoDropoutBranches(nn.Module):
+    """Two branches with a dropout each; the narrow-cut order runs the narrow branch first (it did: the masks were
+    drawn in the other order than the model's, so the stages were not the model under its seed)."""
+
+    def __init__(self, wide: int = 1024) -> None:
+        super().__init__()
+        self.a, self.a1, self.a2 = nn.Linear(8, 8), nn.Linear(8, wide), nn.Linear(wide, 8)
+        self.b1, self.b2, self.out = nn.Linear(8, 64), nn.Linear(64, 8), nn.Linear(8, 3)
+        self.da, self.db = nn.Dropout(0.5), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        ya, yb = self.a1(h), self.b1(h)
+        return self.out(self.a2(self.da(ya)) + self.b2(self.db(yb)))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_random_draws_keep_the_models_order(K: int) -> None:
+    from fxreplay.compiler.tracing import draws_random
+
+    torch.manual_seed(0)
+    model, x = TwoDropoutBranches(), torch.randn(4, 8)
+    pipe = fxreplay.compile(model, (x,), K=K, cost="flops")
+    check_composes(model, (x,), pipe)  # train mode under one seed: the same masks
+    drawn = [n.target for stage in pipe.stages for n in stage.graph.nodes if draws_random(stage, n)]
+    assert drawn == ["da", "db"]

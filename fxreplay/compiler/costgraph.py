@@ -23,7 +23,7 @@ from fxreplay.errors import PartitionError, PlanError
 from fxreplay.compiler.ordering import cut_bytes, narrow_order
 from fxreplay.partition import PLAIN, MethodCost, Problem
 from fxreplay.compiler.profiling import NodeCost
-from fxreplay.compiler.tracing import SharedState, inplace_order, node_module_path, shared_state, written_groups
+from fxreplay.compiler.tracing import SharedState, inplace_order, node_module_path, random_order, shared_state, written_groups
 
 __all__ = ["CostGraph", "build_cost_graph", "COST_MODELS", "OPTIMIZER_STATE_FACTOR"]
 
@@ -188,9 +188,10 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
             G.add_edge(u.name, n.name)
     by_name = {n.name: n for n in gm.graph.nodes}
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    # In-place writes order their readers too (a read before a write must stay before it):
-    # the order is chosen on the data edges plus those, the bytes counted on the data edges.
-    constraints = [(a.name, b.name) for a, b in inplace_order(gm)]
+    # In-place writes order their readers too (a read before a write must stay before it),
+    # and random draws each other (the model's dropout masks under its seed): the order is
+    # chosen on the data edges plus those, the bytes counted on the data edges.
+    constraints = [(a.name, b.name) for a, b in inplace_order(gm) + random_order(gm)]
     if order is None:
         ordering = G
         if constraints:
@@ -204,8 +205,9 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
         if broken is not None:
             raise PlanError(
                 f"the plan's node order runs {broken[1]!r} before {broken[0]!r}, but one of them writes in place a value "
-                "the other reads, so the stages would compute another function than the model (a plan written by an "
-                "fxreplay that did not keep in-place writes in order). Partition the model again (fxreplay partition)."
+                "the other reads, or both draw random numbers, so the stages would compute another function than the "
+                "model or draw its random numbers in another order (a plan written by an fxreplay that did not keep "
+                "them in order). Partition the model again (fxreplay partition)."
             )
     # Stage 0 takes the model's inputs in the signature's order, so placeholders lead; the
     # output closes the order (it belongs to no stage).

@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fxreplay.compiler.tracing import inplace_order, writes_in_place, written_groups
+from fxreplay.compiler.tracing import inplace_order, random_order, writes_in_place, written_groups
 from fxreplay.errors import TraceError, TrainingError
 
 __all__ = ["Stage", "build_stages", "assign_eval_stages", "dual_stages", "replicate_shared", "stage_source", "run_chain"]
@@ -266,11 +266,12 @@ def assign_eval_stages(
     nodes = [n for n in eval_gm.graph.nodes if n.op not in ("output", "get_attr")]
     train_kinds = {n.name: (n.op, n.target) for n in train_gm.graph.nodes}
     owner = {n: 0 if n.op == "placeholder" else _state_owner(eval_gm, n, param_stage, module_stage) for n in nodes}
-    # An in-place write keeps its side of every read of what it writes (inplace_order): the
-    # later readers count as its users, the earlier ones as its inputs.
+    # An in-place write keeps its side of every read of what it writes (inplace_order), and
+    # random draws their order (random_order): the later node counts as a user of the
+    # earlier, the earlier as an input of the later.
     later: dict[fx.Node, list[fx.Node]] = {}
     earlier: dict[fx.Node, list[fx.Node]] = {}
-    for before, after in inplace_order(eval_gm):
+    for before, after in inplace_order(eval_gm) + random_order(eval_gm):
         if before.op != "get_attr" and after.op != "get_attr":
             later.setdefault(before, []).append(after)
             earlier.setdefault(after, []).append(before)

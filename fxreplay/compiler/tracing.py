@@ -67,6 +67,7 @@ __all__ = [
     "writes_in_place",
     "inplace_order",
     "written_groups",
+    "random_order",
 ]
 
 # Files whose frames are never "the user's line": torch's own, and ours.
@@ -703,6 +704,37 @@ def written_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, set[fx.Node]]]:
                     todo.append(m)
         out.append((w, group))
     return out
+
+
+# Operations that draw from the random number generator (by method or function name).
+_RANDOM = frozenset({
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "poisson", "uniform_", "exponential_", "geometric_", "log_normal_", "cauchy_",
+    "random_", "rrelu", "rrelu_", "gumbel_softmax", "scaled_dot_product_attention",
+})
+_RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                   nn.TransformerDecoderLayer, nn.Transformer)
+
+
+def draws_random(gm: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node`` may draw from the RNG: dropout, ``torch.rand*``, sampling, attention
+    with dropout, and any leaf module that is not torch.nn's (its code is not visible)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, _RANDOM_MODULES) or not type(module).__module__.startswith("torch.")
+    if node.op in ("call_function", "call_method"):
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return name in _RANDOM
+    return False
+
+
+def random_order(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """The nodes that draw from the RNG, each before the next in program order: under one seed
+    the stages draw the model's random numbers in the model's order (the same dropout masks,
+    so BP through the stages is BP on the model), whatever order the partitioner picks."""
+    drawing = [n for n in gm.graph.nodes if draws_random(gm, n)]
+    return list(zip(drawing, drawing[1:]))
 
 
 def inplace_order(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
