@@ -89,7 +89,19 @@ class Pipeline:
         merged: dict[str, torch.Tensor] = {}
         for stage in self.stages:
             merged.update(stage.state_dict())
-        return {k: merged[k] for k in self.model.state_dict() if k in merged}
+        # A tensor the model holds under several names (T5's `shared` embedding is also
+        # encoder.embed_tokens and decoder.embed_tokens) appears in the stages under the
+        # names their code uses: the others take the value of a name that does.
+        names: dict[int, list[str]] = {}
+        model_state = self.model.state_dict(keep_vars=True)
+        for k, v in model_state.items():
+            names.setdefault(id(v), []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for k, v in model_state.items():
+            found = next((a for a in [k, *names[id(v)]] if a in merged), None)
+            if found is not None:
+                out[k] = merged[found]
+        return out
 
     def save(self, out: str | Path) -> Path:
         """Write ``plan.yaml``, ``stage_<k>.py`` and the initial weights into ``out``."""

@@ -207,9 +207,12 @@ def build_stages(
 def _state_owner(gm: fx.GraphModule, node: fx.Node, param_stage: Mapping[int, int], module_stage: Mapping[str, int]) -> int | None:
     """The stage that must run ``node`` because it uses a module or a parameter that stage owns."""
     if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if next(iter(module.parameters()), None) is None and next(iter(module.buffers()), None) is None:
+            return None  # no state (a dropout the model reuses, T5's): any stage can run it
         if str(node.target) in module_stage:
             return module_stage[str(node.target)]
-        for p in gm.get_submodule(str(node.target)).parameters():
+        for p in module.parameters():
             if id(p) in param_stage:
                 return param_stage[id(p)]
         return None

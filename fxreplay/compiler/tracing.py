@@ -139,6 +139,14 @@ class _ConcreteProxy(fx.Proxy):
     tracer: FxReplayTracer
 
     def __getattr__(self, k: str) -> Any:
+        if k == "dtype":
+            # A dtype is a constant of the trace (torch.finfo(x.dtype).min must be a number,
+            # not a graph value), checked on every call: a model cast after compiling
+            # raises instead of computing with the old dtype's constants.
+            value = self.tracer.value_of(self)
+            if isinstance(value, torch.Tensor):
+                self.tracer.add_guard(_ConcreteAttribute(self, k), value.dtype)
+                return value.dtype
         return _ConcreteAttribute(self, k)
 
     def __len__(self) -> int:
@@ -233,7 +241,19 @@ class FxReplayTracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        self.where_stack.append((self.path_of_module(m), type(m).__name__))
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # A module made inside forward (`nn.ReLU()(x)`, DistilBERT's head): not in the
+            # model, so no call_module node can name it. Without state it is a function:
+            # traced through. With weights it would be a new random layer on every call.
+            if next(iter(m.parameters()), None) is not None or next(iter(m.buffers()), None) is not None:
+                raise TraceError(
+                    f"the model builds a {type(m).__name__} with weights inside forward ({_caller()}): each call would "
+                    "make new random weights that no optimizer sees. Create it in __init__ (a submodule)."
+                ) from None
+            return forward(*args, **kwargs)
+        self.where_stack.append((path, type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
         except TraceError:
