@@ -191,7 +191,8 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
     # In-place writes order their readers too (a read before a write must stay before it),
     # and random draws each other (the model's dropout masks under its seed): the order is
     # chosen on the data edges plus those, the bytes counted on the data edges.
-    constraints = [(a.name, b.name) for a, b in inplace_order(gm) + random_order(gm)]
+    groups = written_groups(gm)
+    constraints = [(a.name, b.name) for a, b in inplace_order(gm, groups) + random_order(gm)]
     if order is None:
         ordering = G
         if constraints:
@@ -249,7 +250,7 @@ def build_cost_graph(gm: fx.GraphModule, order: Sequence[str] | None = None) -> 
             last = max((N if u.op == "output" else pos[u] for u in n.users), default=pos[n])
             for c in range(pos[n] + 1, last + 1):
                 allowed[c] = False
-    for w, group in written_groups(gm):
+    for w, group in groups:
         # Values that share memory cross a cut as separate tensors: once two of them exist,
         # no cut may fall before a write to them (it would change one copy only). One alone
         # may cross (the next stage clones it before writing: build_stages).

@@ -660,13 +660,22 @@ def node_module_path(node: fx.Node) -> str:
     return ""
 
 
-def writes_in_place(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
+def _submodule(gm: nn.Module, target: Any, modules: dict[str, nn.Module] | None) -> nn.Module:
+    return modules[str(target)] if modules is not None else gm.get_submodule(str(target))
+
+
+def _module_table(gm: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule by qualified name: one lookup per node instead of a walk down the path."""
+    return dict(gm.named_modules(remove_duplicate=False))
+
+
+def writes_in_place(gm: nn.Module, node: fx.Node, value: fx.Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """Whether ``node`` may write ``value`` in place (its first argument: ``x.mul_(…)``,
     ``torch.relu_(x)``, ``inplace=True``, a module built with ``inplace=True``)."""
     if not node.args or node.args[0] is not value:
         return False
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+        return bool(getattr(_submodule(gm, node.target, modules), "inplace", False))
     if node.op in ("call_function", "call_method"):
         if node.target is operator.setitem:
             return True
@@ -690,16 +699,16 @@ _ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropo
                      nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def _may_alias_input(gm: nn.Module, node: fx.Node) -> bool:
+def _may_alias_input(gm: nn.Module, node: fx.Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """Whether ``node``'s result may be (a view of) its first argument."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = _submodule(gm, node.target, modules)
         return isinstance(module, _ALIASING_MODULES) or bool(getattr(module, "inplace", False))
     if node.op in ("call_function", "call_method"):
         name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-        return name in _ALIASING or writes_in_place(gm, node, node.args[0])
+        return name in _ALIASING or writes_in_place(gm, node, node.args[0], modules)
     return False
 
 
@@ -708,15 +717,16 @@ def written_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, set[fx.Node]]]:
     every value that may share its memory (connected to it through views, ``nn.Identity``,
     dropout, other in-place writes... -- operations that may return their input)."""
     out: list[tuple[fx.Node, set[fx.Node]]] = []
+    modules = _module_table(gm)
     for w in gm.graph.nodes:
         value = w.args[0] if w.args and isinstance(w.args[0], fx.Node) else None
-        if value is None or not writes_in_place(gm, w, value):
+        if value is None or not writes_in_place(gm, w, value, modules):
             continue
         group, todo = {value}, [value]
         while todo:
             n = todo.pop()
-            near = [u for u in n.users if u is not w and _may_alias_input(gm, u) and u.args[0] is n]
-            if _may_alias_input(gm, n):
+            near = [u for u in n.users if u is not w and u.args and u.args[0] is n and _may_alias_input(gm, u, modules)]
+            if _may_alias_input(gm, n, modules):
                 near.append(n.args[0])  # type: ignore[arg-type]
             for m in near:
                 if m not in group:
@@ -737,11 +747,11 @@ _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttentio
                    nn.TransformerDecoderLayer, nn.Transformer)
 
 
-def draws_random(gm: nn.Module, node: fx.Node) -> bool:
+def draws_random(gm: nn.Module, node: fx.Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """Whether ``node`` may draw from the RNG: dropout, ``torch.rand*``, sampling, attention
     with dropout, and any leaf module that is not torch.nn's (its code is not visible)."""
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = _submodule(gm, node.target, modules)
         return isinstance(module, _RANDOM_MODULES) or not type(module).__module__.startswith("torch.")
     if node.op in ("call_function", "call_method"):
         name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
@@ -753,11 +763,12 @@ def random_order(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     """The nodes that draw from the RNG, each before the next in program order: under one seed
     the stages draw the model's random numbers in the model's order (the same dropout masks,
     so BP through the stages is BP on the model), whatever order the partitioner picks."""
-    drawing = [n for n in gm.graph.nodes if draws_random(gm, n)]
+    modules = _module_table(gm)
+    drawing = [n for n in gm.graph.nodes if draws_random(gm, n, modules)]
     return list(zip(drawing, drawing[1:]))
 
 
-def inplace_order(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+def inplace_order(gm: fx.GraphModule, groups: list[tuple[fx.Node, set[fx.Node]]] | None = None) -> list[tuple[fx.Node, fx.Node]]:
     """Ordering constraints ``(before, after)`` that in-place writes add to the data flow.
 
     ``h.mul_(0.5)`` (``h[:, 0] = 0``, ``ReLU(inplace=True)``...) changes ``h`` for the nodes
@@ -770,7 +781,7 @@ def inplace_order(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     """
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     edges: list[tuple[fx.Node, fx.Node]] = []
-    for w, group in written_groups(gm):
+    for w, group in written_groups(gm) if groups is None else groups:
         for member in group:
             for reader in member.users:
                 if reader is not w and reader.op != "output":
