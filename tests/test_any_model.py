@@ -299,10 +299,10 @@ def _bp_equals_the_models(make: Callable[[], nn.Module], inputs: tuple[Any, ...]
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_hugging_face_t5_and_distilbert_compose_and_bp_equals_the_models() -> None:
+def test_hugging_face_t5_distilbert_llama_compose_and_bp_equals_the_models() -> None:
     """T5 (encoder-decoder; `torch.finfo(x.dtype)` in its attention; one dropout module used at both ends of each
     stack; a tied embedding under three names) and DistilBERT (`nn.ReLU()(x)`: a module made inside forward) were
-    refused by the tracer or the eval cut."""
+    refused by the tracer or the eval cut; Llama (rotary embeddings, grouped-query attention) beside them."""
     transformers = pytest.importorskip("transformers")
 
     def t5() -> nn.Module:
@@ -314,9 +314,14 @@ def test_hugging_face_t5_and_distilbert_compose_and_bp_equals_the_models() -> No
         return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
             vocab_size=64, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=32, num_labels=3))
 
+    def llama() -> nn.Module:  # grouped-query attention, rotary embeddings
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, use_cache=False))
+
     torch.manual_seed(1)
     ids, mask, decoder_ids = torch.randint(0, 64, (2, 12)), torch.ones(2, 12, dtype=torch.long), torch.randint(0, 64, (2, 12))
-    for make, inputs in ((t5, (ids, mask, decoder_ids)), (distilbert, (ids,))):
+    for make, inputs in ((t5, (ids, mask, decoder_ids)), (distilbert, (ids,)), (llama, (ids,))):
         for K in (2, 3):
             torch.manual_seed(0)
             model = make()

@@ -286,14 +286,15 @@ def test_a_batch_that_cannot_be_cut_into_rows_is_refused() -> None:
     """With D > 1 only tensors are cut into each replica's rows: a list of per-example values (a custom collate) would
     reach every replica whole, and a tensor without the batch's rows first would be cut wrongly -- refused, not
     trained on. Dict targets are cut, and their rows weight an uneven last batch like a tensor's."""
-    from fxreplay.executor.distributed import _check_shardable, _rows
+    from fxreplay.executor.distributed import _check_shardable, _leading_rows
 
     labels = torch.arange(6)
     _check_shardable((torch.zeros(6, 3), {"labels": labels, "scale": torch.tensor(2.0), "mask": None}), "inputs", 2)
-    assert _rows({"labels": labels, "boxes": torch.zeros(6, 4)}) == 6 == _rows(labels)
-    with pytest.raises(TrainingError, match=r"targets of a batch hold a non-tensor value, 'cat' \(str\).*only tensors can be cut"):
+    _check_shardable((torch.zeros(6, 3), True, "mean", {"flags": {"a": 1, "b": 2}}), "inputs", 2)  # constants pass
+    assert _leading_rows({"labels": labels, "boxes": torch.zeros(6, 4)}) == 6 == _leading_rows(labels)
+    with pytest.raises(TrainingError, match=r"targets of a batch hold a list of 6 non-tensor values, \['cat'.*only tensors can be cut"):
         _check_shardable({"labels": labels, "names": ["cat", "dog"] * 3}, "targets", 2)
-    with pytest.raises(TrainingError, match=r"hold a non-tensor value, 3 \(int\)"):
+    with pytest.raises(TrainingError, match=r"hold a list of 6 non-tensor values, \[3, 1, 4"):
         _check_shardable([3, 1, 4, 1, 5, 9], "targets", 2)
     with pytest.raises(TrainingError, match=r"tensors of 4 and 6 leading rows.*D=2"):
         _check_shardable({"labels": labels, "class_weights": torch.ones(4)}, "targets", 2)

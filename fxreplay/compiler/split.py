@@ -274,7 +274,8 @@ def assign_eval_stages(
     # earlier, the earlier as an input of the later.
     later: dict[fx.Node, list[fx.Node]] = {}
     earlier: dict[fx.Node, list[fx.Node]] = {}
-    for before, after in inplace_order(eval_gm) + random_order(eval_gm):
+    groups = written_groups(eval_gm)
+    for before, after in inplace_order(eval_gm, groups) + random_order(eval_gm):
         if before.op != "get_attr" and after.op != "get_attr":
             later.setdefault(before, []).append(after)
             earlier.setdefault(after, []).append(before)
@@ -305,7 +306,7 @@ def assign_eval_stages(
             continue
         hint = train_stage.get(n.name) if train_kinds.get(n.name) == (n.op, n.target) else None
         stage[n] = min(max(earliest, hint if hint is not None else earliest), hi[n])
-    for w, group in written_groups(eval_gm):
+    for w, group in groups:
         # As in training (costgraph): values sharing memory cross a cut as separate tensors,
         # so a write after the cut would change one of them only. Never silently: refused.
         apart = [m for m in group if m in stage and w in stage and stage[m] < stage[w]]

@@ -29,27 +29,31 @@ _CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 # --------------------------------------------------------------------------- CIFAR
 
 
-class UnverifiedCIFAR10(CIFAR10):
+class _FilesExist:
+    """torchvision's CIFAR integrity check reduced to "every file exists" (``verify: false``)."""
+
+    root: str
+    base_folder: str
+    train_list: list[list[str]]
+    test_list: list[list[str]]
+
+    def _check_integrity(self) -> bool:
+        folder = os.path.join(self.root, self.base_folder)
+        names = [name for name, _md5 in self.train_list + self.test_list]
+        return all(os.path.isfile(os.path.join(folder, name)) for name in names)
+
+
+class UnverifiedCIFAR10(_FilesExist, CIFAR10):
     """CIFAR-10 that checks its files exist but not their md5s (``verify: false``)."""
 
     # _load_meta checks batches.meta against this md5; None means "exists" only.
     meta = {**CIFAR10.meta, "md5": None}
 
-    def _check_integrity(self) -> bool:
-        folder = os.path.join(self.root, self.base_folder)
-        names = [name for name, _md5 in self.train_list + self.test_list]
-        return all(os.path.isfile(os.path.join(folder, name)) for name in names)
 
-
-class UnverifiedCIFAR100(CIFAR100):
+class UnverifiedCIFAR100(_FilesExist, CIFAR100):
     """CIFAR-100 that checks its files exist but not their md5s (``verify: false``)."""
 
     meta = {**CIFAR100.meta, "md5": None}
-
-    def _check_integrity(self) -> bool:
-        folder = os.path.join(self.root, self.base_folder)
-        names = [name for name, _md5 in self.train_list + self.test_list]
-        return all(os.path.isfile(os.path.join(folder, name)) for name in names)
 
 
 # name -> (class that verifies md5s, class that does not)

@@ -569,11 +569,11 @@ class DistributedExecutor:
         loss; unequal ones (an epoch's last batch) are weighted by their share: replica d's
         loss counts n_d * D / B."""
         if self.dp > 1:
-            rows = _rows(y)
+            rows = _leading_rows(y)
             if self.stage == 0:
                 x = self._input_shard(x, rows)
             y = self._shard(y, "targets")
-            self._loss_scale = _rows(y) * self.dp / rows if rows else 1.0
+            self._loss_scale = _leading_rows(y) * self.dp / rows if rows else 1.0
         self.last_target = y
         return x, y
 
@@ -895,34 +895,40 @@ def _leading_rows(inputs: Any) -> int:
     return int(leaves[0].shape[0]) if leaves else 0
 
 
-def _rows(value: Any) -> int:
-    """The batch size of a batch's targets: the rows of their first batched tensor (a tensor,
-    or a dict/tuple of them; 0 when there is none)."""
-    return _leading_rows(value)
-
-
 def _check_shardable(value: Any, what: str, dp: int) -> None:
     """Refuse a batch that cannot be cut into D replicas' rows without a silent error: only
     tensors are cut (along dim 0), so every batched tensor must have the batch's rows first,
-    and a non-tensor leaf -- a list of per-example strings or numbers from a custom collate --
-    would reach every replica whole (D times the examples, mismatched with the inputs)."""
-    leaves = tree_leaves(value)
-    odd = next((v for v in leaves if v is not None and not isinstance(v, torch.Tensor)), None)
-    if odd is not None:
-        shown = repr(odd) if len(repr(odd)) <= 40 else repr(odd)[:37] + "..."
+    and a list of plain values -- per-example strings or numbers from a custom collate --
+    would reach every replica whole (D times the examples, mismatched with the inputs). A
+    lone value (a flag, None) is a constant of the batch and reaches every replica as is."""
+    per_example = _plain_list(value)
+    if per_example is not None:
+        shown = repr(per_example) if len(repr(per_example)) <= 40 else repr(per_example)[:37] + "..."
         raise TrainingError(
-            f"the {what} of a batch hold a non-tensor value, {shown} ({type(odd).__name__}): with D={dp} data-parallel replicas each "
-            "replica trains on its rows of the batch, and only tensors can be cut into rows -- a list of per-example "
-            "values would reach every replica whole. Collate the batch into tensors (torch's default collate does; "
-            "per-batch constants as 0-dim tensors), or train with D = 1."
+            f"the {what} of a batch hold a list of {len(per_example)} non-tensor values, {shown}: with D={dp} "
+            "data-parallel replicas each replica trains on its rows of the batch, and only tensors can be cut into "
+            "rows -- the list would reach every replica whole. Collate the batch into tensors (torch's default "
+            "collate does), or train with D = 1."
         )
-    sizes = sorted({int(v.shape[0]) for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0})
+    sizes = sorted({int(v.shape[0]) for v in tree_leaves(value) if isinstance(v, torch.Tensor) and v.dim() > 0})
     if len(sizes) > 1:
         raise TrainingError(
             f"the {what} of a batch hold tensors of {' and '.join(map(str, sizes))} leading rows: with D={dp} "
             "data-parallel replicas every tensor is cut along its first dimension, so each must have the batch's "
             "examples first (per-batch values as 0-dim tensors). Reshape them, or train with D = 1."
         )
+
+
+def _plain_list(value: Any) -> Any:
+    """The first list or tuple of two or more plain (non-tensor, non-container) values in a
+    batch's structure, or None."""
+    if isinstance(value, dict):  # a container of fields, each looked into
+        return next((found for v in value.values() if (found := _plain_list(v)) is not None), None)
+    if not isinstance(value, (list, tuple)):
+        return None
+    if len(value) >= 2 and all(not isinstance(v, (torch.Tensor, list, tuple, dict)) and v is not None for v in value):
+        return value
+    return next((found for v in value if (found := _plain_list(v)) is not None), None)
 
 
 def _detach(payload: Any) -> Any:

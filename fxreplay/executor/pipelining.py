@@ -49,7 +49,7 @@ from ..errors import TrainingError
 from ..measure import StorageMap, storages_of
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, detached
 from ..schedule import Action
-from .distributed import DistributedExecutor
+from .distributed import DistributedExecutor, _leading_rows
 
 __all__ = ["PipeliningExecutor", "microbatches_for", "check_boundary"]
 
@@ -76,10 +76,6 @@ def check_boundary(stage: int, out: Any) -> None:
                 "(partition.boundaries) so that only tensors cross, or train with a method fxreplay's own executors run "
                 "(bp gives the same exact gradients), which carry such values."
             )
-
-
-def _batch_size(y: Any) -> int:
-    return int(y.shape[0]) if isinstance(y, torch.Tensor) else len(y)
 
 
 class PipeliningExecutor(DistributedExecutor):
@@ -158,7 +154,7 @@ class PipeliningExecutor(DistributedExecutor):
         if w.meter is not None:
             w.meter.reset()
         x, y = self._replica_batch(x, y)
-        schedule = self._schedule(_batch_size(y))
+        schedule = self._schedule(_leading_rows(y))  # a dict's rows, not its keys
         for p in w.params:
             p.grad = None  # torch accumulates the microbatches' gradients into .grad
         losses: list[torch.Tensor] = []
