@@ -25,7 +25,7 @@ from fxreplay import methods  # noqa: E402
 from fxreplay.runlog import RunGroup, RunMetrics, group_runs  # noqa: E402
 from fxreplay.timeline import COLORS as TIMELINE_COLORS, KINDS, Timeline  # noqa: E402
 
-__all__ = ["gantt", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "timeline"]
+__all__ = ["gantt", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "error_vs_epoch", "timeline"]
 
 
 def _color(method: str) -> str | None:
@@ -140,6 +140,34 @@ def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int |
         _finish_loss_axes(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
     axes[0].set_ylabel("training loss (mean over each logging interval)")
     fig.suptitle("Training loss against epochs")
+    return _save(fig, path)
+
+
+def _test_errors(run: RunMetrics) -> list[tuple[int, float]]:
+    """(step, test error in %) at every evaluation (epoch ends, and the end of a run stopped mid-epoch)."""
+    return [(r["step"], 100 * (1 - r["test_accuracy"])) for r in run.epochs if r.get("test_accuracy") is not None]
+
+
+def error_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path | None:
+    """Test error at each evaluation, one panel per K (the testing curves of Fig. 4, row 1): where
+    a method's test error stops improving. Over seeds, the mean curve with a ± one standard
+    deviation band. None when no run was evaluated."""
+    if not any(_test_errors(run) for run in runs):
+        return None
+    groups = _by_K(runs)
+    fig, axes = _panels(len(groups), 2.9)
+    for ax, (K, group_list) in zip(axes, groups.items()):
+        for group in group_list:
+            steps, ys, std = _series(group, _test_errors)
+            xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
+            _curve(ax, group, xs, ys, std)
+        ax.set_title(f"K = {K}")
+        ax.set_xlabel("epoch" if steps_per_epoch else "iteration")
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_lines():
+            ax.legend(loc="best", frameon=False)
+    axes[0].set_ylabel("test error (%)")
+    fig.suptitle("Test error against epochs")
     return _save(fig, path)
 
 

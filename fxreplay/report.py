@@ -222,6 +222,11 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     figures["Training loss against epochs (paper's Fig. 4, row 1)"] = plots.loss_vs_epoch(loaded, out_dir / "loss_epochs.png", spe)
     if spe is None:
         notes.append("No run completed an epoch, so the loss-against-epochs figure counts iterations instead.")
+    test_png = plots.error_vs_epoch(loaded, out_dir / "test_error_epochs.png", spe)
+    figures["Test error against epochs (the testing curves of the paper's Fig. 4, row 1)"] = test_png
+    if test_png is None:
+        notes.append("No run was evaluated on the test set (train.eval_every_epoch), so the test-error curves "
+                     "are not drawn.")
     figures["Training loss against time (paper's Fig. 4, row 2)"] = plots.loss_vs_time(loaded, out_dir / "loss_time.png")
     executors = {r.config.get("train", {}).get("executor") for r in loaded}
     if "local" in executors:

@@ -91,6 +91,38 @@ def test_figures_draw_the_mean_curve_with_a_band(seeded: tuple[Path, dict]) -> N
     assert sigma["title"] == "FR (mean of 2), K = 2"
 
 
+def test_test_error_curves_are_the_mean_of_the_runs_evaluations(seeded: tuple[Path, dict]) -> None:
+    """Where a method's test error stops improving (the issue-13 convergence check) is read off
+    this figure: each curve is the mean over seeds of 100 * (1 - test accuracy) at every
+    evaluation, at step / steps per epoch, with a band of ± one sample standard deviation."""
+    out, figures = seeded
+    assert "![Test error against epochs" in (out / "report.md").read_text()
+    (panel,) = figures["test_error_epochs.png"]
+    assert panel["title"] == "K = 2" and set(panel["lines"]) == {"BP (mean of 2)", "FR (mean of 2)"}
+    for method in ("bp", "fr"):
+        evals = [[r for r in _records(run_dir(out, method, 2, s)) if r["kind"] == "epoch" and "test_accuracy" in r] for s in SEEDS]
+        assert len(evals[0]) == 2  # the epoch end (step 23) and the end of the run (step 26)
+        errors = list(zip(*([100 * (1 - r["test_accuracy"]) for r in run] for run in evals)))
+        xs, ys = panel["lines"][f"{method.upper()} (mean of 2)"]
+        assert xs == pytest.approx([r["step"] / 23 for r in evals[0]])
+        assert ys == pytest.approx([statistics.fmean(pair) for pair in errors], rel=1e-12)
+        lo = min(statistics.fmean(p) - statistics.stdev(p) for p in errors)
+        hi = max(statistics.fmean(p) + statistics.stdev(p) for p in errors)
+        assert any(b == pytest.approx((lo, hi), rel=1e-9) for b in panel["bands"]), (panel["bands"], lo, hi)
+
+
+def test_a_report_without_evaluations_says_why_it_has_no_test_error_curve(tmp_path: Path) -> None:
+    from fxreplay.report import write_report
+
+    run = tmp_path / "bp-K2"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "step", "step": 5, "epoch": 0, "loss": 1.0, "wall": 1.0,
+                                                   "stage_time": [0.1, 0.1], "memory_bytes": [10, 10]}) + "\n")
+    report = write_report(tmp_path / "report", [("bp", 2, run)]).read_text()
+    assert "test_error_epochs.png" not in report and not (tmp_path / "report" / "test_error_epochs.png").exists()
+    assert "the test-error curves are not drawn" in report
+
+
 def test_bad_seeds_are_refused(tmp_path: Path) -> None:
     for seeds in ("a,b", "1,1", ""):
         result = run_cli("compare", "--methods", "bp", "--K", "2", "--seeds", seeds, "--out", str(tmp_path / "x"))
