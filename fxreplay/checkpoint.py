@@ -18,13 +18,14 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 from fxreplay.errors import CheckpointError, FxReplayError
 
-__all__ = ["save_atomic", "load_verified", "load_checkpoint", "make_directory", "CHECKPOINT_FILE"]
+__all__ = ["save_atomic", "replace_file", "write_text_atomic", "load_verified", "load_checkpoint", "make_directory",
+           "CHECKPOINT_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MAGIC = b"fxreplay checksummed file v1\n"
@@ -75,6 +76,28 @@ def _running(pid: int) -> bool:
     return True
 
 
+def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` so that readers see the old file or the new one, never half: ``write``
+    fills a temporary file in the same directory, which is synced and renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`replace_file` with UTF-8 text (config.yaml, a metrics file cut back on resume)."""
+    replace_file(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def save_atomic(obj: Any, path: Path, checksum: bool = False) -> None:
     """``torch.save`` to ``path`` so that readers see the old file or the new one, never half.
 
@@ -82,25 +105,17 @@ def save_atomic(obj: Any, path: Path, checksum: bool = False) -> None:
         checksum: write the checksummed format :func:`load_verified` reads (fxreplay's own
             files); False: a plain ``torch.save`` file any torch can load.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if checksum:
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                payload = buffer.getvalue()
-                f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-                f.write(payload)
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    def write(f: BinaryIO) -> None:
+        if checksum:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            payload = buffer.getvalue()
+            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
+        else:
+            torch.save(obj, f)
+
+    replace_file(path, write)
 
 
 def load_verified(path: Path, what: str = "file", plain_ok: bool = False) -> Any:

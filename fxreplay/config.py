@@ -505,5 +505,6 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write ``cfg`` as YAML (e.g. next to a run, so it can be re-run with ``load_config``)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    from fxreplay.checkpoint import write_text_atomic  # torch: only when a config is written
+
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -26,7 +26,7 @@ try:
 except ImportError:  # not POSIX: no lock (documented in the README)
     fcntl = None  # type: ignore[assignment]
 
-from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, make_directory, save_atomic
+from fxreplay.checkpoint import CHECKPOINT_FILE, load_checkpoint, make_directory, save_atomic, write_text_atomic
 from fxreplay.config import Config, load_config, save_config, to_dict
 from fxreplay.errors import CheckpointError, ConfigError
 
@@ -54,8 +54,11 @@ class Metrics:
 
     def __init__(self, path: Path, keep_lines: int | None = None) -> None:
         self.path = path
-        lines = path.read_text().splitlines()[:keep_lines] if keep_lines is not None and path.exists() else []
-        path.write_text("".join(line + "\n" for line in lines))
+        before = path.read_text() if path.exists() else None
+        lines = before.splitlines()[:keep_lines] if keep_lines is not None and before is not None else []
+        kept = "".join(line + "\n" for line in lines)
+        if kept != before:  # atomically: a kill during a resume must not lose the records kept
+            write_text_atomic(path, kept)
         self.lines = len(lines)
 
     def write(self, record: dict[str, Any]) -> None:

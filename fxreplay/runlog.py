@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from fxreplay import methods
+from fxreplay.errors import ConfigError
 
 __all__ = ["RunGroup", "RunMetrics", "group_runs", "label", "load_run", "steps_per_epoch"]
 
@@ -113,7 +114,12 @@ def group_runs(runs: Iterable[RunMetrics]) -> list[RunGroup]:
 
 
 def load_run(method: str, K: int, path: Path) -> RunMetrics:
-    """Read a run directory's ``metrics.jsonl`` (missing file: an empty run)."""
+    """Read a run directory's ``metrics.jsonl`` (missing file: an empty run; a last line cut short by
+    a killed writer is left out).
+
+    Raises:
+        ConfigError: any other line is not JSON.
+    """
     run = RunMetrics(method=method, K=K, path=path)
     cfg_file = path / "config.yaml"
     if cfg_file.is_file():
@@ -122,10 +128,18 @@ def load_run(method: str, K: int, path: Path) -> RunMetrics:
     if not metrics.is_file():
         return run
     offset, last_wall = 0.0, 0.0
-    for line in metrics.read_text().splitlines():
+    text = metrics.read_text()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the last record, cut short by a killed writer (a resume drops it too)
+            raise ConfigError(f"{metrics} line {number} is not a JSON record (the file was edited or damaged). "
+                              "Remove that line, or run the comparison again into a new --out.") from None
         if "wall" in r:
             # A resumed invocation restarts its clock: continue from the last record before it.
             if r["wall"] + offset < last_wall:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxreplay.checkpoint import MAGIC, load_checkpoint, load_verified, save_atomic
+from fxreplay.checkpoint import MAGIC, load_checkpoint, load_verified, replace_file, save_atomic, write_text_atomic
 from fxreplay.errors import CheckpointError
 
 
@@ -81,3 +81,31 @@ def test_plain_files_are_accepted_only_where_asked(tmp_path: Path) -> None:
     assert load_verified(tmp_path / "weights.pt", "plan weights", plain_ok=True)["w"].item() == 1.0
     with pytest.raises(CheckpointError, match="cannot read the plan weights"):
         load_verified(tmp_path / "missing.pt", "plan weights")
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    write_text_atomic(path, "old: 1\n")
+
+    def half_then_crash(f: io.BufferedWriter) -> None:
+        f.write(b"new: ")
+        raise KeyboardInterrupt  # a kill between the two writes
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_file(path, half_then_crash)
+    assert path.read_text() == "old: 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_metrics_cut_back_on_resume_keep_their_records_and_are_not_rewritten_when_whole(tmp_path: Path) -> None:
+    from fxreplay.rundir import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')  # the last line cut short by a kill
+    inode = path.stat().st_ino
+    metrics = Metrics(path, keep_lines=2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and metrics.lines == 2
+    assert path.stat().st_ino != inode  # replaced (renamed over), not truncated in place
+    inode = path.stat().st_ino
+    Metrics(path, keep_lines=2)
+    assert path.stat().st_ino == inode  # nothing to cut: left alone

@@ -122,3 +122,22 @@ def test_steps_per_epoch_from_the_first_complete_epoch(tmp_path: Path) -> None:
     assert steps_per_epoch([resumed]) == 23  # step 46 at the end of the second epoch
     assert steps_per_epoch([partial]) is None
     assert steps_per_epoch([]) is None
+
+
+def test_a_last_record_cut_short_by_a_killed_writer_is_left_out(tmp_path: Path) -> None:
+    path = _write(tmp_path / "run", [_step(1, 0.5), _step(2, 1.0)])
+    with (path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(_step(3, 1.5))[:20])  # killed mid-write: no newline
+    assert [r["step"] for r in load_run("fr", 2, path).steps] == [1, 2]
+
+
+def test_a_damaged_record_elsewhere_is_refused_naming_its_line(tmp_path: Path) -> None:
+    from fxreplay.errors import ConfigError
+
+    path = _write(tmp_path / "run", [_step(1, 0.5), '{"kind": "step", "st', _step(3, 1.5)])
+    with pytest.raises(ConfigError, match=r"metrics.jsonl line 2 is not a JSON record"):
+        load_run("fr", 2, path)
+    # a complete last line that is not JSON is damage too, not a cut-short write
+    path = _write(tmp_path / "run2", [_step(1, 0.5), "not json"])
+    with pytest.raises(ConfigError, match="line 2"):
+        load_run("fr", 2, path)
