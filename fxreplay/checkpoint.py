@@ -76,7 +76,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def replace_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` so that readers see the old file or the new one, never half: ``write``
     fills a temporary file in the same directory, which is synced and renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
