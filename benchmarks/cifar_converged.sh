@@ -8,11 +8,16 @@
 # BP runs once per seed and rate, at K=2: it is one algorithm whatever K (the stages'
 # BP equals the model's to 1e-12 in float64, tests/test_methods.py), so K=4 would only
 # repeat it. Seed 0 of both rates comes first (a complete one-seed table early), then
-# seed 1, then each rate's report over both seeds: benchmarks/runs/converged-lr{0.1,0.01}/report.md.
+# seed 1, then each rate's report over both seeds in benchmarks/results/converged-lr{0.1,0.01}/
+# (report.md and its figures) and the table over both rates, benchmarks/results/converged-summary.md
+# (benchmarks/converged_summary.py).
 # One rate only: `bash benchmarks/cifar_converged.sh 0.01`. On 2 cores, two one-thread
 # processes (one per rate) train more images per second than one two-thread process:
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/cifar_converged.sh 0.1  > benchmarks/runs/converged-0.1.log 2>&1 &
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/cifar_converged.sh 0.01 > benchmarks/runs/converged-0.01.log 2>&1 &
+# Stop them with `pkill -f cifar_converged.sh; pkill -f "fxreplay compare"` (SIGTERM: a job started with `&` in
+# a script ignores Ctrl-C's SIGINT); each run resumes from its last finished epoch. Runs of one rate may be
+# split over several processes (one `fxreplay compare` per run directory; a directory in use is refused).
 set -euo pipefail
 RATES=("$@")
 [ ${#RATES[@]} -gt 0 ] || RATES=(0.1 0.01)
@@ -31,14 +36,15 @@ for seed in 0 1; do
   for lr in "${RATES[@]}"; do compare "$lr" "$seed"; done
 done
 for lr in "${RATES[@]}"; do  # the report over every run of this rate (both seeds, BP at K=2)
-  python - "$(out "$lr")" <<'PY'
+  python - "$(out "$lr")" "benchmarks/results/converged-lr$lr" <<'PY'
 import sys
 from pathlib import Path
 
 from fxreplay.report import write_report
 
-out = Path(sys.argv[1])
-runs = [(m, K, out / f"{m}-K{K}-s{s}") for s in (0, 1) for m, K in (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))]
-print("wrote", write_report(out, runs))
+runs_dir, report_dir = Path(sys.argv[1]), Path(sys.argv[2])
+runs = [(m, K, runs_dir / f"{m}-K{K}-s{s}") for s in (0, 1) for m, K in (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))]
+print("wrote", write_report(report_dir, runs))
 PY
 done
+python benchmarks/converged_summary.py  # both rates; lists any run not finished yet

@@ -138,7 +138,7 @@ def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int |
             xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
             _curve(ax, group, xs, ys, std)
         _finish_loss_axes(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
-    axes[0].set_ylabel("training loss (mean over each logging interval)")
+    axes[0].set_ylabel("training loss\n(mean over each logging interval)")
     fig.suptitle("Training loss against epochs")
     return _save(fig, path)
 
