@@ -35,16 +35,5 @@ compare() {  # compare LR SEEDS
 for seed in 0 1; do
   for lr in "${RATES[@]}"; do compare "$lr" "$seed"; done
 done
-for lr in "${RATES[@]}"; do  # the report over every run of this rate (both seeds, BP at K=2)
-  python - "$(out "$lr")" "benchmarks/results/converged-lr$lr" <<'PY'
-import sys
-from pathlib import Path
-
-from fxreplay.report import write_report
-
-runs_dir, report_dir = Path(sys.argv[1]), Path(sys.argv[2])
-runs = [(m, K, runs_dir / f"{m}-K{K}-s{s}") for s in (0, 1) for m, K in (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))]
-print("wrote", write_report(report_dir, runs))
-PY
-done
-python benchmarks/converged_summary.py  # both rates; lists any run not finished yet
+# Each rate's report over both seeds (BP at K=2) once all its runs are done, and the table over both rates.
+python benchmarks/converged_summary.py

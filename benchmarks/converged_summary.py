@@ -1,9 +1,11 @@
-"""One table over both learning rates of the converged CIFAR-10 comparison (issue 13).
+"""The reports of the converged CIFAR-10 comparison (issue 13), and one table over both learning rates.
 
-    python benchmarks/converged_summary.py [--runs benchmarks/runs] [--out benchmarks/results/converged-summary.md]
+    python benchmarks/converged_summary.py [--runs benchmarks/runs] [--out benchmarks/results]
 
 Reads the runs `benchmarks/cifar_converged.sh` made (RUNS/converged-lr<rate>/<method>-K<k>-s<seed>/) and
-writes, from their own metrics.jsonl:
+writes, for each rate whose runs have all finished, the comparison report over both seeds
+(OUT/converged-lr<rate>/report.md and its figures, as `fxreplay compare` writes them), and
+OUT/converged-summary.md, from the runs' own metrics.jsonl:
 
 - best test error (%) per method, K and rate, mean ± sample std over the seeds finished (n);
 - FR − BP and DDG − BP, paired by seed (a seed fixes the initial weights and the data order, the same for
@@ -20,6 +22,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from fxreplay.report import write_report
 from fxreplay.runlog import RunMetrics, load_run
 
 RATES = ("0.1", "0.01")
@@ -34,6 +37,15 @@ def finished(run: RunMetrics) -> bool:
     return bool(epochs) and len(evaluated) >= epochs and not run.diverged
 
 
+def describe(config: dict) -> str:
+    """The shared setup, from a run's own config.yaml."""
+    data, optim, train = config["data"], config["optim"], config["train"]
+    subset = f"a fixed {data['subset']:,}-image subset of" if data.get("subset") else "all of"
+    return (f"{config['model']['name']} on {subset} {data['name']}, {train['epochs']} epochs, batch {data['batch_size']}, "
+            f"SGD momentum {optim['momentum']}, weight decay {optim['weight_decay']}, lr ÷10 at "
+            f"{', '.join(f'{m:.0%}' for m in optim['milestones'])} of the epochs; evaluated on the full test set.")
+
+
 def stat(values: list[float]) -> str:
     if not values:
         return "—"
@@ -45,13 +57,15 @@ def stat(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("benchmarks/runs"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/converged-summary.md"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     best: dict[tuple[str, str, int, int], float] = {}
     pending: list[str] = []
     late: dict[str, list[float]] = {}
+    setup = ""
     for rate in RATES:
+        runs = []  # (method, K, directory) of this rate's finished runs, for its report
         for seed in SEEDS:
             for method, K in ROWS:
                 path = args.runs / f"converged-lr{rate}" / f"{method}-K{K}-s{seed}"
@@ -59,16 +73,19 @@ def main() -> None:
                 if not finished(run):
                     pending.append(f"lr {rate} {method.upper()} K={K} seed {seed} ({len(run.epochs)} epochs logged)")
                     continue
-                best[rate, method, K, seed] = run.best_test_error or float("nan")
+                runs.append((method, K, path))
+                setup = setup or describe(run.config)
+                best[rate, method, K, seed] = run.best_test_error  # type: ignore[assignment]  # finished: evaluated
                 if method == "bp":
                     errors = [100 * (1 - r["test_accuracy"]) for r in run.epochs if r.get("test_accuracy") is not None]
                     late.setdefault(rate, []).append(min(errors[:-LAST]) - min(errors))
+        if len(runs) == len(SEEDS) * len(ROWS):
+            print("wrote", write_report(args.out / f"converged-lr{rate}", runs))
 
     columns = [(rate, K) for rate in RATES for K in (2, 4)]
     lines = ["# Converged CIFAR-10 comparison: summary", "",
-             "ResNet-20, a fixed 5,000-image CIFAR-10 subset, 30 epochs, batch 128, SGD momentum 0.9, weight decay "
-             "5e-4, lr ÷10 at epochs 15 and 23; the full 10,000-image test set. Produced by "
-             "`python benchmarks/converged_summary.py` from the runs of `bash benchmarks/cifar_converged.sh`.", "",
+             f"{setup} Produced by `python benchmarks/converged_summary.py` from the runs of "
+             "`bash benchmarks/cifar_converged.sh`.", "",
              "## Best test error (%), mean ± sample std over seeds", "",
              "| method | " + " | ".join(f"lr {r}, K={K}" for r, K in columns) + " |",
              "|---|" + "---:|" * len(columns)]
@@ -94,8 +111,8 @@ def main() -> None:
               "(points, per seed; 0: its best came earlier): " + "; ".join(f"lr {r}: " + ", ".join(f"{v:.2f}" for v in late.get(r, [])) for r in RATES) + ".", ""]
     if pending:
         lines += ["## Not finished", "", *(f"- {p}" for p in pending), ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "converged-summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 import yaml
 
 from fxreplay import methods
+from fxreplay.checkpoint import write_text_atomic
 from fxreplay.errors import ConfigError, FxReplayError
 from fxreplay.mesh import check_sync_batchnorm
 
@@ -505,6 +506,4 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write ``cfg`` as YAML (e.g. next to a run, so it can be re-run with ``load_config``)."""
-    from fxreplay.checkpoint import write_text_atomic  # torch: only when a config is written
-
     write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

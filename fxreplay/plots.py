@@ -127,25 +127,41 @@ def _finish_loss_axes(ax: Any, title: str, xlabel: str, explained: bool = False)
         ax.legend(loc="best", frameon=False)
 
 
-def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path:
-    """Training loss against epochs, one panel per K (Fig. 4, row 1); over seeds, the mean
-    curve with a ± one standard deviation band."""
+def _against_epochs(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None, points: Points,
+                    finish: Callable[[Any, str, str], None], ylabel: str, title: str) -> Path:
+    """One panel per K of each (method, K) group's ``points`` at step / steps per epoch (at the
+    step when no epoch completed): over seeds, the mean curve with a ± one standard deviation band."""
     groups = _by_K(runs)
     fig, axes = _panels(len(groups), 2.9)
     for ax, (K, group_list) in zip(axes, groups.items()):
         for group in group_list:
-            steps, ys, std = _series(group, _losses)
+            steps, ys, std = _series(group, points)
             xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
             _curve(ax, group, xs, ys, std)
-        _finish_loss_axes(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
-    axes[0].set_ylabel("training loss\n(mean over each logging interval)")
-    fig.suptitle("Training loss against epochs")
+        finish(ax, f"K = {K}", "epoch" if steps_per_epoch else "iteration")
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title)
     return _save(fig, path)
+
+
+def loss_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path:
+    """Training loss against epochs, one panel per K (Fig. 4, row 1); over seeds, the mean
+    curve with a ± one standard deviation band."""
+    return _against_epochs(runs, path, steps_per_epoch, _losses, _finish_loss_axes,
+                           "training loss\n(mean over each logging interval)", "Training loss against epochs")
 
 
 def _test_errors(run: RunMetrics) -> list[tuple[int, float]]:
     """(step, test error in %) at every evaluation (epoch ends, and the end of a run stopped mid-epoch)."""
     return [(r["step"], 100 * (1 - r["test_accuracy"])) for r in run.epochs if r.get("test_accuracy") is not None]
+
+
+def _finish_error_axes(ax: Any, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_lines():
+        ax.legend(loc="best", frameon=False)
 
 
 def error_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None) -> Path | None:
@@ -154,21 +170,8 @@ def error_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int 
     deviation band. None when no run was evaluated."""
     if not any(_test_errors(run) for run in runs):
         return None
-    groups = _by_K(runs)
-    fig, axes = _panels(len(groups), 2.9)
-    for ax, (K, group_list) in zip(axes, groups.items()):
-        for group in group_list:
-            steps, ys, std = _series(group, _test_errors)
-            xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else [float(s) for s in steps]
-            _curve(ax, group, xs, ys, std)
-        ax.set_title(f"K = {K}")
-        ax.set_xlabel("epoch" if steps_per_epoch else "iteration")
-        ax.grid(True, which="major", alpha=0.3)
-        if ax.get_lines():
-            ax.legend(loc="best", frameon=False)
-    axes[0].set_ylabel("test error (%)")
-    fig.suptitle("Test error against epochs")
-    return _save(fig, path)
+    return _against_epochs(runs, path, steps_per_epoch, _test_errors, _finish_error_axes,
+                           "test error (%)", "Test error against epochs")
 
 
 def _modelled_time(run: RunMetrics) -> list[float] | None:
