@@ -10,8 +10,10 @@
 # repeat it. Seed 0 of both rates comes first (a complete one-seed table early), then
 # seed 1, then each rate's report over both seeds in benchmarks/results/converged-lr{0.1,0.01}/
 # (report.md and its figures) and the table over both rates, benchmarks/results/converged-summary.md
-# (benchmarks/converged_summary.py).
-# One rate only: `bash benchmarks/cifar_converged.sh 0.01`. On 2 cores, two one-thread
+# (benchmarks/converged_summary.py). The run directories are git-ignored (checkpoints); the summary keeps each
+# finished run's config.yaml and metrics.jsonl in benchmarks/results/converged-runs/: commit those, and a
+# comparison spread over several sessions or machines adds up (run the summary any time to keep what finished).
+# One rate only: `bash benchmarks/cifar_converged.sh 0.01`; one seed only: `SEEDS=1 bash ...`. On 2 cores, two one-thread
 # processes (one per rate) train more images per second than one two-thread process:
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/cifar_converged.sh 0.1  > benchmarks/runs/converged-0.1.log 2>&1 &
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/cifar_converged.sh 0.01 > benchmarks/runs/converged-0.01.log 2>&1 &
@@ -32,7 +34,7 @@ compare() {  # compare LR SEEDS
   fxreplay compare --config "$CONFIG" --methods fr,ddg --K 2,4 --seeds "$2" --lr "$1" \
     --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "$(out "$1")"
 }
-for seed in 0 1; do
+for seed in ${SEEDS:-0 1}; do
   for lr in "${RATES[@]}"; do compare "$lr" "$seed"; done
 done
 # Each rate's report over both seeds (BP at K=2) once all its runs are done, and the table over both rates.

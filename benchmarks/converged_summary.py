@@ -2,15 +2,23 @@
 
     python benchmarks/converged_summary.py [--runs benchmarks/runs] [--out benchmarks/results]
 
-Reads the runs `benchmarks/cifar_converged.sh` made (RUNS/converged-lr<rate>/<method>-K<k>-s<seed>/) and
-writes, for each rate whose runs have all finished, the comparison report over both seeds
+The comparison is 20 runs of hours in all, so it is made over several sessions and machines, and its
+run directories (RUNS/converged-lr<rate>/<method>-K<k>-s<seed>/, as `benchmarks/cifar_converged.sh`
+makes them) are git-ignored: they hold checkpoints. What the results need from a run is small, so each
+*finished* run's config.yaml and metrics.jsonl are kept in OUT/converged-runs/lr<rate>/<run>/
+(committed), and everything below is computed from those copies; a later session adds its runs to them.
+Then, for each rate whose runs have all been kept, the comparison report over both seeds
 (OUT/converged-lr<rate>/report.md and its figures, as `fxreplay compare` writes them), and
-OUT/converged-summary.md, from the runs' own metrics.jsonl:
+OUT/converged-summary.md:
 
 - best test error (%) per method, K and rate, mean ± sample std over the seeds finished (n);
 - FR − BP and DDG − BP, paired by seed (a seed fixes the initial weights and the data order, the same for
   every method), mean ± std: the gap with the seed-to-seed spread of both taken out;
 - the convergence check: how much BP's best test error improved in the last 5 epochs.
+
+The lr 0.1 runs were made before runs were kept: their per-run numbers are in
+OUT/converged-runs/recorded.json, as their committed report (converged-lr0.1/report.md) printed them;
+a kept run of the same name takes precedence.
 
 Only finished runs count (every epoch of the config evaluated); an unfinished one is listed as such.
 BP runs at K=2 only: it is the same algorithm at any K (tests/test_methods.py), so its K=2 runs are the
@@ -19,9 +27,13 @@ reference for K=4 too.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
+import yaml
+
+from fxreplay.checkpoint import write_text_atomic
 from fxreplay.report import write_report
 from fxreplay.runlog import RunMetrics, load_run
 
@@ -29,12 +41,20 @@ RATES = ("0.1", "0.01")
 ROWS = (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))
 SEEDS = (0, 1)
 LAST = 5  # epochs: the convergence check asks what BP gained in them
+KEPT = ("config.yaml", "metrics.jsonl")  # what a kept run holds
+CONFIG = Path("configs/resnet20_cifar10_5k.yaml")  # the setup when no kept run has its own copy
 
 
 def finished(run: RunMetrics) -> bool:
     epochs = run.config.get("train", {}).get("epochs")
     evaluated = [r for r in run.epochs if r.get("complete", True) and r.get("test_accuracy") is not None]
     return bool(epochs) and len(evaluated) >= epochs and not run.diverged
+
+
+def late_gain(run: RunMetrics) -> float:
+    """How much lower the best test error got in the last LAST epochs than before them (points)."""
+    errors = [100 * (1 - r["test_accuracy"]) for r in run.epochs if r.get("test_accuracy") is not None]
+    return min(errors[:-LAST]) - min(errors)
 
 
 def describe(config: dict) -> str:
@@ -54,38 +74,61 @@ def stat(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def main() -> None:
+def keep(live: Path, kept: Path) -> bool:
+    """Copy a finished run's files from its run directory into the kept runs (atomically: a kill leaves the
+    previous copy). True when ``live`` is a finished run."""
+    run = load_run("", 0, live)
+    if not finished(run):
+        return False
+    for name in KEPT:
+        write_text_atomic(kept / name, (live / name).read_text())
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=Path("benchmarks/runs"))
+    parser.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="the run directories' root")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    store = args.out / "converged-runs"
+    recorded_file = store / "recorded.json"
+    recorded = json.loads(recorded_file.read_text())["runs"] if recorded_file.is_file() else {}
 
     best: dict[tuple[str, str, int, int], float] = {}
     pending: list[str] = []
     late: dict[str, list[float]] = {}
-    setup = ""
+    configs: list[dict] = []
     for rate in RATES:
-        runs = []  # (method, K, directory) of this rate's finished runs, for its report
+        runs = []  # (method, K, kept directory) of this rate's kept runs, for its report
         for seed in SEEDS:
             for method, K in ROWS:
-                path = args.runs / f"converged-lr{rate}" / f"{method}-K{K}-s{seed}"
-                run = load_run(method, K, path)
-                if not finished(run):
-                    pending.append(f"lr {rate} {method.upper()} K={K} seed {seed} ({len(run.epochs)} epochs logged)")
-                    continue
-                runs.append((method, K, path))
-                setup = setup or describe(run.config)
-                best[rate, method, K, seed] = run.best_test_error  # type: ignore[assignment]  # finished: evaluated
-                if method == "bp":
-                    errors = [100 * (1 - r["test_accuracy"]) for r in run.epochs if r.get("test_accuracy") is not None]
-                    late.setdefault(rate, []).append(min(errors[:-LAST]) - min(errors))
+                name = f"{method}-K{K}-s{seed}"
+                live, kept = args.runs / f"converged-lr{rate}" / name, store / f"lr{rate}" / name
+                kept_now = keep(live, kept)
+                run = load_run(method, K, kept)
+                if finished(run):
+                    runs.append((method, K, kept))
+                    configs.append(run.config)
+                    best[rate, method, K, seed] = run.best_test_error  # type: ignore[assignment]  # finished: evaluated
+                    if method == "bp":
+                        late.setdefault(rate, []).append(late_gain(run))
+                elif f"{rate}/{name}" in recorded:
+                    entry = recorded[f"{rate}/{name}"]
+                    best[rate, method, K, seed] = entry["best_test_error"]
+                    if method == "bp":
+                        late.setdefault(rate, []).append(entry["late_gain"])
+                elif not kept_now:
+                    done = sum(r.get("test_accuracy") is not None for r in load_run(method, K, live).epochs)
+                    pending.append(f"lr {rate} {method.upper()} K={K} seed {seed} ({done} epochs evaluated)")
         if len(runs) == len(SEEDS) * len(ROWS):
             print("wrote", write_report(args.out / f"converged-lr{rate}", runs))
 
+    setup = describe(configs[0] if configs else yaml.safe_load(CONFIG.read_text()))
     columns = [(rate, K) for rate in RATES for K in (2, 4)]
     lines = ["# Converged CIFAR-10 comparison: summary", "",
              f"{setup} Produced by `python benchmarks/converged_summary.py` from the runs of "
-             "`bash benchmarks/cifar_converged.sh`.", "",
+             "`bash benchmarks/cifar_converged.sh` (kept in converged-runs/; the lr 0.1 runs' numbers as their "
+             "report printed them, to 0.01: converged-runs/recorded.json).", "",
              "## Best test error (%), mean ± sample std over seeds", "",
              "| method | " + " | ".join(f"lr {r}, K={K}" for r, K in columns) + " |",
              "|---|" + "---:|" * len(columns)]
@@ -111,8 +154,7 @@ def main() -> None:
               "(points, per seed; 0: its best came earlier): " + "; ".join(f"lr {r}: " + ", ".join(f"{v:.2f}" for v in late.get(r, [])) for r in RATES) + ".", ""]
     if pending:
         lines += ["## Not finished", "", *(f"- {p}" for p in pending), ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "converged-summary.md").write_text("\n".join(lines))
+    write_text_atomic(args.out / "converged-summary.md", "\n".join(lines))
     print("\n".join(lines))
 
 

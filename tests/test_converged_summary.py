@@ -1,0 +1,100 @@
+"""benchmarks/converged_summary.py: the converged comparison's numbers come from the runs kept in the
+repository, survive the loss of the run directories, and add up over sessions."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 6
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("converged_summary", ROOT / "benchmarks" / "converged_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(path: Path, method: str, K: int, seed: int, errors: list[float]) -> None:
+    """A run directory as `fxreplay compare` leaves it: config.yaml, metrics.jsonl with one evaluation
+    per epoch (test error ``errors[e]`` %), and a checkpoint (which is not kept)."""
+    path.mkdir(parents=True)
+    config = {"model": {"name": "resnet20"}, "data": {"name": "cifar10", "batch_size": 128, "subset": 5000},
+              "optim": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [0.5, 0.75]},
+              "partition": {"K": K}, "train": {"method": method, "epochs": EPOCHS, "seed": seed}}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    records = []
+    for e, err in enumerate(errors):
+        step = 40 * (e + 1)
+        records.append({"kind": "step", "step": step, "epoch": e, "loss": 2.0 - 0.1 * e, "wall": 10.0 * (e + 1),
+                        "stage_time": [0.1] * K, "memory_bytes": [1e6] * K})
+        records.append({"kind": "epoch", "epoch": e, "step": step, "train_loss": 2.0 - 0.1 * e, "wall": 10.0 * (e + 1),
+                        "samples_per_s": 500.0, "complete": True, "test_accuracy": 1 - err / 100})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "checkpoint.pt").write_bytes(b"not kept")
+
+
+def _cell(summary: str, heading: str, row: str, column: str) -> str:
+    section = summary.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    return rows[2 + [r[0] for r in rows[2:]].index(row)][rows[0].index(column)]
+
+
+def test_summary_from_kept_runs_and_recorded_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = _script()
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (out / "converged-runs").mkdir(parents=True)
+    (out / "converged-runs" / "recorded.json").write_text(json.dumps({"runs": {
+        "0.1/bp-K2-s0": {"best_test_error": 30.0, "late_gain": 0.1},
+        "0.1/bp-K2-s1": {"best_test_error": 34.0, "late_gain": 0.3},
+        "0.1/fr-K2-s0": {"best_test_error": 33.0}, "0.1/fr-K2-s1": {"best_test_error": 36.0}}}))
+    best = {}
+    for seed in (0, 1):
+        for i, (method, K) in enumerate(script.ROWS):
+            errors = [60.0 - 4 * e - i - 3 * seed for e in range(EPOCHS)]  # 4 points an epoch: 20 in the last 5
+            _run(runs / "converged-lr0.01" / f"{method}-K{K}-s{seed}", method, K, seed, errors)
+            best[method, K, seed] = min(errors)
+    # One lr 0.01 run stops early: it is listed, not counted.
+    shutil.rmtree(runs / "converged-lr0.01" / "ddg-K4-s1")
+    _run(runs / "converged-lr0.01" / "ddg-K4-s1", "ddg", 4, 1, [50.0, 45.0])
+    monkeypatch.chdir(tmp_path)
+
+    script.main(["--runs", str(runs), "--out", str(out)])
+    summary = (out / "converged-summary.md").read_text()
+
+    kept = out / "converged-runs" / "lr0.01" / "fr-K4-s1"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert not (out / "converged-runs" / "lr0.01" / "ddg-K4-s1").exists()
+    fr4 = [best["fr", 4, s] for s in (0, 1)]
+    assert _cell(summary, "Best test error", "FR", "lr 0.01, K=4") == \
+        f"{statistics.fmean(fr4):.2f} ± {statistics.stdev(fr4):.2f} (n=2)"
+    gaps = [best["fr", 2, s] - best["bp", 2, s] for s in (0, 1)]
+    assert _cell(summary, "Gap to BP", "FR − BP", "lr 0.01, K=2") == \
+        f"{statistics.fmean(gaps):.2f} ± {statistics.stdev(gaps):.2f} (n=2)"
+    assert _cell(summary, "Best test error", "DDG", "lr 0.01, K=4") == f"{best['ddg', 4, 0]:.2f} (n=1)"
+    assert _cell(summary, "Best test error", "FR", "lr 0.1, K=2") == "34.50 ± 2.12 (n=2)"
+    assert _cell(summary, "Best test error", "DDG", "lr 0.1, K=2") == "—"
+    assert "lr 0.1: 0.10, 0.30; lr 0.01: 20.00, 20.00." in summary
+    assert "- lr 0.01 DDG K=4 seed 1 (2 epochs evaluated)" in summary
+    assert not (out / "converged-lr0.01" / "report.md").exists()  # not every run finished
+
+    # The run directories are gone (a new machine); the last run is made there and the summary run again:
+    # the kept runs and the new one make the complete report.
+    shutil.rmtree(runs)
+    _run(runs / "converged-lr0.01" / "ddg-K4-s1", "ddg", 4, 1, [50.0 - e for e in range(EPOCHS)])
+    script.main(["--runs", str(runs), "--out", str(out)])
+    again = (out / "converged-summary.md").read_text()
+    assert _cell(again, "Best test error", "FR", "lr 0.01, K=4") == _cell(summary, "Best test error", "FR", "lr 0.01, K=4")
+    assert _cell(again, "Best test error", "DDG", "lr 0.01, K=4") == \
+        f"{statistics.fmean([best['ddg', 4, 0], 45.0]):.2f} ± {statistics.stdev([best['ddg', 4, 0], 45.0]):.2f} (n=2)"
+    pending = again.split("## Not finished", 1)[1]
+    assert "lr 0.1 DDG K=2 seed 0" in pending and "lr 0.01" not in pending
+    report = (out / "converged-lr0.01" / "report.md").read_text()
+    assert "| FR K=4 seed 1 | ok |" in report
