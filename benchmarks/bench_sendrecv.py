@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from fxreplay.executor.channel import Channel  # noqa: E402
+from fxreplay.executor.waits import WaitBoard  # noqa: E402
 from fxreplay.launch import run_distributed  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "sendrecv.json"
@@ -52,11 +53,14 @@ def _busy(seconds: float) -> None:
 
 
 def _channels(rank: int) -> tuple[Channel, Channel]:
-    """Rank 0 -> 1 and 1 -> 0, each on its own group (as the executor builds them)."""
+    """Rank 0 -> 1 and 1 -> 0, each on its own group, with the job's wait board (as the
+    executor builds them: its waits cost what they cost in training)."""
     up, down = dist.new_group([0, 1]), dist.new_group([0, 1])
     cpu = torch.device("cpu")
-    return (Channel(0, 1, up, cpu, 60.0, "rank 1"), Channel(1, 0, down, cpu, 60.0, "rank 0")) if rank == 0 else (
-        Channel(1, 0, down, cpu, 60.0, "rank 0"), Channel(0, 1, up, cpu, 60.0, "rank 1"))
+    board = WaitBoard.for_job(rank, lambda r: f"rank {r}")
+    return (Channel(0, 1, up, cpu, 60.0, "rank 1", board=board), Channel(1, 0, down, cpu, 60.0, "rank 0", board=board)) \
+        if rank == 0 else (Channel(1, 0, down, cpu, 60.0, "rank 0", board=board),
+                           Channel(0, 1, up, cpu, 60.0, "rank 1", board=board))
 
 
 def ping_pong(size: int, repeats: int) -> dict[str, float]:

@@ -11,8 +11,9 @@ Two ways in, one code path per rank:
   :func:`init_process_group` and run the same function directly.
 
 Failure: a rank that raises exits non-zero; one that is killed dies with its signal; one
-that stops answering makes its neighbours' receives time out after ``timeout`` seconds and
-*they* raise. In all cases torch elastic's agent sees the first failed worker within
+that stops answering makes the waits on it time out after ``timeout`` seconds and the
+waiting ranks raise, naming the rank that stopped answering (not one merely blocked behind it:
+:mod:`fxreplay.executor.waits`). In all cases torch elastic's agent sees the first failed worker within
 ``monitor_interval``, stops the others at once (SIGTERM, then SIGKILL: also a rank that ignores SIGTERM or is
 stopped),
 and :func:`run_distributed` raises a :class:`~fxreplay.errors.TrainingError` naming the first

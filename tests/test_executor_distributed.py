@@ -7,6 +7,7 @@ compares. The rank functions are module-level: they are pickled to the spawned r
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -373,6 +374,19 @@ def test_a_silent_rank_ends_the_job_within_the_timeout(how: str, tmp_path: Path)
         run_distributed(_rank_dies, nproc=2, args=(how, 1, 3, 4.0, str(stamp)), threads=1, timeout=4.0)
     assert _seconds_since_event(stamp) < 4.0 + 4.0  # the receive timeout + slack
     assert _children() <= before
+
+
+# Three stages, the last one silent: rank 0 has waited longest (for rank 1's δ, which rank 1
+# cannot send before rank 2's), so its wait may run out first; the error must still name rank 2,
+# not rank 1, which is only blocked behind it (executor/waits.py).
+@pytest.mark.parametrize("how, state", [("hang", "is alive and waits for no other rank"), ("stop", "has given no sign of life")])
+def test_a_rank_blocked_behind_a_silent_one_is_not_blamed(how: str, state: str, tmp_path: Path) -> None:
+    _failure_logging_loaded()
+    with pytest.raises(TrainingError) as info:
+        run_distributed(_rank_dies, nproc=3, args=(how, 2, 3, 4.0, str(tmp_path / "event")), threads=1, timeout=4.0)
+    message = str(info.value)
+    assert re.search(r"rank 2 \(stage 2\),? (which )?" + state, message), message
+    assert not re.search(r"rank 1 \(stage 1\),? (which )?(is alive|has given)", message), message
 
 
 def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:

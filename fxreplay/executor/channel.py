@@ -39,6 +39,7 @@ iteration would block the activations coming up the same pair.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import time
 from datetime import timedelta
@@ -48,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TrainingError
+from .waits import WaitBoard
 
 __all__ = ["Channel", "EVAL_BATCH", "encode_spec", "decode_spec"]
 
@@ -175,6 +177,9 @@ class Channel:
         timeout: seconds a receive (or the delivery of a send) waits before it gives up.
         name: who is at the other end, for error messages (``"rank 1 (stage 1)"``).
         record: optional ``record(kind, start, end, label)`` for the timeline.
+        board: optional job-wide note of who waits for whom
+            (:class:`~fxreplay.executor.waits.WaitBoard`): a wait that times out then names the
+            rank that stopped answering, also when the peer is only blocked behind it.
     """
 
     MAX_IN_FLIGHT = 3
@@ -182,8 +187,11 @@ class Channel:
     (FR and DDG carry one δ into the next step: two would do)."""
 
     def __init__(self, src: int, dst: int, group: Any, device: torch.device, timeout: float,
-                 name: str, record: Clock | None = None) -> None:
+                 name: str, record: Clock | None = None, board: WaitBoard | None = None) -> None:
         self.src, self.dst, self.group, self.device = src, dst, group, device
+        self.peer = dst if dist.get_rank() == src else src
+        self.board = board
+        self._waiting = board.waiting_for([self.peer]) if board is not None else contextlib.nullcontext()
         self.timeout = timeout
         self.name = name
         self.record = record
@@ -317,12 +325,16 @@ class Channel:
         return got, tuple(values)
 
     def _wait(self, work: Any, doing: str) -> None:
-        try:
-            ok = work.wait(timedelta(seconds=self.timeout))
-        except RuntimeError as exc:
-            raise _failure(doing, self.name, self.timeout, exc) from exc
-        if ok is False:
-            raise TrainingError(f"could not {doing} {self.name} within {self.timeout:g} s: that rank failed or stopped answering")
+        board = self.board
+        with self._waiting:
+            try:
+                ok = work.wait(timedelta(seconds=self.timeout))
+            except RuntimeError as exc:
+                why = board.explain([self.peer], self.timeout) if board is not None and timed_out(exc) else None
+                raise _failure(doing, self.name, self.timeout, exc, why) from exc
+            if ok is False:
+                why = board.explain([self.peer], self.timeout) if board is not None else "that rank failed or stopped answering"
+                raise TrainingError(f"could not {doing} {self.name} within {self.timeout:g} s: {why}")
 
 
 def _buffers(spec: Spec, device: torch.device) -> list[torch.Tensor]:
@@ -334,8 +346,17 @@ def _buffers(spec: Spec, device: torch.device) -> list[torch.Tensor]:
     ]
 
 
-def _failure(doing: str, name: str, timeout: float, exc: BaseException) -> TrainingError:
+def timed_out(exc: BaseException) -> bool:
+    """Whether a failed wait ran out of time (gloo: "Timed out waiting", NCCL: "timeout"), as
+    opposed to a peer that closed its connection (it died: nothing to diagnose)."""
+    return "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+
+
+def _failure(doing: str, name: str, timeout: float, exc: BaseException, why: str | None = None) -> TrainingError:
+    """A failed wait as one paragraph; ``why``: who stopped answering, when the wait board could tell."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if why is not None:
+        return TrainingError(f"could not {doing} {name} within {timeout:g} s: {why} ({first})")
     return TrainingError(
         f"could not {doing} {name} within {timeout:g} s: that rank failed, was killed or stopped answering "
         f"({first}). See its own error above; raise the timeout if a stage is legitimately this slow"

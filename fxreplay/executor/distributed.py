@@ -63,17 +63,18 @@ from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_eq
 from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng, kept_buffers
 from ..timeline import Recorder, Timeline
-from .channel import EVAL_BATCH, Channel
+from .channel import EVAL_BATCH, Channel, timed_out
 from .syncbn import sync_batchnorm as sync_batchnorm_over
+from .waits import WaitBoard
 
 __all__ = ["DistributedExecutor"]
 
 _FORMAT = 1
 _CHANNEL_GROUP_TIMEOUT = timedelta(days=1)
 # The replicas' all-reduce waits this many timeouts. A silent rank's pipeline neighbour waits
-# on it directly and, with this margin, is the first to give up, naming it; a replica's
-# all-reduce may be waiting on a peer that is itself blocked behind the silent rank (both K=2
-# x D=2 cases in tests/test_mesh.py), and would name that peer instead.
+# on it directly and, with this margin, is the first to give up, naming it. (A wait that runs
+# out first still names the silent rank, from the wait board, even through a peer blocked
+# behind it; the margin keeps the first error the most direct one.)
 _REDUCE_PATIENCE = 2
 
 
@@ -142,17 +143,10 @@ class _RankReplicas:
             have = grad is not None
             flat = torch.cat([(grad if grad is not None else torch.zeros_like(p)).detach().reshape(-1),
                               torch.ones(1, dtype=p.dtype, device=p.device) * float(have)])
-            work = dist.all_reduce(flat, group=group, async_op=True)
-            try:
-                assert work is not None
-                work.wait(timedelta(seconds=self.ex.timeout))
-            except Exception as exc:
-                others = ", ".join(str(r) for r in ranks if r != self.ex.rank)
-                raise TrainingError(
-                    f"could not sum the gradient of {name} (shared with rank(s) {others}) within "
-                    f"{self.ex.timeout:g} s: a holder failed, was killed or stopped answering ({exc}). See its own "
-                    "error above; raise the timeout if a stage is legitimately this slow"
-                ) from exc
+            others = ", ".join(str(r) for r in ranks if r != self.ex.rank)
+            self.ex._wait_collective(
+                dist.all_reduce(flat, group=group, async_op=True), ranks, self.ex.timeout,
+                f"sum the gradient of {name} (shared with rank(s) {others})", "a holder")
             if float(flat[-1]) > 0:
                 p.grad = flat[:-1].view_as(p)
                 summed = True
@@ -246,6 +240,7 @@ class _RankDataParallel:
         self.ex = ex
         self.timeout = _REDUCE_PATIENCE * ex.timeout
         self.group: Any = None
+        self.ranks: list[int] = []
         self.peers = ""
         self.buckets = _buckets(ex.worker.params, bucket_bytes)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
@@ -258,7 +253,7 @@ class _RankDataParallel:
             ranks = [d * ex.num_stages + k for d in range(ex.dp)]
             group = dist.new_group(ranks, timeout=timedelta(seconds=self.timeout))
             if k == ex.stage:
-                self.group = group
+                self.group, self.ranks = group, ranks
                 self.peers = ", ".join(ex._who(r) for r in ranks if r != ex.rank)  # who a timeout may be waiting on
         ex.worker.data_parallel = self
         # The buffers, which no all-reduce keeps equal: BatchNorm's running statistics (each
@@ -287,14 +282,8 @@ class _RankDataParallel:
                     self._wait(dist.broadcast(buffer, src=self.ex.stage, group=self.group, async_op=True), "copy buffers")
 
     def _wait(self, work: Any, doing: str) -> None:
-        try:
-            assert work is not None
-            work.wait(timedelta(seconds=self.timeout))
-        except Exception as exc:
-            raise TrainingError(
-                f"could not {doing} of stage {self.ex.stage} over its {self.ex.dp} replicas with {self.peers} within "
-                f"{self.timeout:g} s: a replica failed, was killed or stopped answering ({exc}). See its own error above"
-            ) from exc
+        self.ex._wait_collective(work, self.ranks, self.timeout,
+                                 f"{doing} of stage {self.ex.stage} over its {self.ex.dp} replicas with {self.peers}", "a replica")
 
     def accumulated(self, p: torch.Tensor) -> None:
         """``p``'s gradient of this backward is in: start its bucket's all-reduce once it is complete."""
@@ -418,6 +407,10 @@ class DistributedExecutor:
         if measure_memory:
             self.worker.meter = MemoryMeter(exclude=self.worker.params)
         self.recorder = Recorder(rank) if record_timeline else None
+        # Who waits for whom, so that a timeout names the rank that stopped answering.
+        self._board = WaitBoard.for_job(rank, self._who)
+        if self._board is not None:
+            weakref.finalize(self, self._board.close)
         self._build_channels()
         self._replicas = _RankReplicas(self)
         self._dp = _RankDataParallel(self, bucket_bytes) if dp > 1 else None
@@ -466,12 +459,13 @@ class DistributedExecutor:
                 a, b = base + k, base + k + 1
                 up = dist.new_group([a, b], timeout=_CHANNEL_GROUP_TIMEOUT)
                 down = dist.new_group([a, b], timeout=_CHANNEL_GROUP_TIMEOUT)
+                board = self._board
                 if self.rank == a:
-                    self._up_out = Channel(a, b, up, wire, self.timeout, self._who(b), rec)
-                    self._down_in = Channel(b, a, down, wire, self.timeout, self._who(b), rec)
+                    self._up_out = Channel(a, b, up, wire, self.timeout, self._who(b), rec, board)
+                    self._down_in = Channel(b, a, down, wire, self.timeout, self._who(b), rec, board)
                 elif self.rank == b:
-                    self._up_in = Channel(a, b, up, wire, self.timeout, self._who(a), rec)
-                    self._down_out = Channel(b, a, down, wire, self.timeout, self._who(a), rec)
+                    self._up_in = Channel(a, b, up, wire, self.timeout, self._who(a), rec, board)
+                    self._down_out = Channel(b, a, down, wire, self.timeout, self._who(a), rec, board)
         # Objects (evaluation outputs, timelines, stats) go over gloo whatever the backend.
         control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
         self._control: dist.ProcessGroup | None = control if isinstance(control, dist.ProcessGroup) else None
@@ -632,6 +626,29 @@ class DistributedExecutor:
         if isinstance(exc, FxReplayError):
             return exc if str(exc).startswith(f"rank {self.rank} ") else type(exc)(f"{self._who(self.rank)}, {doing}: {exc}")
         return TrainingError(f"{self._who(self.rank)} failed in {doing}{context}: {type(exc).__name__}: {exc}{after}")
+
+    def _wait_collective(self, work: Any, ranks: Sequence[int], timeout: float, doing: str, member: str) -> None:
+        """Wait (at most ``timeout`` seconds) for a collective this rank runs with ``ranks``.
+
+        Raises:
+            TrainingError: it did not complete: names the rank that stopped answering when the
+                wait board can tell (``member``: what a participant is called otherwise).
+        """
+        others = [r for r in ranks if r != self.rank]
+        board = self._board
+        with board.waiting_for(others) if board is not None else contextlib.nullcontext():
+            try:
+                assert work is not None
+                work.wait(timedelta(seconds=timeout))
+            except Exception as exc:
+                if board is not None and timed_out(exc):
+                    why = board.explain(others, timeout)
+                else:
+                    why = f"{member} failed, was killed or stopped answering"
+                raise TrainingError(
+                    f"could not {doing} within {timeout:g} s: {why} ({exc}). See its own error above; raise the timeout "
+                    "if a stage is legitimately this slow"
+                ) from exc
 
     def _who(self, rank: int) -> str:
         """A rank as messages name it: its stage, and its replica on a K × D mesh."""
@@ -865,6 +882,14 @@ class DistributedExecutor:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._finish_streams()
+        finally:
+            if self._board is not None:
+                self._board.close()
+
+    def _finish_streams(self) -> None:
+        """What :meth:`close` does, before it stops the wait board's heartbeat."""
         self._send_resumed()
         t = self.step_count - 1
         for kind, src, offset in sorted(self._carried_keys):
