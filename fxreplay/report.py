@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fxreplay import methods, plots
+from fxreplay import methods
 from fxreplay.compiler.plan import format_bytes
 from fxreplay.runlog import RunGroup, RunMetrics, group_runs, label, load_run, steps_per_epoch
 
@@ -212,6 +212,8 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     Returns:
         The path of ``report.md``.
     """
+    from fxreplay import plots  # matplotlib: loaded only by what draws
+
     out_dir.mkdir(parents=True, exist_ok=True)
 
     loaded = [load_run(m, K, p) for m, K, p in runs]

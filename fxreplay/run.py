@@ -26,7 +26,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fxreplay import methods, plots
+from fxreplay import methods
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
 from fxreplay.data import build_datasets, check_labels, example_batch, labels_only, make_loader, num_classes_of, replica_shard
@@ -507,6 +507,8 @@ class _Run:
                 # the last 50 iterations: enough to see the steady state, small on disk
                 (self.run_dir.path / "timeline.json").write_text(json.dumps(timeline.window(max(0, self.step - 50)).to_json()))
                 shown = timeline.window(max(0, self.step - 4))
+                from fxreplay import plots  # matplotlib: loaded only by what draws
+
                 plots.gantt(shown, self.run_dir.path / "timeline.png",
                             title=f"{self.cfg.train.method} K={self.pipe.K}: the last iterations, per rank")
                 self.console.print(shown.render_text(width=max(40, self.console.width - 12)), highlight=False)

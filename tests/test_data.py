@@ -200,6 +200,62 @@ def test_digits_split_and_scaling() -> None:
     assert not torch.equal(digits(train=False, seed=1).tensors[1], test.tensors[1])
 
 
+def test_the_cached_split_is_sklearns_and_a_damaged_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module = importlib.import_module("fxreplay.data.digits")  # the module (the package's ``digits`` is the function)
+
+    def both() -> list[TensorDataset]:
+        return [digits(train=True), digits(train=False)]
+
+    monkeypatch.setenv("FXREPLAY_CACHE_DIR", "")  # off: sklearn's split, computed now
+    fresh = both()
+    monkeypatch.setenv("FXREPLAY_CACHE_DIR", str(tmp_path / "cache"))
+    assert both()[0].tensors[0].shape == (1437, 1, 8, 8)
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert cached.name.startswith("digits-split0-sklearn") and cached.suffix == ".npz"
+
+    def same(got: list[TensorDataset]) -> bool:
+        return all(torch.equal(a, b) for g, f in zip(got, fresh) for a, b in zip(g.tensors, f.tensors))
+
+    def no_sklearn(seed: int) -> None:
+        raise AssertionError("the cache was not used")
+
+    with monkeypatch.context() as m:  # a cache hit never calls sklearn, and gives its arrays bit for bit
+        m.setattr(module, "_split_with_sklearn", no_sklearn)
+        assert same(both())
+    good = cached.read_bytes()
+    for damage in (good[: len(good) // 2], b"", b"not an npz"):  # a killed writer, an empty file, garbage
+        cached.write_bytes(damage)
+        assert same(both()) and cached.read_bytes() == good  # recomputed and rewritten
+    arrays = dict(np.load(cached))  # a well-formed file with the wrong contents is not trusted either
+    np.savez(cached, arrays["arr_0"][:10], arrays["arr_1"][:10], arrays["arr_2"], arrays["arr_3"])
+    assert same(both()) and cached.read_bytes() == good
+    (tmp_path / "a file").write_text("")  # a cache directory that cannot be made: no cache, the same data
+    monkeypatch.setenv("FXREPLAY_CACHE_DIR", str(tmp_path / "a file" / "cache"))
+    assert same(both())
+
+
+def test_the_offline_default_loads_neither_torchvision_nor_matplotlib_nor_sklearn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each costs seconds in every process of a run (every rank): only what needs them loads them.
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FXREPLAY_CACHE_DIR", str(tmp_path))
+    digits()  # the split cached, as the first process of a run leaves it
+    env = {**os.environ, "FXREPLAY_CACHE_DIR": str(tmp_path)}
+    code = ("import sys, fxreplay.run, fxreplay.executor.distributed, cli.app\n"
+            "from fxreplay.config import DataConfig\n"
+            "from fxreplay.data import build_datasets\n"
+            "build_datasets(DataConfig(name='digits'))\n"
+            "print(sorted(m for m in ('torchvision', 'matplotlib', 'sklearn') if m in sys.modules))")
+    root = str(Path(__file__).resolve().parents[1])
+    again = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert again.stdout.split() == ["[]"], again.stdout
+
+
 def test_build_datasets_digits() -> None:
     train, test = build_datasets(DataConfig(name="digits"))
     assert (len(train), len(test)) == (1437, 360)  # type: ignore[arg-type]

@@ -27,9 +27,10 @@ Example:
 """
 from __future__ import annotations
 
+from typing import Any
+
+from .catalog import NUM_CLASSES, INPUT_SHAPE
 from .sets import (
-    NUM_CLASSES,
-    INPUT_SHAPE,
     parse_spec,
     user_datasets,
     build_datasets,
@@ -38,16 +39,7 @@ from .sets import (
     check_labels,
     subset_indices,
 )
-from .images import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    cifar,
-    cifar_transform,
-    digits,
-    torchvision_dataset,
-    image_transform,
-    image_folders,
-)
+from .digits import digits
 from .text import (
     TEXT_VOCAB,
     DEFAULT_CORPUS_BYTES,
@@ -96,3 +88,16 @@ __all__ = [
     "replica_shard",
     "ReplicaShard",
 ]
+
+# Read with torchvision, whose import costs seconds in every process of a run: loaded on first
+# use (``fxreplay.data.cifar``, ``from fxreplay.data import cifar``), not with the package.
+_FROM_IMAGES = {"IMAGE_MEAN", "IMAGE_STD", "cifar", "cifar_transform", "torchvision_dataset", "image_transform",
+                "image_folders", "UnverifiedCIFAR10", "UnverifiedCIFAR100"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_IMAGES:
+        from . import images
+
+        return getattr(images, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

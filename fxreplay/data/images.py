@@ -1,5 +1,9 @@
-"""Image data sets: torchvision's CIFAR (the paper's augmentation), sklearn's digits, any
-torchvision data set class (``torchvision:NAME``) and image folders (``imagefolder:DIR``)."""
+"""Image data sets read with torchvision: CIFAR (the paper's augmentation), any torchvision data
+set class (``torchvision:NAME``) and image folders (``imagefolder:DIR``).
+
+Importing torchvision costs seconds (it loads ``torch._dynamo``), in every process of a run:
+:mod:`fxreplay.data` imports this module only when such a data set is used (the offline
+default, sklearn's digits, is in :mod:`fxreplay.data.digits`)."""
 from __future__ import annotations
 
 import difflib
@@ -9,21 +13,16 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fxreplay.errors import DataError, FxReplayError
 
+from .catalog import _CIFAR_STATS
 
-# Per-channel statistics of each training set (pixels in [0, 1]); the values everyone uses.
-_CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -159,31 +158,6 @@ def cifar(
             f"{name} files in {where} are unreadable ({type(exc).__name__}: {exc}); they "
             f"should be pickled dicts as in the official archive. {_advice(name, root)}"
         ) from exc
-
-
-# -------------------------------------------------------------------------- digits
-
-
-def digits(train: bool = True, seed: int = 0) -> TensorDataset:
-    """sklearn's 1,797 8x8 handwritten digits, split 80/20 stratified by class.
-
-    Pixels (0..16) are scaled to [0, 1], then standardised with the training split's mean
-    and std (so test data never leaks into the statistics). Inputs are float32 (N, 1, 8, 8),
-    labels int64. The split depends only on ``seed``: keep it fixed across runs you compare.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = np.asarray(bunch.data, dtype=np.float32) / 16.0
-    y = np.asarray(bunch.target, dtype=np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=seed
-    )
-    mean, std = float(x_train.mean()), float(x_train.std())
-    xs, ys = (x_train, y_train) if train else (x_test, y_test)
-    inputs = torch.from_numpy((xs - mean) / std).reshape(-1, 1, 8, 8)
-    return TensorDataset(inputs, torch.from_numpy(ys))
 
 
 # ---------------------------------------------------------------- torchvision:NAME

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset, Subset, default_collate
 
 from fxreplay.errors import DataError, FxReplayError, ModelLoadError
 
-from .images import _CIFAR_STATS, _torchvision_datasets, cifar, digits, image_folders, torchvision_dataset
+from .catalog import _CIFAR_STATS, NUM_CLASSES
+from .digits import digits
 from .loaders import _labels
 from .text import text_datasets
 
@@ -21,15 +22,6 @@ if TYPE_CHECKING:
     from fxreplay.config import DataConfig
 
 
-NUM_CLASSES: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
-"""Classes of the data sets named without a prefix (:func:`num_classes_of` reads any set's)."""
-
-INPUT_SHAPE: dict[str, tuple[int, ...]] = {
-    "digits": (1, 8, 8),
-    "cifar10": (3, 32, 32),
-    "cifar100": (3, 32, 32),
-}
-"""Shape of one example (no batch dimension) of the data sets named without a prefix."""
 
 
 _PREFIXED = ("torchvision", "imagefolder", "text")
@@ -61,6 +53,8 @@ def parse_spec(name: str) -> tuple[str, str]:
         return prefix, rest
     if colon and prefix and rest:
         return "function", name
+    from .images import _torchvision_datasets  # torchvision: only now, for the hint
+
     close = [f"torchvision:{n}" for n in _torchvision_datasets() if n.lower() == name.lower()]
     close = close or difflib.get_close_matches(name, list(NUM_CLASSES), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -133,6 +127,8 @@ def build_datasets(config: DataConfig) -> tuple[Dataset[Any], Dataset[Any]]:
         # share one test set.
         train, test = digits(train=True), digits(train=False)
     elif kind in _CIFAR_STATS:
+        from .images import cifar  # torchvision is imported only for the data sets that need it
+
         train, test = (
             cifar(
                 kind,
@@ -145,8 +141,12 @@ def build_datasets(config: DataConfig) -> tuple[Dataset[Any], Dataset[Any]]:
             for is_train in (True, False)
         )
     elif kind == "torchvision":
+        from .images import torchvision_dataset
+
         train, test = (torchvision_dataset(arg, config.root, train=is_train, download=config.download) for is_train in (True, False))
     elif kind == "imagefolder":
+        from .images import image_folders
+
         train, test = image_folders(arg)
     elif kind == "text":
         train, test = text_datasets(arg, config.block_size)
