@@ -816,15 +816,19 @@ def shared_state(gm: fx.GraphModule) -> list[SharedState]:
     names: dict[int, str] = {}
     sizes: dict[int, int] = {}
     pinned: set[int] = set()  # state that cannot be copied between stages
+    modules = dict(gm.named_modules(remove_duplicate=False))  # one walk, not one look-up per node
     for node in gm.graph.nodes:
         state: list[tuple[str, torch.Tensor, bool]] = []  # (name, tensor, pinned)
         at: list[fx.Node] = [node]
         if node.op == "call_module":
-            sub = gm.get_submodule(str(node.target))
-            state = [(f"{node.target}.{n}", p, False) for n, p in sub.named_parameters(remove_duplicate=False)]
-            # A module's own buffers may be written by its forward (BatchNorm's statistics):
-            # a module reused across stages could not keep one copy of them.
-            state += [(f"{node.target}.{n}", b, True) for n, b in sub.named_buffers(remove_duplicate=False)]
+            target = str(node.target)
+            sub = modules[target] if target in modules else gm.get_submodule(target)
+            # Its parameters and, pinned, its buffers (a module's own buffers may be written by
+            # its forward, as BatchNorm's statistics: a module reused across stages could not
+            # keep one copy of them), every submodule's included, in one walk.
+            for path, m in sub.named_modules(prefix=target, remove_duplicate=False):
+                state += [(f"{path}.{n}", p, False) for n, p in m._parameters.items() if p is not None]
+                state += [(f"{path}.{n}", b, True) for n, b in m._buffers.items() if b is not None]
         elif node.op == "get_attr":
             value = _get_attr(gm, str(node.target))
             if isinstance(value, torch.Tensor):
