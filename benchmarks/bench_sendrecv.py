@@ -57,7 +57,7 @@ def _channels(rank: int) -> tuple[Channel, Channel]:
     executor builds them: its waits cost what they cost in training)."""
     up, down = dist.new_group([0, 1]), dist.new_group([0, 1])
     cpu = torch.device("cpu")
-    board = WaitBoard.for_job(rank, lambda r: f"rank {r}")
+    board = WaitBoard.for_job(rank, lambda r: f"rank {r}") if _WAIT_BOARD[0] else None
     return (Channel(0, 1, up, cpu, 60.0, "rank 1", board=board), Channel(1, 0, down, cpu, 60.0, "rank 0", board=board)) \
         if rank == 0 else (Channel(1, 0, down, cpu, 60.0, "rank 0", board=board),
                            Channel(0, 1, up, cpu, 60.0, "rank 1", board=board))
@@ -126,7 +126,11 @@ def overlap(size: int, repeats: int, compute: float) -> dict[str, float]:
     return {"raw_wait": statistics.median(raw_wait[2:]), "channel_wait": statistics.median(chan_wait[2:])}
 
 
-def rank_main(sizes: list[int], repeats: int, compute: float) -> dict[int, Any]:
+_WAIT_BOARD = [True]  # set in each rank by rank_main (--no-wait-board)
+
+
+def rank_main(sizes: list[int], repeats: int, compute: float, wait_board: bool = True) -> dict[int, Any]:
+    _WAIT_BOARD[0] = wait_board
     out = {}
     for size in sizes:
         out[size] = {**ping_pong(size, repeats), **overlap(size, repeats, compute)}
@@ -138,8 +142,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--compute", type=float, default=0.03, help="seconds each rank computes between messages (overlap test)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--no-wait-board", action="store_true",
+                        help="Channels without the job's wait board (what the board costs: run both, alternated)")
     args = parser.parse_args()
-    results = run_distributed(rank_main, nproc=2, args=(SIZES, args.repeats, args.compute), threads=1, timeout=120.0)
+    results = run_distributed(rank_main, nproc=2, args=(SIZES, args.repeats, args.compute, not args.no_wait_board),
+                              threads=1, timeout=120.0)
     rows = []
     print(f"{'message':>9} {'raw ms':>8} {'Channel ms':>10} {'ratio':>6} {'GB/s':>6} | wait after {args.compute * 1e3:.0f} ms compute: {'raw ms':>7} {'Channel ms':>10}")
     for size in SIZES:

@@ -822,7 +822,7 @@ def shared_state(gm: fx.GraphModule) -> list[SharedState]:
         at: list[fx.Node] = [node]
         if node.op == "call_module":
             target = str(node.target)
-            sub = modules[target] if target in modules else gm.get_submodule(target)
+            sub = modules[target]
             # Its parameters and, pinned, its buffers (a module's own buffers may be written by
             # its forward, as BatchNorm's statistics: a module reused across stages could not
             # keep one copy of them), every submodule's included, in one walk.

@@ -72,7 +72,8 @@ def _split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """The cached split, or None when it is missing or not exactly what the split gives."""
+    """The cached split, or None when it is missing, unreadable or not a well-formed split
+    (shapes, dtypes, pixel and label ranges; the file name carries the seed and sklearn's version)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             x_train, y_train, x_test, y_test = (f[f"arr_{i}"] for i in range(4))
