@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.console import err, fail, out
-from cli.options import DpOption, SyncBatchnormOption, BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import SigmaEveryOption, TrustPlanCodeOption, OverwriteOption, DpOption, SyncBatchnormOption, BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError
 from fxreplay.methods import METHODS
 
@@ -42,13 +42,15 @@ def _boundaries(items: list[str]) -> dict[int, list[str]]:
 
 def compare(
     config: Annotated[Optional[Path], typer.Option(help="YAML config shared by every run (default: the offline quick start)")] = None,
-    methods: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(METHODS)}")] = ",".join(METHODS),
+    methods: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(METHODS)}; a delayed method with staleness "
+                                              "compensation as fr+auto, fr+predict+spike, ddg+auto")] = ",".join(METHODS),
     K: Annotated[str, typer.Option("--K", "-K", help="comma-separated numbers of stages, e.g. 2,4")] = "2,4",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="runs, report.md and figures [default: reports/<model>]")] = None,
     force: Annotated[bool, typer.Option(help="re-run finished runs instead of reusing them")] = False,
+    overwrite: OverwriteOption = False,
     epochs: Annotated[Optional[int], typer.Option(help="override train.epochs")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="override train.max_steps (iterations per run)")] = None,
-    sigma_every: Annotated[Optional[int], typer.Option(help="measure σ every N iterations (the paper's Fig. 3; costs a BP pass each)")] = None,
+    sigma_every: SigmaEveryOption = None,
     seeds: Annotated[Optional[str], typer.Option(
         help="comma-separated seeds, e.g. 0,1,2: every (method, K) once per seed (initial weights, data order); "
              "tables give mean ± std [default: the config's train.seed, once]")] = None,
@@ -73,7 +75,7 @@ def compare(
     from fxreplay.config import apply_overrides, load_config
 
     try:
-        method_list = _csv(methods, "--methods", r"[a-z0-9_]+", "bp,fr")
+        method_list = _csv(methods, "--methods", r"[a-z0-9_]+(\+[a-z]+(=[0-9.]+)?)*", "bp,fr,fr+auto")
         Ks = [int(k) for k in _csv(K, "--K", r"\d+", "2,4")]
         seed_list = None if seeds is None else [int(s) for s in _csv(seeds, "--seeds", r"\d+", "0,1,2")]
         cfg = load_config(config)
@@ -83,7 +85,8 @@ def compare(
         cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
         target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)
         pinned = _boundaries(boundaries or [])
-        result = run_compare(cfg, method_list, Ks, target, force=force, console=err, boundaries=pinned, seeds=seed_list)
+        result = run_compare(cfg, method_list, Ks, target, force=force, console=err, boundaries=pinned, seeds=seed_list,
+                             overwrite=overwrite, config_file=config)
     except FxReplayError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
@@ -100,6 +103,7 @@ def show(
     plan_dir: Annotated[Path, typer.Argument(help="a plan directory (or plan.yaml)")],
     png: Annotated[Optional[Path], typer.Option(help="where to draw the graph [default: PLAN_DIR/graph.png]")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="only print the stage table (no model needed)")] = False,
+    trust_plan_code: TrustPlanCodeOption = False,
 ) -> None:
     """Print a plan's stage table and draw its graph, coloured by stage, with the bytes on each cut edge."""
     from cli.render import plan_table
@@ -107,18 +111,25 @@ def show(
 
     try:
         plan = Plan.load(plan_dir)
+        if not (no_png or trust_plan_code):
+            from fxreplay.compiler import check_plan_code
+
+            check_plan_code(plan, plan_dir)  # before the table: a refusal is one paragraph
     except FxReplayError as exc:
         raise fail(exc) from None
     out.print(plan_table(plan, width=out.width))
     if no_png:
         return
+    from fxreplay.checkpoint import refuse_links
     from fxreplay.compiler import load
+    from fxreplay.compiler.plan import GRAPH_FILE
     from fxreplay.show import draw_plan
 
-    target = png or (plan_dir if plan_dir.is_dir() else plan_dir.parent) / "graph.png"
+    target = png or (plan_dir if plan_dir.is_dir() else plan_dir.parent) / GRAPH_FILE
     try:
+        refuse_links(target.parent, [target.name], "plan directory" if png is None else "directory", "--png")  # before tracing
         with err.status(f"tracing {plan.model.spec or 'the model'} to draw the graph ...", spinner="dots"):
-            written = draw_plan(load(plan_dir), target)
+            written = draw_plan(load(plan_dir, trust_code=trust_plan_code), target)
     except FxReplayError as exc:
         raise fail(exc) from None
     out.print(f"wrote {written}")

@@ -46,7 +46,7 @@ def plan_table(plan: Plan, width: int = WIDE) -> Group:
     table = Table(title=f"{plan.model.spec or 'model'}: K={plan.K}, cost={plan.cost}, method={plan.method}",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     columns = ["#"] + (["first → last node"] if wide else []) + [
-        "nodes", "fwd", "bwd", "params", "sends", "memory", "%max", "device"]
+        "nodes", "fwd", "bwd", "param bytes", "sends", "memory", "%max", "device"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("first → last node", "device") else "right", no_wrap=True)
     for s in plan.stages:
@@ -57,8 +57,8 @@ def plan_table(plan: Plan, width: int = WIDE) -> Group:
             _bytes(s.boundary_bytes) if s.index < plan.K - 1 else "-",
             _bytes(s.memory_bytes), f"{share:.0f}", s.device,
         )
-    table.caption = ("fwd/bwd: FLOPs per batch; params, sends (into the next stage) and memory (predicted, with "
-                     "optimizer state): bytes; %max: predicted cost / bottleneck")
+    table.caption = ("fwd/bwd: FLOPs per batch; param bytes (the stage's weights), sends (into the next stage) and "
+                     "memory (predicted, with optimizer state): bytes; %max: predicted cost / bottleneck")
     parts: list[Any] = [table]
     if not wide:
         parts += [Text(f"stage {s.index}: {s.nodes[0]} → {s.nodes[-1]}") for s in plan.stages]
@@ -66,6 +66,9 @@ def plan_table(plan: Plan, width: int = WIDE) -> Group:
     for name in shared:
         holders = ", ".join(str(s.index) for s in plan.stages if name in s.replicas)
         parts.append(Text.assemble(("shared: ", "bold"), f"{name} has a copy in stages {holders} (gradients summed before each update)"))
+    if plan.model.opaque:
+        parts.append(Text.assemble(("opaque: ", "bold"), f"{', '.join(plan.model.opaque)} (torch.fx could not trace them: "
+                                   "each runs as one node, no stage boundary inside)"))
     parts.append(Text.assemble(
         ("balance: ", "bold"), f"bottleneck / mean = {plan.balance:.3f}",
         (f"   {PROPOSED.label} speed-up bound vs {REFERENCE.label} on one device, by FLOPs: ", "bold"),
@@ -111,5 +114,6 @@ def run_summary(cfg: Any, result: Any) -> Table:
             table.add_row(key.replace("_", " ") + per_token, f"{value:.2%}")
         else:
             table.add_row(key.replace("_", " "), f"{value:.2f}" if "perplexity" in key else f"{value:.4f}")
-    table.add_row("outputs", f"{result.out}/metrics.jsonl, checkpoint.pt, model.pt, plan/")
+    written = [name for name in ("timeline.json", "timeline.png") if (Path(result.out) / name).is_file()]  # one rank per stage
+    table.add_row("outputs", ", ".join([f"{result.out}/metrics.jsonl", "checkpoint.pt", "model.pt", "plan/", *written]))
     return table

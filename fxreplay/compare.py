@@ -28,6 +28,7 @@ PosixPath('reports/r20/report.md')
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,9 +39,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fxreplay import methods
-from fxreplay.checkpoint import CHECKPOINT_FILE
+from fxreplay.checkpoint import CHECKPOINT_FILE, foreign_entries, refuse_links
 from fxreplay.config import Config, load_config, to_dict
-from fxreplay.errors import ConfigError, DivergenceError, TrainingError
+from fxreplay.errors import ConfigError, DivergenceError, FxReplayError, TrainingError
 
 __all__ = ["RunOutcome", "CompareResult", "run_dir", "run_config", "run_state", "compare"]
 
@@ -81,7 +82,8 @@ def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequ
     ``cfg``'s own); a method that needs ranks, or any method on D > 1 data-parallel
     replicas (``train.dp``), runs distributed, without σ."""
     pinned = cfg.partition.boundaries if boundaries is None else tuple(boundaries)
-    train = replace(cfg.train, method=method, out=str(run_dir(out_dir, method, K, seed)))
+    base, compensation = methods.variant(method)  # fr+auto: features replay with compensation auto
+    train = replace(cfg.train, method=base, compensation=compensation, out=str(run_dir(out_dir, method, K, seed)))
     if seed is not None:
         train = replace(train, seed=seed)
     if _needs_ranks(method) or cfg.train.dp > 1:  # one rank per stage (of each replica)
@@ -90,7 +92,7 @@ def run_config(cfg: Config, method: str, K: int, out_dir: Path, boundaries: Sequ
 
 
 def _needs_ranks(method: str) -> bool:
-    return methods.get(method).needs_ranks
+    return methods.get(methods.base_of(method)).needs_ranks
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -139,6 +141,50 @@ def _check_same_config(path: Path, cfg: Config) -> None:
         )
 
 
+def _check_out_dir(out_dir: Path, runs: Sequence[str], config_file: Path | None, overwrite: bool) -> None:
+    """A comparison writes into a directory that is new, empty or a comparison's (its report,
+    figures and run directories; the ``--config`` file may be there too), and never through a
+    link there; with ``overwrite`` other files may be there (they are left alone).
+
+    Raises:
+        ConfigError: other files are there, without ``overwrite`` (named).
+        OutputError: the report, a figure or a run directory is a symbolic link.
+    """
+    from fxreplay.report import is_report_file
+
+    if not out_dir.is_dir():
+        return
+    refuse_links(out_dir, [p.name for p in out_dir.iterdir() if is_report_file(p.name)] + list(runs),
+                 "comparison directory", "--out")
+    if overwrite:
+        return
+    foreign = foreign_entries(out_dir, lambda name: is_report_file(name) or (_RUN_NAME.fullmatch(name) is not None
+                                                                             and (out_dir / name).is_dir()),
+                              [config_file] if config_file is not None else [])
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise ConfigError(
+            f"{out_dir} holds files that are not a comparison's: {shown}; nothing was changed. A comparison writes "
+            "report.md, its figures and a directory per run (<method>-K<k>) there. Choose a new or empty directory with "
+            "--out DIR (or the --out of an earlier comparison, to reuse its runs), or write into this one anyway with "
+            "--overwrite (files of those names are replaced, any other left as it is)."
+        )
+
+
+_RUN_NAME = re.compile(r".+-K\d+(-s\d+)?")  # what run_dir names a run's directory
+
+
+def _own_unfinished_run(path: Path, cfg: Config) -> bool:
+    """Whether ``path`` holds only a run of this comparison that stopped before its first
+    checkpoint (nothing to resume: it starts again), made with the same config."""
+    from fxreplay.rundir import RUN_FILES
+
+    saved = path / "config.yaml"
+    if not saved.is_file() or foreign_entries(path, lambda name: name in RUN_FILES):
+        return False
+    return to_dict(load_config(saved)) == to_dict(replace(cfg, train=replace(cfg.train, out=str(path))))
+
+
 def _seeds(seeds: Sequence[int] | None) -> list[int | None]:
     if seeds is None:
         return [None]
@@ -149,13 +195,22 @@ def _seeds(seeds: Sequence[int] | None) -> list[int | None]:
 
 def _pairs(names: Sequence[str], Ks: Sequence[int]) -> list[tuple[str, int]]:
     order = list(methods.METHODS)  # the registry's order: the reference first
-    unknown = [m for m in names if m not in order]
+    unknown = [m for m in names if methods.base_of(m) not in order]
     if unknown or not names:
-        raise ConfigError(f"methods {list(names)}: expected one or more of {', '.join(order)} (e.g. {order[0]},{order[-1]}).")
+        raise ConfigError(f"methods {list(names)}: expected one or more of {', '.join(order)} (e.g. {order[0]},{order[-1]}; "
+                          f"a delayed method with compensation as {order[-1]}+auto).")
+    canonical = []
+    for m in names:
+        try:
+            base, comp = methods.variant(m)
+        except FxReplayError as exc:
+            raise ConfigError(f"methods: {exc}") from None
+        canonical.append(base if comp == "none" else f"{base}+{comp}")
+    names = canonical
     bad = [k for k in Ks if k < 1]
     if bad or not Ks:
         raise ConfigError(f"K values {list(Ks)}: expected one or more integers >= 1 (e.g. 2,4).")
-    ms = sorted(set(names), key=order.index)
+    ms = sorted(set(names), key=lambda m: (order.index(methods.base_of(m)), m))
     return [(m, k) for k in sorted(set(Ks)) for m in ms]
 
 
@@ -192,6 +247,8 @@ def compare(
     console: Console | None = None,
     boundaries: Mapping[int, Sequence[str]] | None = None,
     seeds: Sequence[int] | None = None,
+    overwrite: bool = False,
+    config_file: Path | None = None,
 ) -> CompareResult:
     """Train every (method, K) pair under ``cfg`` (once per seed) and write ``out_dir/report.md``.
 
@@ -209,6 +266,10 @@ def compare(
         seeds: train every pair once per seed (``train.seed``: initial weights, data order,
             augmentation) into ``<method>-K<k>-s<seed>``; the report gives mean ± std over
             them. None: one run per pair with ``cfg.train.seed``, in ``<method>-K<k>``.
+        overwrite: write into ``out_dir`` even if it holds files that are not a comparison's,
+            and start afresh in a run directory that holds files but no checkpoint (files of
+            the names a comparison or a run writes are replaced, any other left alone).
+        config_file: the file ``cfg`` was read from, when it lies in ``out_dir`` (not a foreign file there).
 
     Raises:
         ConfigError: an unknown method, a K < 1, boundaries for a K not compared or not
@@ -226,6 +287,7 @@ def compare(
     # Every run's config before the first run starts: one that cannot be made (e.g. too few
     # microbatches for 1F1B at the largest K) stops the comparison before hours of training.
     configs = {(m, K, seed): run_config(cfg, m, K, out_dir, pinned.get(K), seed) for m, K, seed in pairs}
+    _check_out_dir(out_dir, [run_dir(out_dir, m, K, seed).name for m, K, seed in pairs], config_file, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out=out_dir)
     with Progress(
@@ -251,11 +313,13 @@ def compare(
                 progress.update(task, status="[bold yellow]resuming" if state == "interrupted" else "[bold yellow]training")
                 action: Literal["trained", "resumed"] = "resumed" if state == "interrupted" else "trained"
                 resume = path if state == "interrupted" else None
+                # A run of this comparison stopped before its first checkpoint starts again.
+                again = overwrite or (resume is None and _own_unfinished_run(path, run_cfg))
                 try:
                     if run_cfg.train.executor == "distributed":
-                        train_with_ranks(run_cfg, resume=resume)  # K (x D) ranks here; a failed rank ends the job
+                        train_with_ranks(run_cfg, resume=resume, overwrite=again)  # K (x D) ranks here; a failed rank ends the job
                     else:
-                        train_run(run_cfg, resume=resume, console=console)
+                        train_run(run_cfg, resume=resume, console=console, overwrite=again)
                     outcome = RunOutcome(method, K, path, action, seed=seed)
                 except DivergenceError as exc:
                     outcome = RunOutcome(method, K, path, action, str(exc), seed)

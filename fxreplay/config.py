@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import types
@@ -29,8 +30,10 @@ import yaml
 
 from fxreplay import methods
 from fxreplay.checkpoint import write_text_atomic
-from fxreplay.errors import ConfigError, FxReplayError
+from fxreplay.errors import ConfigError, FxReplayError, not_utf8
 from fxreplay.mesh import check_sync_batchnorm
+from fxreplay.methods.compensation import parse as parse_compensation
+from fxreplay.precision import Precision, check_precision
 
 __all__ = [
     "ModelConfig",
@@ -95,7 +98,8 @@ class DataConfig:
     root: str = "data"
     # Off: runs must not reach the network unless the user asks (most machines here have none).
     download: bool = False
-    # On: torchvision's md5 check; turning it off must be an explicit choice (re-packed copies).
+    # On: torchvision's md5 check; turning it off must be an explicit choice (re-packed copies),
+    # whose pickled files are then read by a restricted unpickler (fxreplay.data.cifar_pickle).
     verify: bool = True
     # The paper's batch size.
     batch_size: int = 128
@@ -126,27 +130,62 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD with a step schedule, as in the paper, plus the DNI synthesizers' optimizer."""
+    """The optimizer, its lr schedule and gradient clipping (the paper's SGD with a step
+    schedule by default), plus the DNI synthesizers' optimizer."""
 
     section: ClassVar[str] = "optim"
 
+    # The paper's optimizer; any torch.optim class by name, any case (adamw, adam, rmsprop, ...).
+    name: str = "sgd"
     # The paper's initial learning rate.
     lr: float = 0.01
-    # The paper's momentum.
+    # The paper's momentum; passed to the classes that take one (SGD, RMSprop), ignored by the
+    # others (Adam's is args.betas), which refuse another value than this default.
     momentum: float = 0.9
     # The paper's weight decay.
     weight_decay: float = 5e-4
-    # Fractions of the epochs after which lr is multiplied by gamma; the paper divides by 10
-    # at 50% and 75% (epochs 150 and 225 of 300). Fractions keep short runs meaningful.
+    # The class's other keyword arguments (betas, eps, nesterov, ...): none, its defaults.
+    args: dict[str, Any] = field(default_factory=dict, hash=False)
+    # Parameters not decayed: none, as in the paper; "auto" (biases, norms' weights -- fewer
+    # than 2 dimensions -- and embeddings, as language models train), or fnmatch patterns of
+    # the model's parameter names.
+    no_decay: tuple[str, ...] = ()
+    # The paper's step decay (fxreplay.lr_schedule: constant, step, cosine, linear, onecycle),
+    # stepped every iteration over the horizon train.epochs x steps per epoch.
+    schedule: str = "step"
+    # Iterations of linear warm-up from 0 before the schedule; the paper has none.
+    warmup_steps: int = 0
+    # step: fractions of the epochs after which lr is multiplied by gamma; the paper divides by
+    # 10 at 50% and 75% (epochs 150 and 225 of 300). Fractions keep short runs meaningful.
     milestones: tuple[float, ...] = (0.5, 0.75)
     # The paper's "divide by 10".
     gamma: float = 0.1
+    # Largest global gradient norm (all stages' gradients together); None: no clipping, as the paper.
+    clip_grad_norm: float | None = None
     # The official FR code doubles module 1's lr; a quirk, not the algorithm: off.
     double_first_stage_lr: bool = False
     # Adam's lr for DNI's synthesizers: SGD often fails to train them (DESIGN.md Sec. 3).
     synth_lr: float = 1e-4
 
     def __post_init__(self) -> None:
+        from fxreplay.lr_schedule import SCHEDULES
+        from fxreplay.optimizers import AUTO, check_args
+
+        if self.schedule not in SCHEDULES:
+            raise _fail("optim.schedule", f"expected one of {', '.join(SCHEDULES)}, got {_describe(self.schedule)}")
+        if self.warmup_steps < 0:
+            raise _fail("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise _fail("optim.clip_grad_norm", f"must be a number > 0 (or null: no clipping), got {self.clip_grad_norm}")
+        if AUTO in self.no_decay and len(self.no_decay) > 1:
+            raise _fail("optim.no_decay", f"is either auto or a list of name patterns, got {list(self.no_decay)}")
+        if not isinstance(self.args, dict):
+            raise _fail("optim.args", f"expected a mapping of keyword arguments (e.g. {{betas: [0.9, 0.95]}}), got {_describe(self.args)}")
+        momentum = self.class_momentum  # names optim.name or optim.momentum when wrong
+        try:
+            check_args(self.name, self.args, lr=1.0, weight_decay=self.weight_decay, momentum=momentum)
+        except FxReplayError as exc:
+            raise _fail("optim.args", str(exc)) from None
         for key in ("lr", "synth_lr", "gamma", "momentum", "weight_decay"):
             if not math.isfinite(getattr(self, key)):
                 raise _fail(f"optim.{key}", f"must be a finite number, got {getattr(self, key)}")
@@ -163,6 +202,25 @@ class OptimConfig:
                 "optim.milestones",
                 f"must be increasing fractions of the epochs in (0, 1], got {ms}",
             )
+
+    @property
+    def class_momentum(self) -> float | None:
+        """``momentum`` as the optimizer class is given it: None for a class without one.
+
+        Raises:
+            ConfigError: a momentum other than the default for a class that has none.
+        """
+        from fxreplay.optimizers import optimizer_class
+
+        try:
+            cls = optimizer_class(self.name)
+        except FxReplayError as exc:
+            raise _fail("optim.name", str(exc)) from None
+        if "momentum" in inspect.signature(cls.__init__).parameters:
+            return self.momentum
+        if self.momentum != OptimConfig.momentum:
+            raise _fail("optim.momentum", f"{cls.__name__} has no momentum (Adam's β₁ is optim.args.betas): leave it out")
+        return None
 
 
 @dataclass(frozen=True)
@@ -235,6 +293,15 @@ class TrainConfig:
     # collectives in every forward and backward, and per-replica statistics are the usual
     # data-parallel default (torch's DDP). torch synchronises only GPU inputs: refused on CPU.
     sync_batchnorm: bool = False
+    # Staleness compensation of a delayed method (fr, ddg): none is the paper's Algorithm 1;
+    # auto the recommended rules (fxreplay.methods.compensation; README, "Staleness compensation").
+    compensation: str = "none"
+    # Autocast dtype of the stages' forwards and the loss: fp32 (none, as the paper); bf16;
+    # fp16 (CUDA only, loss scaled). Weights, gradients and optimizer state stay fp32.
+    precision: Precision = "fp32"
+    # Also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard/: off, as it
+    # needs the optional tensorboard package (pip install 'fxreplay[tensorboard]').
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in methods.names():
@@ -259,6 +326,16 @@ class TrainConfig:
             raise _fail("train.dp", f"must be an integer >= 1 (data-parallel replicas), got {_describe(self.dp)}")
         if self.sync_batchnorm:
             check_sync_batchnorm((), self.dp)
+        if not isinstance(self.compensation, str):
+            raise _fail("train.compensation", f"expected a rule name such as none, auto or predict+spike, got {_describe(self.compensation)}")
+        try:
+            comp = parse_compensation(self.compensation)
+        except FxReplayError as exc:
+            raise _fail("train.compensation", str(exc)) from None
+        if not comp.is_none and "compensation" not in methods.get(self.method).worker.option_names:
+            raise _fail("train.compensation", f"{comp.name!r} corrects delayed gradients; method {self.method!r} has none "
+                        f"(it applies to {', '.join(n for n, m in methods.METHODS.items() if 'compensation' in m.worker.option_names)}): "
+                        "set it to none or change train.method")
 
 
 @dataclass(frozen=True)
@@ -288,6 +365,29 @@ class Config:
         if self.train.sync_batchnorm and self.partition.devices is not None:
             # Without partition.devices a plan may still give GPUs: the launcher checks the plan's.
             check_sync_batchnorm(self.partition.devices, self.train.dp)
+        if self.train.precision == "fp16" and self.partition.devices is not None:
+            # Without partition.devices the plan's devices decide: the trainer checks them.
+            try:
+                check_precision("fp16", [d.split("@")[0].split("/")[0] for d in self.partition.devices])
+            except FxReplayError as exc:
+                raise _fail("train.precision", str(exc)) from None
+        self._check_compensation_fits_optimizer()
+
+    def _check_compensation_fits_optimizer(self) -> None:
+        """A compensation rule that assumes an optimizer (spike: heavy-ball SGD) is refused here,
+        before any data or model is loaded, as the stages would refuse it."""
+        comp = parse_compensation(self.train.compensation)
+        if comp.is_none:
+            return
+        from fxreplay.methods.compensation import resolve, validate
+        from fxreplay.optimizers import check_args
+
+        o = self.optim
+        optimizer = check_args(o.name, o.args, lr=1.0, weight_decay=o.weight_decay, momentum=o.class_momentum)
+        try:
+            validate(resolve(comp, optimizer), optimizer, self.train.method)
+        except FxReplayError as exc:
+            raise _fail("train.compensation", str(exc)) from None
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -349,6 +449,17 @@ def _coerce(value: object, hint: Any, key: str) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise _fail(key, f"expected one of {choices}, got {_describe(value)}")
         return value
+    if origin is dict:
+        if isinstance(value, str):  # a command line's {betas: [0.9, 0.95]}
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                pass
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _fail(key, f"expected a mapping of names to values, e.g. {{betas: [0.9, 0.95]}}, got {_describe(value)}")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             text = value.strip()
@@ -447,6 +558,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         return from_dict(yaml.safe_load(DEFAULT_YAML))
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(not_utf8(os.fspath(path), exc)) from None
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file {os.fspath(path)!r}: {exc.strerror or exc}. "

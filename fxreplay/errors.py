@@ -17,12 +17,15 @@ __all__ = [
     "ConfigError",
     "DataError",
     "TrainingError",
+    "RankError",
     "DivergenceError",
     "CheckpointError",
+    "OutputError",
     "DeviceMemoryError",
     "FxReplayWarning",
     "out_of_memory",
     "allocation_detail",
+    "not_utf8",
 ]
 
 
@@ -63,12 +66,27 @@ class TrainingError(FxReplayError):
     """A training run cannot go on (bad method options, a crashed worker, ...)."""
 
 
+class RankError(TrainingError):
+    """A rank of a job failed (:func:`fxreplay.launch.run_distributed`): the message names the
+    first that did, its stage and its error; ``traces`` holds each failed rank's full
+    traceback, for a bug report (the message stays one paragraph)."""
+
+    def __init__(self, message: str, rank: int, traces: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.rank, self.traces = rank, dict(traces or {})
+
+
 class DivergenceError(TrainingError):
     """The loss became NaN or infinite."""
 
 
 class CheckpointError(FxReplayError):
     """A checkpoint is missing, corrupt or from a different run."""
+
+
+class OutputError(FxReplayError):
+    """A file fxreplay writes cannot be written safely: its path is a symbolic link (a write
+    would leave the run or plan directory), or the disk is full. What was there is intact."""
 
 
 class DeviceMemoryError(TrainingError):
@@ -98,6 +116,19 @@ def allocation_detail(exc: BaseException) -> str:
         return f"tried to allocate {size:.1f} {unit}" if unit != "bytes" else f"tried to allocate {int(size)} bytes"
     first = next((line.strip() for line in text.splitlines() if "allocate" in line), "")
     return first[:300] or type(exc).__name__
+
+
+def not_utf8(path: object, exc: UnicodeDecodeError) -> str:
+    """What is wrong with a text file that is not UTF-8, where, and what to do: "plan.yaml is
+    not UTF-8 text (byte 0xe9 at line 3, column 7): ..." (``exc`` is the decoder's error,
+    whose ``object`` holds the file's bytes)."""
+    data = exc.object if isinstance(exc.object, (bytes, bytearray)) else b""
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    byte = f"0x{data[exc.start]:02x}" if exc.start < len(data) else "the end"
+    return (f"{path} is not UTF-8 text (byte {byte} at line {line}, column {column}: {exc.reason}). fxreplay reads "
+            "YAML files as UTF-8: save it in that encoding (e.g. `iconv -f latin1 -t utf-8`), or write the "
+            "character another way.")
 
 
 class FxReplayWarning(UserWarning):

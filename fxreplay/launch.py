@@ -16,8 +16,10 @@ waiting ranks raise, naming the rank that stopped answering (not one merely bloc
 :mod:`fxreplay.executor.waits`). In all cases torch elastic's agent sees the first failed worker within
 ``monitor_interval``, stops the others at once (SIGTERM, then SIGKILL: also a rank that ignores SIGTERM or is
 stopped),
-and :func:`run_distributed` raises a :class:`~fxreplay.errors.TrainingError` naming the first
-rank that failed and its stage, with its own error message. No process outlives the call.
+and :func:`run_distributed` raises a :class:`~fxreplay.errors.RankError` naming the first
+rank that failed and its stage, with its own error message (one paragraph: torch elastic's own
+report of the failure -- the rank's traceback, logged line by line -- is silenced, and the
+traceback travels in the error instead, for the caller to keep). No process outlives the call.
 
 >>> def main(steps: int) -> float: ...          # module level: it is pickled to the ranks
 >>> results = run_distributed(main, nproc=2, args=(100,), device="cpu")   # doctest: +SKIP
@@ -26,9 +28,11 @@ rank that failed and its stage, with its own error message. No process outlives 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
+import threading
 import uuid
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
@@ -36,7 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
+from . import errors
+from .errors import RankError, TrainingError
 from .mesh import rank_device
 
 __all__ = ["DEFAULT_TIMEOUT", "under_torchrun", "rank_info", "cuda_count", "local_device", "init_process_group", "run_distributed"]
@@ -149,6 +154,11 @@ def _rank_main(fn: Callable[..., Any], device: str | Sequence[str], timeout: flo
     """What each spawned rank runs: join the group, run ``fn``, leave cleanly."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    # The rank started with Ctrl-C ignored (:func:`_ranks_started_deaf_to_ctrl_c`): from here
+    # on SIGINT -- the terminal's, or the agent's when it stops the job -- ends it at once, by
+    # the signal, without a Python traceback (the launcher reports the interrupt).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     @record  # writes the exception to the error file the agent reads (root-cause reporting)
     def main() -> Any:
         if threads is not None:
@@ -197,8 +207,8 @@ def run_distributed(
         ``{rank: fn's return value}``.
 
     Raises:
-        TrainingError: a rank failed: names the first rank that failed, its stage, and its
-            error (or the signal that killed it).
+        RankError: a rank failed: names the first rank that failed, its stage, and its error
+            (or the signal that killed it); carries each failed rank's traceback.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -220,13 +230,15 @@ def run_distributed(
         shutdown_timeout=shutdown_timeout,
     )
     try:
-        with _survivors_stopped_at_once():
+        with _survivors_stopped_at_once(), _failures_reported_here(), _ranks_started_deaf_to_ctrl_c():
             return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
     except ChildFailedError as exc:
-        raise TrainingError(describe_failure(exc, stages, nproc)) from None
+        if all(f.exitcode == -signal.SIGINT for f in exc.failures.values()):
+            raise KeyboardInterrupt from None  # Ctrl-C reached the ranks before this process noticed it
+        raise RankError(describe_failure(exc, stages, nproc), exc.get_first_failure()[0], _traces(exc)) from None
     except SignalException as exc:
         # Ctrl-C / SIGTERM on this process: the agent has already stopped every rank.
-        if exc.sigval == signal.SIGINT:
+        if exc.sigval == signal.SIGINT or isinstance(exc.__cause__, _CtrlC):
             raise KeyboardInterrupt from None
         raise TrainingError(f"stopped by signal {exc.sigval.name}: all {nproc} ranks were stopped") from None
 
@@ -261,6 +273,103 @@ def _survivors_stopped_at_once() -> Iterator[None]:
         mp.ProcessContext.join = join  # type: ignore[method-assign]
 
 
+class _Reported(logging.Filter):
+    """Drops torch's own report of what :func:`run_distributed` reports itself: the agent's
+    "failed (exitcode: 1) local_rank: 1 ..." with the rank's whole traceback (45-64 lines,
+    one log line each); "Terminating process N via signal SIGTERM", "Closing process N via
+    signal SIGINT", "Unable to shutdown process N ..." for the ranks it stops (named in the
+    error: "then rank(s) ... stopped too", or the interrupt); "Received SIGINT death signal,
+    shutting down workers" (Ctrl-C). Other records pass."""
+
+    SAID = ("Terminating process", "Closing process", "Unable to shutdown process", "Received %s death signal")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "torch.distributed.elastic.multiprocessing.api" and record.levelno >= logging.ERROR:
+            return False
+        return not str(record.msg).startswith(self.SAID)
+
+
+_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn",
+            "torch.distributed.elastic.agent.server.api")
+
+
+@contextlib.contextmanager
+def _failures_reported_here() -> Iterator[None]:
+    """While a job runs, a failed rank is reported by the error :func:`run_distributed` raises
+    only (:class:`_Reported`); the filter is removed afterwards."""
+    quiet = _Reported()
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        yield
+    finally:
+        for name in _LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+class _CtrlC(Exception):
+    """Marks the SignalException of a Ctrl-C (see :func:`_ranks_started_deaf_to_ctrl_c`)."""
+
+
+@contextlib.contextmanager
+def _ranks_started_deaf_to_ctrl_c() -> Iterator[None]:
+    """Ctrl-C ends a job in a moment and says so once, whenever it comes: while the ranks
+    import (seconds) or while they train.
+
+    - The ranks start with SIGINT ignored, so that the terminal's Ctrl-C (sent to every
+      process of the foreground group) cannot end one with a KeyboardInterrupt traceback. An
+      ignored signal is the one disposition a child keeps through ``exec`` and Python's
+      start-up: SIGINT is ignored here while torch starts the ranks
+      (``torch.multiprocessing.start_processes``, milliseconds; a Ctrl-C within them is lost)
+      and put back at once. Each rank then takes the default back (:func:`_rank_main`).
+    - This process handles it: torch elastic's agent stops the ranks with the signal it got,
+      which a rank still importing ignores (SIGKILL only after ``shutdown_timeout``); it gets
+      SIGTERM instead, which ends a rank at once at any time. :func:`run_distributed` then
+      raises KeyboardInterrupt.
+    - The handlers torch elastic installs in this process (SIGINT, SIGTERM, SIGHUP, SIGQUIT)
+      are put back as they were when the job ends.
+    """
+    import torch.multiprocessing as mp
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals belong to the main thread
+        return
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    start = mp.start_processes
+
+    def ctrl_c(signum: int, frame: Any) -> None:
+        raise SignalException(f"Process {os.getpid()} got signal: SIGINT", sigval=signal.SIGTERM) from _CtrlC()
+
+    def start_deaf(*args: Any, **kwargs: Any) -> Any:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return start(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, ctrl_c)
+
+    mp.start_processes = start_deaf
+    try:
+        yield
+    finally:
+        mp.start_processes = start
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _traces(exc: Any) -> dict[int, str]:
+    """Each failed rank's traceback (torch elastic's error file of the rank: ``@record``)."""
+    found: dict[int, str] = {}
+    for rank, failure in exc.failures.items():
+        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+        message = data.get("message")
+        trace = message.get("extraInfo", {}).get("py_callstack") if isinstance(message, dict) else None
+        if trace:
+            found[int(rank)] = str(trace)
+    return found
+
+
 def describe_failure(exc: Any, stages: int | None = None, world: int | None = None) -> str:
     """One paragraph from a ChildFailedError: the first rank that failed, its stage, and its
     replica when the job is a mesh of ``stages`` stages × (``world`` / ``stages``) replicas."""
@@ -282,4 +391,7 @@ def _root_message(failure: Any) -> str:
     text = str(message or "").strip()
     if not text or text.startswith("To enable traceback"):
         return f"exited with code {failure.exitcode} (its error is in its log above)"
+    kind, _, rest = text.partition(": ")
+    if kind in errors.__all__ and rest:
+        text = rest  # fxreplay's own errors say what went wrong without their class name
     return text.splitlines()[0] if len(text) < 2000 else text[:2000]

@@ -19,9 +19,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import NullFormatter, NullLocator  # noqa: E402
 
 from fxreplay import methods  # noqa: E402
+from fxreplay.checkpoint import replace_file  # noqa: E402
+from fxreplay.pace import Paces, measure as measure_paces  # noqa: E402
 from fxreplay.runlog import RunGroup, RunMetrics, group_runs  # noqa: E402
 from fxreplay.timeline import COLORS as TIMELINE_COLORS, KINDS, Timeline  # noqa: E402
 
@@ -29,21 +31,33 @@ __all__ = ["gantt", "loss_vs_epoch", "loss_vs_time", "memory", "sigma", "error_v
 
 
 def _color(method: str) -> str | None:
-    spec = methods.METHODS.get(method)
-    return spec.color if spec else None
+    """The method's colour; a compensated variant (``fr+auto``) gets a darker shade of its method's."""
+    spec = methods.METHODS.get(methods.base_of(method))
+    if spec is None:
+        return None
+    if method == spec.name:
+        return spec.color
+    import matplotlib.colors as mcolors
+
+    shade = 0.35 + 0.4 * (sum(map(ord, method)) % 7) / 6  # a fixed shade per variant name
+    return mcolors.to_hex([c * shade for c in mcolors.to_rgb(spec.color)])
 
 
 def _ordered(names: set[str]) -> list[str]:
     """The registry's order (the reference first), then any other name."""
-    return [m for m in methods.METHODS if m in names] + sorted(names - set(methods.METHODS))
+    order = list(methods.METHODS)
+    return sorted(names, key=lambda m: (order.index(methods.base_of(m)) if methods.base_of(m) in order else len(order), m))
 WIDTH_IN, DPI = 7.0, 110  # 770 px: embedded at ~700 px the text stays at ~10 px or more
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8})
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    """Write the figure to ``path`` atomically, never through a link (:func:`fxreplay.checkpoint.replace_file`)."""
+    try:
+        replace_file(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -85,13 +99,14 @@ def _series(group: RunGroup, points: Points) -> tuple[list[int], list[float], li
     return steps, means, stds
 
 
-def _curve(ax: Any, group: RunGroup, xs: Sequence[float], ys: Sequence[float], std: Sequence[float] = ()) -> None:
+def _curve(ax: Any, group: RunGroup, xs: Sequence[float], ys: Sequence[float], std: Sequence[float] = (),
+           label: str | None = None) -> None:
     """One group's curve (its mean over seeds), with a ± one standard deviation band when it
     has more than one run; a diverged group is dashed and ends in a cross."""
     color = _color(group.method)
     diverged = bool(group.diverged)
     # Plotted even with no points, so a run that diverged before its first log line is in the legend.
-    ax.plot(xs, ys, color=color, lw=1.4, label=_label(group), ls="--" if diverged else "-")
+    ax.plot(xs, ys, color=color, lw=1.4, label=label or _label(group), ls="--" if diverged else "-")
     if group.n > 1 and len(xs):
         ax.fill_between(xs, [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)], color=color, alpha=0.18, lw=0)
     if diverged and len(xs):
@@ -120,11 +135,35 @@ def _finish_loss_axes(ax: Any, title: str, xlabel: str, explained: bool = False)
         ax.set_yticks([])
     if ys and max(ys) / min(ys) > 5:  # a loss falling by orders of magnitude: log, plain tick labels
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ticks = log_ticks(min(ys), max(ys))
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
     if ax.get_lines():
         ax.legend(loc="best", frameon=False)
+
+
+def log_ticks(lo: float, hi: float, at_least: int = 3) -> list[float]:
+    """Labelled ticks for a log axis over [lo, hi]: the 1-2-5 values in the range, or, when
+    fewer than ``at_least`` fall in it (a range within a decade or two), every 1..9 × 10^n;
+    matplotlib's own labels only the decades, one label or none for a loss from 2.3 to 0.3.
+
+    >>> log_ticks(0.3, 2.3)
+    [0.5, 1.0, 2.0]
+    >>> log_ticks(0.6, 4.0)
+    [0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 3.0, 4.0]
+    """
+    def candidates(steps: Sequence[int]) -> list[float]:
+        low, high = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+        values = (float(f"{m}e{e}") for e in range(low, high + 1) for m in steps)
+        return [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+
+    ticks = candidates((1, 2, 5))
+    if len(ticks) < at_least:
+        ticks = candidates(range(1, 10))
+    if len(ticks) > 9:  # a long range: keep every other one, decades first
+        ticks = [t for t in ticks if f"{t:e}".startswith("1")] if sum(f"{t:e}".startswith("1") for t in ticks) >= at_least else ticks[::2]
+    return ticks
 
 
 def _against_epochs(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int | None, points: Points,
@@ -174,65 +213,91 @@ def error_vs_epoch(runs: Sequence[RunMetrics], path: Path, steps_per_epoch: int 
                            "test error (%)", "Test error against epochs")
 
 
-def _modelled_time(run: RunMetrics) -> list[float] | None:
-    """Seconds on K devices: each iteration costs the slowest module (BP: the sum, it is backward-locked).
-
-    A logged step stands for the unlogged ones before it; a step that also measured σ ran an
-    extra BP pass, so it borrows the cost of the nearest plain logged step. None when no
-    logged step is plain (σ measured at every one): the time is then unknown, not zero.
-    """
-    spec = methods.METHODS.get(run.method)
-    combine = max if spec is None or spec.parallel else sum
-    costs: list[float | None] = [None if "sigma" in r else float(combine(r["stage_time"])) for r in run.steps]
-    plain = [c for c in costs if c is not None]
-    if not plain:
-        return None
-    last = plain[0]
-    out, t, prev = [], 0.0, 0
-    for r, c in zip(run.steps, costs):
-        last = c if c is not None else last
-        t += last * (r["step"] - prev)
-        prev = r["step"]
-        out.append(t)
-    return out
+def _modelled_time(run: RunMetrics, paces: Paces) -> list[float] | None:
+    """Modelled seconds on K devices at each logged step: the step times one modelled
+    iteration (:meth:`fxreplay.pace.Paces.iteration_seconds`, which contention does not
+    distort). None when the run timed no plain iteration (σ measured at every logged step):
+    the time is then unknown, not zero."""
+    seconds = paces.iteration_seconds(run)
+    return None if seconds is None else [r["step"] * seconds for r in run.steps]
 
 
-def loss_vs_time(runs: Sequence[RunMetrics], path: Path) -> Path:
+def _slowed_label(group: RunGroup, paces: Paces) -> str:
+    """The group's legend label, saying when a run was slowed by other work on the machine."""
+    ratios = [r for r in (paces.slowed(run) for run in group.runs) if r is not None]
+    if not ratios:
+        return _label(group)
+    return f"{_label(group)} (slowed {max(ratios):.0f}×: machine busy)"
+
+
+def loss_vs_time(runs: Sequence[RunMetrics], path: Path, paces: Paces | None = None) -> Path:
     """Training loss against measured wall time and against modelled K-device time, one row
-    per K (Fig. 4, row 2); over seeds, mean times and losses with a band."""
+    per K (Fig. 4, row 2); over seeds, mean times and losses with a band.
+
+    The measured panel is what the runs took; a run whose pace per unit of work is far from
+    the fastest run's (:data:`fxreplay.pace.SLOWED`) says so in the legend. The modelled panel
+    draws every run at one shared pace (:mod:`fxreplay.pace`), so a run slowed by other jobs is
+    not drawn slow."""
+    paces = paces if paces is not None else measure_paces(runs)
     groups = _by_K(runs)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH_IN, 2.9 * len(groups)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH_IN, 2.9 * len(groups) + 0.3), squeeze=False, layout="constrained")
     for row, (K, group_list) in zip(axes, groups.items()):
         unknown = []
         for group in group_list:
             steps, ys, std = _series(group, _losses)
             _, walls, _ = _series(group, _walls)
-            _curve(row[0], group, walls, ys, std)
-            if any(_modelled_time(run) is None for run in group.runs):
+            _curve(row[0], group, walls, ys, std, label=_slowed_label(group, paces))
+            if any(_modelled_time(run, paces) is None for run in group.runs):
                 unknown.append(group.label)
                 continue
             _, ys, std = _series(group, lambda run: [(r["step"], r["loss"]) for r in run.steps])
-            _, xs, _ = _series(group, lambda run: list(zip((r["step"] for r in run.steps), _modelled_time(run) or [])))
+            _, xs, _ = _series(group, lambda run: list(zip((r["step"] for r in run.steps), _modelled_time(run, paces) or [])))
             _curve(row[1], group, xs, ys, std)
         _finish_loss_axes(row[0], f"K = {K}: measured (one process)", "wall time (s)")
-        _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s)", explained=bool(unknown))
+        _finish_loss_axes(row[1], f"K = {K}: modelled (K devices)", "time (s) at the runs' median pace", explained=bool(unknown))
         if unknown:
             row[1].text(0.5, 0.5 if not row[1].get_lines() else 0.08, f"not drawn: {', '.join(unknown)} (σ measured at every logged step,\n"
                         "so no logged step times a plain iteration; log more often than σ)",
                         transform=row[1].transAxes, ha="center", va="bottom", fontsize=7.5, color="#666666")
         row[0].set_ylabel("training loss")
     fig.suptitle("Training loss against time")
+    fig.supxlabel("modelled: per iteration, each run's slowest median stage time (the sum, for a backward-locked method),\n"
+                  "rescaled to one pace per unit of work shared by all runs: a run slowed by other jobs is not drawn slow",
+                  fontsize=7, color="#555555")
     return _save(fig, path)
 
 
+EQUAL_MEMORY = 0.05
+"""Methods whose held memory is within this fraction of the reference's are called equal in
+:func:`memory`'s figure, which then says so (equal bars are a result, not a drawing fault)."""
+
+
+def _split_at_peak(run: RunMetrics) -> list[float] | None:
+    """The run's bytes held per module at the logged step where their sum peaked."""
+    held = [r["memory_bytes"] for r in run.steps if r.get("memory_bytes")]
+    return list(max(held, key=sum)) if held else None
+
+
+def _shade(color: str | None, k: int, K: int) -> Any:
+    """Module k's segment: the method's colour, lighter for later modules."""
+    import matplotlib.colors as mcolors
+
+    rgb = mcolors.to_rgb(color or "#888888")
+    mix = 0.55 * k / max(K - 1, 1)  # the last module: 55% white
+    return tuple(c + (1 - c) * mix for c in rgb)
+
+
 def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
-    """Peak memory held for backward, grouped bars: x = K, one bar per method, ×BP on top
-    (Fig. 5); over seeds, the mean with a ± one standard deviation whisker."""
+    """Peak memory held for backward, grouped bars: x = K, one bar per method, stacked by module
+    (the first at the bottom, later ones lighter) at the step where the sum peaked, with the
+    total and ×BP on top (Fig. 5); over seeds, the mean with a ± one standard deviation whisker.
+    When every method is within :data:`EQUAL_MEMORY` of BP the figure says so."""
     groups = _by_K(runs)
     names = _ordered({r.method for r in runs})
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.6), layout="constrained")
     top = 0.0
+    ratios: list[float] = []
     for i, m in enumerate(names):
         for j, (K, group_list) in enumerate(groups.items()):
             group = next((g for g in group_list if g.method == m), None)
@@ -244,23 +309,39 @@ def memory(runs: Sequence[RunMetrics], path: Path) -> Path:
             top = max(top, mib + (std or 0))
             x = j + (i - (len(names) - 1) / 2) * width
             diverged = bool(group.diverged)
-            ax.bar(x, mib, width * 0.92, color=_color(m), hatch="//" if diverged else None,
-                   edgecolor="white" if diverged else None, yerr=std, ecolor="#333333", capsize=2)
+            splits = [s for s in map(_split_at_peak, group.runs) if s is not None and len(s) == K]
+            segments = [statistics.fmean(s[k] for s in splits) / 2**20 for k in range(K)] if splits else [mib]
+            bottom = 0.0
+            for k, seg in enumerate(segments):
+                ax.bar(x, seg, width * 0.92, bottom=bottom, color=_shade(_color(m), k, len(segments)),
+                       hatch="//" if diverged else None, edgecolor="white", linewidth=0.6)
+                bottom += seg
+            if std is not None:
+                ax.errorbar(x, mib, yerr=std, ecolor="#333333", capsize=2, fmt="none")
+            text = f"{mib:.3g} MiB"
             bp = _peaks(next((g for g in group_list if g.method == methods.REFERENCE.name), None))
             if bp:
-                ax.annotate(f"{statistics.fmean(peaks) / statistics.fmean(bp):.2f}×", (x, mib + (std or 0)), xytext=(0, 2),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=7.5)
+                ratio = statistics.fmean(peaks) / statistics.fmean(bp)
+                ratios.append(ratio)
+                text += f"\n{ratio:.2f}×"
+            ax.annotate(text, (x, mib + (std or 0)), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), [f"K = {K}" for K in groups])
     ax.set_xlabel("number of modules")
     ax.set_ylabel("peak memory (MiB)")
-    ax.set_ylim(0, top * 1.25 if top else 1)
-    ax.set_title(f"Memory held for backward, summed over modules (labels: ratio to {methods.REFERENCE.label})")
+    ax.set_ylim(0, top * 1.35 if top else 1)
+    ax.set_title(f"Memory held for backward: total and ratio to {methods.REFERENCE.label} on top; "
+                 "segments = modules 1..K, bottom up", fontsize=9)
     handles: list[Any] = [Line2D([], [], color=_color(m), lw=8, label=m.upper()) for m in names]
     if any(r.diverged for r in runs):
         from matplotlib.patches import Patch
 
         handles.append(Patch(facecolor="#bbbbbb", hatch="//", edgecolor="white", label="diverged"))
     ax.legend(handles=handles, loc="upper left", frameon=False, ncol=len(handles))
+    if len(names) > 1 and ratios and all(abs(r - 1) <= EQUAL_MEMORY for r in ratios):
+        ax.text(0.99, 0.97, f"every method holds within {EQUAL_MEMORY:.0%} of {methods.REFERENCE.label}'s memory here:\n"
+                "its extra state is small next to one batch's activations", transform=ax.transAxes, ha="right", va="top",
+                fontsize=7.5, color="#444444")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -331,9 +412,22 @@ def _decade(v: float) -> str:
     return ("−" if v < 0 else "") + ("1" if e == 0 else f"1e{e}")
 
 
-def gantt(tl: Timeline, png: Path, title: str) -> Path:
-    """The distributed executor's Gantt chart: one lane per rank (= stage), time in ms from
-    the first event on x, compute / wait / send in their colours. The only renderer of a
+def rank_labels(ranks: int, K: int | None = None) -> list[str]:
+    """A lane label per rank: ``stage k``, or ``stage k / replica d`` when ``K`` stages are
+    replicated (rank r runs stage r mod K of replica r div K, :mod:`fxreplay.mesh`).
+
+    >>> rank_labels(4, K=2)
+    ['stage 0 / replica 0', 'stage 1 / replica 0', 'stage 0 / replica 1', 'stage 1 / replica 1']
+    """
+    if K is None or K >= ranks:
+        return [f"stage {r}" for r in range(ranks)]
+    return [f"stage {r % K} / replica {r // K}" for r in range(ranks)]
+
+
+def gantt(tl: Timeline, png: Path, title: str, K: int | None = None) -> Path:
+    """The distributed executor's Gantt chart: one lane per rank (its stage, and its replica
+    when the run has ``K`` stages on more ranks), time in ms from the first event on x,
+    compute / wait / send in their colours. The only renderer of a
     :class:`~fxreplay.timeline.Timeline` (a run's ``timeline.png``, the report's figure)."""
     from matplotlib.patches import Patch
 
@@ -344,7 +438,7 @@ def gantt(tl: Timeline, png: Path, title: str) -> Path:
             bars = [((s - lo) * 1e3, (e - s) * 1e3) for k, s, e, _, _ in events if k == kind]
             if bars:
                 ax.broken_barh(bars, (rank - height / 2, height), facecolors=TIMELINE_COLORS[kind])
-    ax.set_yticks(range(len(tl.ranks)), [f"stage {r}" for r in range(len(tl.ranks))])
+    ax.set_yticks(range(len(tl.ranks)), rank_labels(len(tl.ranks), K))
     ax.set_ylim(len(tl.ranks) - 0.5, -0.5)
     ax.set_xlabel("time (ms)")
     ax.set_title(title)
@@ -353,12 +447,13 @@ def gantt(tl: Timeline, png: Path, title: str) -> Path:
     return _save(fig, png)
 
 
-def timeline(path: Path, png: Path, title: str, steps: int = 4) -> Path:
+def timeline(path: Path, png: Path, title: str, steps: int = 4, K: int | None = None) -> Path:
     """:func:`gantt` of a run's ``timeline.json`` (``Timeline.to_json``), ``steps``
-    iterations after the first (warm-up) one: at 700 px a whole run's bars would merge."""
+    iterations after the first (warm-up) one: at 700 px a whole run's bars would merge.
+    ``K``: the run's stages (its lanes are labelled by stage and replica)."""
     tl = Timeline.from_ranks(json.loads(path.read_text())["ranks"])
     last = max((e[4] for r in tl.ranks for e in r), default=0)
     first = 1 if last >= 1 + steps else 0
     end = min(last, first + steps - 1)
     shown = f"iteration {first + 1}" if first == end else f"iterations {first + 1}-{end + 1}"
-    return gantt(tl.window(first, end), png, f"{title} ({shown})")
+    return gantt(tl.window(first, end), png, f"{title} ({shown})", K)

@@ -12,18 +12,28 @@ and marked with † (its numbers are from before it diverged).
 """
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fxreplay import methods
+from fxreplay.checkpoint import write_text_atomic
 from fxreplay.compiler.plan import format_bytes
+from fxreplay.pace import SLOWED, Paces, measure as measure_paces, plan_holds_the_work
 from fxreplay.runlog import RunGroup, RunMetrics, group_runs, label, load_run, steps_per_epoch
 
-__all__ = ["render_markdown", "write_report"]
+__all__ = ["render_markdown", "write_report", "is_report_file"]
 
 REPORT_FILE = "report.md"
+_FIGURE = re.compile(r"(loss_epochs|test_error_epochs|loss_time|memory|sigma|timeline-.+)\.png")  # what write_report draws
+
+
+def is_report_file(name: str) -> bool:
+    """Whether ``name`` is a file :func:`write_report` writes (the report, a figure)."""
+    return name == REPORT_FILE or _FIGURE.fullmatch(name) is not None
+
 DIVERGED = "†"
 
 def _num(value: float | None, fmt: str = "{:.2f}") -> str:
@@ -55,7 +65,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _grid(runs: Sequence[RunMetrics]) -> tuple[list[str], list[int], dict[tuple[str, int], RunGroup]]:
     groups = group_runs(runs)
     order = list(methods.METHODS)
-    names = sorted({g.method for g in groups}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    names = sorted({g.method for g in groups}, key=lambda m: (
+        order.index(methods.base_of(m)) if methods.base_of(m) in order else len(order), m))
     return names, sorted({g.K for g in groups}), {(g.method, g.K): g for g in groups}
 
 
@@ -102,7 +113,7 @@ def memory_table(runs: Sequence[RunMetrics]) -> list[str]:
 
     rows = []
     for m in names:
-        spec = methods.METHODS.get(m)
+        spec = methods.METHODS.get(methods.base_of(m))
         row = [label(m), spec.complexity if spec else "?"]
         for K in Ks:
             group = by.get((m, K))
@@ -126,17 +137,23 @@ def _name(run: RunMetrics, seeded: bool) -> str:
     return f"{run.label} K={run.K}" + (f" seed {run.seed}" if seeded else "")
 
 
-def runs_table(runs: Sequence[RunMetrics]) -> list[str]:
-    """One row per run (by K, method, seed): how far it got, final and best numbers, speed, memory."""
+SLOWED_MARK = "‡"
+
+
+def runs_table(runs: Sequence[RunMetrics], paces: Paces | None = None) -> list[str]:
+    """One row per run (by K, method, seed): how far it got, final and best numbers, speed, memory;
+    a speed measured while other jobs slowed the run (``paces``, :meth:`Paces.slowed`) is marked ‡."""
     seeded = len(_seeds(runs)) > 1
     rows = []
     for run in (run for group in group_runs(runs) for run in group.runs):
         status = f"diverged at step {run.diverged['step']}" if run.diverged else ("ok" if run.epochs else "no records")
         final_loss = run.epochs[-1]["train_loss"] if run.epochs else None
+        slowed = paces.slowed(run) if paces is not None else None
+        mark = "" if slowed is None else f" {SLOWED_MARK}"
         rows.append([
             _name(run, seeded), status, str(run.last_step), str(sum(1 for r in run.epochs if r.get("complete"))),
             _num(final_loss, "{:.4f}"), _num(run.final_test_error), _num(run.best_test_error),
-            _num(run.wall, "{:.1f}"), _num(run.samples_per_s, "{:.0f}"),
+            _num(run.wall, "{:.1f}") + mark, _num(run.samples_per_s, "{:.0f}") + mark,
             "–" if run.peak_memory is None else format_bytes(run.peak_memory),
         ])
     return _table(["run", "status", "steps", "epochs", "train loss", "final test err %", "best test err %",
@@ -159,18 +176,26 @@ def _setup(runs: Sequence[RunMetrics]) -> list[str]:
                       "gives mean ± std).")
     length = f"{t.get('epochs')} epochs" + (f", at most {t['max_steps']} steps" if t.get("max_steps") else "")
     milestones = o.get("milestones") or []
+    schedule = o.get("schedule", "step")  # configs of before optim.schedule: step
     decay = (f"×{o.get('gamma')} at {', '.join(f'{100 * x:g}%' for x in milestones)} of the epochs" if milestones
-             else "constant")
+             else "constant") if schedule == "step" else f"{schedule} schedule"
+    decay += f" after {o['warmup_steps']} warm-up steps" if o.get("warmup_steps") else ""
+    decay += f", gradients clipped to norm {o['clip_grad_norm']}" if o.get("clip_grad_norm") else ""
+    name = o.get("name", "sgd")
+    optimizer = "SGD" if name == "sgd" else name
+    momentum = f"momentum {o.get('momentum')}, " if name in ("sgd", "rmsprop") else ""
     return [
-        f"Model `{m.get('name')}` on `{d.get('name')}`, batch {d.get('batch_size')}, SGD lr {o.get('lr')} "
-        f"(momentum {o.get('momentum')}, weight decay {o.get('weight_decay')}, {decay}), {length}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds)) or t.get('seed')}, "
+        f"Model `{m.get('name')}` on `{d.get('name')}`, batch {d.get('batch_size')}, {optimizer} lr {o.get('lr')} "
+        f"({momentum}weight decay {o.get('weight_decay')}, {decay}), {length}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds)) or t.get('seed')}, "
         f"executor `{t.get('executor')}`. {seeds_text}",
         "",
     ]
 
 
-def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None], notes: Sequence[str]) -> str:
-    """The report's text. ``figures`` maps a caption to a PNG (relative to the report) or None (skipped)."""
+def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None], notes: Sequence[str],
+                    paces: Paces | None = None) -> str:
+    """The report's text. ``figures`` maps a caption to a PNG (relative to the report) or None
+    (skipped); ``paces`` marks the speeds measured under contention in the runs table."""
     lines = ["# fxreplay compare", ""] + _setup(runs)
     diverged = [r for r in runs if r.diverged]
     seeded = len(_seeds(runs)) > 1
@@ -192,7 +217,7 @@ def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None],
               "graphs, DNI's synthesizers), summed over the K modules, with the ratio to BP at the same K; "
               "the paper's Table 1 complexity for L layers beside it.", ""]
     lines += memory_table(runs) + [""] + footnote
-    lines += ["## Runs", ""] + runs_table(runs) + [""]
+    lines += ["## Runs", ""] + runs_table(runs, paces) + [""]
     lines += ["## Figures", ""]
     for caption, path in figures.items():
         lines += [f"### {caption}", ""]
@@ -200,6 +225,39 @@ def render_markdown(runs: Sequence[RunMetrics], figures: dict[str, Path | None],
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _time_notes(runs: Sequence[RunMetrics], paces: Paces) -> list[str]:
+    """How the modelled time is made, and which runs were measured while the machine was busy."""
+    work = ("the FLOPs of each run's plan" if paces.from_plans else
+            "equal stages with a backward of two forwards (a run directory without its plan/)")
+    notes = [
+        "Time on K devices is modelled, not measured: an iteration costs the slowest module's median time over the "
+        f"run's plain logged steps (the sum of the modules' for the backward-locked {methods.REFERENCE.label}), rescaled "
+        "so that every run works at one pace — the median, over the runs, of seconds per unit of work (one unit: "
+        f"an iteration of {methods.REFERENCE.label} on one device; a method's work from {work}, FR's replay "
+        "included). A run that other jobs on the machine slowed down is therefore not drawn slow; the modules' "
+        "times relative to each other, which that run measured itself, are kept."
+    ]
+    unheld = sorted({label(run.method) for run in runs if not plan_holds_the_work(run.method)})
+    if unheld:
+        notes.append(
+            f"{', '.join(unheld)} also train synthesizers, whose work the plan does not hold: each such run is compared "
+            "only with its own method's runs at the same K (other seeds), and drawn at its measured times divided by its "
+            "slow-down against the fastest of them."
+        )
+    slowed = [(run, paces.slowed(run)) for run in runs]
+    slowed_runs = [(run, ratio) for run, ratio in slowed if ratio is not None]
+    if slowed_runs:
+        seeded = len(_seeds(runs)) > 1
+        names = "; ".join(f"{_name(run, seeded)} ({ratio:.0f}×)" for run, ratio in slowed_runs)
+        notes.append(
+            f"{SLOWED_MARK} Measured while the machine was busy: {names} took that many times the fastest comparable "
+            f"run's time per unit of work (more than {SLOWED:g}×, while the methods' own paces differ by less than 2× on a "
+            "quiet machine). Their wall times, samples/s and measured-time curves are not speed measurements; run them "
+            "again on an idle machine (--force) to compare speeds. The modelled panel does not depend on them."
+        )
+    return notes
 
 
 def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
@@ -229,15 +287,16 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     if test_png is None:
         notes.append("No run was evaluated on the test set (train.eval_every_epoch), so the test-error curves "
                      "are not drawn.")
-    figures["Training loss against time (paper's Fig. 4, row 2)"] = plots.loss_vs_time(loaded, out_dir / "loss_time.png")
+    paces = measure_paces(loaded)
+    figures["Training loss against time (paper's Fig. 4, row 2)"] = plots.loss_vs_time(loaded, out_dir / "loss_time.png", paces)
     executors = {r.config.get("train", {}).get("executor") for r in loaded}
     if "local" in executors:
         notes.append(
             "The local executor runs the K modules one after another in one process, so measured wall time "
             "shows each method's extra work (FR's replay, DDG's and DNI's bookkeeping), not the pipeline's "
-            "parallelism. The right-hand panel models K devices: each iteration costs the slowest module's "
-            "time (summed over modules for BP, which is backward-locked), from the logged per-module times."
+            "parallelism."
         )
+    notes += _time_notes(loaded, paces)
     figures["Memory per method and K (paper's Fig. 5)"] = plots.memory(loaded, out_dir / "memory.png")
     sigma_png = plots.sigma(loaded, out_dir / "sigma.png", spe)
     figures["Sufficient direction constant σ per module (paper's Fig. 3)"] = sigma_png
@@ -251,11 +310,11 @@ def write_report(out_dir: Path, runs: Sequence[tuple[str, int, Path]]) -> Path:
     timelines = [(r, r.path / "timeline.json") for r in firsts if r is not None]
     for run, tl in timelines:
         figures[f"Pipeline timeline, {run.label} K={run.K}"] = plots.timeline(tl, out_dir / f"timeline-{run.method}-K{run.K}.png",
-                                                                              f"{run.label}, K={run.K}: pipeline timeline")
+                                                                              f"{run.label}, K={run.K}: pipeline timeline", K=run.K)
     if not timelines:
         notes.append("No run directory has a timeline.json (the distributed executor writes one), so no "
                      "pipeline timeline is drawn.")
     figures = {c: (p.relative_to(out_dir) if p is not None else None) for c, p in figures.items()}
     report = out_dir / REPORT_FILE
-    report.write_text(render_markdown(loaded, figures, notes))
+    write_text_atomic(report, render_markdown(loaded, figures, notes, paces))
     return report

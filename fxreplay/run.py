@@ -24,23 +24,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fxreplay import methods
+from fxreplay import identity, methods
+from fxreplay.checkpoint import write_text_atomic
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
-from fxreplay.data import build_datasets, check_labels, example_batch, labels_only, make_loader, num_classes_of, replica_shard
-from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, DivergenceError, FxReplayError, TraceError, allocation_detail,
+from fxreplay.data import (SeededBatchSampler, build_datasets, check_labels, example_batch, labels_only, make_loader, non_finite,
+                           num_classes_of, replica_shard)
+from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, DivergenceError, FxReplayError, RankError, TraceError, allocation_detail,
                              out_of_memory)
 from fxreplay.compiler.loading import LoadedModel, load_model
 from fxreplay.metrics import correct_count, default_loss, predictions
 from fxreplay.compiler.plan import ModelSpec, Plan
 from fxreplay.launch import cuda_count, distributed_job, reports, run_distributed
+from fxreplay.lr_schedule import SchedulerFactory, scheduler_factory
+from fxreplay.optimizers import optimizer_factory
 from fxreplay.mesh import check_sync_batchnorm, node_devices
 from fxreplay.rundir import Metrics, NoMetrics, RunDir
 from fxreplay.trainer import Trainer
 
-__all__ = ["RunResult", "train_run", "train_with_ranks", "stage_devices", "check_job_devices", "lr_factor", "milestone_epochs", "distributed_main"]
+__all__ = ["RunResult", "train_run", "train_with_ranks", "stage_devices", "check_job_devices", "lr_factor", "milestone_epochs", "lr_schedule", "make_trainer", "distributed_main"]
 
 
 
@@ -66,12 +71,13 @@ def milestone_epochs(epochs: int, milestones: tuple[float, ...]) -> list[int]:
 
 def lr_factor(epoch: int, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
     """Step decay: lr x gamma from each milestone fraction of the epochs on (paper: /10 at 50%
-    and 75%), see :func:`milestone_epochs`."""
+    and 75%), see :func:`milestone_epochs`: the factor the ``step`` schedule (:func:`lr_schedule`)
+    gives every iteration of epoch ``epoch``."""
     passed = sum(1 for start in milestone_epochs(epochs, milestones) if epoch >= start)
     return gamma**passed
 
 
-def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeline:
+def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None, trust_plan_code: bool = False) -> Pipeline:
     """The stages, from a plan directory or by compiling the configured model on a batch of
     the training set (its shape and dtype; ``model.num_classes`` or the data set's class count,
     and for token sequences their length as ``block_size`` to a builder that takes one).
@@ -83,7 +89,7 @@ def build_pipeline(cfg: Config, train_set: Any, plan_dir: Path | None) -> Pipeli
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     num_classes = cfg.model.num_classes or num_classes_of(train_set)
     if plan_dir is not None:
-        pipe = load_plan(plan_dir)
+        pipe = load_plan(plan_dir, trust_code=trust_plan_code)
         if cfg.partition.K != pipe.K:
             raise ConfigError(f"partition.K is {cfg.partition.K} but the plan in {plan_dir} has K={pipe.K}; drop --K or re-partition.")
         _check_plan_fits_data(pipe, plan_dir, cfg, example_batch(train_set, 1, cfg.data.name)[0][0])
@@ -216,13 +222,37 @@ def _eval_output(model: torch.nn.Module, x: torch.Tensor) -> Any:
                 buffer.copy_(value)
 
 
-def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
+def lr_schedule(cfg: Config, steps_per_epoch: int) -> SchedulerFactory:
+    """The config's lr schedule over the run's horizon, ``train.epochs`` x ``steps_per_epoch``
+    iterations (``train.max_steps`` stops a run early without changing its schedule, so a run
+    stopped so and resumed is the run that never stopped); ``step``'s milestones fall at the
+    start of the first epoch past each fraction (:func:`milestone_epochs`), as the paper's."""
+    o = cfg.optim
+    milestones = [e * steps_per_epoch for e in milestone_epochs(cfg.train.epochs, o.milestones)] if o.schedule == "step" else []
+    return scheduler_factory(o.schedule, cfg.train.epochs * steps_per_epoch, o.warmup_steps, milestones, o.gamma)
+
+
+def schedule_key(cfg: Config, steps_per_epoch: int) -> dict[str, Any]:
+    """What a run's lr schedule depends on that a resume may change (``train.epochs``,
+    ``optim.lr``): a checkpoint whose key differs continues with the schedule started anew at
+    its iteration rather than with its saved scheduler states."""
+    return {"epochs": cfg.train.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.optim.lr}
+
+
+def make_trainer(cfg: Config, pipe: Pipeline, steps_per_epoch: int | None = None) -> Trainer:
+    """The Trainer of ``cfg``'s method and training recipe (optimizer, weight-decay groups,
+    clipping, precision) on ``pipe``; its lr schedule needs the epoch's ``steps_per_epoch``
+    (None: no schedule, every stage at ``optim.lr``)."""
     o = cfg.optim
     scales = [2.0 if (k == 0 and o.double_first_stage_lr) else 1.0 for k in range(pipe.K)]
     return Trainer(
         pipe,
         method=cfg.train.method,
-        optimizer=lambda params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+        optimizer=optimizer_factory(o.name, o.lr, o.weight_decay, o.args, o.class_momentum),
+        no_decay=o.no_decay or None,
+        scheduler=lr_schedule(cfg, steps_per_epoch) if steps_per_epoch is not None else None,
+        clip_grad_norm=o.clip_grad_norm,
+        precision=cfg.train.precision,
         loss_fn=default_loss,
         lr_scales=scales,
         synth_optimizer=lambda params: torch.optim.Adam(params, lr=o.synth_lr),
@@ -232,6 +262,7 @@ def make_trainer(cfg: Config, pipe: Pipeline) -> Trainer:
         microbatches=cfg.train.microbatches,
         dp=cfg.train.dp,
         sync_batchnorm=cfg.train.sync_batchnorm,
+        compensation=cfg.train.compensation,
     )
 
 
@@ -249,10 +280,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _progress(console: Console) -> Progress:
+    """The training bar. Without a terminal (a log file, a pipe) rich draws at 80 columns and
+    cuts the widest columns, the times among them, to ``0:00:…``: there the line is drawn
+    without the bar, as wide as it needs (up to 200 columns), and the times are never cut."""
+    from rich.table import Column
+
+    if not console.is_terminal and not console.record:
+        console = Console(file=console.file, width=200, color_system=None)
+    bar = [BarColumn()] if console.is_terminal else []
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"), *bar, MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}  {task.fields[sps]:.0f} samples/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),  # h:mm:ss, never elided
+        TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+        console=console, transient=False, expand=False,
     )
 
 
@@ -263,6 +304,8 @@ def train_run(
     console: Console | None = None,
     on_step: Callable[[int, float], None] | None = None,
     overwrite: bool = False,
+    trust_plan_code: bool = False,
+    config_file: Path | None = None,
 ) -> RunResult:
     """Train as the config says; write metrics, checkpoints and the model into ``cfg.train.out``.
 
@@ -272,7 +315,10 @@ def train_run(
         resume: a previous run's out directory: continue exactly where its checkpoint is.
         console: where progress goes (default: stderr).
         on_step: called as ``on_step(step, loss)`` after every iteration (tests use it).
-        overwrite: start afresh even if ``train.out`` holds another run's checkpoint.
+        overwrite: start afresh even if ``train.out`` holds another run's files or the user's
+            (the run's own names are replaced, other files left alone; see :class:`~fxreplay.rundir.RunDir`).
+        trust_plan_code: the plan may import Python code that came with it (see :func:`fxreplay.compiler.load`).
+        config_file: the file ``cfg`` was read from, when it lies in ``train.out`` (not another run's file there).
 
     Raises:
         DivergenceError: the loss became NaN/inf (the last good checkpoint is kept).
@@ -284,30 +330,41 @@ def train_run(
     # The directory is owned for the run's life: a second run on it is refused, and a resume
     # reads the checkpoint only once no other process can be writing it.
     with run_dir.locked() if reporting else contextlib.nullcontext():
-        return _train(cfg, plan_dir, resume, run_dir, reporting, console, on_step, overwrite)
+        return _train(cfg, plan_dir, resume, run_dir, reporting, console, on_step, overwrite, trust_plan_code, config_file)
 
 
 def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_dir: RunDir, reporting: bool,
-           console: Console | None, on_step: Callable[[int, float], None] | None, overwrite: bool) -> RunResult:
+           console: Console | None, on_step: Callable[[int, float], None] | None, overwrite: bool,
+           trust_plan_code: bool = False, config_file: Path | None = None) -> RunResult:
     ckpt: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
     if resume is not None:
         resumed = run_dir.resume(cfg)
-        cfg, ckpt, plan_dir = resumed.cfg, resumed.checkpoint, resumed.plan_dir or plan_dir
+        cfg, ckpt, plan_dir, notes = resumed.cfg, resumed.checkpoint, resumed.plan_dir or plan_dir, resumed.notes
     assert cfg is not None  # given, the quick start's, or the resumed run's
     distributed = distributed_job()
     if not distributed:
         methods.get(cfg.train.method).check_one_process()  # before the data and the model are built
+    if cfg.train.tensorboard and reporting:
+        from fxreplay.tensorboard import require
+
+        require()  # the package is there, before the data and the model are built
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
-    if ckpt is None and not overwrite:
-        run_dir.check_fresh()
+    if ckpt is None and not overwrite and reporting:
+        # Only the rank that writes checks: another might look after it has begun writing.
+        run_dir.check_fresh(config_file, plan_dir)
     console = console or Console(stderr=True)
     if not reporting:
         console = Console(quiet=True)
+    for note in notes:
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
     train_set, test_set = build_datasets(cfg.data)
-    pipe = build_pipeline(cfg, train_set, plan_dir)
+    pipe = build_pipeline(cfg, train_set, plan_dir, trust_plan_code)
     _check_model_fits_data(cfg, pipe, train_set, test_set)
+    record = _run_record(cfg, train_set, test_set, pipe, plan_dir, run_dir, ckpt)
+    whole_sets = (train_set, test_set)  # what a non-finite loss is traced back to, on every rank
     if distributed and dist.get_rank() % cfg.partition.K > 0:
         # Only stage 0 (of each data-parallel replica) reads inputs; the others need the labels
         # (the last) or nothing: skip decoding and augmenting every batch on them. Same order
@@ -317,7 +374,9 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
         # Stage 0 of replica d decodes only its shard of every training batch (and reads the
         # labels of the whole batch): the D replicas decode each image once between them.
         train_set = replica_shard(train_set, dist.get_rank() // cfg.partition.K, cfg.train.dp)
-    run = _Run(cfg, pipe, run_dir, reporting, console, on_step, train_set, test_set, ckpt)
+    keep_plan = plan_dir is not None and plan_dir.resolve() == run_dir.plan_dir.resolve()  # trained where it is
+    run = _Run(cfg, pipe, run_dir, reporting, console, on_step, train_set, test_set, ckpt, record, keep_plan)
+    run.whole_sets = whole_sets
     with _progress(console) as progress:
         while run.epoch < cfg.train.epochs and not run.at_max_steps:
             run.epoch_of_training(progress)
@@ -327,19 +386,48 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
     return run.finish()
 
 
+def _run_record(cfg: Config, train_set: Any, test_set: Any, pipe: Pipeline, plan_dir: Path | None, run_dir: RunDir,
+                ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    """What this run's checkpoints record of it (:mod:`fxreplay.identity`); a resumed run's
+    checkpoint must be of this data set and this plan.
+
+    Raises:
+        CheckpointError: the checkpoint was trained on other data, or with another plan.
+    """
+    data = identity.data_identity(cfg.data.name, train_set, test_set)
+    recorded = ckpt.get("run") if ckpt is not None else None
+    if isinstance(recorded, dict):  # a checkpoint of an earlier fxreplay has none: RunDir.resume warned
+        identity.check_data(recorded, data, run_dir.path)
+        source = f"the plan in {plan_dir}" if plan_dir is not None else f"the plan made of {cfg.model.name} now"
+        identity.check_plan(recorded, pipe.plan, source, run_dir.path)
+    return identity.record(cfg, data, pipe.plan)
+
+
 class _Run:
     """The state of one training run and its pieces: an epoch of steps, the evaluation that
     closes it (or declares divergence), the checkpoint, the end."""
 
+    whole_sets: tuple[Any, Any] | None = None  # (train, test) with their inputs, on every rank
+    sampler: SeededBatchSampler | None = None  # the current epoch's batches
+
     def __init__(self, cfg: Config, pipe: Pipeline, run_dir: RunDir, reporting: bool, console: Console,
                  on_step: Callable[[int, float], None] | None, train_set: Any, test_set: Any,
-                 ckpt: dict[str, Any] | None) -> None:
+                 ckpt: dict[str, Any] | None, record: dict[str, Any], keep_plan: bool) -> None:
         self.cfg, self.pipe, self.run_dir, self.reporting, self.console = cfg, pipe, run_dir, reporting, console
+        self.record = record  # what every checkpoint says of the run that wrote it
         self.on_step, self.train_set, self.test_set = on_step, train_set, test_set
-        self.trainer = make_trainer(cfg, pipe)
+        steps_per_epoch = math.ceil(len(train_set) / cfg.data.batch_size)  # as _epoch_done counts them
+        self.trainer = make_trainer(cfg, pipe, steps_per_epoch)
+        self.schedule_key = schedule_key(cfg, steps_per_epoch)
         self.epoch, self.batch_index, self.step = 0, 0, 0
         if ckpt is not None:
-            self.trainer.load_state_dict(ckpt["trainer"])  # may refuse: before metrics.jsonl is cut back
+            # The saved schedule continues exactly; one the resume changed (train.epochs,
+            # optim.lr) starts anew at the checkpoint's iteration.
+            changed = ckpt.get("schedule") != self.schedule_key
+            self.trainer.load_state_dict(ckpt["trainer"], restart_schedule=changed)  # may refuse: before metrics.jsonl is cut back
+            if changed and ckpt.get("schedule") is not None:
+                console.print(f"[yellow]note:[/] the lr schedule follows the resumed run's train.epochs and optim.lr from "
+                              f"iteration {ckpt['step']} on", highlight=False)
             self.epoch, self.batch_index, self.step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
             if not self.trainer.executor.distributed:  # a distributed rank's RNG is part of its executor state
                 _set_rng_state(ckpt["rng"])
@@ -348,10 +436,15 @@ class _Run:
         if reporting:
             # Only now, with the model, the data and the checkpoint's state known to fit, does
             # the run directory change: a refused resume leaves every file as it was.
-            run_dir.start(cfg, fresh=ckpt is None)
-            if ckpt is None:
+            run_dir.start(cfg, fresh=ckpt is None, keep_plan=keep_plan)
+            if ckpt is None and not keep_plan:
                 pipe.save(run_dir.plan_dir)
         self.metrics: Metrics | NoMetrics = run_dir.metrics(ckpt["metrics_lines"] if ckpt else None) if reporting else NoMetrics()
+        if reporting and cfg.train.tensorboard:
+            from fxreplay.tensorboard import with_tensorboard
+
+            # A resume hides the events past its checkpoint, as metrics.jsonl is cut back to it.
+            self.metrics = with_tensorboard(self.metrics, run_dir.path / "tensorboard", ckpt["step"] + 1 if ckpt else None)  # type: ignore[assignment]
         self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
         self.start = time.perf_counter()
         self.wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume
@@ -370,15 +463,15 @@ class _Run:
         """The steps of the current epoch (from where a resume left it, to its end or max_steps),
         then its record with the evaluation; moves to the next epoch when this one is done."""
         cfg, t_cfg, trainer = self.cfg, self.cfg.train, self.trainer
-        trainer.set_lr_factor(lr_factor(self.epoch, t_cfg.epochs, cfg.optim.milestones, cfg.optim.gamma))
         loader = make_loader(self.train_set, cfg.data.batch_size, shuffle=True, seed=t_cfg.seed, epoch=self.epoch,
-                             skip=self.batch_index, num_workers=cfg.data.num_workers)
+                             skip=self.batch_index, num_workers=cfg.data.num_workers, name=f"the training set of {cfg.data.name!r}")
+        self.sampler = loader.batch_sampler  # type: ignore[assignment]
         task = progress.add_task(f"{t_cfg.method} K={self.pipe.K} epoch {self.epoch + 1}/{t_cfg.epochs}",
                                  total=len(loader) + self.batch_index, completed=self.batch_index,
                                  loss=float("nan"), acc=0.0, sps=0.0)
         seen, correct, predicted, loss_sum, n_loss = 0, 0, 0, 0.0, 0
         epoch_start = time.perf_counter()
-        for x, y in loader:
+        for x, y in self._batches(loader):
             loss, sigma = self._step(x, y)
             # FR/DDG: the output is of the batch the last stage ran now; same size but the
             # last batch, whose few examples the count then skips.
@@ -398,7 +491,7 @@ class _Run:
                 break
         finished = _epoch_done(self.train_set, cfg, self.batch_index)
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "train_loss": loss_sum / max(n_loss, 1),
-                  "train_accuracy": correct / max(predicted, 1), "lr": trainer.lr, "wall": self.wall(),
+                  "train_accuracy": correct / max(predicted, 1), "lr": trainer.last_step_lr, "wall": self.wall(),
                   "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9), "complete": finished}
         if t_cfg.eval_every_epoch or not finished or self.epoch + 1 >= t_cfg.epochs:
             self._evaluate_or_diverge(record)
@@ -415,6 +508,10 @@ class _Run:
             else:
                 loss, sigma = self.trainer.step(x, y), None
         except DivergenceError as exc:
+            if self.whole_sets is not None and self.sampler is not None:
+                self._refuse_non_finite_data(self.whole_sets[0], self.sampler.indices_of(self.batch_index), "training",
+                                             f"They are in batch {self.batch_index + 1} of epoch {self.epoch + 1}, so the loss "
+                                             f"of step {self.step + 1} is not finite", exc)
             message = self._no_checkpoint_yet(str(exc))
             self.result.diverged = message
             # Steps count from 1 (the record of step N is written after the N-th update): the
@@ -435,7 +532,9 @@ class _Run:
             stats = self.trainer.stats()  # collective when distributed
             # loss: the mean over the batches since the last record; batch_loss: this step's.
             record: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch, "loss": total / count,
-                                      "batch_loss": loss, "lr": self.trainer.lr, "wall": self.wall(), **stats}
+                                      "batch_loss": loss, "lr": self.trainer.last_step_lr, "wall": self.wall(), **stats}
+            if self.trainer.grad_norm is not None:
+                record["grad_norm"] = self.trainer.grad_norm  # before clipping
             total, count = 0.0, 0
             if sigma is not None:
                 record["sigma"] = sigma
@@ -451,18 +550,26 @@ class _Run:
             # saved activations), and on a CPU larger ones are slower per image (ResNet-20 at
             # 512: ~1.5-2x the time of 128, the activations fall out of cache).
             batch = self.cfg.data.batch_size
-            test = self.trainer.evaluate(make_loader(self.test_set, batch, shuffle=False, seed=0, epoch=0))
+            test = self.trainer.evaluate(make_loader(self.test_set, batch, shuffle=False, seed=0, epoch=0,
+                                                     name=f"the test set of {self.cfg.data.name!r}"))
         except Exception as exc:
+            if isinstance(exc, DataError):
+                raise DataError(f"{str(exc).rstrip('.')}. {self._what_now('fix the data')}") from exc
             if isinstance(exc, FxReplayError) or not out_of_memory(exc):
                 raise
             then = ("The last checkpoint is kept: resume from it (--resume)" if self.run_dir.checkpoint_file.is_file()
-                    else "There is no checkpoint yet: start again (--force to reuse this --out)")
+                    else "There is no checkpoint yet: start again (--overwrite to reuse this --out)")
             raise DeviceMemoryError(
                 f"the evaluation after epoch {self.epoch + 1} ran out of memory ({allocation_detail(exc)}) on test "
                 f"batches of {batch} (data.batch_size). {then} on a device with more memory, or with a smaller model."
             ) from exc
         record.update({f"test_{name}": value for name, value in test.items() if name != "samples"})
         self.result.final = {**{k: v for k, v in record.items() if k.startswith("test_")}, "train_loss": record["train_loss"]}
+        if not math.isfinite(test["loss"]) and self.whole_sets is not None:
+            test_set = self.whole_sets[1]
+            self._refuse_non_finite_data(test_set, range(len(test_set)), "test",
+                                         f"So the test loss after epoch {self.epoch + 1} is {test['loss']} (the weights "
+                                         "may well be fine)", None)
         if not math.isfinite(test["loss"]):
             # The training losses were finite, but weights or BatchNorm statistics no longer
             # are: this state must not become "the last good checkpoint".
@@ -475,6 +582,46 @@ class _Run:
             self.result.diverged = message
             raise DivergenceError(message)
 
+    def _batches(self, loader: Any) -> Any:
+        """The loader's batches; an example that fails to read stops the run with a word on
+        where the run directory stands."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DataError as exc:
+                raise DataError(f"{str(exc).rstrip('.')}. The run stopped before step {self.step + 1}. "
+                                f"{self._what_now('fix the data set')}") from exc
+            yield batch
+
+    def _refuse_non_finite_data(self, dataset: Any, indices: Any, which: str, consequence: str,
+                                cause: BaseException | None) -> None:
+        """A non-finite loss whose data holds NaN/inf is the data's fault, not the learning
+        rate's: say so, naming the examples (``dataset`` read again, the RNG left as it was).
+
+        Raises:
+            DataError: some of ``indices`` hold NaN or inf in their input or target.
+        """
+        with torch.random.fork_rng(devices=[]):
+            bad = non_finite(dataset, indices)
+        if not bad:
+            return
+        raise DataError(
+            f"the {which} data holds non-finite values: {', '.join(bad)} of the {which} set of {self.cfg.data.name!r}. "
+            f"{consequence}. The data is at fault, not the learning rate (dataset[i] reproduces each example). "
+            f"{self._what_now('fix or drop those examples')}"
+        ) from cause
+
+    def _what_now(self, fix: str) -> str:
+        """How to go on after the run stopped: from its last checkpoint, or afresh."""
+        out = self.run_dir.path
+        if self.run_dir.checkpoint_file.is_file():
+            return f"The last checkpoint is kept: {fix} and continue with --resume {out}."
+        return (f"There is no checkpoint yet (the first is written at the end of the first epoch): {fix} and start the "
+                f"run again (--overwrite to reuse {out}).")
+
     def _no_checkpoint_yet(self, message: str) -> str:
         """A divergence message that promises "the last checkpoint", said before the first
         one was written, says what is true instead."""
@@ -482,7 +629,7 @@ class _Run:
             return message
         head = message.split(" and the last checkpoint is kept")[0].split(" The last good checkpoint is kept")[0].rstrip(".")
         return (f"{head}. There is no checkpoint yet (the first is written at the end of the first epoch): lower the "
-                "learning rate (or warm it up) and start the run again (--force to reuse this --out).")
+                "learning rate (or warm it up) and start the run again (--overwrite to reuse this --out).")
 
     def checkpoint(self) -> None:
         """Write the checkpoint of where the run is (collective when distributed)."""
@@ -492,7 +639,7 @@ class _Run:
         self.run_dir.save_checkpoint(
             {"trainer": state, "method": self.cfg.train.method, "K": self.pipe.K, "epoch": self.epoch,
              "batch_index": self.batch_index, "step": self.step, "rng": _rng_state(), "metrics_lines": self.metrics.lines,
-             "wall": self.wall(), "loss_window": list(self.loss_window)}
+             "wall": self.wall(), "loss_window": list(self.loss_window), "run": self.record, "schedule": self.schedule_key}
         )
 
     def finish(self) -> RunResult:
@@ -501,21 +648,24 @@ class _Run:
         weights = self.trainer.model_state_dict()
         timeline = self.trainer.executor.timeline() if self.cfg.train.timeline else None
         self.trainer.close()
+        if self.cfg.train.tensorboard and self.reporting:
+            self.metrics.close()  # type: ignore[union-attr]  # the TensorBoard writer
         if self.reporting:
             self.run_dir.save_model(weights)
             if timeline is not None:
                 # the last 50 iterations: enough to see the steady state, small on disk
-                (self.run_dir.path / "timeline.json").write_text(json.dumps(timeline.window(max(0, self.step - 50)).to_json()))
+                write_text_atomic(self.run_dir.path / "timeline.json", json.dumps(timeline.window(max(0, self.step - 50)).to_json()))
                 shown = timeline.window(max(0, self.step - 4))
                 from fxreplay import plots  # matplotlib: loaded only by what draws
 
                 plots.gantt(shown, self.run_dir.path / "timeline.png",
-                            title=f"{self.cfg.train.method} K={self.pipe.K}: the last iterations, per rank")
+                            title=f"{self.cfg.train.method} K={self.pipe.K}: the last iterations, per rank", K=self.pipe.K)
                 self.console.print(shown.render_text(width=max(40, self.console.width - 12)), highlight=False)
         return self.result
 
 
-def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str | None, overwrite: bool = False) -> RunResult | None:
+def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str | None, overwrite: bool = False,
+                     trust_plan_code: bool = False, config_file: str | None = None) -> RunResult | None:
     """One rank of ``fxreplay train --nproc K`` (module level: the launcher pickles it).
 
     Returns:
@@ -523,7 +673,8 @@ def distributed_main(cfg_data: dict[str, Any], plan_dir: str | None, resume: str
     """
     from fxreplay.config import from_dict
 
-    result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None, overwrite=overwrite)
+    result = train_run(from_dict(cfg_data), Path(plan_dir) if plan_dir else None, Path(resume) if resume else None, overwrite=overwrite,
+                       trust_plan_code=trust_plan_code, config_file=Path(config_file) if config_file else None)
     return result if reports() else None
 
 
@@ -557,13 +708,14 @@ def check_job_devices(cfg: Config, devices: list[str], nproc: int) -> None:
 
 
 def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | None = None, nproc: int | None = None,
-                     threads: int | None = None, overwrite: bool = False) -> RunResult:
+                     threads: int | None = None, overwrite: bool = False, trust_plan_code: bool = False,
+                     config_file: Path | None = None) -> RunResult:
     """:func:`train_run` as a job of K ranks on this machine, one per stage, started by torch's
     launcher (``fxreplay train --nproc K``; ``compare`` for a method that needs ranks).
 
     Args:
         cfg: the run's config (its executor should be ``distributed``; K = ``partition.K``).
-        plan_dir, resume, overwrite: as for :func:`train_run`.
+        plan_dir, resume, overwrite, trust_plan_code, config_file: as for :func:`train_run`.
         nproc: the ranks to start (default K); anything but K is refused.
         threads: torch threads per rank (default: this machine's cores / ranks).
 
@@ -584,17 +736,65 @@ def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | N
         mesh = f" x D={D} replicas" if D > 1 else ""
         raise ConfigError(f"--nproc {nproc} but K={K}{mesh}: the distributed executor runs one stage of one replica per rank; "
                           f"use --nproc {K * D}.")
+    run_dir = RunDir(resume if resume is not None else Path(cfg.train.out))
+    run_dir.refuse_links()  # before any rank starts, as the reporting rank would
     if resume is None and not overwrite:
-        RunDir(Path(cfg.train.out)).check_fresh()  # before any rank starts
+        run_dir.check_fresh(config_file, plan_dir)
     devices = stage_devices(cfg, plan_dir, resume)
     check_job_devices(cfg, devices, nproc)
+    if cfg.train.tensorboard:
+        from fxreplay.tensorboard import require
+
+        require()  # here, not from inside a rank
     per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
-    results = run_distributed(
-        distributed_main, nproc, args=(to_dict(cfg), str(plan_dir) if plan_dir else None, str(resume) if resume else None, overwrite),
-        device=devices, timeout=cfg.train.timeout, threads=per_rank, stages=K,
-    )
+    out = Path(resume) if resume is not None else Path(cfg.train.out)
+    started_before = _stamp(RunDir(out).config_file)
+    try:
+        results = run_distributed(
+            distributed_main, nproc, args=(to_dict(cfg), str(plan_dir) if plan_dir else None, str(resume) if resume else None, overwrite,
+                                           trust_plan_code, str(config_file) if config_file else None),
+            device=devices, timeout=cfg.train.timeout, threads=per_rank, stages=K,
+        )
+    except RankError as exc:
+        # The run directory gets the traces only if this job had started writing it: a job
+        # refused before (bad data, another run's directory...) leaves it as it was.
+        kept = _keep_traces(out if _stamp(RunDir(out).config_file) != started_before else None, exc.traces)
+        if exc.rank not in kept:
+            raise
+        raise RankError(f"{str(exc).rstrip('.')}. Its full trace (for a bug report): {kept[exc.rank]}", exc.rank, exc.traces) from None
     result: RunResult = results[nproc - 1]
     return result
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a rewritten file from the one that was there (None: no file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _keep_traces(out: Path | None, traces: dict[int, str]) -> dict[int, Path]:
+    """Each failed rank's full traceback (for a bug report): in ``OUT/error-rank<N>.log``, a
+    file of the run directory replaced by the next failure, when the job had started the run
+    there (``out``) and no other live run holds it; else in a temporary file. Returns where
+    each went (nothing for a rank without a trace, e.g. one killed by a signal)."""
+    kept: dict[int, Path] = {}
+    try:
+        if out is None:
+            raise FileNotFoundError("the run had not started")
+        with RunDir(out).locked():
+            for rank, trace in sorted(traces.items()):
+                write_text_atomic(out / f"error-rank{rank}.log", trace)
+                kept[rank] = out / f"error-rank{rank}.log"
+    except (FxReplayError, OSError):
+        for rank, trace in sorted(traces.items()):
+            if rank not in kept:
+                with tempfile.NamedTemporaryFile("w", prefix=f"fxreplay-error-rank{rank}-", suffix=".log", delete=False) as f:
+                    f.write(trace)
+                kept[rank] = Path(f.name)
+    return kept
 
 
 def _epoch_done(train_set: Any, cfg: Config, batch_index: int) -> bool:

@@ -22,8 +22,9 @@ __all__ = ["RunGroup", "RunMetrics", "group_runs", "label", "load_run", "steps_p
 
 def label(method: str) -> str:
     """A method's name as tables and figures show it."""
-    spec = methods.METHODS.get(method)
-    return spec.label if spec else method.upper()
+    base, plus, rules = method.partition("+")
+    spec = methods.METHODS.get(base)
+    return (spec.label if spec else base.upper()) + plus + rules
 
 
 @dataclass
@@ -109,7 +110,11 @@ def group_runs(runs: Iterable[RunMetrics]) -> list[RunGroup]:
     for run in runs:
         by.setdefault((run.method, run.K), []).append(run)
     order = list(methods.METHODS)
-    keys = sorted(by, key=lambda mk: (mk[1], order.index(mk[0]) if mk[0] in order else len(order), mk[0]))
+    def rank(m: str) -> int:
+        base = methods.base_of(m)
+        return order.index(base) if base in order else len(order)
+
+    keys = sorted(by, key=lambda mk: (mk[1], rank(mk[0]), mk[0]))
     return [RunGroup(m, K, tuple(by[(m, K)])) for m, K in keys]
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
+from fxreplay.checkpoint import replace_file
 from fxreplay.compiler.plan import format_bytes
 
 if TYPE_CHECKING:
@@ -116,6 +117,25 @@ def _chunk_key(G: nx.DiGraph, order: dict[str, int], per: int) -> Callable[[str]
     return lambda n: f"{first[n]}…"
 
 
+def box_labels(H: nx.DiGraph) -> dict[str, str]:
+    """Each box's label: its module (or node) name, shortened; a module that a cut runs
+    through has a box in each stage it spans, numbered in stage order, ``layer1.1 (1 of 2)``.
+
+    >>> H = nx.DiGraph(); H.add_node("a@0", stage=0, label="layer1"); H.add_node("a@1", stage=1, label="layer1")
+    >>> sorted(box_labels(H).values())
+    ['layer1 (1 of 2)', 'layer1 (2 of 2)']
+    """
+    boxes: dict[str, list[str]] = {}
+    for n, data in H.nodes(data=True):
+        boxes.setdefault(data.get("label", n), []).append(n)
+    out = {}
+    for name, nodes in boxes.items():
+        nodes.sort(key=lambda n: H.nodes[n]["stage"])
+        for i, n in enumerate(nodes, 1):
+            out[n] = _short(name) + (f" ({i} of {len(nodes)})" if len(nodes) > 1 else "")
+    return out
+
+
 def _layered_positions(H: nx.DiGraph) -> dict[str, tuple[float, float]]:
     for layer, nodes in enumerate(nx.topological_generations(H)):
         for n in nodes:
@@ -125,7 +145,11 @@ def _layered_positions(H: nx.DiGraph) -> dict[str, tuple[float, float]]:
 
 
 def draw_plan(pipe: Pipeline, path: Path, max_nodes: int = MAX_NODES) -> Path:
-    """Write a PNG of the plan's graph: boxes coloured by stage, cut edges labelled with bytes."""
+    """Write a PNG of the plan's graph: boxes coloured by stage, cut edges labelled with bytes.
+
+    Raises:
+        OutputError: ``path`` is a symbolic link, or the disk is full (a previous file intact).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +161,10 @@ def draw_plan(pipe: Pipeline, path: Path, max_nodes: int = MAX_NODES) -> Path:
     layer = nx.get_node_attributes(H, "layer")
     layers = 1 + max(layer.values(), default=0)
     widest = max((list(layer.values()).count(i) for i in range(layers)), default=1)
-    fig, ax = plt.subplots(figsize=(7.0, min(1.4 + 0.45 * layers, 40.0)), layout="constrained")
+    # A chain (one box per layer, e.g. a ResNet by modules) is drawn narrow: at 7 inches two
+    # thirds of the page would be blank beside it.
+    width = 7.0 if widest > 1 else 4.2
+    fig, ax = plt.subplots(figsize=(width, min(1.6 + 0.45 * layers, 40.0)), layout="constrained")
     K = pipe.plan.K
     cmap = plt.get_cmap("tab10" if K <= 10 else "tab20")
     size = 200 if widest < 6 else 120
@@ -152,22 +179,29 @@ def draw_plan(pipe: Pipeline, path: Path, max_nodes: int = MAX_NODES) -> Path:
             labelled += [(e, skip) for e in edges if cut]
     nx.draw_networkx_nodes(H, pos, ax=ax, node_size=size, edgecolors="black", linewidths=0.5,
                            node_color=[cmap(H.nodes[n]["stage"] % cmap.N) for n in H])
-    names = [ax.annotate(_short(H.nodes[n].get("label", n)), (x, y), xytext=(10, 0), textcoords="offset points",
+    labels = box_labels(H)
+    names = [ax.annotate(labels[n], (x, y), xytext=(10, 0), textcoords="offset points",
                          fontsize=7 if widest < 6 else 6, va="center", ha="left", clip_on=False)
              for n, (x, y) in pos.items()]  # names beside the nodes, offset in points so any scale works
     ax.margins(x=0.15 if widest > 1 else 0.0, y=0.02)
     if widest == 1:
-        ax.set_xlim(-1.0, 3.0)  # a chain: leave room for the names and the bent skip edges
+        ax.set_xlim(-1.0, 1.7)  # a chain: room for the bytes and bent skip edges on the left, names on the right
     handles = [Patch(color=cmap(k % cmap.N), label=f"stage {k} ({pipe.plan.stages[k].device})") for k in range(K)]
     handles.append(Patch(color=CUT_COLOR, label="cut edge: bytes per batch"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4 if widest > 1 else 2), frameon=False,
+               fontsize=8)
     spec = Path(pipe.plan.model.spec).name if pipe.plan.model.spec else "model"
-    fig.suptitle(f"{spec}: K = {K} stages, one node per {unit}, data flows down")
+    title = f"{spec}: K = {K} stages," + (" " if widest > 1 else "\n") + f"one node per {unit}, data flows down"
+    if any(label.endswith(")") and " of " in label for label in labels.values()):
+        title += "\n(k of n): a module a cut splits across n stages"
+    fig.suptitle(title, fontsize=10 if widest > 1 else 9)
     ax.axis("off")
     _label_cut_edges(fig, ax, H, pos, labelled, names, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        # atomically, never through a link: a graph.png linked elsewhere is refused, not written through
+        replace_file(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

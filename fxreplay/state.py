@@ -1,9 +1,9 @@
-"""Random-number and buffer state: capture it, run with it, put it back.
+"""Random-number, buffer and mode state: capture it, run with it, put it back.
 
 One copy of each helper the methods, the executors and the compiler share: FR's replay
 draws the play's dropout mask (:func:`restored_rng`), a profile or a trace leaves the
-global RNG stream (:func:`forked_rng`) and the model's buffers (:func:`kept_buffers`) as
-they were.
+global RNG stream (:func:`forked_rng`), the model's buffers (:func:`kept_buffers`) and
+its modules' train/eval flags (:func:`kept_modes`) as they were.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch import nn
 
-__all__ = ["RngState", "capture_rng", "restored_rng", "forked_rng", "kept_buffers"]
+__all__ = ["RngState", "capture_rng", "restored_rng", "forked_rng", "kept_buffers", "kept_modes"]
 
 RngState = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -57,3 +58,19 @@ def kept_buffers(buffers: Iterable[torch.Tensor]) -> Iterator[None]:
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+
+
+@contextlib.contextmanager
+def kept_modes(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
+    """Run a block with ``modules`` and all their submodules in training (or eval) mode, then
+    give every one its own flag back: a profile of the training step of a model the user
+    holds in eval mode must not leave it in training mode (nor mix the two, which a model that
+    reads ``self.training`` refuses)."""
+    saved = [(m, m.training) for top in modules for m in top.modules()]
+    try:
+        for m, _ in saved:
+            m.training = training
+        yield
+    finally:
+        for m, was in saved:
+            m.training = was

@@ -103,7 +103,9 @@ def test_K_too_large(examples_dir: Path) -> None:
 def test_untraceable(tmp_path: Path) -> None:
     path = tmp_path / "gated.py"
     path.write_text(UNTRACEABLE)
-    _assert_user_error(_run("partition", str(path), "--K", "2"), "module 'gate' (Gate)", "gated.py:7", "--leaf Gate")
+    # --strict: by default the module is kept opaque instead (tests/test_opaque.py)
+    _assert_user_error(_run("partition", str(path), "--K", "2", "--strict", "--out", str(tmp_path / "strict")),
+                       "module 'gate' (Gate)", "gated.py:7", "--leaf Gate")
     ok = _run("partition", str(path), "--K", "2", "--leaf", "Gate", "--out", str(tmp_path / "p"))
     assert ok.exit_code == 0, ok.output
 
@@ -140,7 +142,7 @@ def test_a_new_run_never_writes_over_an_old_one(tmp_path: Path) -> None:
 
     before = files()
     again = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out))
-    _assert_user_error(again, "already holds a run", "--resume", "--force")
+    _assert_user_error(again, "already holds a run", "--resume", "--overwrite")
     assert files() == before  # nothing touched
     _assert_user_error(_run("train", "--nproc", "2", "--max-steps", "2", "--out", str(out)), "already holds a run")
     forced = _run("train", "--max-steps", "2", "--method", "bp", "--out", str(out), "--force")
@@ -225,7 +227,9 @@ def test_nproc_must_match_K(tmp_path: Path) -> None:
 def test_untraceable_names_the_cause(tmp_path: Path) -> None:
     path = tmp_path / "gated.py"
     path.write_text(UNTRACEABLE)
-    _assert_user_error(_run("partition", str(path), "--K", "2"), "data-dependent control flow", "torch.where")
+    # --strict: by default the module is kept opaque instead (tests/test_opaque.py)
+    _assert_user_error(_run("partition", str(path), "--K", "2", "--strict", "--out", str(tmp_path / "plan")),
+                       "data-dependent control flow", "torch.where")
 
 
 def test_partition_models_written_elsewhere(tmp_path: Path) -> None:
@@ -302,3 +306,24 @@ def test_train_takes_the_model_the_data_and_its_root(tmp_path: Path) -> None:
     _assert_user_error(_run("train", "--resume", str(out), "--model", "gpt_tiny"), "cannot change model.name")
     moved = _run("train", "--resume", str(out), "--data-root", str(tmp_path / "e"), "--max-steps", "2")
     assert moved.exit_code == 0, moved.output
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import typer.main
+
+    from cli.app import app
+
+    group = typer.main.get_command(app)
+    missing = [f"{name} {param.opts[0]}" for name, command in group.commands.items()  # type: ignore[attr-defined]
+               for param in command.params if not getattr(param, "help", None) and param.opts[0] != "--help"
+               and param.param_type_name == "option"]
+    assert missing == []  # e.g. train --epochs, --seed had none
+
+
+def test_train_measures_sigma_as_compare_does(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _run("train", "--max-steps", "4", "--sigma-every", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "sigma" in r] == [2, 4]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["sigma_every"] == 2

@@ -443,3 +443,36 @@ def test_text_with_two_ranks(tmp_path: Path) -> None:
                  steps="3", batch="4")
     assert {"timeline.json", "checkpoint.pt", "model.pt"} <= {p.name for p in out.iterdir()}
     assert "test_perplexity" in _epoch(out)
+
+
+@pytest.mark.parametrize("where", ["raw", "flat"])
+def test_fashion_mnist_is_read_from_gzipped_idx_files_as_they_come(tmp_path: Path, where: str) -> None:
+    # a Debian package or a download folder: *.gz, in torchvision's folder or directly in data.root
+    import gzip
+
+    written = make_fashion_mnist(tmp_path / "made")
+    folder = tmp_path / "root" / ("FashionMNIST/raw" if where == "raw" else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_FILES:
+        (folder / f"{name}.gz").write_bytes(gzip.compress((tmp_path / "made" / "FashionMNIST" / "raw" / name).read_bytes()))
+    for train, prefix in ((True, "train"), (False, "t10k")):
+        dataset = torchvision_dataset("FashionMNIST", tmp_path / "root", train=train)
+        assert type(dataset).__name__ == "FashionMNIST" and len(dataset) == len(written[f"{prefix}_labels"])  # type: ignore[arg-type]
+        for i in (0, len(dataset) - 1):  # type: ignore[arg-type]
+            x, y = dataset[i]
+            torch.testing.assert_close(x, normalised(written[f"{prefix}_images"][i]), rtol=0, atol=1e-6)
+            assert y == written[f"{prefix}_labels"][i]
+        assert num_classes_of(dataset) == 10
+    # a damaged .gz is one paragraph naming the file
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8bnot gzip")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
+        torchvision_dataset("FashionMNIST", tmp_path / "root", train=False)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_debian_packages_fashion_mnist_files_read_as_they_are() -> None:
+    test = torchvision_dataset("FashionMNIST", "/usr/share/datasets/fashion-mnist", train=False)
+    assert len(test) == 10_000 and test.targets.bincount().tolist() == [1000] * 10  # type: ignore[arg-type, attr-defined]
+    x, y = test[0]
+    assert x.shape == (1, 28, 28) and y == 9  # the first test image is an ankle boot

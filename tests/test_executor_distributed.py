@@ -6,12 +6,15 @@ compares. The rank functions are module-level: they are pickled to the spawned r
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +169,9 @@ def _rank_quiet_close() -> float:
         closing += time.perf_counter() - start
 
     for method in ("bp", "dni", "fr"):
-        close(make(DistributedExecutor, method, dist.get_world_size(), timeout=5.0))
-        first = make(DistributedExecutor, method, dist.get_world_size(), timeout=5.0)
-        second = make(DistributedExecutor, method, dist.get_world_size(), timeout=5.0)
+        close(make(DistributedExecutor, method, dist.get_world_size(), timeout=30.0))
+        first = make(DistributedExecutor, method, dist.get_world_size(), timeout=30.0)
+        second = make(DistributedExecutor, method, dist.get_world_size(), timeout=30.0)
         second.load_state_dict(first.state_dict())  # a resumed run with no step left to do
         close(first)
         close(second)
@@ -211,7 +214,8 @@ def _running(pid: int) -> bool:
 
 def _rank_dies(how: str, rank: int, at_step: int, timeout: float, stamp: str = "", dp: int = 1) -> None:
     """Rank ``rank`` fails at ``at_step`` in the way ``how`` says; ``stamp`` (a file) gets the
-    wall-clock time of the failure, so a test times the job's end from the event itself.
+    wall-clock time of the failure, so a test times the job's end from the event itself, and
+    ``stamp.gave-up`` the time the first other rank's step failed (its wait ran out).
     ``dp``: the ranks are a K x D mesh of D = ``dp`` replicas (tests/test_mesh.py)."""
     ex = make(DistributedExecutor, "fr", dist.get_world_size() // dp, timeout=timeout, dp=dp)
     for t, (x, y) in enumerate(data() * 10):
@@ -229,7 +233,44 @@ def _rank_dies(how: str, rank: int, at_step: int, timeout: float, stamp: str = "
                 time.sleep(3600)
             else:
                 time.sleep(3600)  # stops answering
-        ex.step(x, y)
+        try:
+            ex.step(x, y)
+        except TrainingError:
+            if stamp:
+                with contextlib.suppress(FileExistsError), open(f"{stamp}.gave-up", "x") as first:
+                    first.write(repr(time.time()))
+            raise
+
+
+def _rank_gives_up_first(how: str, rank1: str) -> None:
+    """Rank 2 stops answering at step 3 in the way ``how`` says. Rank 1's timeout is the
+    shortest: it gives up first and lets its stage go, then stays up (``rank1 == "stays"``:
+    rank 0's wait runs out next) or exits cleanly (``"exits"``: rank 0's receive finds the
+    connection closed). Rank 0's error is then the job's only one."""
+    rank = dist.get_rank()
+    ex = make(DistributedExecutor, "fr", 3, timeout=2.0 if rank == 1 else 10.0)
+    try:
+        for t, (x, y) in enumerate(data() * 10):
+            if rank == 2 and t == 3:
+                _stop_answering(how)
+            ex.step(x, y)
+    except TrainingError:
+        if rank != 1:
+            raise
+    assert rank == 1
+    gone = weakref.ref(ex)
+    del ex  # what the exit of a failed rank does to its executor (its finalizer runs)
+    gc.collect()
+    assert gone() is None
+    if rank1 == "exits":
+        sys.exit(0)
+    time.sleep(3600)
+
+
+def _stop_answering(how: str) -> None:
+    if how == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen: only SIGKILL ends it
+    time.sleep(3600)
 
 
 class EvalDiffersDict(nn.Module):
@@ -355,10 +396,11 @@ def test_a_failing_rank_ends_the_job_naming_it(how: str, match: str, tmp_path: P
     before = _children()
     stamp = tmp_path / "event"
     with pytest.raises(TrainingError, match=match):
-        run_distributed(_rank_dies, nproc=3, args=(how, 1, 3, 8.0, str(stamp)), threads=1, timeout=8.0)
+        run_distributed(_rank_dies, nproc=3, args=(how, 1, 3, 30.0, str(stamp)), threads=1, timeout=30.0)
     # The agent sees the dead rank within its monitor interval (0.1 s) and stops the others
-    # at once: seconds, far below the 8 s receive timeout the survivors would otherwise hit.
-    assert _seconds_since_event(stamp) < 4.0
+    # at once: a second or so, seconds on a loaded machine; the bound is below the 30 s
+    # receive timeout the survivors would otherwise hit.
+    assert _seconds_since_event(stamp) < 20.0
     assert _children() <= before  # no orphan rank
 
 
@@ -370,9 +412,12 @@ def test_a_silent_rank_ends_the_job_within_the_timeout(how: str, tmp_path: Path)
     _failure_logging_loaded()
     before = _children()
     stamp = tmp_path / "event"
-    with pytest.raises(TrainingError, match=r"rank 1 \(stage 1\) within 4 s"):
+    with pytest.raises(TrainingError, match=r"rank 1 \(stage 1\) within 4 s"):  # the wait's own deadline
         run_distributed(_rank_dies, nproc=2, args=(how, 1, 3, 4.0, str(stamp)), threads=1, timeout=4.0)
-    assert _seconds_since_event(stamp) < 4.0 + 4.0  # the receive timeout + slack
+    # From the failed wait on, the job ends at once: seconds, where torch alone would give the
+    # silent rank 30 s more. Timed from the wait, not the event: on a loaded machine rank 0
+    # takes seconds to reach it (it measured 25 s from the event at a load average of 20).
+    assert _seconds_since_event(Path(f"{stamp}.gave-up")) < 20.0
     assert _children() <= before
 
 
@@ -386,7 +431,28 @@ def test_a_rank_blocked_behind_a_silent_one_is_not_blamed(how: str, state: str, 
         run_distributed(_rank_dies, nproc=3, args=(how, 2, 3, 4.0, str(tmp_path / "event")), threads=1, timeout=4.0)
     message = str(info.value)
     assert re.search(r"rank 2 \(stage 2\),? (which )?" + state, message), message
-    assert not re.search(r"rank 1 \(stage 1\),? (which )?(is alive|has given)", message), message
+    assert not re.search(r"rank 1 \(stage 1\),? (which )?(is alive|has given|has already)", message), message
+
+
+# The same, in the interleavings where rank 1 gives up first: its note must not then read as
+# "finished" (or as waiting for nobody) when rank 0's wait runs out or its connection closes a
+# moment later (the README's test command failed 3 runs in 6 on this, under load).
+@pytest.mark.parametrize("how, rank1, state", [
+    ("stop", "stays", "has given no sign of life"),
+    ("stop", "exits", "has given no sign of life"),
+    ("hang", "exits", "is alive and waits for no other rank"),
+])
+def test_a_rank_that_gave_up_behind_a_silent_one_is_not_blamed_after(how: str, rank1: str, state: str) -> None:
+    _failure_logging_loaded()
+    with pytest.raises(TrainingError) as info:
+        run_distributed(_rank_gives_up_first, nproc=3, args=(how, rank1), threads=1, timeout=10.0)
+    message = str(info.value)
+    assert message.startswith("rank 0 (stage 0) failed first"), message
+    # Rank 1 has almost always given up by then; if a loaded machine held it back, rank 0 found
+    # it still waiting, which is as right. Once it left (exits), only its final note tells.
+    verb = "gave up waiting for" if rank1 == "exits" else "(gave up|is itself) waiting for"
+    assert re.search(rf"rank 1 \(stage 1\) {verb} rank 2 \(stage 2\), which {state}", message), message
+    assert not re.search(r"rank 1 \(stage 1\),? (which )?(is alive|has given|has already)", message), message
 
 
 def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
@@ -398,17 +464,17 @@ def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
         "    run_distributed(_rank_sleeps, nproc=2, args=(%r,), timeout=10.0)\n"
     ) % (str(Path(__file__).parent), str(Path(__file__).parents[1]), str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # two ranks importing torch on a loaded 2-core machine: a minute or more
     while len(list(tmp_path.glob("*.pid"))) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
     assert len(pids) == 2, proc.communicate(timeout=5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and b"KeyboardInterrupt" in err
     # Poll instead of a fixed 0.5 s sleep (flaky on a loaded machine); a zombie waiting for
     # a reaper (PID 1 in a container may not reap) has stopped running and counts as gone.
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while time.time() < deadline and any(_running(pid) for pid in pids):
         time.sleep(0.1)
     assert not [pid for pid in pids if _running(pid)], "a rank outlived Ctrl-C"
@@ -428,7 +494,9 @@ def test_messages_are_received_ahead_and_sends_stay_bounded() -> None:
 def test_executors_that_never_talked_close_at_once() -> None:
     closing = run_distributed(_rank_quiet_close, nproc=3, threads=1, timeout=60.0)
     assert sorted(closing) == [0, 1, 2]
-    assert max(closing.values()) < 5.0, closing  # 9 closes on each rank, and no 5 s receive deadline was hit
+    # 9 closes on each rank. A close that waited for a peer's flush would raise at the 30 s
+    # receive deadline; the bound (slack for a loaded machine) says none came near it.
+    assert max(closing.values()) < 15.0, closing
 
 
 def test_fr_carries_only_the_delayed_deltas() -> None:

@@ -130,7 +130,7 @@ def test_a_plan_edited_after_the_checkpoint_is_refused(run: Path) -> None:
     data["stages"][0]["nodes"].append(moved)
     plan.write_text(yaml.safe_dump(data, sort_keys=False))
     before = files(run)
-    assert_user_error(resume(run), "does not fit stage 0 of the plan", "was changed after the checkpoint")
+    assert_user_error(resume(run), "stages 0, 1 hold other nodes", "was changed after the checkpoint")
     assert files(run) == before
 
 

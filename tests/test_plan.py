@@ -226,7 +226,6 @@ def test_devices_in_stage_order() -> None:
         ("cpu/100", ("cpu", 1.0, 100.0)),
         ("cpu/2kib", ("cpu", 1.0, 2048.0)),  # units in any case
         ("mps/1TB", ("mps", 1.0, 1e12)),
-        ("meta", ("meta", 1.0, None)),
     ],
 )
 def test_parse_device(text: str, expected: tuple[str, float, float | None]) -> None:
@@ -236,7 +235,9 @@ def test_parse_device(text: str, expected: tuple[str, float, float | None]) -> N
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("gpu0", r"device 'gpu0': expected NAME\[@SPEED\]\[/MEMORY\] with NAME like cpu or cuda:0"),
+        ("gpu0", r"device 'gpu0': expected NAME\[@SPEED\]\[/MEMORY\], e.g. 'cuda:1@2/16GiB'; not a device name \(a stage runs on cpu"),
+        ("meta", "the meta device holds shapes without values"),
+        ("cudaX", "not a device name"),
         ("@2", r"expected NAME\[@SPEED\]\[/MEMORY\]"),
         ("cuda:0@fast", "speed 'fast' is not a number"),
         ("cuda:0@0", "speed must be a positive finite number"),
@@ -272,3 +273,15 @@ def test_parse_device_errors(text: str, message: str) -> None:
 )
 def test_format_bytes(n: float, text: str) -> None:
     assert format_bytes(n) == text
+
+
+def test_a_plan_prints_as_a_few_readable_lines() -> None:
+    # print(pipe.plan) / a REPL's pipe.plan: the settings and a line per stage, not one line of every field
+    plan = _plan()
+    text = str(plan)
+    assert repr(plan) == text
+    lines = text.splitlines()
+    assert len(lines) == 1 + plan.K and all(len(line) <= 120 for line in lines)
+    assert lines[0] == "Plan: examples/branchy_net.py in K=2 stages (cost time, method ddg; balance 1.50; stages start at layer2)"
+    assert lines[1] == "  stage 0 (cuda:0): x → b, 3 nodes; FLOPs 30 fwd + 60 bwd; weights 400 B; sends 96 B"
+    assert lines[2] == "  stage 1 (cpu): c → d, 2 nodes; FLOPs 10 fwd + 20 bwd; weights 100 B"

@@ -3,6 +3,7 @@ and time_stages' work per method."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import fx, nn
 import fxreplay
 from fxreplay.compiler.profiling import (
     NodeCost,
+    Profiler,
     is_tensor_container,
     profile,
     time_stages,
@@ -204,6 +206,21 @@ def test_times_are_measured_only_when_asked() -> None:
     assert strip == untimed
 
 
+def test_identical_nodes_are_timed_once_and_share_the_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three Linear(8, 8) on the same shapes, three relus of one shape, one Linear(8, 4): 3 distinct timings.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    gm = fx.symbolic_trace(model)
+    forwards: list[bool] = []
+    real = Profiler._median
+    monkeypatch.setattr(Profiler, "_median", lambda self, fn, grad: forwards.append(not grad) or real(self, fn, grad))
+    profile(gm, (torch.randn(5, 8),), measure_time=True, repeats=1)
+    costs = {n.name: n.meta["cost"] for n in gm.graph.nodes}
+    assert sum(forwards) == 3
+    assert costs["_0"].time_fwd == costs["_2"].time_fwd == costs["_4"].time_fwd > 0
+    assert costs["_1"].time_bwd == costs["_3"].time_bwd == costs["_5"].time_bwd > 0
+    assert costs["_6"].flops_fwd != costs["_0"].flops_fwd  # FLOPs and bytes are still each node's own
+
+
 def test_profile_on_a_named_device_writes_the_same_costs_onto_the_graph() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(3, 4)
@@ -241,16 +258,20 @@ def test_time_stages_runs_each_method_s_work_and_leaves_everything_alone() -> No
     rng = torch.get_rng_state()
 
     times = time_stages(stages, (x,), method("bp").cost, repeats=1)
-    # Warm-up + 1 timed run, each a forward with graph, then one forward for the next stage's input.
-    assert calls == [3, 3]
+    # Warm-up + 1 timed run, each a forward with graph; the last run's outputs are the next stage's inputs.
+    assert calls == [2, 2]
     assert len(times) == 2 and all(t > 0 for t in times)
     calls[:] = [0, 0]
     time_stages(stages, (x,), method("fr").cost, repeats=1)
-    # FR: stage 0 plays and replays in each of its 2 runs (+1 for the next input); the last stage plays once.
-    assert calls == [5, 3]
+    # FR: stage 0 plays and replays in each of its 2 runs; the last stage plays once.
+    assert calls == [4, 2]
     calls[:] = [0, 0]
     time_stages(stages, (x,), method("fr").cost, repeats=3)
-    assert calls == [9, 5]
+    assert calls == [8, 4]
+    calls[:] = [0, 0]
+    skipped = time_stages(stages, (x,), method("fr").cost, repeats=1, skip=[True, False])
+    # A stage whose time is known runs one forward, for the next stage's inputs.
+    assert calls == [1, 2] and math.isnan(skipped[0]) and skipped[1] > 0
 
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -266,6 +287,7 @@ def test_time_stages_feeds_each_stage_what_the_previous_returns() -> None:
     time_stages(stages, (x,), repeats=1)
     with torch.no_grad():
         expected = model[2](model[1](model[0](x)))
-    assert len(seen) == 3
+    time_stages(stages, (x,), repeats=1, skip=[True, False])
+    assert len(seen) == 4
     for value in seen:
         torch.testing.assert_close(value, expected)

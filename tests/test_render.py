@@ -26,3 +26,31 @@ def test_the_stage_table_reads_at_80_columns_and_shows_the_copies() -> None:
     assert "shared: tok_emb.weight has a copy in stages 0, 3" in " ".join(narrow.split())
     wide = _render(pipe.plan, 140)
     assert "first → last node" in wide and "stage 0:" not in wide
+
+
+def test_the_params_column_says_it_is_bytes() -> None:
+    torch.manual_seed(0)
+    pipe = fxreplay.compile(get("digits_cnn"), (torch.zeros(4, 1, 8, 8),), K=2, cost="flops")
+    for width in (80, 140):
+        text = _render(pipe.plan, width)
+        assert "param bytes" in text and "…" not in text and all(len(line) <= width for line in text.splitlines())
+
+
+def test_the_run_summary_lists_the_timeline_when_there_is_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    from cli.render import run_summary
+    from fxreplay.config import load_config
+
+    cfg = load_config(None)
+    result = SimpleNamespace(out=str(tmp_path), final={"test_accuracy": 0.5}, steps=3, epochs_done=0)
+
+    def outputs() -> str:
+        console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console.print(run_summary(cfg, result))
+        return console.export_text()
+
+    assert "timeline" not in outputs()
+    (tmp_path / "timeline.json").write_text("{}")
+    (tmp_path / "timeline.png").write_bytes(b"")
+    assert "plan/, timeline.json, timeline.png" in outputs()

@@ -86,7 +86,7 @@ def test_figures_draw_the_mean_curve_with_a_band(seeded: tuple[Path, dict]) -> N
         hi = max(statistics.fmean(p) + statistics.stdev(p) for p in losses)
         assert any(b == pytest.approx((lo, hi), rel=1e-9) for b in panel["bands"]), (panel["bands"], lo, hi)
     (bars,) = figures["memory.png"]
-    assert len(bars["bars"]) == 2
+    assert len(bars["bars"]) == 4  # two bars (BP, FR), each stacked by its 2 modules
     (sigma,) = figures["sigma.png"]
     assert sigma["title"] == "FR (mean of 2), K = 2"
 

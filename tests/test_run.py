@@ -181,3 +181,21 @@ def test_a_plan_on_missing_cuda_devices_is_refused(tmp_path: Path) -> None:
     pipe = fxreplay.compile(model, (torch.randn(4, 1, 8, 8),), K=2, cost="flops", devices=["cpu", "cuda:1"])
     with pytest.raises(TrainingError, match=r"stage 1 on cuda:1, but this machine has 0 CUDA device"):
         fxreplay.Trainer(pipe, method="fr")
+
+
+def test_the_progress_line_keeps_its_times_without_a_terminal() -> None:
+    # a log file or a pipe: rich would draw at 80 columns and cut the times to "0:00:…"
+    import io
+    import re
+
+    from rich.console import Console
+
+    from fxreplay.run import _progress
+
+    buffer = io.StringIO()
+    with _progress(Console(file=buffer, width=80)) as progress:
+        task = progress.add_task("fr+predict+spike K=4 epoch 10/30", total=391, loss=2.3, acc=0.1, sps=123.0)
+        progress.update(task, advance=5)
+    text = buffer.getvalue()
+    assert "…" not in text and "fr+predict+spike K=4 epoch 10/30" in text and "5/391" in text, text
+    assert re.search(r"\d:\d\d:\d\d -:--:--$", text.strip()), text  # elapsed and remaining, whole

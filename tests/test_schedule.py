@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from fxreplay.methods import names, schedule
 from fxreplay.schedule import Action, render, stage_program, validate
@@ -67,6 +67,7 @@ def test_k1_every_method_is_forward_backward_update() -> None:
         assert stage_program(schedule(method, 1), 0) == (Action(0, "F", 0), Action(0, "B", 0), Action(0, "U", 0))
 
 
+@settings(deadline=None)  # hypothesis's 200 ms per example is a wall-clock bound: flaky on a loaded machine
 @given(st.integers(0, 99), st.sampled_from("FRBSTU"), st.integers(-99, 0))
 def test_action_round_trip(stage: int, op: str, offset: int) -> None:
     a = Action(stage, op, offset)

@@ -17,7 +17,7 @@ from fxreplay.compiler.costgraph import build_cost_graph
 from fxreplay.compiler.plan import Plan, StagePlan
 from fxreplay.compiler.profiling import profile
 from fxreplay.compiler.tracing import trace
-from fxreplay.show import CUT_COLOR, MAX_NODES, collapse, draw_plan, readable_graph, stage_graph
+from fxreplay.show import CUT_COLOR, MAX_NODES, box_labels, collapse, draw_plan, readable_graph, stage_graph
 from zoo_external import Scaled
 
 B = 3
@@ -166,7 +166,7 @@ def test_draw_plan_writes_a_png(tmp_path: Path, pipe: fxreplay.Pipeline, max_nod
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(target) as im:
         im.verify()
-        assert im.size[0] == 770  # 7 in at 110 dpi: readable at ~700 px wide
+        assert im.size[0] == 462  # a chain: 4.2 in at 110 dpi (at 7 in two thirds of the page were blank)
 
 
 @pytest.mark.parametrize("model, K", [("resnet20", 4), ("gpt_tiny", 4)])
@@ -209,3 +209,27 @@ def test_cut_edges_have_their_own_colour_and_labels_keep_apart(tmp_path: Path, m
     for i, (text, box) in enumerate(boxes):
         clash = [o for o, b in drawn["names"] + boxes[:i] + boxes[i + 1:] if box.overlaps(b)]
         assert not clash, (text, clash)
+
+
+def test_a_module_a_cut_splits_is_numbered_and_the_title_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.figure
+
+    torch.manual_seed(0)
+    pipe = fxreplay.compile(_Net(), (torch.randn(B, 4),), K=2, cost="flops", boundaries=["block1.act"])
+    H, unit = readable_graph(pipe, max_nodes=5)
+    assert unit == "module (depth 1)"
+    labels = box_labels(H)
+    assert labels["block1@0"] == "block1 (1 of 2)" and labels["block1@1"] == "block1 (2 of 2)"
+    assert labels["block2@1"] == "block2"  # whole modules keep their name
+    titles: list[str] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # type: ignore[no-untyped-def]
+        titles.append(fig._suptitle.get_text())
+        names = {t.get_text() for t in fig.axes[0].texts}
+        assert {"block1 (1 of 2)", "block1 (2 of 2)"} <= names
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    draw_plan(pipe, tmp_path / "graph.png", max_nodes=5)
+    assert "(k of n): a module a cut splits across n stages" in titles[0]

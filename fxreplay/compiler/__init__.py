@@ -4,6 +4,7 @@ One module per step, joined here by ``fxreplay.compile`` and ``fxreplay.load``:
 
 - :mod:`~fxreplay.compiler.loading` a model spec string -> model and example inputs
 - :mod:`~fxreplay.compiler.tracing` the model, in train and eval mode -> torch.fx graphs
+- :mod:`~fxreplay.compiler.opaque` the submodules torch.fx cannot trace, kept opaque
 - :mod:`~fxreplay.compiler.profiling` node costs (FLOPs, bytes, time) in ``node.meta``
 - :mod:`~fxreplay.compiler.ordering` + :mod:`~fxreplay.compiler.costgraph` a networkx
   graph laid out along a narrow topological order -> the partitioner's plain-data problem
@@ -20,7 +21,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,20 @@ import torch.fx as fx
 from torch import nn
 
 from fxreplay import methods
-from fxreplay.checkpoint import load_verified, save_atomic
+from fxreplay.checkpoint import load_verified, make_directory, save_atomic
 from fxreplay.compiler.costgraph import COST_MODELS, CostGraph, build_cost_graph
-from fxreplay.compiler.loading import load_model, make_example_inputs
-from fxreplay.compiler.plan import ModelSpec, Plan, StagePlan, parse_device
+from fxreplay.compiler.opaque import Opaque, describe, trace_with_fallback
+from fxreplay.compiler.loading import code_inside, load_model, make_example_inputs
+from fxreplay.compiler.plan import WEIGHTS_FILE, ModelSpec, Plan, StagePlan, parse_device
 from fxreplay.compiler.profiling import NodeCost, profile, time_stages
 from fxreplay.compiler.refine import refined
 from fxreplay.compiler.split import (Stage, assign_eval_stages, build_stages, dual_stages, replicate_shared, run_chain,
                                      write_stage_files)
-from fxreplay.compiler.tracing import Traced, trace_modes
-from fxreplay.errors import FxReplayWarning, PartitionError, PlanError
+from fxreplay.compiler.tracing import Traced
+from fxreplay.errors import FxReplayWarning, PartitionError, PlanError, TrainingError
 from fxreplay.partition import Device, Partition, solve
 
-__all__ = ["Pipeline", "compile", "load", "resolve_cost"]
-WEIGHTS_FILE = "weights.pt"
+__all__ = ["Pipeline", "compile", "load", "check_plan_code", "resolve_cost"]
 
 
 @dataclass
@@ -58,6 +59,9 @@ class Pipeline:
         cost_graph: the profiled graph and order the partition was made on.
         eval_graph_module: the eval-mode trace when the model computes differently in eval
             mode (it reads ``self.training``), else None.
+        keywords: the names of the model's keyword inputs (``example_kwargs``): the first
+            stage takes them after the positional inputs, in this order.
+        opaque: the submodules torch.fx could not trace, kept opaque (one node each).
     """
 
     plan: Plan
@@ -66,6 +70,8 @@ class Pipeline:
     graph_module: fx.GraphModule
     cost_graph: CostGraph
     eval_graph_module: fx.GraphModule | None = None
+    keywords: tuple[str, ...] = ()
+    opaque: list[Opaque] = field(default_factory=list)
 
     def train(self, mode: bool = True) -> Pipeline:
         """Put every stage in training (or eval) mode; returns the pipeline."""
@@ -80,9 +86,41 @@ class Pipeline:
     def K(self) -> int:
         return len(self.stages)
 
-    def __call__(self, *inputs: Any) -> Any:
-        """Run the stages one after the other (the plain forward)."""
-        return run_chain(self.stages, *inputs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the stages one after the other (the plain forward), called as the model is."""
+        return run_chain(self.stages, *self.inputs(args, kwargs))
+
+    def inputs(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple[Any, ...]:
+        """The first stage's inputs for the call ``model(*args, **kwargs)``: the positional
+        inputs, then the keyword inputs in the order compiled.
+
+        Raises:
+            TrainingError: the keywords are not the ones the stages were compiled with.
+        """
+        kwargs = kwargs or {}
+        if set(kwargs) != set(self.keywords):
+            compiled = f"the keyword inputs {', '.join(self.keywords)}" if self.keywords else "no keyword inputs"
+            raise TrainingError(
+                f"the stages were compiled with {compiled} (example_kwargs), and this call gives {', '.join(kwargs) or 'none'}: "
+                "a keyword input is a graph input, so give the same ones on every call (or compile again with the others)."
+            )
+        return (*args, *(kwargs[k] for k in self.keywords))
+
+    def batch_inputs(self, x: Any) -> Any:
+        """The inputs of one batch as the executors take them: ``x`` itself when the model has
+        no keyword inputs; else ``(args, kwargs)`` or a dict of keyword inputs, made into the
+        first stage's positional tuple (:meth:`inputs`)."""
+        if not self.keywords:
+            return x
+        if isinstance(x, dict):
+            return self.inputs((), x)
+        if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], (tuple, list)) and isinstance(x[1], dict):
+            return self.inputs(x[0], x[1])
+        raise TrainingError(
+            f"the model was compiled with keyword inputs ({', '.join(self.keywords)}): give a batch's inputs as "
+            f"(args, kwargs) or as a dict of the keyword inputs, e.g. trainer.step(((), {{'{self.keywords[0]}': x}}), y); "
+            f"got a {type(x).__name__}."
+        )
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The stages' weights and buffers under the original model's keys."""
@@ -104,12 +142,19 @@ class Pipeline:
         return out
 
     def save(self, out: str | Path) -> Path:
-        """Write ``plan.yaml``, ``stage_<k>.py`` and the initial weights into ``out``."""
+        """Write ``plan.yaml``, ``stage_<k>.py`` and the initial weights into ``out``, each
+        atomically (the weights first and ``plan.yaml`` last: it is what makes a plan).
+
+        Raises:
+            PlanError: ``out`` cannot be a directory.
+            OutputError: one of the files is a symbolic link, or the disk is full (the file
+                being written is intact; see :func:`fxreplay.checkpoint.replace_file`).
+        """
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.plan.save(out)
-        write_stage_files(self.stages, out, self.plan.model.spec)
+        make_directory(out, PlanError, "a plan directory", "--out")
         save_atomic(self.model.state_dict(), out / WEIGHTS_FILE, checksum=True)
+        write_stage_files(self.stages, out, self.plan.model.spec)
+        self.plan.save(out)
         return out
 
 
@@ -166,12 +211,17 @@ def compile(
     progress: Callable[[int, int], None] | None = None,
     threads: int | None = None,
     refine: int = 4,
+    example_kwargs: dict[str, Any] | None = None,
+    strict: bool = False,
 ) -> Pipeline:
     """Trace, profile and partition ``model`` into ``K`` balanced stages.
 
     Args:
         model: any traceable ``nn.Module`` (it is not copied: the stages share its weights).
         example_inputs: a tuple of inputs for one forward, at the training batch size.
+        example_kwargs: keyword inputs of that forward (``attention_mask=...``), as
+            ``torch.export`` takes them; the pipeline is then called the same way
+            (``pipe(*args, **kwargs)``; ``Trainer.step((args, kwargs), y)``).
         K: number of stages.
         cost: ``"auto"`` (default: :func:`resolve_cost`), ``"time"`` (measured per node),
             ``"flops"``, ``"params"`` or ``"uniform"``. The plan records the one used.
@@ -191,6 +241,8 @@ def compile(
         refine: rounds of measured refinement for ``cost="time"`` on CPU stages: time the
             chosen stages whole, rescale their nodes by measured / predicted, solve again
             (keeps the best measured split; 0 = trust the per-node times).
+        strict: refuse a model with a submodule torch.fx cannot trace; by default the
+            smallest such module is kept opaque, with a warning (:mod:`~fxreplay.compiler.opaque`).
 
     Example:
         >>> pipe = fxreplay.compile(model, (torch.randn(128, 3, 32, 32),), K=4)
@@ -203,19 +255,22 @@ def compile(
     if not isinstance(K, int) or K < 1:
         raise PartitionError(f"K must be a positive integer, got {K!r}.")
     example_inputs = tuple(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
     devs = _devices(devices, K)
     cost = resolve_cost(cost, [d.name for d in devs], profile_device)
-    traced = _trace(model, leaf_modules, example_inputs)
-    gm = traced[0].gm
+    train, evaluation, opaque = _trace(model, leaf_modules, example_inputs, example_kwargs, strict)
+    gm = train.gm
+    first = (*example_inputs, *example_kwargs.values())  # the first stage's inputs: keywords after the positional ones
     with _profile_threads(cost, profile_device, threads, K):
-        profile(gm, example_inputs, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
+        profile(gm, first, measure_time=(cost == "time"), repeats=repeats, device=profile_device, progress=progress)
     cg = build_cost_graph(gm)
     cg.check_cuts(K)
     required = cg.required_cuts(boundaries or [])
     problem = cg.problem(cost, method_cost, required=required)
     part = solve(problem, K, devs)
     spec = spec or ModelSpec(leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
-    if len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
+    spec = replace(spec, opaque=tuple(o.path for o in opaque))
+    if len(first) == 1 and len(example_inputs) == 1 and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0:
         # One batched tensor: record its shape and dtype, so fxreplay.load(dir, model=...) needs no inputs.
         x = example_inputs[0]
         if spec.input_shape is None:
@@ -224,11 +279,12 @@ def compile(
             spec = replace(spec, input_dtype=str(x.dtype).removeprefix("torch."))
 
     def pipeline(p: Partition) -> Pipeline:
-        return _pipeline(model, traced, cg, _make_plan(cg, p, devs, cost, method, tuple(boundaries or ()), spec))
+        plan = _make_plan(cg, p, devs, cost, method, tuple(boundaries or ()), spec)
+        return _pipeline(model, (train, evaluation), cg, plan, tuple(example_kwargs), opaque)
 
     if cost == "time" and refine > 0 and K > 1 and all(torch.device(d.name).type == "cpu" for d in devs):
         with _profile_threads(cost, profile_device, threads, K):
-            part = refined(part, problem, K, devs, lambda p: time_stages(pipeline(p).stages, example_inputs, method_cost), refine)
+            part = refined(part, problem, K, devs, lambda p, known: time_stages(pipeline(p).stages, first, method_cost, skip=known), refine)
     return pipeline(part)
 
 
@@ -279,9 +335,26 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def _trace(model: nn.Module, leaf_modules: Sequence[str | type], example_inputs: Sequence[Any]) -> tuple[Traced, Traced | None]:
-    """Trace both modes; warn about checkpointed regions that the stages do not keep."""
-    train, evaluation = trace_modes(model, leaf_modules, example_inputs)
+def _trace(
+    model: nn.Module, leaf_modules: Sequence[str | type], example_inputs: Sequence[Any], example_kwargs: dict[str, Any],
+    strict: bool,
+) -> tuple[Traced, Traced | None, list[Opaque]]:
+    """Trace both modes, keeping untraceable submodules opaque unless ``strict``; warn about
+    those, about checkpointed regions that the stages do not keep and about torch.compile
+    wrappers inside the model."""
+    train, evaluation, opaque = trace_with_fallback(model, leaf_modules, example_inputs, example_kwargs, strict)
+    if opaque:
+        warnings.warn(describe(opaque), FxReplayWarning, stacklevel=3)
+    if train.compiled:
+        places = ", ".join(train.compiled[:6]) + (f" and {len(train.compiled) - 6} more" if len(train.compiled) > 6 else "")
+        warnings.warn(
+            f"the model holds torch.compile wrappers ({places}): fxreplay partitions the modules they wrap (the same "
+            "weights; their keys keep the '_orig_mod.' part, as in the model's state dict), and the stages run eagerly -- "
+            "torch.compile's optimisation does not carry over. Compile after partitioning, or pass the modules themselves "
+            "to silence this warning.",
+            FxReplayWarning,
+            stacklevel=3,
+        )
     if train.checkpointed:
         places = "; ".join(f"{path or 'the top-level module'} at {line}" for path, line in dict.fromkeys(train.checkpointed))
         warnings.warn(
@@ -292,10 +365,11 @@ def _trace(model: nn.Module, leaf_modules: Sequence[str | type], example_inputs:
             FxReplayWarning,
             stacklevel=3,
         )
-    return train, evaluation
+    return train, evaluation, opaque
 
 
-def _pipeline(model: nn.Module, traced: tuple[Traced, Traced | None], cg: CostGraph, plan: Plan) -> Pipeline:
+def _pipeline(model: nn.Module, traced: tuple[Traced, Traced | None], cg: CostGraph, plan: Plan,
+              keywords: tuple[str, ...] = (), opaque: Sequence[Opaque] = ()) -> Pipeline:
     # cg.order lists the plan's stages one after the other, so the ranges are running sums.
     train, evaluation = traced
     gm = train.gm
@@ -309,11 +383,38 @@ def _pipeline(model: nn.Module, traced: tuple[Traced, Traced | None], cg: CostGr
         eval_stages = build_stages(evaluation.gm, *assign_eval_stages(gm, stage_of, evaluation.gm, plan.K))
     stages = dual_stages(train_stages, eval_stages, train.out_spec, evaluation.out_spec if evaluation else None)
     replicate_shared(stages)
+    # The stages start in the model's mode: the modules they share with the model are in it
+    # already; the ones a stage made (the containers on its paths, private copies) are set.
+    own = {id(m) for m in model.modules()}
+    for stage in stages:
+        for m in stage.modules():
+            if id(m) not in own:
+                m.training = model.training
     return Pipeline(plan=plan, stages=stages, model=model, graph_module=gm, cost_graph=cg,
-                    eval_graph_module=evaluation.gm if evaluation else None)
+                    eval_graph_module=evaluation.gm if evaluation else None, keywords=keywords, opaque=list(opaque))
 
 
-def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: Sequence[Any] | None = None) -> Pipeline:
+def check_plan_code(plan: Plan, plan_dir: str | Path) -> None:
+    """Refuse a plan whose model would be rebuilt from Python code that came with it: a file
+    (or module) inside the plan directory that its ``model.spec`` names
+    (:func:`~fxreplay.compiler.loading.code_inside` says what counts). Nothing is imported.
+
+    Raises:
+        PlanError: naming the file and the two ways to go on (trust it, or give the model).
+    """
+    plan_dir = Path(plan_dir)
+    planted = code_inside(plan.model.spec, plan_dir if plan_dir.is_dir() else plan_dir.parent) if plan.model.spec else None
+    if planted is not None:
+        raise PlanError(
+            f"the plan in {plan_dir} rebuilds its model by importing {planted} (model.spec {plan.model.spec!r}), Python "
+            "code that came with the plan; fxreplay does not run a plan's own code unless asked. If you trust whoever "
+            "wrote it, pass --trust-plan-code (in Python: fxreplay.load(plan_dir, trust_code=True)), or give the model "
+            "yourself: fxreplay.load(plan_dir, model=...)."
+        )
+
+
+def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: Sequence[Any] | None = None, *,
+         trust_code: bool = False, example_kwargs: dict[str, Any] | None = None) -> Pipeline:
     """Rebuild the stages a plan describes.
 
     Args:
@@ -322,13 +423,21 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
             saved next to the plan.
         example_inputs: for the profile (boundary bytes); default: from the model file or
             the plan's input shape and batch size.
+        example_kwargs: the keyword inputs the model was compiled with (default: from the
+            model file's ``example_inputs()`` when it returns ``(args, kwargs)``).
+        trust_code: rebuild the model even when its spec names Python code inside the plan
+            directory (code that came with the plan: :func:`~fxreplay.compiler.loading.code_inside`).
+            Only for a plan whose author you trust; a zoo, torchvision or importable model, or
+            a model file elsewhere, needs no trust.
 
     Raises:
-        PlanError: the plan is malformed or does not match the model.
+        PlanError: the plan is malformed, does not match the model, or would run code that
+            came with it without ``trust_code``.
     """
     plan_dir = Path(plan_dir)
     plan = Plan.load(plan_dir)
-    loaded_inputs = None
+    loaded_inputs: tuple[Any, ...] | None = None
+    loaded_kwargs: dict[str, Any] | None = None
     if model is not None:
         model = _uncompiled(model)
     if model is None:
@@ -337,8 +446,10 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
                 f"the plan in {plan_dir} records no model spec (it was compiled from a Python "
                 "object): pass the model, fxreplay.load(plan_dir, model=MyNet())."
             )
+        if not trust_code:
+            check_plan_code(plan, plan_dir)
         loaded = load_model(plan.model.spec, plan.model.num_classes)
-        model, loaded_inputs = _uncompiled(loaded.model), loaded.example_inputs
+        model, loaded_inputs, loaded_kwargs = _uncompiled(loaded.model), loaded.example_inputs, loaded.example_kwargs
         weights = (plan_dir if plan_dir.is_dir() else plan_dir.parent) / WEIGHTS_FILE
         if not weights.is_file():
             raise PlanError(
@@ -354,19 +465,24 @@ def load(plan_dir: str | Path, model: nn.Module | None = None, example_inputs: S
                 f"{weights} does not fit the model {plan.model.spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
                 "it holds another model's weights. Re-run `fxreplay partition` for this model."
             ) from exc
-    if example_inputs is None:
-        example_inputs = loaded_inputs
+    if example_inputs is None and example_kwargs is None:
+        example_inputs, example_kwargs = loaded_inputs, loaded_kwargs
+    example_kwargs = dict(example_kwargs or {})
+    if example_inputs is None and example_kwargs:
+        example_inputs = ()
     if example_inputs is None:
         if plan.model.input_shape is None:
             raise PlanError(f"the plan in {plan_dir} gives no model.input_shape and the model file no example_inputs(); add one of them.")
         example_inputs = make_example_inputs(plan.model.input_shape, plan.model.batch_size or 1, dtype=plan.model.input_dtype)
-    traced = _trace(model, plan.model.leaf_modules, tuple(example_inputs))
-    gm = traced[0].gm
+    # The modules kept opaque when the plan was made are leaves here: the same graph.
+    train, evaluation, opaque = _trace(model, [*plan.model.leaf_modules, *plan.model.opaque], tuple(example_inputs),
+                                       example_kwargs, False)
+    gm = train.gm
     plan.check_graph(
         [(n.name, n.op == "placeholder", [u.name for u in n.all_input_nodes]) for n in gm.graph.nodes if n.op != "output"],
         where=f"the plan in {plan_dir}",
     )
     planned = [n for s in plan.stages for n in s.nodes]
-    profile(gm, tuple(example_inputs))
+    profile(gm, (*example_inputs, *example_kwargs.values()))
     cg = build_cost_graph(gm, order=planned)
-    return _pipeline(model, traced, cg, plan)
+    return _pipeline(model, (train, evaluation), cg, plan, tuple(example_kwargs), opaque)

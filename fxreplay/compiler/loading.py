@@ -2,6 +2,7 @@
 
 Specs:
   ``path/to/model.py``           the file defines ``build_model()`` or ``model``, optionally ``example_inputs()``
+                                 (a tuple of inputs, or ``(args, kwargs)`` for keyword inputs)
   ``path/to/model.py:attr``      an attribute of the file: a module, or a callable that returns one
   ``pkg.module:attr``            the same, from an importable module
   ``torchvision:NAME``           a torchvision architecture, no weights (nothing is downloaded)
@@ -12,6 +13,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxreplay.errors import ModelLoadError
+from fxreplay.compiler.plan import format_bytes
+from fxreplay.errors import DeviceMemoryError, FxReplayError, ModelLoadError, allocation_detail, out_of_memory
 
-__all__ = ["LoadedModel", "load_model", "make_example_inputs", "import_source", "is_file_spec"]
+__all__ = ["LoadedModel", "load_model", "make_example_inputs", "import_source", "is_file_spec", "code_inside"]
 
 
 @dataclass
@@ -36,6 +40,7 @@ class LoadedModel:
     spec: str
     input_shape: tuple[int, ...] | None = None  # per-example shape the model is made for, when known
     input_dtype: str | None = None  # and its dtype ("int64" for token ids), when known
+    example_kwargs: dict[str, Any] | None = None  # keyword inputs, when example_inputs() returns (args, kwargs)
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -55,10 +60,10 @@ def _import_file(path: Path) -> ModuleType:
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise ModelLoadError(
-            f"importing {str(path)!r} failed with {type(exc).__name__}: {exc}. "
+            f"importing {str(path)!r} failed with {type(exc).__name__}: {_first_line(exc)}. "
             "Fix the file so that `python {path}` runs without error."
         ) from exc
     finally:
@@ -94,24 +99,58 @@ def _instantiate(obj: Any, where: str, kwargs: dict[str, Any]) -> nn.Module:
         return obj
     if callable(obj):
         try:
-            made = obj(**kwargs)
+            inspect.signature(obj).bind(**kwargs)
         except TypeError as exc:
             raise ModelLoadError(
                 f"calling {where} with {kwargs or 'no arguments'} failed: {exc}. "
                 "It must build the model without required arguments."
             ) from exc
+        except ValueError:
+            pass  # no signature to check (a builtin): calling it will tell
+        made = _user_call(obj, kwargs, where)
         if isinstance(made, nn.Module):
             return made
         raise ModelLoadError(f"{where} returned {type(made).__name__}, not an nn.Module.")
     raise ModelLoadError(f"{where} is a {type(obj).__name__}, not an nn.Module or a callable that builds one.")
 
 
-def _example_inputs_of(module: ModuleType) -> tuple[Any, ...] | None:
+def _user_call(fn: Callable[..., Any], kwargs: dict[str, Any], where: str) -> Any:
+    """``fn(**kwargs)``, a function of the user's: whatever it raises is theirs to fix, said in
+    one paragraph (the traceback is the one of ``python -c`` running it)."""
+    try:
+        return fn(**kwargs)
+    except (Exception, SystemExit) as exc:
+        if isinstance(exc, FxReplayError):
+            raise
+        if out_of_memory(exc):
+            raise ModelLoadError(
+                f"{where} ran out of memory while building the model ({allocation_detail(exc)}): the model is too large "
+                "for this machine's memory as configured. Build a smaller one (fewer or narrower layers)."
+            ) from exc
+        raise ModelLoadError(
+            f"{where}() raised {type(exc).__name__}: {_first_line(exc)}. The error is in that code, not in fxreplay: "
+            f"fix it so that calling {where.rsplit(':', 1)[-1]}() in Python works, then run the command again."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "(no message)")[:500]
+
+
+def _example_inputs_of(module: ModuleType, where: str) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
+    """A model file's ``example_inputs()``: ``(positional inputs, keyword inputs)``. It may
+    return one input, a tuple of inputs, ``(args, kwargs)`` (a tuple and a dict, as
+    ``torch.export`` takes them) or a dict of keyword inputs."""
     fn = getattr(module, "example_inputs", None)
     if fn is None:
-        return None
-    value = fn() if callable(fn) else fn
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        return None, None
+    value = _user_call(fn, {}, f"{where}:example_inputs") if callable(fn) else fn
+    if isinstance(value, dict):
+        return (), dict(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], dict):
+        return tuple(value[0]), dict(value[1])
+    return (tuple(value) if isinstance(value, (tuple, list)) else (value,)), None
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -137,6 +176,39 @@ def import_source(path_part: str) -> ModuleType:
     return _import_file(Path(path_part)) if is_file_spec(path_part) else _import_module(path_part)
 
 
+def code_inside(spec: str, directory: str | os.PathLike[str]) -> Path | None:
+    """The Python file that loading ``spec`` would run, when it lies inside ``directory``; else None.
+
+    What a plan may rebuild its model from without asking (``fxreplay.load``): a zoo or
+    torchvision name runs fxreplay's and torchvision's code; a file or an importable module
+    elsewhere is code already on this machine -- typically the model the plan was partitioned
+    from. A file inside the plan directory (or a module found there) came with the plan: code
+    whoever sent it wrote. The path is checked as written and with links followed, and nothing
+    is imported to find a module (``importlib.util.find_spec`` of its top-level package).
+    """
+    if spec.startswith("torchvision:"):
+        return None
+    path_part, _, attr = spec.partition(":")
+    if path_part == "zoo" or (not attr and not is_file_spec(path_part)):
+        return None
+    if is_file_spec(path_part):
+        files = [Path(path_part)]
+    else:
+        try:
+            found = importlib.util.find_spec(path_part.split(".")[0])
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            return None  # nothing to import: loading says so
+        files = [Path(p) for p in [found.origin, *(found.submodule_search_locations or [])] if p]
+    roots = {Path(os.path.abspath(directory)), Path(directory).resolve()}
+    for file in files:
+        for candidate in (Path(os.path.abspath(file)), file.resolve()):
+            if any(candidate == root or candidate.is_relative_to(root) for root in roots):
+                return file
+    return None
+
+
 def load_model(spec: str, num_classes: int | None = None, block_size: int | None = None) -> LoadedModel:
     """Load a model from a spec string (see the module docstring).
 
@@ -147,7 +219,8 @@ def load_model(spec: str, num_classes: int | None = None, block_size: int | None
             accepts ``block_size`` (a language model's context, e.g. ``gpt_tiny``).
 
     Raises:
-        ModelLoadError: the file, module or attribute is missing, or does not give a module.
+        ModelLoadError: the file, module or attribute is missing, does not give a module, or
+            the user's code (importing the file, ``build_model()``, ``example_inputs()``) raises.
     """
     kwargs: dict[str, Any] = {}
     hints = {k: v for k, v in (("num_classes", num_classes), ("block_size", block_size)) if v}
@@ -193,13 +266,19 @@ def load_model(spec: str, num_classes: int | None = None, block_size: int | None
         )
     if callable(obj) and not isinstance(obj, nn.Module):
         kwargs.update({k: v for k, v in hints.items() if _accepts(obj, k)})
-    return LoadedModel(_instantiate(obj, where, kwargs), _example_inputs_of(module), spec)
+    args, keywords = _example_inputs_of(module, path_part)
+    return LoadedModel(_instantiate(obj, where, kwargs), args, spec, example_kwargs=keywords)
 
 
 def make_example_inputs(input_shape: Sequence[int], batch_size: int, seed: int = 0, dtype: str | None = None) -> tuple[torch.Tensor]:
     """One input of shape ``(batch_size, *input_shape)``: random floats reproducible by seed,
     or zeros for an integer ``dtype`` such as ``"int64"`` (token ids: index 0 is valid in
-    every embedding)."""
+    every embedding).
+
+    Raises:
+        ModelLoadError: a size that is not positive, or an unknown dtype.
+        DeviceMemoryError: the input alone does not fit in memory (``--input-shape 1,100000,100000``).
+    """
     if not input_shape or any(int(s) <= 0 for s in input_shape) or batch_size <= 0:
         raise ModelLoadError(
             f"bad input shape {list(input_shape)} / batch size {batch_size}: give positive sizes, "
@@ -209,7 +288,34 @@ def make_example_inputs(input_shape: Sequence[int], batch_size: int, seed: int =
     kind = getattr(torch, dtype or "float32", None)
     if not isinstance(kind, torch.dtype):
         raise ModelLoadError(f"unknown input dtype {dtype!r}: use a torch dtype name such as float32 or int64.")
-    if not kind.is_floating_point:
-        return (torch.zeros(shape, dtype=kind),)
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen).to(kind),)
+    size = math.prod(shape) * kind.itemsize
+    too_large = DeviceMemoryError(
+        f"the example input of shape {shape} ({str(kind).removeprefix('torch.')}) is too large for this machine's "
+        f"memory: it alone takes {format_bytes(size)}. Check --input-shape (per example, without the batch: "
+        f"{', '.join(map(str, shape[1:]))}) and lower --batch-size ({batch_size})."
+    )
+    available = _available_memory()
+    if available is not None and size > available:
+        raise too_large  # refused before the system's out-of-memory killer would end the process
+    try:
+        if not kind.is_floating_point:
+            return (torch.zeros(shape, dtype=kind),)
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(shape, generator=gen).to(kind),)
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
+        raise too_large from None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+

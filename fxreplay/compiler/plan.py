@@ -8,6 +8,7 @@ missing or duplicated nodes) with errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
@@ -15,14 +16,57 @@ from typing import Any
 
 import yaml
 
-from fxreplay.checkpoint import make_directory
-from fxreplay.errors import PlanError
+from fxreplay.checkpoint import foreign_entries, make_directory, refuse_links, write_text_atomic
+from fxreplay.errors import PlanError, not_utf8
 from fxreplay.partition import MethodCost
 
-__all__ = ["ModelSpec", "StagePlan", "Plan", "PLAN_FILE", "parse_device", "format_bytes"]
+__all__ = ["ModelSpec", "StagePlan", "Plan", "PLAN_FILE", "WEIGHTS_FILE", "GRAPH_FILE", "is_plan_file", "check_plan_directory",
+           "remove_plan_files", "parse_device", "device_problem", "format_bytes"]
 
 PLAN_FILE = "plan.yaml"
+WEIGHTS_FILE = "weights.pt"  # the stages' initial weights, checksummed: a plan is trained from them
+GRAPH_FILE = "graph.png"  # `fxreplay show`'s picture of the plan
 PLAN_VERSION = 1
+
+
+def is_plan_file(name: str) -> bool:
+    """Whether ``name`` is a file a plan directory holds: plan.yaml, stage_<k>.py, weights.pt, graph.png."""
+    return name in (PLAN_FILE, WEIGHTS_FILE, GRAPH_FILE) or re.fullmatch(r"stage_\d+\.py", name) is not None
+
+
+def check_plan_directory(directory: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
+    """Before a plan is made for ``directory`` (``fxreplay partition --out``): it is new, empty
+    or holds only the command's ``inputs`` (the model file); with ``overwrite`` anything may be
+    there (its plan files are replaced, see :func:`remove_plan_files`, other files left alone).
+    Either way no plan file there is a symbolic link.
+
+    Raises:
+        PlanError: the directory holds other files (named), without ``overwrite``.
+        OutputError: a plan file there is a symbolic link.
+    """
+    if not directory.is_dir():
+        return
+    refuse_links(directory, [PLAN_FILE, WEIGHTS_FILE, GRAPH_FILE] + [p.name for p in directory.glob("stage_*.py")],
+                 "plan directory", "--out")
+    foreign = [] if overwrite else foreign_entries(directory, inputs=inputs)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        held = "a plan" if (directory / PLAN_FILE).is_file() else "files"
+        raise PlanError(
+            f"{directory} already holds {held} ({shown}); nothing was changed. A plan writes {PLAN_FILE}, "
+            f"stage_<k>.py and {WEIGHTS_FILE} there and would replace or mix with them. Choose a new or empty "
+            "directory with --out DIR, or write into this one anyway with --overwrite (its plan files are replaced, "
+            "any other left as it is)."
+        )
+
+
+def remove_plan_files(directory: Path) -> None:
+    """Remove the plan files in ``directory`` (before another plan is written there: a stage
+    file of a larger K, or the picture of the old cut, must not stay beside the new plan)."""
+    if directory.is_dir():
+        for file in directory.iterdir():
+            if is_plan_file(file.name) and (file.is_file() or file.is_symlink()):
+                file.unlink()
 
 
 @dataclass(frozen=True)
@@ -35,6 +79,7 @@ class ModelSpec:
     batch_size: int | None = None  # the batch the profile and boundary bytes are for
     num_classes: int | None = None
     leaf_modules: tuple[str, ...] = ()
+    opaque: tuple[str, ...] = ()  # modules torch.fx could not trace, kept opaque automatically (compiler/opaque.py)
 
 
 @dataclass(frozen=True)
@@ -69,6 +114,38 @@ class Plan:
     @property
     def devices(self) -> list[str]:
         return [s.device for s in self.stages]
+
+    def __str__(self) -> str:
+        """A few lines: the plan's settings, then one line per stage (``print(pipe.plan)``;
+        the whole plan, every node, is :meth:`to_dict` or ``plan.yaml``).
+
+        >>> print(plan)  # doctest: +SKIP
+        Plan: resnet20 in K=2 stages (cost flops, method fr; balance 1.02)
+          stage 0 (cpu): x → layer2_0_relu, 33 nodes; FLOPs 296M fwd + 591M bwd; weights 113.3 KiB; sends 256.0 KiB
+          stage 1 (cpu): layer2_1_conv1 → fc, 41 nodes; FLOPs 361M fwd + 722M bwd; weights 951.0 KiB
+        """
+        def flops(n: float) -> str:
+            for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+                if n >= scale:
+                    return f"{n / scale:.3g}{unit}"
+            return f"{n:.0f}"
+
+        pinned = f"; stages start at {', '.join(self.boundaries)}" if self.boundaries else ""
+        lines = [f"Plan: {self.model.spec or 'a model'} in K={self.K} stages (cost {self.cost}, method {self.method}; "
+                 f"balance {self.balance:.2f}{pinned})"]
+        for s in self.stages:
+            count = f"{len(s.nodes)} node{'s' if len(s.nodes) != 1 else ''}"
+            span = (f"{s.nodes[0]}, {count}" if len(s.nodes) == 1 else f"{s.nodes[0]} → {s.nodes[-1]}, {count}") if s.nodes else "no nodes"
+            line = (f"  stage {s.index} ({s.device}): {span}; FLOPs {flops(s.flops_fwd)} fwd + {flops(s.flops_bwd)} bwd; "
+                    f"weights {format_bytes(s.param_bytes)}")
+            if s.index < self.K - 1:
+                line += f"; sends {format_bytes(s.boundary_bytes)}"
+            if s.replicas:
+                line += f"; shared: {', '.join(s.replicas)}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    __repr__ = __str__  # a REPL's `pipe.plan` reads like print(pipe.plan), not one line of every node
 
     @property
     def balance(self) -> float:
@@ -165,7 +242,7 @@ class Plan:
                 StagePlan(
                     index=i,
                     nodes=tuple(nodes),
-                    device=_typed(s, "device", str, where, default="cpu"),
+                    device=_device(s, where),
                     flops_fwd=_typed(s, "flops_fwd", int, where, default=0),
                     flops_bwd=_typed(s, "flops_bwd", int, where, default=0),
                     param_bytes=_typed(s, "param_bytes", int, where, default=0),
@@ -195,6 +272,7 @@ class Plan:
             batch_size=_typed(m, "batch_size", int, f"{source}: model", default=None),
             num_classes=_typed(m, "num_classes", int, f"{source}: model", default=None),
             leaf_modules=tuple(_str_list(m.get("leaf_modules", []), f"{source}: model.leaf_modules")),
+            opaque=tuple(_str_list(m.get("opaque", []), f"{source}: model.opaque")),
         )
         version = _typed(top, "version", int, source, default=PLAN_VERSION)
         if version != PLAN_VERSION:
@@ -215,15 +293,16 @@ class Plan:
 
         Raises:
             PlanError: ``directory`` cannot be created or written (a file, under a file, ...).
+            OutputError: ``plan.yaml`` is a symbolic link, or the disk is full (the previous
+                ``plan.yaml`` intact).
         """
         make_directory(directory, PlanError, "a plan directory", "--out")
         path = directory / PLAN_FILE
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(
+        write_text_atomic(
+            path,
             "# fxreplay plan: edit boundaries or devices by hand if you like; it is validated on load.\n"
-            + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+            + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100),
         )
-        tmp.replace(path)
         return path
 
     @classmethod
@@ -236,7 +315,9 @@ class Plan:
                 "`fxreplay partition MODEL --K N --out DIR`) or the path of a plan file."
             )
         try:
-            data = yaml.safe_load(file.read_text())
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PlanError(not_utf8(file, exc)) from None
         except yaml.YAMLError as exc:
             raise PlanError(f"{file} is not valid YAML: {exc}".replace("\n", " ")) from exc
         return cls.from_dict(data, source=str(file))
@@ -269,6 +350,30 @@ def _typed(data: dict[str, Any], key: str, types: Any, where: str, default: Any 
     return value
 
 
+def _device(stage: dict[str, Any], where: str) -> str:
+    name: str = _typed(stage, "device", str, where, default="cpu")
+    problem = device_problem(name)
+    if problem:
+        raise PlanError(f"{where}.device {name!r}: {problem}. Edit the plan (or re-run `fxreplay partition --devices ...`).")
+    return name
+
+
+_DEVICE_NAME = re.compile(r"(cpu|cuda|mps)(:[0-9]+)?")
+
+
+def device_problem(name: str) -> str | None:
+    """What is wrong with a stage's device name (None: nothing): a stage runs on ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps``; ``meta`` (torch's device of shapes without values) cannot
+    hold the numbers a stage trains."""
+    if name == "meta":
+        return "the meta device holds shapes without values, so no stage can train on it; use cpu, cuda or cuda:N"
+    if _DEVICE_NAME.fullmatch(name) is None:
+        spec = _DEVICE_NAME.fullmatch(re.split("[@/]", name)[0]) and name != re.split("[@/]", name)[0]  # cpu@2, cuda:0/8GiB
+        hint = "; a speed or memory (@2, /16GiB) goes in `fxreplay partition --devices`, not in a plan" if spec else ""
+        return f"not a device name (a stage runs on cpu, cuda, cuda:N or mps{hint})"
+    return None
+
+
 def _str_list(value: Any, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise PlanError(f"{where}: expected a list of strings, got {value!r}.")
@@ -288,8 +393,9 @@ def parse_device(text: str) -> tuple[str, float, float | None]:
 
     body, _, mem = text.strip().partition("/")
     name, _, speed = body.partition("@")
-    if not name or not (name == "cpu" or name.startswith("cuda") or name.startswith("mps") or name == "meta"):
-        raise PartitionError(f"device {text!r}: expected NAME[@SPEED][/MEMORY] with NAME like cpu or cuda:0, e.g. 'cuda:1@2/16GiB'.")
+    problem = device_problem(name)
+    if problem:
+        raise PartitionError(f"device {text!r}: expected NAME[@SPEED][/MEMORY], e.g. 'cuda:1@2/16GiB'; {problem}.")
     try:
         speed_f = float(speed) if speed else 1.0
     except ValueError:

@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fxreplay.checkpoint import write_text_atomic
 from fxreplay.compiler.tracing import inplace_order, random_order, writes_in_place, written_groups
 from fxreplay.errors import TraceError, TrainingError
 
@@ -443,7 +444,7 @@ def write_stage_files(stages: Sequence[fx.GraphModule], out: Path, model_spec: s
     paths = []
     for k, stage in enumerate(stages):
         path = out / f"stage_{k}.py"
-        path.write_text(stage_source(stage, k, len(stages), model_spec))
+        write_text_atomic(path, stage_source(stage, k, len(stages), model_spec))  # never through a link
         paths.append(path)
     return paths
 

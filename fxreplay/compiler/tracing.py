@@ -11,9 +11,14 @@ readable graphs and closes those gaps:
   guard node* (:func:`guard`) that re-checks it whenever the stages run: an input for which
   the code would have taken another path raises :class:`ShapeGuardError` instead of
   returning numbers from the wrong function. Sizes used in tensor ops (``x.view(B, T, C)``,
-  ``self.bias[:, :, :T, :T]``) stay symbolic, so a smaller last batch works. Branching on a
-  tensor's *values* (data-dependent control flow) cannot be one graph: a clear error names
-  the module and the source line.
+  ``self.bias[:, :, :T, :T]``, ``torch.ones(batch, seq_len)``) stay symbolic, so a smaller
+  last batch works; ``int()``/``float()``/``round()`` of a size convert like Python's. Values
+  are fake tensors; where a fake kernel is missing or stricter than the real one, and for a
+  leaf module whose inside depends on the data, the real value on the example is taken.
+  Branching on a tensor's *values* (data-dependent control flow) cannot be one graph: a clear
+  error (:class:`UntraceableModule`) names the module whose code depends on the data -- the
+  one that made a data-dependent shape (``nonzero``), not the layer that reads it -- and the
+  source line; :mod:`~fxreplay.compiler.opaque` keeps that module opaque instead.
 - **Buffers are graph values.** ``self.ema.mul_(0.9)`` is recorded as a node that writes the
   buffer (``proxy_buffer_attributes``), instead of running once at trace time.
 - **Both modes.** ``self.training`` is a Python bool, frozen at trace time; :func:`trace_modes`
@@ -23,7 +28,10 @@ readable graphs and closes those gaps:
   they can be cut between their layers; real kernels (``nn.MultiheadAttention``, convs,
   ``nn.LSTM``) stay leaves.
 - **Any output structure.** A dict, named tuple, dataclass, ``ModelOutput`` or nested output
-  is flattened into a tuple of leaves; :attr:`Traced.out_spec` rebuilds it.
+  is flattened into a tuple of leaves; :attr:`Traced.out_spec` rebuilds it. Keyword inputs
+  (``example_kwargs``) are placeholders after the positional ones.
+- **torch.compile wrappers inside the model** are traced through (the module each wraps) and
+  listed in :attr:`Traced.compiled`.
 - **Activation checkpointing is reported**: regions wrapped in ``torch.utils.checkpoint``
   are traced through (the numbers are exact) and listed in :attr:`Traced.checkpointed`, so
   the compiler can say that the memory saving is not kept.
@@ -35,9 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
+import linecache
+import logging
 import operator
+import sys
 import traceback
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +60,7 @@ import torch.fx as fx
 import torch.fx._symbolic_trace as _fx_trace
 import torch.utils._pytree as pytree
 import torch.utils.checkpoint
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch import nn
 
 from fxreplay.errors import ShapeGuardError, TraceError
@@ -98,7 +111,16 @@ UNKNOWN: Any = _Unknown()
 
 
 class _DataDependent(Exception):
-    """Python branched on a tensor's values while tracing."""
+    """Python branched on a tensor's values while tracing. ``origin``: ``(module path, class,
+    source line)`` of the op the values come from, when not the module that branched."""
+
+    def __init__(self, message: str, origin: tuple[str, str, str] | None = None) -> None:
+        super().__init__(message)
+        self.origin = origin
+
+
+class _NoValue(Exception):
+    """The code needs a Python value from a traced value whose value is not known."""
 
 
 def grad_guard(value: Any, expected: Any, where: str) -> None:
@@ -124,13 +146,22 @@ def guard(value: Any, expected: Any, where: str) -> None:
             graph is not the function the model computes on these inputs.
     """
     got = bool(value) if isinstance(expected, bool) else value
-    if got != expected:
+    if got != expected and not _autocast_dtype(got, expected):
         raise ShapeGuardError(
             f"the model's code at {where} was compiled for inputs where it gave {expected!r}, "
             f"but these inputs give {got!r}: the stages would compute another function. "
             "Compile (fxreplay partition / fxreplay.compile) with example inputs of the shape "
             "you run, or drop the batches that differ (e.g. DataLoader(drop_last=True))."
         )
+
+
+def _autocast_dtype(got: Any, expected: Any) -> bool:
+    """A float32 dtype the trace read is, under ``torch.autocast``, the autocast dtype: the same
+    function in mixed precision (fxreplay.precision), not another one. The stage keeps the
+    traced constants (``torch.finfo(torch.float32).min``), which autocast's casts then round."""
+    if expected is not torch.float32 or not isinstance(got, torch.dtype):
+        return False
+    return any(torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == got for device in ("cpu", "cuda"))
 
 
 class _ConcreteProxy(fx.Proxy):
@@ -164,7 +195,20 @@ class _ConcreteProxy(fx.Proxy):
         return int(value)
 
     def __int__(self) -> int:
-        return self.__index__()
+        # Python's int(): a float truncates toward zero (`int(seq_len * 0.75)`), where an index
+        # (a slice bound, range()) must already be an integer.
+        value = self.tracer.concrete(self, "an integer")
+        if isinstance(value, int) and not isinstance(value, bool):
+            self.tracer.add_guard(self, value)
+            return value
+        n = int(value)
+        self.tracer.add_guard(self.tracer.create_proxy("call_function", int, (self,), {}), n)
+        return n
+
+    def __round__(self, ndigits: int | None = None) -> Any:
+        value = round(self.tracer.concrete(self, "a rounded number"), ndigits)
+        self.tracer.add_guard(self.tracer.create_proxy("call_function", round, (self, ndigits), {}), value)
+        return value
 
     def __float__(self) -> float:
         value = float(self.tracer.concrete(self, "a float"))
@@ -191,13 +235,29 @@ class Traced:
             tuple of them (dict, named tuple, dataclass, nested), else None.
         checkpointed: ``(module path, source line)`` of each ``torch.utils.checkpoint``
             call traced through.
+        compiled: module paths of the ``torch.compile`` wrappers traced through (the
+            modules they wrap are traced; the stages run them eagerly).
         training: the mode traced.
     """
 
     gm: fx.GraphModule
     out_spec: pytree.TreeSpec | None = None
     checkpointed: list[tuple[str, str]] = field(default_factory=list)
+    compiled: list[str] = field(default_factory=list)
     training: bool = True
+
+
+class UntraceableModule(TraceError):
+    """torch.fx cannot trace a module's code (data-dependent control flow, a construct it does
+    not support). ``path`` is the module's qualified name ('' for the top level), ``cls`` its
+    class name, ``site`` the source line, ``cause`` what went wrong: what the automatic opaque
+    fallback (:mod:`~fxreplay.compiler.opaque`) needs to keep that module a leaf instead.
+    ``traced``: the modules whose calls were traced through before the failure."""
+
+    def __init__(self, message: str, path: str, cls: str, site: str, cause: str) -> None:
+        super().__init__(message)
+        self.path, self.cls, self.site, self.cause = path, cls, site, cause
+        self.traced: frozenset[str] = frozenset()
 
 
 class FxReplayTracer(fx.Tracer):
@@ -208,16 +268,22 @@ class FxReplayTracer(fx.Tracer):
             (``"layer3.1"``) to keep as single opaque nodes.
         example_inputs: positional inputs to evaluate the graph on while tracing (without
             them the tracer behaves like plain symbolic tracing for control flow).
+        example_kwargs: keyword inputs of the same forward (``attention_mask=...``): each
+            becomes a placeholder after the positional ones.
     """
 
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None) -> None:
+    def __init__(self, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None,
+                 example_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         leaf_modules = list(leaf_modules)
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.where_stack: list[tuple[str, str]] = []
+        self.example_kwargs = dict(example_kwargs or {})
+        if self.example_kwargs and example_inputs is None:
+            example_inputs = ()
         self.example_inputs = None if example_inputs is None else tuple(example_inputs)
         # Values are computed on fake tensors (shapes, dtypes, devices; no data, no compute,
         # no write to a real buffer): tracing costs no forward pass of the model.
@@ -226,7 +292,14 @@ class FxReplayTracer(fx.Tracer):
         self.index: dict[fx.Node, int] = {}  # creation order: a topological order of the graph
         self.out_spec: pytree.TreeSpec | None = None
         self.checkpointed: list[tuple[str, str]] = []
+        self.compiled: list[str] = []
+        self.traced: set[str] = set()  # module paths whose calls were traced (or recorded as leaves) without error
         self._placeholders: dict[str, Any] = {}
+        # Real values, computed only where a fake one cannot be (see _evaluate).
+        self.real: dict[fx.Node, Any] = {}
+        self.created: list[fx.Node] = []  # nodes in creation order (self.index[n] is n's place)
+        self._real_done = 0  # self.created[:_real_done] have a real value
+        self._real_placeholders: dict[str, Any] = {}
 
     # -- leaves ------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -253,11 +326,19 @@ class FxReplayTracer(fx.Tracer):
                     "make new random weights that no optimizer sees. Create it in __init__ (a submodule)."
                 ) from None
             return forward(*args, **kwargs)
+        inner = getattr(m, "_orig_mod", None)
+        if type(m).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            # A torch.compile wrapper (torchtitan compiles each block): its forward is dynamo's,
+            # which torch.fx refuses; the module it wraps has the code (and the same weights).
+            self.compiled.append(path)
+            return self.call_module(inner, lambda *a, **k: _fx_trace._orig_module_call(inner, *a, **k), args, kwargs)
         self.where_stack.append((path, type(m).__name__))
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            self.traced.add(path)
+            return out
         except TraceError:
-            raise
+            raise  # already names its module (UntraceableModule), or a refusal no leaf would fix
         except Exception as exc:
             raise _trace_error(exc, self.where_stack) from exc
         finally:
@@ -267,15 +348,13 @@ class FxReplayTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
-    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     name: str | None = None, type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        self.index.setdefault(proxy.node, len(self.index))
-        return proxy
-
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        self.index.setdefault(node, len(self.index))
+        if node not in self.index:
+            self.index[node] = len(self.index)
+            self.created.append(node)
+        if node.op != "placeholder":
+            node.meta["site"] = _site()  # the user's line, for a message that blames this node
         return node
 
     def value_of(self, a: Any) -> Any:
@@ -321,8 +400,11 @@ class FxReplayTracer(fx.Tracer):
                 continue
             todo.add(n)
             stack.extend(n.all_input_nodes)
-        for n in sorted(todo, key=lambda n: self.index.get(n, -1)):
-            self.values[n] = self._evaluate(n)
+        # Real module calls, once for the whole batch: swapping nn.Module.__call__ invalidates
+        # the type cache of every Module subclass (thousands once transformers is imported).
+        with _unpatched():
+            for n in sorted(todo, key=lambda n: self.index.get(n, -1)):
+                self.values[n] = self._evaluate(n)
         return self.values[node]
 
     def _evaluate(self, node: fx.Node) -> Any:
@@ -340,28 +422,97 @@ class FxReplayTracer(fx.Tracer):
             # write reaches a real buffer. Autograd on in training mode, so that
             # `x.requires_grad` reads what a training step sees (DenseNet's memory-efficient
             # checkpointing branches on it); off in eval mode, run under no_grad.
-            with torch.set_grad_enabled(self.root.training), _unpatched(), self.fake_mode:
-                if node.op == "get_attr":
-                    return _get_attr(self.root, str(node.target))
-                if node.op == "call_function":
-                    return node.target(*a, **k)  # type: ignore[operator]
-                if node.op == "call_method":
-                    return getattr(a[0], str(node.target))(*a[1:], **k)
-                if node.op == "call_module":
-                    return self.root.get_submodule(str(node.target))(*a, **k)
+            with torch.set_grad_enabled(self.root.training), self.fake_mode:
+                return _run_node(self.root, node, a, k)
+        except (DynamicOutputShapeException, DataDependentOutputException):
+            if node.op != "call_module":
+                # Its shape (`nonzero`, `x[mask]`) or a Python value (`.item()`) depends on the
+                # tensor's values: no graph can fix it. Code that needs a value computed from it
+                # blames this node (see _data_dependent).
+                node.meta["data_dependent"] = True
+                return UNKNOWN
+            # An opaque module whose inside depends on the data (MoE routing): its output is
+            # what the trace needs, from the real module.
+        except Exception:
+            pass  # a fake kernel missing or stricter than the real one (grouped_mm in float32 on CPU)
+        return self._from_real(node)
+
+    def _from_real(self, node: fx.Node) -> Any:
+        """The fake value of ``node`` computed from its real value on the example inputs."""
+        value = self._real_value(node)
+        if value is UNKNOWN:
+            return UNKNOWN
+        return pytree.tree_map(lambda v: self.fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v, value)
+
+    def _real_value(self, node: fx.Node) -> Any:
+        """The value of ``node`` on the real example inputs, through the real model (buffers
+        and RNG are put back by :func:`trace`). Computed only where a fake value cannot be, so
+        a model whose ops all have fake kernels costs no real forward. Every node made before
+        it runs, in program order, not only its ancestors: an in-place write (``inv[perm] =
+        arange``) changes a value without being one of its inputs."""
+        end = self.index[node]
+        with _unpatched():
+            while self._real_done <= end:
+                n = self.created[self._real_done]
+                self.real[n] = self._evaluate_real(n)
+                self._real_done += 1
+        return self.real[node]
+
+    def _evaluate_real(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self._real_placeholders.get(node.name, self._real_placeholders.get(str(node.target), UNKNOWN))
+        if node.op == "output" or any(self.real.get(u, UNKNOWN) is UNKNOWN for u in node.all_input_nodes):
+            return UNKNOWN
+        a = fx.node.map_arg(node.args, lambda n: self.real[n])
+        k = fx.node.map_arg(node.kwargs, lambda n: self.real[n])
+        try:
+            with torch.set_grad_enabled(self.root.training):
+                return _run_node(self.root, node, a, k)
         except Exception:
             return UNKNOWN
-        return UNKNOWN
+
+    def _data_dependent(self, node: fx.Node) -> fx.Node | None:
+        """The first node among ``node`` and its ancestors whose value depends on tensor
+        values (``nonzero``, ``.item()``): why ``node``'s value is unknown, if it is."""
+        seen, stack, found = set(), [node], []
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.meta.get("data_dependent"):
+                found.append(n)
+            stack.extend(n.all_input_nodes)
+        return min(found, key=lambda n: self.index.get(n, -1)) if found else None
+
+    def _unknown(self, proxy: fx.Proxy, what: str, exc: Exception | None = None) -> Any:
+        """Raise why the code cannot have ``what`` from ``proxy``: the data-dependent op it
+        comes from when there is one (blaming that op's module, not the one that asked), else
+        ``exc`` or that its value is unknown."""
+        origin = self._data_dependent(proxy.node)
+        if origin is not None:
+            stack = origin.meta.get("nn_module_stack") or {}
+            path, cls = list(stack.values())[-1] if stack else ("", type(self.root).__name__)
+            op = str(origin.target) if origin.op == "call_method" else getattr(origin.target, "__name__", str(origin.target))
+            raise _DataDependent(
+                f"`{op}` gives a result whose shape or values depend on the tensors' values (data-dependent, as "
+                f"routing tokens to experts is), and the code needs {what} from it at {_caller()}: one graph cannot "
+                "represent that",
+                origin=(str(path), cls.__name__ if isinstance(cls, type) else str(cls), _format_site(origin.meta.get("site"))),
+            ) from exc
+        if exc is not None:
+            raise exc
+        raise _NoValue(
+            f"the code needs {what} from a traced value ({proxy.node.format_node()}), and "
+            "its value on the example inputs is not known"
+            + ("" if self.example_inputs is not None else " (no example inputs were given)")
+        )
 
     def concrete(self, proxy: fx.Proxy, what: str) -> Any:
         """The value of ``proxy`` where Python needs one, or a TraceError saying why not."""
         value = self.value_of(proxy)
         if value is UNKNOWN:
-            raise TraceError(
-                f"the code needs {what} from a traced value ({proxy.node.format_node()}), and "
-                "its value on the example inputs is not known"
-                + ("" if self.example_inputs is not None else " (no example inputs were given)")
-            )
+            self._unknown(proxy, what)
         if isinstance(value, torch.Tensor) and what != "len()":
             raise _DataDependent(
                 "the Python code turns a tensor's values into a Python value (data-dependent "
@@ -377,7 +528,10 @@ class FxReplayTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self.value_of(obj)
         if value is UNKNOWN:
-            return super().to_bool(obj)
+            try:
+                return super().to_bool(obj)
+            except Exception as exc:
+                return bool(self._unknown(obj, "a bool", exc))
         if isinstance(value, torch.Tensor):
             raise _DataDependent(
                 "a Python `if`/`while`/`assert` depends on a tensor's values (data-dependent "
@@ -390,7 +544,10 @@ class FxReplayTracer(fx.Tracer):
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = self.value_of(obj)
         if value is UNKNOWN:
-            return super().iter(obj)
+            try:
+                return super().iter(obj)
+            except Exception as exc:
+                return iter(self._unknown(obj, "an iteration", exc))
         return iter([obj[i] for i in range(len(obj) if isinstance(value, torch.Tensor) else len(value))])  # type: ignore[index]
 
     def keys(self, obj: fx.Proxy) -> Any:
@@ -412,14 +569,21 @@ class FxReplayTracer(fx.Tracer):
                 p = params[i] if i < len(params) else None
                 ok = p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                 names.append(p.name if ok and p is not None else f"input_{i}")
+            keywords = list(self.example_kwargs)
+            _check_keywords(params, names, keywords, type(self.root).__name__)
+            # Keyword inputs are placeholders after the positional ones, so the first stage
+            # takes them by position in that order (the Pipeline places a call's keywords).
+            values = [*self.example_inputs, *self.example_kwargs.values()]
+            self._real_placeholders = dict(zip(names + keywords, values))
             self._placeholders = {
                 name: self.fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
-                for name, v in zip(names, self.example_inputs)
+                for name, v in self._real_placeholders.items()
             }
-            placeholders = [self.create_proxy("placeholder", name, (), {}) for name in names]
+            placeholders = [self.create_proxy("placeholder", name, (), {}) for name in names + keywords]
+            n_positional = len(names)
 
             def fn(root: nn.Module, *inputs: Any) -> Any:
-                return root_fn(root, *inputs)
+                return root_fn(root, *inputs[:n_positional], **dict(zip(keywords, inputs[n_positional:])))
 
             args: list[Any] = [self.root, *placeholders]
         else:
@@ -476,11 +640,79 @@ class FxReplayTracer(fx.Tracer):
 
         for name, value in zip(names, (checkpoint, non_reentrant, Reentrant)):
             setattr(ckpt, name, value)
+        factories = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
+        for name, fn in factories.items():
+            setattr(torch, name, _traced_factory(fn, varargs=name in _VARARG_SIZES))
+        # A fake kernel that refuses what the real one runs logs a traceback before the
+        # tracer falls back to the real value; the user needs neither.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        was_disabled, fake_log.disabled = fake_log.disabled, True
         try:
             return super().trace(root, concrete_args)
         finally:
+            fake_log.disabled = was_disabled
             for name, value in zip(names, saved):
                 setattr(ckpt, name, value)
+            for name, fn in factories.items():
+                setattr(torch, name, fn)
+
+
+# Tensor factories given traced sizes (`torch.ones(batch, seq_len, device=...)`), recorded as
+# nodes without passing through torch's argument parser: it refuses sizes given one by one when
+# the first is a Proxy, and, probing a size for an integer, would fix it to the example's value
+# (a guard: another batch size would be refused). The graph calls `torch.ones((batch, seq_len))`.
+_SIZE_FACTORIES = ("ones", "zeros", "empty", "rand", "randn", "full", "eye", "randint", "randperm")
+_VARARG_SIZES = frozenset({"ones", "zeros", "empty", "rand", "randn"})
+
+
+def _traced_factory(fn: Callable[..., Any], varargs: bool) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, fx.Proxy)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        if varargs and len(args) > 1:
+            args = (tuple(args),)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+    return factory
+
+
+def _run_node(root: nn.Module, node: fx.Node, a: Any, k: Any) -> Any:
+    """Run one node on values ``a`` / ``k`` (its arguments) against ``root``'s modules."""
+    if node.op == "get_attr":
+        return _get_attr(root, str(node.target))
+    if node.op == "call_function":
+        return node.target(*a, **k)  # type: ignore[operator]
+    if node.op == "call_method":
+        return getattr(a[0], str(node.target))(*a[1:], **k)
+    if node.op == "call_module":
+        return root.get_submodule(str(node.target))(*a, **k)
+    return UNKNOWN
+
+
+_IS_INTERNAL: dict[types.CodeType, bool] = {}  # per code object: is it torch's or ours (see _INTERNAL)
+
+
+def _site() -> tuple[str, int] | None:
+    """``(file, line)`` of the innermost frame of the user's code (not torch's, not ours): a
+    frame walk with one dict look-up per frame, cheap enough for every node."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        internal = _IS_INTERNAL.get(code)
+        if internal is None:
+            internal = _IS_INTERNAL[code] = any(part in code.co_filename for part in _INTERNAL)
+        if not internal:
+            return code.co_filename, frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _format_site(site: tuple[str, int] | None) -> str:
+    if site is None:
+        return "an unknown place"
+    return f"{site[0]}:{site[1]}: `{linecache.getline(site[0], site[1]).strip()}`"
 
 
 @contextlib.contextmanager
@@ -488,6 +720,9 @@ def _unpatched() -> Iterator[None]:
     """While tracing, torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` to record
     calls; evaluating a module on concrete values must run the real ones."""
     call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    if call is _fx_trace._orig_module_call and getattr_ is _fx_trace._orig_module_getattr:
+        yield  # already (an evaluation inside an evaluation)
+        return
     nn.Module.__call__ = _fx_trace._orig_module_call  # type: ignore[method-assign]
     nn.Module.__getattr__ = _fx_trace._orig_module_getattr  # type: ignore[method-assign]
     try:
@@ -495,6 +730,18 @@ def _unpatched() -> Iterator[None]:
     finally:
         nn.Module.__call__ = call  # type: ignore[method-assign]
         nn.Module.__getattr__ = getattr_  # type: ignore[method-assign]
+
+
+def _check_keywords(params: list[inspect.Parameter], positional: list[str], keywords: list[str], cls: str) -> None:
+    """Keyword inputs must be parameters of forward that no positional input fills (or go to
+    its ``**kwargs``)."""
+    for name in keywords:
+        if name in positional:
+            raise TraceError(f"{cls}.forward got the input {name!r} both by position and as a keyword (example_kwargs); give it once.")
+        p = next((p for p in params if p.name == name), None)
+        if (p is None or p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)) and not any(q.kind is q.VAR_KEYWORD for q in params):
+            accepted = [q.name for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+            raise TraceError(f"{cls}.forward takes no keyword input {name!r} (example_kwargs); it takes {', '.join(accepted) or 'none'}.")
 
 
 def _register_dataclasses(out: Any) -> None:
@@ -537,11 +784,14 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     return None
 
 
-def _trace_error(exc: BaseException, stack: list[tuple[str, str]], top: str = "the model") -> TraceError:
+def _trace_error(exc: BaseException, stack: list[tuple[str, str]], top: str = "the model") -> UntraceableModule:
     path, cls = stack[-1] if stack else ("", top)
-    where = f"module {path!r} ({cls})" if path else f"the top-level module ({cls})"
     frame = _user_frame(exc)
-    line = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+    site = f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+    if isinstance(exc, _DataDependent) and exc.origin is not None:
+        path, cls, site = exc.origin  # the module whose code depends on the data, not the one that asked
+    where = f"module {path!r} ({cls})" if path else f"the top-level module ({cls})"
+    line = f" at {site}" if site else ""
     if isinstance(exc, _DataDependent):
         cause = f"{exc}"
         leaf = "compute the condition with tensor ops (torch.where)"
@@ -555,10 +805,11 @@ def _trace_error(exc: BaseException, stack: list[tuple[str, str]], top: str = "t
         )
     else:
         fix = f"The top-level module cannot be a leaf: {leaf}, or move that code into a submodule and mark it a leaf (--leaf)"
-    return TraceError(f"torch.fx could not trace {where}{line}: {cause}. {fix}.")
+    return UntraceableModule(f"torch.fx could not trace {where}{line}: {cause}. {fix}.", path, cls, site, cause)
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None) -> Traced:
+def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None,
+          example_kwargs: dict[str, Any] | None = None) -> Traced:
     """Trace ``model`` in its current mode (the model is not modified).
 
     The GraphModule shares the model's submodules and parameters, so training the stages
@@ -567,34 +818,46 @@ def trace(model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inp
     Args:
         example_inputs: positional inputs of one forward: sizes read as Python values are
             then concrete (with guards), see the module docstring.
+        example_kwargs: keyword inputs of that forward; the graph takes them after the
+            positional ones, in this order.
 
     Raises:
-        TraceError: naming the module and source line that could not be traced.
+        UntraceableModule: naming the module and source line that could not be traced.
+        TraceError: for what no leaf would fix (an output the stages cannot return).
     """
-    inputs = None if example_inputs is None else tuple(
-        v.detach().clone() if isinstance(v, torch.Tensor) else v for v in example_inputs
-    )
-    tracer = FxReplayTracer(leaf_modules, inputs)
+    def cloned(v: Any) -> Any:
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    inputs = None if example_inputs is None else tuple(cloned(v) for v in example_inputs)
+    tracer = FxReplayTracer(leaf_modules, inputs, {k: cloned(v) for k, v in (example_kwargs or {}).items()})
     attributes = set(model.__dict__)
     try:
         with kept_buffers(model.buffers()), forked_rng():
             graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except UntraceableModule as exc:
+        exc.traced = frozenset(tracer.traced)
+        raise
     except TraceError:
         raise
     except Exception as exc:
-        raise _trace_error(exc, tracer.where_stack, type(model).__name__) from exc
+        error = _trace_error(exc, tracer.where_stack, type(model).__name__)
+        error.traced = frozenset(tracer.traced)
+        raise error from exc
     finally:
         tracer.values.clear()
+        tracer.real.clear()
         # torch.fx stores the tensor constants it meets on the model itself; the
         # GraphModule has its own reference, the user's model stays as it was.
         for name in set(model.__dict__) - attributes:
             delattr(model, name)
-    return Traced(gm=gm, out_spec=tracer.out_spec, checkpointed=list(tracer.checkpointed), training=model.training)
+    return Traced(gm=gm, out_spec=tracer.out_spec, checkpointed=list(tracer.checkpointed),
+                  compiled=list(dict.fromkeys(tracer.compiled)), training=model.training)
 
 
 def trace_modes(
-    model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None
+    model: nn.Module, leaf_modules: Iterable[str | type] = (), example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Traced, Traced | None]:
     """Trace ``model`` in train mode and in eval mode.
 
@@ -606,9 +869,9 @@ def trace_modes(
     was = model.training
     try:
         model.train(True)
-        train = trace(model, leaf_modules, example_inputs)
+        train = trace(model, leaf_modules, example_inputs, example_kwargs)
         model.train(False)
-        evaluation = trace(model, leaf_modules, example_inputs)
+        evaluation = trace(model, leaf_modules, example_inputs, example_kwargs)
     finally:
         model.train(was)
     if evaluation.gm.code == train.gm.code and evaluation.out_spec == train.out_spec:
@@ -622,8 +885,8 @@ def trace_modes(
             setattr(gm, renamed, getattr(gm, str(node.target)))
             node.target = renamed
     gm.recompile()
-    if example_inputs is not None:
-        _mark_structures(model, gm, tuple(example_inputs))
+    if example_inputs is not None or example_kwargs:
+        _mark_structures(model, gm, (*(example_inputs or ()), *(example_kwargs or {}).values()))
     return train, evaluation
 
 

@@ -37,6 +37,7 @@ from .sets import (
     num_classes_of,
     example_batch,
     check_labels,
+    non_finite,
     subset_indices,
 )
 from .digits import digits
@@ -54,6 +55,7 @@ from .loaders import (
     LabelsOnly,
     replica_shard,
     ReplicaShard,
+    source_index,
 )
 
 __all__ = [
@@ -87,6 +89,8 @@ __all__ = [
     "LabelsOnly",
     "replica_shard",
     "ReplicaShard",
+    "source_index",
+    "non_finite",
 ]
 
 # Read with torchvision, whose import costs seconds in every process of a run: loaded on first

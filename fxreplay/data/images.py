@@ -13,13 +13,15 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision import transforms
-from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder, VisionDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fxreplay.errors import DataError, FxReplayError
 
+from .cifar_pickle import load as load_cifar_file
 from .catalog import _CIFAR_STATS
 
 
@@ -29,17 +31,46 @@ from .catalog import _CIFAR_STATS
 
 
 class _FilesExist:
-    """torchvision's CIFAR integrity check reduced to "every file exists" (``verify: false``)."""
+    """torchvision's CIFAR with its integrity check reduced to "every file exists" (``verify:
+    false``), and its files read by :func:`fxreplay.data.cifar_pickle.load`, which cannot run
+    code a crafted file names (torchvision's ``pickle.load`` would: with no md5 check nothing
+    says the files are the official ones)."""
 
     root: str
     base_folder: str
     train_list: list[list[str]]
     test_list: list[list[str]]
+    meta: dict[str, Any]
+    train: bool
+
+    def __init__(self, root: str | os.PathLike[str], train: bool = True, transform: Any = None,
+                 target_transform: Any = None, download: bool = False) -> None:
+        # torchvision's CIFAR10.__init__, with the safe reader in place of pickle.load
+        VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)  # type: ignore[arg-type]
+        self.train = train
+        if download:
+            self.download()  # type: ignore[attr-defined]
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        data, self.targets = [], []
+        for name, _md5 in self.train_list if train else self.test_list:
+            entry = load_cifar_file(os.path.join(self.root, self.base_folder, name))
+            data.append(entry["data"])
+            self.targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision keeps it
+        self._load_meta()
 
     def _check_integrity(self) -> bool:
         folder = os.path.join(self.root, self.base_folder)
         names = [name for name, _md5 in self.train_list + self.test_list]
         return all(os.path.isfile(os.path.join(folder, name)) for name in names)
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        if not os.path.isfile(path):
+            raise RuntimeError("Dataset metadata file not found or corrupted. You can use download=True to download it")
+        self.classes = load_cifar_file(path)[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 class UnverifiedCIFAR10(_FilesExist, CIFAR10):
@@ -70,13 +101,10 @@ def _expected_files(name: str) -> tuple[str, list[str]]:
 
 
 def _advice(name: str, root: str) -> str:
-    advice = "To fix: set `download: true` on a machine with internet, or put a copy there"
-    if name == "cifar10":
-        return advice + (
-            " (e.g. the offline one: `python ../shared/data/cifar10/build.py "
-            f"{root}`) and set `verify: false` if it is a re-packed copy whose md5s differ."
-        )
-    return advice + " and set `verify: false` if it is a re-packed copy whose md5s differ."
+    advice = "To fix: set `download: true` on a machine with internet (torchvision fetches the official archive), or put a copy there"
+    archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+    return advice + (f" (the official {archive} unpacked: `tar xzf {archive} -C {root}`) and set `verify: false` if it "
+                     "is a re-packed copy whose md5s differ.")
 
 
 def cifar_transform(name: str, train: bool, augment: bool) -> transforms.Compose:
@@ -105,11 +133,15 @@ def cifar(
         train: the training split (50,000 images) or the test split (10,000).
         augment: random crop + flip on the training split (the test split never is).
         download: let torchvision fetch the official archive (needs internet).
-        verify: check torchvision's md5s; False checks only that the files exist.
+        verify: check torchvision's md5s (the official files, read by torchvision); False checks
+            only that the files exist and reads them with a restricted unpickler that refuses
+            anything but what CIFAR files hold (:mod:`fxreplay.data.cifar_pickle`): a crafted
+            file cannot run code.
 
     Raises:
-        DataError: unknown name, files missing, md5 mismatch, unreadable files or a
-            failed download; the message says where it looked and what to do.
+        DataError: unknown name, files missing, md5 mismatch, unreadable files, a file that
+            would run code (``verify: false``) or a failed download; the message says where
+            it looked and what to do.
     """
     if name not in _CIFAR_STATS:
         raise DataError(f"unknown CIFAR data set {name!r}; expected 'cifar10' or 'cifar100'")
@@ -238,13 +270,20 @@ def torchvision_dataset(name: str, root: str | os.PathLike[str], train: bool, do
         folder, files = where
         legacy = [os.path.join(root, name, "processed", f) for f in ("training.pt", "test.pt")]  # MNIST's old layout
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing and issubclass(cls, MNIST):
+            from .idx import idx_dataset, idx_folder
+
+            found = idx_folder(cls, root)  # the files as they come: *.gz, or directly in data.root
+            if found is not None:
+                return idx_dataset(cls, found, train, image_transform())
         if missing and not (issubclass(cls, MNIST) and all(os.path.isfile(f) for f in legacy)):
             state = f"that folder lacks {', '.join(missing)}" if os.path.isdir(folder) else "that folder does not exist"
             raise DataError(
                 f"torchvision:{name} not found: with data.root {root!r}, torchvision looks for "
-                f"{os.path.abspath(folder)}/{{{', '.join(files)}}}, and {state}. Put the files there (uncompressed, as "
-                "torchvision's download leaves them), set data.root (--data-root) to the folder that holds "
-                f"{os.path.relpath(folder, root).split(os.sep)[0]}/, or set `download: true` on a machine with internet."
+                f"{os.path.abspath(folder)}/{{{', '.join(files)}}}, and {state}. Put the files there (as torchvision's "
+                "download leaves them, or as they come, *.gz; also read directly in data.root), set data.root "
+                f"(--data-root) to the folder that holds {os.path.relpath(folder, root).split(os.sep)[0]}/, or set "
+                "`download: true` on a machine with internet."
             )
     try:
         return cls(root, train=train, transform=image_transform(), download=download)  # type: ignore[call-arg]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
 
-from fxreplay.errors import DataError
+from fxreplay.errors import DataError, FxReplayError
 
 
 # ------------------------------------------------------------------------- loaders
@@ -56,14 +56,20 @@ class SeededBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch() - self.skip)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _order(self) -> list[int]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_items, generator=generator).tolist()
-        else:
-            order = list(range(self.num_items))
+            return list(torch.randperm(self.num_items, generator=generator).tolist())
+        return list(range(self.num_items))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
         for b in range(self.skip, self.batches_per_epoch()):
             yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def indices_of(self, batch: int) -> list[int]:
+        """The data set indices of batch ``batch`` of the epoch (counted from its start, ``skip`` or not)."""
+        return self._order()[batch * self.batch_size : (batch + 1) * self.batch_size]
 
 
 class _SeededItems(Dataset[Any]):
@@ -74,8 +80,8 @@ class _SeededItems(Dataset[Any]):
     else used the RNG, which is what makes a resumed run see the very same batches.
     """
 
-    def __init__(self, dataset: Dataset[Any], seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    def __init__(self, dataset: Dataset[Any], seed: int, epoch: int, name: str = "the data set") -> None:
+        self.dataset, self.seed, self.epoch, self.name = dataset, seed, epoch, name
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -89,8 +95,68 @@ class _SeededItems(Dataset[Any]):
         generator.manual_seed(_derive_seed(self.seed, self.epoch, index))
         try:
             return self.dataset[index]
+        except FxReplayError:
+            raise
+        except Exception as exc:
+            # The data set's own code or files (a __getitem__ that raises, an unreadable image):
+            # say which example, so it can be reproduced with dataset[i] alone.
+            which = source_index(self.dataset, index)
+            raise DataError(
+                f"reading example {which} of {self.name} failed: {type(exc).__name__}: {_first_line(exc)}. The error "
+                f"is in the data set's code or files, not in fxreplay: fix it so that dataset[{which}] returns an "
+                "(input, target) pair"
+            ) from exc
         finally:
             generator.set_state(state)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "(no message)")[:500]
+
+
+def source_index(dataset: Any, index: int) -> int:
+    """The index in the underlying data set of example ``index`` of ``dataset`` (through
+    ``Subset``s, e.g. ``data.subset``): what ``dataset[i]`` of the user's own set reproduces."""
+    while isinstance(dataset, Subset):
+        index, dataset = int(dataset.indices[index]), dataset.dataset
+    return index
+
+
+class _Loader(DataLoader[Any]):
+    """A DataLoader whose errors are one paragraph: an example that fails to read (raised in a
+    worker process, torch wraps it with the worker's traceback) or a batch whose examples do
+    not stack."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DataError as exc:
+                if str(exc).startswith("Caught "):  # raised in a worker process
+                    raise DataError(_unwrapped(str(exc))) from exc
+                raise
+            except (RuntimeError, TypeError) as exc:
+                text = _unwrapped(str(exc))
+                if isinstance(exc, FxReplayError) or not any(w in text for w in ("stack expects", "equal size", "collate")):
+                    raise
+                raise DataError(
+                    f"the examples of a batch do not stack into one batch ({text}): every example of a data set must "
+                    "give an input of one shape and type, and a target of one shape and type"
+                ) from exc
+            yield batch
+
+
+def _unwrapped(message: str) -> str:
+    """An error's own message, from torch's "Caught DataError in DataLoader worker process 0.
+    Original Traceback ... DataError: <message>" (the first line when not wrapped)."""
+    if not message.startswith("Caught "):
+        return message.strip().splitlines()[0] if message.strip() else message
+    last = message.rstrip().splitlines()[-1]
+    return last.split("Error: ", 1)[-1]
 
 
 def make_loader(
@@ -102,6 +168,7 @@ def make_loader(
     drop_last: bool = False,
     skip: int = 0,
     num_workers: int = 0,
+    name: str = "the data set",
 ) -> DataLoader[Any]:
     """A DataLoader for one epoch whose batches are a pure function of (seed, epoch).
 
@@ -117,6 +184,11 @@ def make_loader(
         drop_last: drop a final partial batch.
         skip: start at this batch index of the epoch (for resuming).
         num_workers: loader processes; does not change the batches.
+        name: what the data set is called in an error ("the training set of 'digits'").
+
+    Raises:
+        DataError: (while iterating) an example fails to read, naming it, or examples that do
+            not stack into a batch.
     """
     if not isinstance(dataset, Sized):
         raise TypeError(f"make_loader needs a map-style data set with len(), got {type(dataset)}")
@@ -126,12 +198,12 @@ def make_loader(
     # 2**62 stands apart from every item index, so this stream is not an item's.
     generator = torch.Generator().manual_seed(_derive_seed(seed, epoch, 2**62))
     if isinstance(dataset, ReplicaShard):
-        return DataLoader(
-            _ShardedBatches(_SeededItems(dataset.dataset, seed, epoch), dataset.labels, dataset.replica, dataset.replicas),
+        return _Loader(
+            _ShardedBatches(_SeededItems(dataset.dataset, seed, epoch, name), dataset.labels, dataset.replica, dataset.replicas),
             batch_sampler=sampler, num_workers=num_workers, generator=generator, collate_fn=_ShardedBatches.collate,
         )
-    return DataLoader(
-        _SeededItems(dataset, seed, epoch),
+    return _Loader(
+        _SeededItems(dataset, seed, epoch, name),
         batch_sampler=sampler,
         num_workers=num_workers,
         generator=generator,

@@ -15,7 +15,7 @@ from fxreplay.errors import DataError, FxReplayError, ModelLoadError
 
 from .catalog import _CIFAR_STATS, NUM_CLASSES
 from .digits import digits
-from .loaders import _labels
+from .loaders import _labels, source_index
 from .text import text_datasets
 
 if TYPE_CHECKING:
@@ -239,6 +239,33 @@ def check_labels(dataset: Dataset[Any], num_classes: int | None, which: str) -> 
             f"{high + 1}; a model file's builder gets it when it takes a num_classes argument), or use a data set whose "
             "labels count from 0."
         )
+
+
+def non_finite(dataset: Dataset[Any], indices: Any, limit: int = 3) -> list[str]:
+    """The examples among ``indices`` of ``dataset`` whose input or target holds NaN or inf,
+    each as "example 17 (NaN in its input)" under its index in the user's own data set
+    (through ``data.subset``), at most ``limit`` of them.
+
+    For when a loss turns out non-finite: one batch is read again (or, for the evaluation,
+    the test set), so it costs nothing while the loss is finite.
+    """
+    found: list[str] = []
+    for index in indices:
+        example = dataset[int(index)]
+        parts = example if isinstance(example, (tuple, list)) else (example,)
+        bad = []
+        for what, value in zip(("input", "target") if len(parts) == 2 else [f"field {i}" for i in range(len(parts))], parts):
+            tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value) if isinstance(value, float) else None
+            if tensor is None or not (tensor.is_floating_point() or tensor.is_complex()):
+                continue
+            nan, inf = bool(torch.isnan(tensor).any()), bool(torch.isinf(tensor).any())
+            if nan or inf:
+                bad.append(f"{' and '.join(k for k, v in (('NaN', nan), ('inf', inf)) if v)} in its {what}")
+        if bad:
+            found.append(f"example {source_index(dataset, int(index))} ({', '.join(bad)})")
+            if len(found) >= limit:
+                break
+    return found
 
 
 def subset_indices(n_total: int, n: int, seed: int) -> list[int]:

@@ -330,7 +330,11 @@ class Channel:
             try:
                 ok = work.wait(timedelta(seconds=self.timeout))
             except RuntimeError as exc:
-                why = board.explain([self.peer], self.timeout) if board is not None and timed_out(exc) else None
+                why = None
+                if board is not None:
+                    # A peer that closed its connection may have given up waiting behind another.
+                    why = (board.explain([self.peer], self.timeout) if timed_out(exc)
+                           else board.explain_departure([self.peer], self.timeout))
                 raise _failure(doing, self.name, self.timeout, exc, why) from exc
             if ok is False:
                 why = board.explain([self.peer], self.timeout) if board is not None else "that rank failed or stopped answering"

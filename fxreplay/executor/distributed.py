@@ -41,6 +41,7 @@ Differences from the local executor, all consequences of each rank owning only i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import weakref
@@ -59,7 +60,8 @@ from ..launch import reporting_rank
 from ..measure import MemoryMeter
 from ..mesh import check_sync_batchnorm
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_equal, replica_groups
+from ..methods import clipping
+from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_equal, mark_uncounted, replica_groups
 from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng, kept_buffers
 from ..timeline import Recorder, Timeline
@@ -155,6 +157,34 @@ class _RankReplicas:
             if self.ex.recorder is not None:
                 self.ex.recorder.record("reduce", start, time.perf_counter(), f"sum {name}")
         return summed
+
+
+class _RankGradNorm:
+    """:class:`~fxreplay.methods.base.GradNorm` for one rank per stage: in its update, each rank
+    puts its stage's contribution (Σ‖g‖² of what it applies) at its own entry of a K·D vector,
+    all-reduced (summed) over every rank -- each entry has one contributor, so every rank gets
+    them all exactly -- and the norm is replica 0's K entries summed in stage order: the number
+    the local executor computes, on every rank (a replica's stages hold the gradients averaged
+    over the replicas, the same in each)."""
+
+    def __init__(self, ex: DistributedExecutor) -> None:
+        self.ex = ex
+        self.timeout = _REDUCE_PATIENCE * ex.timeout
+        self.world = ex.num_stages * ex.dp
+        self.group = dist.new_group(list(range(self.world)), timeout=timedelta(seconds=self.timeout))
+        self.device = ex.worker.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        mark_uncounted(ex.stages, {ex.stage: ex.worker})
+        ex.worker.grad_norm = self
+
+    def norm(self, worker: Any, own: bool, shared: bool) -> float:
+        start = time.perf_counter()
+        squares = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        squares[self.ex.rank] = worker.clip_contribution(own, shared)
+        self.ex._wait_collective(dist.all_reduce(squares, group=self.group, async_op=True), range(self.world), self.timeout,
+                                 "sum the gradient norm over the stages (gradient clipping)", "a rank")
+        if self.ex.recorder is not None:
+            self.ex.recorder.record("reduce", start, time.perf_counter(), "gradient norm")
+        return clipping.total_norm(squares[:self.ex.num_stages].cpu().tolist())
 
 
 BUCKET_BYTES = 25 * 2**20
@@ -408,12 +438,17 @@ class DistributedExecutor:
             self.worker.meter = MemoryMeter(exclude=self.worker.params)
         self.recorder = Recorder(rank) if record_timeline else None
         # Who waits for whom, so that a timeout names the rank that stopped answering.
-        self._board = WaitBoard.for_job(rank, self._who)
+        # The board's thread lives until close(): it must not hold the executor (a bound method
+        # would), or an executor dropped without close() is never collected nor its note final.
+        self._board = WaitBoard.for_job(rank, functools.partial(_rank_name, K, dp))
         if self._board is not None:
-            weakref.finalize(self, self._board.close)
+            # Dropped (or the process exits) without close(): the stage was let go unfinished.
+            weakref.finalize(self, self._board.fail)
         self._build_channels()
         self._replicas = _RankReplicas(self)
         self._dp = _RankDataParallel(self, bucket_bytes) if dp > 1 else None
+        clipped = self.worker.clip_grad_norm is not None or self.worker.loss_scale is not None  # fp16: a global overflow verdict
+        self._grad_norm = _RankGradNorm(self) if clipped else None
         if sync_batchnorm and self._dp is not None:
             # The layers change, not their parameters or buffers (the same tensors): the
             # gradient hooks and the buffers merged for evaluation stay those of the stage.
@@ -641,9 +676,10 @@ class DistributedExecutor:
                 assert work is not None
                 work.wait(timedelta(seconds=timeout))
             except Exception as exc:
-                if board is not None and timed_out(exc):
-                    why = board.explain(others, timeout)
-                else:
+                why = None
+                if board is not None:
+                    why = board.explain(others, timeout) if timed_out(exc) else board.explain_departure(others, timeout)
+                if why is None:
                     why = f"{member} failed, was killed or stopped answering"
                 raise TrainingError(
                     f"could not {doing} within {timeout:g} s: {why} ({exc}). See its own error above; raise the timeout "
@@ -652,8 +688,7 @@ class DistributedExecutor:
 
     def _who(self, rank: int) -> str:
         """A rank as messages name it: its stage, and its replica on a K × D mesh."""
-        K = self.num_stages
-        return f"rank {rank} (stage {rank % K})" if self.dp == 1 else f"rank {rank} (stage {rank % K}, replica {rank // K})"
+        return _rank_name(self.num_stages, self.dp, rank)
 
     def _send_resumed(self) -> None:
         for kind, batch, payload in self._resend:
@@ -702,7 +737,8 @@ class DistributedExecutor:
             else:
                 args = self._up_in.recv(EVAL_BATCH, "the evaluation activations")
             w = self.worker
-            out = w.module(*(a.to(w.device) if isinstance(a, torch.Tensor) else a for a in args))
+            with w.autocast():
+                out = w.module(*(a.to(w.device) if isinstance(a, torch.Tensor) else a for a in args))
             if self._up_out is not None:
                 self._up_out.send(EVAL_BATCH, as_tuple(out))
                 return None
@@ -884,9 +920,13 @@ class DistributedExecutor:
         self._closed = True
         try:
             self._finish_streams()
-        finally:
+        except BaseException:
+            # Not "finished": a peer waiting for this rank would be told it ran fewer steps.
             if self._board is not None:
-                self._board.close()
+                self._board.fail()
+            raise
+        if self._board is not None:
+            self._board.close()
 
     def _finish_streams(self) -> None:
         """What :meth:`close` does, before it stops the wait board's heartbeat."""
@@ -912,6 +952,11 @@ class DistributedExecutor:
             ch.flush()
 
 
+
+
+def _rank_name(K: int, dp: int, rank: int) -> str:
+    """A rank as messages name it: its stage, and its replica on a K × D mesh."""
+    return f"rank {rank} (stage {rank % K})" if dp == 1 else f"rank {rank} (stage {rank % K}, replica {rank // K})"
 
 
 def _leading_rows(inputs: Any) -> int:

@@ -30,7 +30,9 @@ from ..errors import CheckpointError, DivergenceError, TrainingError
 from ..measure import MemoryMeter, sigma as sigma_of
 from .. import methods
 from ..methods import build_method
-from ..methods.base import LossFn, OptimizerFactory, StageWorker, as_tuple, check_replicas_equal, frozen_norm_stats, replica_groups
+from ..methods import clipping
+from ..methods.base import (LossFn, OptimizerFactory, StageWorker, as_tuple, check_replicas_equal, frozen_norm_stats, mark_uncounted,
+                            replica_groups)
 from ..state import RngState, capture_rng, kept_buffers, restored_rng
 from ..schedule import Action, validate
 from ..timeline import Timeline
@@ -99,6 +101,30 @@ class _LocalReplicas:
         return worker.stage in self._summed
 
 
+class _LocalGradNorm:
+    """:class:`~fxreplay.methods.base.GradNorm` for stages in one process: before the updates of
+    an iteration (after the shared copies' sums), the stages' contributions summed in stage order."""
+
+    def __init__(self, workers: Sequence[StageWorker], replicas: _LocalReplicas | None) -> None:
+        self.workers, self.replicas = list(workers), replicas
+        mark_uncounted([w.module for w in workers], {w.stage: w for w in workers})
+        self.total = 0.0
+        for w in workers:
+            w.grad_norm = self
+
+    def prepare(self, t: int, updates: Sequence[Action]) -> None:
+        squares = [0.0] * len(self.workers)
+        summed = self.replicas._summed if self.replicas is not None else set()
+        for a in updates:
+            if a.op == "U":
+                w = self.workers[a.stage]
+                squares[a.stage] = w.clip_contribution(w.has_gradient_of(t + a.offset), a.stage in summed)
+        self.total = clipping.total_norm(squares)
+
+    def norm(self, worker: StageWorker, own: bool, shared: bool) -> float:
+        return self.total
+
+
 class LocalExecutor:
     """Run K stages with a method in one process.
 
@@ -155,6 +181,8 @@ class LocalExecutor:
         self.last_loss: float | None = None
         self.stage_times: list[float] = [0.0] * len(stages)
         self._replicas = _LocalReplicas(self.workers) if any(w.shared_params for w in self.workers) else None
+        clipped = any(w.clip_grad_norm is not None or w.loss_scale is not None for w in self.workers)
+        self._grad_norm = _LocalGradNorm(self.workers, self._replicas) if clipped else None
 
     @property
     def num_stages(self) -> int:
@@ -221,10 +249,15 @@ class LocalExecutor:
                 f"{self.method} diverged at step {t + 1}: the loss is {loss}. No update of step {t + 1} was applied "
                 f"and the last checkpoint is kept; lower the learning rate (or warm it up) and resume from it"
             )
+        for action in updates:
+            if action.op == "U":  # fp16: gradients divided by their loss's scale before any sum (and σ)
+                self.workers[action.stage].unscale(t, t + action.offset)
         if sigmas is not None:
             sigmas.extend(self._sigmas())
         if self._replicas is not None:
             self._replicas.prepare(t, updates)
+        if self._grad_norm is not None:
+            self._grad_norm.prepare(t, updates)
         for action in updates:
             self._run(action, t)
         for w in self.workers:
@@ -249,7 +282,8 @@ class LocalExecutor:
         out: Any = inputs
         for k, (stage, w) in enumerate(zip(self.stages, self.workers)):
             args = as_tuple(out) if k > 0 else inputs
-            out = stage(*(a.to(w.device) if isinstance(a, torch.Tensor) else a for a in args))
+            with w.autocast():
+                out = stage(*(a.to(w.device) if isinstance(a, torch.Tensor) else a for a in args))
         return out
 
     # -- measurement ---------------------------------------------------------------------------
@@ -300,7 +334,8 @@ class LocalExecutor:
             stack.enter_context(torch.enable_grad())
             out = self._chain(inputs)
             last = self.workers[-1].device
-            loss = self.loss_fn(out, y.to(last) if isinstance(y, torch.Tensor) else y)
+            with self.workers[-1].autocast():
+                loss = self.loss_fn(out, y.to(last) if isinstance(y, torch.Tensor) else y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return dict(zip(params, grads))
 

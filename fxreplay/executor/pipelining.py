@@ -177,6 +177,8 @@ class PipeliningExecutor(DistributedExecutor):
         self._held = {}
         if w.is_last:
             loss = torch.stack([v.detach().float() for v in losses]).mean()
+            if w.loss_scale is not None:
+                loss = loss / w.loss_scale.scale
             self._out = (loss, detached(output))
             self._check_loss(t)
         w.grad_batch = t
@@ -206,10 +208,15 @@ class PipeliningExecutor(DistributedExecutor):
                         check_boundary(self.stage_index, out)
                     return out
 
+                def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+                    # The boundary dtypes torch infers must be those autocast gives the chunks.
+                    with ex.worker.autocast():
+                        return super()._forward_metadata_inference(*args, **kwargs)
+
                 def forward_one_chunk(self, fwd_chunk_id: int, args: Any, kwargs: Any = None,
                                       save_forward_output: bool = True) -> Any:
                     start = time.perf_counter()
-                    with ex.worker.recording() as saved:
+                    with ex.worker.recording() as saved, ex.worker.autocast():  # backward_one_chunk: outside
                         out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
                     ex._held[fwd_chunk_id] = {**saved, **storages_of(self.fwd_cache[fwd_chunk_id][1])}
                     ex._chunk = fwd_chunk_id
@@ -227,8 +234,8 @@ class PipeliningExecutor(DistributedExecutor):
 
             def loss_fn(output: Any, target: Any) -> torch.Tensor:
                 start = time.perf_counter()
-                with ex.worker.recording() as saved:
-                    loss = self._scaled_loss(output, target)  # a replica's shard: weighted by its share
+                with ex.worker.recording() as saved, ex.worker.autocast():
+                    loss = ex.worker.scale_loss(self._scaled_loss(output, target))  # a replica's share; fp16: x the loss scale
                 ex._held.setdefault(ex._chunk, {}).update(saved)
                 ex._busy += time.perf_counter() - start
                 return loss

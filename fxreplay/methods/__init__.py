@@ -31,7 +31,7 @@ from . import bp, cdni, ddg, dni, fr, torchpipe
 from .base import LossFn, OptimizerFactory, StageWorker
 from .spec import MethodSpec
 
-__all__ = ["METHODS", "REFERENCE", "PROPOSED", "Method", "MethodSpec", "StageWorker", "build_method", "get", "names", "schedule",
+__all__ = ["METHODS", "variant", "base_of", "REFERENCE", "PROPOSED", "Method", "MethodSpec", "StageWorker", "build_method", "get", "names", "schedule",
            "render", "one_process_names"]
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (bp.SPEC, *torchpipe.SPECS, ddg.SPEC, dni.SPEC, cdni.SPEC, fr.SPEC)}
@@ -43,6 +43,29 @@ REFERENCE: MethodSpec = next(spec for spec in METHODS.values() if spec.reference
 
 PROPOSED: MethodSpec = fr.SPEC
 """The method this project is about: the default, and the one whose speed-up a plan reports."""
+
+
+def variant(name: str) -> tuple[str, str]:
+    """``(method, compensation)`` of a run's method name as ``compare`` spells it: ``fr`` is
+    ``("fr", "none")``, ``fr+predict+spike`` (or ``fr+auto``) is ``("fr", "predict+spike")``.
+
+    Raises:
+        TrainingError: an unknown method or rule, or rules on a method without delayed gradients.
+    """
+    from .compensation import parse
+
+    base, _, rules = str(name).partition("+")
+    spec = get(base)
+    comp = parse(rules or "none")
+    if not comp.is_none and "compensation" not in spec.worker.option_names:
+        delayed = ", ".join(n for n, m in METHODS.items() if "compensation" in m.worker.option_names)
+        raise TrainingError(f"{name!r}: compensation applies to the delayed methods ({delayed}), not to {base}.")
+    return base, comp.name
+
+
+def base_of(name: str) -> str:
+    """The registry's method of a run name (``fr+auto`` -> ``fr``); any other string unchanged."""
+    return str(name).partition("+")[0]
 
 
 def names() -> tuple[str, ...]:

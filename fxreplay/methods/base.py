@@ -22,7 +22,8 @@ the same way, and a worker never knows which one it runs under.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
@@ -31,13 +32,19 @@ from torch.utils._pytree import tree_map
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import CheckpointError, DeviceMemoryError, FxReplayError, TrainingError, allocation_detail, out_of_memory
+from ..lr_schedule import stepping
 from ..measure import MemoryMeter, StorageMap, storages_of
+from ..precision import LossScale, autocast, check_precision
 from ..schedule import Action
+from .clipping import coefficient as clip_coefficient, scale_ as clip_scale_, squared_norm, total_norm
+from .compensation import Compensator, parse
 
 __all__ = [
     "Link",
     "Replicas",
+    "GradNorm",
     "replica_groups",
+    "mark_uncounted",
     "check_replicas_equal",
     "LossFn",
     "OptimizerFactory",
@@ -68,6 +75,18 @@ class DataParallel(Protocol):
         ...
 
 
+class GradNorm(Protocol):
+    """How a worker learns the global norm of the gradients all stages apply in this iteration
+    (gradient clipping, :mod:`fxreplay.methods.clipping`): in one process the executor sums the
+    stages' contributions before the updates; one rank per stage, an all-reduce over the ranks
+    (collective: every stage asks once per iteration, in its update)."""
+
+    def norm(self, worker: StageWorker, own: bool, shared: bool) -> float:
+        """The global norm; ``own``/``shared`` say which gradients ``worker``'s update applies
+        (:meth:`StageWorker.clip_contribution`)."""
+        ...
+
+
 class Replicas(Protocol):
     """How a worker sums the gradients of the parameters its stage shares with other stages
     (``stage.replicas``, see :func:`fxreplay.compiler.split.replicate_shared`): each holder
@@ -91,6 +110,18 @@ def replica_groups(stages: Sequence[nn.Module]) -> list[tuple[str, list[tuple[in
             if all(m[0] != k for m in members):
                 members.append((k, local))
     return sorted((name, members) for name, members in groups.items() if len({k for k, _ in members}) > 1)
+
+
+def mark_uncounted(stages: Sequence[nn.Module], workers: Mapping[int, StageWorker]) -> None:
+    """Count each shared parameter once in the global gradient norm: by its first holder (the
+    lowest stage); the copies of the other holders among ``workers`` (stage -> worker) are
+    marked ``uncounted`` (all holders apply the same summed gradient)."""
+    for _, members in replica_groups(stages):
+        for k, local in members[1:]:
+            worker = workers.get(k)
+            p = worker.shared_params.get(local) if worker is not None else None
+            if p is not None:
+                worker.uncounted.add(id(p))
 
 
 def check_replicas_equal(stages: Sequence[nn.Module]) -> None:
@@ -164,6 +195,9 @@ class StageWorker:
     option_names: ClassVar[frozenset[str]] = frozenset()
     # Whether every stage (not only the last) receives its batch's targets (cDNI's synthesizers).
     wants_targets: ClassVar[bool] = False
+    # Whether every gradient the method applies comes from the loss (fp16's loss scale then
+    # reaches all of them); DNI's synthetic gradients do not.
+    loss_scaled: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -201,13 +235,46 @@ class StageWorker:
         self.shared_params: dict[str, nn.Parameter] = {name: named[name] for name in sorted(shared) if name in named}
         shared_ids = {id(p) for p in self.shared_params.values()}
         self._unshared = [p for p in self.params if id(p) not in shared_ids]
+        self._unshared_ids = {id(p) for p in self._unshared}
         self.replicas: Replicas | None = None
         # This stage's data-parallel replicas (K stages x D replicas): their gradients are
         # averaged before every update, by ``data_parallel`` (set by the executor when D > 1).
         self.data_parallel: DataParallel | None = None
         self.meter: MemoryMeter | None = None
         self._live: tuple[Any, ...] | None = None  # (batch, inputs, outputs-or-loss, saved)
+        comp = parse(options.pop("compensation", None))
+        # Options of every method (the training recipe): autocast dtype, clipping threshold.
+        self.precision = check_precision(options.pop("precision", None), [str(self.device)])
+        clip = options.pop("clip_grad_norm", None)
+        if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0):
+            raise TrainingError(f"clip_grad_norm must be a number > 0 (the largest global gradient norm), got {clip!r}")
+        self.clip_grad_norm: float | None = None if clip is None else float(clip)
+        # fp16: the pipeline's loss scale (fxreplay.precision.LossScale), the same on every stage.
+        self.loss_scale = LossScale() if self.precision == "fp16" else None
+        if self.loss_scale is not None and not self.loss_scaled:
+            raise TrainingError(f"precision fp16 scales the loss, and method {self.method!r} applies synthetic gradients that "
+                                "carry no loss scale: train it in bf16 or fp32")
+        self._unscaled: int | None = None  # the batch whose gradient was divided by its loss scale
+        self._iteration = 0  # the iteration of the action running (run())
+        # Who sums the stages' contributions to the global norm (set by the executor), the
+        # shared parameters another holder counts, and the last norm (logged).
+        self.grad_norm: GradNorm | None = None
+        self.uncounted: set[int] = set()
+        self.last_grad_norm: float | None = None
+        # The stage's lr schedule (set by the Trainer): stepped after every update, warm-up included.
+        self.scheduler: Any = None
+        self.schedule_restored = False  # load_state_dict found the scheduler's state
         self._apply_options(options)
+        # Staleness compensation (a delayed method's option, methods/compensation.py); None: Algorithm 1 as written.
+        self.compensator: Compensator | None = None
+        if not comp.is_none:
+            if "compensation" not in self.option_names:
+                raise TrainingError(
+                    f"compensation {comp.name!r} acts on delayed gradients, and method {self.method!r} has none: "
+                    "use it with fr or ddg, or drop the option."
+                )
+            self.compensator = Compensator(comp, stage, self.delay, self.params, list(self.shared_params.values()),
+                                           self.optimizer, self.method)
 
     # -- options -------------------------------------------------------------------
     def _apply_options(self, options: dict[str, Any]) -> None:
@@ -225,6 +292,7 @@ class StageWorker:
         handler = getattr(self, f"op_{action.op}", None)
         if handler is None:
             raise TrainingError(f"method {self.method!r} has no op {action.op!r} (action {action})")
+        self._iteration = step
         try:
             handler(step + action.offset, link)
         except Exception as exc:
@@ -245,13 +313,33 @@ class StageWorker:
         other stages first get the sum of every holder's gradient, and take their step even
         while this stage's own parameters wait for their first gradient (another holder may
         have one), so all copies take the same steps and stay identical.
+
+        With clipping, the gradients are then scaled by the global norm's coefficient (every
+        stage asks for the norm, also in warm-up: it is collective). In fp16 the gradient is
+        first divided by its loss's scale, and a non-finite global norm (an overflow in any
+        stage) skips every stage's update. After the update the stage's lr schedule advances
+        one iteration.
         """
         own = self.has_gradient_of(batch)
+        self.unscale(self._iteration, batch)
         if own and self.data_parallel is not None:
             self.data_parallel.average(self)  # the replicas of a stage are in warm-up together
         shared = self.replicas is not None and bool(self.shared_params) and self.replicas.reduce(self, own)
+        finite = True
+        if self.clip_grad_norm is not None or self.loss_scale is not None:
+            finite = self._clip(own, shared)
+        if finite or self.loss_scale is None:
+            self._update(batch, own, shared)
+        if self.scheduler is not None:
+            with stepping():  # after the update, also in warm-up: every stage at the same point of the schedule
+                self.scheduler.step()
+
+    def _update(self, batch: int, own: bool, shared: bool) -> None:
         if own:
-            self.optimizer.step()
+            if self.compensator is not None:
+                self.compensator.step(self.optimizer, batch + self.delay)
+            else:
+                self.optimizer.step()
         elif shared:
             held = [p.grad for p in self._unshared]
             for p in self._unshared:
@@ -259,6 +347,54 @@ class StageWorker:
             self.optimizer.step()
             for p, g in zip(self._unshared, held):
                 p.grad = g
+
+    def applied_gradients(self, own: bool, shared: bool) -> list[torch.Tensor]:
+        """The gradients this stage's update applies: all of them with its own gradient, only
+        the shared copies' sums without (warm-up, another holder had one), else none."""
+        return [p.grad for p in self.params if p.grad is not None and (own or (shared and id(p) not in self._unshared_ids))]
+
+    def clip_contribution(self, own: bool, shared: bool) -> float:
+        """Σ‖g‖² over :meth:`applied_gradients`, without the shared copies another stage counts."""
+        grads = [p.grad for p in self.params if p.grad is not None and id(p) not in self.uncounted
+                 and (own or (shared and id(p) not in self._unshared_ids))]
+        return squared_norm(grads)
+
+    def _clip(self, own: bool, shared: bool) -> bool:
+        """Scale the gradients this update applies by the global norm's coefficient (clip_grad_norm_'s);
+        in fp16, update the loss scale by whether the norm is finite. Returns whether it is."""
+        if self.grad_norm is None:  # a stage on its own (no executor summing): its own norm is the model's
+            total = total_norm([self.clip_contribution(own, shared)])
+        else:
+            total = self.grad_norm.norm(self, own, shared)
+        self.last_grad_norm = total
+        finite = math.isfinite(total)
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite)
+        if self.clip_grad_norm is not None:
+            clip_scale_(self.applied_gradients(own, shared), clip_coefficient(total, self.clip_grad_norm))
+        return finite
+
+    def unscale(self, iteration: int, batch: int) -> None:
+        """fp16: note the loss scale of ``iteration`` (before its update), and divide the gradient
+        of ``batch`` by the scale that batch's loss had -- once, before any sum with other
+        stages' or replicas' gradients (their batches' scales may differ)."""
+        if self.loss_scale is None:
+            return
+        self.loss_scale.record(iteration)
+        if self.has_gradient_of(batch) and self._unscaled != batch:
+            inverse = 1.0 / self.loss_scale.of(batch)  # a power of two: exact
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(inverse)
+            self._unscaled = batch
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: multiplied by the current loss scale in fp16."""
+        return loss if self.loss_scale is None else loss * self.loss_scale.scale
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The stage's forward precision (``torch.autocast`` on its device; nothing for fp32)."""
+        return autocast(self.precision, self.device)
 
     def has_gradient_of(self, batch: int) -> bool:
         """Whether the ``.grad`` of this stage's parameters is the gradient of ``batch`` (what its
@@ -291,7 +427,7 @@ class StageWorker:
         Returns the live entry ``(batch, inputs, outputs or loss, saved storages)``.
         """
         fn = call if call is not None else self.module
-        with self.recording() as saved:
+        with self.recording() as saved, self.autocast():  # the forward and the loss; backward outside
             out = fn(*inputs)
             if self.is_last:
                 y = link.recv("target", batch)
@@ -318,7 +454,7 @@ class StageWorker:
             for snapshot in params:
                 snapshot.grad = None
         if self.is_last:
-            result.backward()
+            self.scale_loss(result).backward()
         else:
             deltas = as_tuple(link.recv("grad", batch))
             pairs = [
@@ -336,9 +472,8 @@ class StageWorker:
 
     def send_input_grads(self, batch: int, inputs: tuple[Any, ...], link: Link) -> None:
         if self.stage > 0:
-            link.send("grad", batch, tuple(
-                v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None for v in inputs
-            ))
+            deltas = tuple(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None for v in inputs)
+            link.send("grad", batch, deltas if self.compensator is None else self.compensator.scale_deltas(deltas))
 
     # -- measurement --------------------------------------------------------------------
     def held_storages(self) -> list[StorageMap]:
@@ -356,11 +491,18 @@ class StageWorker:
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Weights, buffers, optimizer state and method state (no autograd graphs)."""
-        return {
+        state = {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method": self.extra_state(),
         }
+        if self.compensator is not None:
+            state["compensation"] = self.compensator.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved.
@@ -381,8 +523,24 @@ class StageWorker:
                 f"{'; '.join(differences)}. The plan (plan.yaml in the run directory) was changed after the checkpoint "
                 "was written: restore it, or start a new run (--force)."
             )
+        saved_comp = state.get("compensation")
+        if self.compensator is not None:
+            self.compensator.load_state_dict(saved_comp)
+        elif saved_comp is not None and saved_comp["name"] != "none":
+            raise CheckpointError(
+                f"the checkpoint was trained with compensation {saved_comp['name']!r} and this run has none: resume with "
+                f"--compensation {saved_comp['name']}, or start a new run."
+            )
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # A checkpoint written before schedules were saved has none: the trainer restarts the
+        # schedule at the checkpoint's iteration (fxreplay.lr_schedule.restart).
+        self.schedule_restored = self.scheduler is not None and state.get("scheduler") is not None
+        if self.schedule_restored:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.loss_scale is not None and state.get("loss_scale") is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])
+        self._unscaled = None
         # Gradients are recomputed from scratch at every backward; none survives a resume.
         self.grad_batch = None
         for p in self.params:

@@ -17,6 +17,10 @@
 Warm-up as in FR: while t-d < 0, no gradient (None) and no optimizer step. Stage k keeps
 d_k+1 = K-k graphs right after its forward, so activation memory grows with K (O(LK)).
 
+Option ``compensation`` (:mod:`fxreplay.methods.compensation`): ``predict`` builds the kept
+forward on the predicted weights ŵ_k instead of w_k^t, so the gradient is taken near the
+weights it will be applied to; the other rules act on the update and on δ in the base worker.
+
 A checkpoint stores each kept batch's inputs, weight snapshot and RNG state instead of its
 graph; the graph is rebuilt (same RNG, BN statistics frozen) when it is first needed.
 """
@@ -51,11 +55,12 @@ def schedule(K: int) -> Schedule:
 class _Stored:
     """One kept forward: its batch, inputs, weight snapshot, RNG state and graph."""
 
-    __slots__ = ("batch", "inputs", "params", "rng", "result", "saved")
+    __slots__ = ("batch", "inputs", "params", "rng", "buffers", "result", "saved")
 
     def __init__(self, batch: int, inputs: tuple[Any, ...], params: list[torch.Tensor], rng: RngState,
-                 result: Any = None, saved: StorageMap | None = None) -> None:
-        self.batch, self.inputs, self.params, self.rng = batch, inputs, params, rng
+                 buffers: list[torch.Tensor] | None, result: Any = None, saved: StorageMap | None = None) -> None:
+        # buffers: the values of the buffers the model writes itself (an EMA) as this forward found them.
+        self.batch, self.inputs, self.params, self.rng, self.buffers = batch, inputs, params, rng, buffers
         self.result, self.saved = result, saved if saved is not None else {}
 
 
@@ -67,7 +72,7 @@ class DDGWorker(StageWorker):
     """
 
     method = "ddg"
-
+    option_names = frozenset({"compensation"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -85,9 +90,12 @@ class DDGWorker(StageWorker):
             self._live = self.graph_forward(batch, inputs, link)
             return
         rng = capture_rng(self.device)
-        snapshot = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
+        buffers = [b.detach().clone() for b in self.written]  # what this forward reads (and then writes)
+        comp = self.compensator
+        weights = comp.predicted() if comp is not None and comp.predicting() else [p.detach().clone() for p in self.params]
+        snapshot = [w.requires_grad_(p.requires_grad) for w, p in zip(weights, self.params)]
         _, _, result, saved = self.graph_forward(batch, inputs, link, call=self._on(snapshot))
-        self.graphs.append(_Stored(batch, inputs, snapshot, rng, result, saved))
+        self.graphs.append(_Stored(batch, inputs, snapshot, rng, buffers, result, saved))
 
     def op_B(self, batch: int, link: Link) -> None:
         """Backpropagate the delayed δ through the stored graph of ``batch``."""
@@ -108,30 +116,38 @@ class DDGWorker(StageWorker):
             self.backprop((batch, stored.inputs, stored.result, stored.saved), link, params=stored.params)
 
     def _rebuild(self, stored: _Stored) -> None:
-        """Recompute a graph dropped by a checkpoint: same weights, same RNG, no BN update."""
-        with restored_rng(stored.rng, self.device), frozen_norm_stats(self.norms), self.recording() as saved:
+        """Recompute a graph dropped by a checkpoint: same weights, same RNG, the model's own
+        buffers as that forward found them (op_B puts today's back), no BN update."""
+        if stored.buffers is not None:
+            with torch.no_grad():
+                for b, v in zip(self.written, stored.buffers):
+                    b.copy_(v)
+        with restored_rng(stored.rng, self.device), frozen_norm_stats(self.norms), self.recording() as saved, self.autocast():
             stored.result = self._on(stored.params)(*stored.inputs)
         stored.saved = saved
 
     def held_storages(self) -> list[StorageMap]:
         maps = super().held_storages()
         for s in self.graphs:
-            maps += [s.saved, storages_of(s.inputs), storages_of(s.params)]
+            maps += [s.saved, storages_of(s.inputs), storages_of(s.params), storages_of(tuple(s.buffers or ()))]
         return maps
 
     def extra_state(self) -> dict[str, Any]:
         return {"graphs": [
             (s.batch, tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in s.inputs),
-             [p.detach() for p in s.params], s.rng)
+             [p.detach() for p in s.params], s.rng, s.buffers)
             for s in self.graphs
         ]}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.graphs = deque()
-        for batch, inputs, params, rng in state["graphs"]:
+        for batch, inputs, params, rng, *rest in state["graphs"]:
             inputs = self.leaf_inputs(tuple(v.to(self.device) if isinstance(v, torch.Tensor) else v for v in inputs))
             snapshot = [p.to(live.device).detach().requires_grad_(live.requires_grad) for p, live in zip(params, self.params)]
-            self.graphs.append(_Stored(batch, inputs, snapshot, rng))
+            # A checkpoint written before the buffers were kept (4 entries) rebuilds with today's values.
+            kept = rest[0] if rest else None
+            buffers = None if kept is None else [v.to(b.device) for v, b in zip(kept, self.written)]
+            self.graphs.append(_Stored(batch, inputs, snapshot, rng, buffers))
 
 
 SPEC = MethodSpec(

@@ -83,6 +83,7 @@ class DNIWorker(StageWorker):
 
     option_names = frozenset({"synthesizer", "synth_hidden", "synth_optimizer"})
     conditioned = False  # cDNI: the synthesizers also see the labels (methods/cdni.py)
+    loss_scaled = False  # synthetic gradients: fp16's loss scale does not reach them
 
     def _apply_options(self, options: dict[str, Any]) -> None:
         super()._apply_options(options)
@@ -133,14 +134,14 @@ class DNIWorker(StageWorker):
         positions = [i for i, o in enumerate(outs) if _is_diff(o) and o.requires_grad]
         labels = self._labels(batch, link)
         synths = {i: self._synth(i, outs[i].detach(), labels) for i in positions}
-        with self.recording() as saved:
+        with self.recording() as saved, self.autocast():
             preds = {i: synths[i](outs[i].detach(), *(() if labels is None else (labels,))) for i in positions}
         self._pred = (batch, preds, saved)
         self.observe_memory()  # the peak: stage graph and synthesizer graph both alive
         self._live = None
         for p in self.params:
             p.grad = None
-        synthetic = {i: pred.detach() * self._scale(i) for i, pred in preds.items()}
+        synthetic = {i: (pred.detach() * self._scale(i)).to(outs[i].dtype) for i, pred in preds.items()}
         if synthetic:
             torch.autograd.backward([outs[i] for i in synthetic], list(synthetic.values()))
         self.grad_batch = batch
@@ -172,7 +173,8 @@ class DNIWorker(StageWorker):
                 square = float(delta.double().pow(2).mean())
                 past = self.mean_square.get(i)
                 self.mean_square[i] = square if past is None else SCALE_DECAY * past + (1 - SCALE_DECAY) * square
-        terms = [F.mse_loss(preds[i], delta / self._scale(i)) for i, delta in known.items() if self._scale(i) > 0]
+        # In fp32 whatever the stage's precision (a no-op without autocast).
+        terms = [F.mse_loss(preds[i].float(), (delta / self._scale(i)).float()) for i, delta in known.items() if self._scale(i) > 0]
         if not terms:
             return
         loss = torch.stack(terms).sum()

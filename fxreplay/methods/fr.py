@@ -22,9 +22,15 @@ the replay normalises with the replayed batch's own statistics and writes no buf
 :func:`~fxreplay.methods.base.frozen_norm_stats`). Buffers the model's own code writes (an
 EMA) are likewise updated by the play only: the replay computes with their current value,
 and they are put back after its backward.
+
+Option ``compensation`` (:mod:`fxreplay.methods.compensation`): ``predict`` runs the play at
+the predicted weights ŵ_k (the replay, d_k iterations later, computes at the weights the
+prediction aimed at); ``official`` lets the replay update BatchNorm statistics too; the
+other rules act on the update and on δ in the base worker. ``none`` is Algorithm 1.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Any
 
@@ -62,6 +68,7 @@ class FRWorker(StageWorker):
     """
 
     method = "fr"
+    option_names = frozenset({"compensation"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -75,7 +82,8 @@ class FRWorker(StageWorker):
             return
         inputs = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in self.recv_inputs(batch, link))
         self.history.append((batch, inputs, capture_rng(self.device)))  # line 5
-        with torch.no_grad():
+        comp = self.compensator
+        with torch.no_grad(), comp.predicted_weights() if comp is not None else contextlib.nullcontext(), self.autocast():
             out = self.module(*inputs)  # line 6: the one pass that updates BN running stats
         link.send("act", batch, tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in (out if isinstance(out, tuple) else (out,))))
 
@@ -90,7 +98,9 @@ class FRWorker(StageWorker):
         # the replay must not update them a second time, and restoring them before the
         # backward could change a tensor autograd saved.
         self._kept = [(b, b.detach().clone()) for b in self.written]
-        with restored_rng(rng, self.device), frozen_norm_stats(self.norms), self.recording() as saved:
+        freeze = self.compensator is None or self.compensator.freeze_norms_in_replay
+        norms = frozen_norm_stats(self.norms) if freeze else contextlib.nullcontext()
+        with restored_rng(rng, self.device), norms, self.recording() as saved, self.autocast():  # the play's precision
             out = self.module(*inputs)
         self._live = (batch, inputs, out, saved)
 

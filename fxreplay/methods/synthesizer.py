@@ -5,6 +5,11 @@ spatial size is kept) with BatchNorm + ReLU and a 5x5 conv output layer initiali
 zero; for flat features an MLP of the same shape. The zero output layer makes the first
 synthetic gradients exactly zero, so a fresh synthesizer cannot push the stage anywhere.
 
+Every floating tensor that crosses a cut gets one: a 0-d value (an auxiliary loss a model
+returns beside its logits) is one feature of one row, and a batch of one row (features pooled
+over the batch, a last batch of one example) is normalised with the running statistics, since
+one value per channel has no batch statistics. Complex tensors are refused.
+
 >>> s = make_synthesizer(torch.zeros(8, 16, 4, 4))
 >>> s(torch.randn(8, 16, 4, 4)).abs().sum().item()
 0.0
@@ -12,6 +17,7 @@ synthetic gradients exactly zero, so a fresh synthesizer cannot push the stage a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainingError
@@ -19,6 +25,24 @@ from ..errors import TrainingError
 __all__ = ["ConvSynthesizer", "LabelConditioned", "MLPSynthesizer", "make_synthesizer", "SYNTH_KINDS"]
 
 SYNTH_KINDS = ("auto", "conv", "mlp")
+
+
+class _AnyRowsNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm that, given one value per channel in training mode (a batch of one row),
+    normalises with its running statistics and leaves them as they are, where BatchNorm raises."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() <= x.shape[1]:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class _BatchNorm1d(_AnyRowsNorm, nn.BatchNorm1d):
+    pass
+
+
+class _BatchNorm2d(_AnyRowsNorm, nn.BatchNorm2d):
+    pass
 
 
 class ConvSynthesizer(nn.Sequential):
@@ -31,14 +55,15 @@ class ConvSynthesizer(nn.Sequential):
         assert out.bias is not None
         nn.init.zeros_(out.bias)
         super().__init__(
-            nn.Conv2d(channels + extra, hidden, 5, padding=2), nn.BatchNorm2d(hidden), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 5, padding=2), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(channels + extra, hidden, 5, padding=2), _BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 5, padding=2), _BatchNorm2d(hidden), nn.ReLU(),
             out,
         )
 
 
 class MLPSynthesizer(nn.Module):
-    """The same shape with linear layers, applied over the last dimension of any tensor."""
+    """The same shape with linear layers, applied over the last dimension of any tensor (a
+    0-d tensor is one feature)."""
 
     def __init__(self, features: int, hidden: int | None = None, extra: int = 0) -> None:
         super().__init__()
@@ -46,15 +71,17 @@ class MLPSynthesizer(nn.Module):
         out = nn.Linear(hidden, features)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
+        self.features = features
         self.net = nn.Sequential(
-            nn.Linear(features + extra, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(features + extra, hidden), _BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), _BatchNorm1d(hidden), nn.ReLU(),
             out,
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        flat = h.reshape(-1, h.shape[-1])  # BatchNorm1d wants (N, F): fold leading dims into N
-        return self.net(flat).reshape(*h.shape[:-1], -1)
+        flat = h.reshape(-1, h.shape[-1] if h.dim() else 1)  # BatchNorm1d wants (N, F): fold leading dims into N
+        out: torch.Tensor = self.net(flat)
+        return out.reshape(*h.shape[:-1], self.features) if h.dim() else out.reshape(())
 
 
 class LabelConditioned(nn.Module):
@@ -119,6 +146,12 @@ def make_synthesizer(example: torch.Tensor, kind: str = "auto", hidden: int | No
     """
     if kind not in SYNTH_KINDS:
         raise TrainingError(f"unknown DNI synthesizer kind {kind!r}: expected one of {', '.join(SYNTH_KINDS)} or a callable")
+    if not example.is_floating_point():
+        raise TrainingError(
+            f"DNI has no synthesizer for a {example.dtype} tensor of shape {tuple(example.shape)} crossing a stage boundary "
+            "(the built-in ones predict real gradients): move the cut so that no such tensor crosses it (--boundary), "
+            "pass synthesizer=<callable>, or train with another method."
+        )
     if kind == "auto":
         kind = "conv" if example.dim() == 4 else "mlp"
     if kind == "conv":
@@ -126,7 +159,7 @@ def make_synthesizer(example: torch.Tensor, kind: str = "auto", hidden: int | No
             raise TrainingError(f"a conv synthesizer needs (N, C, H, W) features, got shape {tuple(example.shape)}; use synthesizer='mlp'")
         module: nn.Module = ConvSynthesizer(example.shape[1], hidden, extra=num_classes)
     else:
-        module = MLPSynthesizer(example.shape[-1], hidden, extra=num_classes)
+        module = MLPSynthesizer(example.shape[-1] if example.dim() else 1, hidden, extra=num_classes)
     if num_classes > 0:
         module = LabelConditioned(module, num_classes, conv=kind == "conv")
     return module.to(device=example.device, dtype=example.dtype)

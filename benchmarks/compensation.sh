@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Staleness compensation on the converged CIFAR-10 benchmark (issue 25): features replay with
+# each compensation rule, on the same runs as benchmarks/cifar_converged.sh (ResNet-20, a fixed
+# 5,000-image subset, 30 epochs, configs/resnet20_cifar10_5k.yaml, the same pinned block splits).
+#
+#   Screening (its worst point: lr 0.1, K = 4, seed 0), every rule, one run each:
+#     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh screen > benchmarks/runs/compensation-screen.log 2>&1 &
+#   A quick proxy first (Fashion-MNIST, a small BN CNN, K = 4, lr 0.1, 2 epochs; ~10 min a run):
+#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy
+#   The table that decides (BP, FR none, FR with the chosen rules at K = 2, 4, both rates, seeds 0-2):
+#     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
+#
+# RULES="fr+auto fr+predict" overrides the list; SEEDS="0 1 2" the seeds of `table`. Rerunning resumes each
+# interrupted run from its last epoch and reuses finished ones (one `fxreplay compare` per list, a run
+# directory in use is refused), so a session can restart it first thing. Each run takes ~20-40 min on one
+# core. The run directories are git-ignored; benchmarks/converged_summary.py keeps every finished run's
+# config.yaml and metrics.jsonl in benchmarks/results/converged-runs/ (commit those).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+test -d data/cifar10/cifar-10-batches-py || python ../shared/data/cifar10/build.py data/cifar10
+CONFIG=configs/resnet20_cifar10_5k.yaml
+SPLIT2=2=layer2.1
+SPLIT4=4=layer1.2,layer2.1,layer3
+mode=${1:-screen}
+case "$mode" in
+  screen)
+    rules=${RULES:-"fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink fr+predict+shrink fr+official"}
+    for r in $rules; do
+      fxreplay compare --config "$CONFIG" --methods "$r" --K 4 --seeds 0 --lr 0.1 --boundaries "$SPLIT4" \
+        --out benchmarks/runs/converged-lr0.1
+    done ;;
+  table)
+    lr=${2:-0.1}
+    rules=${RULES:-"fr+auto ddg+auto"}
+    for seed in ${SEEDS:-0 1 2}; do
+      fxreplay compare --config "$CONFIG" --methods bp --K 2 --seeds "$seed" --lr "$lr" --boundaries "$SPLIT2" \
+        --out "benchmarks/runs/converged-lr$lr"
+      fxreplay compare --config "$CONFIG" --methods "fr,ddg,${rules// /,}" --K 2,4 --seeds "$seed" --lr "$lr" \
+        --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
+    done ;;
+  proxy)
+    # The quick screen (~10 min a run on one core): Fashion-MNIST (Debian: apt-get install
+    # dataset-fashion-mnist), examples/mnist_cnn.py, K = 4, lr 0.1, 2 epochs, batch 128, seed 0.
+    raw=data/FashionMNIST/raw
+    mkdir -p "$raw"
+    for f in /usr/share/datasets/fashion-mnist/*.gz; do
+      test -f "$raw/$(basename "$f" .gz)" || gunzip -c "$f" > "$raw/$(basename "$f" .gz)"
+    done
+    rules=${RULES:-"bp fr fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink"}
+    fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr 0.1 \
+      --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy
+    exit 0 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | proxy" >&2; exit 2 ;;
+esac
+python benchmarks/converged_summary.py

@@ -1,0 +1,372 @@
+"""Staleness compensation for the delayed methods (FR, DDG): rules that act on the delay d_k.
+
+Stage k (0-based) of K applies at iteration t the gradient of batch t-d_k, d_k = K-1-k.
+FR's replay removes the weight mismatch *inside* a stage, not the delay of the δ it
+backpropagates; the penalty grows with K and the step size (DESIGN.md Sec. 2). Each rule
+acts in one place of a stage's iteration, is a pure function of (K, d_k, the iteration,
+the optimizer's settings), and is the identity for d_k = 0 -- so K = 1 is BP and the last
+stage is never touched:
+
+=========== ================================= =============================================
+rule        where it acts                     formula (source)
+=========== ================================= =============================================
+``lr``      the size of the update            Δw ← m_k(t)·Δw, m_k(t) = (d_k+1)^-(1-min(t/T_k, 1)),
+                                              T_k = 10(d_k+1)/(1-μ) iterations (PipeMare,
+                                              Yang et al., MLSys 2021: lr/τ rising to lr)
+``shrink``  the δ a stage sends down          δ_{k-1} ← β·δ_{k-1}, β = 0.5 (``shrink=β``): stage
+                                              k's gradient carries β^{d_k} (FDG, Zhuang et
+                                              al., TNNLS 2022)
+``predict`` the weights of the forward that   ŵ_k = w_k + d_k·Δw_k, Δw_k the stage's last
+            makes the delayed gradient's      update (= -η·v for SGD with momentum):
+            features (FR's play, DDG's        the weights the update will have when the
+            stored forward)                   gradient lands (SpecTrain, Chen et al. 2018;
+                                              Kosson et al., MLSys 2021)
+``spike``   the momentum step of a late       w ← w - η(a·v + b·g), a = μ^{d_k},
+            gradient                          b = (1-μ^{d_k})/(1-μ): the d_k momentum terms
+                                              the gradient missed, at once (spike
+                                              compensation, Kosson et al., MLSys 2021)
+``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
+                                              BatchNorm statistics updated by the replay too
+=========== ================================= =============================================
+
+Rules compose with ``+`` (``predict+spike``); ``auto`` is the recommended combination for the
+stage's optimizer (see :func:`resolve`); ``none`` is Algorithm 1 exactly. Where a rule assumes an optimizer it checks
+it when the stage is built: ``spike`` and ``official`` need ``torch.optim.SGD`` (spike: with
+momentum, no Nesterov, no dampening); ``lr`` reads μ from SGD's momentum or Adam's β₁;
+``predict`` and ``shrink`` work with any optimizer.
+
+A parameter held by several stages (a tied embedding) takes the *uncompensated* step in
+every holder, so that its copies stay identical (its holders have different delays); the
+prediction, which changes no weight, applies to it as to the others.
+
+>>> parse("spike+predict").name
+'predict+spike'
+>>> round(spike_coefficients(0.9, 3)[1], 4)
+2.71
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import TrainingError
+
+__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_OTHER", "parse", "resolve", "spike_coefficients", "lr_multiplier", "validate", "describe"]
+
+RULES: dict[str, str] = {
+    "lr": "learning rate by delay, rising to the full rate (PipeMare)",
+    "shrink": "δ sent down scaled by β (FDG's gradient shrinking)",
+    "predict": "forward at the weights the delayed update will meet (weight prediction)",
+    "spike": "a late gradient's missed momentum terms applied at once (spike compensation)",
+    "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
+}
+"""Every rule by name, with what it does (the module docstring has the formulas)."""
+
+AUTO = "lr+predict+spike"
+"""What ``auto`` means with SGD and heavy-ball momentum: the recommended rules (README,
+"Staleness compensation", has the screening that chose them). Their constants depend only on
+d_k and the optimizer's μ."""
+
+AUTO_OTHER = "lr+predict"
+"""What ``auto`` means with any other optimizer (Adam, Nesterov SGD, ...): spike compensation
+models heavy-ball momentum only; the prediction needs nothing of the optimizer and ``lr``
+reads μ from SGD's momentum or Adam's β₁."""
+
+DEFAULT_SHRINK = 0.5  # FDG's β; their best per-row values were 0.2-0.5
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """A parsed compensation: its rules and their parameters.
+
+    Attributes:
+        rules: rule names, sorted (the canonical order of :attr:`name`).
+        beta: ``shrink``'s factor on δ.
+    """
+
+    rules: tuple[str, ...] = ()
+    beta: float = DEFAULT_SHRINK
+    auto: bool = False  # the rules are chosen for the optimizer (resolve); ``rules`` is empty until then
+
+    @property
+    def name(self) -> str:
+        """The canonical spelling: ``none``, ``auto``, or the rules joined by ``+`` (``shrink=β`` when β is not the default)."""
+        if self.auto:
+            return "auto"
+        if not self.rules:
+            return "none"
+        return "+".join(f"shrink={self.beta:g}" if r == "shrink" and self.beta != DEFAULT_SHRINK else r for r in self.rules)
+
+    def __contains__(self, rule: str) -> bool:
+        return rule in self.rules
+
+    @property
+    def is_none(self) -> bool:
+        return not self.rules and not self.auto
+
+
+def parse(spec: str | Compensation | None) -> Compensation:
+    """Parse ``none``, ``auto``, a rule or rules joined by ``+`` (``shrink=0.3`` sets β).
+
+    Raises:
+        TrainingError: an unknown rule, a rule given twice, or a bad β; the message lists the rules.
+    """
+    if isinstance(spec, Compensation):
+        return spec
+    text = "none" if spec is None else str(spec).strip().lower()
+    if text in ("", "none"):
+        return Compensation()
+    if text == "auto":
+        return Compensation(auto=True)
+    rules: list[str] = []
+    beta = DEFAULT_SHRINK
+    for part in text.split("+"):
+        name, _, value = part.strip().partition("=")
+        if name not in RULES:
+            listed = ", ".join(f"{r} ({what})" for r, what in RULES.items())
+            raise TrainingError(
+                f"unknown compensation rule {name!r} in {spec!r}: use none, auto, or rules joined by '+' from: {listed}."
+            )
+        if name in rules:
+            raise TrainingError(f"compensation {spec!r} names {name!r} twice; give each rule once.")
+        if value:
+            if name != "shrink":
+                raise TrainingError(f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β does.")
+            try:
+                beta = float(value)
+            except ValueError:
+                beta = float("nan")
+            if not 0 < beta <= 1:
+                raise TrainingError(f"shrink's β must be a number in (0, 1], got {value!r} (e.g. shrink=0.3).")
+        rules.append(name)
+    return Compensation(tuple(sorted(rules)), beta)
+
+
+def resolve(comp: Compensation, optimizer: torch.optim.Optimizer) -> Compensation:
+    """The rules ``comp`` stands for with this optimizer: ``auto`` is :data:`AUTO` for SGD with
+    heavy-ball momentum (no Nesterov, no dampening) and :data:`AUTO_OTHER` otherwise; any other
+    compensation is itself."""
+    if not comp.auto:
+        return comp
+    groups = [g for g in optimizer.param_groups if g["params"]] or optimizer.param_groups
+    heavy_ball = isinstance(optimizer, torch.optim.SGD) and all(
+        float(g.get("momentum", 0)) > 0 and not g.get("nesterov") and g.get("dampening", 0) == 0 for g in groups)
+    return parse(AUTO if heavy_ball else AUTO_OTHER)
+
+
+def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
+    """Spike compensation's ``(a, b)`` for a gradient ``delay`` iterations late.
+
+    Without delay, SGD with momentum μ applies a gradient g with weight μ^i at the i-th update
+    after it arrives. Arriving d late, it has missed the weights 1, μ, …, μ^{d-1}: the update
+    ``w ← w − η(a·v + b·g)`` with ``a = μ^d`` and ``b = Σ_{i<d} μ^i = (1−μ^d)/(1−μ)`` applies
+    them at once (b) and gives the rest of its life the weights a·μ^i = μ^{d+i} it would have
+    had (Kosson et al., "Pipelined Backpropagation at Scale", MLSys 2021, Sec. 4). d = 0 gives
+    (1, 0): plain SGD.
+    """
+    a = momentum ** delay
+    b = float(delay) if momentum == 1 else (1 - a) / (1 - momentum)
+    return a, b
+
+
+def lr_multiplier(delay: int, iteration: int, momentum: float) -> float:
+    """``lr``'s factor on stage updates: ``(d+1)^-(1 - min(t/T, 1))``, ``T = 10(d+1)/(1-μ)``.
+
+    PipeMare (Yang et al., MLSys 2021) starts a stage with delay τ at lr/τ and returns to lr
+    over a warm-up; here τ = d+1 (FR's last stage, d = 0, is exact) and the horizon is ten
+    times the iterations a momentum buffer needs to forget (1/(1-μ)) per unit of delay, so it
+    depends on the delay and the optimizer only (400 iterations at d = 3, μ = 0.9).
+    """
+    if delay <= 0:
+        return 1.0
+    horizon = round(10.0 * (delay + 1) / max(1.0 - momentum, 1e-3))  # whole iterations
+    if iteration >= horizon:
+        return 1.0
+    return float((delay + 1) ** -(1.0 - min(iteration / horizon, 1.0)))
+
+
+def _momentum(optimizer: torch.optim.Optimizer) -> float:
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    if "momentum" in group:
+        return float(group["momentum"])
+    if "betas" in group:
+        return float(group["betas"][0])
+    return 0.0
+
+
+def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) -> None:
+    """Refuse a rule whose assumptions the optimizer breaks (each rule's docstring says which).
+
+    Raises:
+        TrainingError: naming the rule, the optimizer and what to do.
+    """
+    sgd = isinstance(optimizer, torch.optim.SGD)
+    groups = [g for g in optimizer.param_groups if g["params"]] or optimizer.param_groups
+    if "spike" in comp:
+        if not sgd:
+            raise TrainingError(
+                f"compensation 'spike' corrects SGD's momentum buffer, and this stage's optimizer is "
+                f"{type(optimizer).__name__}: use torch.optim.SGD with momentum, or drop spike (predict, lr and shrink "
+                "work with any optimizer)."
+            )
+        for g in groups:
+            if g.get("nesterov") or g.get("dampening", 0) != 0:
+                raise TrainingError(
+                    "compensation 'spike' assumes plain heavy-ball momentum (w ← w − η·v), but the optimizer has "
+                    f"nesterov={g.get('nesterov')} dampening={g.get('dampening')}: set nesterov=False and dampening=0, or drop spike."
+                )
+    if "official" in comp:
+        if method != "fr":
+            raise TrainingError(f"compensation 'official' is the published features-replay code's recipe; it does not apply to {method}.")
+        if not sgd or any(float(g.get("momentum", 0)) <= 0 or g.get("dampening", 0) != 0 for g in groups):
+            raise TrainingError(
+                "compensation 'official' switches SGD to Nesterov momentum, which needs torch.optim.SGD with momentum > 0 "
+                f"and dampening 0 (the optimizer is {type(optimizer).__name__}); use such an SGD or another rule."
+            )
+    if "official" in comp and "spike" in comp:
+        raise TrainingError("compensation 'official' uses Nesterov momentum, which 'spike' does not model; use one of them.")
+
+
+class Compensator:
+    """One stage's compensation: the hooks a delayed worker calls.
+
+    Args:
+        comp: the parsed rules.
+        stage: the stage index k; ``delay`` is d_k.
+        params: the stage's parameters; ``shared`` those it shares with other stages.
+        optimizer: the stage's optimizer (checked by :func:`validate`).
+        method: the worker's method name (``fr`` / ``ddg``).
+    """
+
+    def __init__(self, comp: Compensation, stage: int, delay: int, params: Sequence[torch.Tensor],
+                 shared: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, method: str) -> None:
+        self.name = comp.name  # what the user asked for (``auto``): checkpoints record it
+        comp = resolve(comp, optimizer)
+        validate(comp, optimizer, method)
+        self.comp, self.stage, self.delay = comp, stage, delay
+        self.params = list(params)
+        shared_ids = {id(p) for p in shared}
+        self._own = [id(p) not in shared_ids for p in self.params]
+        self.momentum = _momentum(optimizer)
+        # Δw of the last update, per parameter (``predict``); None until the stage first steps.
+        self.last_step: list[torch.Tensor | None] | None = None
+        if "official" in comp:
+            for g in optimizer.param_groups:
+                g["nesterov"] = True
+
+    # -- where each rule acts ---------------------------------------------------------
+    @property
+    def freeze_norms_in_replay(self) -> bool:
+        """Algorithm 1 updates BatchNorm statistics in the play only; the official code in the replay too."""
+        return "official" not in self.comp
+
+    @property
+    def delta_scale(self) -> float:
+        """``shrink``: the factor on the δ this stage sends down (1 without it)."""
+        return self.comp.beta if "shrink" in self.comp and self.stage > 0 else 1.0
+
+    def scale_deltas(self, deltas: tuple[Any, ...]) -> tuple[Any, ...]:
+        s = self.delta_scale
+        if s == 1.0:
+            return deltas
+        return tuple(d * s if isinstance(d, torch.Tensor) else d for d in deltas)
+
+    def predicting(self) -> bool:
+        return "predict" in self.comp and self.delay > 0 and self.last_step is not None
+
+    def predicted(self) -> list[torch.Tensor]:
+        """``predict``: ŵ = w + d·Δw for every parameter (detached copies)."""
+        assert self.last_step is not None
+        return [p.detach() + self.delay * s if s is not None else p.detach().clone() for p, s in zip(self.params, self.last_step)]
+
+    @contextlib.contextmanager
+    def predicted_weights(self) -> Iterator[None]:
+        """The stage's parameters hold ŵ inside the block and exactly their own values after it."""
+        if not self.predicting():
+            yield
+            return
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, w in zip(self.params, self.predicted()):
+                p.copy_(w)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, saved):
+                    p.copy_(w)
+
+    def _step_factor(self, iteration: int) -> float:
+        m = lr_multiplier(self.delay, iteration, self.momentum) if "lr" in self.comp else 1.0
+        if "official" in self.comp and self.stage == 0:
+            m *= 2.0  # the official code doubles module 1's learning rate
+        return m
+
+    def step(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        """The stage's update at ``iteration`` (of the gradient d_k iterations late), compensated.
+
+        The optimizer takes its own step; ``spike`` then turns SGD's ``−η·v`` into
+        ``−η(a·v + b·g)`` and ``lr`` scales the displacement by m_k(t) (for SGD and Adam the
+        displacement is proportional to lr, so this is the step at m_k(t)·lr). Parameters
+        shared with other stages keep the plain step.
+        """
+        spike = "spike" in self.comp and self.delay > 0
+        factor = self._step_factor(iteration)
+        record = "predict" in self.comp
+        rewrite = spike or factor != 1.0
+        if not (rewrite or record):
+            optimizer.step()
+            return
+        before = [p.detach().clone() if p.grad is not None else None for p in self.params]
+        grads: list[torch.Tensor | None] = []
+        if spike:
+            decay = {id(p): float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups for p in g["params"]}
+            grads = [p.grad.detach() + decay.get(id(p), 0.0) * p.detach() if p.grad is not None else None for p in self.params]
+        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        optimizer.step()
+        a, b = spike_coefficients(self.momentum, self.delay)
+        steps: list[torch.Tensor | None] = []
+        with torch.no_grad():
+            for i, (p, w0) in enumerate(zip(self.params, before)):
+                if w0 is None:
+                    steps.append(None)
+                    continue
+                if rewrite and self._own[i]:
+                    d = p.detach() - w0
+                    if spike:
+                        g = grads[i]
+                        assert g is not None
+                        d = a * d - lrs[id(p)] * b * g
+                    if factor != 1.0:
+                        d = d * factor
+                    p.copy_(w0 + d)
+                steps.append(p.detach() - w0)
+        if record:
+            self.last_step = steps
+
+    # -- checkpointing ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rules": self.comp.name, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        state = state or {"name": "none", "last_step": None}
+        if state["name"] != self.name:
+            raise TrainingError(
+                f"the checkpoint was trained with compensation {state['name']!r}, this run asks for {self.name!r}: "
+                "resume with the same compensation, or start a new run."
+            )
+        steps = state["last_step"]
+        self.last_step = None if steps is None else [
+            s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
+        ]
+
+
+def describe(spec: str | Compensation | None) -> str:
+    """A label suffix for tables and figures: ``""`` for none, else ``+rules``."""
+    comp = parse(spec)
+    return "" if comp.is_none else f"+{comp.name}"
+

@@ -1,0 +1,338 @@
+"""Staleness compensation (fxreplay.methods.compensation) against a hand-written reference.
+
+The reference is Algorithm 1 written from the text (as in test_methods.py) with heavy-ball
+SGD written out by hand, and each rule written from its formula: nothing of the package's
+compensation code is reused. Every rule: 6 steps, K = 3, float64, 1e-12.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from fxreplay.errors import TrainingError
+from fxreplay.executor import LocalExecutor
+from fxreplay.methods.compensation import lr_multiplier, parse, spike_coefficients
+
+LR, MU, WD = 0.1, 0.9, 1e-3
+loss_fn = nn.CrossEntropyLoss()
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=MU, weight_decay=WD)
+
+
+def mlp(seed: int = 0, widths: tuple[int, ...] = (4, 6, 5, 3)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).double()
+
+
+def split(model: nn.Sequential, K: int) -> list[nn.Module]:
+    n = len(model)
+    bounds = [min(2 * k, n) for k in range(K)] + [n]
+    return [model[bounds[k]:bounds[k + 1]] for k in range(K)]
+
+
+def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def weights(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in modules for p in m.parameters()]
+
+
+def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tensor]], rules: set[str],
+              beta: float = 0.5) -> list[float]:
+    """Algorithm 1 with heavy-ball SGD by hand and each rule from its formula."""
+    K = len(stages)
+    params = [list(s.parameters()) for s in stages]
+    velocity: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]
+    last: list[list[torch.Tensor] | None] = [None] * K
+    memory: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
+    delta: dict[tuple[int, int], torch.Tensor] = {}
+    losses = []
+    for t, (x, y) in enumerate(data):
+        h = x
+        for k in range(K):  # the play
+            d = K - 1 - k
+            memory[k][t] = h
+            with torch.no_grad():
+                if "predict" in rules and d > 0 and last[k] is not None:
+                    own = [p.clone() for p in params[k]]
+                    for p, s in zip(params[k], last[k]):
+                        p.copy_(p + d * s)
+                    h = stages[k](h)
+                    for p, w in zip(params[k], own):
+                        p.copy_(w)
+                else:
+                    h = stages[k](h)
+        losses.append(float(loss_fn(h, y)))
+        sent = {}
+        for k in range(K):  # replay, backward, update
+            d = K - 1 - k
+            b = t - d
+            if b < 0:
+                continue
+            for p in params[k]:
+                p.grad = None
+            inp = memory[k].pop(b).clone().requires_grad_(True)
+            out = stages[k](inp)
+            if k == K - 1:
+                loss_fn(out, data[b][1]).backward()
+            else:
+                out.backward(delta[(k, b)])
+            a, c = (MU ** d, sum(MU ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
+            m = (d + 1) ** -(1 - min(t / round(10 * (d + 1) / (1 - MU)), 1)) if "lr" in rules else 1.0
+            steps = []
+            with torch.no_grad():
+                for i, p in enumerate(params[k]):
+                    g = p.grad + WD * p
+                    v = g.clone() if velocity[k][i] is None else MU * velocity[k][i] + g
+                    velocity[k][i] = v
+                    step = -LR * m * (a * v + c * g)
+                    p.add_(step)
+                    steps.append(step)
+            last[k] = steps
+            sent[(k - 1, b)] = inp.grad * (beta if "shrink" in rules and k > 0 else 1.0)
+        delta = sent
+    return losses
+
+
+@pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "predict+spike", "lr+predict+shrink+spike"])
+def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
+    data = batches(6)
+    ref_stages = split(mlp(), 3)
+    ref_losses = reference(ref_stages, data, set(rules.split("+")))
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
+    losses = [ex.step(x, y) for x, y in data]
+    assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
+    for a, b in zip(weights(ex.stages), weights(ref_stages)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_the_reference_without_rules_is_algorithm_1_and_so_is_none() -> None:
+    data = batches(6)
+    ref_stages = split(mlp(), 3)
+    ref_losses = reference(ref_stages, data, set())
+    plain = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn)
+    none = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="none")
+    for x, y in data:
+        assert plain.step(x, y) == none.step(x, y)  # bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain.stages), weights(none.stages)))
+    for a, b in zip(weights(plain.stages), weights(ref_stages)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg"])
+@pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "auto"])
+def test_one_stage_with_any_rule_is_bp_bit_for_bit(method: str, rules: str) -> None:
+    data = batches(5)
+    comp = LocalExecutor([mlp()], method, optimizer=sgd, loss_fn=loss_fn, compensation=rules)
+    bp = LocalExecutor([mlp()], "bp", optimizer=sgd, loss_fn=loss_fn)
+    for x, y in data:
+        assert comp.step(x, y) == bp.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights(comp.stages), weights(bp.stages)))
+
+
+def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> None:
+    """DDG + predict at K=2: stage 0's gradient of batch t is the gradient at w^t + Δw (its
+    last step), the weights one update later; written out by hand for the first steps."""
+    data = batches(5)
+    ex = LocalExecutor(split(mlp(), 2), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="predict")
+    ref = split(mlp(), 2)
+    opts = [sgd(s.parameters()) for s in ref]
+    last: list[torch.Tensor] | None = None
+    pending: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []  # stage 0's (input, output, snapshot)
+    for t, (x, y) in enumerate(data):
+        ex.step(x, y)
+        names = [n for n, _ in ref[0].named_parameters()]
+        live = list(ref[0].parameters())
+        snap = [(p.detach() + s if last is not None else p.detach().clone()).requires_grad_(True) for p, s in zip(live, last or live)]
+        h = torch.func.functional_call(ref[0], dict(zip(names, snap)), (x,))
+        pending.append((x, h, snap))
+        hin = h.detach().requires_grad_(True)
+        opts[1].zero_grad()
+        loss_fn(ref[1](hin), y).backward()
+        opts[1].step()
+        if t >= 1:
+            _, out, used = pending.pop(0)
+            out.backward(sent)
+            before = [p.detach().clone() for p in live]
+            for p, u in zip(live, used):
+                p.grad = u.grad
+            opts[0].step()
+            last = [p.detach() - w for p, w in zip(live, before)]
+        sent = hin.grad
+    for a, b in zip(weights(ex.stages), weights(ref)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused() -> None:
+    data = batches(8)
+    straight = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    for x, y in data:
+        straight.step(x, y)
+    first = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    for x, y in data[:4]:
+        first.step(x, y)
+    state = copy.deepcopy(first.job_state())
+    second = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    second.load_job_state(state)
+    for x, y in data[4:]:
+        second.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights(straight.stages), weights(second.stages)))
+    other = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="predict")
+    with pytest.raises(TrainingError, match="compensation"):
+        other.load_job_state(copy.deepcopy(state))
+
+
+def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
+    with pytest.raises(TrainingError, match="unknown compensation rule 'predikt'"):
+        parse("predikt")
+    with pytest.raises(TrainingError, match="twice"):
+        parse("spike+spike")
+    with pytest.raises(TrainingError, match="β"):
+        parse("shrink=2")
+    assert parse("spike+predict").name == "predict+spike" and parse("auto").name == "auto"
+    assert parse("shrink=0.3").beta == 0.3
+    with pytest.raises(TrainingError, match="delayed gradients"):
+        LocalExecutor(split(mlp(), 2), "bp", optimizer=sgd, loss_fn=loss_fn, compensation="predict")
+    adam = lambda ps: torch.optim.Adam(ps, lr=1e-3)  # noqa: E731
+    with pytest.raises(TrainingError, match="spike.*Adam"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="spike")
+    nesterov = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)  # noqa: E731
+    with pytest.raises(TrainingError, match="nesterov"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="spike")
+    with pytest.raises(TrainingError, match="features-replay"):
+        LocalExecutor(split(mlp(), 2), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="official")
+    LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="predict+lr+shrink")  # any optimizer
+
+
+def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
+    from fxreplay.methods.compensation import AUTO, AUTO_OTHER, resolve
+
+    params = [nn.Parameter(torch.zeros(2))]
+    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9)).name == AUTO
+    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_OTHER
+    assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_OTHER
+    data = batches(6)
+    auto = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    same = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=AUTO)
+    for x, y in data:
+        assert auto.step(x, y) == same.step(x, y)
+    saved = auto.state_dict()["workers"][0]["compensation"]
+    assert (saved["name"], saved["rules"]) == ("auto", AUTO)
+    adam = lambda ps: torch.optim.Adam(ps, lr=1e-2)  # noqa: E731
+    trained = LocalExecutor(split(mlp(), 3), "fr", optimizer=adam, loss_fn=loss_fn, compensation="auto")
+    for x, y in data:
+        trained.step(x, y)  # auto adapts to Adam instead of refusing
+
+
+def test_formulas() -> None:
+    assert spike_coefficients(0.9, 0) == (1.0, 0.0)
+    a, b = spike_coefficients(0.9, 3)
+    assert a == pytest.approx(0.729) and b == pytest.approx(1 + 0.9 + 0.81)
+    assert a + b * (1 - 0.9) == pytest.approx(1.0)  # total weight of a gradient unchanged: 1/(1-μ)
+    assert lr_multiplier(0, 0, 0.9) == 1.0
+    assert lr_multiplier(3, 0, 0.9) == pytest.approx(0.25)
+    assert lr_multiplier(3, 400, 0.9) == 1.0 and 0.25 < lr_multiplier(3, 200, 0.9) < 1.0
+
+
+# ----------------------------------------------------------- tied weights, ranks, the CLI
+def test_tied_copies_stay_identical_under_every_rule() -> None:
+    """The holders of a tied weight have different delays; its copies take the plain step
+    in every holder and stay bit-identical, while the stage's own weights are compensated."""
+    from test_shared import TiedNet, copies, small_data, tied_stages
+
+    pipe = tied_stages()
+    ex = LocalExecutor(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), compensation="lr+predict+spike")
+    plain = LocalExecutor(tied_stages().stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
+    (group,) = copies(pipe)
+    for x, y in small_data(6):
+        ex.step(x, y)
+        plain.step(x, y)
+        assert torch.equal(group[0], group[1])
+    assert not all(torch.equal(a, b) for a, b in zip(weights(list(ex.stages)), weights(list(plain.stages))))
+    assert TiedNet  # the model the pipeline was compiled from
+
+
+RULES = "lr+predict+shrink+spike"
+
+
+def _rank_compensated(K: int) -> dict[str, Any]:
+    from fxreplay.executor import DistributedExecutor
+
+    out: dict[str, Any] = {}
+    data = batches(7)
+    for method in ("fr", "ddg"):
+        ex = DistributedExecutor(split(mlp(), K), method, optimizer=sgd, loss_fn=loss_fn, timeout=30.0, compensation=RULES)
+        for x, y in data[:4]:
+            ex.step(x, y)
+        state = ex.state_dict()
+        ex.close()
+        resumed = DistributedExecutor(split(mlp(1), K), method, optimizer=sgd, loss_fn=loss_fn, timeout=30.0, compensation=RULES)
+        resumed.load_state_dict(state)
+        losses = [resumed.step(x, y) for x, y in data[4:]]
+        resumed.close()
+        out[method] = (losses, {k: v.clone() for k, v in resumed.stages[resumed.rank].state_dict().items()})
+    return out
+
+
+def test_one_rank_per_stage_with_resume_equals_the_local_executor_bit_for_bit() -> None:
+    from fxreplay.launch import run_distributed
+
+    K = 3
+    results = run_distributed(_rank_compensated, nproc=K, args=(K,), threads=1, timeout=60.0)
+    torch.set_num_threads(1)
+    for method in ("fr", "ddg"):
+        ex = LocalExecutor(split(mlp(), K), method, optimizer=sgd, loss_fn=loss_fn, compensation=RULES)
+        losses = [ex.step(x, y) for x, y in batches(7)]
+        assert results[K - 1][method][0] == losses[4:], method
+        for k in range(K):
+            assert all(torch.equal(results[k][method][1][n], v) for n, v in ex.stages[k].state_dict().items()), (method, k)
+
+
+def test_config_cli_and_compare_carry_the_rule(tmp_path: Any) -> None:
+    from fxreplay.compare import _pairs, run_config
+    from fxreplay.config import Config, apply_overrides
+    from fxreplay.errors import ConfigError
+    from fxreplay.runlog import label
+
+    cfg = apply_overrides(Config(), {"train.compensation": "auto"})
+    assert cfg.train.compensation == "auto"
+    with pytest.raises(ConfigError, match="train.compensation"):
+        apply_overrides(Config(), {"train.method": "bp", "train.compensation": "auto"})
+    with pytest.raises(ConfigError, match="train.compensation"):
+        apply_overrides(Config(), {"train.compensation": "magic"})
+    pairs = _pairs(["bp", "fr+auto", "fr", "ddg+spike+predict"], [4])
+    assert pairs == [("bp", 4), ("ddg+predict+spike", 4), ("fr", 4), ("fr+auto", 4)]
+    run = run_config(Config(), "fr+predict+spike", 4, tmp_path)
+    assert (run.train.method, run.train.compensation) == ("fr", "predict+spike")
+    assert run.train.out.endswith("fr+predict+spike-K4")
+    assert label("fr+predict+spike") == "FR+predict+spike"
+    with pytest.raises(ConfigError, match="bp"):
+        _pairs(["bp+auto"], [2])
+
+
+def test_cli_trains_with_a_rule_and_a_resume_cannot_change_it(tmp_path: Any) -> None:
+    import yaml
+    from clitools import assert_user_error, run_cli
+
+    out = tmp_path / "run"
+    result = run_cli("train", "--compensation", "auto", "--K", "3", "--max-steps", "4", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["compensation"] == "auto"
+    assert_user_error(run_cli("train", "--resume", str(out), "--compensation", "none"), "compensation")
+    again = run_cli("train", "--resume", str(out), "--max-steps", "6")
+    assert again.exit_code == 0, again.output
+    assert_user_error(run_cli("train", "--method", "bp", "--compensation", "auto", "--out", str(tmp_path / "bp")),
+                      "train.compensation")
