@@ -156,7 +156,7 @@ MUTATIONS: list[Mutation] = [
              ("tests/test_run.py::test_lr_schedule_is_the_papers", "tests/test_run.py::test_lr_milestones_by_exact_arithmetic"),
              "milestones rounded to nearest: a 1-epoch run decays, a 3-epoch one decays twice"),
     Mutation("lr-epoch-in-run-loop", "fxreplay/run.py",
-             "lr_factor(self.epoch, t_cfg.epochs", "lr_factor(self.epoch + 1, t_cfg.epochs",
+             "[e * steps_per_epoch for e in milestone_epochs(", "[(e - 1) * steps_per_epoch for e in milestone_epochs(",
              (G + "test_each_epoch_of_a_run_uses_the_scheduled_learning_rate",),
              "the run decays the learning rate one epoch early"),
     # ---- divergence (executor/)

@@ -15,7 +15,7 @@ k's of batch t - d_k); a stage in warm-up contributes nothing. The norm is compu
 from the per-tensor norms, in stage order, so every executor gets the same coefficient.
 
 >>> coefficient(total_norm([9.0, 16.0]), 1.0)      # ‖g‖ = 5
-0.19999996000000802
+0.199999960000008
 """
 from __future__ import annotations
 
