@@ -314,6 +314,7 @@ class Compensator:
         displacement is proportional to lr, so this is the step at m_k(t)·lr). Parameters
         shared with other stages keep the plain step.
         """
+        self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
         spike = "spike" in self.comp and self.delay > 0
         factor = self._step_factor(iteration)
         record = "predict" in self.comp
