@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -38,8 +39,9 @@ from fxreplay.report import write_report
 from fxreplay.runlog import RunMetrics, load_run
 
 RATES = ("0.1", "0.01")
-ROWS = (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))
-SEEDS = (0, 1)
+ROWS = (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))  # the comparison every rate has
+SEEDS = (0, 1)  # the seeds every row has; more are added as their runs appear
+RUN_NAME = re.compile(r"^(?P<method>[a-z0-9]+(?:\+[a-z0-9.=]+)*)-K(?P<K>\d+)-s(?P<seed>\d+)$")
 LAST = 5  # epochs: the convergence check asks what BP gained in them
 KEPT = ("config.yaml", "metrics.jsonl")  # what a kept run holds
 CONFIG = Path("configs/resnet20_cifar10_5k.yaml")  # the setup when no kept run has its own copy
@@ -85,6 +87,28 @@ def keep(live: Path, kept: Path) -> bool:
     return True
 
 
+def discovered(*roots: Path) -> tuple[list[tuple[str, int]], list[int]]:
+    """The (method, K) rows and seeds of ROWS/SEEDS plus those of every run directory under ``roots``
+    (``<method>-K<k>-s<seed>``: compensated variants such as ``fr+auto`` and seeds beyond SEEDS)."""
+    rows, seeds = list(ROWS), list(SEEDS)
+    for root in roots:
+        for path in sorted(root.glob("converged-lr*/*")) if root.is_dir() else []:
+            match = RUN_NAME.match(path.name)
+            if match and path.is_dir():
+                row, seed = (match["method"], int(match["K"])), int(match["seed"])
+                rows += [row] if row not in rows else []
+                seeds += [seed] if seed not in seeds else []
+    order = {"bp": 0, "fr": 1, "ddg": 2}  # each base method, then its compensated variants
+    rows.sort(key=lambda r: (order.get(r[0].split("+")[0], 3), r[0].split("+")[0], "+" in r[0], r[0], r[1]))
+    return rows, sorted(seeds)
+
+
+def label(method: str) -> str:
+    """fr+auto -> FR+auto: the base method in capitals, its compensation as written."""
+    base, _, rule = method.partition("+")
+    return base.upper() + ("+" + rule if rule else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="the run directories' root")
@@ -98,16 +122,18 @@ def main(argv: list[str] | None = None) -> None:
     pending: list[str] = []
     late: dict[str, list[float]] = {}
     configs: list[dict] = []
+    rows, seeds = discovered(args.runs, store)
     for rate in RATES:
-        runs = []  # (method, K, kept directory) of this rate's kept runs, for its report
-        for seed in SEEDS:
-            for method, K in ROWS:
+        runs = []  # (method, K, kept directory) of this rate's kept runs of ROWS and SEEDS, for its report
+        for seed in seeds:
+            for method, K in rows:
                 name = f"{method}-K{K}-s{seed}"
                 live, kept = args.runs / f"converged-lr{rate}" / name, store / f"lr{rate}" / name
                 kept_now = keep(live, kept)
                 run = load_run(method, K, kept)
                 if finished(run):
-                    runs.append((method, K, kept))
+                    if (method, K) in ROWS and seed in SEEDS:
+                        runs.append((method, K, kept))
                     configs.append(run.config)
                     best[rate, method, K, seed] = run.best_test_error  # type: ignore[assignment]  # finished: evaluated
                     if method == "bp":
@@ -117,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                     best[rate, method, K, seed] = entry["best_test_error"]
                     if method == "bp":
                         late.setdefault(rate, []).append(entry["late_gain"])
-                elif not kept_now:
+                elif not kept_now and (live.is_dir() or ((method, K) in ROWS and seed in SEEDS)):
                     done = sum(r.get("test_accuracy") is not None for r in load_run(method, K, live).epochs)
-                    pending.append(f"lr {rate} {method.upper()} K={K} seed {seed} ({done} epochs evaluated)")
+                    pending.append(f"lr {rate} {label(method)} K={K} seed {seed} ({done} epochs evaluated)")
         if len(runs) == len(SEEDS) * len(ROWS):
             print("wrote", write_report(args.out / f"converged-lr{rate}", runs))
 
@@ -132,23 +158,23 @@ def main(argv: list[str] | None = None) -> None:
              "## Best test error (%), mean ± sample std over seeds", "",
              "| method | " + " | ".join(f"lr {r}, K={K}" for r, K in columns) + " |",
              "|---|" + "---:|" * len(columns)]
-    for method in ("bp", "fr", "ddg"):
+    for method in dict.fromkeys(m for m, _ in rows):
         cells = []
         for rate, K in columns:
             k = 2 if method == "bp" else K
-            cells.append(stat([best[rate, method, k, s] for s in SEEDS if (rate, method, k, s) in best]))
-        lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
+            cells.append(stat([best[rate, method, k, s] for s in seeds if (rate, method, k, s) in best]))
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     lines += ["", "BP's column at K=4 is its K=2 runs (one algorithm at any K).", "",
               "## Gap to BP, paired by seed (points of test error; positive: worse than BP)", "",
               "| method | " + " | ".join(f"lr {r}, K={K}" for r, K in columns) + " |",
               "|---|" + "---:|" * len(columns)]
-    for method in ("fr", "ddg"):
+    for method in dict.fromkeys(m for m, _ in rows if m != "bp"):
         cells = []
         for rate, K in columns:
-            gaps = [best[rate, method, K, s] - best[rate, "bp", 2, s] for s in SEEDS
+            gaps = [best[rate, method, K, s] - best[rate, "bp", 2, s] for s in seeds
                     if (rate, method, K, s) in best and (rate, "bp", 2, s) in best]
             cells.append(stat(gaps))
-        lines.append(f"| {method.upper()} − BP | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} − BP | " + " | ".join(cells) + " |")
     lines += ["", "## Convergence check", "",
               f"How much lower BP's best test error got in the last {LAST} epochs than in the epochs before "
               "(points, per seed; 0: its best came earlier): " + "; ".join(f"lr {r}: " + ", ".join(f"{v:.2f}" for v in late.get(r, [])) for r in RATES) + ".", ""]

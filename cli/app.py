@@ -247,7 +247,7 @@ def train(
             err.print("[yellow]interrupted[/] before the run started: nothing was written; start it again when you like.")
         else:
             err.print("[yellow]interrupted[/] before the first checkpoint (written at the end of the first epoch): there is nothing "
-                      "to resume; start the run again (--overwrite to reuse its --out).")
+                      "to resume; the same command starts the run again, afresh in its --out.")
         raise typer.Exit(code=130) from None
     out.print(run_summary(cfg, result))
 

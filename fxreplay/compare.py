@@ -177,12 +177,9 @@ _RUN_NAME = re.compile(r".+-K\d+(-s\d+)?")  # what run_dir names a run's directo
 def _own_unfinished_run(path: Path, cfg: Config) -> bool:
     """Whether ``path`` holds only a run of this comparison that stopped before its first
     checkpoint (nothing to resume: it starts again), made with the same config."""
-    from fxreplay.rundir import RUN_FILES
+    from fxreplay.rundir import RunDir
 
-    saved = path / "config.yaml"
-    if not saved.is_file() or foreign_entries(path, lambda name: name in RUN_FILES):
-        return False
-    return to_dict(load_config(saved)) == to_dict(replace(cfg, train=replace(cfg.train, out=str(path))))
+    return RunDir(path).holds_unfinished(cfg)
 
 
 def _seeds(seeds: Sequence[int] | None) -> list[int | None]:

@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "TrainingError",
     "RankError",
+    "PeerError",
     "DivergenceError",
     "CheckpointError",
     "OutputError",
@@ -74,6 +75,16 @@ class RankError(TrainingError):
     def __init__(self, message: str, rank: int, traces: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.rank, self.traces = rank, dict(traces or {})
+
+
+class PeerError(TrainingError):
+    """A rank's wait on another failed: that rank closed its connection or stopped answering.
+    ``peer`` is the rank waited for, whose failure this one follows from (None: several), so
+    that the launcher reports the root cause (:func:`fxreplay.launch.root_cause`)."""
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 class DivergenceError(TrainingError):

@@ -16,8 +16,10 @@ waiting ranks raise, naming the rank that stopped answering (not one merely bloc
 :mod:`fxreplay.executor.waits`). In all cases torch elastic's agent sees the first failed worker within
 ``monitor_interval``, stops the others at once (SIGTERM, then SIGKILL: also a rank that ignores SIGTERM or is
 stopped),
-and :func:`run_distributed` raises a :class:`~fxreplay.errors.RankError` naming the first
-rank that failed and its stage, with its own error message (one paragraph: torch elastic's own
+and :func:`run_distributed` raises a :class:`~fxreplay.errors.RankError` naming the rank
+whose failure the others follow from (:func:`root_cause`: each rank that raises leaves a
+timed record of its error, which names the peer its own failure follows from, if any) and its
+stage, with its own error message (one paragraph: torch elastic's own
 report of the failure -- the rank's traceback, logged line by line -- is silenced, and the
 traceback travels in the error instead, for the caller to keep). No process outlives the call.
 
@@ -28,23 +30,31 @@ traceback travels in the error instead, for the caller to keep). No process outl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
+import time
+import traceback
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import errors
-from .errors import RankError, TrainingError
+from .errors import PeerError, RankError, TrainingError
 from .mesh import rank_device
 
-__all__ = ["DEFAULT_TIMEOUT", "under_torchrun", "rank_info", "cuda_count", "local_device", "init_process_group", "run_distributed"]
+__all__ = ["DEFAULT_TIMEOUT", "under_torchrun", "rank_info", "cuda_count", "local_device", "init_process_group", "run_distributed",
+           "Failure", "root_cause"]
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds a rank waits for a peer before it declares it failed (issue 4: at most 60 s)."""
@@ -150,9 +160,86 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_main(fn: Callable[..., Any], device: str | Sequence[str], timeout: float, threads: int | None, args: Sequence[Any]) -> Any:
-    """What each spawned rank runs: join the group, run ``fn``, leave cleanly."""
+# Ranks of a job whose every device is a CPU are forked from a server process that has
+# imported torch and fxreplay once (multiprocessing's ``forkserver``), instead of each starting
+# a fresh interpreter that imports them again (``spawn``, 3-5 s of CPU a rank): a job's ranks
+# start in well under a second after the first job of a process. The server is a fresh
+# interpreter, not a fork of the launcher: it holds no threads, locks or CUDA state of its
+# own. Jobs with a CUDA device keep ``spawn``. FXREPLAY_START_METHOD=spawn forces spawn.
+_PRELOAD = ["torch", "torch.distributed", "fxreplay.run", "fxreplay.executor.distributed"]
+_server_environ: dict[str, str] | None = None  # os.environ when this process started the fork server
+
+
+def _start_method(device: str | Sequence[str]) -> str:
+    """``forkserver`` for an all-CPU job where the platform has it, else ``spawn``."""
+    import multiprocessing
+
+    devices = [device] if isinstance(device, (str, torch.device)) else list(device)
+    try:
+        cpu_only = all(torch.device(d).type == "cpu" for d in devices)
+    except (RuntimeError, TypeError, ValueError):
+        cpu_only = False  # the rank says what is wrong with it (init_process_group)
+    wanted = os.environ.get("FXREPLAY_START_METHOD", "forkserver")
+    if not cpu_only or wanted != "forkserver" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return "forkserver"
+
+
+def _fork_server_environ() -> dict[str, str] | None:
+    """The environment the fork server has (None: it was started by someone else, unknown):
+    the ranks it forks start with it, whatever this process's environment is now
+    (:func:`_rank_main` puts the current one back)."""
+    global _server_environ
+    import multiprocessing.forkserver as forkserver
+
+    running = getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+    if _server_environ is None and not running:
+        forkserver.set_forkserver_preload(_PRELOAD)  # read when the server starts, at the job's first rank
+        _server_environ = dict(os.environ)
+    return _server_environ
+
+
+def _environ_of_launcher(then: Mapping[str, str], now: Mapping[str, str]) -> None:
+    """In a rank forked from the server: the launcher's environment as it is ``now``, where the
+    server's (``then``) differs, leaving what torch elastic set for this rank (RANK, ...)."""
+    for key in set(then) | set(now):
+        if os.environ.get(key) != then.get(key):
+            continue  # set for this rank by the agent
+        if key in now:
+            os.environ[key] = now[key]
+        else:
+            os.environ.pop(key, None)
+
+
+class _LauncherStdio:
+    """The launcher's standard output and error (file descriptors 1 and 2, as they are when the
+    job starts), for a rank forked from the server, whose own are the server's: sent with the
+    rank's arguments (multiprocessing passes the descriptors), put in place as they arrive."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing.reduction import DupFd
+
+        return (_stdio_of_launcher, (DupFd(1), DupFd(2)))
+
+
+def _stdio_of_launcher(out: Any, err: Any) -> None:
+    """In a rank forked from the server: write where the launcher writes (see _LauncherStdio)."""
+    for target, fd in ((1, out.detach()), (2, err.detach())):
+        os.dup2(fd, target)
+        os.close(fd)
+
+
+def _rank_main(fn: Callable[..., Any], device: str | Sequence[str], timeout: float, threads: int | None, args: Sequence[Any],
+               records: str | None = None, environ: tuple[dict[str, str], dict[str, str]] | None = None,
+               stdio: None = None) -> Any:
+    """What each started rank runs: join the group, run ``fn``, leave cleanly; an error leaves
+    its record in the directory ``records`` (:func:`_leave_record`). ``environ``: (the fork
+    server's environment, the launcher's) of a rank forked from the server; ``stdio`` (None
+    once unpickled) has put the launcher's output and error in place."""
     from torch.distributed.elastic.multiprocessing.errors import record
+
+    if environ is not None:
+        _environ_of_launcher(*environ)
 
     # The rank started with Ctrl-C ignored (:func:`_ranks_started_deaf_to_ctrl_c`): from here
     # on SIGINT -- the terminal's, or the agent's when it stops the job -- ends it at once, by
@@ -163,9 +250,12 @@ def _rank_main(fn: Callable[..., Any], device: str | Sequence[str], timeout: flo
     def main() -> Any:
         if threads is not None:
             torch.set_num_threads(threads)
-        init_process_group(device, timeout)
         try:
+            init_process_group(device, timeout)
             return fn(*args)
+        except Exception as exc:
+            _leave_record(records, exc)
+            raise
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -207,8 +297,9 @@ def run_distributed(
         ``{rank: fn's return value}``.
 
     Raises:
-        RankError: a rank failed: names the first rank that failed, its stage, and its error
-            (or the signal that killed it); carries each failed rank's traceback.
+        RankError: a rank failed: names the rank whose failure the others follow from
+            (:func:`root_cause`), its stage, and its error (or the signal that killed it);
+            carries each failed rank's traceback.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -226,16 +317,29 @@ def run_distributed(
         rdzv_configs={"timeout": int(max(timeout, 30))},
         max_restarts=0,  # a failed stage cannot rejoin a running pipeline: fail the job
         monitor_interval=monitor_interval,
-        start_method="spawn",
+        start_method=_start_method(device),
         shutdown_timeout=shutdown_timeout,
     )
+    environ = None
+    if config.start_method == "forkserver":
+        then = _fork_server_environ()
+        if then is None:
+            config.start_method = "spawn"  # a server someone else started: its environment is unknown
+        else:
+            environ = (then, dict(os.environ))
+    records = tempfile.TemporaryDirectory(prefix="fxreplay-failures-")  # each failed rank's record (_leave_record)
     try:
-        with _survivors_stopped_at_once(), _failures_reported_here(), _ranks_started_deaf_to_ctrl_c():
-            return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args)))
-    except ChildFailedError as exc:
-        if all(f.exitcode == -signal.SIGINT for f in exc.failures.values()):
-            raise KeyboardInterrupt from None  # Ctrl-C reached the ranks before this process noticed it
-        raise RankError(describe_failure(exc, stages, nproc), exc.get_first_failure()[0], _traces(exc)) from None
+        with records, _survivors_stopped_at_once(), _failures_reported_here(), _ranks_started_deaf_to_ctrl_c():
+            try:
+                return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args), records.name,
+                                                                environ, None if environ is None else _LauncherStdio()))
+            except ChildFailedError as exc:
+                if all(f.exitcode == -signal.SIGINT for f in exc.failures.values()):
+                    raise KeyboardInterrupt from None  # Ctrl-C reached the ranks before this process noticed it
+                failures = job_failures(exc, Path(records.name))
+                rank = root_cause(failures)
+                traces = {r: f.trace for r, f in failures.items() if f.trace}
+                raise RankError(_describe(failures, rank, stages, nproc), rank, traces) from None
     except SignalException as exc:
         # Ctrl-C / SIGTERM on this process: the agent has already stopped every rank.
         if exc.sigval == signal.SIGINT or isinstance(exc.__cause__, _CtrlC):
@@ -358,28 +462,108 @@ def _ranks_started_deaf_to_ctrl_c() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _traces(exc: Any) -> dict[int, str]:
-    """Each failed rank's traceback (torch elastic's error file of the rank: ``@record``)."""
-    found: dict[int, str] = {}
+@dataclass(frozen=True)
+class Failure:
+    """One failed rank of a job, as its record tells it (:func:`root_cause` orders them).
+
+    Attributes:
+        message: what went wrong, one paragraph.
+        at: when the rank wrote its error record (``time.time_ns()``); None: it wrote none
+            (killed by a signal, or it failed before it could).
+        blames: the rank whose failure this one follows from (a wait on it failed: it closed
+            its connection or stopped answering, :class:`~fxreplay.errors.PeerError`); None:
+            this rank failed on its own.
+        trace: its full traceback, when it raised.
+    """
+
+    message: str
+    at: int | None = None
+    blames: int | None = None
+    trace: str | None = None
+
+
+def root_cause(failures: Mapping[int, Failure]) -> int:
+    """The rank whose failure the others follow from.
+
+    Start at the rank the launcher saw killed by a signal, if it did (such a rank writes no
+    record: it died before any rank that raised had exited), else at the first rank to write
+    its error record (the lower rank on a tie). Then follow what each error blames while the
+    blamed rank failed too: a neighbour's failed wait may be written first (its wait timed out
+    while the blamed rank was still stuck in its own work). A chain that closes on itself (two
+    ranks that gave up on each other) ends at the first of them. A blamed rank that left no
+    failure (stopped by the launcher, frozen) ends the chain at the rank that names it.
+
+    >>> root_cause({0: Failure("peer closed", at=5, blames=1), 1: Failure("bad data", at=7)})
+    1
+    >>> root_cause({0: Failure("bad data", at=5), 1: Failure("bad data", at=5)})
+    0
+    """
+    order = sorted(failures, key=lambda r: (failures[r].at is not None, failures[r].at or 0, r))
+    chain = [order[0]]
+    while (blamed := failures[chain[-1]].blames) is not None and blamed in failures and blamed not in chain:
+        chain.append(blamed)
+    if blamed in chain:
+        return min(chain[chain.index(blamed):], key=order.index)
+    return chain[-1]
+
+
+def _leave_record(records: str | None, exc: BaseException) -> None:
+    """This rank's error record, ``records/rank<N>.json``: when (ns), the rank its failure
+    follows from (a :class:`PeerError` in the chain of causes), its message and traceback.
+    Best effort: the error itself must reach the launcher, record or not."""
+    if records is None:
+        return
+    blames, cause = None, exc
+    while cause is not None:
+        if isinstance(cause, PeerError) and cause.peer is not None:
+            blames = cause.peer
+            break
+        cause = cause.__cause__
+    record = {"at": time.time_ns(), "blames": blames, "message": f"{type(exc).__name__}: {exc}",
+              "trace": traceback.format_exc()}
+    path = Path(records) / f"rank{rank_info()[0]}.json"
+    with contextlib.suppress(OSError):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)  # the launcher reads a whole record or none
+
+
+def job_failures(exc: Any, records: Path | None = None) -> dict[int, Failure]:
+    """Each failed rank of a ChildFailedError: torch elastic reports the one its agent saw
+    first (and only that one when several exited between two polls); the ranks' own records
+    (:func:`_leave_record`, in ``records``) add the others and when each failed."""
+    found: dict[int, Failure] = {}
     for rank, failure in exc.failures.items():
-        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
-        message = data.get("message")
+        data = getattr(failure, "error_file_data", None)
+        message = data.get("message") if isinstance(data, dict) else None
         trace = message.get("extraInfo", {}).get("py_callstack") if isinstance(message, dict) else None
-        if trace:
-            found[int(rank)] = str(trace)
+        found[int(rank)] = Failure(_root_message(failure), None, None, str(trace) if trace else None)
+    for path in sorted(records.glob("rank*.json")) if records is not None else []:
+        try:
+            record = json.loads(path.read_text())
+            rank = int(path.stem.removeprefix("rank"))
+        except (OSError, ValueError):
+            continue
+        blames = record.get("blames")
+        found[rank] = Failure(_said(str(record.get("message", ""))) or f"rank {rank} failed", int(record["at"]),
+                              int(blames) if isinstance(blames, int) else None, record.get("trace") or None)
     return found
 
 
-def describe_failure(exc: Any, stages: int | None = None, world: int | None = None) -> str:
-    """One paragraph from a ChildFailedError: the first rank that failed, its stage, and its
-    replica when the job is a mesh of ``stages`` stages × (``world`` / ``stages``) replicas."""
-    rank, failure = exc.get_first_failure()
-    why = _root_message(failure)
-    others = sorted(r for r in exc.failures if r != rank)
+def describe_failure(exc: Any, stages: int | None = None, world: int | None = None, records: Path | None = None) -> str:
+    """One paragraph from a ChildFailedError: the rank whose failure the others follow from
+    (:func:`root_cause`), its stage, and its replica when the job is a mesh of ``stages``
+    stages × (``world`` / ``stages``) replicas."""
+    failures = job_failures(exc, records)
+    return _describe(failures, root_cause(failures), stages, world)
+
+
+def _describe(failures: Mapping[int, Failure], rank: int, stages: int | None, world: int | None) -> str:
+    others = sorted(r for r in failures if r != rank)
     tail = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
     mesh = stages is not None and world is not None and world > stages
     where = f"stage {rank % stages}, replica {rank // stages}" if stages and mesh else f"stage {rank}"
-    return f"rank {rank} ({where}) failed first{tail}: {why}"
+    return f"rank {rank} ({where}) failed first{tail}: {failures[rank].message}"
 
 
 def _root_message(failure: Any) -> str:
@@ -388,9 +572,14 @@ def _root_message(failure: Any) -> str:
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
-    text = str(message or "").strip()
+    return _said(str(message or "")) or f"exited with code {failure.exitcode} (its error is in its log above)"
+
+
+def _said(text: str) -> str:
+    """A rank's error message as the job's error quotes it ("" when it has none)."""
+    text = text.strip()
     if not text or text.startswith("To enable traceback"):
-        return f"exited with code {failure.exitcode} (its error is in its log above)"
+        return ""
     kind, _, rest = text.partition(": ")
     if kind in errors.__all__ and rest:
         text = rest  # fxreplay's own errors say what went wrong without their class name

@@ -32,7 +32,7 @@ from fxreplay.checkpoint import write_text_atomic
 from fxreplay.compiler import Pipeline, compile as compile_model, load as load_plan, resolve_cost
 from fxreplay.config import Config, load_config
 from fxreplay.data import (SeededBatchSampler, build_datasets, check_labels, example_batch, labels_only, make_loader, non_finite,
-                           num_classes_of, replica_shard)
+                           num_classes_of, replica_shard, translated)
 from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, DivergenceError, FxReplayError, RankError, TraceError, allocation_detail,
                              out_of_memory)
 from fxreplay.compiler.loading import LoadedModel, load_model
@@ -42,7 +42,7 @@ from fxreplay.launch import cuda_count, distributed_job, reports, run_distribute
 from fxreplay.lr_schedule import SchedulerFactory, scheduler_factory
 from fxreplay.optimizers import optimizer_factory
 from fxreplay.mesh import check_sync_batchnorm, node_devices
-from fxreplay.rundir import Metrics, NoMetrics, RunDir
+from fxreplay.rundir import Metrics, NoMetrics, RunDir, error_log
 from fxreplay.trainer import Trainer
 
 __all__ = ["RunResult", "train_run", "train_with_ranks", "stage_devices", "check_job_devices", "lr_factor", "milestone_epochs", "lr_schedule", "make_trainer", "distributed_main"]
@@ -351,14 +351,17 @@ def _train(cfg: Config | None, plan_dir: Path | None, resume: Path | None, run_d
         require()  # the package is there, before the data and the model are built
     if distributed and cfg.train.sigma_every:
         raise ConfigError("train.sigma_every: σ needs a true BP gradient in one process; set it to 0 for a distributed run (measure σ with the local executor).")
+    again = None
     if ckpt is None and not overwrite and reporting:
         # Only the rank that writes checks: another might look after it has begun writing.
-        run_dir.check_fresh(config_file, plan_dir)
+        again = run_dir.check_fresh(config_file, plan_dir, cfg)
     console = console or Console(stderr=True)
     if not reporting:
         console = Console(quiet=True)
     for note in notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if again is not None:
+        console.print(f"[yellow]note:[/] {escape(again)}", highlight=False, soft_wrap=True)
 
     train_set, test_set = build_datasets(cfg.data)
     pipe = build_pipeline(cfg, train_set, plan_dir, trust_plan_code)
@@ -585,16 +588,12 @@ class _Run:
     def _batches(self, loader: Any) -> Any:
         """The loader's batches; an example that fails to read stops the run with a word on
         where the run directory stands."""
-        batches = iter(loader)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except DataError as exc:
-                raise DataError(f"{str(exc).rstrip('.')}. The run stopped before step {self.step + 1}. "
-                                f"{self._what_now('fix the data set')}") from exc
-            yield batch
+        def stopped(exc: Exception) -> Exception | None:
+            if not isinstance(exc, DataError):
+                return None
+            return DataError(f"{str(exc).rstrip('.')}. The run stopped before step {self.step + 1}. "
+                             f"{self._what_now('fix the data set')}")
+        return translated(loader, stopped)
 
     def _refuse_non_finite_data(self, dataset: Any, indices: Any, which: str, consequence: str,
                                 cause: BaseException | None) -> None:
@@ -620,7 +619,7 @@ class _Run:
         if self.run_dir.checkpoint_file.is_file():
             return f"The last checkpoint is kept: {fix} and continue with --resume {out}."
         return (f"There is no checkpoint yet (the first is written at the end of the first epoch): {fix} and start the "
-                f"run again (--overwrite to reuse {out}).")
+                f"run again: the same command starts it afresh in {out} (with other settings, add --overwrite).")
 
     def _no_checkpoint_yet(self, message: str) -> str:
         """A divergence message that promises "the last checkpoint", said before the first
@@ -739,7 +738,7 @@ def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | N
     run_dir = RunDir(resume if resume is not None else Path(cfg.train.out))
     run_dir.refuse_links()  # before any rank starts, as the reporting rank would
     if resume is None and not overwrite:
-        run_dir.check_fresh(config_file, plan_dir)
+        run_dir.check_fresh(config_file, plan_dir, cfg)  # the reporting rank says so if it starts again
     devices = stage_devices(cfg, plan_dir, resume)
     check_job_devices(cfg, devices, nproc)
     if cfg.train.tensorboard:
@@ -777,7 +776,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 def _keep_traces(out: Path | None, traces: dict[int, str]) -> dict[int, Path]:
     """Each failed rank's full traceback (for a bug report): in ``OUT/error-rank<N>.log``, a
-    file of the run directory replaced by the next failure, when the job had started the run
+    file of the run directory removed by the next attempt that writes it, when the job had started the run
     there (``out``) and no other live run holds it; else in a temporary file. Returns where
     each went (nothing for a rank without a trace, e.g. one killed by a signal)."""
     kept: dict[int, Path] = {}
@@ -786,8 +785,8 @@ def _keep_traces(out: Path | None, traces: dict[int, str]) -> dict[int, Path]:
             raise FileNotFoundError("the run had not started")
         with RunDir(out).locked():
             for rank, trace in sorted(traces.items()):
-                write_text_atomic(out / f"error-rank{rank}.log", trace)
-                kept[rank] = out / f"error-rank{rank}.log"
+                write_text_atomic(out / error_log(rank), trace)
+                kept[rank] = out / error_log(rank)
     except (FxReplayError, OSError):
         for rank, trace in sorted(traces.items()):
             if rank not in kept:

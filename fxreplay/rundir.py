@@ -7,13 +7,17 @@
   ``checkpoint.pt``  written atomically after every epoch (and at max_steps); resumes exactly
   ``model.pt``       the trained weights under the original model's keys
   ``timeline.json`` / ``timeline.png``  distributed runs: the last iterations, per rank
+  ``error-rank<N>.log``  the full traceback of a rank that failed (``--nproc``), of the last
+                     attempt only: every start or resume that writes the directory removes them
   ``.lock``          held by the run that owns the directory (pid, host, start time)
 
 A new run starts only in a directory that is new, empty, or holds nothing but its own inputs
-(the ``--config`` file under another name than ``config.yaml``, the ``--plan`` directory):
-anything else is another run's or the user's, and is refused unless ``overwrite`` (then the
-files of the names above are replaced, any other left as it is). None of the files above may
-be a symbolic link: a run writes only inside its directory.
+(the ``--config`` file under another name than ``config.yaml``, the ``--plan`` directory), or
+an earlier start of the same run (the same settings) that stopped before its first checkpoint
+and left nothing but a run's files: there is nothing to resume, and it starts again. Anything
+else is another run's or the user's, and is refused unless ``overwrite`` (then the files of
+the names above are replaced, any other left as it is). None of the files above may be a
+symbolic link: a run writes only inside its directory.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -37,11 +42,11 @@ from fxreplay import identity
 from fxreplay.checkpoint import (CHECKPOINT_FILE, DISK_FULL, foreign_entries, load_checkpoint, make_directory, open_append,
                                  refuse_links, save_atomic, write_text_atomic)
 from fxreplay.compiler.plan import Plan, is_plan_file
-from fxreplay.config import Config, load_config, save_config
-from fxreplay.errors import CheckpointError, ConfigError, OutputError
+from fxreplay.config import Config, load_config, save_config, to_dict
+from fxreplay.errors import CheckpointError, ConfigError, FxReplayError, OutputError
 from fxreplay.identity import RESUME_MAY_CHANGE, flat
 
-__all__ = ["RunDir", "Resume", "Metrics", "NoMetrics", "LOCK_FILE", "RUN_FILES", "RESUME_MAY_CHANGE"]
+__all__ = ["RunDir", "Resume", "Metrics", "NoMetrics", "LOCK_FILE", "RUN_FILES", "RESUME_MAY_CHANGE", "error_log", "is_run_file"]
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
@@ -49,7 +54,19 @@ PLAN_DIR = "plan"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILES = (CONFIG_FILE, PLAN_DIR, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE, "timeline.json", "timeline.png", LOCK_FILE)
-"""Every name a run writes in its directory (``plan`` is a directory of plan files)."""
+"""Every fixed name a run writes in its directory (``plan`` is a directory of plan files); a
+failed rank's trace adds :func:`error_log`'s (:func:`is_run_file` knows both)."""
+_ERROR_LOG = re.compile(r"error-rank\d+\.log")
+
+
+def error_log(rank: int) -> str:
+    """The name of the file that keeps a failed rank's full traceback: ``error-rank<N>.log``."""
+    return f"error-rank{rank}.log"
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a run writes a file of this name in its directory."""
+    return name in RUN_FILES or _ERROR_LOG.fullmatch(name) is not None
 
 
 class Metrics:
@@ -130,7 +147,7 @@ class RunDir:
         Raises:
             OutputError: naming each link and its target.
         """
-        names = list(RUN_FILES)
+        names = list(RUN_FILES) + self._error_logs()
         if self.plan_dir.is_dir() and not self.plan_dir.is_symlink():
             names += [f"{PLAN_DIR}/{p.name}" for p in sorted(self.plan_dir.iterdir()) if is_plan_file(p.name)]
         refuse_links(self.path, names, "run directory", "--out")
@@ -188,16 +205,23 @@ class RunDir:
             (self.path / LOCK_FILE).unlink(missing_ok=True)
             self.path.rmdir()
 
-    def check_fresh(self, config_file: Path | None = None, plan_dir: Path | None = None) -> None:
+    def check_fresh(self, config_file: Path | None = None, plan_dir: Path | None = None,
+                    cfg: Config | None = None) -> str | None:
         """A new run starts only in a directory that is new, empty, or holds nothing but its
-        own inputs; anything else is another run's or the user's files, which it would replace
-        (``config.yaml``, ``model.pt``, ``plan/``…), truncate (``metrics.jsonl``) or mix with.
+        own inputs, or an earlier start of this same run that stopped before its first
+        checkpoint (:meth:`holds_unfinished`); anything else is another run's or the user's
+        files, which it would replace (``config.yaml``, ``model.pt``, ``plan/``…), truncate
+        (``metrics.jsonl``) or mix with.
 
         Args:
             config_file: the run's ``--config`` file; it may lie in the directory, under any
                 name but ``config.yaml`` (where the run records its resolved config).
             plan_dir: the run's ``--plan`` directory; it may be the directory itself or its
                 ``plan/`` (then the run trains it where it is, and does not write it again).
+            cfg: the run's config, to recognise an earlier start of it (None: none is).
+
+        Returns:
+            A note to show when the run starts again over an earlier start of itself, else None.
 
         Raises:
             ConfigError: naming the files, and the ways on (``--resume``, ``--out``, ``--overwrite``).
@@ -214,8 +238,11 @@ class RunDir:
         ours = (lambda name: name == LOCK_FILE or is_plan_file(name)) if plan_here else (lambda name: name == LOCK_FILE)
         foreign = foreign_entries(self.path, ours, inputs)
         if not foreign:
-            return
+            return None
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        if cfg is not None and not own_config and self.holds_unfinished(cfg, inputs):
+            return (f"{self.path} holds an earlier start of this run, with the same settings, that stopped before its first "
+                    f"checkpoint ({shown}): there is nothing to resume, so it starts afresh and replaces those files.")
         if self.checkpoint_file.is_file():
             raise ConfigError(
                 f"{self.path} already holds a run ({shown}); nothing was changed. Continue it "
@@ -230,6 +257,27 @@ class RunDir:
             f"them, and there is no {CHECKPOINT_FILE} to --resume from. Train into a new or empty directory with --out DIR, "
             "or write into this one anyway with --overwrite (files of those names are replaced, any other left as it is)."
         )
+
+    def holds_unfinished(self, cfg: Config, inputs: list[Path] | None = None) -> bool:
+        """Whether the directory holds nothing but an earlier start of the run ``cfg`` describes
+        (the same settings, wherever ``train.out`` was written from) that stopped before its
+        first checkpoint: it wrote its files (``config.yaml``, ``plan/``, ``metrics.jsonl``, a
+        rank's error log), none that a run writes later (``checkpoint.pt``, ``model.pt``), and
+        nothing else is there but the run's ``inputs``. Nothing of it can be resumed, and
+        nothing the user made is there: the same command starts it again."""
+        if self.checkpoint_file.exists() or self.model_file.exists() or not (self.path / METRICS_FILE).is_file():
+            return False
+        if foreign_entries(self.path, is_run_file, inputs or []) or not self.config_file.is_file():
+            return False
+        try:
+            saved = load_config(self.config_file)
+        except (FxReplayError, OSError):
+            return False
+
+        def here(c: Config) -> dict[str, Any]:
+            return to_dict(replace(c, train=replace(c.train, out=str(self.path))))
+
+        return here(saved) == here(cfg)
 
     def load_config(self) -> Config:
         """The config the run was started with (``--resume`` without ``--config``).
@@ -297,8 +345,12 @@ class RunDir:
         earlier run left under the names it writes (``overwrite``: none may be resumed or
         mixed with this run's; the plan's, unless ``keep_plan``: the run trains the plan in
         ``plan/``); files of other names are left alone. A resume writes the config too: it
-        records the settings it was allowed to change (``RESUME_MAY_CHANGE``)."""
+        records the settings it was allowed to change (``RESUME_MAY_CHANGE``). Either removes
+        the ranks' error logs of an earlier attempt: those in the directory are always of the
+        last attempt that wrote it, never of a failure that a resume has since got past."""
         self.path.mkdir(parents=True, exist_ok=True)
+        for log in self._error_logs():
+            (self.path / log).unlink(missing_ok=True)
         if fresh:
             for name in (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, "timeline.json", "timeline.png"):
                 (self.path / name).unlink(missing_ok=True)
@@ -307,6 +359,12 @@ class RunDir:
                     if is_plan_file(file.name):
                         file.unlink()
         save_config(cfg, self.config_file)
+
+    def _error_logs(self) -> list[str]:
+        """The ranks' error logs in the directory (:func:`error_log`)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if _ERROR_LOG.fullmatch(p.name))
 
     def metrics(self, keep_lines: int | None) -> Metrics:
         return Metrics(self.path / METRICS_FILE, keep_lines=keep_lines)

@@ -98,3 +98,32 @@ def test_summary_from_kept_runs_and_recorded_numbers(tmp_path: Path, monkeypatch
     assert "lr 0.1 DDG K=2 seed 0" in pending and "lr 0.01" not in pending
     report = (out / "converged-lr0.01" / "report.md").read_text()
     assert "| FR K=4 seed 1 | ok |" in report
+
+
+def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of compensated variants (fr+auto, fr+predict+spike) and of seeds beyond 0-1 appear as rows
+    and paired gaps of their own; an unfinished one is listed under its label."""
+    script = _script()
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (out / "converged-runs").mkdir(parents=True)
+    best = {}
+    for seed in (0, 1, 2):
+        for i, (method, K) in enumerate([("bp", 2), ("fr", 4), ("fr+auto", 4)]):
+            errors = [60.0 - 4 * e - 2 * i * (method == "fr+auto") - seed for e in range(EPOCHS)]
+            _run(runs / "converged-lr0.1" / f"{method}-K{K}-s{seed}", method, K, seed, errors)
+            best[method, seed] = min(errors)
+    _run(runs / "converged-lr0.1" / "fr+predict+spike-K4-s0", "fr+predict+spike", 4, 0, [50.0, 45.0])
+    monkeypatch.chdir(tmp_path)
+
+    script.main(["--runs", str(runs), "--out", str(out)])
+    summary = (out / "converged-summary.md").read_text()
+
+    gaps = [best["fr+auto", s] - best["bp", s] for s in (0, 1, 2)]
+    assert _cell(summary, "Gap to BP", "FR+auto − BP", "lr 0.1, K=4") == \
+        f"{statistics.fmean(gaps):.2f} ± {statistics.stdev(gaps):.2f} (n=3)"
+    assert _cell(summary, "Best test error", "BP", "lr 0.1, K=4").endswith("(n=3)")
+    rows = [line.split("|")[1].strip() for line in summary.split("## Best test error", 1)[1].split("\n## ")[0].splitlines()
+            if line.startswith("| ") and "method" not in line]
+    assert rows.index("FR") < rows.index("FR+auto") < rows.index("DDG")
+    assert "- lr 0.1 FR+predict+spike K=4 seed 0 (2 epochs evaluated)" in summary
+    assert (out / "converged-runs" / "lr0.1" / "fr+auto-K4-s2" / "metrics.jsonl").is_file()

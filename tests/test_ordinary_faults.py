@@ -100,6 +100,18 @@ def test_a_data_set_that_raises_mid_run_names_the_example(tmp_path: Path, data_f
                       "record 40", "dataset[40]", "There is no checkpoint yet", str(out))
 
 
+def test_the_same_command_starts_again_after_a_failure_before_the_first_checkpoint(tmp_path: Path, data_file: Path) -> None:
+    out = tmp_path / "run"
+    command = ("train", *TINY, "--data", f"{data_file}:breaks", "--out", str(out))
+    assert_user_error(run_cli(*command), "corrupt record 40", f"the same command starts it afresh in {out}")
+    assert not (out / "checkpoint.pt").exists() and (out / "config.yaml").is_file()  # the half-made run is kept
+    assert_user_error(run_cli(*command, "--lr", "0.01"), "not this run's", "--overwrite")  # other settings: refused
+    data_file.write_text(DATA.replace('raise ValueError("corrupt record 40")', "pass"))  # the data set fixed
+    again = run_cli(*command)
+    assert again.exit_code == 0, again.output
+    assert "holds an earlier start of this run" in " ".join(again.output.split()) and (out / "checkpoint.pt").is_file()
+
+
 # ------------------------------------------------------------------------------ resources
 
 

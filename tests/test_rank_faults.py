@@ -42,7 +42,8 @@ def _kept(text: str) -> Path:
 def test_a_rank_error_is_one_paragraph_and_its_trace_is_kept(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     result = run_cli("train", *RANKS, "--data", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(out))
-    text = assert_user_error(result, "failed first: imagefolder:", "no directory", "Its full trace (for a bug report):")
+    # Every rank reads the data: whichever wrote its error first is named, the other "stopped too".
+    text = assert_user_error(result, "failed first", ": imagefolder:", "no directory", "Its full trace (for a bug report):")
     assert "DataError:" not in text  # fxreplay's own errors speak without their class name
     _quiet(result.output + capfd.readouterr().err)
     assert not out.exists()  # refused before the run started: the directory was never made
@@ -77,12 +78,19 @@ def test_nan_in_the_data_is_named_by_the_last_rank(tmp_path: Path, capfd: pytest
     )
     out = tmp_path / "run"
     result = run_cli("train", *RANKS, "--model", "mlp", "--batch-size", "16", "--data", f"{data}:make", "--out", str(out))
-    text = assert_user_error(result, "rank 1 (stage 1) failed first: the training data holds non-finite values",
+    text = assert_user_error(result, "rank 1 (stage 1) failed first", ": the training data holds non-finite values",
                              "(NaN in its input)", "They are in batch 1 of epoch 1", "The data is at fault",
                              f"Its full trace (for a bug report): {out / 'error-rank1.log'}")
     assert "lower the learning rate" not in text
     assert "fxreplay.errors.DataError: the training data" in (out / "error-rank1.log").read_text()  # the run had started
     _quiet(result.output + capfd.readouterr().err)
+    # The data fixed, the same command starts the run again over its first start, and leaves
+    # no error log of that start behind, looking current next to the finished run.
+    data.write_text(data.read_text().replace("float('nan')", "0.0"))
+    again = run_cli("train", *RANKS, "--model", "mlp", "--batch-size", "16", "--data", f"{data}:make", "--out", str(out))
+    assert again.exit_code == 0, again.output
+    assert "holds an earlier start of this run" in " ".join(capfd.readouterr().err.split())
+    assert (out / "checkpoint.pt").is_file() and not list(out.glob("error-rank*.log"))
 
 
 # --------------------------------------------------------------------------------- Ctrl-C
@@ -113,18 +121,20 @@ def test_ctrl_c_in_the_first_second_is_one_line(tmp_path: Path) -> None:
 
 
 def _ranks_of(pid: int) -> list[int]:
-    """The ranks torch elastic has spawned under ``pid`` (not multiprocessing's resource tracker)."""
-    found = []
+    """The ranks torch elastic has started under ``pid``: spawned children, or (CPU jobs) children
+    of the fork server it started (not the server itself, nor multiprocessing's resource tracker)."""
+    procs = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (entry / "cmdline").read_bytes()
+                procs[int(entry.name)] = (ppid, (entry / "cmdline").read_bytes())
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-                found.append(int(entry.name))
-    return found
+    server = b"multiprocessing.forkserver"
+    servers = [p for p, (ppid, cmd) in procs.items() if ppid == pid and server in cmd]
+    return [p for p, (ppid, cmd) in procs.items()
+            if b"resource_tracker" not in cmd and ((ppid == pid and b"spawn_main" in cmd) or (ppid in servers and server in cmd))]
 
 
 def test_ctrl_c_while_the_ranks_start_is_one_paragraph(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """fxreplay.rundir: a run directory's files, the fresh-run rule and the resume path."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,3 +98,48 @@ def test_resume_refuses_overrides_that_change_the_computation(tmp_path: Path) ->
             run.resume(apply_overrides(cfg, {key: value}))
     allowed = apply_overrides(cfg, {"train.max_steps": 5, "train.epochs": 9, "optim.lr": 0.001, "train.log_every": 3})
     assert run.resume(allowed).cfg.train.epochs == 9
+
+
+def test_a_ranks_error_logs_are_run_files_removed_by_the_next_attempt(tmp_path: Path) -> None:
+    from fxreplay.errors import OutputError
+    from fxreplay.rundir import error_log, is_run_file
+
+    assert error_log(3) == "error-rank3.log" and is_run_file("error-rank12.log") and not is_run_file("error-rank.log")
+    cfg = load_config(None)
+    run = RunDir(tmp_path / "run")
+    run.start(cfg, fresh=True)
+    (run.path / "error-rank1.log").write_text("Traceback of the first attempt")
+    (run.path / "notes.txt").write_text("mine")
+    run.start(cfg, fresh=False)  # a resume that gets past the failure: no log of it looks current
+    assert not (run.path / "error-rank1.log").exists() and (run.path / "notes.txt").read_text() == "mine"
+    (run.path / "error-rank0.log").write_text("Traceback")
+    run.start(cfg, fresh=True)  # --overwrite
+    assert not (run.path / "error-rank0.log").exists()
+    (run.path / "error-rank0.log").symlink_to(tmp_path / "elsewhere.log")
+    with pytest.raises(OutputError, match="error-rank0.log"):
+        run.refuse_links()
+
+
+def test_an_earlier_start_of_the_same_run_without_a_checkpoint_starts_again(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    cfg = replace(cfg, train=replace(cfg.train, out=str(tmp_path / "run")))
+    run = RunDir(tmp_path / "run")
+    run.start(cfg, fresh=True)
+    run.plan_dir.mkdir()
+    (run.plan_dir / "plan.yaml").write_text("K: 2\n")
+    run.metrics(None).write({"kind": "step", "step": 1})
+    (run.path / "error-rank1.log").write_text("Traceback")
+    note = run.check_fresh(cfg=cfg)
+    assert note is not None and "starts afresh" in note and "metrics.jsonl" in note
+    # ... wherever train.out was written from; not with other settings, nor for a caller that cannot tell
+    assert run.check_fresh(cfg=replace(cfg, train=replace(cfg.train, out=os.path.relpath(run.path)))) is not None
+    for refused in (replace(cfg, optim=replace(cfg.optim, lr=cfg.optim.lr / 10)), None):
+        with pytest.raises(ConfigError, match="not this run's"):
+            run.check_fresh(cfg=refused)
+    (run.path / "notes.txt").write_text("mine")  # the user's file: not an earlier start's
+    with pytest.raises(ConfigError, match="not this run's: config.yaml, error-rank1.log, metrics.jsonl, notes.txt"):
+        run.check_fresh(cfg=cfg)
+    (run.path / "notes.txt").unlink()
+    run.save_checkpoint({"trainer": {}, "method": cfg.train.method, "K": cfg.partition.K})  # it got further
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run.check_fresh(cfg=cfg)

@@ -56,6 +56,7 @@ from .loaders import (
     replica_shard,
     ReplicaShard,
     source_index,
+    translated,
 )
 
 __all__ = [
@@ -90,6 +91,7 @@ __all__ = [
     "replica_shard",
     "ReplicaShard",
     "source_index",
+    "translated",
     "non_finite",
 ]
 

@@ -2,7 +2,7 @@
 included; what a pipeline rank reads (labels only; a data-parallel replica's shard)."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -129,25 +129,39 @@ class _Loader(DataLoader[Any]):
     not stack."""
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        batches = super().__iter__()
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except DataError as exc:
-                if str(exc).startswith("Caught "):  # raised in a worker process
-                    raise DataError(_unwrapped(str(exc))) from exc
+        return translated(super().__iter__(), _loader_error)
+
+
+def _loader_error(exc: Exception) -> Exception | None:
+    """A DataLoader's error as one paragraph (None: raise it as it is)."""
+    if isinstance(exc, DataError):
+        # Raised in a worker process, torch wraps it with the worker's traceback.
+        return DataError(_unwrapped(str(exc))) if str(exc).startswith("Caught ") else None
+    if isinstance(exc, (RuntimeError, TypeError)) and not isinstance(exc, FxReplayError):
+        text = _unwrapped(str(exc))
+        if any(w in text for w in ("stack expects", "equal size", "collate")):
+            return DataError(
+                f"the examples of a batch do not stack into one batch ({text}): every example of a data set must "
+                "give an input of one shape and type, and a target of one shape and type"
+            )
+    return None
+
+
+def translated(items: Iterable[Any], translate: Callable[[Exception], Exception | None]) -> Iterator[Any]:
+    """The items of ``items``; an error raised while getting one is raised as ``translate(error)``
+    (chained to it), or as it is when that is None. Errors of the consumer are not touched."""
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            other = translate(exc)
+            if other is None:
                 raise
-            except (RuntimeError, TypeError) as exc:
-                text = _unwrapped(str(exc))
-                if isinstance(exc, FxReplayError) or not any(w in text for w in ("stack expects", "equal size", "collate")):
-                    raise
-                raise DataError(
-                    f"the examples of a batch do not stack into one batch ({text}): every example of a data set must "
-                    "give an input of one shape and type, and a target of one shape and type"
-                ) from exc
-            yield batch
+            raise other from exc
+        yield item
 
 
 def _unwrapped(message: str) -> str:

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..errors import TrainingError
+from ..errors import PeerError, TrainingError
 from .waits import WaitBoard
 
 __all__ = ["Channel", "EVAL_BATCH", "encode_spec", "decode_spec"]
@@ -259,7 +259,7 @@ class Channel:
         try:
             return op(tensor, peer, group=self.group)
         except RuntimeError as exc:
-            raise _failure(doing, self.name, self.timeout, exc) from exc
+            raise _failure(doing, self.name, self.timeout, exc, peer=self.peer) from exc
 
     def recv(self, batch: int, what: str) -> tuple[Any, ...]:
         """Block until the next message is in; it must be the one of ``batch``.
@@ -335,10 +335,10 @@ class Channel:
                     # A peer that closed its connection may have given up waiting behind another.
                     why = (board.explain([self.peer], self.timeout) if timed_out(exc)
                            else board.explain_departure([self.peer], self.timeout))
-                raise _failure(doing, self.name, self.timeout, exc, why) from exc
+                raise _failure(doing, self.name, self.timeout, exc, why, self.peer) from exc
             if ok is False:
                 why = board.explain([self.peer], self.timeout) if board is not None else "that rank failed or stopped answering"
-                raise TrainingError(f"could not {doing} {self.name} within {self.timeout:g} s: {why}")
+                raise PeerError(f"could not {doing} {self.name} within {self.timeout:g} s: {why}", self.peer)
 
 
 def _buffers(spec: Spec, device: torch.device) -> list[torch.Tensor]:
@@ -356,14 +356,15 @@ def timed_out(exc: BaseException) -> bool:
     return "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
 
 
-def _failure(doing: str, name: str, timeout: float, exc: BaseException, why: str | None = None) -> TrainingError:
-    """A failed wait as one paragraph; ``why``: who stopped answering, when the wait board could tell."""
+def _failure(doing: str, name: str, timeout: float, exc: BaseException, why: str | None = None,
+             peer: int | None = None) -> PeerError:
+    """A failed wait on ``peer`` as one paragraph; ``why``: who stopped answering, when the wait board could tell."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if why is not None:
-        return TrainingError(f"could not {doing} {name} within {timeout:g} s: {why} ({first})")
-    return TrainingError(
+        return PeerError(f"could not {doing} {name} within {timeout:g} s: {why} ({first})", peer)
+    return PeerError(
         f"could not {doing} {name} within {timeout:g} s: that rank failed, was killed or stopped answering "
-        f"({first}). See its own error above; raise the timeout if a stage is legitimately this slow"
+        f"({first}). See its own error above; raise the timeout if a stage is legitimately this slow", peer
     )
 
 

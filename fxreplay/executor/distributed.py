@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
 
-from ..errors import CheckpointError, DivergenceError, FxReplayError, TrainingError
+from ..errors import CheckpointError, DivergenceError, FxReplayError, PeerError, TrainingError
 from ..launch import reporting_rank
 from ..measure import MemoryMeter
 from ..mesh import check_sync_batchnorm
@@ -681,9 +681,9 @@ class DistributedExecutor:
                     why = board.explain(others, timeout) if timed_out(exc) else board.explain_departure(others, timeout)
                 if why is None:
                     why = f"{member} failed, was killed or stopped answering"
-                raise TrainingError(
+                raise PeerError(
                     f"could not {doing} within {timeout:g} s: {why} ({exc}). See its own error above; raise the timeout "
-                    "if a stage is legitimately this slow"
+                    "if a stage is legitimately this slow", others[0] if len(others) == 1 else None
                 ) from exc
 
     def _who(self, rank: int) -> str:

@@ -252,6 +252,7 @@ class Compensator:
         shared_ids = {id(p) for p in shared}
         self._own = [id(p) not in shared_ids for p in self.params]
         self.momentum = _momentum(optimizer)
+        self._group_index: tuple[torch.optim.Optimizer, list[int | None]] | None = None  # see _groups_of
         # Δw of the last update, per parameter (``predict``); None until the stage first steps.
         self.last_step: list[torch.Tensor | None] | None = None
         if "official" in comp:
@@ -323,11 +324,12 @@ class Compensator:
             optimizer.step()
             return
         before = [p.detach().clone() if p.grad is not None else None for p in self.params]
+        groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
         grads: list[torch.Tensor | None] = []
         if spike:
-            decay = {id(p): float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups for p in g["params"]}
-            grads = [p.grad.detach() + decay.get(id(p), 0.0) * p.detach() if p.grad is not None else None for p in self.params]
-        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+            grads = [p.grad.detach() + float(g.get("weight_decay", 0.0)) * p.detach() if p.grad is not None else None
+                     for p, g in zip(self.params, groups)]
+        lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
         optimizer.step()
         a, b = spike_coefficients(self.momentum, self.delay)
         steps: list[torch.Tensor | None] = []
@@ -341,13 +343,21 @@ class Compensator:
                     if spike:
                         g = grads[i]
                         assert g is not None
-                        d = a * d - lrs[id(p)] * b * g
+                        d = a * d - lrs[i] * b * g
                     if factor != 1.0:
                         d = d * factor
                     p.copy_(w0 + d)
                 steps.append(p.detach() - w0)
         if record:
             self.last_step = steps
+
+    def _groups_of(self, optimizer: torch.optim.Optimizer) -> list[int | None]:
+        """The index of each of ``self.params``' groups in ``optimizer`` (None: not in it), found once
+        per optimizer: groups' hyper-parameters change, their parameters do not."""
+        if self._group_index is None or self._group_index[0] is not optimizer:
+            where = {id(p): j for j, g in enumerate(optimizer.param_groups) for p in g["params"]}
+            self._group_index = (optimizer, [where.get(id(p)) for p in self.params])
+        return self._group_index[1]
 
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,67 @@
+"""launch.py: which failed rank a job's error names -- the root cause, from the ranks' own
+timed records, not the lowest rank the launcher saw in one poll. Fabricated records and
+failures only: no processes race here (the real jobs are in test_executor_distributed.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fxreplay.errors import PeerError, TrainingError
+from fxreplay.launch import Failure, _leave_record, describe_failure, job_failures, root_cause
+
+
+def _raised(rank: int, message: str) -> SimpleNamespace:
+    """torch elastic's ProcessFailure of a rank that raised: the one its agent reports."""
+    return SimpleNamespace(exitcode=1, message={"message": message}, error_file_data={}, signal_name=lambda: "")
+
+
+def _record(records: Path, rank: int, at: int, message: str, blames: int | None = None) -> None:
+    (records / f"rank{rank}.json").write_text(json.dumps({"at": at, "blames": blames, "message": message, "trace": "Traceback"}))
+
+
+def test_the_first_record_is_named_not_the_lowest_rank_of_the_poll(tmp_path: Path) -> None:
+    # Both ranks exited between two polls; torch reports rank 0, whose error came 0.05 s later.
+    _record(tmp_path, 1, 1_000_000_000, "DataError: corrupt record 40")
+    _record(tmp_path, 0, 1_050_000_000, "ValueError: late")
+    exc = SimpleNamespace(failures={0: _raised(0, "ValueError: late")})
+    assert describe_failure(exc, records=tmp_path) == "rank 1 (stage 1) failed first (then rank(s) 0 stopped too): corrupt record 40"
+    assert job_failures(exc, tmp_path)[1].trace == "Traceback"
+
+
+def test_a_tie_falls_back_to_the_lower_rank() -> None:
+    assert root_cause({2: Failure("b", at=7), 1: Failure("a", at=7)}) == 1
+    # Killed by a signal, it wrote nothing: the launcher saw it die before any rank that raised had exited.
+    assert root_cause({3: Failure("raised", at=9), 2: Failure("killed by signal SIGKILL")}) == 2
+
+
+def test_a_failure_that_follows_from_another_names_that_one() -> None:
+    # Rank 0's wait on rank 1 timed out (written first) while rank 1 was stuck; rank 1 then raised.
+    assert root_cause({0: Failure("could not receive", at=1, blames=1), 1: Failure("its own", at=2)}) == 1
+    # ... along a chain, and to a rank killed by a signal (it wrote nothing: the launcher saw it die).
+    assert root_cause({0: Failure("w", at=1, blames=1), 1: Failure("w", at=2, blames=2), 2: Failure("killed")}) == 2
+    # A blamed rank that did not fail (frozen, then stopped by the launcher): the rank naming it.
+    assert root_cause({1: Failure("rank 2 has given no sign of life", at=5, blames=2), 0: Failure("w", at=6, blames=1)}) == 1
+
+
+def test_ranks_that_gave_up_on_each_other_name_the_first() -> None:
+    assert root_cause({0: Failure("it left", at=9, blames=1), 1: Failure("rank 0 was slow", at=4, blames=0)}) == 1
+    assert root_cause({0: Failure("w", at=1, blames=1), 1: Failure("w", at=3, blames=2), 2: Failure("w", at=2, blames=1)}) == 2
+
+
+def test_a_rank_leaves_a_record_naming_the_peer_its_failure_follows_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    try:
+        try:
+            raise PeerError("could not receive δ of batch 3 from rank 2 (stage 2) within 4 s", 2)
+        except PeerError as exc:
+            raise TrainingError("rank 1 (stage 1), backward of step 3: could not receive ...") from exc
+    except TrainingError as exc:
+        _leave_record(str(tmp_path), exc)
+    record = json.loads((tmp_path / "rank1.json").read_text())
+    assert record["blames"] == 2 and record["message"].startswith("TrainingError: rank 1 (stage 1), backward")
+    assert "PeerError" in record["trace"] and record["at"] > 0
+    failure = job_failures(SimpleNamespace(failures={}), tmp_path)[1]
+    assert failure.blames == 2 and failure.message.startswith("rank 1 (stage 1), backward")  # fxreplay's class name dropped
