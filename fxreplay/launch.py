@@ -166,7 +166,8 @@ def _free_port() -> int:
 # start in well under a second after the first job of a process. The server is a fresh
 # interpreter, not a fork of the launcher: it holds no threads, locks or CUDA state of its
 # own. Jobs with a CUDA device keep ``spawn``. FXREPLAY_START_METHOD=spawn forces spawn.
-_PRELOAD = ["torch", "torch.distributed", "fxreplay.run", "fxreplay.executor.distributed"]
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "fxreplay.run", "fxreplay.executor.distributed", "fxreplay.plots"]
+# (torch._dynamo: the first optimizer imports it, 4 s; fxreplay.plots: matplotlib, for the timeline the reporting rank draws)
 _server_environ: dict[str, str] | None = None  # os.environ when this process started the fork server
 
 

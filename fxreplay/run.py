@@ -748,13 +748,18 @@ def train_with_ranks(cfg: Config, plan_dir: Path | None = None, resume: Path | N
     per_rank = threads or max(1, (os.cpu_count() or 1) // nproc)
     out = Path(resume) if resume is not None else Path(cfg.train.out)
     started_before = _stamp(RunDir(out).config_file)
+    made = not out.exists()  # by this job, if it is there after: a rank stopped holding its lock leaves it
     try:
         results = run_distributed(
             distributed_main, nproc, args=(to_dict(cfg), str(plan_dir) if plan_dir else None, str(resume) if resume else None, overwrite,
                                            trust_plan_code, str(config_file) if config_file else None),
             device=devices, timeout=cfg.train.timeout, threads=per_rank, stages=K,
         )
-    except RankError as exc:
+    except BaseException as exc:
+        if made:
+            RunDir(out).remove_if_abandoned()
+        if not isinstance(exc, RankError):
+            raise
         # The run directory gets the traces only if this job had started writing it: a job
         # refused before (bad data, another run's directory...) leaves it as it was.
         kept = _keep_traces(out if _stamp(RunDir(out).config_file) != started_before else None, exc.traces)

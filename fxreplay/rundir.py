@@ -199,6 +199,24 @@ class RunDir:
             raise ConfigError(f"cannot use {self.path} as a run directory: {exc.strerror or exc}. Choose another --out.") from exc
         return os.fdopen(fd, "r+b")
 
+    def remove_if_abandoned(self) -> None:
+        """Remove the directory if all it holds is a ``.lock`` that no live process holds: what a
+        rank stopped while it held the lock, before the run wrote anything, leaves behind (the
+        launcher calls this for a directory its job made)."""
+        if not self.path.is_dir() or self.path.is_symlink() or {p.name for p in self.path.iterdir()} != {LOCK_FILE}:
+            return
+        try:
+            handle = self._open_lock()
+        except ConfigError:
+            return
+        with handle:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # a live run holds it
+            self._remove_if_unused(True)
+
     def _remove_if_unused(self, created: bool) -> None:
         if created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
             # The run never got to write anything: leave no empty directory behind.
