@@ -57,21 +57,28 @@ def _ints(text: str | None, what: str) -> list[int] | None:
 
 
 @contextmanager
-def _profile_bar(model: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar over the profiled nodes, on stderr (timing every node takes a while)."""
+def _profile_bar(model: str, quiet: bool) -> Iterator[tuple[Callable[[int, int], None] | None, Callable[[int, int], None] | None]]:
+    """Progress bars on stderr, over the profiled nodes and the refinement's rounds (each times
+    the stages whole): (nodes callback, rounds callback) for :func:`fxreplay.compile`."""
     if quiet:
-        yield None
+        yield None, None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn(f"profiling {model}"), BarColumn(), MofNCompleteColumn(), TextColumn("nodes"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task("profile", total=None)
+        nodes = bar.add_task(f"profiling {model}", total=None, unit="nodes")
+        rounds: list[Any] = []
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(nodes, completed=done, total=total)
 
-        yield update
+        def refining(done: int, total: int) -> None:
+            if not rounds:
+                rounds.append(bar.add_task("timing the stages whole", total=total, unit="rounds at most"))
+            bar.update(rounds[0], completed=done, total=total)
+
+        yield update, refining
 
 
 @app.command()
@@ -124,12 +131,12 @@ def partition(
         device_list = [d.strip() for d in devices.split(",")] if devices else None
         spec = ModelSpec(spec=model, input_shape=tuple(shape) if shape else None, batch_size=batch_size if shape else None,
                          num_classes=num_classes, leaf_modules=tuple(leaf or ()))
-        with _profile_bar(model, quiet=as_json) as progress, warnings.catch_warnings(record=True) as caught:
+        with _profile_bar(model, quiet=as_json) as (progress, refine_progress), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pipe = compile_model(loaded.model, inputs, K=K, cost=cost, method=method, devices=device_list,
                                  boundaries=boundary or [], leaf_modules=leaf or (), spec=spec,
                                  profile_device=profile_device, progress=progress, threads=threads, refine=refine,
-                                 example_kwargs=loaded.example_kwargs, strict=strict)
+                                 example_kwargs=loaded.example_kwargs, strict=strict, refine_progress=refine_progress)
         for w in caught:
             if issubclass(w.category, FxReplayWarning):
                 err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)

@@ -427,6 +427,16 @@ def test_measured_refinement_moves_the_cuts_toward_the_true_balance() -> None:
     assert max(sum(true[a:b]) for a, b in refined.ranges) <= 11.0  # the true optimum is 10 | 10
 
 
+def test_the_refinement_reports_its_rounds() -> None:
+    """compile(refine_progress=...) hears each round of timing the stages whole (the CLI's bar)."""
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)])
+    rounds: list[tuple[int, int]] = []
+    fxreplay.compile(model, (torch.randn(16, 32),), K=2, cost="time", repeats=1, refine=2,
+                     refine_progress=lambda done, total: rounds.append((done, total)))
+    assert rounds[0] == (1, 3) and rounds[-1] == (3, 3) and all(t == 3 for _, t in rounds)  # complete, also when it stops early
+    assert [d for d, _ in rounds] == sorted(set(d for d, _ in rounds))
+
+
 def test_a_model_that_reads_self_training_round_trips_both_graphs(tmp_path: Path) -> None:
     import zoo_external as Z
 

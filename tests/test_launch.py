@@ -65,3 +65,39 @@ def test_a_rank_leaves_a_record_naming_the_peer_its_failure_follows_from(tmp_pat
     assert "PeerError" in record["trace"] and record["at"] > 0
     failure = job_failures(SimpleNamespace(failures={}), tmp_path)[1]
     assert failure.blames == 2 and failure.message.startswith("rank 1 (stage 1), backward")  # fxreplay's class name dropped
+
+
+# ---------------------------------------------------------------- how the ranks start
+def _what_a_rank_sees() -> tuple[str | None, str]:
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    print(f"rank {dist.get_rank()} writes here", file=sys.stderr, flush=True)
+    return os.environ.get("FXREPLAY_TEST_VALUE"), os.environ["RANK"]
+
+
+def test_forked_ranks_see_the_launchers_environment_and_write_to_its_stderr(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """A rank forked from the server (started by an earlier job, in another environment) gets
+    the launcher's environment as it is now, with its own RANK, and writes where it writes."""
+    from fxreplay.launch import run_distributed
+
+    for value in ("first", "second"):  # the first job may start the server; the second reuses it
+        monkeypatch.setenv("FXREPLAY_TEST_VALUE", value)
+        assert run_distributed(_what_a_rank_sees, 2, threads=1) == {0: (value, "0"), 1: (value, "1")}
+        err = capfd.readouterr().err
+        assert "rank 0 writes here" in err and "rank 1 writes here" in err
+    monkeypatch.delenv("FXREPLAY_TEST_VALUE")
+    assert run_distributed(_what_a_rank_sees, 2, threads=1) == {0: (None, "0"), 1: (None, "1")}
+
+
+def test_only_all_cpu_jobs_are_forked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxreplay.launch import _start_method
+
+    assert _start_method("cpu") == _start_method(["cpu", "cpu:0"]) == "forkserver"
+    assert _start_method(["cpu", "cuda:0"]) == _start_method("cuda") == "spawn"  # no fork may hold CUDA state
+    assert _start_method(["cpu", "not a device"]) == "spawn"  # the rank names the bad device
+    monkeypatch.setenv("FXREPLAY_START_METHOD", "spawn")
+    assert _start_method("cpu") == "spawn"

@@ -277,16 +277,17 @@ def test_the_recipe_from_a_config_file_trains_fr_with_warmup_then_decay(tmp_path
 def test_resume_with_a_scheduler_is_bit_identical(tmp_path: Path, drop_scheduler_state: bool) -> None:
     """Stopped mid-warm-up and resumed: the same losses and weights, bit for bit. A checkpoint
     without scheduler states (written before they were saved) restarts the schedule at its
-    iteration, which stepping makes the same lrs. (bf16 once: on a CPU it is 7x slower than fp32.)"""
+    iteration, which stepping makes the same lrs. In fp32: bf16 autocast keeps no state to resume
+    (the distributed == local tests below train in bf16), and on this CPU it is 7x slower."""
     def cfg(run: str, **more: Any) -> Any:
         return apply_overrides(load_config(None), {
             "train.out": str(tmp_path / run), "train.method": "fr", "train.epochs": 2, "data.batch_size": 256,
+            "data.subset": 768,  # 3 iterations an epoch
             "optim.name": "adamw", "optim.lr": 0.003, "optim.schedule": "cosine", "optim.warmup_steps": 4,
-            "optim.clip_grad_norm": 1.0, "optim.no_decay": "auto",
-            "train.precision": "fp32" if drop_scheduler_state else "bf16", **more})
+            "optim.clip_grad_norm": 1.0, "optim.no_decay": "auto", **more})
 
     full = train_run(cfg("a"))
-    first = train_run(cfg("b", **{"train.max_steps": 3}))  # in the warm-up, in the first epoch
+    first = train_run(cfg("b", **{"train.max_steps": 2}))  # in the warm-up, in the first epoch
     if drop_scheduler_state:
         ckpt_file = tmp_path / "b" / "checkpoint.pt"
         ckpt = load_checkpoint(tmp_path / "b")

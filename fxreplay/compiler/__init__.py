@@ -213,6 +213,7 @@ def compile(
     refine: int = 4,
     example_kwargs: dict[str, Any] | None = None,
     strict: bool = False,
+    refine_progress: Callable[[int, int], None] | None = None,
 ) -> Pipeline:
     """Trace, profile and partition ``model`` into ``K`` balanced stages.
 
@@ -241,6 +242,8 @@ def compile(
         refine: rounds of measured refinement for ``cost="time"`` on CPU stages: time the
             chosen stages whole, rescale their nodes by measured / predicted, solve again
             (keeps the best measured split; 0 = trust the per-node times).
+        refine_progress: called as ``progress(rounds done, rounds at most)`` during the
+            refinement (each round times whole stages: seconds to minutes on a deep model).
         strict: refuse a model with a submodule torch.fx cannot trace; by default the
             smallest such module is kept opaque, with a warning (:mod:`~fxreplay.compiler.opaque`).
 
@@ -284,7 +287,8 @@ def compile(
 
     if cost == "time" and refine > 0 and K > 1 and all(torch.device(d.name).type == "cpu" for d in devs):
         with _profile_threads(cost, profile_device, threads, K):
-            part = refined(part, problem, K, devs, lambda p, known: time_stages(pipeline(p).stages, first, method_cost, skip=known), refine)
+            part = refined(part, problem, K, devs, lambda p, known: time_stages(pipeline(p).stages, first, method_cost, skip=known), refine,
+                           progress=refine_progress)
     return pipeline(part)
 
 
