@@ -182,26 +182,22 @@ def _rank_sleeps(pid_dir: str) -> None:
 
 
 def _children() -> set[int]:
-    """Live processes whose parent is this one (the ranks elastic starts are our children)."""
-    me, found = os.getpid(), set()
+    """Live ranks of this process's jobs: its children (spawned ranks), and the children of the
+    fork server it started (forked ranks) -- not the server itself nor multiprocessing's
+    resource tracker, helpers that live as long as this process."""
+    me, procs = os.getpid(), {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == me and fields[0] != "Z" and not _resource_tracker(entry):
-                found.add(int(entry.name))
-    return found
-
-
-def _resource_tracker(proc: Path) -> bool:
-    """multiprocessing's resource tracker: a helper the first spawn starts for the life of
-    this process, not a rank."""
-    try:
-        return b"resource_tracker" in (proc / "cmdline").read_bytes()
-    except OSError:
-        return False
+            if fields[0] not in ("Z", "X"):
+                procs[int(entry.name)] = (int(fields[1]), cmdline)
+    helpers = {pid for pid, (ppid, cmd) in procs.items()
+               if ppid == me and (b"resource_tracker" in cmd or b"multiprocessing.forkserver" in cmd)}
+    return {pid for pid, (ppid, _) in procs.items() if (ppid == me and pid not in helpers) or ppid in helpers} - helpers
 
 
 def _running(pid: int) -> bool:

@@ -291,3 +291,32 @@ def test_time_stages_feeds_each_stage_what_the_previous_returns() -> None:
     assert len(seen) == 4
     for value in seen:
         torch.testing.assert_close(value, expected)
+
+
+def test_time_stages_runs_a_large_batch_in_pieces_with_the_same_inputs_downstream() -> None:
+    """Batches larger than ``rows`` run piece by piece (one piece's activations alive at a
+    time); the next stage still gets the whole batch's outputs. A stage whose output does not
+    follow the batch (a sum over it) runs whole."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
+    x = torch.randn(10, 4)
+    stages = _two_stages(model, x)
+    rows_in: list[int] = []
+    seen: list[torch.Tensor] = []
+    model[0].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
+    model[3].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    time_stages(stages, (x,), repeats=1, rows=4)
+    assert rows_in == [4, 4, 2] * 2  # warm-up and one timed run, in pieces of 4, 4 and 2 rows
+    with torch.no_grad():
+        expected = model[2](model[1](model[0](x)))
+    torch.testing.assert_close(torch.cat(seen[-3:]), expected)  # the last stage's pieces of its last run
+
+    class Summed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x).sum(0, keepdim=True).expand(3, -1)  # 3 rows, whatever the batch
+
+    whole = fxreplay.compile(nn.Sequential(nn.Linear(4, 8), Summed(), nn.Linear(8, 2)), (x,), K=2, cost="flops",
+                             boundaries=["2"]).stages
+    rows_in.clear()
+    whole[0].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
+    assert all(t > 0 for t in time_stages(whole, (x,), repeats=1, rows=4))
+    assert rows_in[-2:] == [10, 10]  # fell back to whole batches

@@ -323,8 +323,14 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm)
 
 
+ROWS_TIMED = 32
+"""Rows of the batch a stage is timed on at once (:func:`time_stages`): the activations alive
+are those of 32 rows, not of the whole batch (ResNet-164 at batch 128: 2.7 GB -> about a
+quarter of its stages' share)."""
+
+
 def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost = PLAIN, repeats: int = 1,
-                skip: Sequence[bool] | None = None) -> list[float]:
+                skip: Sequence[bool] | None = None, rows: int = ROWS_TIMED) -> list[float]:
     """Seconds of one iteration's work of each stage, timed whole (median of ``repeats``
     after a warm-up): FR stages before the last play (no grad), replay (forward keeping the
     graph) and backpropagate; the last stage and the other methods' stages run a forward
@@ -333,9 +339,14 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
     are in. Weights, buffers, modes, ``.grad`` (autograd.grad is used) and the RNG are left
     as they were.
 
+    A stage whose tensor inputs and outputs all have the batch as their first dimension runs
+    the batch in pieces of ``rows`` rows, one after another (the time is their sum: the same
+    work, with one piece's activations alive at a time); any other runs it whole.
+
     Args:
         skip: stages whose time is known already: they only run a forward without graph
             (for the next stage's inputs) and their time is NaN.
+        rows: rows per piece (0: whole batches).
     """
     out: list[float] = []
     with forked_rng(), kept_buffers(b for stage in stages for b in stage.buffers()), kept_modes(stages, True):
@@ -348,25 +359,64 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
                     with torch.no_grad():
                         value = _as_tuple(stage(*value))
                 continue
-            inputs = tuple(v.detach().requires_grad_(k > 0) if _needs_grad(v) else v for v in value)
-            wrt = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad] + [p for p in stage.parameters() if p.requires_grad]
-            times = []
-            result: Any = None
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                if method.replay and not last:
-                    with torch.no_grad():
-                        stage(*inputs)
-                result = stage(*inputs)
-                outs = [o for o in tree_flatten(result)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
-                if outs and wrt:
-                    torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
-                _sync()
-                times.append(time.perf_counter() - start)
-            out.append(statistics.median(times[1:]))
-            value = _as_tuple(result)  # the last timed forward's outputs, detached: no extra forward
-            del result, outs
+            pieces = _pieces(value, rows)
+            timed = _time_stage(stage, pieces or [value], k, last, method, repeats)
+            if timed is None and pieces is not None:  # its outputs do not follow the batch: whole
+                timed = _time_stage(stage, [value], k, last, method, repeats)
+            assert timed is not None
+            seconds, outputs = timed
+            out.append(seconds)
+            value = outputs[0] if len(outputs) == 1 else tuple(torch.cat(parts) for parts in zip(*outputs))
     return out
+
+
+def _pieces(value: tuple[Any, ...], rows: int) -> list[tuple[Any, ...]] | None:
+    """``value`` cut into pieces of ``rows`` rows along the first dimension, when every tensor
+    in it is a tuple entry with the same first dimension, larger than ``rows`` (None: not cut)."""
+    tensors = [v for v in value if isinstance(v, torch.Tensor)]
+    if rows <= 0 or not tensors or any(v.dim() == 0 for v in tensors):
+        return None
+    batch = tensors[0].shape[0]
+    if batch <= rows or any(v.shape[0] != batch for v in tensors) or any(
+            isinstance(leaf, torch.Tensor) for v in value if not isinstance(v, torch.Tensor) for leaf in tree_flatten(v)[0]):
+        return None
+    starts = range(0, batch, rows)
+    return [tuple(v[i:i + rows] if isinstance(v, torch.Tensor) else v for v in value) for i in starts]
+
+
+def _time_stage(stage: Any, pieces: list[tuple[Any, ...]], k: int, last: bool, method: MethodCost,
+                repeats: int) -> tuple[float, list[tuple[Any, ...]]] | None:
+    """The median seconds of one iteration of ``stage`` over ``pieces`` (after a warm-up), and
+    each piece's outputs, detached; None when there are several pieces and an output does not
+    have its piece's rows as first dimension (they cannot be put back into one batch)."""
+    times = []
+    outputs: list[tuple[Any, ...]] = []
+    for _ in range(repeats + 1):
+        outputs = []
+        start = time.perf_counter()
+        for piece in pieces:
+            inputs = tuple(v.detach().requires_grad_(k > 0) if _needs_grad(v) else v for v in piece)
+            wrt = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad] + [p for p in stage.parameters() if p.requires_grad]
+            if method.replay and not last:
+                with torch.no_grad():
+                    stage(*inputs)
+            result = stage(*inputs)
+            outs = [o for o in tree_flatten(result)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+            if outs and wrt:
+                torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
+            outputs.append(_as_tuple(result))  # detached: the graph goes now
+            del result, outs
+            if len(pieces) > 1 and not _follows(outputs[-1], piece):
+                return None
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), outputs
+
+
+def _follows(outputs: tuple[Any, ...], piece: tuple[Any, ...]) -> bool:
+    """Whether every output is a tensor with the piece's rows as its first dimension."""
+    rows = next(v.shape[0] for v in piece if isinstance(v, torch.Tensor))
+    return all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == rows for o in outputs)
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

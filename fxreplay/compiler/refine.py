@@ -37,7 +37,7 @@ def refined(part: Partition, problem: Problem, K: int, devs: Sequence[Device],
     Returns:
         The partition whose measured bottleneck / mean was smallest.
     """
-    best, best_balance = part, float("inf")
+    best, best_balance, done = part, float("inf"), 0
     known: dict[tuple[int, int], float] = {}
     seen: set[tuple[tuple[int, int], ...]] = set()
     for round_ in range(rounds + 1):
@@ -48,8 +48,9 @@ def refined(part: Partition, problem: Problem, K: int, devs: Sequence[Device],
             for r, t, h in zip(ranges, measure(part, have), have):
                 if not h:
                     known[r] = t
+        done = round_ + 1
         if progress is not None:
-            progress(round_ + 1, rounds + 1)
+            progress(done, rounds + 1)
         measured = [known[r] for r in ranges]
         balance = max(measured) / max(sum(measured) / len(measured), 1e-12)
         if balance < best_balance:
@@ -66,6 +67,6 @@ def refined(part: Partition, problem: Problem, K: int, devs: Sequence[Device],
         predicted = part.bottleneck / max(sum(part.stage_costs) / len(part.stage_costs), 1e-12)
         if part.ranges in seen or predicted >= (1 - noise) * best_balance:
             break  # nothing new, or no gain above the noise
-    if progress is not None:
-        progress(rounds + 1, rounds + 1)
+    if progress is not None and done < rounds + 1:
+        progress(rounds + 1, rounds + 1)  # complete, though it stopped early
     return best
