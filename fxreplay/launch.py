@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -151,12 +152,39 @@ def init_process_group(device: str | torch.device | Sequence[str] = "cpu", timeo
         if dev.type == "cuda":
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
+        if kwargs["backend"] == "gloo":
+            # gloo's connectFullMesh can return on one side of a pair before the other has
+            # finished its handshake: a rank that then ran straight to its end and exited (a
+            # job whose ranks do not talk, an early error) broke its peers' joining ("Gloo
+            # connectFullMesh failed ... Connection closed by peer"). Every rank enters the
+            # barrier only once all of its pairs are up, so none leaves it before all are.
+            dist.barrier()
     return dev
 
 
+# The job's rendezvous store listens on a port drawn below the kernel's ephemeral range
+# (Linux: 32768-60999), where no other process's outgoing connection, gloo pair or bind(0)
+# lands between the draw and the store's bind, and this process must host the store itself
+# (``is_host``): torch elastic otherwise falls back to being a client of whatever listens on
+# that port -- another job's store, or something that is no store at all, which hangs the
+# job until the rendezvous times out. A port taken between the draw and the bind (another job
+# drew it too) fails the rendezvous before any rank starts; the job starts on another port.
+_PORTS = (20000, 32768)
+_PORT_TRIES = 8
+
+
 def _free_port() -> int:
+    """A port in :data:`_PORTS` nothing listens on or is bound to now (the store binds it later)."""
+    for _ in range(200):
+        port = random.randrange(*_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", 0))  # the range is full: the kernel's choice, still guarded by is_host
         return int(s.getsockname()[1])
 
 
@@ -304,6 +332,7 @@ def run_distributed(
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nproc < 1:
@@ -315,7 +344,7 @@ def run_distributed(
         run_id=f"fxreplay-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-        rdzv_configs={"timeout": int(max(timeout, 30))},
+        rdzv_configs={"timeout": int(max(timeout, 30)), "is_host": True},  # never another job's store (_PORTS)
         max_restarts=0,  # a failed stage cannot rejoin a running pipeline: fail the job
         monitor_interval=monitor_interval,
         start_method=_start_method(device),
@@ -330,14 +359,23 @@ def run_distributed(
             environ = (then, dict(os.environ))
     records = tempfile.TemporaryDirectory(prefix="fxreplay-failures-")  # each failed rank's record (_leave_record)
     try:
-        with records, _survivors_stopped_at_once(), _failures_reported_here(), _ranks_started_deaf_to_ctrl_c():
+        with records, _survivors_stopped_at_once() as ended, _failures_reported_here(), _ranks_started_deaf_to_ctrl_c():
             try:
-                return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args), records.name,
-                                                                environ, None if environ is None else _LauncherStdio()))
+                for attempt in range(_PORT_TRIES):
+                    try:
+                        return dict(elastic_launch(config, _rank_main)(fn, device, timeout, threads, tuple(args), records.name,
+                                                                        environ, None if environ is None else _LauncherStdio()))
+                    except RendezvousConnectionError:
+                        if attempt == _PORT_TRIES - 1:
+                            raise TrainingError(f"could not start the job's rendezvous store on any of {_PORT_TRIES} free "
+                                                "ports of this machine (each was taken before the store bound it): "
+                                                "retry, or free ports in 20000-32767") from None
+                        config.rdzv_endpoint = f"127.0.0.1:{_free_port()}"  # no rank had started: start on another
+                raise AssertionError("unreachable")
             except ChildFailedError as exc:
                 if all(f.exitcode == -signal.SIGINT for f in exc.failures.values()):
                     raise KeyboardInterrupt from None  # Ctrl-C reached the ranks before this process noticed it
-                failures = job_failures(exc, Path(records.name))
+                failures = job_failures(exc, Path(records.name), ended)
                 rank = root_cause(failures)
                 traces = {r: f.trace for r, f in failures.items() if f.trace}
                 raise RankError(_describe(failures, rank, stages, nproc), rank, traces) from None
@@ -349,9 +387,10 @@ def run_distributed(
 
 
 @contextlib.contextmanager
-def _survivors_stopped_at_once() -> Iterator[None]:
+def _survivors_stopped_at_once() -> Iterator[dict[int, int]]:
     """While a job runs, the survivors of a failed rank are stopped at once -- also one that
-    ignores SIGTERM or is frozen by SIGSTOP (only SIGKILL reaches it).
+    ignores SIGTERM or is frozen by SIGSTOP (only SIGKILL reaches it); yields the exit codes
+    of the ranks that had already ended badly when the failure was seen (filled in then).
 
     The job has failed when a rank fails (a pipeline cannot go on without a stage; the
     checkpoint on disk is what a resume starts from, and it is written atomically), so there
@@ -363,19 +402,40 @@ def _survivors_stopped_at_once() -> Iterator[None]:
     (this launcher process runs one job at a time) ``join`` gets a grace period of 0 -- SIGTERM
     then SIGKILL -- and is put back afterwards. ``tests/test_executor_distributed.py`` times
     a killed, a raising, a silent, a SIGTERM-ignoring and a stopped rank.
+
+    ``join`` reports one failed rank: the first of those ready in one poll, in no particular
+    order. A rank killed by a signal leaves no record of its own, and its neighbours' failures
+    (which follow from it) may be the ones reported -- with forked ranks the server reports
+    each exit, so two exits often land in one poll. So before ``join`` stops the others, the
+    exit code of every rank that has already ended is read (after :data:`_SETTLE` seconds, for
+    an exit the server has not reported yet): a rank killed before the stop is always among
+    them, since nothing follows from a rank before it is dead.
     """
+    import multiprocessing.connection
+
     import torch.multiprocessing as mp
 
     join = mp.ProcessContext.join
+    ended: dict[int, int] = {}
 
     def join_at_once(self: Any, timeout: float | None = None, grace_period: float | None = None) -> Any:
-        return join(self, timeout, 0.0 if grace_period is None else grace_period)
+        grace = 0.0 if grace_period is None else grace_period
+        if not self.sentinels:
+            return join(self, timeout, grace)
+        ready = multiprocessing.connection.wait(list(self.sentinels), timeout=timeout)
+        if any(self.processes[self.sentinels[s]].exitcode for s in ready):
+            time.sleep(_SETTLE)
+            ended.update({i: p.exitcode for i, p in enumerate(self.processes) if p.exitcode})
+        return join(self, 0, grace)  # what was ready still is: join finds the same exits
 
     mp.ProcessContext.join = join_at_once  # type: ignore[method-assign]
     try:
-        yield
+        yield ended
     finally:
         mp.ProcessContext.join = join  # type: ignore[method-assign]
+
+
+_SETTLE = 0.05  # s: for the exit of a rank that ended just before the failure was seen
 
 
 class _Reported(logging.Filter):
@@ -529,10 +589,13 @@ def _leave_record(records: str | None, exc: BaseException) -> None:
         os.replace(tmp, path)  # the launcher reads a whole record or none
 
 
-def job_failures(exc: Any, records: Path | None = None) -> dict[int, Failure]:
+def job_failures(exc: Any, records: Path | None = None, ended: Mapping[int, int] | None = None) -> dict[int, Failure]:
     """Each failed rank of a ChildFailedError: torch elastic reports the one its agent saw
     first (and only that one when several exited between two polls); the ranks' own records
-    (:func:`_leave_record`, in ``records``) add the others and when each failed."""
+    (:func:`_leave_record`, in ``records``) add the others and when each failed, and
+    ``ended`` (rank -> exit code, read when the failure was seen:
+    :func:`_survivors_stopped_at_once`) adds a rank that died without a record -- killed by a
+    signal -- even when elastic reported a neighbour instead."""
     found: dict[int, Failure] = {}
     for rank, failure in exc.failures.items():
         data = getattr(failure, "error_file_data", None)
@@ -548,14 +611,18 @@ def job_failures(exc: Any, records: Path | None = None) -> dict[int, Failure]:
         blames = record.get("blames")
         found[rank] = Failure(_said(str(record.get("message", ""))) or f"rank {rank} failed", int(record["at"]),
                               int(blames) if isinstance(blames, int) else None, record.get("trace") or None)
+    for rank, code in (ended or {}).items():
+        if rank not in found and code:
+            found[rank] = Failure(_exit_message(code))
     return found
 
 
-def describe_failure(exc: Any, stages: int | None = None, world: int | None = None, records: Path | None = None) -> str:
+def describe_failure(exc: Any, stages: int | None = None, world: int | None = None, records: Path | None = None,
+                     ended: Mapping[int, int] | None = None) -> str:
     """One paragraph from a ChildFailedError: the rank whose failure the others follow from
     (:func:`root_cause`), its stage, and its replica when the job is a mesh of ``stages``
     stages × (``world`` / ``stages``) replicas."""
-    failures = job_failures(exc, records)
+    failures = job_failures(exc, records, ended)
     return _describe(failures, root_cause(failures), stages, world)
 
 
@@ -569,11 +636,22 @@ def _describe(failures: Mapping[int, Failure], rank: int, stages: int | None, wo
 
 def _root_message(failure: Any) -> str:
     if failure.exitcode is not None and failure.exitcode < 0:
-        return f"killed by signal {failure.signal_name()} (exit code {failure.exitcode})"
+        return _exit_message(failure.exitcode)
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
-    return _said(str(message or "")) or f"exited with code {failure.exitcode} (its error is in its log above)"
+    return _said(str(message or "")) or _exit_message(failure.exitcode)
+
+
+def _exit_message(code: int | None) -> str:
+    """How a rank that left no error of its own ended, from its exit code."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"{-code}"
+        return f"killed by signal {name} (exit code {code})"
+    return f"exited with code {code} (its error is in its log above)"
 
 
 def _said(text: str) -> str:

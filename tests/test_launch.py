@@ -1,14 +1,19 @@
 """launch.py: which failed rank a job's error names -- the root cause, from the ranks' own
 timed records, not the lowest rank the launcher saw in one poll. Fabricated records and
-failures only: no processes race here (the real jobs are in test_executor_distributed.py)."""
+failures only, and processes that have ended before the code under test looks: no processes
+race here (the real jobs are in test_executor_distributed.py)."""
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from fxreplay import launch
 from fxreplay.errors import PeerError, TrainingError
 from fxreplay.launch import Failure, _leave_record, describe_failure, job_failures, root_cause
 
@@ -35,6 +40,44 @@ def test_a_tie_falls_back_to_the_lower_rank() -> None:
     assert root_cause({2: Failure("b", at=7), 1: Failure("a", at=7)}) == 1
     # Killed by a signal, it wrote nothing: the launcher saw it die before any rank that raised had exited.
     assert root_cause({3: Failure("raised", at=9), 2: Failure("killed by signal SIGKILL")}) == 2
+
+
+def test_a_killed_rank_is_named_when_torch_reports_the_neighbour_it_broke(tmp_path: Path) -> None:
+    # Rank 2 was SIGKILLed; rank 3's receive from it failed and rank 3 exited in the same poll.
+    # torch reports rank 3 alone; the exit codes read when the failure was seen have rank 2's.
+    _record(tmp_path, 3, 1_000_000_000, "TrainingError: could not receive the activations from rank 2", blames=2)
+    exc = SimpleNamespace(failures={3: _raised(3, "TrainingError: could not receive")})
+    assert describe_failure(exc, records=tmp_path).startswith("rank 3 (stage 3) failed first")  # without the exit codes
+    said = describe_failure(exc, records=tmp_path, ended={2: -signal.SIGKILL, 3: 1})
+    assert said.startswith("rank 2 (stage 2) failed first (then rank(s) 3 stopped too): killed by signal SIGKILL")
+
+
+def _sleeps() -> None:
+    time.sleep(60)
+
+
+def _fails() -> None:
+    sys.exit(1)
+
+
+def test_the_exit_codes_of_every_ended_rank_are_read_before_the_others_are_stopped() -> None:
+    # Both ranks have ended before torch's join looks; it reports one of them, in no set order.
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    context = multiprocessing.get_context("fork")  # the processes only sleep or exit: nothing of the parent's is used
+    processes = [context.Process(target=_sleeps), context.Process(target=_fails), context.Process(target=_sleeps)]
+    for p in processes:
+        p.start()
+    processes[0].kill()
+    for p in processes[:2]:
+        p.join(30)
+    with launch._survivors_stopped_at_once() as ended:
+        with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+            mp.ProcessContext(processes, ["/nonexistent"] * 3).join(-1)
+    assert ended == {0: -signal.SIGKILL, 1: 1}  # rank 2 was alive then: stopped by join, not listed
+    assert not processes[2].is_alive()
 
 
 def test_a_failure_that_follows_from_another_names_that_one() -> None:
@@ -101,3 +144,31 @@ def test_only_all_cpu_jobs_are_forked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _start_method(["cpu", "not a device"]) == "spawn"  # the rank names the bad device
     monkeypatch.setenv("FXREPLAY_START_METHOD", "spawn")
     assert _start_method("cpu") == "spawn"
+
+
+def test_a_job_never_joins_a_store_another_process_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs that drew one port: the second must not become a client of the first's store
+    (their ranks would meet each other); it starts on another port instead."""
+    import socket
+
+    from fxreplay.launch import run_distributed
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        drawn: list[int] = []
+        real = launch._free_port
+
+        def draw() -> int:
+            drawn.append(real() if drawn else taken)  # the first draw is the taken port
+            return drawn[-1]
+
+        monkeypatch.setattr(launch, "_free_port", draw)
+        assert run_distributed(_what_a_rank_sees, 2, threads=1) == {0: (None, "0"), 1: (None, "1")}
+    assert len(drawn) == 2 and drawn[0] == taken  # the held port was tried, then one other
+
+
+def test_free_ports_are_drawn_below_the_kernels_ephemeral_range() -> None:
+    ports = {launch._free_port() for _ in range(50)}
+    assert all(20000 <= p < 32768 for p in ports) and len(ports) > 40

@@ -130,12 +130,16 @@ def test_the_process_group_joins_on_the_ranks_mesh_device(monkeypatch: pytest.Mo
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
+    barriers: list[bool] = []
+    monkeypatch.setattr(dist, "barrier", lambda: barriers.append(True))
     got = init_process_group(devices, timeout=5.0)
     assert got == torch.device(expected)
     if got.type == "cuda":
         assert joined["backend"] == "nccl" and joined["device_id"] == got and current == [got]
+        assert barriers == []  # NCCL's eager init joins every rank at once
     else:
         assert joined["backend"] == "gloo" and "device_id" not in joined and current == []
+        assert barriers == [True]  # gloo: nobody starts before every pair is connected
 
 
 def test_the_trainer_places_a_ranks_stage_on_its_mesh_device(monkeypatch: pytest.MonkeyPatch, four_gpus: None) -> None:

@@ -20,6 +20,7 @@ from fxreplay.compiler.profiling import (
     time_stages,
     value_bytes,
 )
+from fxreplay.compiler import profiling
 from fxreplay.compiler.tracing import trace
 from fxreplay.errors import TraceError
 from fxreplay.methods import get as method
@@ -305,7 +306,9 @@ def test_time_stages_runs_a_large_batch_in_pieces_with_the_same_inputs_downstrea
     model[0].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
     model[3].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     time_stages(stages, (x,), repeats=1, rows=4)
-    assert rows_in == [4, 4, 2] * 2  # warm-up and one timed run, in pieces of 4, 4 and 2 rows
+    # Whether it works row by row (the batch, then the first piece, in eval mode without graph);
+    # then the warm-up and one timed run, in pieces of 4, 4 and 2 rows.
+    assert rows_in == [10, 4] + [4, 4, 2] * 2
     with torch.no_grad():
         expected = model[2](model[1](model[0](x)))
     torch.testing.assert_close(torch.cat(seen[-3:]), expected)  # the last stage's pieces of its last run
@@ -320,3 +323,48 @@ def test_time_stages_runs_a_large_batch_in_pieces_with_the_same_inputs_downstrea
     whole[0].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
     assert all(t > 0 for t in time_stages(whole, (x,), repeats=1, rows=4))
     assert rows_in[-2:] == [10, 10]  # fell back to whole batches
+
+
+def test_a_stage_whose_first_dimension_is_not_the_batch_alone_is_timed_whole() -> None:
+    """Pieces along dim 0 are a stage's share of the work only when it works row by row there:
+    a sequence-first attention (dim 0 is the sequence, mixed by the attention) or a B x B
+    similarity (rows mixed) is timed on the whole batch; a row-wise stage in pieces."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2)  # (sequence, batch, features)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+    class Similar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(torch.softmax(h @ h.t(), -1) @ h)  # every row mixes all rows
+
+    # (model, inputs, the cut, the stage that mixes rows along dim 0: None if none does)
+    cases = [(SequenceFirst(), torch.randn(40, 3, 8), "attn", 1), (Similar(), torch.randn(40, 8), "out", 0),
+             (nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 2)), torch.randn(40, 8), "3", None)]
+    for model, x, cut, mixing in cases:
+        stages = fxreplay.compile(model, (x,), K=2, cost="flops", boundaries=[cut]).stages
+        rows_timed: list[list[int]] = []
+        real = profiling._time_stage
+
+        def spy(stage: nn.Module, pieces: list[tuple[Any, ...]], *args: Any) -> Any:
+            rows_timed.append([p[0].shape[0] for p in pieces])
+            return real(stage, pieces, *args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(profiling, "_time_stage", spy)
+            assert all(t > 0 for t in time_stages(stages, (x,), repeats=1, rows=16))
+        for k, timed in enumerate(rows_timed):
+            assert timed == ([40] if k == mixing else [16, 16, 8]), (type(model).__name__, rows_timed)

@@ -339,9 +339,12 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
     are in. Weights, buffers, modes, ``.grad`` (autograd.grad is used) and the RNG are left
     as they were.
 
-    A stage whose tensor inputs and outputs all have the batch as their first dimension runs
-    the batch in pieces of ``rows`` rows, one after another (the time is their sum: the same
-    work, with one piece's activations alive at a time); any other runs it whole.
+    A stage that works row by row along the first dimension (:func:`_row_wise`: its outputs
+    on the first ``rows`` rows are the first rows of its outputs on all of them) runs the batch
+    in pieces of ``rows`` rows, one after another (the time is their sum: the same work, with
+    one piece's activations alive at a time); any other runs it whole -- one whose first
+    dimension is not the batch (sequence-first) or that mixes rows (attention over the batch, a
+    B x B similarity), where a piece's time is not its share of the whole's.
 
     Args:
         skip: stages whose time is known already: they only run a forward without graph
@@ -360,6 +363,8 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
                         value = _as_tuple(stage(*value))
                 continue
             pieces = _pieces(value, rows)
+            if pieces is not None and not _row_wise(stage, value, pieces[0]):
+                pieces = None  # dim 0 is not (only) the batch here: a piece's time is not its share
             timed = _time_stage(stage, pieces or [value], k, last, method, repeats)
             if timed is None and pieces is not None:  # its outputs do not follow the batch: whole
                 timed = _time_stage(stage, [value], k, last, method, repeats)
@@ -382,6 +387,30 @@ def _pieces(value: tuple[Any, ...], rows: int) -> list[tuple[Any, ...]] | None:
         return None
     starts = range(0, batch, rows)
     return [tuple(v[i:i + rows] if isinstance(v, torch.Tensor) else v for v in value) for i in starts]
+
+
+def _row_wise(stage: Any, value: tuple[Any, ...], piece: tuple[Any, ...]) -> bool:
+    """Whether ``stage``, in eval mode and without graph, gives on ``piece`` (the first rows
+    of ``value``) the first rows of what it gives on ``value``: its work is then split by rows
+    exactly, and so is its time. Eval mode: BatchNorm's batch statistics mix rows only as a
+    normalisation, which costs the same per row; dropout is off. Costs one forward of the
+    batch and one of the piece, no graph kept."""
+    with torch.no_grad(), kept_modes([stage], False):
+        whole = tree_flatten(stage(*value))[0]
+        part = tree_flatten(stage(*piece))[0]
+    rows = next(v.shape[0] for v in piece if isinstance(v, torch.Tensor))
+    if len(whole) != len(part) or not whole:
+        return False
+    for w, p in zip(whole, part):
+        if not (isinstance(w, torch.Tensor) and isinstance(p, torch.Tensor)) or p.dim() == 0 or p.shape[0] != rows:
+            return False
+        if p.shape != w[:rows].shape:
+            return False
+        wide = torch.complex128 if w.is_complex() else torch.float64
+        w, p = w[:rows].to(wide), p.to(wide)
+        if not torch.allclose(p, w, rtol=1e-3, atol=1e-4 * float(w.abs().max()) + 1e-12, equal_nan=True):
+            return False
+    return True
 
 
 def _time_stage(stage: Any, pieces: list[tuple[Any, ...]], k: int, last: bool, method: MethodCost,
