@@ -222,6 +222,32 @@ def test_identical_nodes_are_timed_once_and_share_the_time(monkeypatch: pytest.M
     assert costs["_6"].flops_fwd != costs["_0"].flops_fwd  # FLOPs and bytes are still each node's own
 
 
+def test_identical_nodes_share_a_measured_cost_that_equals_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node like one measured already takes that one's FLOPs, saved bytes and times, and
+    computes only its output; the costs are the ones each node gets measured alone, weights
+    counted once (a module called twice holds its weights in its first call)."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.a(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+    x = torch.randn(5, 8)
+    shared = trace(Twice(), example_inputs=(x,)).gm
+    profile(shared, (x,))
+    alone = trace(Twice(), example_inputs=(x,)).gm
+    monkeypatch.setattr(Profiler, "_timing_key", lambda self, n, args, kwargs: None)  # every node measured alone
+    profile(alone, (x,))
+    costs = {n.name: n.meta["cost"] for n in shared.graph.nodes}
+    assert costs == {n.name: n.meta["cost"] for n in alone.graph.nodes}
+    linears = [c for name, c in costs.items() if name.startswith(("a", "b"))]
+    assert len(linears) == 3 and [c.param_bytes for c in linears] == [288, 288, 0]
+    assert len({dataclasses.replace(c, param_bytes=0) for c in linears}) == 1
+
+
 def test_profile_on_a_named_device_writes_the_same_costs_onto_the_graph() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(3, 4)
@@ -294,10 +320,10 @@ def test_time_stages_feeds_each_stage_what_the_previous_returns() -> None:
         torch.testing.assert_close(value, expected)
 
 
-def test_time_stages_runs_a_large_batch_in_pieces_with_the_same_inputs_downstream() -> None:
-    """Batches larger than ``rows`` run piece by piece (one piece's activations alive at a
-    time); the next stage still gets the whole batch's outputs. A stage whose output does not
-    follow the batch (a sum over it) runs whole."""
+def test_time_stages_times_a_sample_of_rows_when_every_stage_works_row_by_row() -> None:
+    """Every stage row by row: each is timed on the first ``rows`` rows only (what the stages
+    before it give on them), its time scaled to the batch. A stage whose output does not
+    follow the batch (a sum over it) runs whole, on the whole batch."""
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
     x = torch.randn(10, 4)
     stages = _two_stages(model, x)
@@ -305,13 +331,16 @@ def test_time_stages_runs_a_large_batch_in_pieces_with_the_same_inputs_downstrea
     seen: list[torch.Tensor] = []
     model[0].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
     model[3].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-    time_stages(stages, (x,), repeats=1, rows=4)
-    # Whether it works row by row (the batch, then the first piece, in eval mode without graph);
-    # then the warm-up and one timed run, in pieces of 4, 4 and 2 rows.
-    assert rows_in == [10, 4] + [4, 4, 2] * 2
+    real = profiling._time_stage
+    with pytest.MonkeyPatch.context() as mp:  # each stage's run over its pieces "takes" 1 s
+        mp.setattr(profiling, "_time_stage", lambda *a: (1.0, real(*a)[1]))
+        assert time_stages(stages, (x,), repeats=1, rows=4) == [2.5, 2.5]  # 4 of the 10 rows timed
+    # Whether it works row by row (8 rows, then 4, in eval mode without graph); then the
+    # warm-up and one timed run, on the first 4 rows.
+    assert rows_in == [8, 4, 4, 4]
     with torch.no_grad():
         expected = model[2](model[1](model[0](x)))
-    torch.testing.assert_close(torch.cat(seen[-3:]), expected)  # the last stage's pieces of its last run
+    torch.testing.assert_close(seen[-1], expected[:4])  # the last stage's inputs in its last run
 
     class Summed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,13 +351,15 @@ def test_time_stages_runs_a_large_batch_in_pieces_with_the_same_inputs_downstrea
     rows_in.clear()
     whole[0].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
     assert all(t > 0 for t in time_stages(whole, (x,), repeats=1, rows=4))
-    assert rows_in[-2:] == [10, 10]  # fell back to whole batches
+    assert rows_in[-2:] == [10, 10]  # the whole batch, warm-up and timed run
 
 
 def test_a_stage_whose_first_dimension_is_not_the_batch_alone_is_timed_whole() -> None:
     """Pieces along dim 0 are a stage's share of the work only when it works row by row there:
     a sequence-first attention (dim 0 is the sequence, mixed by the attention) or a B x B
-    similarity (rows mixed) is timed on the whole batch; a row-wise stage in pieces."""
+    similarity (rows mixed) is timed on the whole batch; a row-wise stage beside it in pieces,
+    one after another (the next stage gets the whole batch's outputs); when every stage works
+    row by row, each on a sample of rows."""
 
     class SequenceFirst(nn.Module):
         def __init__(self) -> None:
@@ -367,4 +398,5 @@ def test_a_stage_whose_first_dimension_is_not_the_batch_alone_is_timed_whole() -
             mp.setattr(profiling, "_time_stage", spy)
             assert all(t > 0 for t in time_stages(stages, (x,), repeats=1, rows=16))
         for k, timed in enumerate(rows_timed):
-            assert timed == ([40] if k == mixing else [16, 16, 8]), (type(model).__name__, rows_timed)
+            expected = [16] if mixing is None else [40] if k == mixing else [16, 16, 8]
+            assert timed == expected, (type(model).__name__, rows_timed)

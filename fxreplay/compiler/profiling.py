@@ -107,7 +107,7 @@ class Profiler(fx.Interpreter):
         self._total = len(gm.graph.nodes)
         self._done = 0
         self._seen_params: set[int] = set()
-        self._times: dict[Hashable, tuple[float, float]] = {}  # timing signature -> (fwd, bwd) seconds
+        self._known: dict[Hashable, NodeCost] = {}  # timing signature -> the cost of the node measured with it
         # Parameters and buffers autograd saves (a Linear keeps its weight for the input's
         # gradient) are the model's state, not activations: measured memory leaves them out too.
         self._state_storages = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
@@ -206,9 +206,19 @@ class Profiler(fx.Interpreter):
             return t
 
         run = getattr(self, n.op)
-        key = self._timing_key(n, args, kwargs) if self.measure_time else None
-        timed = self._times.get(key) if key is not None else None
-        retain = self.measure_time and timed is None  # the graph is kept for the timed backwards
+        key = self._timing_key(n, args, kwargs)
+        known = self._known.get(key) if key is not None else None
+        if known is not None:
+            # A node like one measured already (ResNet-164: 54 blocks of three shapes): its
+            # FLOPs, saved activations and times are that one's; only its output is computed.
+            with torch.enable_grad():
+                out = run(n.target, args, kwargs)
+            n.meta["is_tuple"] = isinstance(out, (tuple, list))
+            n.meta["is_container"] = is_tensor_container(out)
+            n.meta["cost"] = dataclasses.replace(known, out_bytes=value_bytes(out), param_bytes=param_bytes)
+            return tree_map(_detached, out)
+        retain = self.measure_time  # the graph is kept for the timed backwards
+        inputs_untracked = False  # the op refused tracked inputs: measured on the plain ones
         with torch.enable_grad():
             with FlopCounterMode(display=False) as fwd_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 try:
@@ -220,6 +230,7 @@ class Profiler(fx.Interpreter):
                     # histogram) runs on values the model does not track: measured as the model runs it.
                     (args, kwargs), inputs = plain, []
                     out = run(n.target, args, kwargs)
+                    inputs_untracked = True
             flops_fwd = fwd_counter.get_total_flops()
             outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
             wrt = inputs + [p for p in params if p.requires_grad]
@@ -230,17 +241,13 @@ class Profiler(fx.Interpreter):
                     torch.autograd.grad(outs, wrt, grads, retain_graph=retain, allow_unused=True)
                 flops_bwd = bwd_counter.get_total_flops()
         time_fwd = time_bwd = 0.0
-        if timed is not None:
-            time_fwd, time_bwd = timed
-        elif self.measure_time:
+        if self.measure_time:
             time_fwd = self._median(lambda: run(n.target, args, kwargs), grad=False)
             if outs and wrt:
                 grads = [torch.ones_like(o) for o in outs]
                 time_bwd = self._median(
                     lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True, allow_unused=True), grad=True
                 )
-            if key is not None:
-                self._times[key] = (time_fwd, time_bwd)
         if flops_fwd == 0:
             # The FLOP counter only knows matmuls and convolutions; count one operation per
             # output element for the rest (norms, activations, adds) so they are not free.
@@ -258,6 +265,8 @@ class Profiler(fx.Interpreter):
             time_fwd=time_fwd,
             time_bwd=time_bwd,
         )
+        if key is not None and not inputs_untracked:
+            self._known[key] = n.meta["cost"]
         # Detached, each keeping whether the model's own forward would track it (what code
         # such as `if x.requires_grad:` -- a guard here -- reads): the measurement's inputs
         # are fresh leaves, which all require grad.
@@ -331,20 +340,23 @@ quarter of its stages' share)."""
 
 def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost = PLAIN, repeats: int = 1,
                 skip: Sequence[bool] | None = None, rows: int = ROWS_TIMED) -> list[float]:
-    """Seconds of one iteration's work of each stage, timed whole (median of ``repeats``
-    after a warm-up): FR stages before the last play (no grad), replay (forward keeping the
-    graph) and backpropagate; the last stage and the other methods' stages run a forward
-    with graph and a backward. The inputs of stage k are stage k-1's outputs on
-    ``example_inputs``. The stages run in training mode whatever mode they and the model
-    are in. Weights, buffers, modes, ``.grad`` (autograd.grad is used) and the RNG are left
-    as they were.
+    """Seconds of one iteration's work of each stage on the batch of ``example_inputs``
+    (median of ``repeats`` after a warm-up): FR stages before the last play (no grad), replay
+    (forward keeping the graph) and backpropagate; the last stage and the other methods'
+    stages run a forward with graph and a backward. The inputs of stage k are stage k-1's
+    outputs. The stages run in training mode whatever mode they and the model are in.
+    Weights, buffers, modes, ``.grad`` (autograd.grad is used) and the RNG are left as they
+    were.
 
-    A stage that works row by row along the first dimension (:func:`_row_wise`: its outputs
-    on the first ``rows`` rows are the first rows of its outputs on all of them) runs the batch
-    in pieces of ``rows`` rows, one after another (the time is their sum: the same work, with
-    one piece's activations alive at a time); any other runs it whole -- one whose first
-    dimension is not the batch (sequence-first) or that mixes rows (attention over the batch, a
-    B x B similarity), where a piece's time is not its share of the whole's.
+    A stage's work is split by rows along the first dimension when it works row by row there
+    (:func:`_row_wise`: its outputs on the first rows are the first rows of its outputs on
+    more). When every stage does, each is timed on the first ``rows`` rows only and its time
+    scaled to the batch (ResNet-164 at batch 128: a quarter of the work and of the memory;
+    the scale is the same for every stage, so the balance is what was measured). Otherwise a
+    stage that does runs the batch in pieces of ``rows`` rows, one after another (the time is
+    their sum: one piece's activations alive at a time), and any other runs it whole -- one
+    whose first dimension is not the batch (sequence-first) or that mixes rows (attention over
+    the batch, a B x B similarity), where a piece's time is not its share of the whole's.
 
     Args:
         skip: stages whose time is known already: they only run a forward without graph
@@ -354,6 +366,11 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
     out: list[float] = []
     with forked_rng(), kept_buffers(b for stage in stages for b in stage.buffers()), kept_modes(stages, True):
         value: tuple[Any, ...] = tuple(example_inputs)
+        scale = 1.0
+        sample = _pieces(value, rows)
+        if sample is not None and _all_row_wise(stages, value):
+            scale = _rows(value) / _rows(sample[0])
+            value = sample[0]
         for k, stage in enumerate(stages):
             last = k == len(stages) - 1
             if skip is not None and skip[k]:
@@ -363,16 +380,30 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
                         value = _as_tuple(stage(*value))
                 continue
             pieces = _pieces(value, rows)
-            if pieces is not None and not _row_wise(stage, value, pieces[0]):
+            if pieces is not None and not _row_wise(stage, value)[0]:
                 pieces = None  # dim 0 is not (only) the batch here: a piece's time is not its share
             timed = _time_stage(stage, pieces or [value], k, last, method, repeats)
             if timed is None and pieces is not None:  # its outputs do not follow the batch: whole
                 timed = _time_stage(stage, [value], k, last, method, repeats)
             assert timed is not None
             seconds, outputs = timed
-            out.append(seconds)
+            out.append(seconds * scale)
             value = outputs[0] if len(outputs) == 1 else tuple(torch.cat(parts) for parts in zip(*outputs))
     return out
+
+
+def _rows(value: tuple[Any, ...]) -> int:
+    return next(v.shape[0] for v in value if isinstance(v, torch.Tensor))
+
+
+def _all_row_wise(stages: Any, value: tuple[Any, ...]) -> bool:
+    """Whether every stage works row by row (:func:`_row_wise`), each checked on what the
+    stages before it give on a few rows."""
+    for stage in stages:
+        row_wise, value = _row_wise(stage, value)
+        if not row_wise:
+            return False
+    return True
 
 
 def _pieces(value: tuple[Any, ...], rows: int) -> list[tuple[Any, ...]] | None:
@@ -389,41 +420,58 @@ def _pieces(value: tuple[Any, ...], rows: int) -> list[tuple[Any, ...]] | None:
     return [tuple(v[i:i + rows] if isinstance(v, torch.Tensor) else v for v in value) for i in starts]
 
 
-def _row_wise(stage: Any, value: tuple[Any, ...], piece: tuple[Any, ...]) -> bool:
-    """Whether ``stage``, in eval mode and without graph, gives on ``piece`` (the first rows
-    of ``value``) the first rows of what it gives on ``value``: its work is then split by rows
-    exactly, and so is its time. Eval mode: BatchNorm's batch statistics mix rows only as a
-    normalisation, which costs the same per row; dropout is off. Costs one forward of the
-    batch and one of the piece, no graph kept."""
-    with torch.no_grad(), kept_modes([stage], False):
-        whole = tree_flatten(stage(*value))[0]
-        part = tree_flatten(stage(*piece))[0]
-    rows = next(v.shape[0] for v in piece if isinstance(v, torch.Tensor))
+ROWS_CHECKED = 4
+"""Rows of the piece :func:`_row_wise` compares (against twice as many)."""
+
+
+def _row_wise(stage: Any, value: tuple[Any, ...]) -> tuple[bool, tuple[Any, ...]]:
+    """Whether ``stage``, in eval mode and without graph, gives on the first
+    :data:`ROWS_CHECKED` rows of ``value`` the first rows of what it gives on twice as many:
+    its work, and so its time, is then split by rows along the first dimension. False where
+    that dimension is not (only) the batch -- sequence-first, attention over the batch, a
+    B x B similarity -- or where the stage cannot run on fewer rows. Eval mode: BatchNorm's
+    batch statistics mix rows only as a normalisation, which costs the same per row; dropout
+    is off. Costs two forwards of a few rows. Also returns what it gave on the larger part
+    (for the next stage's check)."""
+    rows = min(ROWS_CHECKED, _rows(value) // 2)
+    if rows < 1:
+        return False, ()
+
+    def first(n: int) -> tuple[Any, ...]:
+        return tuple(v[:n] if isinstance(v, torch.Tensor) else v for v in value)
+
+    try:
+        with torch.no_grad(), kept_modes([stage], False):
+            result = _as_tuple(stage(*first(2 * rows)))
+            part = tree_flatten(stage(*first(rows)))[0]
+    except Exception:  # e.g. a shape written for the whole batch: timed whole, as it runs
+        return False, ()
+    whole = tree_flatten(result)[0]
     if len(whole) != len(part) or not whole:
-        return False
+        return False, ()
     for w, p in zip(whole, part):
         if not (isinstance(w, torch.Tensor) and isinstance(p, torch.Tensor)) or p.dim() == 0 or p.shape[0] != rows:
-            return False
-        if p.shape != w[:rows].shape:
-            return False
+            return False, ()
+        if w.shape[0] != 2 * rows or p.shape != w[:rows].shape:
+            return False, ()
         wide = torch.complex128 if w.is_complex() else torch.float64
         w, p = w[:rows].to(wide), p.to(wide)
         if not torch.allclose(p, w, rtol=1e-3, atol=1e-4 * float(w.abs().max()) + 1e-12, equal_nan=True):
-            return False
-    return True
+            return False, ()
+    return True, result
 
 
 def _time_stage(stage: Any, pieces: list[tuple[Any, ...]], k: int, last: bool, method: MethodCost,
                 repeats: int) -> tuple[float, list[tuple[Any, ...]]] | None:
-    """The median seconds of one iteration of ``stage`` over ``pieces`` (after a warm-up), and
-    each piece's outputs, detached; None when there are several pieces and an output does not
+    """The median seconds of one iteration of ``stage`` over ``pieces`` (after a warm-up on the
+    first piece), and each piece's outputs, detached; None when there are several pieces and an output does not
     have its piece's rows as first dimension (they cannot be put back into one batch)."""
     times = []
     outputs: list[tuple[Any, ...]] = []
-    for _ in range(repeats + 1):
+    for run in range(repeats + 1):
         outputs = []
         start = time.perf_counter()
-        for piece in pieces:
+        for piece in pieces[:1] if run == 0 else pieces:  # the warm-up: one piece does it
             inputs = tuple(v.detach().requires_grad_(k > 0) if _needs_grad(v) else v for v in piece)
             wrt = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad] + [p for p in stage.parameters() if p.requires_grad]
             if method.replay and not last:
