@@ -400,3 +400,27 @@ def test_a_stage_whose_first_dimension_is_not_the_batch_alone_is_timed_whole() -
         for k, timed in enumerate(rows_timed):
             expected = [16] if mixing is None else [40] if k == mixing else [16, 16, 8]
             assert timed == expected, (type(model).__name__, rows_timed)
+
+
+def test_a_stage_whose_training_graph_needs_the_whole_batch_is_timed_on_it() -> None:
+    """Row by row in eval mode, but its training forward is written for the batch it was
+    traced with: timing on fewer rows fails, so it is timed on the whole batch instead of
+    failing the partition."""
+
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                return self.fc(x).reshape(10, 4)  # the traced batch, written in
+            return self.fc(x)
+
+    x = torch.randn(10, 4)
+    stages = fxreplay.compile(nn.Sequential(nn.Linear(4, 4), Fixed(), nn.Linear(4, 2)), (x,), K=2, cost="flops",
+                              leaf_modules=[Fixed], boundaries=["1"]).stages
+    rows_in: list[int] = []
+    stages[1].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
+    assert all(t > 0 for t in time_stages(stages, (x,), repeats=1, rows=4))
+    assert rows_in[-2:] == [10, 10]

@@ -363,32 +363,42 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
             (for the next stage's inputs) and their time is NaN.
         rows: rows per piece (0: whole batches).
     """
-    out: list[float] = []
     with forked_rng(), kept_buffers(b for stage in stages for b in stage.buffers()), kept_modes(stages, True):
         value: tuple[Any, ...] = tuple(example_inputs)
-        scale = 1.0
         sample = _pieces(value, rows)
         if sample is not None and _all_row_wise(stages, value):
-            scale = _rows(value) / _rows(sample[0])
-            value = sample[0]
-        for k, stage in enumerate(stages):
-            last = k == len(stages) - 1
-            if skip is not None and skip[k]:
-                out.append(float("nan"))
-                if not last:
-                    with torch.no_grad():
-                        value = _as_tuple(stage(*value))
-                continue
-            pieces = _pieces(value, rows)
-            if pieces is not None and not _row_wise(stage, value)[0]:
-                pieces = None  # dim 0 is not (only) the batch here: a piece's time is not its share
-            timed = _time_stage(stage, pieces or [value], k, last, method, repeats)
-            if timed is None and pieces is not None:  # its outputs do not follow the batch: whole
-                timed = _time_stage(stage, [value], k, last, method, repeats)
-            assert timed is not None
-            seconds, outputs = timed
-            out.append(seconds * scale)
-            value = outputs[0] if len(outputs) == 1 else tuple(torch.cat(parts) for parts in zip(*outputs))
+            try:
+                return _timed(stages, sample[0], _rows(value) / _rows(sample[0]), method, repeats, skip, rows)
+            except Exception:
+                pass  # the training graph refuses fewer rows (a shape written for the batch): timed as it runs
+        return _timed(stages, value, 1.0, method, repeats, skip, rows)
+
+
+def _timed(stages: Any, value: tuple[Any, ...], scale: float, method: MethodCost, repeats: int,
+           skip: Sequence[bool] | None, rows: int) -> list[float]:
+    """:func:`time_stages` on ``value``, each time multiplied by ``scale``."""
+    out: list[float] = []
+    for k, stage in enumerate(stages):
+        last = k == len(stages) - 1
+        if skip is not None and skip[k]:
+            out.append(float("nan"))
+            if not last:
+                with torch.no_grad():
+                    value = _as_tuple(stage(*value))
+            continue
+        pieces = _pieces(value, rows)
+        timed = None
+        if pieces is not None and _row_wise(stage, value)[0]:  # else a piece's time is not its share
+            try:
+                timed = _time_stage(stage, pieces, k, last, method, repeats)  # None: outputs do not follow the batch
+            except Exception:
+                timed = None  # the training graph refuses fewer rows: timed whole, as it runs
+        if timed is None:
+            timed = _time_stage(stage, [value], k, last, method, repeats)
+        assert timed is not None
+        seconds, outputs = timed
+        out.append(seconds * scale)
+        value = outputs[0] if len(outputs) == 1 else tuple(torch.cat(parts) for parts in zip(*outputs))
     return out
 
 
