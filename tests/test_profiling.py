@@ -424,3 +424,15 @@ def test_a_stage_whose_training_graph_needs_the_whole_batch_is_timed_on_it() -> 
     stages[1].register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0]))
     assert all(t > 0 for t in time_stages(stages, (x,), repeats=1, rows=4))
     assert rows_in[-2:] == [10, 10]
+
+
+def test_the_row_check_takes_empty_outputs_and_values_without_a_batch() -> None:
+    class Split(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x * 2, x[:, :0]  # an empty column block beside the rows
+
+    x = torch.randn(10, 4)
+    row_wise, result = profiling._row_wise(Split(), (x,))
+    assert row_wise and [tuple(v.shape) for v in result] == [(8, 4), (8, 0)]
+    assert profiling._row_wise(Split(), ([x, x],)) == (False, ())  # tensors only inside a list: no batch
+    assert profiling._row_wise(Split(), (x, torch.tensor(1.0))) == (False, ())  # a 0-d tensor beside it

@@ -368,7 +368,7 @@ def time_stages(stages: Any, example_inputs: tuple[Any, ...], method: MethodCost
         sample = _pieces(value, rows)
         if sample is not None and _all_row_wise(stages, value):
             try:
-                return _timed(stages, sample[0], _rows(value) / _rows(sample[0]), method, repeats, skip, rows)
+                return _timed(stages, sample[0], _batch(value) / rows, method, repeats, skip, rows)
             except Exception:
                 pass  # the training graph refuses fewer rows (a shape written for the batch): timed as it runs
         return _timed(stages, value, 1.0, method, repeats, skip, rows)
@@ -402,8 +402,15 @@ def _timed(stages: Any, value: tuple[Any, ...], scale: float, method: MethodCost
     return out
 
 
-def _rows(value: tuple[Any, ...]) -> int:
-    return next(v.shape[0] for v in value if isinstance(v, torch.Tensor))
+def _batch(value: tuple[Any, ...]) -> int | None:
+    """The first dimension that every tensor in ``value`` has, when every tensor is an entry
+    of the tuple itself with at least one dimension (None: ``value`` is not cut by rows)."""
+    tensors = [v for v in value if isinstance(v, torch.Tensor)]
+    if not tensors or any(v.dim() == 0 for v in tensors) or any(
+            isinstance(leaf, torch.Tensor) for v in value if not isinstance(v, torch.Tensor) for leaf in tree_flatten(v)[0]):
+        return None
+    batch = tensors[0].shape[0]
+    return batch if all(v.shape[0] == batch for v in tensors) else None
 
 
 def _all_row_wise(stages: Any, value: tuple[Any, ...]) -> bool:
@@ -417,17 +424,12 @@ def _all_row_wise(stages: Any, value: tuple[Any, ...]) -> bool:
 
 
 def _pieces(value: tuple[Any, ...], rows: int) -> list[tuple[Any, ...]] | None:
-    """``value`` cut into pieces of ``rows`` rows along the first dimension, when every tensor
-    in it is a tuple entry with the same first dimension, larger than ``rows`` (None: not cut)."""
-    tensors = [v for v in value if isinstance(v, torch.Tensor)]
-    if rows <= 0 or not tensors or any(v.dim() == 0 for v in tensors):
+    """``value`` cut into pieces of ``rows`` rows along the first dimension, when it has a
+    batch (:func:`_batch`) larger than ``rows`` (None: not cut)."""
+    batch = _batch(value)
+    if rows <= 0 or batch is None or batch <= rows:
         return None
-    batch = tensors[0].shape[0]
-    if batch <= rows or any(v.shape[0] != batch for v in tensors) or any(
-            isinstance(leaf, torch.Tensor) for v in value if not isinstance(v, torch.Tensor) for leaf in tree_flatten(v)[0]):
-        return None
-    starts = range(0, batch, rows)
-    return [tuple(v[i:i + rows] if isinstance(v, torch.Tensor) else v for v in value) for i in starts]
+    return [tuple(v[i:i + rows] if isinstance(v, torch.Tensor) else v for v in value) for i in range(0, batch, rows)]
 
 
 ROWS_CHECKED = 4
@@ -443,7 +445,8 @@ def _row_wise(stage: Any, value: tuple[Any, ...]) -> tuple[bool, tuple[Any, ...]
     batch statistics mix rows only as a normalisation, which costs the same per row; dropout
     is off. Costs two forwards of a few rows. Also returns what it gave on the larger part
     (for the next stage's check)."""
-    rows = min(ROWS_CHECKED, _rows(value) // 2)
+    batch = _batch(value)
+    rows = min(ROWS_CHECKED, (batch or 0) // 2)
     if rows < 1:
         return False, ()
 
@@ -466,7 +469,7 @@ def _row_wise(stage: Any, value: tuple[Any, ...]) -> tuple[bool, tuple[Any, ...]
             return False, ()
         wide = torch.complex128 if w.is_complex() else torch.float64
         w, p = w[:rows].to(wide), p.to(wide)
-        if not torch.allclose(p, w, rtol=1e-3, atol=1e-4 * float(w.abs().max()) + 1e-12, equal_nan=True):
+        if w.numel() and not torch.allclose(p, w, rtol=1e-3, atol=1e-4 * float(w.abs().max()) + 1e-12, equal_nan=True):
             return False, ()
     return True, result
 
@@ -502,8 +505,7 @@ def _time_stage(stage: Any, pieces: list[tuple[Any, ...]], k: int, last: bool, m
 
 def _follows(outputs: tuple[Any, ...], piece: tuple[Any, ...]) -> bool:
     """Whether every output is a tensor with the piece's rows as its first dimension."""
-    rows = next(v.shape[0] for v in piece if isinstance(v, torch.Tensor))
-    return all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == rows for o in outputs)
+    return all(isinstance(o, torch.Tensor) for o in outputs) and _batch(outputs) == _batch(piece)
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:
