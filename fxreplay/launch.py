@@ -337,6 +337,7 @@ def run_distributed(
 
     if nproc < 1:
         raise TrainingError(f"nproc must be >= 1, got {nproc}")
+    _quiet_timer_teardown()
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -384,6 +385,34 @@ def run_distributed(
         if exc.sigval == signal.SIGINT or isinstance(exc.__cause__, _CtrlC):
             raise KeyboardInterrupt from None
         raise TrainingError(f"stopped by signal {exc.sigval.name}: all {nproc} ranks were stopped") from None
+
+
+def _torch_timer_teardown(unraisable: Any) -> bool:
+    """Whether an unraisable error is torch elastic's rendezvous keep-alive timer failing to
+    join itself: when the handler of an interrupted job is garbage-collected in the timer's
+    own thread, the timer's finalizer runs there, sets the stop event (the thread ends) and
+    then raises "cannot join current thread" (torch 2.14, ``rendezvous/utils.py``). Harmless,
+    but Python prints it as a traceback after fxreplay's one-paragraph message."""
+    return (isinstance(unraisable.exc_value, RuntimeError) and "cannot join current thread" in str(unraisable.exc_value)
+            and any(f.f_code.co_name == "_stop_thread" and f.f_code.co_filename.endswith(os.path.join("elastic", "rendezvous", "utils.py"))
+                    for f, _ in traceback.walk_tb(unraisable.exc_traceback)))
+
+
+def _quiet_timer_teardown() -> None:
+    """Drop :func:`_torch_timer_teardown`'s error from ``sys.unraisablehook`` (installed once;
+    every other unraisable error goes to the hook there was)."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_fxreplay", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _torch_timer_teardown(unraisable):
+            previous(unraisable)
+
+    hook._fxreplay = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -172,3 +173,39 @@ def test_a_job_never_joins_a_store_another_process_listens_on(monkeypatch: pytes
 def test_free_ports_are_drawn_below_the_kernels_ephemeral_range() -> None:
     ports = {launch._free_port() for _ in range(50)}
     assert all(20000 <= p < 32768 for p in ports) and len(ports) > 40
+
+
+def test_torch_s_rendezvous_timer_failing_to_join_itself_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted job's rendezvous handler, collected in its keep-alive timer's own thread,
+    made Python print "Exception ignored ... cannot join current thread" after the message."""
+    import gc
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed.elastic.rendezvous.utils import _PeriodicTimer
+
+    seen: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))  # stands for Python's printer
+    launch._quiet_timer_teardown()
+    launch._quiet_timer_teardown()  # once is enough: not wrapped twice
+    holder: dict[str, Any] = {}
+    dropped = threading.Event()
+
+    def tick() -> None:
+        if holder.pop("timer", None) is not None:  # the last reference goes in the timer's thread
+            gc.collect()
+            dropped.set()
+
+    timer = _PeriodicTimer(timedelta(seconds=0.01), tick)
+    timer.start()
+    holder["timer"] = timer
+    del timer
+    assert dropped.wait(10)
+
+    class Broken:
+        def __del__(self) -> None:
+            raise ValueError("other errors still show")
+
+    Broken()
+    gc.collect()
+    assert seen == ["other errors still show"]
