@@ -1,6 +1,6 @@
 """The reports of the converged CIFAR-10 comparison (issue 13), and one table over both learning rates.
 
-    python benchmarks/converged_summary.py [--runs benchmarks/runs] [--out benchmarks/results]
+    python benchmarks/converged_summary.py [--runs benchmarks/runs [--runs OTHER ...]] [--out benchmarks/results]
 
 The comparison is 20 runs of hours in all, so it is made over several sessions and machines, and its
 run directories (RUNS/converged-lr<rate>/<method>-K<k>-s<seed>/, as `benchmarks/cifar_converged.sh`
@@ -111,9 +111,12 @@ def label(method: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="the run directories' root")
+    parser.add_argument("--runs", type=Path, action="append",
+                        help="a root of run directories (give it again for runs made in several checkouts); "
+                             "default benchmarks/runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    roots: list[Path] = args.runs or [Path("benchmarks/runs")]
     store = args.out / "converged-runs"
     recorded_file = store / "recorded.json"
     recorded = json.loads(recorded_file.read_text())["runs"] if recorded_file.is_file() else {}
@@ -122,14 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     pending: list[str] = []
     late: dict[str, list[float]] = {}
     configs: list[dict] = []
-    rows, seeds = discovered(args.runs, store)
+    rows, seeds = discovered(*roots, store)
     for rate in RATES:
         runs = []  # (method, K, kept directory) of this rate's kept runs of ROWS and SEEDS, for its report
         for seed in seeds:
             for method, K in rows:
                 name = f"{method}-K{K}-s{seed}"
-                live, kept = args.runs / f"converged-lr{rate}" / name, store / f"lr{rate}" / name
-                kept_now = keep(live, kept)
+                kept = store / f"lr{rate}" / name
+                lives = [root / f"converged-lr{rate}" / name for root in roots]
+                live = next((p for p in lives if p.is_dir()), lives[0])
+                kept_now = any([keep(p, kept) for p in lives if p.is_dir()])
                 run = load_run(method, K, kept)
                 if finished(run):
                     if (method, K) in ROWS and seed in SEEDS:

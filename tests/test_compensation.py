@@ -15,7 +15,7 @@ from torch import nn
 
 from fxreplay.errors import TrainingError
 from fxreplay.executor import LocalExecutor
-from fxreplay.methods.compensation import lr_multiplier, parse, spike_coefficients
+from fxreplay.methods.compensation import lr_multiplier, parse, spike_coefficients, stretch_coefficients
 from test_methods import batches, mlp, split, weights
 
 LR, MU, WD = 0.1, 0.9, 1e-3
@@ -66,15 +66,16 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                 loss_fn(out, data[b][1]).backward()
             else:
                 out.backward(delta[(k, b)])
-            a, c = (MU ** d, sum(MU ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
+            mu, lr = (1 - (1 - MU) / (d + 1), LR / (d + 1)) if "stretch" in rules else (MU, LR)
+            a, c = (mu ** d, sum(mu ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
             m = (d + 1) ** -(1 - min(t / round(10 * (d + 1) / (1 - MU)), 1)) if "lr" in rules else 1.0
             steps = []
             with torch.no_grad():
                 for i, p in enumerate(params[k]):
                     g = p.grad + WD * p
-                    v = g.clone() if velocity[k][i] is None else MU * velocity[k][i] + g
+                    v = g.clone() if velocity[k][i] is None else mu * velocity[k][i] + g
                     velocity[k][i] = v
-                    step = -LR * m * (a * v + c * g)
+                    step = -lr * m * (a * v + c * g)
                     p.add_(step)
                     steps.append(step)
             last[k] = steps
@@ -83,7 +84,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
     return losses
 
 
-@pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "predict+spike", "lr+predict+shrink+spike"])
+@pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "predict+spike", "predict+spike+stretch",
+                                   "lr+predict+shrink+spike+stretch"])
 def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     data = batches(6)
     ref_stages = split(mlp(), 3)
@@ -109,7 +111,7 @@ def test_the_reference_without_rules_is_algorithm_1_and_so_is_none() -> None:
 
 
 @pytest.mark.parametrize("method", ["fr", "ddg"])
-@pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "auto"])
+@pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "auto"])
 def test_one_stage_with_any_rule_is_bp_bit_for_bit(method: str, rules: str) -> None:
     data = batches(5)
     comp = LocalExecutor([mlp()], method, optimizer=sgd, loss_fn=loss_fn, compensation=rules)
@@ -152,23 +154,39 @@ def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> No
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused() -> None:
+@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch"])
+def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused(rules: str) -> None:
     data = batches(8)
-    straight = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    straight = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
     for x, y in data:
         straight.step(x, y)
-    first = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    first = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
     for x, y in data[:4]:
         first.step(x, y)
     state = copy.deepcopy(first.job_state())
-    second = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    second = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
     second.load_job_state(state)
     for x, y in data[4:]:
         second.step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(weights(straight.stages), weights(second.stages)))
-    other = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="predict")
+    other = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="shrink")
     with pytest.raises(TrainingError, match="compensation"):
         other.load_job_state(copy.deepcopy(state))
+
+
+def test_a_checkpoint_whose_auto_meant_other_rules_is_refused() -> None:
+    """``auto`` is recorded with the rules it resolved to: a version whose ``auto`` means other
+    rules refuses to resume the run rather than change its algorithm mid-run."""
+    first = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    for x, y in batches(3):
+        first.step(x, y)
+    state = copy.deepcopy(first.job_state())
+    for worker in state["executor"]["workers"]:
+        if worker.get("compensation"):
+            worker["compensation"]["rules"] = "shrink+spike"  # what auto meant in another version
+    again = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    with pytest.raises(TrainingError, match="meant the rules 'shrink\\+spike'"):
+        again.load_job_state(state)
 
 
 def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
@@ -188,6 +206,15 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
     nesterov = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)  # noqa: E731
     with pytest.raises(TrainingError, match="nesterov"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="spike")
+    with pytest.raises(TrainingError, match="stretch.*Adam"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="stretch")
+    with pytest.raises(TrainingError, match="nesterov"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="stretch")
+    plain = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    with pytest.raises(TrainingError, match="momentum 0"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=plain, loss_fn=loss_fn, compensation="stretch")
+    with pytest.raises(TrainingError, match="official.*stretch"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="official+stretch")
     with pytest.raises(TrainingError, match="features-replay"):
         LocalExecutor(split(mlp(), 2), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="official")
     LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="predict+lr+shrink")  # any optimizer
@@ -221,6 +248,10 @@ def test_formulas() -> None:
     assert lr_multiplier(0, 0, 0.9) == 1.0
     assert lr_multiplier(3, 0, 0.9) == pytest.approx(0.25)
     assert lr_multiplier(3, 400, 0.9) == 1.0 and 0.25 < lr_multiplier(3, 200, 0.9) < 1.0
+    assert stretch_coefficients(0.9, 0) == (1.0, 0.9)
+    scale, mu = stretch_coefficients(0.9, 3)
+    assert scale == 0.25 and mu == pytest.approx(0.975)
+    assert scale / (1 - mu) == pytest.approx(1 / (1 - 0.9))  # a gradient's total step is unchanged: η/(1-μ)
 
 
 # ----------------------------------------------------------- tied weights, ranks, the CLI
@@ -230,7 +261,7 @@ def test_tied_copies_stay_identical_under_every_rule() -> None:
     from test_shared import copies, small_data, tied_stages
 
     pipe = tied_stages()
-    ex = LocalExecutor(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), compensation="lr+predict+spike")
+    ex = LocalExecutor(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), compensation="lr+predict+spike+stretch")
     plain = LocalExecutor(tied_stages().stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
     (group,) = copies(pipe)
     for x, y in small_data(6):
@@ -240,7 +271,7 @@ def test_tied_copies_stay_identical_under_every_rule() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(weights(list(ex.stages)), weights(list(plain.stages))))
 
 
-RULES = "lr+predict+shrink+spike"
+RULES = "lr+predict+shrink+spike+stretch"
 
 
 def _rank_compensated(K: int) -> dict[str, Any]:
@@ -311,3 +342,24 @@ def test_cli_trains_with_a_rule_and_a_resume_cannot_change_it(tmp_path: Any) -> 
     assert again.exit_code == 0, again.output
     assert_user_error(run_cli("train", "--method", "bp", "--compensation", "auto", "--out", str(tmp_path / "bp")),
                       "train.compensation")
+
+
+# ----------------------------------------------------------- the analysis behind auto
+def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
+    """benchmarks/delay_stability.py: BP's limit is 2(1+μ); a delay shrinks it (momentum makes it
+    worse than for plain SGD); predict+spike helps; stretch helps further at every delay."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "delay_stability.py"
+    spec = importlib.util.spec_from_file_location("delay_stability", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    limit = module.largest_stable
+    assert limit(0.9, 0) == pytest.approx(3.8, rel=0.05)
+    assert limit(0.0, 1) == pytest.approx(1.0, rel=0.05)  # plain SGD, one step late: x' = x - a·x_{t-1}
+    assert limit(0.9, 1) < 0.15 < limit(0.9, 1, predict=True, spike=True)
+    for d in (1, 2, 3):
+        assert limit(0.9, d) < limit(0.9, d, predict=True, spike=True) < limit(0.9, d, predict=True, spike=True, stretch=True)
+    assert module.spectral_radius(0.01, 0.9, 3, stretch=True) < 1 < module.spectral_radius(0.3, 0.9, 3, stretch=True)

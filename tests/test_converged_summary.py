@@ -127,3 +127,13 @@ def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monke
     assert rows.index("FR") < rows.index("FR+auto") < rows.index("DDG")
     assert "- lr 0.1 FR+predict+spike K=4 seed 0 (2 epochs evaluated)" in summary
     assert (out / "converged-runs" / "lr0.1" / "fr+auto-K4-s2" / "metrics.jsonl").is_file()
+
+    # Runs made in another checkout join through a second --runs root: kept and counted like the others.
+    other = tmp_path / "other-checkout"
+    errors = [55.0 - 4 * e for e in range(EPOCHS)]
+    _run(other / "converged-lr0.1" / "fr+stretch-K4-s0", "fr+stretch", 4, 0, errors)
+    script.main(["--runs", str(runs), "--runs", str(other), "--out", str(out)])
+    again = (out / "converged-summary.md").read_text()
+    assert _cell(again, "Best test error", "FR+stretch", "lr 0.1, K=4") == f"{min(errors):.2f} (n=1)"
+    assert (out / "converged-runs" / "lr0.1" / "fr+stretch-K4-s0" / "metrics.jsonl").is_file()
+    assert "- lr 0.1 FR+predict+spike K=4 seed 0 (2 epochs evaluated)" in again  # still listed from the first root

@@ -25,15 +25,22 @@ rule        where it acts                     formula (source)
             gradient                          b = (1-μ^{d_k})/(1-μ): the d_k momentum terms
                                               the gradient missed, at once (spike
                                               compensation, Kosson et al., MLSys 2021)
+``stretch`` the stage's momentum horizon      η_k = η/(d_k+1), μ_k = 1-(1-μ)/(d_k+1): every
+                                              gradient still moves the weights by η/(1-μ)
+                                              in total, spread over d_k+1 times as many
+                                              iterations (this project; the delayed
+                                              heavy-ball analysis of
+                                              benchmarks/delay_stability.py)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
 =========== ================================= =============================================
 
 Rules compose with ``+`` (``predict+spike``); ``auto`` is the recommended combination for the
 stage's optimizer (see :func:`resolve`); ``none`` is Algorithm 1 exactly. Where a rule assumes an optimizer it checks
-it when the stage is built: ``spike`` and ``official`` need ``torch.optim.SGD`` (spike: with
-momentum, no Nesterov, no dampening); ``lr`` reads μ from SGD's momentum or Adam's β₁;
-``predict`` and ``shrink`` work with any optimizer.
+it when the stage is built: ``spike``, ``stretch`` and ``official`` need ``torch.optim.SGD``
+(spike and stretch: with momentum, no Nesterov, no dampening); ``lr`` reads μ from SGD's
+momentum or Adam's β₁; ``predict`` and ``shrink`` work with any optimizer. With ``spike`` and
+``stretch`` together, spike's coefficients use the stretched μ_k.
 
 A parameter held by several stages (a tied embedding) takes the *uncompensated* step in
 every holder, so that its copies stay identical (its holders have different delays); the
@@ -55,26 +62,29 @@ import torch
 
 from ..errors import TrainingError
 
-__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_OTHER", "parse", "resolve", "spike_coefficients", "lr_multiplier", "validate", "describe"]
+__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_OTHER", "parse", "resolve", "spike_coefficients",
+           "stretch_coefficients", "lr_multiplier", "validate", "describe"]
 
 RULES: dict[str, str] = {
     "lr": "learning rate by delay, rising to the full rate (PipeMare)",
     "shrink": "δ sent down scaled by β (FDG's gradient shrinking)",
     "predict": "forward at the weights the delayed update will meet (weight prediction)",
     "spike": "a late gradient's missed momentum terms applied at once (spike compensation)",
+    "stretch": "a late gradient spread over a momentum horizon d+1 times longer, at the same total step",
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
-AUTO = "lr+predict+spike"
-"""What ``auto`` means with SGD and heavy-ball momentum: the recommended rules (README,
-"Staleness compensation", has the screening that chose them). Their constants depend only on
-d_k and the optimizer's μ."""
+AUTO = "predict+spike+stretch"
+"""What ``auto`` means with SGD and heavy-ball momentum: the recommended rules (docs/compensation.md
+has the analysis and the screening that chose them). Their constants depend only on d_k and the
+optimizer's μ. (Until 2026-12-06 it was ``lr+predict+spike``; a checkpoint records the rules its
+``auto`` meant, and a resume under other rules is refused.)"""
 
 AUTO_OTHER = "lr+predict"
-"""What ``auto`` means with any other optimizer (Adam, Nesterov SGD, ...): spike compensation
-models heavy-ball momentum only; the prediction needs nothing of the optimizer and ``lr``
-reads μ from SGD's momentum or Adam's β₁."""
+"""What ``auto`` means with any other optimizer (Adam, Nesterov SGD, ...): spike compensation and
+the stretched horizon model heavy-ball momentum only; the prediction needs nothing of the
+optimizer and ``lr`` reads μ from SGD's momentum or Adam's β₁."""
 
 DEFAULT_SHRINK = 0.5  # FDG's β; their best per-row values were 0.2-0.5
 
@@ -154,7 +164,8 @@ def resolve(comp: Compensation, optimizer: torch.optim.Optimizer) -> Compensatio
         return comp
     groups = [g for g in optimizer.param_groups if g["params"]] or optimizer.param_groups
     heavy_ball = isinstance(optimizer, torch.optim.SGD) and all(
-        float(g.get("momentum", 0)) > 0 and not g.get("nesterov") and g.get("dampening", 0) == 0 for g in groups)
+        float(g.get("momentum", 0)) > 0 and not g.get("nesterov") and g.get("dampening", 0) == 0 and not g.get("maximize")
+        for g in groups)
     return parse(AUTO if heavy_ball else AUTO_OTHER)
 
 
@@ -171,6 +182,26 @@ def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
     a = momentum ** delay
     b = float(delay) if momentum == 1 else (1 - a) / (1 - momentum)
     return a, b
+
+
+def stretch_coefficients(momentum: float, delay: int) -> tuple[float, float]:
+    """``stretch``'s ``(lr factor, μ_k)`` for a stage whose gradients are ``delay`` late.
+
+    Heavy-ball SGD moves the weights by η·g/(1−μ) in total for each gradient g, η·g at once
+    and the rest over ~1/(1−μ) iterations. A gradient d iterations late feeds back into a
+    loop that reacts faster than the delay allows: a curvature that BP damps in ~19
+    iterations diverges (at μ = 0.9 the largest stable η·λ falls from 3.8 to 0.034 at d = 3).
+    Stretching the stage's momentum horizon by d+1, μ_k = 1 − (1−μ)/(d+1), at the learning
+    rate η/(d+1) keeps every gradient's total step η/(1−μ) and spreads it over d+1 times as
+    many iterations; with ``predict`` and ``spike`` the largest stable η·λ at d = 3 goes from
+    0.072 to 0.26 (``python benchmarks/delay_stability.py``). d = 0 gives (1, μ): plain SGD.
+
+    >>> stretch_coefficients(0.9, 3)
+    (0.25, 0.975)
+    """
+    if delay <= 0:
+        return 1.0, momentum
+    return 1.0 / (delay + 1), 1.0 - (1.0 - momentum) / (delay + 1)
 
 
 def lr_multiplier(delay: int, iteration: int, momentum: float) -> float:
@@ -206,19 +237,27 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
     """
     sgd = isinstance(optimizer, torch.optim.SGD)
     groups = [g for g in optimizer.param_groups if g["params"]] or optimizer.param_groups
-    if "spike" in comp:
+    for rule in ("spike", "stretch"):
+        if rule not in comp:
+            continue
         if not sgd:
             raise TrainingError(
-                f"compensation 'spike' corrects SGD's momentum buffer, and this stage's optimizer is "
-                f"{type(optimizer).__name__}: use torch.optim.SGD with momentum, or drop spike (predict, lr and shrink "
+                f"compensation {rule!r} corrects SGD's momentum step, and this stage's optimizer is "
+                f"{type(optimizer).__name__}: use torch.optim.SGD with momentum, or drop {rule} (predict, lr and shrink "
                 "work with any optimizer)."
             )
         for g in groups:
-            if g.get("nesterov") or g.get("dampening", 0) != 0:
+            if g.get("nesterov") or g.get("dampening", 0) != 0 or g.get("maximize"):
                 raise TrainingError(
-                    "compensation 'spike' assumes plain heavy-ball momentum (w ← w − η·v), but the optimizer has "
-                    f"nesterov={g.get('nesterov')} dampening={g.get('dampening')}: set nesterov=False and dampening=0, or drop spike."
+                    f"compensation {rule!r} assumes plain heavy-ball momentum (w ← w − η·v), but the optimizer has "
+                    f"nesterov={g.get('nesterov')} dampening={g.get('dampening')} maximize={g.get('maximize')}: set "
+                    f"nesterov=False, dampening=0 and maximize=False, or drop {rule}."
                 )
+        if rule == "stretch" and any(float(g.get("momentum", 0)) <= 0 for g in groups):
+            raise TrainingError(
+                "compensation 'stretch' lengthens SGD's momentum horizon, and this optimizer has momentum 0: "
+                "use SGD with momentum (e.g. 0.9), or drop stretch."
+            )
     if "official" in comp:
         if method != "fr":
             raise TrainingError(f"compensation 'official' is the published features-replay code's recipe; it does not apply to {method}.")
@@ -227,8 +266,9 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 "compensation 'official' switches SGD to Nesterov momentum, which needs torch.optim.SGD with momentum > 0 "
                 f"and dampening 0 (the optimizer is {type(optimizer).__name__}); use such an SGD or another rule."
             )
-    if "official" in comp and "spike" in comp:
-        raise TrainingError("compensation 'official' uses Nesterov momentum, which 'spike' does not model; use one of them.")
+    for rule in ("spike", "stretch"):
+        if "official" in comp and rule in comp:
+            raise TrainingError(f"compensation 'official' uses Nesterov momentum, which {rule!r} does not model; use one of them.")
 
 
 class Compensator:
@@ -310,28 +350,35 @@ class Compensator:
     def step(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
         """The stage's update at ``iteration`` (of the gradient d_k iterations late), compensated.
 
-        The optimizer takes its own step; ``spike`` then turns SGD's ``−η·v`` into
-        ``−η(a·v + b·g)`` and ``lr`` scales the displacement by m_k(t) (for SGD and Adam the
+        The optimizer takes its own step; ``stretch`` then rewrites SGD's velocity as
+        ``v ← μ_k·v + g`` (in the optimizer's own momentum buffer, so checkpoints carry it) and
+        the step as ``−η_k·v``; ``spike`` turns ``−η·v`` into ``−η(a·v + b·g)`` (with μ_k and η_k
+        under stretch); ``lr`` scales the displacement by m_k(t) (for SGD and Adam the
         displacement is proportional to lr, so this is the step at m_k(t)·lr). Parameters
         shared with other stages keep the plain step.
         """
         self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
         spike = "spike" in self.comp and self.delay > 0
+        stretch = "stretch" in self.comp and self.delay > 0
         factor = self._step_factor(iteration)
         record = "predict" in self.comp
-        rewrite = spike or factor != 1.0
+        rewrite = spike or stretch or factor != 1.0
         if not (rewrite or record):
             optimizer.step()
             return
         before = [p.detach().clone() if p.grad is not None else None for p in self.params]
         groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
         grads: list[torch.Tensor | None] = []
-        if spike:
+        velocity: list[torch.Tensor | None] = []  # stretch: each own parameter's velocity before the step
+        if spike or stretch:
             grads = [p.grad.detach() + float(g.get("weight_decay", 0.0)) * p.detach() if p.grad is not None else None
                      for p, g in zip(self.params, groups)]
+        if stretch:
+            velocity = [self._buffer(optimizer, p, own) for p, own in zip(self.params, self._own)]
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
         optimizer.step()
-        a, b = spike_coefficients(self.momentum, self.delay)
+        lr_scale, mu = stretch_coefficients(self.momentum, self.delay) if stretch else (1.0, self.momentum)
+        a, b = spike_coefficients(mu, self.delay) if spike else (1.0, 0.0)
         steps: list[torch.Tensor | None] = []
         with torch.no_grad():
             for i, (p, w0) in enumerate(zip(self.params, before)):
@@ -340,7 +387,15 @@ class Compensator:
                     continue
                 if rewrite and self._own[i]:
                     d = p.detach() - w0
-                    if spike:
+                    v = optimizer.state.get(p, {}).get("momentum_buffer") if stretch else None
+                    if v is not None:  # stretch (a parameter outside the optimizer has no buffer: not stepped)
+                        g = grads[i]
+                        assert g is not None
+                        old = velocity[i]
+                        if old is not None:  # torch's first step sets v = g, as μ_k·0 + g would
+                            v.copy_(mu * old + g)
+                        d = -lrs[i] * lr_scale * (a * v + b * g)
+                    elif spike:
                         g = grads[i]
                         assert g is not None
                         d = a * d - lrs[i] * b * g
@@ -350,6 +405,12 @@ class Compensator:
                 steps.append(p.detach() - w0)
         if record:
             self.last_step = steps
+
+    @staticmethod
+    def _buffer(optimizer: torch.optim.Optimizer, p: torch.Tensor, own: bool) -> torch.Tensor | None:
+        """A copy of SGD's momentum buffer of ``p`` before the step (None before its first step)."""
+        buf = optimizer.state.get(p, {}).get("momentum_buffer") if own else None
+        return None if buf is None else buf.detach().clone()
 
     def _groups_of(self, optimizer: torch.optim.Optimizer) -> list[int | None]:
         """The index of each of ``self.params``' groups in ``optimizer`` (None: not in it), found once
@@ -369,6 +430,14 @@ class Compensator:
             raise TrainingError(
                 f"the checkpoint was trained with compensation {state['name']!r}, this run asks for {self.name!r}: "
                 "resume with the same compensation, or start a new run."
+            )
+        rules = state.get("rules")
+        if rules is not None and rules != self.comp.name:  # ``auto`` resolved to other rules when the run started
+            raise TrainingError(
+                f"the checkpoint's compensation {state['name']!r} meant the rules {rules!r} when the run started, and "
+                f"here it means {self.comp.name!r} (this version of fxreplay chose other rules for {state['name']!r}): "
+                "resuming would change the algorithm mid-run. Finish the run with the fxreplay version that started it, "
+                "or start a new run."
             )
         steps = state["last_step"]
         self.last_step = None if steps is None else [
