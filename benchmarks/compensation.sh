@@ -10,7 +10,7 @@
 #   The table that decides (BP, FR none, FR with the chosen rules at K = 2, 4, both rates, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
 #
-# RULES="fr+auto fr+predict" overrides the list; SEEDS="0 1 2" the seeds of `table`. Rerunning resumes each
+# RULES="fr+predict+spike+stretch fr+predict" overrides the list; SEEDS="0 1 2" the seeds of `table`. Rerunning resumes each
 # interrupted run from its last epoch and reuses finished ones (one `fxreplay compare` per list, a run
 # directory in use is refused), so a session can restart it first thing. Each run takes ~20-40 min on one
 # core. The run directories are git-ignored; benchmarks/converged_summary.py keeps every finished run's
@@ -24,14 +24,14 @@ SPLIT4=4=layer1.2,layer2.1,layer3
 mode=${1:-screen}
 case "$mode" in
   screen)
-    rules=${RULES:-"fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink fr+predict+shrink fr+official"}
+    rules=${RULES:-"fr+predict+spike+stretch fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+stretch fr+lr fr+shrink fr+official"}
     for r in $rules; do
       fxreplay compare --config "$CONFIG" --methods "$r" --K 4 --seeds 0 --lr 0.1 --boundaries "$SPLIT4" \
         --out benchmarks/runs/converged-lr0.1
     done ;;
   table)
     lr=${2:-0.1}
-    rules=${RULES:-"fr+auto ddg+auto"}
+    rules=${RULES:-"fr+predict+spike+stretch ddg+predict+spike+stretch"}  # auto's rules by name: a later auto is another row
     for seed in ${SEEDS:-0 1 2}; do
       fxreplay compare --config "$CONFIG" --methods bp --K 2 --seeds "$seed" --lr "$lr" --boundaries "$SPLIT2" \
         --out "benchmarks/runs/converged-lr$lr"
@@ -46,7 +46,7 @@ case "$mode" in
     for f in /usr/share/datasets/fashion-mnist/*.gz; do
       test -f "$raw/$(basename "$f" .gz)" || gunzip -c "$f" > "$raw/$(basename "$f" .gz)"
     done
-    rules=${RULES:-"bp fr fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink"}
+    rules=${RULES:-"bp fr fr+predict+spike+stretch fr+lr+predict+spike+stretch fr+stretch fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch"}
     fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr 0.1 \
       --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy
     exit 0 ;;

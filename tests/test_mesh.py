@@ -21,6 +21,7 @@ from fxreplay.launch import run_distributed
 from test_executor_distributed import _children, _failure_logging_loaded, _rank_dies, _seconds_since_event
 
 METHODS = ("bp", "fr", "ddg")
+COMPENSATED = ("fr", "ddg")  # the delayed methods, with compensation="auto" (predict+spike+stretch for this SGD)
 K, D, STEPS = 2, 2, 10  # the issue asks for >= 10 steps
 
 
@@ -46,6 +47,12 @@ def _rank_mesh() -> dict[str, Any]:
         ex.close()
         out[method] = (losses, {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex.stage, ex.replica)
         out[f"{method} overlapped"] = ex._dp.started_in_backward if ex._dp is not None else None
+    for method in COMPENSATED:  # staleness compensation on the mesh: every replica compensates alike
+        ex = DistributedExecutor(stages(), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D,
+                                 compensation="auto")
+        losses = [ex.step(x, y) for x, y in data()]
+        ex.close()
+        out[f"{method}+auto"] = (losses, {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex.stage, ex.replica)
     # one parameter per bucket: every all-reduce its own, started mid-backward
     ex = DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D, bucket_bytes=1)
     for x, y in data():
@@ -96,6 +103,20 @@ def test_k2_by_d2_equals_the_local_executor_on_the_whole_batch() -> None:
             for rank in range(K * D):
                 state = results[rank]["fr-presharded"]
                 assert all(torch.equal(state[k], v) for k, v in results[rank]["fr"][1].items())
+    for method in COMPENSATED:
+        local = LocalExecutor(stages(), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), compensation="auto")
+        losses = [local.step(x, y) for x, y in data()]
+        plain = LocalExecutor(stages(), method, optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
+        for x, y in data():
+            plain.step(x, y)
+        for rank in range(K * D):
+            got_losses, state, stage, replica = results[rank][f"{method}+auto"]
+            for name, value in local.stages[stage].state_dict().items():
+                torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=f"{method}+auto rank {rank} {name}")
+            if stage == K - 1:
+                assert got_losses == pytest.approx(losses, abs=1e-6), method
+        # compensation changed the delayed stage: not the plain method under another name
+        assert not torch.allclose(local.stages[0].state_dict()["0.weight"], plain.stages[0].state_dict()["0.weight"], atol=1e-4)
     for rank in range(K * D):
         # BP's and FR's all-reduces start during the backward (one bucket per stage here); DDG's
         # delayed stages build their graph on a snapshot of the weights, so their buckets start
