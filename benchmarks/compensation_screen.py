@@ -1,6 +1,7 @@
 """The 8-epoch screening of the compensation rules on the converged CIFAR-10 benchmark, from its kept runs.
 
     python benchmarks/compensation_screen.py [--runs benchmarks/results/compensation/screen8] [--epochs 8]
+    python benchmarks/compensation_screen.py --sigma benchmarks/results/compensation/sigma
 
 Each run is the first EPOCHS epochs of a converged run (ResNet-20, the 5,000-image subset, lr 0.1, K = 4,
 seed 2, the pinned split; configs/resnet20_cifar10_5k.yaml): the same epochs as the full run, since the
@@ -11,44 +12,69 @@ error of the last three epochs screened; the full runs decide (benchmarks/conver
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from fxreplay.runlog import RunMetrics, label, load_run  # noqa: E402
+
 NOTES = {  # runs made with a diagnostic change of the code, not with a rule of the package
-    "diag-lr-permanent": "diagnostic: lr/(d+1) for good, no momentum stretch",
-    "diag-nesterov-only": "diagnostic: official's Nesterov alone (no lr doubling, BN as Algorithm 1)",
+    "diag-lr-permanent": "FR + lr/(d+1) for good, no momentum stretch (diagnostic)",
+    "diag-nesterov-only": "FR + official's Nesterov alone, no lr doubling, BN as Algorithm 1 (diagnostic)",
 }
 
 
-def epochs_of(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("kind") == "epoch" and r.get("test_accuracy") is not None]
+def runs_in(root: Path) -> list[tuple[str, RunMetrics]]:
+    """(name without -K<k>, run) for every run directory under ``root``."""
+    found = []
+    for path in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
+        name, _, k = path.name.rpartition("-K")
+        found.append((name, load_run(name, int(k) if k.isdigit() else 0, path)))
+    return found
+
+
+def screen(root: Path, epochs: int) -> None:
+    """Mean training loss and test error of the last three of the first ``epochs`` epochs."""
+    rows = []
+    for name, run in runs_in(root):
+        evaluated = [e for e in run.epochs if e.get("test_accuracy") is not None][:epochs]
+        if len(evaluated) < epochs:
+            print(f"skipped {name}: {len(evaluated)} of {epochs} epochs")
+            continue
+        last = evaluated[-3:]
+        loss = statistics.fmean(e["train_loss"] for e in last)
+        rows.append((loss, name, statistics.fmean(100 * (1 - e["test_accuracy"]) for e in last)))
+    bp = next((loss for loss, name, _ in rows if name == "bp"), None)
+    print(f"| run | train loss, epochs {epochs - 2}–{epochs} | vs BP | test error %, same epochs |")
+    print("|---|---:|---:|---:|")
+    for loss, name, error in sorted(rows):
+        gap = "—" if bp is None or name == "bp" else f"{loss - bp:+.3f}"
+        print(f"| {NOTES.get(name, label(name))} | {loss:.3f} | {gap} | {error:.1f} |")
+
+
+def sigma(root: Path) -> None:
+    """Mean σ per module over a run's measurements, and its last test error."""
+    print("| run | σ, modules 1 / 2 / … | last test error % |")
+    print("|---|---|---:|")
+    for name, run in runs_in(root):
+        if not run.sigma:
+            continue
+        means = [statistics.fmean(values[k] for _, values in run.sigma) for k in range(len(run.sigma[0][1]))]
+        print(f"| {label(name)} | {' / '.join(f'{m:.2f}' for m in means)} | {run.final_test_error:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("benchmarks/results/compensation/screen8"))
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--sigma", type=Path, help="instead: the σ table of the runs in this directory "
+                        "(benchmarks/results/compensation/sigma)")
     args = parser.parse_args(argv)
-    rows = []
-    for run in sorted(p for p in args.runs.iterdir() if (p / "metrics.jsonl").is_file()):
-        epochs = epochs_of(run)[:args.epochs]
-        if len(epochs) < args.epochs:
-            print(f"skipped {run.name}: {len(epochs)} of {args.epochs} epochs")
-            continue
-        last = epochs[-3:]
-        loss = statistics.fmean(e["train_loss"] for e in last)
-        error = statistics.fmean(100 * (1 - e["test_accuracy"]) for e in last)
-        name = run.name.rsplit("-K", 1)[0]
-        rows.append((loss, name, error))
-    bp = next((loss for loss, name, _ in rows if name == "bp"), None)
-    print(f"| run | train loss, epochs {args.epochs - 2}–{args.epochs} | vs BP | test error %, same epochs |")
-    print("|---|---:|---:|---:|")
-    for loss, name, error in sorted(rows):
-        label = NOTES.get(name, name.upper() if "+" not in name else "FR + " + name.split("+", 1)[1])
-        gap = "—" if bp is None or name == "bp" else f"{loss - bp:+.3f}"
-        print(f"| {label} | {loss:.3f} | {gap} | {error:.1f} |")
+    if args.sigma is not None:
+        sigma(args.sigma)
+    else:
+        screen(args.runs, args.epochs)
 
 
 if __name__ == "__main__":

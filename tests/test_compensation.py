@@ -213,6 +213,12 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
     plain = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
     with pytest.raises(TrainingError, match="momentum 0"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=plain, loss_fn=loss_fn, compensation="stretch")
+    def mixed(params: Any) -> torch.optim.Optimizer:  # two groups, two momenta
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:1], "momentum": 0.5}, {"params": params[1:]}], lr=0.1, momentum=0.9)
+
+    with pytest.raises(TrainingError, match="different ones"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=mixed, loss_fn=loss_fn, compensation="stretch")
     with pytest.raises(TrainingError, match="official.*stretch"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="official+stretch")
     with pytest.raises(TrainingError, match="features-replay"):

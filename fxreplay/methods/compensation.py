@@ -266,6 +266,14 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 "compensation 'official' switches SGD to Nesterov momentum, which needs torch.optim.SGD with momentum > 0 "
                 f"and dampening 0 (the optimizer is {type(optimizer).__name__}); use such an SGD or another rule."
             )
+    mus = {float(g.get("momentum", g.get("betas", (0.0,))[0])) for g in groups}
+    reading = [rule for rule in ("lr", "spike", "stretch") if rule in comp]
+    if reading and len(mus) > 1:
+        raise TrainingError(
+            f"compensation {'+'.join(reading)} computes with the optimizer's momentum μ, and its parameter groups have "
+            f"different ones ({', '.join(f'{m:g}' for m in sorted(mus))}): give every group the same momentum, or drop "
+            f"{' and '.join(reading)}."
+        )
     for rule in ("spike", "stretch"):
         if "official" in comp and rule in comp:
             raise TrainingError(f"compensation 'official' uses Nesterov momentum, which {rule!r} does not model; use one of them.")
