@@ -6,7 +6,9 @@
 #   Screening (its worst point: lr 0.1, K = 4, seed 0), every rule, one run each:
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh screen > benchmarks/runs/compensation-screen.log 2>&1 &
 #   A quick proxy first (Fashion-MNIST, a small BN CNN, K = 4, lr 0.1, 2 epochs; ~10 min a run):
-#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy
+#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy          # LR=0.3 for the higher rate
+#   The same at K = 8 on a 9-conv BN CNN (examples/deep_cnn.py; ~15 min a run):
+#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy8
 #   The table that decides (BP, FR none, FR with the chosen rules at K = 2, 4, both rates, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
 #
@@ -38,18 +40,27 @@ case "$mode" in
       fxreplay compare --config "$CONFIG" --methods "fr,ddg,${rules// /,}" --K 2,4 --seeds "$seed" --lr "$lr" \
         --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
     done ;;
-  proxy)
-    # The quick screen (~10 min a run on one core): Fashion-MNIST (Debian: apt-get install
-    # dataset-fashion-mnist), examples/mnist_cnn.py, K = 4, lr 0.1, 2 epochs, batch 128, seed 0.
+  proxy|proxy8)
+    # The quick screens (~10-15 min a run on one core): Fashion-MNIST (Debian: apt-get install
+    # dataset-fashion-mnist), 2 epochs, batch 128, seed 0. proxy: examples/mnist_cnn.py, K = 4, lr $LR
+    # (0.1); proxy8: examples/deep_cnn.py (9 convolutions), K = 8, lr 0.1.
     raw=data/FashionMNIST/raw
     mkdir -p "$raw"
     for f in /usr/share/datasets/fashion-mnist/*.gz; do
       test -f "$raw/$(basename "$f" .gz)" || gunzip -c "$f" > "$raw/$(basename "$f" .gz)"
     done
-    rules=${RULES:-"bp fr fr+predict+spike+stretch fr+lr+predict+spike+stretch fr+stretch fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch"}
-    fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr 0.1 \
-      --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy
+    if [ "$mode" = proxy ]; then
+      lr=${LR:-0.1}
+      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=1.5 fr+lr+predict+spike+stretch=1 fr+stretch=1 fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch ddg+predict+spike+stretch=1 ddg+predict+spike+stretch=1.5"}
+      suffix=$([ "$lr" = 0.1 ] || echo "-lr$lr")
+      fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr "$lr" \
+        --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy$suffix"
+    else
+      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=1.5"}
+      fxreplay compare --model examples/deep_cnn.py --data torchvision:FashionMNIST --data-root data --K 8 --lr 0.1 \
+        --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
+    fi
     exit 0 ;;
-  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | proxy" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | proxy | proxy8" >&2; exit 2 ;;
 esac
 python benchmarks/converged_summary.py

@@ -2,6 +2,7 @@
 
     python benchmarks/compensation_screen.py [--runs benchmarks/results/compensation/screen8] [--epochs 8]
     python benchmarks/compensation_screen.py --sigma benchmarks/results/compensation/sigma
+    python benchmarks/compensation_screen.py --proxy benchmarks/results/compensation/proxy   # or proxy-lr0.3, proxy8
 
 Each run is the first EPOCHS epochs of a converged run (ResNet-20, the 5,000-image subset, lr 0.1, K = 4,
 seed 2, the pinned split; configs/resnet20_cifar10_5k.yaml): the same epochs as the full run, since the
@@ -64,15 +65,30 @@ def sigma(root: Path) -> None:
         print(f"| {label(name)} | {' / '.join(f'{m:.2f}' for m in means)} | {run.final_test_error:.1f} |")
 
 
+def proxy(root: Path) -> None:
+    """Each proxy run's test error after its last epoch and the gap to BP's."""
+    rows = [(run.final_test_error, name) for name, run in runs_in(root) if run.final_test_error is not None]
+    bp = next((error for error, name in rows if name == "bp"), None)
+    print("| run | test error % | gap to BP (points) |")
+    print("|---|---:|---:|")
+    for error, name in sorted(rows):
+        gap = "—" if bp is None or name == "bp" else f"{error - bp:+.2f}"
+        print(f"| {label(name)} | {error:.2f} | {gap} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("benchmarks/results/compensation/screen8"))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--sigma", type=Path, help="instead: the σ table of the runs in this directory "
                         "(benchmarks/results/compensation/sigma)")
+    parser.add_argument("--proxy", type=Path, help="instead: the test-error table of the proxy runs in this directory "
+                        "(benchmarks/results/compensation/proxy, proxy-lr0.3, proxy8)")
     args = parser.parse_args(argv)
     if args.sigma is not None:
         sigma(args.sigma)
+    elif args.proxy is not None:
+        proxy(args.proxy)
     else:
         screen(args.runs, args.epochs)
 

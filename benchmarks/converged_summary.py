@@ -91,8 +91,8 @@ def discovered(*roots: Path) -> tuple[list[tuple[str, int]], list[int]]:
     """The (method, K) rows and seeds of ROWS/SEEDS plus those of every run directory under ``roots``
     (``<method>-K<k>-s<seed>``: compensated variants such as ``fr+auto`` and seeds beyond SEEDS)."""
     rows, seeds = list(ROWS), list(SEEDS)
-    for root in roots:
-        for path in sorted(root.glob("converged-lr*/*")) if root.is_dir() else []:
+    for root in roots:  # run roots hold converged-lr<rate>/<run>; the kept runs lr<rate>/<run>
+        for path in sorted([*root.glob("converged-lr*/*"), *root.glob("lr*/*")]) if root.is_dir() else []:
             match = RUN_NAME.match(path.name)
             if match and path.is_dir():
                 row, seed = (match["method"], int(match["K"])), int(match["seed"])

@@ -14,7 +14,8 @@ iterations to shrink an error by e (1/−ln ρ) across curvatures. It is the ana
 The model of each rule, for a gradient g evaluated d iterations late:
 - ``predict``: g is taken at ŵ = w_{t−d} + d·(w_{t−d} − w_{t−d−1}) (the weights the update will meet);
 - ``spike``: w ← w − η(μ^d·v + (1−μ^d)/(1−μ)·g);
-- ``stretch``: the stage's momentum is 1 − (1−μ)/(d+1) and its learning rate η/(d+1).
+- ``stretch``: the stage's momentum is 1 − (1−μ)/s and its learning rate η/s, s = (d+1)^p (p = 2,
+  the default; the ``stretch=1`` and ``stretch=1.5`` rows show p = 1 and 1.5).
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ CURVATURES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
 def spectral_radius(a: float, mu: float, delay: int, spike: bool = False, predict: bool = False,
-                    stretch: bool = False) -> float:
+                    stretch: bool = False, power: float = 2.0) -> float:
     """ρ of the linear map (w_t, …, w_{t−d−1}, v_t) → next, for ∂f/∂w = λw and a = η·λ."""
     eta = 1.0
     if stretch and delay > 0:
-        mu, eta = 1 - (1 - mu) / (delay + 1), 1.0 / (delay + 1)
+        s = (delay + 1) ** power
+        mu, eta = 1 - (1 - mu) / s, 1.0 / s
     n = delay + 3
 
     def step(state: np.ndarray) -> np.ndarray:
@@ -51,7 +53,7 @@ def spectral_radius(a: float, mu: float, delay: int, spike: bool = False, predic
     return float(max(abs(np.linalg.eigvals(matrix))))
 
 
-def largest_stable(mu: float, delay: int, **rules: bool) -> float:
+def largest_stable(mu: float, delay: int, **rules: float) -> float:
     """The largest a on a fine log grid (1e-4 … 10) below which every a is stable."""
     last = 0.0
     for a in np.geomspace(1e-4, 10, 400):
@@ -64,12 +66,14 @@ def largest_stable(mu: float, delay: int, **rules: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 7])
     args = ap.parse_args()
     mu = args.momentum
     variants = {
         "none": {}, "spike": {"spike": True}, "predict": {"predict": True},
         "predict+spike": {"spike": True, "predict": True},
+        "predict+spike+stretch=1": {"spike": True, "predict": True, "stretch": True, "power": 1.0},
+        "predict+spike+stretch=1.5": {"spike": True, "predict": True, "stretch": True, "power": 1.5},
         "predict+spike+stretch": {"spike": True, "predict": True, "stretch": True},
     }
     header = "| delay | rule | largest stable a | " + " | ".join(f"a={a:g}" for a in CURVATURES) + " |"
@@ -77,7 +81,7 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
 
-    def row(delay: int, name: str, rules: dict[str, bool]) -> str:
+    def row(delay: int, name: str, rules: dict[str, float]) -> str:
         cells = []
         for a in CURVATURES:
             r = spectral_radius(a, mu, delay, **rules)

@@ -175,7 +175,7 @@ def train(
     lr: LrOption = None,
     microbatches: MicrobatchesOption = None,
     compensation: Annotated[Optional[str], typer.Option(
-        help="staleness compensation for fr/ddg: none (Algorithm 1) | auto | rules joined by + from predict, spike, stretch, lr, "
+        help="staleness compensation for fr/ddg: none (Algorithm 1) | auto | rules joined by + from predict, spike, stretch[=p], lr, "
              "shrink[=β], official (overrides train.compensation)")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory (metrics, checkpoints, model)")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,

@@ -523,3 +523,20 @@ def test_random_draws_keep_the_models_order(K: int) -> None:
     check_composes(model, (x,), pipe)  # train mode under one seed: the same masks
     drawn = [n.target for stage in pipe.stages for n in stage.graph.nodes if draws_random(stage, n)]
     assert drawn == ["da", "db"]
+
+
+def test_the_k8_proxy_model_cuts_into_eight_stages_that_compose() -> None:
+    """examples/deep_cnn.py (benchmarks/compensation.sh proxy8) is deep enough for K = 8."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "deep_cnn.py"
+    spec = importlib.util.spec_from_file_location("deep_cnn", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, inputs = module.build_model(), module.example_inputs()
+    pipe = fxreplay.compile(model, inputs, K=8, cost="flops")
+    assert len(pipe.stages) == 8
+    assert all(any(True for _ in s.parameters()) for s in pipe.stages)  # every stage has weights to compensate
+    check_composes(model, inputs, pipe)

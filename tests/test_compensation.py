@@ -27,8 +27,8 @@ def sgd(params: Any) -> torch.optim.Optimizer:
 
 
 def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tensor]], rules: set[str],
-              beta: float = 0.5) -> list[float]:
-    """Algorithm 1 with heavy-ball SGD by hand and each rule from its formula."""
+              beta: float = 0.5, power: float = 2.0) -> list[float]:
+    """Algorithm 1 with heavy-ball SGD by hand and each rule from its formula (stretch: horizon (d+1)^power)."""
     K = len(stages)
     params = [list(s.parameters()) for s in stages]
     velocity: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]
@@ -66,7 +66,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                 loss_fn(out, data[b][1]).backward()
             else:
                 out.backward(delta[(k, b)])
-            mu, lr = (1 - (1 - MU) / (d + 1), LR / (d + 1)) if "stretch" in rules else (MU, LR)
+            horizon = (d + 1) ** power
+            mu, lr = (1 - (1 - MU) / horizon, LR / horizon) if "stretch" in rules else (MU, LR)
             a, c = (mu ** d, sum(mu ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
             m = (d + 1) ** -(1 - min(t / round(10 * (d + 1) / (1 - MU)), 1)) if "lr" in rules else 1.0
             steps = []
@@ -85,11 +86,12 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "predict+spike", "predict+spike+stretch",
-                                   "lr+predict+shrink+spike+stretch"])
+                                   "lr+predict+shrink+spike+stretch", "predict+spike+stretch=1", "stretch=1.5"])
 def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     data = batches(6)
     ref_stages = split(mlp(), 3)
-    ref_losses = reference(ref_stages, data, set(rules.split("+")))
+    power = float(rules.partition("stretch=")[2] or 2.0)
+    ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power)
     ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
     losses = [ex.step(x, y) for x, y in data]
     assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
@@ -189,6 +191,38 @@ def test_a_checkpoint_whose_auto_meant_other_rules_is_refused() -> None:
         again.load_job_state(state)
 
 
+def test_a_checkpoint_with_another_stretch_power_is_refused() -> None:
+    """Checkpoints record stretch's power: one written under another power (or before the power was
+    recorded, when the horizon was d+1) is refused, not resumed under a different rule."""
+    first = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    for x, y in batches(3):
+        first.step(x, y)
+    state = first.job_state()
+    for change in ({"stretch_power": 1.0}, {"stretch_power": None}):
+        old = copy.deepcopy(state)
+        for worker in old["executor"]["workers"]:
+            if worker.get("compensation"):
+                worker["compensation"].update(change)
+                if change["stretch_power"] is None:
+                    del worker["compensation"]["stretch_power"]  # a checkpoint of the horizon d+1, before the record
+        again = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+        with pytest.raises(TrainingError, match=r"horizon \(d\+1\)\^1, and here 'auto' means \(d\+1\)\^2"):
+            again.load_job_state(old)
+    same = LocalExecutor(split(mlp(1), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    same.load_job_state(copy.deepcopy(state))  # its own power resumes
+
+
+def test_stretch_takes_its_power_as_a_value() -> None:
+    assert parse("stretch").power == 2.0 and parse("stretch").name == "stretch"
+    assert parse("spike+stretch=1").name == "spike+stretch=1" and parse("stretch=1.5").power == 1.5
+    assert parse("stretch=2").name == "stretch"
+    for bad in ("stretch=0", "stretch=-1", "stretch=5", "stretch=x"):
+        with pytest.raises(TrainingError, match="stretch's power"):
+            parse(bad)
+    with pytest.raises(TrainingError, match="only shrink=β and stretch=p"):
+        parse("spike=2")
+
+
 def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
     with pytest.raises(TrainingError, match="unknown compensation rule 'predikt'"):
         parse("predikt")
@@ -255,9 +289,12 @@ def test_formulas() -> None:
     assert lr_multiplier(3, 0, 0.9) == pytest.approx(0.25)
     assert lr_multiplier(3, 400, 0.9) == 1.0 and 0.25 < lr_multiplier(3, 200, 0.9) < 1.0
     assert stretch_coefficients(0.9, 0) == (1.0, 0.9)
-    scale, mu = stretch_coefficients(0.9, 3)
-    assert scale == 0.25 and mu == pytest.approx(0.975)
+    scale, mu = stretch_coefficients(0.9, 3)  # the horizon (d+1)^2 = 16
+    assert scale == 1 / 16 and mu == pytest.approx(1 - 0.1 / 16)
     assert scale / (1 - mu) == pytest.approx(1 / (1 - 0.9))  # a gradient's total step is unchanged: η/(1-μ)
+    scale, mu = stretch_coefficients(0.9, 3, power=1)
+    assert scale == 0.25 and mu == pytest.approx(0.975)
+    assert stretch_coefficients(0.9, 0, power=3) == (1.0, 0.9)
 
 
 # ----------------------------------------------------------- tied weights, ranks, the CLI
@@ -368,4 +405,7 @@ def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
     assert limit(0.9, 1) < 0.15 < limit(0.9, 1, predict=True, spike=True)
     for d in (1, 2, 3):
         assert limit(0.9, d) < limit(0.9, d, predict=True, spike=True) < limit(0.9, d, predict=True, spike=True, stretch=True)
-    assert module.spectral_radius(0.01, 0.9, 3, stretch=True) < 1 < module.spectral_radius(0.3, 0.9, 3, stretch=True)
+    assert module.spectral_radius(0.01, 0.9, 3, stretch=True, power=1) < 1 < module.spectral_radius(0.3, 0.9, 3, stretch=True, power=1)
+    for d in (1, 3, 7):  # a longer horizon is stable further at every delay: (d+1)^2 near 1 at every delay
+        by_power = [limit(0.9, d, predict=True, spike=True, stretch=True, power=p) for p in (1, 1.5, 2)]
+        assert by_power == sorted(by_power) and by_power[0] < 0.7 and 0.8 < by_power[2] < 1.5

@@ -137,3 +137,10 @@ def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monke
     assert _cell(again, "Best test error", "FR+stretch", "lr 0.1, K=4") == f"{min(errors):.2f} (n=1)"
     assert (out / "converged-runs" / "lr0.1" / "fr+stretch-K4-s0" / "metrics.jsonl").is_file()
     assert "- lr 0.1 FR+predict+spike K=4 seed 0 (2 epochs evaluated)" in again  # still listed from the first root
+
+    # Kept runs count without their run directories: the other checkout is gone, its row stays.
+    shutil.rmtree(other)
+    script.main(["--runs", str(runs), "--out", str(out)])
+    kept_only = (out / "converged-summary.md").read_text()
+    assert _cell(kept_only, "Best test error", "FR+stretch", "lr 0.1, K=4") == f"{min(errors):.2f} (n=1)"
+    assert _cell(kept_only, "Gap to BP", "FR+stretch − BP", "lr 0.1, K=4").endswith("(n=1)")

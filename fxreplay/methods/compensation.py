@@ -25,11 +25,11 @@ rule        where it acts                     formula (source)
             gradient                          b = (1-μ^{d_k})/(1-μ): the d_k momentum terms
                                               the gradient missed, at once (spike
                                               compensation, Kosson et al., MLSys 2021)
-``stretch`` the stage's momentum horizon      η_k = η/(d_k+1), μ_k = 1-(1-μ)/(d_k+1): every
-                                              gradient still moves the weights by η/(1-μ)
-                                              in total, spread over d_k+1 times as many
-                                              iterations (this project; the delayed
-                                              heavy-ball analysis of
+``stretch`` the stage's momentum horizon      η_k = η/s_k, μ_k = 1-(1-μ)/s_k, s_k = (d_k+1)^p,
+                                              p = 2 (``stretch=p``): every gradient still
+                                              moves the weights by η/(1-μ) in total, spread
+                                              over s_k times as many iterations (this
+                                              project; the delayed heavy-ball analysis of
                                               benchmarks/delay_stability.py)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
@@ -70,7 +70,7 @@ RULES: dict[str, str] = {
     "shrink": "δ sent down scaled by β (FDG's gradient shrinking)",
     "predict": "forward at the weights the delayed update will meet (weight prediction)",
     "spike": "a late gradient's missed momentum terms applied at once (spike compensation)",
-    "stretch": "a late gradient spread over a momentum horizon d+1 times longer, at the same total step",
+    "stretch": "a late gradient spread over a momentum horizon (d+1)^p times longer, at the same total step (p = 2)",
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
@@ -87,6 +87,13 @@ the stretched horizon model heavy-ball momentum only; the prediction needs nothi
 optimizer and ``lr`` reads μ from SGD's momentum or Adam's β₁."""
 
 DEFAULT_SHRINK = 0.5  # FDG's β; their best per-row values were 0.2-0.5
+DEFAULT_STRETCH = 2.0
+"""``stretch``'s power p: the horizon is s = (d+1)^p. With predict and spike, the largest stable η·λ of a
+delayed heavy-ball direction at d = 1, 3, 7 is 0.66, 0.26, 0.12 for p = 1 (falling with the delay), 0.94,
+0.53, 0.33 for p = 1.5 and 1.3, 1.0, 0.91 for p = 2: p = 2 keeps it near 1 whatever the delay. The price is
+slower damping of middle and, at large delays, flat directions (benchmarks/delay_stability.py). Measured
+(docs/compensation.md), p = 2 was ahead at K = 8 and at high learning rates and level with p = 1.5 at K = 4;
+p = 1 was ahead at lr 0.01."""
 
 
 @dataclass(frozen=True)
@@ -96,20 +103,31 @@ class Compensation:
     Attributes:
         rules: rule names, sorted (the canonical order of :attr:`name`).
         beta: ``shrink``'s factor on δ.
+        power: ``stretch``'s power p (horizon (d+1)^p).
     """
 
     rules: tuple[str, ...] = ()
     beta: float = DEFAULT_SHRINK
+    power: float = DEFAULT_STRETCH
     auto: bool = False  # the rules are chosen for the optimizer (resolve); ``rules`` is empty until then
 
     @property
     def name(self) -> str:
-        """The canonical spelling: ``none``, ``auto``, or the rules joined by ``+`` (``shrink=β`` when β is not the default)."""
+        """The canonical spelling: ``none``, ``auto``, or the rules joined by ``+`` (``shrink=β``, ``stretch=p``
+        when β, p are not the defaults)."""
         if self.auto:
             return "auto"
         if not self.rules:
             return "none"
-        return "+".join(f"shrink={self.beta:g}" if r == "shrink" and self.beta != DEFAULT_SHRINK else r for r in self.rules)
+
+        def spelled(rule: str) -> str:
+            if rule == "shrink" and self.beta != DEFAULT_SHRINK:
+                return f"shrink={self.beta:g}"
+            if rule == "stretch" and self.power != DEFAULT_STRETCH:
+                return f"stretch={self.power:g}"
+            return rule
+
+        return "+".join(spelled(r) for r in self.rules)
 
     def __contains__(self, rule: str) -> bool:
         return rule in self.rules
@@ -120,10 +138,10 @@ class Compensation:
 
 
 def parse(spec: str | Compensation | None) -> Compensation:
-    """Parse ``none``, ``auto``, a rule or rules joined by ``+`` (``shrink=0.3`` sets β).
+    """Parse ``none``, ``auto``, a rule or rules joined by ``+`` (``shrink=0.3`` sets β, ``stretch=1`` p).
 
     Raises:
-        TrainingError: an unknown rule, a rule given twice, or a bad β; the message lists the rules.
+        TrainingError: an unknown rule, a rule given twice, or a bad β or p; the message lists the rules.
     """
     if isinstance(spec, Compensation):
         return spec
@@ -133,7 +151,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
     if text == "auto":
         return Compensation(auto=True)
     rules: list[str] = []
-    beta = DEFAULT_SHRINK
+    beta, power = DEFAULT_SHRINK, DEFAULT_STRETCH
     for part in text.split("+"):
         name, _, value = part.strip().partition("=")
         if name not in RULES:
@@ -144,16 +162,25 @@ def parse(spec: str | Compensation | None) -> Compensation:
         if name in rules:
             raise TrainingError(f"compensation {spec!r} names {name!r} twice; give each rule once.")
         if value:
-            if name != "shrink":
-                raise TrainingError(f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β does.")
+            if name not in ("shrink", "stretch"):
+                raise TrainingError(
+                    f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β and stretch=p do.")
             try:
-                beta = float(value)
+                number = float(value)
             except ValueError:
-                beta = float("nan")
-            if not 0 < beta <= 1:
-                raise TrainingError(f"shrink's β must be a number in (0, 1], got {value!r} (e.g. shrink=0.3).")
+                number = float("nan")
+            if name == "shrink":
+                if not 0 < number <= 1:
+                    raise TrainingError(f"shrink's β must be a number in (0, 1], got {value!r} (e.g. shrink=0.3).")
+                beta = number
+            else:
+                if not 0 < number <= 4:
+                    raise TrainingError(
+                        f"stretch's power p (horizon (d+1)^p) must be a number in (0, 4], got {value!r} "
+                        f"(the default is {DEFAULT_STRETCH:g}; stretch=1 is the horizon d+1).")
+                power = number
         rules.append(name)
-    return Compensation(tuple(sorted(rules)), beta)
+    return Compensation(tuple(sorted(rules)), beta, power)
 
 
 def resolve(comp: Compensation, optimizer: torch.optim.Optimizer) -> Compensation:
@@ -184,24 +211,28 @@ def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
     return a, b
 
 
-def stretch_coefficients(momentum: float, delay: int) -> tuple[float, float]:
+def stretch_coefficients(momentum: float, delay: int, power: float = DEFAULT_STRETCH) -> tuple[float, float]:
     """``stretch``'s ``(lr factor, μ_k)`` for a stage whose gradients are ``delay`` late.
 
     Heavy-ball SGD moves the weights by η·g/(1−μ) in total for each gradient g, η·g at once
     and the rest over ~1/(1−μ) iterations. A gradient d iterations late feeds back into a
     loop that reacts faster than the delay allows: a curvature that BP damps in ~19
     iterations diverges (at μ = 0.9 the largest stable η·λ falls from 3.8 to 0.034 at d = 3).
-    Stretching the stage's momentum horizon by d+1, μ_k = 1 − (1−μ)/(d+1), at the learning
-    rate η/(d+1) keeps every gradient's total step η/(1−μ) and spreads it over d+1 times as
-    many iterations; with ``predict`` and ``spike`` the largest stable η·λ at d = 3 goes from
-    0.072 to 0.26 (``python benchmarks/delay_stability.py``). d = 0 gives (1, μ): plain SGD.
+    Stretching the stage's momentum horizon by s = (d+1)^p, μ_k = 1 − (1−μ)/s, at the learning
+    rate η/s keeps every gradient's total step η/(1−μ) and spreads it over s times as many
+    iterations. With ``predict`` and ``spike``, the largest stable η·λ at d = 3 goes from 0.072
+    to 0.26 (p = 1), 0.53 (p = 1.5) and 1.0 (p = 2, the default)
+    (``python benchmarks/delay_stability.py``). d = 0 gives (1, μ): plain SGD.
 
     >>> stretch_coefficients(0.9, 3)
+    (0.0625, 0.99375)
+    >>> stretch_coefficients(0.9, 3, power=1)
     (0.25, 0.975)
     """
     if delay <= 0:
         return 1.0, momentum
-    return 1.0 / (delay + 1), 1.0 - (1.0 - momentum) / (delay + 1)
+    s = float(delay + 1) ** power
+    return 1.0 / s, 1.0 - (1.0 - momentum) / s
 
 
 def lr_multiplier(delay: int, iteration: int, momentum: float) -> float:
@@ -385,7 +416,7 @@ class Compensator:
             velocity = [self._buffer(optimizer, p, own) for p, own in zip(self.params, self._own)]
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
         optimizer.step()
-        lr_scale, mu = stretch_coefficients(self.momentum, self.delay) if stretch else (1.0, self.momentum)
+        lr_scale, mu = stretch_coefficients(self.momentum, self.delay, self.comp.power) if stretch else (1.0, self.momentum)
         a, b = spike_coefficients(mu, self.delay) if spike else (1.0, 0.0)
         steps: list[torch.Tensor | None] = []
         with torch.no_grad():
@@ -430,7 +461,8 @@ class Compensator:
 
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rules": self.comp.name, "last_step": self.last_step}
+        power = self.comp.power if "stretch" in self.comp else None
+        return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -440,6 +472,8 @@ class Compensator:
                 "resume with the same compensation, or start a new run."
             )
         rules = state.get("rules")
+        if rules is None and state["name"] == "auto":  # written before checkpoints recorded the rules
+            rules = "lr+predict+spike"
         if rules is not None and rules != self.comp.name:  # ``auto`` resolved to other rules when the run started
             raise TrainingError(
                 f"the checkpoint's compensation {state['name']!r} meant the rules {rules!r} when the run started, and "
@@ -447,6 +481,15 @@ class Compensator:
                 "resuming would change the algorithm mid-run. Finish the run with the fxreplay version that started it, "
                 "or start a new run."
             )
+        if "stretch" in self.comp and rules is not None:
+            power = state.get("stretch_power") or 1.0  # checkpoints without it were written when the horizon was d+1
+            if power != self.comp.power:
+                raise TrainingError(
+                    f"the checkpoint was trained with stretch's horizon (d+1)^{power:g}, and here {self.name!r} means "
+                    f"(d+1)^{self.comp.power:g} (this version of fxreplay changed stretch's default power): resuming "
+                    "would change the algorithm mid-run. Finish the run with the fxreplay version that started it, or "
+                    "start a new run."
+                )
         steps = state["last_step"]
         self.last_step = None if steps is None else [
             s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
