@@ -51,12 +51,12 @@ case "$mode" in
     done
     if [ "$mode" = proxy ]; then
       lr=${LR:-0.1}
-      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=1.5 fr+lr+predict+spike+stretch=1 fr+stretch=1 fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch ddg+predict+spike+stretch=1 ddg+predict+spike+stretch=1.5"}
+      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2 fr+lr+predict+spike+stretch=1 fr+stretch=1 fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch ddg+predict+spike+stretch=1 ddg+predict+spike+stretch=2"}
       suffix=$([ "$lr" = 0.1 ] || echo "-lr$lr")
       fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr "$lr" \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy$suffix"
     else
-      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=1.5"}
+      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2"}
       fxreplay compare --model examples/deep_cnn.py --data torchvision:FashionMNIST --data-root data --K 8 --lr 0.1 \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi
