@@ -481,7 +481,7 @@ class Compensator:
                 "resuming would change the algorithm mid-run. Finish the run with the fxreplay version that started it, "
                 "or start a new run."
             )
-        if "stretch" in self.comp and rules is not None:
+        if "stretch" in self.comp:
             power = state.get("stretch_power") or 1.0  # checkpoints without it were written when the horizon was d+1
             if power != self.comp.power:
                 raise TrainingError(
