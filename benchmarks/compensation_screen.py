@@ -3,6 +3,7 @@
     python benchmarks/compensation_screen.py [--runs benchmarks/results/compensation/screen8] [--epochs 8]
     python benchmarks/compensation_screen.py --sigma benchmarks/results/compensation/sigma
     python benchmarks/compensation_screen.py --proxy benchmarks/results/compensation/proxy   # or proxy-lr0.3, proxy8
+    python benchmarks/compensation_screen.py --curves benchmarks/results/compensation/rules_by_epoch.png
 
 Each run is the first EPOCHS epochs of a converged run (ResNet-20, the 5,000-image subset, lr 0.1, K = 4,
 seed 2, the pinned split; configs/resnet20_cifar10_5k.yaml): the same epochs as the full run, since the
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from fxreplay.methods.compensation import AUTO  # noqa: E402
 from fxreplay.runlog import RunMetrics, label, load_run  # noqa: E402
 
 NOTES = {  # runs made with a diagnostic change of the code, not with a rule of the package
@@ -26,11 +28,12 @@ NOTES = {  # runs made with a diagnostic change of the code, not with a rule of 
 }
 
 
-def runs_in(root: Path) -> list[tuple[str, RunMetrics]]:
-    """(name without -K<k>, run) for every run directory under ``root``."""
+def runs_in(root: Path, suffix: str = "") -> list[tuple[str, RunMetrics]]:
+    """(name without -K<k>, run) for every run directory under ``root`` (whose name ends in ``suffix``,
+    which is removed first: ``-s2`` picks seed 2's runs of the converged-runs store)."""
     found = []
-    for path in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
-        name, _, k = path.name.rpartition("-K")
+    for path in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file() and p.name.endswith(suffix)):
+        name, _, k = path.name[:len(path.name) - len(suffix)].rpartition("-K")
         found.append((name, load_run(name, int(k) if k.isdigit() else 0, path)))
     return found
 
@@ -76,6 +79,61 @@ def proxy(root: Path) -> None:
         print(f"| {label(name)} | {error:.2f} | {gap} |")
 
 
+CURVES = ("0.1:4:2", "0.01:4:0")
+"""The (rate, K, seed) panels of ``--curves``: the seeds at which BP and every rule have a kept run."""
+
+
+def panel_runs(store: Path, rate: str, K: int, seed: int) -> list[tuple[str, RunMetrics]]:
+    """The kept runs of one (rate, K, seed), BP (kept at K = 2) first, then FR, then the rules by name."""
+    found = [(name, run) for name, run in runs_in(store / f"lr{rate}", suffix=f"-s{seed}") if run.K == K or name == "bp"]
+    return sorted(found, key=lambda nr: (nr[0] != "bp", nr[0] != "fr", nr[0]))
+
+
+def curves(store: Path, png: Path, panels: tuple[str, ...] = CURVES) -> Path:
+    """Test error and training loss against epochs, one line per rule, for one seed at each (rate, K).
+
+    One seed, not a mean: the lr 0.1 BP runs of seeds 0 and 1 were made before runs were kept (only their
+    best test errors are, in recorded.json). BP's K = 2 run is its reference at any K (one algorithm).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.0), squeeze=False, layout="constrained")
+    names: list[str] = []
+    for col, panel in enumerate(panels):
+        rate, K, seed = panel.split(":")
+        for name, run in panel_runs(store, rate, int(K), int(seed)):
+            if name not in names:
+                names.append(name)
+            epochs = [e for e in run.epochs if e.get("test_accuracy") is not None]
+            xs = [e["epoch"] + 1 if "epoch" in e else i + 1 for i, e in enumerate(epochs)]
+            style = {"color": f"C{names.index(name) % 10}", "lw": 1.6 if name in ("bp", "fr") else 1.2,
+                     "ls": "-" if name != "bp" else "--",
+                     "label": label(name) + (" (auto)" if name == f"fr+{AUTO}" else "")}
+            axes[0][col].plot(xs, [100 * (1 - e["test_accuracy"]) for e in epochs], **style)
+            axes[1][col].plot(xs, [e["train_loss"] for e in epochs], **style)
+        axes[0][col].set_title(f"lr {rate}, K = {K}, seed {seed}")
+        axes[0][col].set_ylabel("test error (%)")
+        axes[1][col].set_ylabel("training loss")
+        axes[1][col].set_xlabel("epoch")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+        axes[0][col].set_ylim(top=75)
+        axes[1][col].set_ylim(top=1.8)
+    handles = {}
+    for ax in axes[0]:
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle("Compensation rules on the converged CIFAR-10 benchmark (ResNet-20, 5k images)")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("benchmarks/results/compensation/screen8"))
@@ -84,8 +142,13 @@ def main(argv: list[str] | None = None) -> None:
                         "(benchmarks/results/compensation/sigma)")
     parser.add_argument("--proxy", type=Path, help="instead: the test-error table of the proxy runs in this directory "
                         "(benchmarks/results/compensation/proxy, proxy-lr0.3, proxy8)")
+    parser.add_argument("--curves", type=Path, metavar="PNG", help="instead: test error and training loss against "
+                        "epochs per rule (lr 0.1 K = 4 seed 2, lr 0.01 K = 4 seed 0) from --store, written to PNG")
+    parser.add_argument("--store", type=Path, default=Path("benchmarks/results/converged-runs"))
     args = parser.parse_args(argv)
-    if args.sigma is not None:
+    if args.curves is not None:
+        print(curves(args.store, args.curves))
+    elif args.sigma is not None:
         sigma(args.sigma)
     elif args.proxy is not None:
         proxy(args.proxy)

@@ -144,3 +144,21 @@ def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monke
     kept_only = (out / "converged-summary.md").read_text()
     assert _cell(kept_only, "Best test error", "FR+stretch", "lr 0.1, K=4") == f"{min(errors):.2f} (n=1)"
     assert _cell(kept_only, "Gap to BP", "FR+stretch − BP", "lr 0.1, K=4").endswith("(n=1)")
+
+
+def test_rule_curves_pick_one_seed_and_K_from_the_store(tmp_path: Path) -> None:
+    """benchmarks/compensation_screen.py --curves: each panel draws BP (kept at K=2) and the runs of its own
+    K and seed, never another seed's or K's run under the same name."""
+    spec = importlib.util.spec_from_file_location("compensation_screen", ROOT / "benchmarks" / "compensation_screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    store = tmp_path / "converged-runs"
+    errors = [60.0 - 3 * e for e in range(EPOCHS)]
+    for name, K, seed in [("bp", 2, 2), ("fr", 4, 2), ("fr+predict+spike+stretch", 4, 2), ("fr", 4, 0),
+                          ("fr+predict+spike+stretch", 2, 2), ("bp", 2, 0), ("fr+predict+spike+stretch=1", 4, 12)]:
+        _run(store / "lr0.1" / f"{name}-K{K}-s{seed}", name, K, seed, errors)
+    picked = screen.panel_runs(store, "0.1", 4, 2)
+    assert [(name, run.K, run.seed) for name, run in picked] == [
+        ("bp", 2, 2), ("fr", 4, 2), ("fr+predict+spike+stretch", 4, 2)]
+    png = screen.curves(store, tmp_path / "curves.png", panels=("0.1:4:2", "0.1:2:0"))
+    assert png.stat().st_size > 10_000
