@@ -9,6 +9,8 @@
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy          # LR=0.3 for the higher rate
 #   The same at K = 8 on a 9-conv BN CNN (examples/deep_cnn.py; ~15 min a run):
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy8
+#   The trend with depth: K = 8 on ResNet-56 (configs/resnet56_cifar10_5k.yaml), seed 0, ~1.5-2 h a run on one core:
+#     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh deep > benchmarks/runs/compensation-deep.log 2>&1 &
 #   The table that decides (BP, FR none, FR with the chosen rules at K = 2, 4, both rates, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
 #
@@ -23,6 +25,7 @@ test -d data/cifar10/cifar-10-batches-py || python ../shared/data/cifar10/build.
 CONFIG=configs/resnet20_cifar10_5k.yaml
 SPLIT2=2=layer2.1
 SPLIT4=4=layer1.2,layer2.1,layer3
+SPLIT8=8=layer1.3,layer1.7,layer2.2,layer2.5,layer2.8,layer3.2,layer3.5  # ResNet-56: 3-4 blocks a stage
 mode=${1:-screen}
 case "$mode" in
   screen)
@@ -40,6 +43,13 @@ case "$mode" in
       fxreplay compare --config "$CONFIG" --methods "fr,ddg,${rules// /,}" --K 2,4 --seeds "$seed" --lr "$lr" \
         --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
     done ;;
+  deep)
+    # BP runs at K = 8 too (the same algorithm at any K): one pinned split and one report for the four.
+    for r in ${RULES:-bp fr fr+predict+spike+stretch fr+predict+spike+stretch=2}; do
+      fxreplay compare --config configs/resnet56_cifar10_5k.yaml --methods "$r" --K 8 --seeds "${SEEDS:-0}" --lr "${LR:-0.1}" \
+        --boundaries "$SPLIT8" --out "benchmarks/runs/deep-lr${LR:-0.1}"
+    done
+    exit 0 ;;
   proxy|proxy8)
     # The quick screens (~10-15 min a run on one core): Fashion-MNIST (Debian: apt-get install
     # dataset-fashion-mnist), 2 epochs, batch 128, seed 0. proxy: examples/mnist_cnn.py, K = 4, lr $LR
@@ -61,6 +71,6 @@ case "$mode" in
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi
     exit 0 ;;
-  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | proxy | proxy8" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | deep | proxy | proxy8" >&2; exit 2 ;;
 esac
 python benchmarks/converged_summary.py
