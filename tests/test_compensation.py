@@ -26,12 +26,22 @@ def sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=MU, weight_decay=WD)
 
 
+B1, B2, EPS = 0.9, 0.99, 1e-8
+
+
+def adam(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=LR / 10, betas=(B1, B2), eps=EPS, weight_decay=WD)
+
+
 def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tensor]], rules: set[str],
-              beta: float = 0.5, power: float = 1.5) -> list[float]:
-    """Algorithm 1 with heavy-ball SGD by hand and each rule from its formula (stretch: horizon (d+1)^power)."""
+              beta: float = 0.5, power: float = 1.5, with_adam: bool = False) -> list[float]:
+    """Algorithm 1 with heavy-ball SGD (or Adam) by hand and each rule from its formula (stretch: horizon
+    (d+1)^power; with Adam, β₁ = 1 − (1−β₁)/horizon at the same lr)."""
     K = len(stages)
     params = [list(s.parameters()) for s in stages]
     velocity: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]
+    second: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]  # Adam's v
+    count = [0] * K
     last: list[list[torch.Tensor] | None] = [None] * K
     memory: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
     delta: dict[tuple[int, int], torch.Tensor] = {}
@@ -71,12 +81,21 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
             a, c = (mu ** d, sum(mu ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
             m = (d + 1) ** -(1 - min(t / round(10 * (d + 1) / (1 - MU)), 1)) if "lr" in rules else 1.0
             steps = []
+            count[k] += 1
             with torch.no_grad():
                 for i, p in enumerate(params[k]):
                     g = p.grad + WD * p
-                    v = g.clone() if velocity[k][i] is None else mu * velocity[k][i] + g
-                    velocity[k][i] = v
-                    step = -lr * m * (a * v + c * g)
+                    if with_adam:
+                        b1 = 1 - (1 - B1) / horizon if "stretch" in rules else B1
+                        first = (1 - b1) * g if velocity[k][i] is None else b1 * velocity[k][i] + (1 - b1) * g
+                        sq = (1 - B2) * g * g if second[k][i] is None else B2 * second[k][i] + (1 - B2) * g * g
+                        velocity[k][i], second[k][i] = first, sq
+                        unbiased = first / (1 - b1 ** count[k])
+                        step = -(LR / 10) * m * unbiased / ((sq / (1 - B2 ** count[k])).sqrt() + EPS)
+                    else:
+                        v = g.clone() if velocity[k][i] is None else mu * velocity[k][i] + g
+                        velocity[k][i] = v
+                        step = -lr * m * (a * v + c * g)
                     p.add_(step)
                     steps.append(step)
             last[k] = steps
@@ -97,6 +116,24 @@ def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
     for a, b in zip(weights(ex.stages), weights(ref_stages)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rules", ["stretch", "predict+stretch", "stretch=2", "lr+predict+stretch=1"])
+def test_stretch_with_adam_lengthens_beta1_and_equals_its_handwritten_reference(rules: str) -> None:
+    """With Adam the horizon is β₁'s: β₁_k = 1 − (1−β₁)/(d_k+1)^p at the same lr (Adam's first moment is an
+    average: every gradient's total step is lr·g/√v whatever β₁ is). The optimizer's own β₁ is left as it was."""
+    data = batches(6)
+    ref_stages = split(mlp(), 3)
+    power = float(rules.partition("stretch=")[2] or 1.5)
+    ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power, with_adam=True)
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=adam, loss_fn=loss_fn, compensation=rules)
+    losses = [ex.step(x, y) for x, y in data]
+    assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
+    for a, b in zip(weights(ex.stages), weights(ref_stages)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert all(g["betas"] == (B1, B2) for w in ex.workers for g in w.optimizer.param_groups)
+    plain = reference(split(mlp(), 3), data, set(), with_adam=True)
+    assert losses[3:] != pytest.approx(plain[3:], abs=1e-6)  # the rule changes the run
 
 
 def test_the_reference_without_rules_is_algorithm_1_and_so_is_none() -> None:
@@ -240,8 +277,10 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
     nesterov = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)  # noqa: E731
     with pytest.raises(TrainingError, match="nesterov"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="spike")
-    with pytest.raises(TrainingError, match="stretch.*Adam"):
-        LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="stretch")
+    rmsprop = lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9)  # noqa: E731
+    with pytest.raises(TrainingError, match="stretch.*RMSprop.*Adam/AdamW"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=rmsprop, loss_fn=loss_fn, compensation="stretch")
+    LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="stretch")  # β₁'s horizon
     with pytest.raises(TrainingError, match="nesterov"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="stretch")
     plain = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
@@ -298,14 +337,16 @@ def test_formulas() -> None:
 
 
 # ----------------------------------------------------------- tied weights, ranks, the CLI
-def test_tied_copies_stay_identical_under_every_rule() -> None:
+@pytest.mark.parametrize("optimizer,rules", [(sgd, "lr+predict+spike+stretch"), (adam, "lr+predict+stretch")],
+                         ids=["sgd", "adam"])
+def test_tied_copies_stay_identical_under_every_rule(optimizer: Any, rules: str) -> None:
     """The holders of a tied weight have different delays; its copies take the plain step
     in every holder and stay bit-identical, while the stage's own weights are compensated."""
     from test_shared import copies, small_data, tied_stages
 
     pipe = tied_stages()
-    ex = LocalExecutor(pipe.stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), compensation="lr+predict+spike+stretch")
-    plain = LocalExecutor(tied_stages().stages, "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss())
+    ex = LocalExecutor(pipe.stages, "fr", optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), compensation=rules)
+    plain = LocalExecutor(tied_stages().stages, "fr", optimizer=optimizer, loss_fn=nn.CrossEntropyLoss())
     (group,) = copies(pipe)
     for x, y in small_data(6):
         ex.step(x, y)

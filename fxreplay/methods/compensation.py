@@ -30,16 +30,18 @@ rule        where it acts                     formula (source)
                                               moves the weights by η/(1-μ) in total, spread
                                               over s_k times as many iterations (this
                                               project; the delayed heavy-ball analysis of
-                                              benchmarks/delay_stability.py)
+                                              benchmarks/delay_stability.py). Adam/AdamW:
+                                              β₁_k = 1-(1-β₁)/s_k at the same lr (its first
+                                              moment is an average: the same total step)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
 =========== ================================= =============================================
 
 Rules compose with ``+`` (``predict+spike``); ``auto`` is the recommended combination for the
 stage's optimizer (see :func:`resolve`); ``none`` is Algorithm 1 exactly. Where a rule assumes an optimizer it checks
-it when the stage is built: ``spike``, ``stretch`` and ``official`` need ``torch.optim.SGD``
-(spike and stretch: with momentum, no Nesterov, no dampening); ``lr`` reads μ from SGD's
-momentum or Adam's β₁; ``predict`` and ``shrink`` work with any optimizer. With ``spike`` and
+it when the stage is built: ``spike`` and ``official`` need ``torch.optim.SGD`` (spike: with
+momentum, no Nesterov, no dampening), ``stretch`` the same SGD or Adam/AdamW; ``lr`` reads μ
+from SGD's momentum or Adam's β₁; ``predict`` and ``shrink`` work with any optimizer. With ``spike`` and
 ``stretch`` together, spike's coefficients use the stretched μ_k.
 
 A parameter held by several stages (a tied embedding) takes the *uncompensated* step in
@@ -251,6 +253,11 @@ def lr_multiplier(delay: int, iteration: int, momentum: float) -> float:
     return float((delay + 1) ** -(1.0 - min(iteration / horizon, 1.0)))
 
 
+def _adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam or AdamW: an EMA momentum (β₁) whose horizon ``stretch`` lengthens."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _momentum(optimizer: torch.optim.Optimizer) -> float:
     group = optimizer.param_groups[0] if optimizer.param_groups else {}
     if "momentum" in group:
@@ -271,11 +278,15 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
     for rule in ("spike", "stretch"):
         if rule not in comp:
             continue
+        if rule == "stretch" and _adam(optimizer):
+            continue  # Adam's horizon is β₁'s (stretch_coefficients)
         if not sgd:
             raise TrainingError(
-                f"compensation {rule!r} corrects SGD's momentum step, and this stage's optimizer is "
-                f"{type(optimizer).__name__}: use torch.optim.SGD with momentum, or drop {rule} (predict, lr and shrink "
-                "work with any optimizer)."
+                f"compensation {rule!r} corrects SGD's momentum step"
+                + (" (or, stretch, Adam's and AdamW's β₁)" if rule == "stretch" else "")
+                + f", and this stage's optimizer is {type(optimizer).__name__}: use torch.optim.SGD with momentum"
+                + (" or Adam/AdamW" if rule == "stretch" else "")
+                + f", or drop {rule} (predict, lr and shrink work with any optimizer)."
             )
         for g in groups:
             if g.get("nesterov") or g.get("dampening", 0) != 0 or g.get("maximize"):
@@ -399,10 +410,12 @@ class Compensator:
         self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
         spike = "spike" in self.comp and self.delay > 0
         stretch = "stretch" in self.comp and self.delay > 0
+        adam_stretch = stretch and _adam(optimizer)  # the step itself runs at the stretched β₁: nothing to rewrite
+        stretch = stretch and not adam_stretch
         factor = self._step_factor(iteration)
         record = "predict" in self.comp
         rewrite = spike or stretch or factor != 1.0
-        if not (rewrite or record):
+        if not (rewrite or record or adam_stretch):
             optimizer.step()
             return
         before = [p.detach().clone() if p.grad is not None else None for p in self.params]
@@ -415,7 +428,10 @@ class Compensator:
         if stretch:
             velocity = [self._buffer(optimizer, p, own) for p, own in zip(self.params, self._own)]
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
-        optimizer.step()
+        if adam_stretch:
+            self._stretched_adam_step(optimizer)
+        else:
+            optimizer.step()
         lr_scale, mu = stretch_coefficients(self.momentum, self.delay, self.comp.power) if stretch else (1.0, self.momentum)
         a, b = spike_coefficients(mu, self.delay) if spike else (1.0, 0.0)
         steps: list[torch.Tensor | None] = []
@@ -444,6 +460,38 @@ class Compensator:
                 steps.append(p.detach() - w0)
         if record:
             self.last_step = steps
+
+    def _stretched_adam_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``stretch`` with Adam/AdamW: one step at β₁_k = 1 − (1−β₁)/s_k, the groups' own β₁ restored after it.
+
+        Adam's first moment is an average (weights (1−β₁)β₁^i summing to 1): every gradient moves the weights by
+        lr·g/√v in total whatever β₁ is, so a longer horizon at the *same* lr is the heavy-ball stretch's
+        η/s, 1 − (1−μ)/s. Parameters shared with other stages step separately at the groups' own β₁.
+        """
+        groups = [g for g in optimizer.param_groups if "betas" in g]
+        saved = [g["betas"] for g in groups]
+        shared = [(p, p.grad) for p, own in zip(self.params, self._own) if not own and p.grad is not None]
+        for p, _ in shared:
+            p.grad = None
+        try:
+            for g, betas in zip(groups, saved):
+                _, beta1 = stretch_coefficients(float(betas[0]), self.delay, self.comp.power)
+                g["betas"] = (beta1, *tuple(betas)[1:])
+            optimizer.step()
+        finally:
+            for g, betas in zip(groups, saved):
+                g["betas"] = betas
+            for p, grad in shared:
+                p.grad = grad
+        if shared:
+            hidden = [(p, p.grad) for p, own in zip(self.params, self._own) if own and p.grad is not None]
+            for p, _ in hidden:
+                p.grad = None
+            try:
+                optimizer.step()
+            finally:
+                for p, grad in hidden:
+                    p.grad = grad
 
     @staticmethod
     def _buffer(optimizer: torch.optim.Optimizer, p: torch.Tensor, own: bool) -> torch.Tensor | None:
