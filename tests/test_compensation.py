@@ -33,10 +33,14 @@ def adam(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=LR / 10, betas=(B1, B2), eps=EPS, weight_decay=WD)
 
 
+def nesterov(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=MU, weight_decay=WD, nesterov=True)
+
+
 def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tensor]], rules: set[str],
-              beta: float = 0.5, power: float = 1.5, with_adam: bool = False) -> list[float]:
-    """Algorithm 1 with heavy-ball SGD (or Adam) by hand and each rule from its formula (stretch: horizon
-    (d+1)^power; with Adam, β₁ = 1 − (1−β₁)/horizon at the same lr)."""
+              beta: float = 0.5, power: float = 1.5, opt: str = "sgd") -> list[float]:
+    """Algorithm 1 with heavy-ball SGD (``opt``: or Nesterov SGD, or Adam) by hand and each rule from its
+    formula (stretch: horizon (d+1)^power; with Adam, β₁ = 1 − (1−β₁)/horizon at the same lr)."""
     K = len(stages)
     params = [list(s.parameters()) for s in stages]
     velocity: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]
@@ -85,7 +89,7 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
             with torch.no_grad():
                 for i, p in enumerate(params[k]):
                     g = p.grad + WD * p
-                    if with_adam:
+                    if opt == "adam":
                         b1 = 1 - (1 - B1) / horizon if "stretch" in rules else B1
                         first = (1 - b1) * g if velocity[k][i] is None else b1 * velocity[k][i] + (1 - b1) * g
                         sq = (1 - B2) * g * g if second[k][i] is None else B2 * second[k][i] + (1 - B2) * g * g
@@ -95,7 +99,7 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                     else:
                         v = g.clone() if velocity[k][i] is None else mu * velocity[k][i] + g
                         velocity[k][i] = v
-                        step = -lr * m * (a * v + c * g)
+                        step = -lr * m * (g + mu * v) if opt == "nesterov" else -lr * m * (a * v + c * g)
                     p.add_(step)
                     steps.append(step)
             last[k] = steps
@@ -119,20 +123,24 @@ def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
 
 
 @pytest.mark.parametrize("rules", ["stretch", "predict+stretch", "stretch=2", "lr+predict+stretch=1"])
-def test_stretch_with_adam_lengthens_beta1_and_equals_its_handwritten_reference(rules: str) -> None:
+@pytest.mark.parametrize("opt", ["adam", "nesterov"])
+def test_stretch_with_adam_or_nesterov_equals_its_handwritten_reference(rules: str, opt: str) -> None:
     """With Adam the horizon is β₁'s: β₁_k = 1 − (1−β₁)/(d_k+1)^p at the same lr (Adam's first moment is an
-    average: every gradient's total step is lr·g/√v whatever β₁ is). The optimizer's own β₁ is left as it was."""
+    average: every gradient's total step is lr·g/√v whatever β₁ is); with Nesterov SGD the momentum and lr
+    are heavy-ball's μ_k and η/s_k. The optimizer's own hyper-parameters are left as they were."""
     data = batches(6)
     ref_stages = split(mlp(), 3)
     power = float(rules.partition("stretch=")[2] or 1.5)
-    ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power, with_adam=True)
-    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=adam, loss_fn=loss_fn, compensation=rules)
+    ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power, opt=opt)
+    optimizer = adam if opt == "adam" else nesterov
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=optimizer, loss_fn=loss_fn, compensation=rules)
     losses = [ex.step(x, y) for x, y in data]
     assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
     for a, b in zip(weights(ex.stages), weights(ref_stages)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    assert all(g["betas"] == (B1, B2) for w in ex.workers for g in w.optimizer.param_groups)
-    plain = reference(split(mlp(), 3), data, set(), with_adam=True)
+    own = {"betas": (B1, B2), "lr": LR / 10} if opt == "adam" else {"momentum": MU, "lr": LR}
+    assert all({key: g[key] for key in own} == own for w in ex.workers for g in w.optimizer.param_groups)
+    plain = reference(split(mlp(), 3), data, set(), opt=opt)
     assert losses[3:] != pytest.approx(plain[3:], abs=1e-6)  # the rule changes the run
 
 
@@ -274,15 +282,20 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
     adam = lambda ps: torch.optim.Adam(ps, lr=1e-3)  # noqa: E731
     with pytest.raises(TrainingError, match="spike.*Adam"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="spike")
-    nesterov = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)  # noqa: E731
     with pytest.raises(TrainingError, match="nesterov"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="spike")
     rmsprop = lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9)  # noqa: E731
     with pytest.raises(TrainingError, match="stretch.*RMSprop.*Adam/AdamW"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=rmsprop, loss_fn=loss_fn, compensation="stretch")
     LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="stretch")  # β₁'s horizon
-    with pytest.raises(TrainingError, match="nesterov"):
-        LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="stretch")
+    LocalExecutor(split(mlp(), 2), "fr", optimizer=nesterov, loss_fn=loss_fn, compensation="stretch")  # its μ and lr
+
+    def half_nesterov(params: Any) -> torch.optim.Optimizer:  # two groups, one of them Nesterov
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:1], "nesterov": True}, {"params": params[1:]}], lr=0.1, momentum=0.9)
+
+    with pytest.raises(TrainingError, match="Nesterov momentum in every group"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=half_nesterov, loss_fn=loss_fn, compensation="stretch")
     plain = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
     with pytest.raises(TrainingError, match="momentum 0"):
         LocalExecutor(split(mlp(), 2), "fr", optimizer=plain, loss_fn=loss_fn, compensation="stretch")
@@ -300,12 +313,15 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
 
 
 def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
-    from fxreplay.methods.compensation import AUTO, AUTO_OTHER, resolve
+    from fxreplay.methods.compensation import AUTO, AUTO_MOMENTUM, AUTO_OTHER, resolve
 
     params = [nn.Parameter(torch.zeros(2))]
     assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9)).name == AUTO
-    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_OTHER
-    assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_OTHER
+    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_MOMENTUM
+    assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_MOMENTUM
+    assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_MOMENTUM == "predict+stretch"
+    assert resolve(parse("auto"), torch.optim.RMSprop(params, lr=1e-3, momentum=0.9)).name == AUTO_OTHER
+    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1)).name == AUTO_OTHER  # no momentum to stretch
     data = batches(6)
     auto = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="auto")
     same = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=AUTO)
@@ -337,8 +353,8 @@ def test_formulas() -> None:
 
 
 # ----------------------------------------------------------- tied weights, ranks, the CLI
-@pytest.mark.parametrize("optimizer,rules", [(sgd, "lr+predict+spike+stretch"), (adam, "lr+predict+stretch")],
-                         ids=["sgd", "adam"])
+@pytest.mark.parametrize("optimizer,rules", [(sgd, "lr+predict+spike+stretch"), (adam, "lr+predict+stretch"),
+                                             (nesterov, "lr+predict+stretch")], ids=["sgd", "adam", "nesterov"])
 def test_tied_copies_stay_identical_under_every_rule(optimizer: Any, rules: str) -> None:
     """The holders of a tied weight have different delays; its copies take the plain step
     in every holder and stay bit-identical, while the stage's own weights are compensated."""
