@@ -7,6 +7,7 @@
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh screen > benchmarks/runs/compensation-screen.log 2>&1 &
 #   A quick proxy first (Fashion-MNIST, a small BN CNN, K = 4, lr 0.1, 2 epochs; ~10 min a run):
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy          # LR=0.3 for the higher rate
+#     OMP_NUM_THREADS=1 OPTIM=adam bash benchmarks/compensation.sh proxy   # or OPTIM=nesterov: auto's other optimizers
 #   The same at K = 8 on a 9-conv BN CNN (examples/deep_cnn.py; ~15 min a run):
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy8
 #   The trend with depth: K = 8 on ResNet-56 (configs/resnet56_cifar10_5k.yaml), seed 0, ~1.5-2 h a run on one core:
@@ -59,7 +60,20 @@ case "$mode" in
     for f in /usr/share/datasets/fashion-mnist/*.gz; do
       test -f "$raw/$(basename "$f" .gz)" || gunzip -c "$f" > "$raw/$(basename "$f" .gz)"
     done
-    if [ "$mode" = proxy ]; then
+    if [ "$mode" = proxy ] && [ "${OPTIM:-sgd}" != sgd ]; then
+      # OPTIM=adam (lr 0.003, no weight decay) or nesterov (SGD, Nesterov momentum 0.9, lr 0.1): auto's other
+      # optimizers, the same proxy and schedule otherwise.
+      mkdir -p benchmarks/runs
+      config=benchmarks/runs/proxy-$OPTIM.yaml
+      case "$OPTIM" in
+        adam) lr=${LR:-0.003}; printf 'optim:\n  name: adam\n  lr: %s\n  weight_decay: 0.0\n' "$lr" > "$config" ;;
+        nesterov) lr=${LR:-0.1}; printf 'optim:\n  name: sgd\n  lr: %s\n  momentum: 0.9\n  weight_decay: 0.0005\n  args: {nesterov: true}\n' "$lr" > "$config" ;;
+        *) echo "OPTIM must be sgd, adam or nesterov, got $OPTIM" >&2; exit 2 ;;
+      esac
+      rules=${RULES:-"bp fr fr+lr+predict fr+predict+stretch fr+predict+stretch=2"}
+      fxreplay compare --config "$config" --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 \
+        --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy-$OPTIM"
+    elif [ "$mode" = proxy ]; then
       lr=${LR:-0.1}
       rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2 fr+lr+predict+spike+stretch=1 fr+stretch=1 fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch ddg+predict+spike+stretch=1 ddg+predict+spike+stretch=2"}
       suffix=$([ "$lr" = 0.1 ] || echo "-lr$lr")

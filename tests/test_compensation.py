@@ -372,6 +372,8 @@ def test_tied_copies_stay_identical_under_every_rule(optimizer: Any, rules: str)
 
 
 RULES = "lr+predict+shrink+spike+stretch"
+CASES = {"fr": ("fr", sgd, RULES), "ddg": ("ddg", sgd, RULES),
+         "fr, Adam": ("fr", adam, "lr+predict+shrink+stretch")}  # Adam: stretch runs the step at β₁_k
 
 
 def _rank_compensated(K: int) -> dict[str, Any]:
@@ -379,17 +381,19 @@ def _rank_compensated(K: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     data = batches(7)
-    for method in ("fr", "ddg"):
-        ex = DistributedExecutor(split(mlp(), K), method, optimizer=sgd, loss_fn=loss_fn, timeout=30.0, compensation=RULES)
+    for case, (method, optimizer, rules) in CASES.items():
+        ex = DistributedExecutor(split(mlp(), K), method, optimizer=optimizer, loss_fn=loss_fn, timeout=30.0,
+                                 compensation=rules)
         for x, y in data[:4]:
             ex.step(x, y)
         state = ex.state_dict()
         ex.close()
-        resumed = DistributedExecutor(split(mlp(1), K), method, optimizer=sgd, loss_fn=loss_fn, timeout=30.0, compensation=RULES)
+        resumed = DistributedExecutor(split(mlp(1), K), method, optimizer=optimizer, loss_fn=loss_fn, timeout=30.0,
+                                      compensation=rules)
         resumed.load_state_dict(state)
         losses = [resumed.step(x, y) for x, y in data[4:]]
         resumed.close()
-        out[method] = (losses, {k: v.clone() for k, v in resumed.stages[resumed.rank].state_dict().items()})
+        out[case] = (losses, {k: v.clone() for k, v in resumed.stages[resumed.rank].state_dict().items()})
     return out
 
 
@@ -399,12 +403,12 @@ def test_one_rank_per_stage_with_resume_equals_the_local_executor_bit_for_bit() 
     K = 3
     results = run_distributed(_rank_compensated, nproc=K, args=(K,), threads=1, timeout=60.0)
     torch.set_num_threads(1)
-    for method in ("fr", "ddg"):
-        ex = LocalExecutor(split(mlp(), K), method, optimizer=sgd, loss_fn=loss_fn, compensation=RULES)
+    for case, (method, optimizer, rules) in CASES.items():
+        ex = LocalExecutor(split(mlp(), K), method, optimizer=optimizer, loss_fn=loss_fn, compensation=rules)
         losses = [ex.step(x, y) for x, y in batches(7)]
-        assert results[K - 1][method][0] == losses[4:], method
+        assert results[K - 1][case][0] == losses[4:], case
         for k in range(K):
-            assert all(torch.equal(results[k][method][1][n], v) for n, v in ex.stages[k].state_dict().items()), (method, k)
+            assert all(torch.equal(results[k][case][1][n], v) for n, v in ex.stages[k].state_dict().items()), (case, k)
 
 
 def test_config_cli_and_compare_carry_the_rule(tmp_path: Any) -> None:
