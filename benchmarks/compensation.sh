@@ -10,6 +10,8 @@
 #     OMP_NUM_THREADS=1 OPTIM=adam bash benchmarks/compensation.sh proxy   # or OPTIM=nesterov: auto's other optimizers
 #   The same at K = 8 on a 9-conv BN CNN (examples/deep_cnn.py; ~15 min a run):
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy8
+#   And on an unnormalised model, K = 4 (examples/tanh_mlp.py, four tanh layers; ~5 min a run):
+#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy-mlp
 #   The trend with depth: K = 8 on ResNet-56 (configs/resnet56_cifar10_5k.yaml), seed 0, ~1.5-2 h a run on one core:
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh deep > benchmarks/runs/compensation-deep.log 2>&1 &
 #   The table that decides (BP, FR none, FR with the chosen rules at K = 2, 4, both rates, seeds 0-2):
@@ -51,7 +53,7 @@ case "$mode" in
         --boundaries "$SPLIT8" --out "benchmarks/runs/deep-lr${LR:-0.1}"
     done
     exit 0 ;;
-  proxy|proxy8)
+  proxy|proxy8|proxy-mlp)
     # The quick screens (~10-15 min a run on one core): Fashion-MNIST (Debian: apt-get install
     # dataset-fashion-mnist), 2 epochs, batch 128, seed 0. proxy: examples/mnist_cnn.py, K = 4, lr $LR
     # (0.1); proxy8: examples/deep_cnn.py (9 convolutions), K = 8, lr 0.1.
@@ -79,12 +81,17 @@ case "$mode" in
       suffix=$([ "$lr" = 0.1 ] || echo "-lr$lr")
       fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr "$lr" \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy$suffix"
+    elif [ "$mode" = proxy-mlp ]; then
+      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch=2"}
+      # Pinned: every stage holds a linear layer (by FLOPs alone one stage would be a lone tanh).
+      fxreplay compare --model examples/tanh_mlp.py --data torchvision:FashionMNIST --data-root data --K 4 --lr 0.1 \
+        --epochs 2 --batch-size 128 --methods "${rules// /,}" --boundaries 4=3,5,7 --out benchmarks/runs/compensation-proxy-mlp
     else
       rules=${RULES:-"bp fr fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2"}
       fxreplay compare --model examples/deep_cnn.py --data torchvision:FashionMNIST --data-root data --K 8 --lr 0.1 \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi
     exit 0 ;;
-  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | deep | proxy | proxy8" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | deep | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
 esac
 python benchmarks/converged_summary.py

@@ -525,18 +525,21 @@ def test_random_draws_keep_the_models_order(K: int) -> None:
     assert drawn == ["da", "db"]
 
 
-def test_the_k8_proxy_model_cuts_into_eight_stages_that_compose() -> None:
-    """examples/deep_cnn.py (benchmarks/compensation.sh proxy8) is deep enough for K = 8."""
+@pytest.mark.parametrize("name,K,boundaries", [("deep_cnn", 8, None), ("tanh_mlp", 4, ["3", "5", "7"])])
+def test_the_proxy_models_cut_into_stages_that_all_hold_weights_and_compose(name: str, K: int,
+                                                                             boundaries: list[str] | None) -> None:
+    """examples/deep_cnn.py (benchmarks/compensation.sh proxy8) is deep enough for K = 8, and
+    examples/tanh_mlp.py for K = 4 at the split proxy-mlp pins (by FLOPs alone one stage is a lone tanh)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "deep_cnn.py"
-    spec = importlib.util.spec_from_file_location("deep_cnn", path)
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model, inputs = module.build_model(), module.example_inputs()
-    pipe = fxreplay.compile(model, inputs, K=8, cost="flops")
-    assert len(pipe.stages) == 8
+    pipe = fxreplay.compile(model, inputs, K=K, cost="flops", boundaries=boundaries)
+    assert len(pipe.stages) == K
     assert all(any(True for _ in s.parameters()) for s in pipe.stages)  # every stage has weights to compensate
     check_composes(model, inputs, pipe)
