@@ -313,13 +313,13 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
 
 
 def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
-    from fxreplay.methods.compensation import AUTO, AUTO_MOMENTUM, AUTO_OTHER, resolve
+    from fxreplay.methods.compensation import AUTO, AUTO_ADAM, AUTO_NESTEROV, AUTO_OTHER, resolve
 
     params = [nn.Parameter(torch.zeros(2))]
-    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9)).name == AUTO
-    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_MOMENTUM
-    assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_MOMENTUM
-    assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_MOMENTUM == "predict+stretch"
+    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9)).name == AUTO == "lr+predict+spike+stretch"
+    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_NESTEROV
+    assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_ADAM
+    assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_ADAM == "predict+stretch"
     assert resolve(parse("auto"), torch.optim.RMSprop(params, lr=1e-3, momentum=0.9)).name == AUTO_OTHER
     assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1)).name == AUTO_OTHER  # no momentum to stretch
     data = batches(6)
