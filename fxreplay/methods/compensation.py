@@ -41,10 +41,9 @@ rule        where it acts                     formula (source)
 Rules compose with ``+`` (``predict+spike``); ``auto`` is the recommended combination for the
 stage's optimizer (see :func:`resolve`); ``none`` is Algorithm 1 exactly. Where a rule assumes an optimizer it checks
 it when the stage is built: ``spike`` and ``official`` need ``torch.optim.SGD`` (spike: with
-momentum, no Nesterov, no dampening), ``stretch`` SGD with momentum (heavy-ball or Nesterov) or
-Adam/AdamW; ``lr`` reads μ
-from SGD's momentum or Adam's β₁; ``predict`` and ``shrink`` work with any optimizer. With ``spike`` and
-``stretch`` together, spike's coefficients use the stretched μ_k.
+momentum, no Nesterov, no dampening); ``stretch`` needs SGD with momentum (heavy-ball or Nesterov)
+or Adam/AdamW; ``lr`` reads μ from SGD's momentum or Adam's β₁; ``predict`` and ``shrink`` work with
+any optimizer. With ``spike`` and ``stretch`` together, spike's coefficients use the stretched μ_k.
 
 A parameter held by several stages (a tied embedding) takes the *uncompensated* step in
 every holder, so that its copies stay identical (its holders have different delays); the
@@ -313,12 +312,11 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
         if rule == "stretch" and _adam(optimizer):
             continue  # Adam's horizon is β₁'s (stretch_coefficients)
         if not sgd:
+            what, fits = (("lengthens the momentum horizon of SGD or Adam/AdamW", "torch.optim.SGD with momentum or Adam/AdamW")
+                          if rule == "stretch" else ("corrects SGD's momentum step", "torch.optim.SGD with momentum"))
             raise TrainingError(
-                f"compensation {rule!r} corrects SGD's momentum step"
-                + (" (or, stretch, Adam's and AdamW's β₁)" if rule == "stretch" else "")
-                + f", and this stage's optimizer is {type(optimizer).__name__}: use torch.optim.SGD with momentum"
-                + (" or Adam/AdamW" if rule == "stretch" else "")
-                + f", or drop {rule} (predict, lr and shrink work with any optimizer)."
+                f"compensation {rule!r} {what}, and this stage's optimizer is {type(optimizer).__name__}: use {fits}, "
+                f"or drop {rule} (predict, lr and shrink work with any optimizer)."
             )
         if rule == "stretch" and _nesterov(optimizer):
             continue  # its step runs at μ_k and η/s_k (torch's SGD has refused Nesterov with dampening already)
