@@ -11,7 +11,7 @@
 #   The same at K = 8 on a 9-conv BN CNN (examples/deep_cnn.py; ~15 min a run):
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy8
 #   And on an unnormalised model, K = 4 (examples/tanh_mlp.py, four tanh layers; ~5 min a run):
-#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy-mlp
+#     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy-mlp     # SPLIT=auto: the automatic split
 #   The trend with depth: K = 8 on ResNet-56 (configs/resnet56_cifar10_5k.yaml), seed 0, ~1.5-2 h a run on one core:
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh deep > benchmarks/runs/compensation-deep.log 2>&1 &
 #   The table that decides (BP, FR none, FR and DDG with auto's rules, FR with the previous auto, K = 2, 4, seeds 0-2):
@@ -83,9 +83,12 @@ case "$mode" in
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy$suffix"
     elif [ "$mode" = proxy-mlp ]; then
       rules=${RULES:-"bp fr fr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch=2"}
-      # Pinned: every stage holds a linear layer (by FLOPs alone one stage would be a lone tanh).
+      # Pinned: every stage holds a linear layer. SPLIT=auto: the automatic FLOPs split instead, where
+      # stage 2 is a lone tanh (the weighted stages' delays are 3, 2 and 0).
+      if [ "${SPLIT:-pinned}" = auto ]; then pin=(); out=benchmarks/runs/compensation-proxy-mlp-unpinned
+      else pin=(--boundaries 4=3,5,7); out=benchmarks/runs/compensation-proxy-mlp; fi
       fxreplay compare --model examples/tanh_mlp.py --data torchvision:FashionMNIST --data-root data --K 4 --lr 0.1 \
-        --epochs 2 --batch-size 128 --methods "${rules// /,}" --boundaries 4=3,5,7 --out benchmarks/runs/compensation-proxy-mlp
+        --epochs 2 --batch-size 128 --methods "${rules// /,}" "${pin[@]}" --out "$out"
     else
       rules=${RULES:-"bp fr fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2"}
       fxreplay compare --model examples/deep_cnn.py --data torchvision:FashionMNIST --data-root data --K 8 --lr 0.1 \

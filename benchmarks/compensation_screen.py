@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from fxreplay.checkpoint import replace_file  # noqa: E402
 from fxreplay.methods.compensation import AUTO  # noqa: E402
 from fxreplay.runlog import RunMetrics, label, load_run  # noqa: E402
 
@@ -108,7 +109,7 @@ def curves(store: Path, png: Path, panels: tuple[str, ...] = CURVES) -> Path:
             if name not in names:
                 names.append(name)
             epochs = [e for e in run.epochs if e.get("test_accuracy") is not None]
-            xs = [e["epoch"] + 1 if "epoch" in e else i + 1 for i, e in enumerate(epochs)]
+            xs = [e["epoch"] + 1 for e in epochs]
             style = {"color": f"C{names.index(name) % 10}", "lw": 1.6 if name in ("bp", "fr") else 1.2,
                      "ls": "-" if name != "bp" else "--",
                      "label": label(name) + (" (auto)" if name == f"fr+{AUTO}" else "")}
@@ -129,8 +130,10 @@ def curves(store: Path, png: Path, panels: tuple[str, ...] = CURVES) -> Path:
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle("Compensation rules on the converged CIFAR-10 benchmark (ResNet-20, 5k images)")
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    try:
+        replace_file(png, lambda f: fig.savefig(f, dpi=110, format="png"))  # atomic, as the report's figures
+    finally:
+        plt.close(fig)
     return png
 
 

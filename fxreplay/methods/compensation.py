@@ -57,6 +57,7 @@ prediction, which changes no weight, applies to it as to the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -448,8 +449,9 @@ class Compensator:
         factor = self._step_factor(iteration)
         record = "predict" in self.comp
         rewrite = spike or stretch or factor != 1.0
-        if not (rewrite or record or swapped):
-            optimizer.step()
+        take_step = functools.partial(self._stretched_step, optimizer) if swapped else optimizer.step
+        if not (rewrite or record):  # nothing to rewrite or record: no copies of the weights
+            take_step()
             return
         before = [p.detach().clone() if p.grad is not None else None for p in self.params]
         groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
@@ -461,10 +463,7 @@ class Compensator:
         if stretch:
             velocity = [self._buffer(optimizer, p, own) for p, own in zip(self.params, self._own)]
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
-        if swapped:
-            self._stretched_step(optimizer)
-        else:
-            optimizer.step()
+        take_step()
         lr_scale, mu = stretch_coefficients(self.momentum, self.delay, self.comp.power) if stretch else (1.0, self.momentum)
         a, b = spike_coefficients(mu, self.delay) if spike else (1.0, 0.0)
         steps: list[torch.Tensor | None] = []
