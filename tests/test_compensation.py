@@ -54,12 +54,14 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
         h = x
         for k in range(K):  # the play
             d = K - 1 - k
+            ahead = 1 if "lookahead" in rules and k > 0 else 0  # stages that send a δ down run one update ahead
+            horizon = (d + ahead if "predict" in rules else 0) if k < K - 1 else ahead  # the last: its training forward
             memory[k][t] = h
             with torch.no_grad():
-                if "predict" in rules and d > 0 and last[k] is not None:
+                if horizon > 0 and last[k] is not None:
                     own = [p.clone() for p in params[k]]
                     for p, s in zip(params[k], last[k]):
-                        p.copy_(p + d * s)
+                        p.copy_(p + horizon * s)
                     h = stages[k](h)
                     for p, w in zip(params[k], own):
                         p.copy_(w)
@@ -75,11 +77,19 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
             for p in params[k]:
                 p.grad = None
             inp = memory[k].pop(b).clone().requires_grad_(True)
+            own = [p.detach().clone() for p in params[k]]
+            if "lookahead" in rules and k > 0 and last[k] is not None:  # replay and backward at w + Δw
+                with torch.no_grad():
+                    for p, s in zip(params[k], last[k]):
+                        p.add_(s)
             out = stages[k](inp)
             if k == K - 1:
                 loss_fn(out, data[b][1]).backward()
             else:
                 out.backward(delta[(k, b)])
+            with torch.no_grad():
+                for p, w in zip(params[k], own):
+                    p.copy_(w)
             horizon = (d + 1) ** power
             mu, lr = (1 - (1 - MU) / horizon, LR / horizon) if "stretch" in rules else (MU, LR)
             a, c = (mu ** d, sum(mu ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
@@ -109,7 +119,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "predict+spike", "predict+spike+stretch",
-                                   "lr+predict+shrink+spike+stretch", "predict+spike+stretch=1", "stretch=2"])
+                                   "lr+predict+shrink+spike+stretch", "predict+spike+stretch=1", "stretch=2", "lookahead",
+                                   "lookahead+predict", "lookahead+lr+predict+spike+stretch"])
 def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     data = batches(6)
     ref_stages = split(mlp(), 3)
@@ -168,6 +179,39 @@ def test_one_stage_with_any_rule_is_bp_bit_for_bit(method: str, rules: str) -> N
     assert all(torch.equal(a, b) for a, b in zip(weights(comp.stages), weights(bp.stages)))
 
 
+def test_lookahead_is_bp_at_one_stage_and_acts_on_the_last_stage_otherwise() -> None:
+    data = batches(5)
+    comp = LocalExecutor([mlp()], "fr", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
+    bp = LocalExecutor([mlp()], "bp", optimizer=sgd, loss_fn=loss_fn)
+    for x, y in data:
+        assert comp.step(x, y) == bp.step(x, y)  # stage 0 sends no δ down: nothing to look ahead for
+    assert all(torch.equal(a, b) for a, b in zip(weights(comp.stages), weights(bp.stages)))
+    ahead = LocalExecutor(split(mlp(), 2), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead")
+    plain = LocalExecutor(split(mlp(), 2), "fr", optimizer=sgd, loss_fn=loss_fn)
+    losses = [(ahead.step(x, y), plain.step(x, y)) for x, y in data]
+    assert losses[0][0] == losses[0][1]  # the first forward: no update yet, nothing to look ahead with
+    assert losses[1][0] != losses[1][1]  # the last stage updated at step 1: its training forward now runs at w + Δw
+
+
+def test_a_failure_inside_the_lookahead_leaves_every_weight_as_it_was() -> None:
+    """The replay's weights are w + Δw from the replay to the end of the backward: an error in between
+    (here: the backward of stage 1) must leave the stage holding its own weights, as before the step."""
+    data = batches(5)
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
+    for x, y in data[:4]:
+        ex.step(x, y)
+    before = [w.clone() for w in weights(ex.stages)]
+    worker = ex.workers[1]
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a backward that fails")
+
+    worker.backprop = broken
+    with pytest.raises(RuntimeError, match="fails"):
+        ex.step(*data[4])
+    assert all(torch.equal(a, b) for a, b in zip(weights(ex.stages), before))
+
+
 def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> None:
     """DDG + predict at K=2: stage 0's gradient of batch t is the gradient at w^t + Δw (its
     last step), the weights one update later; written out by hand for the first steps."""
@@ -201,7 +245,7 @@ def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> No
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch"])
+@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch"])
 def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused(rules: str) -> None:
     data = batches(8)
     straight = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
@@ -309,6 +353,8 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
         LocalExecutor(split(mlp(), 2), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="official+stretch")
     with pytest.raises(TrainingError, match="features-replay"):
         LocalExecutor(split(mlp(), 2), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="official")
+    with pytest.raises(TrainingError, match="lookahead.*ddg has no replay"):
+        LocalExecutor(split(mlp(), 2), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
     LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="predict+lr+shrink")  # any optimizer
 
 
@@ -372,7 +418,7 @@ def test_tied_copies_stay_identical_under_every_rule(optimizer: Any, rules: str)
 
 
 RULES = "lr+predict+shrink+spike+stretch"
-CASES = {"fr": ("fr", sgd, RULES), "ddg": ("ddg", sgd, RULES),
+CASES = {"fr": ("fr", sgd, "lookahead+" + RULES), "ddg": ("ddg", sgd, RULES),
          "fr, Adam": ("fr", adam, "lr+predict+shrink+stretch")}  # Adam: stretch runs the step at β₁_k
 
 

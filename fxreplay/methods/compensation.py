@@ -5,7 +5,8 @@ FR's replay removes the weight mismatch *inside* a stage, not the delay of the �
 backpropagates; the penalty grows with K and the step size (DESIGN.md Sec. 2). Each rule
 acts in one place of a stage's iteration, is a pure function of (K, d_k, the iteration,
 the optimizer's settings), and is the identity for d_k = 0 -- so K = 1 is BP and the last
-stage is never touched:
+stage is never touched -- except ``lookahead``, which acts on every stage that sends a δ down
+(the last one included) and on none at K = 1:
 
 =========== ================================= =============================================
 rule        where it acts                     formula (source)
@@ -34,6 +35,13 @@ rule        where it acts                     formula (source)
                                               the same μ_k and η_k; Adam/AdamW: β₁_k =
                                               1-(1-β₁)/s_k at the same lr (its first moment
                                               is an average: the same total step)
+``lookahead`` FR's replay: the forward and    w̃_k = w_k + Δw_k for stages k ≥ 1 (the ones that
+            backward that make the stage's   send a δ down; with ``predict`` the play aims at
+            gradient and the δ it sends      d_k + 1): the δ stage k-1 applies one iteration
+            down                             later is taken at the weights stage k will have
+                                             then, and the stage's own gradient one update
+                                             ahead, as Nesterov momentum takes it (this
+                                             project, from weight prediction; FR only)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
 =========== ================================= =============================================
@@ -75,6 +83,7 @@ RULES: dict[str, str] = {
     "predict": "forward at the weights the delayed update will meet (weight prediction)",
     "spike": "a late gradient's missed momentum terms applied at once (spike compensation)",
     "stretch": "a late gradient spread over a momentum horizon (d+1)^p times longer, at the same total step (p = 1.5)",
+    "lookahead": "FR's replay at the weights one update ahead: the δ sent down meets the weights of when it is used",
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
@@ -334,6 +343,11 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 "compensation 'stretch' lengthens SGD's momentum horizon, and this optimizer has momentum 0: "
                 "use SGD with momentum (e.g. 0.9), or drop stretch."
             )
+    if "lookahead" in comp and method != "fr":
+        raise TrainingError(
+            f"compensation 'lookahead' runs features replay's replay one update ahead; {method} has no replay: use it "
+            "with fr, or drop it (predict, spike, stretch, lr and shrink work with ddg)."
+        )
     if "official" in comp:
         if method != "fr":
             raise TrainingError(f"compensation 'official' is the published features-replay code's recipe; it does not apply to {method}.")
@@ -379,6 +393,9 @@ class Compensator:
         self._group_index: tuple[torch.optim.Optimizer, list[int | None]] | None = None  # see _groups_of
         # Δw of the last update, per parameter (``predict``); None until the stage first steps.
         self.last_step: list[torch.Tensor | None] | None = None
+        # lookahead: stages that send a δ down replay one update ahead (none at K = 1: stage 0 sends nothing)
+        self.ahead = 1 if "lookahead" in comp and stage > 0 else 0
+        self._held: list[torch.Tensor] | None = None  # the weights under the lookahead (enter_ahead .. exit_ahead)
         if "official" in comp:
             for g in optimizer.param_groups:
                 g["nesterov"] = True
@@ -401,12 +418,34 @@ class Compensator:
         return tuple(d * s if isinstance(d, torch.Tensor) else d for d in deltas)
 
     def predicting(self) -> bool:
-        return "predict" in self.comp and self.delay > 0 and self.last_step is not None
+        return "predict" in self.comp and self.delay + self.ahead > 0 and self.last_step is not None
 
-    def predicted(self) -> list[torch.Tensor]:
-        """``predict``: ŵ = w + d·Δw for every parameter (detached copies)."""
+    def predicted(self, horizon: int | None = None) -> list[torch.Tensor]:
+        """``predict``: ŵ = w + h·Δw for every parameter (detached copies); h = d (+1 under ``lookahead``, whose
+        replay runs one update ahead) unless given."""
         assert self.last_step is not None
-        return [p.detach() + self.delay * s if s is not None else p.detach().clone() for p, s in zip(self.params, self.last_step)]
+        h = self.delay + self.ahead if horizon is None else horizon
+        return [p.detach() + h * s if s is not None else p.detach().clone() for p, s in zip(self.params, self.last_step)]
+
+    def enter_ahead(self) -> None:
+        """``lookahead``: the stage's parameters hold w̃ = w + Δw from here to :meth:`exit_ahead` -- FR's replay
+        forward and its backward (the last stage: its training forward and backward). A no-op on stage 0,
+        before the stage's first update and without the rule."""
+        if not self.ahead or self.last_step is None or self._held is not None:
+            return
+        self._held = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, w in zip(self.params, self.predicted(self.ahead)):
+                p.copy_(w)
+
+    def exit_ahead(self) -> None:
+        """The parameters hold exactly their own weights again (idempotent)."""
+        if self._held is None:
+            return
+        with torch.no_grad():
+            for p, w in zip(self.params, self._held):
+                p.copy_(w)
+        self._held = None
 
     @contextlib.contextmanager
     def predicted_weights(self) -> Iterator[None]:
@@ -447,7 +486,7 @@ class Compensator:
         swapped = stretch and _swaps(optimizer)  # the step itself runs at the stretched horizon: nothing to rewrite
         stretch = stretch and not swapped
         factor = self._step_factor(iteration)
-        record = "predict" in self.comp
+        record = "predict" in self.comp or self.ahead > 0
         rewrite = spike or stretch or factor != 1.0
         take_step = functools.partial(self._stretched_step, optimizer) if swapped else optimizer.step
         if not (rewrite or record):  # nothing to rewrite or record: no copies of the weights

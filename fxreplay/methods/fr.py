@@ -25,7 +25,8 @@ and they are put back after its backward.
 
 Option ``compensation`` (:mod:`fxreplay.methods.compensation`): ``predict`` runs the play at
 the predicted weights ŵ_k (the replay, d_k iterations later, computes at the weights the
-prediction aimed at); ``official`` lets the replay update BatchNorm statistics too; the
+prediction aimed at); ``lookahead`` runs the replay (the last stage: its forward) and its
+backward one update ahead, w_k + Δw_k, and the play aims at d_k + 1; ``official`` lets the replay update BatchNorm statistics too; the
 other rules act on the update and on δ in the base worker. ``none`` is Algorithm 1.
 """
 from __future__ import annotations
@@ -78,7 +79,14 @@ class FRWorker(StageWorker):
     def op_F(self, batch: int, link: Link) -> None:
         """The play (Alg. 1 lines 5-7); the last stage's play keeps its graph (line 9)."""
         if self.is_last:
-            self._live = self.graph_forward(batch, self.leaf_inputs(self.recv_inputs(batch, link)), link)
+            if self.compensator is not None:
+                self.compensator.enter_ahead()  # lookahead: until the backward (op_B)
+            try:
+                self._live = self.graph_forward(batch, self.leaf_inputs(self.recv_inputs(batch, link)), link)
+            except BaseException:
+                if self.compensator is not None:
+                    self.compensator.exit_ahead()
+                raise
             return
         inputs = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in self.recv_inputs(batch, link))
         self.history.append((batch, inputs, capture_rng(self.device)))  # line 5
@@ -100,8 +108,15 @@ class FRWorker(StageWorker):
         self._kept = [(b, b.detach().clone()) for b in self.written]
         freeze = self.compensator is None or self.compensator.freeze_norms_in_replay
         norms = frozen_norm_stats(self.norms) if freeze else contextlib.nullcontext()
-        with restored_rng(rng, self.device), norms, self.recording() as saved, self.autocast():  # the play's precision
-            out = self.module(*inputs)
+        if self.compensator is not None:
+            self.compensator.enter_ahead()  # lookahead: until the backward (op_B)
+        try:
+            with restored_rng(rng, self.device), norms, self.recording() as saved, self.autocast():  # the play's precision
+                out = self.module(*inputs)
+        except BaseException:
+            if self.compensator is not None:
+                self.compensator.exit_ahead()
+            raise
         self._live = (batch, inputs, out, saved)
 
     def op_B(self, batch: int, link: Link) -> None:
@@ -113,7 +128,11 @@ class FRWorker(StageWorker):
         assert entry is not None and entry[0] == batch, f"FR stage {self.stage}: no replay of batch {batch}"
         if not self.is_last:
             self.history.popleft()
-        self.backprop(entry, link)
+        try:
+            self.backprop(entry, link)
+        finally:
+            if self.compensator is not None:
+                self.compensator.exit_ahead()  # the update, σ and checkpoints see the stage's own weights
         with torch.no_grad():
             for b, v in self._kept:
                 b.copy_(v)
