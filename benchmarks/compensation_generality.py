@@ -101,7 +101,8 @@ def optimizer_factory(name: str, lr: float) -> Callable[[list], torch.optim.Opti
 
 
 def train_once(model_name: str, method: str, K: int, optim: str, lr: float, seed: int, epochs: int) -> dict:
-    """One run; returns the test error (%), the mean training loss of the last 20 steps and whether it diverged."""
+    """One run; returns the test error (%), the mean training loss of the last 20 steps, whether it diverged and
+    the rules ``auto`` resolved to (``rules``: what ran, whatever ``auto`` means in a later version)."""
     algorithm, _, compensation = method.partition("+")
     torch.manual_seed(seed)
     train, test = digits(train=True), digits(train=False)
@@ -111,6 +112,8 @@ def train_once(model_name: str, method: str, K: int, optim: str, lr: float, seed
     options = {"compensation": compensation} if compensation else {}
     trainer = fxreplay.Trainer(pipe, method=algorithm, optimizer=optimizer_factory(optim, lr),
                                loss_fn=nn.CrossEntropyLoss(), **options)
+    comp = trainer.executor.workers[0].compensator
+    rules = {"rules": comp.comp.name} if comp is not None else {}
     losses: list[float] = []
     try:
         for epoch in range(epochs):
@@ -118,9 +121,10 @@ def train_once(model_name: str, method: str, K: int, optim: str, lr: float, seed
             for x, y in make_loader(train, 64, shuffle=True, seed=seed, epoch=epoch):
                 losses.append(float(trainer.step(x, y)))
     except DivergenceError:  # a NaN loss: the trainer stops before applying it
-        return {"error": CHANCE_ERROR, "train_loss": float("nan"), "diverged": True}
+        return {"error": CHANCE_ERROR, "train_loss": float("nan"), "diverged": True, **rules}
     result = trainer.evaluate(make_loader(test, 256, shuffle=False, seed=0, epoch=0))
-    return {"error": 100.0 * (1.0 - result["accuracy"]), "train_loss": statistics.fmean(losses[-20:]), "diverged": False}
+    return {"error": 100.0 * (1.0 - result["accuracy"]), "train_loss": statistics.fmean(losses[-20:]), "diverged": False,
+            **rules}
 
 
 def _key(row: dict) -> tuple:
@@ -158,6 +162,10 @@ def table(rows: list[dict], methods: list[str]) -> str:
                     spread = f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else ""
                     cells.append(f"{err:.2f}{dag} ({statistics.fmean(gaps):+.2f}{spread}, {len(gaps)})")
             out.append(f"| {model} | " + " | ".join(cells) + " |")
+        for m in shown:
+            if m.endswith("+auto"):
+                ran = sorted({r.get("rules", "?") for r in here if r["method"] == m})
+                out.append(f"\n{m} ran as {' / '.join(ran)}.")
         out.append("")
     return "\n".join(out)
 

@@ -385,7 +385,7 @@ class Config:
         o = self.optim
         optimizer = check_args(o.name, o.args, lr=1.0, weight_decay=o.weight_decay, momentum=o.class_momentum)
         try:
-            validate(resolve(comp, optimizer), optimizer, self.train.method)
+            validate(resolve(comp, optimizer, self.train.method), optimizer, self.train.method)
         except FxReplayError as exc:
             raise _fail("train.compensation", str(exc)) from None
 

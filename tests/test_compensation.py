@@ -362,7 +362,9 @@ def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
     from fxreplay.methods.compensation import AUTO, AUTO_ADAM, AUTO_NESTEROV, AUTO_OTHER, resolve
 
     params = [nn.Parameter(torch.zeros(2))]
-    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9)).name == AUTO == "lr+predict+spike+stretch"
+    heavy_ball = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    assert resolve(parse("auto"), heavy_ball).name == AUTO == "lookahead+lr+predict+spike+stretch"
+    assert resolve(parse("auto"), heavy_ball, "ddg").name == "lr+predict+spike+stretch"  # DDG has no replay
     assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_NESTEROV
     assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_ADAM
     assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_ADAM == "predict+stretch"

@@ -88,15 +88,18 @@ RULES: dict[str, str] = {
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
-AUTO = "lr+predict+spike+stretch"
+AUTO = "lookahead+lr+predict+spike+stretch"
 """What ``auto`` means with SGD and heavy-ball momentum: the recommended rules (docs/compensation.md
 has the analysis and the screening that chose them). Their constants depend only on d_k and the
 optimizer's μ. The ``lr`` warm-up keeps the stretched stages stable early in training, where an
-unnormalised model's curvature is highest: on the tanh-MLP proxy (K = 4, lr 0.1) FR is 29 points behind
-BP, ``predict+spike+stretch`` 4.8 and this 0.2. (Until the morning of 2026-12-06 ``auto`` was
-``lr+predict+spike``, then ``predict+spike+stretch`` with the horizon d+1 and, from the evening,
-(d+1)^1.5; a checkpoint records the rules its ``auto`` meant, and a resume under other rules is
-refused.)"""
+unnormalised model's curvature is highest (tanh-MLP proxy, K = 4, lr 0.1: FR 29 points behind BP,
+``predict+spike+stretch`` 4.8, with the warm-up 0.2); ``lookahead`` takes every δ at the weights it
+meets (at the MLP's pinned split +3.6 without it, −0.2 with it; K = 8 proxy and the unseen families of
+benchmarks/compensation_generality.py in docs/compensation.md). With DDG, which has no replay, ``auto``
+is these rules without ``lookahead``. (``auto`` was ``lr+predict+spike`` until the morning of 2026-12-06,
+then ``predict+spike+stretch`` with the horizon d+1 and, from the evening, (d+1)^1.5, then
+``lr+predict+spike+stretch`` from that night to 2026-12-07; a checkpoint records the rules its ``auto``
+meant, and a resume under other rules is refused.)"""
 
 AUTO_NESTEROV = "lr+predict+stretch"
 """What ``auto`` means with Nesterov SGD: the stretched horizon applies to its μ (with its lr), spike
@@ -209,11 +212,11 @@ def parse(spec: str | Compensation | None) -> Compensation:
     return Compensation(tuple(sorted(rules)), beta, power)
 
 
-def resolve(comp: Compensation, optimizer: torch.optim.Optimizer) -> Compensation:
-    """The rules ``comp`` stands for with this optimizer: ``auto`` is :data:`AUTO` for SGD with
+def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = "fr") -> Compensation:
+    """The rules ``comp`` stands for with this optimizer and method: ``auto`` is :data:`AUTO` for SGD with
     heavy-ball momentum (no Nesterov, no dampening), :data:`AUTO_NESTEROV` for Nesterov SGD,
-    :data:`AUTO_ADAM` for Adam and AdamW, and :data:`AUTO_OTHER` otherwise; any other compensation is
-    itself."""
+    :data:`AUTO_ADAM` for Adam and AdamW, and :data:`AUTO_OTHER` otherwise, each without ``lookahead``
+    for a method without a replay (DDG); any other compensation is itself."""
     if not comp.auto:
         return comp
     groups = [g for g in optimizer.param_groups if g["params"]] or optimizer.param_groups
@@ -221,10 +224,14 @@ def resolve(comp: Compensation, optimizer: torch.optim.Optimizer) -> Compensatio
         float(g.get("momentum", 0)) > 0 and not g.get("nesterov") and g.get("dampening", 0) == 0 and not g.get("maximize")
         for g in groups)
     if heavy_ball:
-        return parse(AUTO)
-    if _nesterov(optimizer):
-        return parse(AUTO_NESTEROV)
-    return parse(AUTO_ADAM if _adam(optimizer) else AUTO_OTHER)
+        rules = AUTO
+    elif _nesterov(optimizer):
+        rules = AUTO_NESTEROV
+    else:
+        rules = AUTO_ADAM if _adam(optimizer) else AUTO_OTHER
+    if method != "fr":  # lookahead runs FR's replay ahead; DDG has none
+        rules = "+".join(r for r in rules.split("+") if r != "lookahead")
+    return parse(rules)
 
 
 def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
@@ -383,7 +390,7 @@ class Compensator:
     def __init__(self, comp: Compensation, stage: int, delay: int, params: Sequence[torch.Tensor],
                  shared: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, method: str) -> None:
         self.name = comp.name  # what the user asked for (``auto``): checkpoints record it
-        comp = resolve(comp, optimizer)
+        comp = resolve(comp, optimizer, method)
         validate(comp, optimizer, method)
         self.comp, self.stage, self.delay = comp, stage, delay
         self.params = list(params)
