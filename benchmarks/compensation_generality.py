@@ -38,6 +38,7 @@ from torch import nn
 import fxreplay
 from fxreplay.data import digits, make_loader
 from fxreplay.errors import DivergenceError
+from fxreplay.methods.compensation import parse, resolve
 from fxreplay.models import digits_cnn
 
 CHANCE_ERROR = 90.0  # ten classes: a diverged run predicts nothing
@@ -127,6 +128,26 @@ def train_once(model_name: str, method: str, K: int, optim: str, lr: float, seed
             **rules}
 
 
+def auto_rules(method: str, optim: str) -> str:
+    """The rules ``auto`` stands for in ``method`` (``fr+auto``) with ``optim`` in this version of fxreplay."""
+    optimizer = optimizer_factory(optim, 0.1)([nn.Parameter(torch.zeros(1))])
+    return resolve(parse("auto"), optimizer, method.partition("+")[0]).name
+
+
+def as_run_now(row: dict) -> dict:
+    """A kept ``…+auto`` row whose ``auto`` meant other rules than it does now is that rule set's row
+    (``fr+lr+predict+spike+stretch``): it is neither reused nor tabled as today's ``auto``. A row of
+    today's ``auto``'s rules spelled out is ``auto``'s."""
+    method, rules = row["method"], row.get("rules")
+    algorithm, _, named = method.partition("+")
+    now = auto_rules(method, row["optim"]) if named else None
+    if named == "auto" and rules and rules != now:
+        return {**row, "method": f"{algorithm}+{rules}"}
+    if named and named != "auto" and parse(named).name == now:  # today's auto, spelled out: its runs count as auto's
+        return {**row, "method": f"{algorithm}+auto", "rules": now}
+    return row
+
+
 def _key(row: dict) -> tuple:
     return row["model"], row["method"], row["K"], row["optim"], row["lr"], row["seed"], row["epochs"]
 
@@ -187,7 +208,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()] if args.out.exists() else []
+    rows = [as_run_now(json.loads(line)) for line in args.out.read_text().splitlines() if line.strip()] if args.out.exists() else []
     if not args.table_only:
         torch.set_num_threads(1)
         done = {_key(r) for r in rows}

@@ -401,8 +401,8 @@ def test_formulas() -> None:
 
 
 # ----------------------------------------------------------- tied weights, ranks, the CLI
-@pytest.mark.parametrize("optimizer,rules", [(sgd, "lr+predict+spike+stretch"), (adam, "lr+predict+stretch"),
-                                             (nesterov, "lr+predict+stretch")], ids=["sgd", "adam", "nesterov"])
+@pytest.mark.parametrize("optimizer,rules", [(sgd, "lookahead+lr+predict+spike+stretch"), (adam, "lr+predict+stretch"),
+                                             (nesterov, "lookahead+lr+predict+stretch")], ids=["sgd", "adam", "nesterov"])
 def test_tied_copies_stay_identical_under_every_rule(optimizer: Any, rules: str) -> None:
     """The holders of a tied weight have different delays; its copies take the plain step
     in every holder and stay bit-identical, while the stage's own weights are compensated."""

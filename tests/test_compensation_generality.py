@@ -68,3 +68,20 @@ def test_screen_resumes_from_its_file(tmp_path):
     bad = subprocess.run(cmd[:2] + ["--models", "resnet9000", "--out", str(out)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "unknown model" in bad.stderr and "relu_mlp" in bad.stderr
+
+
+def test_a_kept_auto_run_counts_as_the_rules_it_ran():
+    """``auto`` changes between versions: a kept ``fr+auto`` run of other rules is tabled (and reused) under
+    its own rules, never as today's ``auto``; today's rules spelled out are ``auto``'s."""
+    from fxreplay.methods.compensation import AUTO
+
+    gen = _script()
+    old = _row("relu_mlp", "fr+auto", 0, 5.0) | {"rules": "lr+predict+spike"}
+    assert gen.as_run_now(old)["method"] == "fr+lr+predict+spike"
+    now = _row("relu_mlp", "fr+auto", 0, 5.0) | {"rules": AUTO}
+    assert gen.as_run_now(now)["method"] == "fr+auto"
+    spelled = _row("relu_mlp", "fr+" + "+".join(reversed(AUTO.split("+"))), 0, 5.0)
+    assert gen.as_run_now(spelled)["method"] == "fr+auto" and gen.as_run_now(spelled)["rules"] == AUTO
+    adam = _row("relu_mlp", "fr+auto", 0, 5.0) | {"optim": "adam", "rules": gen.auto_rules("fr+auto", "adam")}
+    assert gen.as_run_now(adam)["method"] == "fr+auto"
+    assert gen.auto_rules("ddg+auto", "sgd") == AUTO.replace("lookahead+", "")
