@@ -26,13 +26,15 @@ and they are put back after its backward.
 Option ``compensation`` (:mod:`fxreplay.methods.compensation`): ``predict`` runs the play at
 the predicted weights ŵ_k (the replay, d_k iterations later, computes at the weights the
 prediction aimed at); ``lookahead`` runs the replay (the last stage: its forward) and its
-backward one update ahead, w_k + Δw_k, and the play aims at d_k + 1; ``official`` lets the replay update BatchNorm statistics too; the
-other rules act on the update and on δ in the base worker. ``none`` is Algorithm 1.
+backward one update ahead, at w_k + Δw_k, and the play aims at d_k + 1; ``official`` lets the
+replay update BatchNorm statistics too; the other rules act on the update and on δ in the base
+worker. ``none`` is Algorithm 1.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,14 +81,7 @@ class FRWorker(StageWorker):
     def op_F(self, batch: int, link: Link) -> None:
         """The play (Alg. 1 lines 5-7); the last stage's play keeps its graph (line 9)."""
         if self.is_last:
-            if self.compensator is not None:
-                self.compensator.enter_ahead()  # lookahead: until the backward (op_B)
-            try:
-                self._live = self.graph_forward(batch, self.leaf_inputs(self.recv_inputs(batch, link)), link)
-            except BaseException:
-                if self.compensator is not None:
-                    self.compensator.exit_ahead()
-                raise
+            self._live = self._ahead(lambda: self.graph_forward(batch, self.leaf_inputs(self.recv_inputs(batch, link)), link))
             return
         inputs = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in self.recv_inputs(batch, link))
         self.history.append((batch, inputs, capture_rng(self.device)))  # line 5
@@ -108,16 +103,27 @@ class FRWorker(StageWorker):
         self._kept = [(b, b.detach().clone()) for b in self.written]
         freeze = self.compensator is None or self.compensator.freeze_norms_in_replay
         norms = frozen_norm_stats(self.norms) if freeze else contextlib.nullcontext()
-        if self.compensator is not None:
-            self.compensator.enter_ahead()  # lookahead: until the backward (op_B)
-        try:
+
+        def replay() -> tuple[Any, Any]:
             with restored_rng(rng, self.device), norms, self.recording() as saved, self.autocast():  # the play's precision
                 out = self.module(*inputs)
-        except BaseException:
-            if self.compensator is not None:
-                self.compensator.exit_ahead()
-            raise
+            return out, saved
+
+        out, saved = self._ahead(replay)
         self._live = (batch, inputs, out, saved)
+
+    def _ahead(self, forward: Callable[[], Any]) -> Any:
+        """``forward()`` with ``lookahead``'s weights w + Δw in place; they stay until :meth:`op_B`'s backward
+        is done (its ``finally`` puts the stage's own weights back) and are put back at once if ``forward`` fails."""
+        comp = self.compensator
+        if comp is None:
+            return forward()
+        comp.enter_ahead()
+        try:
+            return forward()
+        except BaseException:
+            comp.exit_ahead()
+            raise
 
     def op_B(self, batch: int, link: Link) -> None:
         """Backpropagate δ_k^t through the replay (eq. 7) and send δ_{k-1} down (line 14)."""
