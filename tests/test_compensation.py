@@ -195,7 +195,8 @@ def test_lookahead_is_bp_at_one_stage_and_acts_on_the_last_stage_otherwise() -> 
 
 def test_a_failure_inside_the_lookahead_leaves_every_weight_as_it_was() -> None:
     """The replay's weights are w + Δw from the replay to the end of the backward: an error in between
-    (here: the backward of stage 1) must leave the stage holding its own weights, as before the step."""
+    (the backward of stage 1; the last stage's forward) must leave the stage holding its own weights, as
+    before the step."""
     data = batches(5)
     ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
     for x, y in data[:4]:
@@ -210,6 +211,15 @@ def test_a_failure_inside_the_lookahead_leaves_every_weight_as_it_was() -> None:
     with pytest.raises(RuntimeError, match="fails"):
         ex.step(*data[4])
     assert all(torch.equal(a, b) for a, b in zip(weights(ex.stages), before))
+    # the last stage's training forward runs at w + Δw too: a forward (here: its loss) that fails puts it back
+    again = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
+    for x, y in data[:4]:
+        again.step(x, y)
+    before = [w.clone() for w in weights(again.stages)]
+    again.workers[-1].graph_forward = broken
+    with pytest.raises(RuntimeError, match="fails"):
+        again.step(*data[4])
+    assert all(torch.equal(a, b) for a, b in zip(weights(again.stages), before))
 
 
 def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> None:
