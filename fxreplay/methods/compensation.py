@@ -113,9 +113,15 @@ AUTO_ADAM = "predict+stretch"
 accuracy there. Adam proxy (docs/compensation.md): FR +1.76 points behind BP, ``lr+predict`` (``auto``
 with Adam until 2026-12-06) +1.44, ``lr+predict+stretch`` +1.07, ``predict+stretch`` +0.74."""
 
-AUTO_OTHER = "lr+predict"
-"""What ``auto`` means with any other optimizer (RMSprop, SGD without momentum, ...): the prediction
-needs nothing of the optimizer and ``lr`` reads μ from SGD's momentum (0: the warm-up is the shortest)."""
+AUTO_OTHER = "lookahead+lr"
+"""What ``auto`` means with any other optimizer (SGD without momentum, RMSprop, ...): the warm-up (``lr``
+reads μ from SGD's momentum, 0 here: the shortest warm-up) and ``lookahead``, without ``predict``.
+Without momentum the last update Δw is one minibatch's step, and ``predict`` extrapolates its noise d
+times: on the six unseen families with plain SGD at lr 0.3 (benchmarks/compensation_generality.py),
+``lr+predict`` (``auto`` until 2026-12-07) was far behind plain FR (ReLU MLP +26.1 points behind BP
+against +2.2, the transformer +25.9 against +15.4); ``lookahead+lr`` is level with plain FR there (mean
+gap +3.6 against +3.6 where neither diverges: ahead on four families, behind on the ReLU MLP, +5.0). No
+rule measured beats plain FR clearly without momentum."""
 
 DEFAULT_SHRINK = 0.5  # FDG's β; their best per-row values were 0.2-0.5
 DEFAULT_STRETCH = 1.5
