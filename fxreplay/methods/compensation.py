@@ -450,8 +450,9 @@ class Compensator:
             return
         self._held = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            for p, w in zip(self.params, self.predicted(self.ahead)):
-                p.copy_(w)
+            for p, s in zip(self.params, self.last_step):
+                if s is not None:
+                    p.add_(s)  # w + Δw in place: no second copy of the weights
 
     def exit_ahead(self) -> None:
         """The parameters hold exactly their own weights again (idempotent)."""
