@@ -72,8 +72,14 @@ def plain_loop(precision: str, data: list[tuple[torch.Tensor, torch.Tensor]]) ->
     return model, losses, norms
 
 
-@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 1e-4)])
-def test_bp_with_the_whole_recipe_through_three_stages_is_the_plain_loop(precision: str, tol: float) -> None:
+# fp32: every step to 1e-5. bf16: the stages and the plain loop sum the tied embedding's gradient in another
+# order (float32 rounding, ~1e-7); a bf16 cast of an activation that lands on the other side of a rounding
+# boundary turns that into a bf16-sized difference, which AdamW then carries (seen on a CPU with AMX-BF16:
+# the losses equal for 5 steps, then up to 5e-5 apart, the weights up to 5e-3 after 12 steps). So the first
+# steps are held to fp32's tolerance (a stage outside autocast, or a boundary tensor cast back to fp32, is
+# ~1e-2 off at step 0) and the rest to bf16's rounding.
+@pytest.mark.parametrize("precision, tol, drift", [("fp32", 1e-5, 1e-5), ("bf16", 1e-5, 2e-2)])
+def test_bp_with_the_whole_recipe_through_three_stages_is_the_plain_loop(precision: str, tol: float, drift: float) -> None:
     data = tokens()
     trainer = recipe_trainer("bp", precision)
     losses, norms, lrs = [], [], []
@@ -84,11 +90,14 @@ def test_bp_with_the_whole_recipe_through_three_stages_is_the_plain_loop(precisi
     model, want_losses, want_norms = plain_loop(precision, data)
     assert lrs[:WARMUP + 1] == pytest.approx([0, LR / 3, 2 * LR / 3, LR]) and lrs[-1] < lrs[WARMUP + 1]
     assert min(want_norms) > CLIP  # every step clipped: the tied embedding's gradient counted once, or the norms differ
-    assert norms == pytest.approx(want_norms, rel=tol)
-    assert losses == pytest.approx(want_losses, abs=tol)
+    first = WARMUP + 1  # the warm-up and the first full-rate step: before rounding differences can compound
+    assert norms[:first] == pytest.approx(want_norms[:first], rel=tol)
+    assert losses[:first] == pytest.approx(want_losses[:first], abs=tol)
+    assert norms == pytest.approx(want_norms, rel=drift / 10)
+    assert losses == pytest.approx(want_losses, abs=drift / 10)
     got, want = trainer.model_state_dict(), model.state_dict()
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, atol=tol, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], value, atol=drift, rtol=0, msg=name)
 
 
 def test_weight_decay_groups_follow_the_original_names_and_tied_copies_agree() -> None:
