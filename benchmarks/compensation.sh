@@ -32,14 +32,14 @@ SPLIT8=8=layer1.3,layer1.7,layer2.2,layer2.5,layer2.8,layer3.2,layer3.5  # ResNe
 mode=${1:-screen}
 case "$mode" in
   screen)
-    rules=${RULES:-"fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+stretch fr+lr fr+shrink fr+official"}
+    rules=${RULES:-"fr+lookahead+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+stretch fr+lr fr+shrink fr+official"}
     for r in $rules; do
       fxreplay compare --config "$CONFIG" --methods "$r" --K 4 --seeds 0 --lr 0.1 --boundaries "$SPLIT4" \
         --out benchmarks/runs/converged-lr0.1
     done ;;
   table)
     lr=${2:-0.1}
-    rules=${RULES:-"fr+lookahead+lr+predict+spike+stretch ddg+lr+predict+spike+stretch fr+lr+predict+spike+stretch"}  # auto's rules by name (a later auto is another row; DDG's auto has no lookahead), and the previous auto
+    rules=${RULES:-"fr+lookahead+lr+predict+stretch ddg+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch"}  # auto's rules by name (a later auto is another row; DDG's auto has no lookahead), and the previous auto
     for seed in ${SEEDS:-0 1 2}; do
       fxreplay compare --config "$CONFIG" --methods bp --K 2 --seeds "$seed" --lr "$lr" --boundaries "$SPLIT2" \
         --out "benchmarks/runs/converged-lr$lr"
@@ -48,7 +48,7 @@ case "$mode" in
     done ;;
   deep)
     # BP runs at K = 8 too (the same algorithm at any K): one pinned split and one report for the four.
-    for r in ${RULES:-bp fr fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+lr+predict+spike+stretch=2}; do
+    for r in ${RULES:-bp fr fr+lookahead+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+lr+predict+spike+stretch=2}; do
       fxreplay compare --config configs/resnet56_cifar10_5k.yaml --methods "$r" --K 8 --seeds "${SEEDS:-0}" --lr "${LR:-0.1}" \
         --boundaries "$SPLIT8" --out "benchmarks/runs/deep-lr${LR:-0.1}"
     done
@@ -77,12 +77,12 @@ case "$mode" in
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy-$OPTIM"
     elif [ "$mode" = proxy ]; then
       lr=${LR:-0.1}
-      rules=${RULES:-"bp fr fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2 fr+lr+predict+spike+stretch=1 fr+stretch=1 fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch ddg+predict+spike+stretch=1 ddg+predict+spike+stretch=2"}
+      rules=${RULES:-"bp fr fr+lookahead+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2 fr+lr+predict+spike+stretch=1 fr+stretch=1 fr+predict+spike fr+lr+predict+spike fr+predict fr+spike fr+lr fr+shrink ddg ddg+predict+spike+stretch ddg+predict+spike+stretch=1 ddg+predict+spike+stretch=2"}
       suffix=$([ "$lr" = 0.1 ] || echo "-lr$lr")
       fxreplay compare --model examples/mnist_cnn.py --data torchvision:FashionMNIST --data-root data --K 4 --lr "$lr" \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out "benchmarks/runs/compensation-proxy$suffix"
     elif [ "$mode" = proxy-mlp ]; then
-      rules=${RULES:-"bp fr fr+predict+spike+stretch fr+lr+predict+spike+stretch fr+lookahead+lr+predict+spike+stretch fr+predict+spike+stretch=2"}
+      rules=${RULES:-"bp fr fr+lookahead+lr+predict+stretch fr+predict+spike+stretch fr+lr+predict+spike+stretch fr+lookahead+lr+predict+spike+stretch fr+predict+spike+stretch=2"}
       # Pinned: every stage holds a linear layer. SPLIT=auto: the automatic FLOPs split instead, where
       # stage 2 is a lone tanh (the weighted stages' delays are 3, 2 and 0).
       if [ "${SPLIT:-pinned}" = auto ]; then pin=(); out=benchmarks/runs/compensation-proxy-mlp-unpinned
@@ -90,7 +90,7 @@ case "$mode" in
       fxreplay compare --model examples/tanh_mlp.py --data torchvision:FashionMNIST --data-root data --K 4 --lr 0.1 \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" "${pin[@]}" --out "$out"
     else
-      rules=${RULES:-"bp fr fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2"}
+      rules=${RULES:-"bp fr fr+lookahead+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+predict+spike+stretch=1 fr+predict+spike+stretch=2"}
       fxreplay compare --model examples/deep_cnn.py --data torchvision:FashionMNIST --data-root data --K 8 --lr 0.1 \
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi

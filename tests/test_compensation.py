@@ -120,7 +120,7 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "predict+spike", "predict+spike+stretch",
                                    "lr+predict+shrink+spike+stretch", "predict+spike+stretch=1", "stretch=2", "lookahead",
-                                   "lookahead+predict", "lookahead+lr+predict+spike+stretch"])
+                                   "lookahead+predict", "lookahead+lr+predict+stretch", "lookahead+lr+predict+spike+stretch"])
 def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     data = batches(6)
     ref_stages = split(mlp(), 3)
@@ -373,9 +373,12 @@ def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
 
     params = [nn.Parameter(torch.zeros(2))]
     heavy_ball = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    assert resolve(parse("auto"), heavy_ball).name == AUTO == "lookahead+lr+predict+spike+stretch"
-    assert resolve(parse("auto"), heavy_ball, "ddg").name == "lr+predict+spike+stretch"  # DDG has no replay
-    assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)).name == AUTO_NESTEROV
+    assert resolve(parse("auto"), heavy_ball).name == AUTO == "lookahead+lr+predict+stretch"
+    assert resolve(parse("auto"), heavy_ball, "ddg").name == "lr+predict+stretch"  # DDG has no replay
+    nesterov_sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    assert resolve(parse("auto"), nesterov_sgd).name == AUTO_NESTEROV == AUTO
+    damped = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)  # stretch rewrites an undamped velocity
+    assert resolve(parse("auto"), damped).name == AUTO_OTHER
     assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_ADAM
     assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_ADAM == "predict+stretch"
     assert resolve(parse("auto"), torch.optim.RMSprop(params, lr=1e-3, momentum=0.9)).name == AUTO_OTHER == "lookahead+lr"

@@ -21,7 +21,7 @@ from fxreplay.launch import run_distributed
 from test_executor_distributed import _children, _failure_logging_loaded, _rank_dies, _seconds_since_event
 
 METHODS = ("bp", "fr", "ddg")
-COMPENSATED = ("fr", "ddg")  # the delayed methods, with compensation="auto" (this SGD: FR lookahead+lr+predict+spike+stretch, DDG without lookahead)
+COMPENSATED = ("fr", "ddg")  # the delayed methods, with compensation="auto" (this SGD: FR lookahead+lr+predict+stretch, DDG without lookahead)
 K, D, STEPS = 2, 2, 10  # the issue asks for >= 10 steps
 
 

@@ -88,25 +88,29 @@ RULES: dict[str, str] = {
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
-AUTO = "lookahead+lr+predict+spike+stretch"
-"""What ``auto`` means with SGD and heavy-ball momentum: the recommended rules (docs/compensation.md
-has the analysis and the screening that chose them). Their constants depend only on d_k and the
-optimizer's μ. The ``lr`` warm-up keeps the stretched stages stable early in training, where an
-unnormalised model's curvature is highest (tanh-MLP proxy, K = 4, lr 0.1: FR 29 points behind BP,
-``predict+spike+stretch`` 4.8, with the warm-up 0.2); ``lookahead`` takes every δ at the weights it
-meets (at the MLP's pinned split +3.6 without it, −0.2 with it; K = 8 proxy and the unseen families of
-benchmarks/compensation_generality.py in docs/compensation.md). With DDG, which has no replay, ``auto``
-is these rules without ``lookahead``. (``auto`` was ``lr+predict+spike`` until the morning of 2026-12-06,
-then ``predict+spike+stretch`` with the horizon d+1 and, from the evening, (d+1)^1.5, then
-``lr+predict+spike+stretch`` from that night to 2026-12-07; a checkpoint records the rules its ``auto``
-meant, and a resume under other rules is refused.)"""
+AUTO = "lookahead+lr+predict+stretch"
+"""What ``auto`` means with SGD and momentum, heavy-ball or Nesterov: the recommended rules
+(docs/compensation.md has the analysis and the screening that chose them). Their constants depend only
+on d_k and the optimizer's μ. ``stretch`` spreads each late gradient over a momentum horizon (d+1)^1.5
+times longer at the same total step; ``predict`` takes the play at the weights the update will meet; the
+``lr`` warm-up keeps the stretched stages stable early in training, where an unnormalised model's
+curvature is highest (tanh-MLP proxy, K = 4, lr 0.1: FR 29 points behind BP, ``predict+spike+stretch``
+4.8, with the warm-up 0.2); ``lookahead`` takes every δ at the weights it meets (at the MLP's pinned
+split +3.6 without it, −0.2 with it). ``spike`` is left out: on six families no rule was chosen on
+(benchmarks/compensation_generality.py, digits, K = 4, lr 0.1, 10-30 seeds) it was behind on all six
+(ReLU MLP +2.5 against +0.9, the transformer +7.6 against +5.8) and it made the CNN without
+normalisation diverge (2 of 30 seeds at 10 epochs, 2 of 3 at 30; none without it). With DDG, which has
+no replay, ``auto`` is these rules without ``lookahead``. (``auto`` was ``lr+predict+spike`` until the
+morning of 2026-12-06, then ``predict+spike+stretch`` with the horizon d+1 and, from the evening,
+(d+1)^1.5, then ``lr+predict+spike+stretch`` that night, ``lookahead+lr+predict+spike+stretch`` on
+2026-12-07 (Nesterov: ``lookahead+lr+predict+stretch`` already); a checkpoint records the rules its
+``auto`` meant, and a resume under other rules is refused.)"""
 
-AUTO_NESTEROV = "lookahead+lr+predict+stretch"
-"""What ``auto`` means with Nesterov SGD: the stretched horizon applies to its μ (with its lr), spike
-compensation models heavy-ball momentum only. Nesterov proxy (docs/compensation.md): FR +1.84 points
-behind BP, ``predict+stretch`` +1.25, ``lr+predict+stretch`` +0.78; on the six unseen families of
-benchmarks/compensation_generality.py ``lookahead`` took the mean gap from +1.19 to +0.68 points
-(the transformer +5.09 → +2.22). Until 2026-12-07 ``lr+predict+stretch``."""
+AUTO_NESTEROV = AUTO
+"""What ``auto`` means with Nesterov SGD: the same rules as heavy-ball SGD (:data:`AUTO`); the stretched
+horizon applies to its μ (with its lr). Nesterov proxy (docs/compensation.md): FR +1.84 points behind BP,
+``predict+stretch`` +1.25, ``lr+predict+stretch`` +0.78; on the six unseen families ``lookahead`` took
+the mean gap from +1.19 to +0.68 points (the transformer +5.09 → +2.22)."""
 
 AUTO_ADAM = "predict+stretch"
 """What ``auto`` means with Adam and AdamW: the stretched horizon is β₁'s; the ``lr`` warm-up cost
@@ -222,8 +226,8 @@ def parse(spec: str | Compensation | None) -> Compensation:
 
 def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = "fr") -> Compensation:
     """The rules ``comp`` stands for with this optimizer and method: ``auto`` is :data:`AUTO` for SGD with
-    heavy-ball momentum (no Nesterov, no dampening), :data:`AUTO_NESTEROV` for Nesterov SGD,
-    :data:`AUTO_ADAM` for Adam and AdamW, and :data:`AUTO_OTHER` otherwise, each without ``lookahead``
+    momentum (heavy-ball without dampening, or Nesterov), :data:`AUTO_ADAM` for Adam and AdamW, and
+    :data:`AUTO_OTHER` otherwise, each without ``lookahead``
     for a method without a replay (DDG); any other compensation is itself."""
     if not comp.auto:
         return comp
@@ -231,10 +235,8 @@ def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = 
     heavy_ball = isinstance(optimizer, torch.optim.SGD) and all(
         float(g.get("momentum", 0)) > 0 and not g.get("nesterov") and g.get("dampening", 0) == 0 and not g.get("maximize")
         for g in groups)
-    if heavy_ball:
+    if heavy_ball or _nesterov(optimizer):
         rules = AUTO
-    elif _nesterov(optimizer):
-        rules = AUTO_NESTEROV
     else:
         rules = AUTO_ADAM if _adam(optimizer) else AUTO_OTHER
     if method != "fr":  # lookahead runs FR's replay ahead; DDG has none
