@@ -37,6 +37,7 @@ from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, Divergen
                              out_of_memory)
 from fxreplay.compiler.loading import LoadedModel, load_model
 from fxreplay.metrics import correct_count, default_loss, predictions
+from fxreplay.methods.compensation import divergence_hint
 from fxreplay.compiler.plan import ModelSpec, Plan
 from fxreplay.launch import cuda_count, distributed_job, reports, run_distributed
 from fxreplay.lr_schedule import SchedulerFactory, scheduler_factory
@@ -579,7 +580,8 @@ class _Run:
             message = self._no_checkpoint_yet(
                 f"{self.cfg.train.method} diverged by step {self.step}: the test loss after epoch {self.epoch + 1} is "
                 f"{test['loss']} (weights or BatchNorm statistics are no longer finite). The last good "
-                "checkpoint is kept; lower the learning rate (or warm it up) and resume from it.")
+                "checkpoint is kept; lower the learning rate (or warm it up) and resume from it."
+                + divergence_hint(self.trainer.executor.workers, self.trainer.executor.num_stages))
             self.metrics.write(record)
             self.metrics.write({"kind": "diverged", "step": self.step, "epoch": self.epoch, "message": message})
             self.result.diverged = message

@@ -430,9 +430,21 @@ def test_divergence_raises_before_any_update(method: str) -> None:
         ex.step(x, y)
     before = weights(stages)
     x, y = data[3]
-    with pytest.raises(DivergenceError, match=rf"{method} diverged at step 4: .*No update of step 4.*last checkpoint is kept.*lower the learning rate"):
+    with pytest.raises(DivergenceError, match=rf"{method} diverged at step 4: .*No update of step 4.*last checkpoint is kept.*lower the learning rate") as info:
         ex.step(torch.full_like(x, float("nan")), y)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(stages)))
+    delayed = method in ("fr", "ddg")  # only the methods with delayed gradients point to their remedy
+    assert (f"{method}'s gradients arrive up to 2 iterations late" in str(info.value)) == delayed
+    assert ('compensation="auto"' in str(info.value)) == delayed
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg"])
+def test_a_compensated_divergence_does_not_point_to_compensation(method: str) -> None:
+    ex = LocalExecutor(split(mlp(), 3), method, optimizer=sgd, loss_fn=loss_fn, compensation="auto")
+    x, y = batches(1)[0]
+    with pytest.raises(DivergenceError, match=rf"{method} diverged at step 1") as info:
+        ex.step(torch.full_like(x, float("nan")), y)
+    assert "compensation" not in str(info.value)
 
 
 def test_an_infinite_loss_is_a_divergence_too() -> None:

@@ -138,6 +138,7 @@ def test_divergence_after_an_epoch_leaves_the_last_good_checkpoint(tmp_path: Pat
     wild = apply_overrides(cfg, {"optim.lr": 1e6, "train.epochs": 8})
     with pytest.raises(DivergenceError, match=r"fr diverged (at|by) step (\d+)") as info:
         train_run(wild, resume=run)
+    assert 'compensation="auto"' in str(info.value)  # FR without compensation: the remedy is named
     records = _records(run)
     assert records[-1]["kind"] == "diverged" and f"step {records[-1]['step']}" in str(info.value)
     state = load_checkpoint(run)

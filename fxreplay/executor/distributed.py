@@ -61,6 +61,7 @@ from ..measure import MemoryMeter
 from ..mesh import check_sync_batchnorm
 from ..methods import build_method
 from ..methods import clipping
+from ..methods.compensation import divergence_hint
 from ..methods.base import LossFn, OptimizerFactory, as_tuple, check_replicas_equal, mark_uncounted, replica_groups
 from ..schedule import Action, carried_messages, stage_program, validate
 from ..state import capture_rng, kept_buffers
@@ -651,7 +652,7 @@ class DistributedExecutor:
             raise DivergenceError(
                 f"{self.method} diverged at step {t + 1}: the loss is {loss} (rank {self.rank}, the last stage). "
                 f"The last stage's update of step {t + 1} was not applied and the job stops; lower the learning rate "
-                "(or warm it up) and resume from the last checkpoint"
+                "(or warm it up) and resume from the last checkpoint" + divergence_hint([self.worker], self.num_stages)
             )
 
     def _failure(self, exc: Exception, doing: str, context: str = "", after: str = "") -> Exception:

@@ -31,6 +31,7 @@ from ..measure import MemoryMeter, sigma as sigma_of
 from .. import methods
 from ..methods import build_method
 from ..methods import clipping
+from ..methods.compensation import divergence_hint
 from ..methods.base import (LossFn, OptimizerFactory, StageWorker, as_tuple, check_replicas_equal, frozen_norm_stats, mark_uncounted,
                             replica_groups)
 from ..state import RngState, capture_rng, kept_buffers, restored_rng
@@ -248,6 +249,7 @@ class LocalExecutor:
             raise DivergenceError(
                 f"{self.method} diverged at step {t + 1}: the loss is {loss}. No update of step {t + 1} was applied "
                 f"and the last checkpoint is kept; lower the learning rate (or warm it up) and resume from it"
+                + divergence_hint(self.workers, self.num_stages)
             )
         for action in updates:
             if action.op == "U":  # fp16: gradients divided by their loss's scale before any sum (and σ)

@@ -75,7 +75,8 @@ import torch
 from ..errors import TrainingError
 
 __all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_NESTEROV", "AUTO_ADAM", "AUTO_OTHER", "parse",
-           "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "validate", "describe"]
+           "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "validate", "describe",
+           "divergence_hint"]
 
 RULES: dict[str, str] = {
     "lr": "learning rate by delay, rising to the full rate (PipeMare)",
@@ -646,3 +647,14 @@ def describe(spec: str | Compensation | None) -> str:
     comp = parse(spec)
     return "" if comp.is_none else f"+{comp.name}"
 
+
+
+def divergence_hint(workers: Sequence[Any], stages: int) -> str:
+    """What a divergence message adds for a delayed method (FR, DDG) trained at ``stages`` > 1 without
+    compensation: its gradients are up to K-1 iterations late, which lowers the largest stable learning rate
+    far below BP's (``benchmarks/delay_stability.py``), and ``auto`` is the remedy. ``""`` otherwise."""
+    delayed = [w for w in workers if "compensation" in getattr(w, "option_names", ())]
+    if stages < 2 or not delayed or any(getattr(w, "compensator", None) is not None for w in delayed):
+        return ""
+    return (f" ({delayed[0].method}'s gradients arrive up to {stages - 1} iterations late, which makes it diverge at "
+            "learning rates BP trains at: compensation=\"auto\" (--compensation auto) keeps it stable there)")
