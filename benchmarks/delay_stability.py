@@ -15,7 +15,9 @@ The model of each rule, for a gradient g evaluated d iterations late:
 - ``predict``: g is taken at ŵ = w_{t−d} + d·(w_{t−d} − w_{t−d−1}) (the weights the update will meet);
 - ``spike``: w ← w − η(μ^d·v + (1−μ^d)/(1−μ)·g);
 - ``stretch``: the stage's momentum is 1 − (1−μ)/s and its learning rate η/s, s = (d+1)^p (p = 1.5,
-  the default; the ``stretch=1`` and ``stretch=2`` rows show p = 1 and 2).
+  the default; the ``stretch=1`` and ``stretch=2`` rows show p = 1 and 2);
+- ``lookahead``: the gradient is taken one update further ahead (with ``predict``: at d+1 updates), as FR's
+  replay at w + Δw takes it (the model has one direction, so the δ's part and the stage's own part are one).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ CURVATURES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
 def spectral_radius(a: float, mu: float, delay: int, spike: bool = False, predict: bool = False,
-                    stretch: bool = False, power: float = 1.5) -> float:
+                    stretch: bool = False, power: float = 1.5, lookahead: bool = False) -> float:
     """ρ of the linear map (w_t, …, w_{t−d−1}, v_t) → next, for ∂f/∂w = λw and a = η·λ."""
     eta = 1.0
     if stretch and delay > 0:
@@ -37,7 +39,8 @@ def spectral_radius(a: float, mu: float, delay: int, spike: bool = False, predic
 
     def step(state: np.ndarray) -> np.ndarray:
         w, v = state[:delay + 2], state[delay + 2]
-        at = w[delay] + (delay * (w[delay] - w[delay + 1]) if predict else 0.0)
+        ahead = (delay + 1 if lookahead else delay) if predict else (1 if lookahead and delay > 0 else 0)
+        at = w[delay] + ahead * (w[delay] - w[delay + 1])
         g = a * at
         v_new = mu * v + g
         if spike and delay > 0:
@@ -75,6 +78,8 @@ def main() -> None:
         "predict+spike+stretch=1": {"spike": True, "predict": True, "stretch": True, "power": 1.0},
         "predict+spike+stretch": {"spike": True, "predict": True, "stretch": True},
         "predict+spike+stretch=2": {"spike": True, "predict": True, "stretch": True, "power": 2.0},
+        "predict+stretch": {"predict": True, "stretch": True},
+        "lookahead+predict+stretch": {"predict": True, "stretch": True, "lookahead": True},
     }
     header = "| delay | rule | largest stable a | " + " | ".join(f"a={a:g}" for a in CURVATURES) + " |"
     print(f"Heavy-ball SGD, μ = {mu}: iterations to shrink an error by e, per curvature a = η·λ ('—': diverges).\n")

@@ -532,3 +532,9 @@ def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
     for d in (1, 3, 7):  # a longer horizon is stable further at every delay: (d+1)^2 near 1 at every delay
         by_power = [limit(0.9, d, predict=True, spike=True, stretch=True, power=p) for p in (1, 1.5, 2)]
         assert by_power == sorted(by_power) and by_power[0] < 0.7 and 0.8 < by_power[2] < 1.5
+    for d in (1, 3, 7):  # auto after its warm-up: lookahead (a prediction one update further) widens predict+stretch's range
+        plain = limit(0.9, d, predict=True, stretch=True)
+        ahead = limit(0.9, d, predict=True, stretch=True, lookahead=True)
+        assert limit(0.9, d) < plain < ahead < limit(0.9, d, predict=True, spike=True, stretch=True)
+    assert module.spectral_radius(0.3, 0.9, 3, predict=True, stretch=True) > 1 > module.spectral_radius(
+        0.3, 0.9, 3, predict=True, stretch=True, lookahead=True)
