@@ -629,8 +629,10 @@ class _Run:
         if self.run_dir.checkpoint_file.is_file() or "checkpoint" not in message:
             return message
         head = message.split(" and the last checkpoint is kept")[0].split(" The last good checkpoint is kept")[0].rstrip(".")
+        hint = divergence_hint(self.trainer.executor.workers, self.trainer.executor.num_stages)
         return (f"{head}. There is no checkpoint yet (the first is written at the end of the first epoch): lower the "
-                "learning rate (or warm it up) and start the run again (--overwrite to reuse this --out).")
+                "learning rate (or warm it up) and start the run again (--overwrite to reuse this --out)."
+                + (hint if hint and hint in message else ""))
 
     def checkpoint(self) -> None:
         """Write the checkpoint of where the run is (collective when distributed)."""

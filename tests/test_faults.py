@@ -251,12 +251,15 @@ def test_out_of_memory_in_a_training_step_names_the_stage(tmp_path: Path) -> Non
 # --------------------------------------------------------------------- promises kept
 
 
-def test_divergence_before_the_first_checkpoint_says_there_is_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["bp", "fr"])
+def test_divergence_before_the_first_checkpoint_says_there_is_none(tmp_path: Path, method: str) -> None:
     out = tmp_path / "run"
-    result = run_cli("train", "--lr", "1e6", "--method", "bp", "--out", str(out))
+    result = run_cli("train", "--lr", "1e6", "--method", method, "--out", str(out))
     text = assert_user_error(result, "diverged at step", "no checkpoint yet", "start the run again")
     assert "--resume" not in text.replace("(--force", "")
     assert not (out / "checkpoint.pt").exists()
+    # FR without compensation names its remedy (its gradients are late); BP has none to name
+    assert ("--compensation auto" in " ".join(text.split())) == (method == "fr")
 
 
 def test_ctrl_c_says_only_what_is_true(tmp_path: Path, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

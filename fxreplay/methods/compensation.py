@@ -98,7 +98,7 @@ times longer at the same total step; ``predict`` takes the play at the weights t
 curvature is highest (tanh-MLP proxy, K = 4, lr 0.1: FR 29 points behind BP, ``predict+spike+stretch``
 4.8, with the warm-up 0.2); ``lookahead`` takes every δ at the weights it meets (at the MLP's pinned
 split +3.6 without it, −0.2 with it). ``spike`` is left out: on six families no rule was chosen on
-(benchmarks/compensation_generality.py, digits, K = 4, lr 0.1, 10-30 seeds) it was behind on all six
+(benchmarks/compensation_generality.py, digits, K = 4, lr 0.1, 10-30 seeds) it was behind on five, level on one
 (ReLU MLP +2.5 against +0.9, the transformer +7.6 against +5.8) and it made the CNN without
 normalisation diverge (2 of 30 seeds at 10 epochs, 2 of 3 at 30; none without it). With DDG, which has
 no replay, ``auto`` is these rules without ``lookahead``. (``auto`` was ``lr+predict+spike`` until the
@@ -648,7 +648,6 @@ def describe(spec: str | Compensation | None) -> str:
     return "" if comp.is_none else f"+{comp.name}"
 
 
-
 def divergence_hint(workers: Sequence[Any], stages: int) -> str:
     """What a divergence message adds for a delayed method (FR, DDG) trained at ``stages`` > 1 without
     compensation: its gradients are up to K-1 iterations late, which lowers the largest stable learning rate
@@ -657,4 +656,4 @@ def divergence_hint(workers: Sequence[Any], stages: int) -> str:
     if stages < 2 or not delayed or any(getattr(w, "compensator", None) is not None for w in delayed):
         return ""
     return (f" ({delayed[0].method}'s gradients arrive up to {stages - 1} iterations late, which makes it diverge at "
-            "learning rates BP trains at: compensation=\"auto\" (--compensation auto) keeps it stable there)")
+            "learning rates BP trains at: try compensation=\"auto\" (--compensation auto), made to keep it stable there)")
