@@ -25,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 test -d data/cifar10/cifar-10-batches-py || python ../shared/data/cifar10/build.py data/cifar10
+python benchmarks/converged_summary.py --restore  # a fresh checkout reuses the kept finished runs
 CONFIG=configs/resnet20_cifar10_5k.yaml
 SPLIT2=2=layer2.1
 SPLIT4=4=layer1.2,layer2.1,layer3

@@ -1,6 +1,7 @@
 """The reports of the converged CIFAR-10 comparison (issue 13), and one table over both learning rates.
 
     python benchmarks/converged_summary.py [--runs benchmarks/runs [--runs OTHER ...]] [--out benchmarks/results]
+    python benchmarks/converged_summary.py --restore    # a fresh checkout: kept runs back into benchmarks/runs
 
 The comparison is 20 runs of hours in all, so it is made over several sessions and machines, and its
 run directories (RUNS/converged-lr<rate>/<method>-K<k>-s<seed>/, as `benchmarks/cifar_converged.sh`
@@ -19,6 +20,11 @@ OUT/converged-summary.md:
 The lr 0.1 runs were made before runs were kept: their per-run numbers are in
 OUT/converged-runs/recorded.json, as their committed report (converged-lr0.1/report.md) printed them;
 a kept run of the same name takes precedence.
+
+``--restore`` puts the kept runs back into benchmarks/runs, where they were made (config.yaml and
+metrics.jsonl: ``fxreplay compare`` reuses a finished run without its checkpoint), so that the drivers
+(benchmarks/cifar_converged.sh, benchmarks/compensation.sh, which call it first) train only what is
+missing on a machine that has none of the run directories.
 
 Only finished runs count (every epoch of the config evaluated); an unfinished one is listed as such.
 BP runs at K=2 only: it is the same algorithm at any K (tests/test_methods.py), so its K=2 runs are the
@@ -87,6 +93,28 @@ def keep(live: Path, kept: Path) -> bool:
     return True
 
 
+def restore(store: Path, root: Path) -> list[Path]:
+    """Put every kept run back where it was made (its config's ``train.out``, under ``root``'s
+    ``converged-lr<rate>/``), unless something is there: ``fxreplay compare`` then reuses it as a finished
+    run instead of training it again, so a fresh checkout or machine runs only what is missing. A kept run
+    stored under another name than it was made under (an ``auto`` run renamed to the rules it ran) is left
+    out: its config would not be the one asked for. Returns the run directories written."""
+    written = []
+    for kept in sorted(store.glob("lr*/*")):
+        config = kept / "config.yaml"
+        if not (config.is_file() and (kept / "metrics.jsonl").is_file()) or not finished(load_run("", 0, kept)):
+            continue
+        out = Path(str((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("out") or ""))
+        live = root / f"converged-{kept.parent.name}" / kept.name
+        if out.name != kept.name or out.parent.name != f"converged-{kept.parent.name}" or live.exists():
+            continue
+        live.mkdir(parents=True)
+        for name in KEPT:
+            write_text_atomic(live / name, (kept / name).read_text())
+        written.append(live)
+    return written
+
+
 def discovered(*roots: Path) -> tuple[list[tuple[str, int]], list[int]]:
     """The (method, K) rows and seeds of ROWS/SEEDS plus those of every run directory under ``roots``
     (``<method>-K<k>-s<seed>``: compensated variants such as ``fr+auto`` and seeds beyond SEEDS)."""
@@ -115,9 +143,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="a root of run directories (give it again for runs made in several checkouts); "
                              "default benchmarks/runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--restore", action="store_true",
+                        help="only put the kept finished runs back into the (first) --runs root, where `fxreplay compare` "
+                             "reuses them instead of training them again, and stop")
     args = parser.parse_args(argv)
     roots: list[Path] = args.runs or [Path("benchmarks/runs")]
     store = args.out / "converged-runs"
+    if args.restore:
+        written = restore(store, roots[0])
+        print(f"restored {len(written)} finished runs into {roots[0]} (runs already there are left alone)")
+        return
     recorded_file = store / "recorded.json"
     recorded = json.loads(recorded_file.read_text())["runs"] if recorded_file.is_file() else {}
 

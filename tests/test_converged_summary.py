@@ -162,3 +162,36 @@ def test_rule_curves_pick_one_seed_and_K_from_the_store(tmp_path: Path) -> None:
         ("bp", 2, 2), ("fr", 4, 2), ("fr+predict+spike+stretch", 4, 2)]
     png = screen.curves(store, tmp_path / "curves.png", panels=("0.1:4:2", "0.1:2:0"))
     assert png.stat().st_size > 10_000
+
+
+def test_restore_puts_kept_runs_back_where_compare_reuses_them(tmp_path: Path) -> None:
+    """A fresh machine has none of the run directories: --restore copies each kept finished run back to the
+    path it was made at, where `fxreplay compare` counts it as finished (no retraining); a run kept under
+    another name than it was made under, an unfinished one and a directory already there are left alone."""
+    from fxreplay.compare import run_state
+
+    script = _script()
+    store, runs = tmp_path / "results" / "converged-runs", tmp_path / "runs"
+
+    def kept(name: str, made_as: str, errors: list[float]) -> Path:
+        path = store / "lr0.1" / name
+        _run(path, name.split("-K")[0], 4, 0, errors)
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        config["train"]["out"] = f"benchmarks/runs/converged-lr0.1/{made_as}"
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+        (path / "checkpoint.pt").unlink()
+        return path
+
+    kept("fr-K4-s0", "fr-K4-s0", [50.0] * EPOCHS)
+    kept("fr+lr+predict+spike-K4-s0", "fr+auto-K4-s0", [50.0] * EPOCHS)  # renamed: its config says auto
+    kept("bp-K4-s0", "bp-K4-s0", [50.0] * (EPOCHS - 1))  # unfinished: nothing to reuse
+    kept("ddg-K4-s0", "ddg-K4-s0", [50.0] * EPOCHS)
+    (runs / "converged-lr0.1" / "ddg-K4-s0").mkdir(parents=True)  # something is there: left alone
+    script.main(["--restore", "--runs", str(runs), "--out", str(tmp_path / "results")])
+    live = runs / "converged-lr0.1"
+    assert sorted(p.name for p in live.iterdir()) == ["ddg-K4-s0", "fr-K4-s0"]
+    assert sorted(p.name for p in (live / "fr-K4-s0").iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert run_state(live / "fr-K4-s0", EPOCHS, None) == "finished"
+    assert not any((live / "ddg-K4-s0").iterdir())
+    script.main(["--restore", "--runs", str(runs), "--out", str(tmp_path / "results")])  # again: nothing changes
+    assert (live / "fr-K4-s0" / "metrics.jsonl").read_text() == (store / "lr0.1" / "fr-K4-s0" / "metrics.jsonl").read_text()
