@@ -380,7 +380,8 @@ def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
     damped = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)  # stretch rewrites an undamped velocity
     assert resolve(parse("auto"), damped).name == AUTO_OTHER
     assert resolve(parse("auto"), torch.optim.AdamW(params, lr=1e-3)).name == AUTO_ADAM
-    assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_ADAM == "predict+stretch"
+    assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3)).name == AUTO_ADAM == AUTO
+    assert resolve(parse("auto"), torch.optim.Adam(params, lr=1e-3), "ddg").name == "lr+predict+stretch"
     assert resolve(parse("auto"), torch.optim.RMSprop(params, lr=1e-3, momentum=0.9)).name == AUTO_OTHER == "lookahead+lr"
     assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1), "ddg").name == "lr"  # no momentum: no predict
     assert resolve(parse("auto"), torch.optim.SGD(params, lr=0.1)).name == AUTO_OTHER  # no momentum to stretch
