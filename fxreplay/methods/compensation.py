@@ -74,7 +74,7 @@ import torch
 
 from ..errors import TrainingError
 
-__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_NESTEROV", "AUTO_ADAM", "AUTO_OTHER", "parse",
+__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_OTHER", "parse",
            "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "validate", "describe",
            "divergence_hint"]
 
@@ -90,7 +90,7 @@ RULES: dict[str, str] = {
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
 AUTO = "lookahead+lr+predict+stretch"
-"""What ``auto`` means with SGD and momentum, heavy-ball or Nesterov: the recommended rules
+"""What ``auto`` means with SGD and momentum (heavy-ball or Nesterov) and with Adam/AdamW: the recommended rules
 (docs/compensation.md has the analysis and the screening that chose them). Their constants depend only
 on d_k and the optimizer's μ. ``stretch`` spreads each late gradient over a momentum horizon (d+1)^1.5
 times longer at the same total step; ``predict`` takes the play at the weights the update will meet; the
@@ -105,22 +105,13 @@ no replay, ``auto`` is these rules without ``lookahead``. (``auto`` was ``lr+pre
 morning of 2026-12-06, then ``predict+spike+stretch`` with the horizon d+1 and, from the evening,
 (d+1)^1.5, then ``lr+predict+spike+stretch`` that night, ``lookahead+lr+predict+spike+stretch`` on
 2026-12-07 (Nesterov: ``lookahead+lr+predict+stretch`` already); a checkpoint records the rules its
-``auto`` meant, and a resume under other rules is refused.)"""
+``auto`` meant, and a resume under other rules is refused.)
 
-AUTO_NESTEROV = AUTO
-"""What ``auto`` means with Nesterov SGD: the same rules as heavy-ball SGD (:data:`AUTO`); the stretched
-horizon applies to its μ (with its lr). Nesterov proxy (docs/compensation.md): FR +1.84 points behind BP,
-``predict+stretch`` +1.25, ``lr+predict+stretch`` +0.78; on the six unseen families ``lookahead`` took
-the mean gap from +1.19 to +0.68 points (the transformer +5.09 → +2.22)."""
-
-AUTO_ADAM = AUTO
-"""What ``auto`` means with Adam and AdamW: the same rules as SGD with momentum (:data:`AUTO`); the
-stretched horizon is β₁'s and the warm-up reads μ = β₁. On the six families no rule was chosen on
-(benchmarks/compensation_generality.py, Adam lr 0.01, K = 4, 10 seeds) the mean gap to BP is +0.40
-points (the transformer +1.56, the others within 0.5), against +2.64 for ``predict+stretch`` (``auto``
-with Adam until 2026-12-07; the transformer +11.7), +2.12 without the warm-up and +0.85 without
-``lookahead``. On the Adam proxy (one seed) it is level with ``predict+stretch``: +0.72 against +0.74.
-(``lr+predict`` was ``auto`` with Adam until 2026-12-06.)"""
+The same rules with Nesterov SGD (the stretched horizon applies to its μ, with its lr; Nesterov proxy: FR
++1.84 points behind BP, ``lr+predict+stretch`` +0.78, these rules +0.28) and with Adam and AdamW (the
+horizon is β₁'s and the warm-up reads μ = β₁; on the six unseen families, Adam lr 0.01, 10 seeds, the mean
+gap to BP is +0.40 points, the transformer +1.56, against +2.64 for ``predict+stretch``, ``auto`` with Adam
+until 2026-12-07, +2.12 without the warm-up and +0.85 without ``lookahead``)."""
 
 AUTO_OTHER = "lookahead+lr"
 """What ``auto`` means with any other optimizer (SGD without momentum, RMSprop, ...): the warm-up (``lr``
