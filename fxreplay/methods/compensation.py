@@ -86,6 +86,7 @@ RULES: dict[str, str] = {
     "stretch": "a late gradient spread over a momentum horizon (d+1)^p times longer, at the same total step (p = 1.5)",
     "lookahead": "FR's replay at the weights one update ahead: the δ sent down meets the weights of when it is used",
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
+    "adapt": "lr's and stretch's strength follows the stage's gradient alignment: released while descent is consistent",
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
@@ -123,6 +124,7 @@ against +2.2, the transformer +25.9 against +15.4); ``lookahead+lr`` is level wi
 gap +3.6 against +3.6 where neither diverges: ahead on four families, behind on the ReLU MLP, +5.0). No
 rule measured beats plain FR clearly without momentum."""
 
+DEFAULT_ADAPT = 0.5  # adapt's A: σ = 1 - ā/A, clipped to [0, 1]
 DEFAULT_SHRINK = 0.5  # FDG's β; their best per-row values were 0.2-0.5
 DEFAULT_STRETCH = 1.5
 """``stretch``'s power p: the horizon is s = (d+1)^p. With predict and spike, the largest stable η·λ of a
@@ -146,6 +148,7 @@ class Compensation:
     rules: tuple[str, ...] = ()
     beta: float = DEFAULT_SHRINK
     power: float = DEFAULT_STRETCH
+    alignment: float = DEFAULT_ADAPT
     auto: bool = False  # the rules are chosen for the optimizer (resolve); ``rules`` is empty until then
 
     @property
@@ -162,6 +165,8 @@ class Compensation:
                 return f"shrink={self.beta:g}"
             if rule == "stretch" and self.power != DEFAULT_STRETCH:
                 return f"stretch={self.power:g}"
+            if rule == "adapt" and self.alignment != DEFAULT_ADAPT:
+                return f"adapt={self.alignment:g}"
             return rule
 
         return "+".join(spelled(r) for r in self.rules)
@@ -188,7 +193,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
     if text == "auto":
         return Compensation(auto=True)
     rules: list[str] = []
-    beta, power = DEFAULT_SHRINK, DEFAULT_STRETCH
+    beta, power, alignment = DEFAULT_SHRINK, DEFAULT_STRETCH, DEFAULT_ADAPT
     for part in text.split("+"):
         name, _, value = part.strip().partition("=")
         if name not in RULES:
@@ -199,7 +204,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
         if name in rules:
             raise TrainingError(f"compensation {spec!r} names {name!r} twice; give each rule once.")
         if value:
-            if name not in ("shrink", "stretch"):
+            if name not in ("shrink", "stretch", "adapt"):
                 raise TrainingError(
                     f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β and stretch=p do.")
             try:
@@ -210,6 +215,10 @@ def parse(spec: str | Compensation | None) -> Compensation:
                 if not 0 < number <= 1:
                     raise TrainingError(f"shrink's β must be a number in (0, 1], got {value!r} (e.g. shrink=0.3).")
                 beta = number
+            elif name == "adapt":
+                if not 0 < number <= 1:
+                    raise TrainingError(f"adapt's alignment A must be a number in (0, 1], got {value!r} (e.g. adapt=0.5).")
+                alignment = number
             else:
                 if not 0 < number <= 4:
                     raise TrainingError(
@@ -217,7 +226,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
                         f"(the default is {DEFAULT_STRETCH:g}; stretch=1 is the horizon d+1).")
                 power = number
         rules.append(name)
-    return Compensation(tuple(sorted(rules)), beta, power)
+    return Compensation(tuple(sorted(rules)), beta, power, alignment)
 
 
 def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = "fr") -> Compensation:
@@ -406,6 +415,9 @@ class Compensator:
         # lookahead: stages that send a δ down replay one update ahead (none at K = 1: stage 0 sends nothing)
         self.ahead = 1 if "lookahead" in comp and stage > 0 else 0
         self._held: list[torch.Tensor] | None = None  # the weights under the lookahead (enter_ahead .. exit_ahead)
+        # adapt: EMA of cos(-g, Δw_prev) and the strength σ in [0, 1] it gives lr and stretch
+        self.alignment = 0.0
+        self.strength = 1.0
         if "official" in comp:
             for g in optimizer.param_groups:
                 g["nesterov"] = True
@@ -475,8 +487,32 @@ class Compensator:
                 for p, w in zip(self.params, saved):
                     p.copy_(w)
 
+    def _observe(self, optimizer: torch.optim.Optimizer) -> None:
+        """``adapt``: fold this step's alignment cos(-g, Δw_prev) into its EMA and set the strength σ."""
+        if "adapt" not in self.comp or self.delay <= 0:
+            return
+        if self.last_step is None:
+            self.strength = 1.0
+            return
+        groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
+        dot = gg = ss = 0.0
+        with torch.no_grad():
+            for p, s, g, own in zip(self.params, self.last_step, groups, self._own):
+                if p.grad is None or s is None or not own:
+                    continue
+                grad = p.grad.detach() + float(g.get("weight_decay", 0.0)) * p.detach()
+                dot -= float(torch.vdot(grad.flatten(), s.flatten()))
+                gg += float(torch.vdot(grad.flatten(), grad.flatten()))
+                ss += float(torch.vdot(s.flatten(), s.flatten()))
+        a = dot / ((gg * ss) ** 0.5) if gg > 0 and ss > 0 else 0.0
+        beta = min(max(self.momentum, 0.0), 0.99)
+        self.alignment = beta * self.alignment + (1 - beta) * a
+        self.strength = min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0)
+
     def _step_factor(self, iteration: int) -> float:
         m = lr_multiplier(self.delay, iteration, self.momentum) if "lr" in self.comp else 1.0
+        if "adapt" in self.comp and m != 1.0:
+            m = m ** self.strength
         if "official" in self.comp and self.stage == 0:
             m *= 2.0  # the official code doubles module 1's learning rate
         return m
@@ -492,12 +528,13 @@ class Compensator:
         shared with other stages keep the plain step.
         """
         self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
+        self._observe(optimizer)
         spike = "spike" in self.comp and self.delay > 0
         stretch = "stretch" in self.comp and self.delay > 0
         swapped = stretch and _swaps(optimizer)  # the step itself runs at the stretched horizon: nothing to rewrite
         stretch = stretch and not swapped
         factor = self._step_factor(iteration)
-        record = "predict" in self.comp or self.ahead > 0
+        record = "predict" in self.comp or self.ahead > 0 or "adapt" in self.comp
         rewrite = spike or stretch or factor != 1.0
         take_step = functools.partial(self._stretched_step, optimizer) if swapped else optimizer.step
         if not (rewrite or record):  # nothing to rewrite or record: no copies of the weights
@@ -514,7 +551,7 @@ class Compensator:
             velocity = [self._buffer(optimizer, p, own) for p, own in zip(self.params, self._own)]
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
         take_step()
-        lr_scale, mu = stretch_coefficients(self.momentum, self.delay, self.comp.power) if stretch else (1.0, self.momentum)
+        lr_scale, mu = stretch_coefficients(self.momentum, self.delay, self._power()) if stretch else (1.0, self.momentum)
         a, b = spike_coefficients(mu, self.delay) if spike else (1.0, 0.0)
         steps: list[torch.Tensor | None] = []
         with torch.no_grad():
@@ -562,10 +599,10 @@ class Compensator:
         try:
             for g, own in zip(groups, saved):
                 if "betas" in own:
-                    _, beta1 = stretch_coefficients(float(own["betas"][0]), self.delay, self.comp.power)
+                    _, beta1 = stretch_coefficients(float(own["betas"][0]), self.delay, self._power())
                     g["betas"] = (beta1, *tuple(own["betas"])[1:])
                 else:
-                    scale, g["momentum"] = stretch_coefficients(float(own["momentum"]), self.delay, self.comp.power)
+                    scale, g["momentum"] = stretch_coefficients(float(own["momentum"]), self.delay, self._power())
                     g["lr"] = own["lr"] * scale
             optimizer.step()
         finally:
@@ -582,6 +619,10 @@ class Compensator:
             finally:
                 for p, grad in hidden:
                     p.grad = grad
+
+    def _power(self) -> float:
+        """stretch's power at this step: p, times σ under ``adapt``."""
+        return self.comp.power * (self.strength if "adapt" in self.comp else 1.0)
 
     @staticmethod
     def _buffer(optimizer: torch.optim.Optimizer, p: torch.Tensor, own: bool) -> torch.Tensor | None:
@@ -600,7 +641,8 @@ class Compensator:
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         power = self.comp.power if "stretch" in self.comp else None
-        return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step}
+        return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step,
+                "alignment": self.alignment, "strength": self.strength}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -628,6 +670,8 @@ class Compensator:
                     "would change the algorithm mid-run. Finish the run with the fxreplay version that started it, or "
                     "start a new run."
                 )
+        self.alignment = float(state.get("alignment", 0.0))
+        self.strength = float(state.get("strength", 1.0))
         steps = state["last_step"]
         self.last_step = None if steps is None else [
             s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
