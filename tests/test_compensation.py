@@ -38,14 +38,18 @@ def nesterov(params: Any) -> torch.optim.Optimizer:
 
 
 def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tensor]], rules: set[str],
-              beta: float = 0.5, power: float = 1.5, opt: str = "sgd") -> list[float]:
+              beta: float = 0.5, power: float = 1.5, opt: str = "sgd", align: float = 1.0) -> list[float]:
     """Algorithm 1 with heavy-ball SGD (``opt``: or Nesterov SGD, or Adam) by hand and each rule from its
-    formula (stretch: horizon (d+1)^power; with Adam, β₁ = 1 − (1−β₁)/horizon at the same lr)."""
+    formula (stretch: horizon (d+1)^power; with Adam, β₁ = 1 − (1−β₁)/horizon at the same lr; adapt: the
+    exponents of lr's factor and of stretch's horizon times σ = clip(1 − ā/align), ā the average of
+    cos(−g, last step) at rate 1 − μ)."""
     K = len(stages)
     params = [list(s.parameters()) for s in stages]
     velocity: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]
     second: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]  # Adam's v
     count = [0] * K
+    average = [0.0] * K  # adapt's ā per stage
+    previous: list[float | None] = [None] * K  # stretch's horizon at the stage's last update
     last: list[list[torch.Tensor] | None] = [None] * K
     memory: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
     delta: dict[tuple[int, int], torch.Tensor] = {}
@@ -90,10 +94,22 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
             with torch.no_grad():
                 for p, w in zip(params[k], own):
                     p.copy_(w)
-            horizon = (d + 1) ** power
+            strength = 1.0
+            if "adapt" in rules and d > 0 and last[k] is not None:
+                g = [p.grad + WD * p.detach() for p in params[k]]
+                if opt == "adam":  # Adam's metric: g/√v̂ with v̂ before this step
+                    g = [x / ((sq / (1 - B2 ** count[k])).sqrt() + EPS) for x, sq in zip(g, second[k])]
+                dot = -sum(float((x * s).sum()) for x, s in zip(g, last[k]))
+                norm = (sum(float((x * x).sum()) for x in g) * sum(float((s * s).sum()) for s in last[k])) ** 0.5
+                rate = 1 - (B1 if opt == "adam" else MU)
+                average[k] = (1 - rate) * average[k] + rate * dot / norm
+                strength = min(max(1 - average[k] / align, 0.0), 1.0)
+            horizon = (d + 1) ** (power * strength)
             mu, lr = (1 - (1 - MU) / horizon, LR / horizon) if "stretch" in rules else (MU, LR)
+            ratio = horizon / previous[k] if previous[k] is not None and "stretch" in rules else 1.0  # v summed at s
+            previous[k] = horizon
             a, c = (mu ** d, sum(mu ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
-            m = (d + 1) ** -(1 - min(t / round(10 * (d + 1) / (1 - MU)), 1)) if "lr" in rules else 1.0
+            m = (d + 1) ** -(strength * (1 - min(t / round(10 * (d + 1) / (1 - MU)), 1))) if "lr" in rules else 1.0
             steps = []
             count[k] += 1
             with torch.no_grad():
@@ -107,7 +123,7 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                         unbiased = first / (1 - b1 ** count[k])
                         step = -(LR / 10) * m * unbiased / ((sq / (1 - B2 ** count[k])).sqrt() + EPS)
                     else:
-                        v = g.clone() if velocity[k][i] is None else mu * velocity[k][i] + g
+                        v = g.clone() if velocity[k][i] is None else mu * ratio * velocity[k][i] + g
                         velocity[k][i] = v
                         step = -lr * m * (g + mu * v) if opt == "nesterov" else -lr * m * (a * v + c * g)
                     p.add_(step)
@@ -120,12 +136,14 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "predict+spike", "predict+spike+stretch",
                                    "lr+predict+shrink+spike+stretch", "predict+spike+stretch=1", "stretch=2", "lookahead",
-                                   "lookahead+predict", "lookahead+lr+predict+stretch", "lookahead+lr+predict+spike+stretch"])
+                                   "lookahead+predict", "lookahead+lr+predict+stretch", "lookahead+lr+predict+spike+stretch",
+                                   "adapt+lookahead+lr+predict+stretch", "adapt=0.3+lr", "adapt+spike+stretch=2"])
 def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     data = batches(6)
     ref_stages = split(mlp(), 3)
-    power = float(rules.partition("stretch=")[2] or 1.5)
-    ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power)
+    power = float(rules.partition("stretch=")[2].partition("+")[0] or 1.5)
+    align = float(rules.partition("adapt=")[2].partition("+")[0] or 1.0)
+    ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power, align=align)
     ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
     losses = [ex.step(x, y) for x, y in data]
     assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
@@ -133,7 +151,8 @@ def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rules", ["stretch", "predict+stretch", "stretch=2", "lr+predict+stretch=1"])
+@pytest.mark.parametrize("rules", ["stretch", "predict+stretch", "stretch=2", "lr+predict+stretch=1",
+                                   "adapt+lookahead+lr+predict+stretch"])
 @pytest.mark.parametrize("opt", ["adam", "nesterov"])
 def test_stretch_with_adam_or_nesterov_equals_its_handwritten_reference(rules: str, opt: str) -> None:
     """With Adam the horizon is β₁'s: β₁_k = 1 − (1−β₁)/(d_k+1)^p at the same lr (Adam's first moment is an
@@ -141,7 +160,7 @@ def test_stretch_with_adam_or_nesterov_equals_its_handwritten_reference(rules: s
     are heavy-ball's μ_k and η/s_k. The optimizer's own hyper-parameters are left as they were."""
     data = batches(6)
     ref_stages = split(mlp(), 3)
-    power = float(rules.partition("stretch=")[2] or 1.5)
+    power = float(rules.partition("stretch=")[2].partition("+")[0] or 1.5)
     ref_losses = reference(ref_stages, data, {r.partition("=")[0] for r in rules.split("+")}, power=power, opt=opt)
     optimizer = adam if opt == "adam" else nesterov
     ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=optimizer, loss_fn=loss_fn, compensation=rules)
@@ -255,7 +274,7 @@ def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> No
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch"])
+@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch", "adapt=0.5+lr+stretch"])
 def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused(rules: str) -> None:
     data = batches(8)
     straight = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
@@ -318,8 +337,69 @@ def test_stretch_takes_its_power_as_a_value() -> None:
     for bad in ("stretch=0", "stretch=-1", "stretch=5", "stretch=x"):
         with pytest.raises(TrainingError, match="stretch's power"):
             parse(bad)
-    with pytest.raises(TrainingError, match="only shrink=β and stretch=p"):
+    with pytest.raises(TrainingError, match="only shrink=β, stretch=p and adapt=A"):
         parse("spike=2")
+    assert parse("adapt=0.5+lr").alignment == 0.5 and parse("adapt=0.5+lr").name == "adapt=0.5+lr"
+    assert parse("adapt=1+lr").name == "adapt+lr"
+    for bad in ("adapt=0", "adapt=1.5", "adapt=x"):
+        with pytest.raises(TrainingError, match="adapt's alignment A"):
+            parse(bad)
+
+
+def _lone_stage(rules: str, optimizer: Any) -> tuple[nn.Parameter, Any, torch.optim.Optimizer]:
+    from fxreplay.methods.compensation import Compensator
+
+    weight = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = optimizer([weight])
+    return weight, Compensator(parse(rules), stage=0, delay=3, params=[weight], shared=[], optimizer=opt, method="fr"), opt
+
+
+@pytest.mark.parametrize("optimizer", [sgd, adam, lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.5)])
+def test_adapt_releases_the_stabilisers_along_a_consistent_descent_and_restores_them_in_an_overshoot(optimizer: Any) -> None:
+    """ā averages cos(−g, Δw): a gradient that keeps its direction drives σ to 0 (lr and stretch off), one that
+    turns against the last step drives it back to 1 (until the momentum has turned); the first step runs at
+    σ = 1 (no Δw yet). AdamW's decay
+    is decoupled: its gradient alone is compared with the step."""
+    weight, comp, opt = _lone_stage("adapt+lr+stretch", optimizer)
+    direction = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    seen = []
+    for t in range(60):
+        weight.grad = direction.clone()
+        comp.step(opt, t)
+        seen.append((comp.alignment, comp.strength))
+    assert seen[0] == (0.0, 1.0)  # the first update: nothing to align with
+    assert 0.0 < seen[1][1] < 1.0 and seen[-1][0] > 0.99 and seen[-1][1] < 0.01
+    assert all(b[1] <= a[1] for a, b in zip(seen, seen[1:]))  # released step by step
+    turned = []
+    for t in range(60, 120):
+        weight.grad = -direction.clone()  # the gradient now opposes the steps taken, until the momentum turns
+        comp.step(opt, t)
+        turned.append((comp.alignment, comp.strength))
+    assert min(a for a, _ in turned) < 0 and max(s for _, s in turned) == 1.0
+    saved = comp.state_dict()
+    assert (saved["alignment"], saved["strength"]) == (comp.alignment, comp.strength)
+
+
+def test_adapt_scales_the_lr_warm_up_and_the_stretched_horizon_by_the_strength() -> None:
+    """At σ the stage steps as lr and stretch would with their exponents times σ: σ = 1 is the rules without
+    adapt, σ = 0 plain SGD."""
+    direction = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    runs = {}
+    for rules in ("adapt+lr+stretch", "lr+stretch", "none"):
+        weight, comp, opt = _lone_stage(rules, sgd) if rules != "none" else (None, None, None)
+        if comp is None:
+            weight = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+            opt = sgd([weight])
+        path = []
+        for t in range(40):
+            weight.grad = direction.clone()
+            comp.step(opt, t) if comp is not None else opt.step()
+            path.append(weight.detach().clone())
+        runs[rules] = path
+    first = lambda r: runs[r][0]  # noqa: E731
+    torch.testing.assert_close(first("adapt+lr+stretch"), first("lr+stretch"), atol=1e-15, rtol=0)  # σ = 1 at first
+    late = [(runs[r][-1] - runs[r][-2]).norm() for r in ("lr+stretch", "adapt+lr+stretch", "none")]
+    assert late[0] < late[1] <= late[2] * (1 + 1e-9)  # released towards plain SGD's step
 
 
 def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
@@ -366,6 +446,8 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
     with pytest.raises(TrainingError, match="lookahead.*ddg has no replay"):
         LocalExecutor(split(mlp(), 2), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
     LocalExecutor(split(mlp(), 2), "fr", optimizer=adam, loss_fn=loss_fn, compensation="predict+lr+shrink")  # any optimizer
+    with pytest.raises(TrainingError, match="'adapt' sets how strongly lr and stretch act.*add lr or stretch"):
+        LocalExecutor(split(mlp(), 2), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="adapt+predict")
 
 
 def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:

@@ -124,7 +124,9 @@ against +2.2, the transformer +25.9 against +15.4); ``lookahead+lr`` is level wi
 gap +3.6 against +3.6 where neither diverges: ahead on four families, behind on the ReLU MLP, +5.0). No
 rule measured beats plain FR clearly without momentum."""
 
-DEFAULT_ADAPT = 0.5  # adapt's A: σ = 1 - ā/A, clipped to [0, 1]
+DEFAULT_ADAPT = 1.0
+"""``adapt``'s A: σ = clip(1 − ā/A, 0, 1) -- with A = 1, the stabilisers' strength is one minus the average
+alignment (no scale of its own). ``adapt=0.5`` releases them at half the alignment."""
 DEFAULT_SHRINK = 0.5  # FDG's β; their best per-row values were 0.2-0.5
 DEFAULT_STRETCH = 1.5
 """``stretch``'s power p: the horizon is s = (d+1)^p. With predict and spike, the largest stable η·λ of a
@@ -206,7 +208,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
         if value:
             if name not in ("shrink", "stretch", "adapt"):
                 raise TrainingError(
-                    f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β and stretch=p do.")
+                    f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β, stretch=p and adapt=A do.")
             try:
                 number = float(value)
             except ValueError:
@@ -362,6 +364,11 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 "compensation 'stretch' lengthens SGD's momentum horizon, and this optimizer has momentum 0: "
                 "use SGD with momentum (e.g. 0.9), or drop stretch."
             )
+    if "adapt" in comp and "lr" not in comp and "stretch" not in comp:
+        raise TrainingError(
+            f"compensation 'adapt' sets how strongly lr and stretch act, and {comp.name!r} has neither: add lr or "
+            "stretch (auto is adapt+lookahead+lr+predict+stretch), or drop adapt."
+        )
     if "lookahead" in comp and method != "fr":
         raise TrainingError(
             f"compensation 'lookahead' runs features replay's replay one update ahead; {method} has no replay: use it "
@@ -418,6 +425,7 @@ class Compensator:
         # adapt: EMA of cos(-g, Δw_prev) and the strength σ in [0, 1] it gives lr and stretch
         self.alignment = 0.0
         self.strength = 1.0
+        self.horizon: float | None = None  # stretch's s_k at the last step (adapt changes it: the velocity is rescaled)
         if "official" in comp:
             for g in optimizer.param_groups:
                 g["nesterov"] = True
@@ -488,25 +496,43 @@ class Compensator:
                     p.copy_(w)
 
     def _observe(self, optimizer: torch.optim.Optimizer) -> None:
-        """``adapt``: fold this step's alignment cos(-g, Δw_prev) into its EMA and set the strength σ."""
-        if "adapt" not in self.comp or self.delay <= 0:
+        """``adapt``: fold this step's alignment into its average and set the strength σ_k of ``lr`` and ``stretch``.
+
+        The alignment is cos(−g, Δw) of the gradient about to be applied (with the optimizer's coupled weight
+        decay; Adam's and AdamW's in their own metric, g/√v̂ with v̂ before this step) and the stage's last update: near 1 while the stage descends along a consistent direction,
+        near 0 where minibatch noise or an oscillation dominates (SGD near the edge of stability, the regime
+        in which a late gradient destabilises), negative in an overshoot. ā_k is its exponential average over
+        the optimizer's momentum horizon 1/(1−μ) (at most 100 iterations), from ā = 0; σ_k = clip(1 − ā_k/A).
+        Shared (tied) parameters are left out; the first step (no Δw yet) runs at σ = 1. One host sync a step.
+        """
+        if "adapt" not in self.comp or self.delay <= 0 or self.last_step is None:
             return
-        if self.last_step is None:
-            self.strength = 1.0
-            return
+        decoupled = isinstance(optimizer, torch.optim.AdamW)  # its decay is not part of the gradient
+        adam = _adam(optimizer)
         groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
-        dot = gg = ss = 0.0
+        sums: list[torch.Tensor] = []
         with torch.no_grad():
-            for p, s, g, own in zip(self.params, self.last_step, groups, self._own):
-                if p.grad is None or s is None or not own:
+            for p, step, g, own in zip(self.params, self.last_step, groups, self._own):
+                if p.grad is None or step is None or not own:
                     continue
-                grad = p.grad.detach() + float(g.get("weight_decay", 0.0)) * p.detach()
-                dot -= float(torch.vdot(grad.flatten(), s.flatten()))
-                gg += float(torch.vdot(grad.flatten(), grad.flatten()))
-                ss += float(torch.vdot(s.flatten(), s.flatten()))
-        a = dot / ((gg * ss) ** 0.5) if gg > 0 and ss > 0 else 0.0
+                grad = p.grad.detach()
+                decay = 0.0 if decoupled else float(g.get("weight_decay", 0.0))
+                if decay:
+                    grad = grad + decay * p.detach()
+                state = optimizer.state.get(p, {})
+                if adam and state.get("exp_avg_sq") is not None and float(state.get("step", 0)) > 0:
+                    # Adam's direction is g/√v̂: compare the step with the gradient in that metric
+                    beta2, eps = float(g["betas"][1]), float(g["eps"])
+                    second = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))
+                    grad = grad / (second.sqrt() + eps)
+                grad, step = grad.double(), step.double()
+                sums.append(torch.stack([-(grad * step).sum(), (grad * grad).sum(), (step * step).sum()]))
+        if not sums:
+            return
+        dot, gg, ss = torch.stack([x.to(sums[0].device) for x in sums]).sum(0).tolist()
+        align = dot / (gg * ss) ** 0.5 if gg > 0 and ss > 0 else 0.0
         beta = min(max(self.momentum, 0.0), 0.99)
-        self.alignment = beta * self.alignment + (1 - beta) * a
+        self.alignment = beta * self.alignment + (1.0 - beta) * align
         self.strength = min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0)
 
     def _step_factor(self, iteration: int) -> float:
@@ -552,6 +578,7 @@ class Compensator:
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
         take_step()
         lr_scale, mu = stretch_coefficients(self.momentum, self.delay, self._power()) if stretch else (1.0, self.momentum)
+        rescale = self._rescale(1.0 / lr_scale) if stretch else 1.0
         a, b = spike_coefficients(mu, self.delay) if spike else (1.0, 0.0)
         steps: list[torch.Tensor | None] = []
         with torch.no_grad():
@@ -567,7 +594,7 @@ class Compensator:
                         assert g is not None
                         old = velocity[i]
                         if old is not None:  # torch's first step sets v = g, as μ_k·0 + g would
-                            v.copy_(mu * old + g)
+                            v.copy_(mu * (old * rescale if rescale != 1.0 else old) + g)
                         d = -lrs[i] * lr_scale * (a * v + b * g)
                     elif spike:
                         g = grads[i]
@@ -604,6 +631,14 @@ class Compensator:
                 else:
                     scale, g["momentum"] = stretch_coefficients(float(own["momentum"]), self.delay, self._power())
                     g["lr"] = own["lr"] * scale
+            if saved and "betas" not in saved[0]:  # Nesterov's buffer is a sum, as heavy-ball's: rescaled when s_k changes
+                ratio = self._rescale(1.0 / scale)
+                if ratio != 1.0:
+                    with torch.no_grad():
+                        for p, own_param in zip(self.params, self._own):
+                            buf = optimizer.state.get(p, {}).get("momentum_buffer") if own_param else None
+                            if buf is not None:
+                                buf.mul_(ratio)
             optimizer.step()
         finally:
             for g, own in zip(groups, saved):
@@ -619,6 +654,18 @@ class Compensator:
             finally:
                 for p, grad in hidden:
                     p.grad = grad
+
+    def _rescale(self, horizon: float) -> float:
+        """The factor s_k(t)/s_k(t−1) on a momentum sum when ``adapt`` changes stretch's horizon (1 otherwise).
+
+        Heavy-ball's velocity v = Σ μ_k^i g is a sum, whose size follows the horizon: v ≈ s·g/(1−μ) in a steady
+        descent, and the step η/s·v is η·g/(1−μ) only while s stays what v was summed at. Rescaling v by
+        s(t)/s(t−1) keeps the step what it would be had the whole sum been taken at s(t) -- the velocity
+        η/s·v is continuous, not a spike of s(t−1)/s(t) when the stabilisers are released. (Adam's first
+        moment is an average: nothing to rescale.)"""
+        ratio = 1.0 if self.horizon is None else horizon / self.horizon
+        self.horizon = horizon
+        return ratio
 
     def _power(self) -> float:
         """stretch's power at this step: p, times σ under ``adapt``."""
@@ -642,7 +689,7 @@ class Compensator:
     def state_dict(self) -> dict[str, Any]:
         power = self.comp.power if "stretch" in self.comp else None
         return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step,
-                "alignment": self.alignment, "strength": self.strength}
+                "alignment": self.alignment, "strength": self.strength, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -672,6 +719,7 @@ class Compensator:
                 )
         self.alignment = float(state.get("alignment", 0.0))
         self.strength = float(state.get("strength", 1.0))
+        self.horizon = state.get("horizon")
         steps = state["last_step"]
         self.last_step = None if steps is None else [
             s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
