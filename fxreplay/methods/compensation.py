@@ -689,7 +689,7 @@ class Compensator:
     def state_dict(self) -> dict[str, Any]:
         power = self.comp.power if "stretch" in self.comp else None
         return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step,
-                "alignment": self.alignment, "strength": self.strength, "horizon": self.horizon}
+                "alignment": self.alignment, "horizon": self.horizon}  # adapt's σ follows from the alignment
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -718,7 +718,6 @@ class Compensator:
                     "start a new run."
                 )
         self.alignment = float(state.get("alignment", 0.0))
-        self.strength = float(state.get("strength", 1.0))
         self.horizon = state.get("horizon")
         steps = state["last_step"]
         self.last_step = None if steps is None else [
