@@ -20,6 +20,7 @@ those already there, so the screen resumes where it stopped.
     python benchmarks/compensation_generality.py --K 2 --out benchmarks/results/compensation/generality-K2.jsonl
     python benchmarks/compensation_generality.py --optim adam --lr 0.01 --out ...adam.jsonl
     python benchmarks/compensation_generality.py --table-only                 # the table from the kept runs
+    python benchmarks/compensation_generality.py --table-only --seeds 0,1,2,3,4   # only those seeds: every method paired alike
 """
 from __future__ import annotations
 
@@ -183,6 +184,18 @@ def table(rows: list[dict], methods: list[str]) -> str:
                     spread = f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else ""
                     cells.append(f"{err:.2f}{dag} ({statistics.fmean(gaps):+.2f}{spread}, {len(gaps)})")
             out.append(f"| {model} | " + " | ".join(cells) + " |")
+        means = []  # each method's paired gap averaged over the models (each model weighs the same)
+        for m in shown:
+            per_model = []
+            for model in MODELS:
+                by = {(r["method"], r["seed"]): r for r in here if r["model"] == model}
+                gaps = [by[(m, seed)]["error"] - by[("bp", seed)]["error"]
+                        for (mm, seed) in by if mm == m and ("bp", seed) in by]
+                if gaps:
+                    per_model.append(statistics.fmean(gaps))
+            means.append("" if m == "bp" or not per_model else f"{statistics.fmean(per_model):+.2f} ({len(per_model)} models)")
+        if any(means):
+            out.append("| mean gap | " + " | ".join(means) + " |")
         for m in shown:
             if m.endswith("+auto"):
                 ran = sorted({r.get("rules", "?") for r in here if r["method"] == m})
@@ -198,7 +211,7 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=4)
     ap.add_argument("--optim", default="sgd", help="sgd (momentum 0.9), nesterov, plain (no momentum) or adam")
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2); with --table-only: table only these")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compensation/generality.jsonl"))
     ap.add_argument("--table-only", action="store_true", help="print the table of the runs in --out and stop")
@@ -209,6 +222,10 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = [as_run_now(json.loads(line)) for line in args.out.read_text().splitlines() if line.strip()] if args.out.exists() else []
+    if args.table_only and args.seeds:
+        keep = {int(x) for x in args.seeds.split(",") if x.strip()}
+        rows = [r for r in rows if r["seed"] in keep]
+    args.seeds = args.seeds or "0,1,2"
     if not args.table_only:
         torch.set_num_threads(1)
         done = {_key(r) for r in rows}

@@ -40,6 +40,10 @@ def test_table_pairs_gaps_by_seed_and_marks_divergence():
     text = gen.table(rows + [_row("relu_mlp", "fr+auto", 2, 50.0)], ["bp", "fr+auto"])
     line = next(l for l in text.splitlines() if l.startswith("| relu_mlp"))
     assert "(+2.00 ± 1.41, 2)" in line
+    # the mean gap weighs every model alike: relu_mlp's +2.00 and tanh_mlp's +6.00 (one seed) give +4.00
+    text = gen.table(rows + [_row("tanh_mlp", "bp", 0, 1.0), _row("tanh_mlp", "fr+auto", 0, 7.0)], ["bp", "fr+auto"])
+    line = next(l for l in text.splitlines() if l.startswith("| mean gap"))
+    assert [c.strip() for c in line.strip("|").split("|")] == ["mean gap", "", "+4.00 (2 models)"]
 
 
 @pytest.mark.parametrize("model", ["relu_mlp", "row_transformer"])
@@ -65,6 +69,9 @@ def test_screen_resumes_from_its_file(tmp_path):
     assert rows[0]["error"] == 12.5
     assert "[1/1] relu_mlp fr+auto" in result.stderr
     assert "| relu_mlp | 12.50 |" in result.stdout
+    only = subprocess.run(cmd[:2] + ["--table-only", "--seeds", "7", "--methods", "bp", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert only.returncode == 0 and "12.50" not in only.stdout  # --seeds tables only those seeds
     bad = subprocess.run(cmd[:2] + ["--models", "resnet9000", "--out", str(out)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "unknown model" in bad.stderr and "relu_mlp" in bad.stderr

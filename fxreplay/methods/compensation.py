@@ -42,6 +42,13 @@ rule        where it acts                     formula (source)
                                              then, and the stage's own gradient one update
                                              ahead, as Nesterov momentum takes it (this
                                              project, from weight prediction; FR only)
+``adapt``   how strongly ``lr`` and           their exponents times σ_k = clip(1 − ā_k/A, 0, 1),
+(``adapt=A``) ``stretch`` act                  A = 1: m_k(t)^σ, s_k = (d_k+1)^{pσ}; ā_k the
+                                              average of cos(−g, Δw_prev) over the momentum
+                                              horizon: ~1 in a consistent descent, where a late
+                                              gradient costs little and the stabilisers only
+                                              slow it, ≤ 0 in noise or an overshoot (this
+                                              project; the velocity is rescaled when s_k moves)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
 =========== ================================= =============================================
@@ -145,6 +152,7 @@ class Compensation:
         rules: rule names, sorted (the canonical order of :attr:`name`).
         beta: ``shrink``'s factor on δ.
         power: ``stretch``'s power p (horizon (d+1)^p).
+        alignment: ``adapt``'s A (σ = clip(1 − ā/A, 0, 1)).
     """
 
     rules: tuple[str, ...] = ()
@@ -182,7 +190,8 @@ class Compensation:
 
 
 def parse(spec: str | Compensation | None) -> Compensation:
-    """Parse ``none``, ``auto``, a rule or rules joined by ``+`` (``shrink=0.3`` sets β, ``stretch=1`` p).
+    """Parse ``none``, ``auto``, a rule or rules joined by ``+`` (``shrink=0.3`` sets β, ``stretch=1`` p,
+    ``adapt=0.5`` A).
 
     Raises:
         TrainingError: an unknown rule, a rule given twice, or a bad β or p; the message lists the rules.
