@@ -32,7 +32,7 @@ from fxreplay.executor import LocalExecutor  # noqa: E402
 from fxreplay.models import get  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "compensation_overhead.json"
-RULES = ("none", "auto", "lr+predict+spike+stretch", "predict", "spike", "stretch", "lr", "shrink", "lookahead", "lr+predict+spike")
+RULES = ("none", "auto", "adapt+lookahead+lr+predict+stretch", "lr+predict+spike+stretch", "predict", "spike", "stretch", "lr", "shrink", "lookahead", "lr+predict+spike")
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:
