@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_compensation.py               # ResNet-20, batch 128, K = 4
     python benchmarks/bench_compensation.py --steps 4     # quicker, noisier
+    python benchmarks/bench_compensation.py --rules auto,adapt+lookahead+lr+predict+stretch --out FILE   # some rules
 
 One process, one thread, the configurations measured side by side in one run: they
 interleave round after round and each keeps the median of its rounds, so a machine that
@@ -45,19 +46,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--K", type=int, default=4)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rules", default=",".join(RULES), help="comma-separated; plain FR (none) is always measured")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    rules = ["none"] + [r.strip() for r in args.rules.split(",") if r.strip() and r.strip() != "none"]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     executors = {}
-    for rule in RULES:
+    for rule in rules:
         torch.manual_seed(0)
         pipe = fxreplay.compile(get("resnet20"), (x,), K=args.K, cost="flops")
         executors[rule] = LocalExecutor(list(pipe.stages), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), compensation=rule)
         for _ in range(args.K + 1):  # past the warm-up: every stage steps
             executors[rule].step(x, y)
-    times: dict[str, list[float]] = {rule: [] for rule in RULES}
+    times: dict[str, list[float]] = {rule: [] for rule in rules}
     for _ in range(args.rounds):
         for rule, ex in executors.items():
             start = time.perf_counter()
@@ -70,12 +74,12 @@ def main() -> None:
         "threads": 1, "median_step_s": {r: statistics.median(t) for r, t in times.items()},
         "ratio_to_plain_fr": {r: statistics.median(t) / base for r, t in times.items()},
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"FR on ResNet-20, batch {args.batch}, K={args.K}, 1 thread: step time relative to plain FR (median of {args.rounds} rounds)")
     for rule, ratio in result["ratio_to_plain_fr"].items():
         print(f"  {rule:<18} {ratio:5.3f}")
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
