@@ -376,7 +376,7 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
     if "adapt" in comp and "lr" not in comp and "stretch" not in comp:
         raise TrainingError(
             f"compensation 'adapt' sets how strongly lr and stretch act, and {comp.name!r} has neither: add lr or "
-            "stretch (auto is adapt+lookahead+lr+predict+stretch), or drop adapt."
+            "stretch (e.g. adapt+lookahead+lr+predict+stretch), or drop adapt."
         )
     if "lookahead" in comp and method != "fr":
         raise TrainingError(
@@ -508,9 +508,10 @@ class Compensator:
         """``adapt``: fold this step's alignment into its average and set the strength σ_k of ``lr`` and ``stretch``.
 
         The alignment is cos(−g, Δw) of the gradient about to be applied (with the optimizer's coupled weight
-        decay; Adam's and AdamW's in their own metric, g/√v̂ with v̂ before this step) and the stage's last update: near 1 while the stage descends along a consistent direction,
-        near 0 where minibatch noise or an oscillation dominates (SGD near the edge of stability, the regime
-        in which a late gradient destabilises), negative in an overshoot. ā_k is its exponential average over
+        decay; with Adam and AdamW in their own metric, g/√v̂, v̂ before this step) and the stage's last
+        update: near 1 while the stage descends along a consistent direction, near 0 where minibatch noise or
+        an oscillation dominates (SGD near the edge of stability, the regime in which a late gradient
+        destabilises), negative in an overshoot. ā_k is its exponential average over
         the optimizer's momentum horizon 1/(1−μ) (at most 100 iterations), from ā = 0; σ_k = clip(1 − ā_k/A).
         Shared (tied) parameters are left out; the first step (no Δw yet) runs at σ = 1. One host sync a step.
         """
