@@ -15,6 +15,8 @@ OUT/converged-summary.md:
 - best test error (%) per method, K and rate, mean ± sample std over the seeds finished (n);
 - FR − BP and DDG − BP, paired by seed (a seed fixes the initial weights and the data order, the same for
   every method), mean ± std: the gap with the seed-to-seed spread of both taken out;
+- around the first lr drop: each method's test error minus BP's just before the drop, just after it and at the
+  last epoch, paired by seed (where a gap opens);
 - the convergence check: how much BP's best test error improved in the last 5 epochs.
 
 The lr 0.1 runs were made before runs were kept: their per-run numbers are in
@@ -63,6 +65,19 @@ def late_gain(run: RunMetrics) -> float:
     """How much lower the best test error got in the last LAST epochs than before them (points)."""
     errors = [100 * (1 - r["test_accuracy"]) for r in run.epochs if r.get("test_accuracy") is not None]
     return min(errors[:-LAST]) - min(errors)
+
+
+def around_drop(run: RunMetrics) -> tuple[int, list[float]] | None:
+    """The epoch index of the first lr drop (the first epoch whose recorded lr is below the first epoch's) and
+    the test error (%) of every epoch; None without per-epoch lr and test error (a recorded-only run)."""
+    epochs = [r for r in run.epochs if r.get("test_accuracy") is not None]
+    lrs = [r.get("lr") for r in epochs]
+    if len(epochs) < 3 or any(lr is None for lr in lrs):
+        return None
+    drop = next((i for i, lr in enumerate(lrs) if lr < lrs[0]), None)
+    if drop is None or drop < 1 or drop + 1 >= len(epochs):
+        return None
+    return drop, [100 * (1 - r["test_accuracy"]) for r in epochs]
 
 
 def describe(config: dict) -> str:
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     recorded = json.loads(recorded_file.read_text())["runs"] if recorded_file.is_file() else {}
 
     best: dict[tuple[str, str, int, int], float] = {}
+    curves: dict[tuple[str, str, int, int], tuple[int, list[float]]] = {}  # around_drop of each kept run
     pending: list[str] = []
     late: dict[str, list[float]] = {}
     configs: list[dict] = []
@@ -176,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
                         runs.append((method, K, kept))
                     configs.append(run.config)
                     best[rate, method, K, seed] = run.best_test_error  # type: ignore[assignment]  # finished: evaluated
+                    curve = around_drop(run)
+                    if curve is not None:
+                        curves[rate, method, K, seed] = curve
                     if method == "bp":
                         late.setdefault(rate, []).append(late_gain(run))
                 elif f"{rate}/{name}" in recorded:
@@ -215,6 +234,22 @@ def main(argv: list[str] | None = None) -> None:
                     if (rate, method, K, s) in best and (rate, "bp", 2, s) in best]
             cells.append(stat(gaps))
         lines.append(f"| {label(method)} − BP | " + " | ".join(cells) + " |")
+    lines += ["", "## Around the first lr drop", "",
+              "Test error minus BP's at the same epoch, paired by seed (points; mean ± std, n): the last epoch "
+              "before the first lr drop, the second after it, and the last; kept runs only (their metrics.jsonl "
+              "has every epoch).", "",
+              "| method | rate, K | before the drop | after it | last epoch |", "|---|---|---:|---:|---:|"]
+    for method in dict.fromkeys(m for m, _ in rows if m != "bp"):
+        for rate, K in columns:
+            pairs = [(curves[rate, method, K, s], curves[rate, "bp", 2, s]) for s in seeds
+                     if (rate, method, K, s) in curves and (rate, "bp", 2, s) in curves]
+            pairs = [(c, b) for c, b in pairs if c[0] == b[0] and len(c[1]) == len(b[1])]  # the same schedule
+            if not pairs:
+                continue
+            drop = pairs[0][0][0]
+            at = [drop - 1, drop + 1, len(pairs[0][0][1]) - 1]
+            cells = [stat([c[1][i] - b[1][i] for c, b in pairs]) for i in at]
+            lines.append(f"| {label(method)} | lr {rate}, K={K} | " + " | ".join(cells) + " |")
     lines += ["", "## Convergence check", "",
               f"How much lower BP's best test error got in the last {LAST} epochs than in the epochs before "
               "(points, per seed; 0: its best came earlier): " + "; ".join(f"lr {r}: " + ", ".join(f"{v:.2f}" for v in late.get(r, [])) for r in RATES) + ".", ""]

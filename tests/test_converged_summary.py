@@ -36,7 +36,8 @@ def _run(path: Path, method: str, K: int, seed: int, errors: list[float]) -> Non
         records.append({"kind": "step", "step": step, "epoch": e, "loss": 2.0 - 0.1 * e, "wall": 10.0 * (e + 1),
                         "stage_time": [0.1] * K, "memory_bytes": [1e6] * K})
         records.append({"kind": "epoch", "epoch": e, "step": step, "train_loss": 2.0 - 0.1 * e, "wall": 10.0 * (e + 1),
-                        "samples_per_s": 500.0, "complete": True, "test_accuracy": 1 - err / 100})
+                        "samples_per_s": 500.0, "complete": True, "test_accuracy": 1 - err / 100,
+                        "lr": 0.01 if e < EPOCHS // 2 else 0.001})  # ÷10 at 50 %
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (path / "checkpoint.pt").write_bytes(b"not kept")
 
@@ -127,6 +128,11 @@ def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monke
     assert rows.index("FR") < rows.index("FR+auto") < rows.index("DDG")
     assert "- lr 0.1 FR+predict+spike K=4 seed 0 (2 epochs evaluated)" in summary
     assert (out / "converged-runs" / "lr0.1" / "fr+auto-K4-s2" / "metrics.jsonl").is_file()
+    # around the drop (epoch index 3 of 6): fr+auto is 4 points below BP at every epoch, so −4 at epochs 2, 4, 5
+    drop = summary.split("## Around the first lr drop", 1)[1].split("\n## ", 1)[0]
+    row = next(l for l in drop.splitlines() if l.startswith("| FR+auto |"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["FR+auto", "lr 0.1, K=4"] + ["-4.00 ± 0.00 (n=3)"] * 3
+    assert "| FR | lr 0.1, K=4 | 0.00 ± 0.00 (n=3) |" in drop
 
     # Runs made in another checkout join through a second --runs root: kept and counted like the others.
     other = tmp_path / "other-checkout"
