@@ -431,9 +431,7 @@ class Compensator:
         # lookahead: stages that send a δ down replay one update ahead (none at K = 1: stage 0 sends nothing)
         self.ahead = 1 if "lookahead" in comp and stage > 0 else 0
         self._held: list[torch.Tensor] | None = None  # the weights under the lookahead (enter_ahead .. exit_ahead)
-        # adapt: EMA of cos(-g, Δw_prev) and the strength σ in [0, 1] it gives lr and stretch
-        self.alignment = 0.0
-        self.strength = 1.0
+        self.alignment = 0.0  # adapt: ā, the average of cos(-g, Δw_prev); σ (strength) follows from it
         self.horizon: float | None = None  # stretch's s_k at the last step (adapt changes it: the velocity is rescaled)
         if "official" in comp:
             for g in optimizer.param_groups:
@@ -504,46 +502,52 @@ class Compensator:
                 for p, w in zip(self.params, saved):
                     p.copy_(w)
 
-    def _observe(self, optimizer: torch.optim.Optimizer) -> None:
-        """``adapt``: fold this step's alignment into its average and set the strength σ_k of ``lr`` and ``stretch``.
+    @property
+    def strength(self) -> float:
+        """``adapt``'s σ_k = clip(1 − ā_k/A, 0, 1): 1 until the stage has an alignment to average."""
+        return min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0)
 
-        The alignment is cos(−g, Δw) of the gradient about to be applied (with the optimizer's coupled weight
-        decay; with Adam and AdamW in their own metric, g/√v̂, v̂ before this step) and the stage's last
+    def _gradients(self, optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[torch.Tensor | None]:
+        """Each parameter's gradient with the optimizer's coupled weight decay (AdamW's is decoupled: not in it)."""
+        coupled = not isinstance(optimizer, torch.optim.AdamW)
+        return [None if p.grad is None else
+                p.grad.detach() + float(g.get("weight_decay", 0.0)) * p.detach() if coupled and g.get("weight_decay")
+                else p.grad.detach()
+                for p, g in zip(self.params, groups)]
+
+    def _observe(self, optimizer: torch.optim.Optimizer, groups: list[dict], grads: list[torch.Tensor | None]) -> None:
+        """``adapt``: fold this step's alignment into ā_k, the average σ_k (:attr:`strength`) follows.
+
+        The alignment is cos(−g, Δw) of the gradient about to be applied (``grads``: with the optimizer's coupled
+        weight decay; with Adam and AdamW in their own metric, g/√v̂, v̂ before this step) and the stage's last
         update: near 1 while the stage descends along a consistent direction, near 0 where minibatch noise or
         an oscillation dominates (SGD near the edge of stability, the regime in which a late gradient
-        destabilises), negative in an overshoot. ā_k is its exponential average over
-        the optimizer's momentum horizon 1/(1−μ) (at most 100 iterations), from ā = 0; σ_k = clip(1 − ā_k/A).
-        Shared (tied) parameters are left out; the first step (no Δw yet) runs at σ = 1. One host sync a step.
+        destabilises), negative in an overshoot. ā_k is its exponential average over the optimizer's momentum
+        horizon 1/(1−μ) (at most 100 iterations), from ā = 0 (σ = 1). Shared (tied) parameters are left out.
+        Sums in the weights' precision (at least float32); one host sync a step.
         """
-        if "adapt" not in self.comp or self.delay <= 0 or self.last_step is None:
-            return
-        decoupled = isinstance(optimizer, torch.optim.AdamW)  # its decay is not part of the gradient
+        assert self.last_step is not None
         adam = _adam(optimizer)
-        groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
         sums: list[torch.Tensor] = []
         with torch.no_grad():
-            for p, step, g, own in zip(self.params, self.last_step, groups, self._own):
-                if p.grad is None or step is None or not own:
+            for p, grad, step, g, own in zip(self.params, grads, self.last_step, groups, self._own):
+                if grad is None or step is None or not own:
                     continue
-                grad = p.grad.detach()
-                decay = 0.0 if decoupled else float(g.get("weight_decay", 0.0))
-                if decay:
-                    grad = grad + decay * p.detach()
                 state = optimizer.state.get(p, {})
                 if adam and state.get("exp_avg_sq") is not None and float(state.get("step", 0)) > 0:
                     # Adam's direction is g/√v̂: compare the step with the gradient in that metric
                     beta2, eps = float(g["betas"][1]), float(g["eps"])
                     second = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))
                     grad = grad / (second.sqrt() + eps)
-                grad, step = grad.double(), step.double()
-                sums.append(torch.stack([-(grad * step).sum(), (grad * grad).sum(), (step * step).sum()]))
+                wide = torch.promote_types(grad.dtype, torch.float32)  # no copy for float32 or float64 weights
+                grad, step = grad.to(wide), step.to(wide)
+                sums.append(torch.stack([-(grad * step).sum(), (grad * grad).sum(), (step * step).sum()]).double())
         if not sums:
             return
         dot, gg, ss = torch.stack([x.to(sums[0].device) for x in sums]).sum(0).tolist()
         align = dot / (gg * ss) ** 0.5 if gg > 0 and ss > 0 else 0.0
         beta = min(max(self.momentum, 0.0), 0.99)
         self.alignment = beta * self.alignment + (1.0 - beta) * align
-        self.strength = min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0)
 
     def _step_factor(self, iteration: int) -> float:
         m = lr_multiplier(self.delay, iteration, self.momentum) if "lr" in self.comp else 1.0
@@ -564,11 +568,15 @@ class Compensator:
         shared with other stages keep the plain step.
         """
         self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
-        self._observe(optimizer)
         spike = "spike" in self.comp and self.delay > 0
         stretch = "stretch" in self.comp and self.delay > 0
         swapped = stretch and _swaps(optimizer)  # the step itself runs at the stretched horizon: nothing to rewrite
         stretch = stretch and not swapped
+        groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
+        observe = "adapt" in self.comp and self.delay > 0 and self.last_step is not None
+        grads = self._gradients(optimizer, groups) if spike or stretch or observe else []
+        if observe:  # σ for this step's lr factor and horizon
+            self._observe(optimizer, groups, grads)
         factor = self._step_factor(iteration)
         record = "predict" in self.comp or self.ahead > 0 or "adapt" in self.comp
         rewrite = spike or stretch or factor != 1.0
@@ -577,12 +585,7 @@ class Compensator:
             take_step()
             return
         before = [p.detach().clone() if p.grad is not None else None for p in self.params]
-        groups = [optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)]
-        grads: list[torch.Tensor | None] = []
         velocity: list[torch.Tensor | None] = []  # stretch: each own parameter's velocity before the step
-        if spike or stretch:
-            grads = [p.grad.detach() + float(g.get("weight_decay", 0.0)) * p.detach() if p.grad is not None else None
-                     for p, g in zip(self.params, groups)]
         if stretch:
             velocity = [self._buffer(optimizer, p, own) for p, own in zip(self.params, self._own)]
         lrs = [float(g.get("lr", 0.0)) for g in groups]  # before the step: a scheduler steps after it
