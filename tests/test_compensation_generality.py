@@ -92,3 +92,18 @@ def test_a_kept_auto_run_counts_as_the_rules_it_ran():
     adam = _row("relu_mlp", "fr+auto", 0, 5.0) | {"optim": "adam", "rules": gen.auto_rules("fr+auto", "adam")}
     assert gen.as_run_now(adam)["method"] == "fr+auto"
     assert gen.auto_rules("ddg+auto", "sgd") == AUTO.replace("lookahead+", "")
+
+
+def test_signals_show_adapt_releasing_a_stage_that_descends_consistently():
+    """benchmarks/compensation_signals.py: per stage and window, ā / σ / relative step; at a low rate on the
+    ReLU MLP the delayed stage's ā rises and σ falls below 1, the last stage (d = 0) keeps σ = 1."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compensation_signals.py"), "--model", "relu_mlp", "--K", "2",
+           "--lr", "0.01", "--iterations", "30"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first = next(l for l in result.stdout.splitlines() if "stage 0 (d = 1)" in l)
+    windows = [w.split(": ", 1)[1].split(" / ") for w in first.split(": ", 1)[1].split("   ")]
+    assert float(windows[0][0]) > 0.1 and float(windows[0][1]) < 0.9 and float(windows[0][2]) > 0
+    assert "stage 1 (d = 0): 0-" in result.stdout and "+0.00 / 1.00" in result.stdout.split("stage 1 (d = 0)")[1]
+    bad = subprocess.run(cmd[:2] + ["--model", "resnet9000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "unknown model" in bad.stderr

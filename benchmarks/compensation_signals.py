@@ -1,0 +1,95 @@
+"""What each delayed stage sees while it trains: ``adapt``'s alignment ā and strength σ, and the relative step.
+
+Trains one model for a few hundred iterations with FR and a compensation and prints, per stage and
+iteration window, the mean of ā (the average of cos(−g, Δw_prev) that ``adapt`` keeps), of σ = clip(1 − ā)
+and of the relative step ‖Δw‖/‖w‖ of the stage's last update. The signals a rule could use to tell a
+high learning rate (where a late gradient destabilises) from a low one (where it costs little):
+
+    OMP_NUM_THREADS=1 python benchmarks/compensation_signals.py --model resnet20 --lr 0.01   # CIFAR-10 subset, K = 4
+    OMP_NUM_THREADS=1 python benchmarks/compensation_signals.py --model relu_mlp --lr 0.1 --rules auto
+
+``--model`` is ``resnet20`` (the converged benchmark's data, configs/resnet20_cifar10_5k.yaml, and its pinned
+K = 4 split) or a family of benchmarks/compensation_generality.py (digits, K stages cut by FLOPs). Without
+``adapt`` in the rules ā stays 0 (σ 1). The relative step needs a rule that records Δw (``predict``,
+``lookahead`` or ``adapt``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fxreplay  # noqa: E402
+from fxreplay.data import digits, make_loader  # noqa: E402
+
+WINDOWS = ((0, 20), (20, 60), (60, 120), (120, 200), (200, 400))
+
+
+def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None]:
+    """The model, its training set, the batch size and the pinned split (None: cut by FLOPs)."""
+    if model == "resnet20":
+        from fxreplay.config import load_config
+        from fxreplay.data.sets import build_datasets
+        from fxreplay.models import resnet20
+
+        if K != 4:
+            raise SystemExit("--model resnet20 uses the converged benchmark's pinned split: --K 4")
+        train, _ = build_datasets(load_config(ROOT / "configs" / "resnet20_cifar10_5k.yaml").data)
+        return resnet20(), train, 128, ["layer1.2", "layer2.1", "layer3"]
+    from compensation_generality import MODELS
+
+    if model not in MODELS:
+        raise SystemExit(f"unknown model {model!r}: resnet20 or one of {', '.join(MODELS)}")
+    return MODELS[model](), digits(train=True), 64, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--rules", default="adapt+lookahead+lr+predict+stretch", help="FR's compensation")
+    ap.add_argument("--K", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9, weight decay 5e-4")
+    ap.add_argument("--iterations", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    model, train, batch, split = _data(args.model, args.K)
+    x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=args.seed, epoch=0)))
+    pipe = fxreplay.compile(model, (x0,), K=args.K, cost="flops", boundaries=split)
+    trainer = fxreplay.Trainer(pipe, method="fr", compensation=args.rules, loss_fn=nn.CrossEntropyLoss(),
+                               optimizer=lambda ps: torch.optim.SGD(ps, lr=args.lr, momentum=0.9, weight_decay=5e-4))
+    comps = [w.compensator for w in trainer.executor.workers]
+    seen: list[list[tuple[float, float, float]]] = [[] for _ in comps]
+    batches = (b for epoch in itertools.count() for b in make_loader(train, batch, shuffle=True, seed=args.seed, epoch=epoch))
+    for _, (x, y) in zip(range(args.iterations), batches):
+        trainer.step(x, y)
+        for k, comp in enumerate(comps):
+            if comp is None or comp.last_step is None:
+                continue
+            moved = math.sqrt(sum(float(s.square().sum()) for s in comp.last_step if s is not None))
+            size = math.sqrt(sum(float(p.detach().square().sum()) for p in comp.params))
+            seen[k].append((comp.alignment, comp.strength, moved / size if size else 0.0))
+    print(f"FR + {args.rules}, {args.model}, K = {args.K}, SGD lr {args.lr}, {args.iterations} iterations; "
+          "per stage and window of its updates: ā / σ / relative step ‖Δw‖/‖w‖")
+    for k, rows in enumerate(seen):
+        cells = []
+        for lo, hi in WINDOWS:
+            part = rows[lo:hi]
+            if part:
+                a, s, r = (sum(v) / len(part) for v in zip(*part))
+                cells.append(f"{lo}-{lo + len(part)}: {a:+.2f} / {s:.2f} / {r:.5f}")
+        print(f"  stage {k} (d = {args.K - 1 - k}): " + ("   ".join(cells) or "no updates recorded"))
+
+
+if __name__ == "__main__":
+    main()
