@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +108,35 @@ def test_signals_show_adapt_releasing_a_stage_that_descends_consistently():
     assert "stage 1 (d = 0): 0-" in result.stdout and "+0.00 / 1.00" in result.stdout.split("stage 1 (d = 0)")[1]
     bad = subprocess.run(cmd[:2] + ["--model", "resnet9000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "unknown model" in bad.stderr
+
+
+def test_fashion_families_read_torchvision_files_and_train(tmp_path):
+    """``--data fashion`` reads Fashion-MNIST's own IDX files through torchvision's reader (written here, tiny),
+    standardises them, and every one of its families compiles into four stages and trains with FR + auto."""
+    from test_datasets import make_fashion_mnist
+
+    gen = _script()
+    written = make_fashion_mnist(tmp_path, n_train=70, n_test=20)
+    x, y = gen.fashion(str(tmp_path), True).tensors
+    expected = (torch.from_numpy(written["train_images"]).float() / 255 - gen.FASHION_MEAN) / gen.FASHION_STD
+    assert x.shape == (70, 1, 28, 28) and torch.allclose(x[:, 0], expected) and y.tolist() == written["train_labels"].tolist()
+    assert len(gen.fashion(str(tmp_path), False)) == 20
+    for name in gen.FASHION_MODELS:
+        row = gen.train_once(name, "fr+auto", K=4, optim="sgd", lr=0.01, seed=0, epochs=1, data="fashion", root=str(tmp_path))
+        assert not row["diverged"] and 0 <= row["error"] <= 100 and row["train_loss"] > 0, name
+
+
+def test_fashion_rows_are_tabled_apart_from_digits(tmp_path):
+    gen = _script()
+    rows = [_row("relu_mlp", "bp", 0, 2.0), _row("relu_mlp", "fr+auto", 0, 3.0),
+            _row("vit", "bp", 0, 20.0) | {"data": "fashion", "epochs": 3},
+            _row("vit", "fr+auto", 0, 19.0) | {"data": "fashion", "epochs": 3}]
+    text = gen.table(rows, ["bp", "fr+auto"])
+    digits, fashion = text.split("on Fashion-MNIST")
+    assert "| relu_mlp | 2.00 | 3.00 (+1.00, 1) |" in digits and "vit" not in digits
+    assert "| vit | 20.00 | 19.00 (-1.00, 1) |" in fashion and "relu_mlp" not in fashion
+    missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compensation_generality.py"), "--data", "fashion",
+                              "--data-root", str(tmp_path / "nowhere"), "--models", "vit", "--seeds", "0",
+                              "--out", str(tmp_path / "f.jsonl")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode != 0 and "FashionMNIST" in missing.stderr and "--data-root" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "f.jsonl").exists()
