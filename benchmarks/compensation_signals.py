@@ -12,6 +12,13 @@ high learning rate (where a late gradient destabilises) from a low one (where it
 K = 4 split) or a family of benchmarks/compensation_generality.py (digits, K stages cut by FLOPs). Without
 ``adapt`` in the rules ā stays 0 (σ 1). The relative step needs a rule that records Δw (``predict``,
 ``lookahead`` or ``adapt``).
+
+``--sharpness`` prints instead what a curvature gate would see: η·λ_max, the largest eigenvalue of the loss's
+Hessian (power iteration with Hessian-vector products on a fixed batch of 256) times the learning rate, along
+BP's own trajectory at chosen iterations, next to the largest η·λ a direction whose gradient is d iterations
+late tolerates (benchmarks/delay_stability.py) without the stabilisers and with them:
+
+    OMP_NUM_THREADS=1 python benchmarks/compensation_signals.py --sharpness --model relu_mlp --lr 0.1
 """
 from __future__ import annotations
 
@@ -32,6 +39,53 @@ import fxreplay  # noqa: E402
 from fxreplay.data import digits, make_loader  # noqa: E402
 
 WINDOWS = ((0, 20), (20, 60), (60, 120), (120, 200), (200, 400))
+PROBES = (0, 5, 10, 20, 40, 80, 160, 220)  # BP iterations at which --sharpness measures
+
+
+def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iterations: int = 20, seed: int = 0) -> float:
+    """λ_max of the cross-entropy's Hessian on (x, y) by power iteration (double backward); the model's
+    buffers (BatchNorm's running statistics) are left as they were."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b.clone() for b in model.buffers()]
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    generator = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=generator) for p in params]
+    estimate = 0.0
+    for _ in range(iterations):
+        norm = math.sqrt(sum(float(t.square().sum()) for t in v))
+        v = [t / norm for t in v]
+        hv = torch.autograd.grad(grads, params, v, retain_graph=True)
+        estimate = sum(float((a * b).sum()) for a, b in zip(hv, v))  # the Rayleigh quotient
+        v = [t.detach() for t in hv]
+    for kept, b in zip(buffers, model.buffers()):
+        b.copy_(kept)
+    return estimate
+
+
+def sharpness_report(model: nn.Module, train: object, batch: int, lr: float, iterations: int, seed: int, K: int) -> None:
+    """BP (SGD, momentum 0.9, weight decay 5e-4) for ``iterations`` steps; η·λ_max at :data:`PROBES`."""
+    from delay_stability import largest_stable
+
+    probe_x, probe_y = next(iter(make_loader(train, 256, shuffle=True, seed=seed + 1000, epoch=0)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    seen = []
+    batches = (b for epoch in itertools.count() for b in make_loader(train, batch, shuffle=True, seed=seed, epoch=epoch))
+    for it, (x, y) in zip(range(iterations), batches):
+        if it in PROBES:
+            seen.append(f"{it}: {lr * sharpness(model, probe_x, probe_y):.3f}")
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    print(f"BP, SGD lr {lr}, momentum 0.9: η·λ_max at iteration  " + "   ".join(seen))
+    print("largest stable η·λ of a direction whose gradient is d late (momentum 0.9, benchmarks/delay_stability.py):")
+    for d in range(1, K):
+        bare = largest_stable(0.9, d, predict=True, lookahead=True)
+        full = largest_stable(0.9, d, predict=True, lookahead=True, stretch=True)
+        print(f"  d = {d}: BP 3.8   lookahead+predict {bare:.3f}   with stretch (auto after its warm-up) {full:.3f}")
 
 
 def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None]:
@@ -60,10 +114,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9, weight decay 5e-4")
     ap.add_argument("--iterations", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sharpness", action="store_true", help="η·λ_max along BP's trajectory instead (default 221 iterations)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     model, train, batch, split = _data(args.model, args.K)
+    if args.sharpness:
+        its = args.iterations if "--iterations" in sys.argv else PROBES[-1] + 1
+        return sharpness_report(model, train, batch, args.lr, its, args.seed, args.K)
     x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=args.seed, epoch=0)))
     pipe = fxreplay.compile(model, (x0,), K=args.K, cost="flops", boundaries=split)
     trainer = fxreplay.Trainer(pipe, method="fr", compensation=args.rules, loss_fn=nn.CrossEntropyLoss(),
