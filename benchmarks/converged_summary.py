@@ -17,7 +17,10 @@ OUT/converged-summary.md:
   every method), mean ± std: the gap with the seed-to-seed spread of both taken out;
 - around the first lr drop: each method's test error minus BP's just before the drop, just after it and at the
   last epoch, paired by seed (where a gap opens);
-- the convergence check: how much BP's best test error improved in the last 5 epochs.
+- the convergence check: how much BP's best test error improved in the last 5 epochs;
+- K = 8: the deeper model's runs (RUNS/deep-lr<rate>/<method>-K8-s<seed>/, `bash benchmarks/compensation.sh
+  deep`: ResNet-56 cut into 8 stages), kept in OUT/converged-runs/deep-lr<rate>/, each method's best test
+  error and its gap to BP at the same seed.
 
 The lr 0.1 runs were made before runs were kept: their per-run numbers are in
 OUT/converged-runs/recorded.json, as their committed report (converged-lr0.1/report.md) printed them;
@@ -115,19 +118,74 @@ def restore(store: Path, root: Path) -> list[Path]:
     stored under another name than it was made under (an ``auto`` run renamed to the rules it ran) is left
     out: its config would not be the one asked for. Returns the run directories written."""
     written = []
-    for kept in sorted(store.glob("lr*/*")):
+    for kept in sorted([*store.glob("lr*/*"), *store.glob("deep-lr*/*")]):
         config = kept / "config.yaml"
-        if not (config.is_file() and (kept / "metrics.jsonl").is_file()) or not finished(load_run("", 0, kept)):
+        if not finished_at(kept):
             continue
         out = Path(str((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("out") or ""))
-        live = root / f"converged-{kept.parent.name}" / kept.name
-        if out.name != kept.name or out.parent.name != f"converged-{kept.parent.name}" or live.exists():
+        folder = live_folder(kept.parent.name)
+        live = root / folder / kept.name
+        if out.name != kept.name or out.parent.name != folder or live.exists():
             continue
         live.mkdir(parents=True)
         for name in KEPT:
             write_text_atomic(live / name, (kept / name).read_text())
         written.append(live)
     return written
+
+
+def live_folder(kept_folder: str) -> str:
+    """Where a kept folder's runs are made: ``lr0.1`` -> ``converged-lr0.1``; ``deep-lr0.1`` stays."""
+    return kept_folder if kept_folder.startswith("deep-") else f"converged-{kept_folder}"
+
+
+def deep_runs(store: Path, *roots: Path) -> dict[str, dict[str, RunMetrics]]:
+    """The K = 8 runs by rate and name: every ``deep-lr<rate>/<run>`` under ``roots``, kept into ``store`` when it
+    has finished, and every kept one (finished or not: an unfinished one is reported as such)."""
+    found: dict[str, dict[str, RunMetrics]] = {}
+    for root in roots:
+        for live in sorted(root.glob("deep-lr*/*")) if root.is_dir() else []:
+            if RUN_NAME.match(live.name) and live.is_dir():
+                rate = live.parent.name.removeprefix("deep-lr")
+                kept = store / live.parent.name / live.name
+                keep(live, kept)
+                run = load_run(RUN_NAME.match(live.name)["method"], 8, kept if finished_at(kept) else live)
+                previous = found.setdefault(rate, {}).get(live.name)
+                if previous is None or finished(run) or len(run.epochs) > len(previous.epochs):
+                    found[rate][live.name] = run
+    for kept in sorted(store.glob("deep-lr*/*")):
+        match = RUN_NAME.match(kept.name)
+        if match and finished_at(kept):
+            found.setdefault(kept.parent.name.removeprefix("deep-lr"), {})[kept.name] = load_run(match["method"], 8, kept)
+    return found
+
+
+def finished_at(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file() and finished(load_run("", 0, path))
+
+
+def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
+    """Markdown: per rate, each K = 8 run's best test error and its gap to BP at the same seed."""
+    lines: list[str] = []
+    for rate, runs in sorted(found.items()):
+        done = {name: run for name, run in runs.items() if finished(run)}
+        configs = [run.config for run in [*done.values(), *runs.values()] if run.config.get("train")]
+        setup = describe(configs[0]) if configs else ""
+        lines += [f"## K = 8 (lr {rate}): the deeper model", "", f"{setup} The runs of `bash benchmarks/compensation.sh "
+                  "deep` (kept in converged-runs/deep-lr" + rate + "/); gap: best test error minus BP's at the same seed.",
+                  "", "| method | seed | best test error (%) | gap to BP |", "|---|---:|---:|---:|"]
+        for name, run in sorted(runs.items(), key=lambda kv: (kv[0].split("-K")[0] != "bp", kv[0])):
+            match = RUN_NAME.match(name)
+            method, seed = match["method"], int(match["seed"])
+            if not finished(run):
+                evaluated = sum(r.get("test_accuracy") is not None for r in run.epochs)
+                lines.append(f"| {label(method)} | {seed} | not finished ({evaluated} epochs evaluated) | |")
+                continue
+            bp = done.get(f"bp-K{match['K']}-s{seed}")
+            gap = f"{run.best_test_error - bp.best_test_error:+.2f}" if bp is not None and method != "bp" else ""
+            lines.append(f"| {label(method)} | {seed} | {run.best_test_error:.2f} | {gap} |")
+        lines.append("")
+    return lines
 
 
 def discovered(*roots: Path) -> tuple[list[tuple[str, int]], list[int]]:
@@ -253,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "## Convergence check", "",
               f"How much lower BP's best test error got in the last {LAST} epochs than in the epochs before "
               "(points, per seed; 0: its best came earlier): " + "; ".join(f"lr {r}: " + ", ".join(f"{v:.2f}" for v in late.get(r, [])) for r in RATES) + ".", ""]
+    lines += deep_section(deep_runs(store, *roots))
     if pending:
         lines += ["## Not finished", "", *(f"- {p}" for p in pending), ""]
     write_text_atomic(args.out / "converged-summary.md", "\n".join(lines))

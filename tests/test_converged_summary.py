@@ -201,3 +201,38 @@ def test_restore_puts_kept_runs_back_where_compare_reuses_them(tmp_path: Path) -
     assert not any((live / "ddg-K4-s0").iterdir())
     script.main(["--restore", "--runs", str(runs), "--out", str(tmp_path / "results")])  # again: nothing changes
     assert (live / "fr-K4-s0" / "metrics.jsonl").read_text() == (store / "lr0.1" / "fr-K4-s0" / "metrics.jsonl").read_text()
+
+
+def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None:
+    """K = 8 runs (RUNS/deep-lr<rate>/): a finished one is kept in converged-runs/deep-lr<rate>/ and tabled with its
+    gap to BP at the same seed; an unfinished one is listed with its epochs; --restore puts the kept ones back
+    under deep-lr<rate>/, not converged-lr<rate>/."""
+    from fxreplay.compare import run_state
+
+    script = _script()
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (out / "converged-runs").mkdir(parents=True)
+    deep = runs / "deep-lr0.1"
+    for name, errors in (("bp-K8-s0", [60.0, 40.0, 35.0, 33.0, 32.5, 32.0]),
+                         ("fr+auto-K8-s0", [70.0, 45.0, 36.0, 34.0, 33.0, 32.75]),
+                         ("fr-K8-s0", [80.0, 60.0, 50.0])):  # unfinished: 3 of 6 epochs
+        _run(deep / name, name.split("-K")[0], 8, 0, errors)
+        config = yaml.safe_load((deep / name / "config.yaml").read_text())
+        config["model"]["name"], config["train"]["out"] = "resnet56", f"benchmarks/runs/deep-lr0.1/{name}"
+        (deep / name / "config.yaml").write_text(yaml.safe_dump(config))
+    script.main(["--runs", str(runs), "--out", str(out)])
+    summary = (out / "converged-summary.md").read_text()
+    assert "## K = 8 (lr 0.1): the deeper model" in summary and "resnet56 on a fixed 5,000-image subset" in summary
+    assert _cell(summary, "K = 8 (lr 0.1)", "BP", "best test error (%)") == "32.00"
+    assert _cell(summary, "K = 8 (lr 0.1)", "FR+auto", "gap to BP") == "+0.75"
+    assert _cell(summary, "K = 8 (lr 0.1)", "FR", "best test error (%)") == "not finished (3 epochs evaluated)"
+    kept = out / "converged-runs" / "deep-lr0.1"
+    assert sorted(p.name for p in kept.iterdir()) == ["bp-K8-s0", "fr+auto-K8-s0"]
+    assert sorted(p.name for p in (kept / "bp-K8-s0").iterdir()) == ["config.yaml", "metrics.jsonl"]
+    shutil.rmtree(runs)  # a fresh machine: the table comes from the kept runs, and --restore puts them back
+    script.main(["--runs", str(runs), "--out", str(out)])
+    assert _cell((out / "converged-summary.md").read_text(), "K = 8 (lr 0.1)", "FR+auto", "gap to BP") == "+0.75"
+    script.main(["--restore", "--runs", str(runs), "--out", str(out)])
+    assert sorted(p.name for p in (runs / "deep-lr0.1").iterdir()) == ["bp-K8-s0", "fr+auto-K8-s0"]
+    assert not (runs / "converged-lr0.1").exists()
+    assert run_state(runs / "deep-lr0.1" / "fr+auto-K8-s0", EPOCHS, None) == "finished"
