@@ -145,18 +145,20 @@ def deep_runs(store: Path, *roots: Path) -> dict[str, dict[str, RunMetrics]]:
     found: dict[str, dict[str, RunMetrics]] = {}
     for root in roots:
         for live in sorted(root.glob("deep-lr*/*")) if root.is_dir() else []:
-            if RUN_NAME.match(live.name) and live.is_dir():
+            match = RUN_NAME.match(live.name)
+            if match and live.is_dir():
                 rate = live.parent.name.removeprefix("deep-lr")
                 kept = store / live.parent.name / live.name
                 keep(live, kept)
-                run = load_run(RUN_NAME.match(live.name)["method"], 8, kept if finished_at(kept) else live)
+                run = load_run(match["method"], int(match["K"]), kept if finished_at(kept) else live)
                 previous = found.setdefault(rate, {}).get(live.name)
                 if previous is None or finished(run) or len(run.epochs) > len(previous.epochs):
                     found[rate][live.name] = run
     for kept in sorted(store.glob("deep-lr*/*")):
         match = RUN_NAME.match(kept.name)
         if match and finished_at(kept):
-            found.setdefault(kept.parent.name.removeprefix("deep-lr"), {})[kept.name] = load_run(match["method"], 8, kept)
+            found.setdefault(kept.parent.name.removeprefix("deep-lr"), {})[kept.name] = load_run(match["method"], int(match["K"]),
+                                                                                              kept)
     return found
 
 
