@@ -617,15 +617,9 @@ def test_cli_trains_with_a_rule_and_a_resume_cannot_change_it(tmp_path: Any) -> 
 def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
     """benchmarks/delay_stability.py: BP's limit is 2(1+μ); a delay shrinks it (momentum makes it
     worse than for plain SGD); predict+spike helps; stretch helps further at every delay."""
-    import importlib.util
-    from pathlib import Path
+    from benchtools import benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "delay_stability.py"
-    spec = importlib.util.spec_from_file_location("delay_stability", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    limit = module.largest_stable
+    limit = benchmark("delay_stability").largest_stable
     assert limit(0.9, 0) == pytest.approx(3.8, rel=0.05)
     assert limit(0.0, 1) == pytest.approx(1.0, rel=0.05)  # plain SGD, one step late: x' = x - a·x_{t-1}
     assert limit(0.9, 1) < 0.15 < limit(0.9, 1, predict=True, spike=True)

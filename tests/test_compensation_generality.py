@@ -2,7 +2,6 @@
 chance; a run trains each family through the public API; an interrupted screen resumes without redoing runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchtools import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compensation_generality", ROOT / "benchmarks" / "compensation_generality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("compensation_generality")
 
 
 def _row(model: str, method: str, seed: int, error: float, diverged: bool = False) -> dict:
@@ -146,9 +143,7 @@ def test_sharpness_is_the_hessians_top_eigenvalue_and_the_report_shows_it_rising
     """compensation_signals.sharpness: power iteration with Hessian-vector products gives λ_max of the loss's
     Hessian (checked against the full Hessian's eigenvalues) and leaves BatchNorm's statistics alone; at lr 0.1
     the ReLU MLP's η·λ_max climbs far above its starting value within 40 BP iterations."""
-    spec = importlib.util.spec_from_file_location("compensation_signals", ROOT / "benchmarks" / "compensation_signals.py")
-    signals = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(signals)
+    signals = benchmark("compensation_signals")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
     x, y = torch.randn(16, 3), torch.randint(0, 3, (16,))

@@ -2,7 +2,6 @@
 repository, survive the loss of the run directories, and add up over sessions."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
@@ -10,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchtools import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("converged_summary", ROOT / "benchmarks" / "converged_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("converged_summary")
 
 
 def _run(path: Path, method: str, K: int, seed: int, errors: list[float]) -> None:
@@ -155,9 +152,7 @@ def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monke
 def test_rule_curves_pick_one_seed_and_K_from_the_store(tmp_path: Path) -> None:
     """benchmarks/compensation_screen.py --curves: each panel draws BP (kept at K=2) and the runs of its own
     K and seed, never another seed's or K's run under the same name."""
-    spec = importlib.util.spec_from_file_location("compensation_screen", ROOT / "benchmarks" / "compensation_screen.py")
-    screen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screen)
+    screen = benchmark("compensation_screen")
     store = tmp_path / "converged-runs"
     errors = [60.0 - 3 * e for e in range(EPOCHS)]
     for name, K, seed in [("bp", 2, 2), ("fr", 4, 2), ("fr+predict+spike+stretch", 4, 2), ("fr", 4, 0),

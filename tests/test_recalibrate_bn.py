@@ -2,21 +2,16 @@
 the one the run recorded) and its BatchNorm statistics are recomputed at the final weights."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from benchtools import benchmark
 from clitools import run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("recalibrate_bn", ROOT / "benchmarks" / "recalibrate_bn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("recalibrate_bn")
 
 
 def test_a_run_is_rebuilt_and_its_statistics_recomputed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
