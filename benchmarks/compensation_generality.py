@@ -13,8 +13,9 @@ the default: sklearn's 8x8, 1,437 / 360 images):
 - ``row_transformer``: the image's 8 rows as tokens, two pre-LN ``nn.TransformerEncoderLayer`` blocks.
 
 On Fashion-MNIST (``--data fashion``: its first 10,000 training images and all 10,000 test images, read by
-torchvision's reader from ``--data-root``/FashionMNIST/raw; 3 epochs), six families that no rule was screened on
-either, each with something the digits families lack:
+torchvision's reader from ``--data-root``/FashionMNIST/raw; 3 epochs, all at the full rate: the lr drop below starts
+at epoch ceil(0.75 · epochs)), six families that no rule was screened on either, each with something the digits
+families lack:
 
 - ``gelu_mlp``: 784-512-256-128 with GELU and dropout 0.1 (a mask the replay must repeat);
 - ``mixer``: an MLP-Mixer (4x4 patches, two blocks of token and channel mixing, LayerNorm, GELU);
