@@ -360,15 +360,17 @@ def main() -> None:
         todo = [dict(data=args.data, model=m, method=meth, K=args.K, optim=args.optim, lr=args.lr, seed=int(s),
                      epochs=args.epochs) for m in models for s in args.seeds.split(",") for meth in methods]
         todo = [t for t in todo if _key(t) not in done]
+        if todo:
+            try:  # the data once before the first run: missing or unreadable files stop the screen at once
+                load(args.data, args.data_root, True), load(args.data, args.data_root, False)
+            except FxReplayError as exc:  # the library's message says which files it looked for, and where
+                raise SystemExit(f"{exc}\nHere: --data-root DIR (DIR/FashionMNIST/raw/, or the files directly in DIR; "
+                                 "Debian's dataset-fashion-mnist package puts them in /usr/share/datasets/fashion-mnist).") from None
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(todo, 1):
             start = time.perf_counter()
-            try:
-                result = train_once(spec["model"], spec["method"], spec["K"], spec["optim"], spec["lr"], spec["seed"],
-                                    spec["epochs"], data=args.data, root=args.data_root)
-            except FxReplayError as exc:  # data files missing or unreadable: the library's message says what to do
-                raise SystemExit(f"{exc}\nHere: --data-root DIR (DIR/FashionMNIST/raw/, or the files directly in DIR; "
-                                 "Debian's dataset-fashion-mnist package puts them in /usr/share/datasets/fashion-mnist).") from None
+            result = train_once(spec["model"], spec["method"], spec["K"], spec["optim"], spec["lr"], spec["seed"],
+                                spec["epochs"], data=args.data, root=args.data_root)
             row = {**spec, **result}
             with args.out.open("a") as f:  # one line per finished run: an interrupted screen resumes here
                 f.write(json.dumps(row) + "\n")

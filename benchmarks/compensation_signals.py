@@ -26,7 +26,9 @@ import argparse
 import itertools
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,27 +44,47 @@ WINDOWS = ((0, 20), (20, 60), (60, 120), (120, 200), (200, 400))
 PROBES = (0, 5, 10, 20, 40, 80, 160, 220)  # BP iterations at which --sharpness measures
 
 
-def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iterations: int = 20, seed: int = 0) -> float:
-    """λ_max of the cross-entropy's Hessian on (x, y) by power iteration (double backward); the model's
-    buffers (BatchNorm's running statistics) are left as they were."""
+def top_eigenvalue(hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]], shapes: list[torch.Size],
+                   tolerance: float = 1e-3, max_iterations: int = 300, seed: int = 0) -> float:
+    """The largest eigenvalue of a symmetric operator given by its products ``hvp(v)`` with vectors shaped as
+    ``shapes``: power iteration to a relative change of ``tolerance``. Power iteration finds the eigenvalue of
+    largest magnitude; when that is negative, a second pass on H − λ_neg·I finds the largest."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def dominant(shift: float) -> float:
+        v = [torch.randn(shape, generator=generator) for shape in shapes]
+        estimate = math.inf
+        for _ in range(max_iterations):
+            norm = math.sqrt(sum(float(t.square().sum()) for t in v))
+            v = [t / norm for t in v]
+            hv = [h - shift * t for h, t in zip(hvp(v), v)]
+            previous, estimate = estimate, sum(float((a * b).sum()) for a, b in zip(hv, v))  # a Rayleigh quotient
+            if abs(estimate - previous) <= tolerance * abs(estimate):
+                break
+            v = [t.detach() for t in hv]
+        return estimate
+
+    top = dominant(0.0)
+    return top if top >= 0 else top + dominant(top)
+
+
+def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options: Any) -> float:
+    """λ_max, the largest eigenvalue of the cross-entropy's Hessian on (x, y) (:func:`top_eigenvalue` with
+    Hessian-vector products by double backward). The model's buffers (BatchNorm's running statistics) and the
+    global random state (dropout) are left as they were, so a probe does not change the trajectory it probes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [b.clone() for b in model.buffers()]
-    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+    with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH):  # fused CPU attention: no double backward
         grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
-    generator = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=generator) for p in params]
-    estimate = 0.0
-    for _ in range(iterations):
-        norm = math.sqrt(sum(float(t.square().sum()) for t in v))
-        v = [t / norm for t in v]
-        hv = torch.autograd.grad(grads, params, v, retain_graph=True)
-        estimate = sum(float((a * b).sum()) for a, b in zip(hv, v))  # the Rayleigh quotient
-        v = [t.detach() for t in hv]
-    for kept, b in zip(buffers, model.buffers()):
-        b.copy_(kept)
-    return estimate
+    try:
+        return top_eigenvalue(lambda v: list(torch.autograd.grad(grads, params, v, retain_graph=True)),
+                              [p.shape for p in params], **options)
+    finally:  # after the Hessian-vector products: the graph saved the buffers as they were in the forward
+        with torch.no_grad():
+            for kept, b in zip(buffers, model.buffers()):
+                b.copy_(kept)
 
 
 def sharpness_report(model: nn.Module, train: object, batch: int, lr: float, iterations: int, seed: int, K: int) -> None:
@@ -112,16 +134,16 @@ def main() -> None:
     ap.add_argument("--rules", default="adapt+lookahead+lr+predict+stretch", help="FR's compensation")
     ap.add_argument("--K", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9, weight decay 5e-4")
-    ap.add_argument("--iterations", type=int, default=120)
+    ap.add_argument("--iterations", type=int, default=None, help="default: 120 (--sharpness: 221)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sharpness", action="store_true", help="η·λ_max along BP's trajectory instead (default 221 iterations)")
+    ap.add_argument("--sharpness", action="store_true", help="η·λ_max along BP's trajectory instead (default: 221 iterations)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     model, train, batch, split = _data(args.model, args.K)
     if args.sharpness:
-        its = args.iterations if "--iterations" in sys.argv else PROBES[-1] + 1
-        return sharpness_report(model, train, batch, args.lr, its, args.seed, args.K)
+        return sharpness_report(model, train, batch, args.lr, args.iterations or PROBES[-1] + 1, args.seed, args.K)
+    args.iterations = args.iterations or 120
     x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=args.seed, epoch=0)))
     pipe = fxreplay.compile(model, (x0,), K=args.K, cost="flops", boundaries=split)
     trainer = fxreplay.Trainer(pipe, method="fr", compensation=args.rules, loss_fn=nn.CrossEntropyLoss(),

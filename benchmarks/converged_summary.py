@@ -113,7 +113,7 @@ def keep(live: Path, kept: Path) -> bool:
 
 def restore(store: Path, root: Path) -> list[Path]:
     """Put every kept run back where it was made (its config's ``train.out``, under ``root``'s
-    ``converged-lr<rate>/``), unless something is there: ``fxreplay compare`` then reuses it as a finished
+    ``converged-lr<rate>/``, or ``deep-lr<rate>/`` for a K = 8 run), unless something is there: ``fxreplay compare`` then reuses it as a finished
     run instead of training it again, so a fresh checkout or machine runs only what is missing. A kept run
     stored under another name than it was made under (an ``auto`` run renamed to the rules it ran) is left
     out: its config would not be the one asked for. Returns the run directories written."""
@@ -140,8 +140,8 @@ def live_folder(kept_folder: str) -> str:
 
 
 def deep_runs(store: Path, *roots: Path) -> dict[str, dict[str, RunMetrics]]:
-    """The K = 8 runs by rate and name: every ``deep-lr<rate>/<run>`` under ``roots``, kept into ``store`` when it
-    has finished, and every kept one (finished or not: an unfinished one is reported as such)."""
+    """The K = 8 runs by rate and name: every ``deep-lr<rate>/<run>`` under ``roots`` (kept into ``store`` when it
+    has finished; an unfinished one is reported as such) and every finished one kept in ``store``."""
     found: dict[str, dict[str, RunMetrics]] = {}
     for root in roots:
         for live in sorted(root.glob("deep-lr*/*")) if root.is_dir() else []:
@@ -181,7 +181,8 @@ def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
             method, seed = match["method"], int(match["seed"])
             if not finished(run):
                 evaluated = sum(r.get("test_accuracy") is not None for r in run.epochs)
-                lines.append(f"| {label(method)} | {seed} | not finished ({evaluated} epochs evaluated) | |")
+                state = "diverged" if run.diverged else "not finished"
+                lines.append(f"| {label(method)} | {seed} | {state} ({evaluated} epochs evaluated) | |")
                 continue
             bp = done.get(f"bp-K{match['K']}-s{seed}")
             gap = f"{run.best_test_error - bp.best_test_error:+.2f}" if bp is not None and method != "bp" else ""
