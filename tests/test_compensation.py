@@ -619,7 +619,8 @@ def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
     worse than for plain SGD); predict+spike helps; stretch helps further at every delay."""
     from benchtools import benchmark
 
-    limit = benchmark("delay_stability").largest_stable
+    module = benchmark("delay_stability")
+    limit = module.largest_stable
     assert limit(0.9, 0) == pytest.approx(3.8, rel=0.05)
     assert limit(0.0, 1) == pytest.approx(1.0, rel=0.05)  # plain SGD, one step late: x' = x - a·x_{t-1}
     assert limit(0.9, 1) < 0.15 < limit(0.9, 1, predict=True, spike=True)
