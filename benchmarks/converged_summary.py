@@ -70,9 +70,10 @@ def late_gain(run: RunMetrics) -> float:
     return min(errors[:-LAST]) - min(errors)
 
 
-def around_drop(run: RunMetrics) -> tuple[int, list[float]] | None:
-    """The epoch index of the first lr drop (the first epoch whose recorded lr is below the first epoch's) and
-    the test error (%) of every epoch; None without per-epoch lr and test error (a recorded-only run)."""
+def around_drop(run: RunMetrics) -> tuple[int, list[float], list[float | None]] | None:
+    """The epoch index of the first lr drop (the first epoch whose recorded lr is below the first epoch's), the
+    test error (%) and the training loss (the epoch's mean) of every epoch; None without per-epoch lr and test
+    error (a recorded-only run)."""
     epochs = [r for r in run.epochs if r.get("test_accuracy") is not None]
     lrs = [r.get("lr") for r in epochs]
     if len(epochs) < 3 or any(lr is None for lr in lrs):
@@ -80,7 +81,7 @@ def around_drop(run: RunMetrics) -> tuple[int, list[float]] | None:
     drop = next((i for i, lr in enumerate(lrs) if lr < lrs[0]), None)
     if drop is None or drop < 1 or drop + 1 >= len(epochs):
         return None
-    return drop, [100 * (1 - r["test_accuracy"]) for r in epochs]
+    return drop, [100 * (1 - r["test_accuracy"]) for r in epochs], [r.get("train_loss") for r in epochs]
 
 
 def describe(config: dict) -> str:
@@ -92,12 +93,12 @@ def describe(config: dict) -> str:
             f"{', '.join(f'{m:.0%}' for m in optim['milestones'])} of the epochs; evaluated on the full test set.")
 
 
-def stat(values: list[float]) -> str:
+def stat(values: list[float], digits: int = 2) -> str:
     if not values:
         return "—"
     if len(values) == 1:
-        return f"{values[0]:.2f} (n=1)"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+        return f"{values[0]:.{digits}f} (n=1)"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} (n={len(values)})"
 
 
 def keep(live: Path, kept: Path) -> bool:
@@ -140,25 +141,22 @@ def live_folder(kept_folder: str) -> str:
 
 
 def deep_runs(store: Path, *roots: Path) -> dict[str, dict[str, RunMetrics]]:
-    """The K = 8 runs by rate and name: every ``deep-lr<rate>/<run>`` under ``roots`` (kept into ``store`` when it
-    has finished; an unfinished one is reported as such) and every finished one kept in ``store``."""
+    """The K = 8 runs by rate and name: each finished ``deep-lr<rate>/<run>`` under ``roots`` is first kept into
+    ``store``; then every kept run, and every unfinished one under ``roots`` (reported as such)."""
+    lives = [p for root in roots if root.is_dir() for p in sorted(root.glob("deep-lr*/*"))
+             if p.is_dir() and RUN_NAME.match(p.name)]
+    for live in lives:
+        keep(live, store / live.parent.name / live.name)
     found: dict[str, dict[str, RunMetrics]] = {}
-    for root in roots:
-        for live in sorted(root.glob("deep-lr*/*")) if root.is_dir() else []:
-            match = RUN_NAME.match(live.name)
-            if match and live.is_dir():
-                rate = live.parent.name.removeprefix("deep-lr")
-                kept = store / live.parent.name / live.name
-                keep(live, kept)
-                run = load_run(match["method"], int(match["K"]), kept if finished_at(kept) else live)
-                previous = found.setdefault(rate, {}).get(live.name)
-                if previous is None or finished(run) or len(run.epochs) > len(previous.epochs):
-                    found[rate][live.name] = run
-    for kept in sorted(store.glob("deep-lr*/*")):
-        match = RUN_NAME.match(kept.name)
-        if match and finished_at(kept):
-            found.setdefault(kept.parent.name.removeprefix("deep-lr"), {})[kept.name] = load_run(match["method"], int(match["K"]),
-                                                                                              kept)
+    for path in [*lives, *sorted(store.glob("deep-lr*/*"))]:  # the kept copy last: a finished run wins
+        match = RUN_NAME.match(path.name)
+        if not (match and (path / "metrics.jsonl").is_file()):
+            continue
+        run = load_run(match["method"], int(match["K"]), path)
+        runs = found.setdefault(path.parent.name.removeprefix("deep-lr"), {})
+        seen = runs.get(path.name)
+        if seen is None or finished(run) or (not finished(seen) and len(run.epochs) > len(seen.epochs)):
+            runs[path.name] = run
     return found
 
 
@@ -175,18 +173,21 @@ def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
         setup = describe(configs[0]) if configs else ""
         lines += [f"## K = 8 (lr {rate}): the deeper model", "", f"{setup} The runs of `bash benchmarks/compensation.sh "
                   "deep` (kept in converged-runs/deep-lr" + rate + "/); gap: best test error minus BP's at the same seed.",
-                  "", "| method | seed | best test error (%) | gap to BP |", "|---|---:|---:|---:|"]
+                  "", "| method | seed | best test error (%) | gap to BP | training loss, last epoch |",
+                  "|---|---:|---:|---:|---:|"]
         for name, run in sorted(runs.items(), key=lambda kv: (kv[0].split("-K")[0] != "bp", kv[0])):
             match = RUN_NAME.match(name)
             method, seed = match["method"], int(match["seed"])
             if not finished(run):
                 evaluated = sum(r.get("test_accuracy") is not None for r in run.epochs)
                 state = "diverged" if run.diverged else "not finished"
-                lines.append(f"| {label(method)} | {seed} | {state} ({evaluated} epochs evaluated) | |")
+                lines.append(f"| {label(method)} | {seed} | {state} ({evaluated} epochs evaluated) | | |")
                 continue
             bp = done.get(f"bp-K{match['K']}-s{seed}")
             gap = f"{run.best_test_error - bp.best_test_error:+.2f}" if bp is not None and method != "bp" else ""
-            lines.append(f"| {label(method)} | {seed} | {run.best_test_error:.2f} | {gap} |")
+            loss = run.epochs[-1].get("train_loss")
+            lines.append(f"| {label(method)} | {seed} | {run.best_test_error:.2f} | {gap} | "
+                         f"{'' if loss is None else f'{loss:.3f}'} |")
         lines.append("")
     return lines
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     recorded = json.loads(recorded_file.read_text())["runs"] if recorded_file.is_file() else {}
 
     best: dict[tuple[str, str, int, int], float] = {}
-    curves: dict[tuple[str, str, int, int], tuple[int, list[float]]] = {}  # around_drop of each kept run
+    curves: dict[tuple[str, str, int, int], tuple[int, list[float], list[float | None]]] = {}  # around_drop of kept runs
     pending: list[str] = []
     late: dict[str, list[float]] = {}
     configs: list[dict] = []
@@ -296,22 +297,25 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(stat(gaps))
         lines.append(f"| {label(method)} − BP | " + " | ".join(cells) + " |")
     lines += ["", "## Around the first lr drop", "",
-              "Test error minus BP's at the same epoch, paired by seed (points; mean ± std, n): the last epoch "
-              "before the first lr drop, the second after it, and the last; kept runs only (their metrics.jsonl "
-              "has every epoch).", "",
-              "| method | rate, K | before the drop | after it | last epoch |", "|---|---|---:|---:|---:|"]
-    for method in dict.fromkeys(m for m, _ in rows if m != "bp"):
-        for rate, K in columns:
-            pairs = [(curves[rate, method, K, s], curves[rate, "bp", 2, s]) for s in seeds
-                     if (rate, method, K, s) in curves and (rate, "bp", 2, s) in curves]
-            pairs = [(c, b) for c, b in pairs if c[0] == b[0] and len(c[1]) == len(b[1])]  # the same schedule
-            if not pairs:
-                continue
-            drop = pairs[0][0][0]
-            at = [drop - 1, drop + 1, len(pairs[0][0][1]) - 1]
-            cells = [stat([c[1][i] - b[1][i] for c, b in pairs]) for i in at]
-            lines.append(f"| {label(method)} | lr {rate}, K={K} | " + " | ".join(cells) + " |")
-    lines += ["", "## Convergence check", "",
+              "Test error (points) and training loss (the epoch's mean) minus BP's at the same epoch, paired by seed "
+              "(mean ± std, n): the last epoch before the first lr drop, the second after it, and the last; kept runs "
+              "only (their metrics.jsonl has every epoch).", ""]
+    for what, index, digits in (("test error", 1, 2), ("training loss", 2, 3)):
+        lines += [f"| method | rate, K | {what}: before the drop | after it | last epoch |", "|---|---|---:|---:|---:|"]
+        for method in dict.fromkeys(m for m, _ in rows if m != "bp"):
+            for rate, K in columns:
+                pairs = [(curves[rate, method, K, s], curves[rate, "bp", 2, s]) for s in seeds
+                         if (rate, method, K, s) in curves and (rate, "bp", 2, s) in curves]
+                pairs = [(c, b) for c, b in pairs if c[0] == b[0] and len(c[1]) == len(b[1])]  # the same schedule
+                if not pairs:
+                    continue
+                drop = pairs[0][0][0]
+                at = [drop - 1, drop + 1, len(pairs[0][0][1]) - 1]
+                cells = [stat([c[index][i] - b[index][i] for c, b in pairs if c[index][i] is not None
+                               and b[index][i] is not None], digits) for i in at]
+                lines.append(f"| {label(method)} | lr {rate}, K={K} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Convergence check", "",
               f"How much lower BP's best test error got in the last {LAST} epochs than in the epochs before "
               "(points, per seed; 0: its best came earlier): " + "; ".join(f"lr {r}: " + ", ".join(f"{v:.2f}" for v in late.get(r, [])) for r in RATES) + ".", ""]
     lines += deep_section(deep_runs(store, *roots))

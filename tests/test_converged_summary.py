@@ -127,8 +127,9 @@ def test_compensated_rows_and_a_third_seed_join_the_tables(tmp_path: Path, monke
     assert (out / "converged-runs" / "lr0.1" / "fr+auto-K4-s2" / "metrics.jsonl").is_file()
     # around the drop (epoch index 3 of 6): fr+auto is 4 points below BP at every epoch, so −4 at epochs 2, 4, 5
     drop = summary.split("## Around the first lr drop", 1)[1].split("\n## ", 1)[0]
-    row = next(l for l in drop.splitlines() if l.startswith("| FR+auto |"))
+    row, loss = [l for l in drop.splitlines() if l.startswith("| FR+auto |")]  # test error, then training loss
     assert [c.strip() for c in row.strip("|").split("|")] == ["FR+auto", "lr 0.1, K=4"] + ["-4.00 ± 0.00 (n=3)"] * 3
+    assert [c.strip() for c in loss.strip("|").split("|")] == ["FR+auto", "lr 0.1, K=4"] + ["0.000 ± 0.000 (n=3)"] * 3
     assert "| FR | lr 0.1, K=4 | 0.00 ± 0.00 (n=3) |" in drop
 
     # Runs made in another checkout join through a second --runs root: kept and counted like the others.
@@ -220,6 +221,7 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
     assert "## K = 8 (lr 0.1): the deeper model" in summary and "resnet56 on a fixed 5,000-image subset" in summary
     assert _cell(summary, "K = 8 (lr 0.1)", "BP", "best test error (%)") == "32.00"
     assert _cell(summary, "K = 8 (lr 0.1)", "FR+auto", "gap to BP") == "+0.75"
+    assert _cell(summary, "K = 8 (lr 0.1)", "BP", "training loss, last epoch") == "1.500"  # 2.0 − 0.1 · 5
     assert _cell(summary, "K = 8 (lr 0.1)", "FR", "best test error (%)") == "not finished (3 epochs evaluated)"
     kept = out / "converged-runs" / "deep-lr0.1"
     assert sorted(p.name for p in kept.iterdir()) == ["bp-K8-s0", "fr+auto-K8-s0"]
