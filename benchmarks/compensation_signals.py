@@ -26,7 +26,7 @@ import argparse
 import itertools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,12 @@ from fxreplay.data import digits, make_loader  # noqa: E402
 
 WINDOWS = ((0, 20), (20, 60), (60, 120), (120, 200), (200, 400))
 PROBES = (0, 5, 10, 20, 40, 80, 160, 220)  # BP iterations at which --sharpness measures
+
+
+def endless(train: object, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``train``'s batches, epoch after epoch (each epoch its own seeded order)."""
+    for epoch in itertools.count():
+        yield from make_loader(train, batch, shuffle=True, seed=seed, epoch=epoch)
 
 
 def top_eigenvalue(hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]], shapes: list[torch.Size],
@@ -95,8 +101,7 @@ def sharpness_report(model: nn.Module, train: object, batch: int, lr: float, ite
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     model.train()
     seen = []
-    batches = (b for epoch in itertools.count() for b in make_loader(train, batch, shuffle=True, seed=seed, epoch=epoch))
-    for it, (x, y) in zip(range(iterations), batches):
+    for it, (x, y) in zip(range(iterations), endless(train, batch, seed)):
         if it in PROBES:
             seen.append(f"{it}: {lr * sharpness(model, probe_x, probe_y):.3f}")
         optimizer.zero_grad()
@@ -150,8 +155,7 @@ def main() -> None:
                                optimizer=lambda ps: torch.optim.SGD(ps, lr=args.lr, momentum=0.9, weight_decay=5e-4))
     comps = [w.compensator for w in trainer.executor.workers]
     seen: list[list[tuple[float, float, float]]] = [[] for _ in comps]
-    batches = (b for epoch in itertools.count() for b in make_loader(train, batch, shuffle=True, seed=args.seed, epoch=epoch))
-    for _, (x, y) in zip(range(args.iterations), batches):
+    for _, (x, y) in zip(range(args.iterations), endless(train, batch, args.seed)):
         trainer.step(x, y)
         for k, comp in enumerate(comps):
             if comp is None or comp.last_step is None:

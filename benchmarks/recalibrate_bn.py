@@ -7,7 +7,7 @@ at the final weights (a cumulative average, the model otherwise in eval mode: no
 
     OMP_NUM_THREADS=1 python benchmarks/recalibrate_bn.py benchmarks/runs/converged-lr0.01/fr+auto-K4-s0 [RUN ...]
 
-Each run is rebuilt from its config.yaml (model, data, split) and its checkpoint.pt's stage weights.
+Each run is rebuilt as `fxreplay train --resume` rebuilds it (its config.yaml, plan/ and checkpoint.pt).
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from fxreplay.checkpoint import load_checkpoint  # noqa: E402
-from fxreplay.config import load_config  # noqa: E402
 from fxreplay.data import make_loader  # noqa: E402
 from fxreplay.data.sets import build_datasets  # noqa: E402
 from fxreplay.errors import FxReplayError  # noqa: E402
 from fxreplay.run import build_pipeline  # noqa: E402
+from fxreplay.rundir import RunDir  # noqa: E402
 
-NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+NORMS = torch.nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, their lazy forms and SyncBatchNorm
 
 
 def test_error(pipe, test_set, batch: int) -> float:
@@ -43,8 +42,12 @@ def test_error(pipe, test_set, batch: int) -> float:
 
 def recalibrate(pipe, train_set, batch: int) -> int:
     """Recompute every BatchNorm's running statistics over one pass of ``train_set`` at the current weights
-    (a cumulative average; everything else in eval mode). Returns the number of BatchNorm layers."""
+    (a cumulative average), everything else in eval mode. Returns the number of BatchNorm layers.
+
+    torch.optim.swa_utils.update_bn does the same for an ``nn.Module`` but puts the whole model in train mode:
+    dropout would then change the statistics it gathers."""
     norms = [m for stage in pipe.stages for m in stage.modules() if isinstance(m, NORMS)]
+    momenta = [norm.momentum for norm in norms]
     pipe.eval()
     for norm in norms:
         norm.reset_running_stats()
@@ -54,15 +57,19 @@ def recalibrate(pipe, train_set, batch: int) -> int:
         for x, _ in make_loader(train_set, batch, shuffle=True, seed=0, epoch=0):
             pipe(x)
     pipe.eval()
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
     return len(norms)
 
 
 def rebuilt(run: Path):
-    """The run's stages with its checkpoint's weights and buffers, and its data sets."""
-    cfg = load_config(run / "config.yaml")
+    """The run's stages with its checkpoint's weights and buffers, and its data sets: its config, checkpoint and
+    plan as ``fxreplay train --resume`` takes them (the same checks: this run's checkpoint, this release)."""
+    resumed = RunDir(run).resume(None)
+    cfg = resumed.cfg
     train_set, test_set = build_datasets(cfg.data)
-    pipe = build_pipeline(cfg, train_set, None)
-    workers = load_checkpoint(run)["trainer"]["executor"]["workers"]
+    pipe = build_pipeline(cfg, train_set, resumed.plan_dir)
+    workers = resumed.checkpoint["trainer"]["executor"]["workers"]
     if len(workers) != len(pipe.stages):
         raise SystemExit(f"{run}: its checkpoint has {len(workers)} stages, its config builds {len(pipe.stages)}.")
     for stage, worker in zip(pipe.stages, workers):

@@ -107,7 +107,7 @@ def test_signals_show_adapt_releasing_a_stage_that_descends_consistently():
     assert bad.returncode != 0 and "unknown model" in bad.stderr
 
 
-def test_fashion_families_read_torchvision_files_and_train(tmp_path):
+def test_fashion_families_read_torchvision_files_and_train(tmp_path, monkeypatch):
     """``--data fashion`` reads Fashion-MNIST's own IDX files through torchvision's reader (written here, tiny),
     standardises them, and every one of its families trains with FR + auto, its stages cut in four."""
     from test_datasets import make_fashion_mnist
@@ -126,14 +126,11 @@ def test_fashion_families_read_torchvision_files_and_train(tmp_path):
         compiled.append(pipe.K)
         return pipe
 
-    gen.fxreplay.compile = compile_and_count
-    try:
-        for name in gen.FASHION_MODELS:
-            row = gen.train_once(name, "fr+auto", K=4, optim="sgd", lr=0.01, seed=0, epochs=1, data="fashion",
-                                 root=str(tmp_path))
-            assert not row["diverged"] and 0 <= row["error"] <= 100 and row["train_loss"] > 0, name
-    finally:
-        gen.fxreplay.compile = real_compile
+    monkeypatch.setattr(gen.fxreplay, "compile", compile_and_count)
+    for name in gen.FASHION_MODELS:
+        row = gen.train_once(name, "fr+auto", K=4, optim="sgd", lr=0.01, seed=0, epochs=1, data="fashion",
+                             root=str(tmp_path))
+        assert not row["diverged"] and 0 <= row["error"] <= 100 and row["train_loss"] > 0, name
     assert compiled == [4] * len(gen.FASHION_MODELS)
 
 

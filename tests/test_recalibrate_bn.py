@@ -35,5 +35,5 @@ def test_a_run_is_rebuilt_and_its_statistics_recomputed(tmp_path: Path, capsys: 
     hook.remove()
     assert len(means) > 2 and torch.allclose(norm.running_mean, torch.stack(means).mean(0), atol=1e-6)
     assert not torch.allclose(norm.running_mean, means[-1], atol=1e-3)
-    with pytest.raises(SystemExit, match="config"):
+    with pytest.raises(SystemExit, match="no checkpoint"):
         script.main([str(tmp_path / "nowhere")])
