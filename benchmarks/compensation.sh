@@ -14,6 +14,9 @@
 #     OMP_NUM_THREADS=1 bash benchmarks/compensation.sh proxy-mlp     # SPLIT=auto: the automatic split
 #   The trend with depth: K = 8 on ResNet-56 (configs/resnet56_cifar10_5k.yaml), seed 0, ~1.5-2 h a run on one core:
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh deep > benchmarks/runs/compensation-deep.log 2>&1 &
+#   Its diagnostics on a shorter schedule (EPOCHS=10: the same lr drops at 50 % and 75 %, ~15-25 min a run; into
+#   benchmarks/runs/deep10-lr0.1/): EPOCHS=10 RULES="bp fr fr+lookahead+lr+predict+stretch" bash benchmarks/compensation.sh deep
+#   WARMUP=1: every method after a 100-iteration lr warm-up (configs/resnet56_cifar10_5k_warmup.yaml; deepwarm[10]-lr0.1/)
 #   The table that decides (BP, FR none, FR and DDG with auto's rules, FR with the previous auto, K = 2, 4, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
 #
@@ -50,8 +53,8 @@ case "$mode" in
   deep)
     # BP runs at K = 8 too (the same algorithm at any K): one pinned split and one report for the four.
     for r in ${RULES:-bp fr fr+lookahead+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+lr+predict+spike+stretch=2}; do
-      fxreplay compare --config configs/resnet56_cifar10_5k.yaml --methods "$r" --K 8 --seeds "${SEEDS:-0}" --lr "${LR:-0.1}" \
-        --boundaries "$SPLIT8" --out "benchmarks/runs/deep-lr${LR:-0.1}"
+      fxreplay compare --config "configs/resnet56_cifar10_5k${WARMUP:+_warmup}.yaml" --methods "$r" --K 8 --seeds "${SEEDS:-0}" \
+        --lr "${LR:-0.1}" --boundaries "$SPLIT8" ${EPOCHS:+--epochs "$EPOCHS"} --out "benchmarks/runs/deep${WARMUP:+warm}${EPOCHS:-}-lr${LR:-0.1}"
     done
     exit 0 ;;
   proxy|proxy8|proxy-mlp)

@@ -19,8 +19,9 @@ OUT/converged-summary.md:
   last epoch, paired by seed (where a gap opens);
 - the convergence check: how much BP's best test error improved in the last 5 epochs;
 - K = 8: the deeper model's runs (RUNS/deep-lr<rate>/<method>-K8-s<seed>/, `bash benchmarks/compensation.sh
-  deep`: ResNet-56 cut into 8 stages), kept in OUT/converged-runs/deep-lr<rate>/, each method's best test
-  error and its gap to BP at the same seed.
+  deep`: ResNet-56 cut into 8 stages; RUNS/deep<E>-lr<rate>/ for its E-epoch diagnostics, `EPOCHS=E bash
+  benchmarks/compensation.sh deep`), kept in OUT/converged-runs/ under the same folder, each method's best
+  test error and its gap to BP at the same seed.
 
 The lr 0.1 runs were made before runs were kept: their per-run numbers are in
 OUT/converged-runs/recorded.json, as their committed report (converged-lr0.1/report.md) printed them;
@@ -54,6 +55,8 @@ ROWS = (("bp", 2), ("fr", 2), ("ddg", 2), ("fr", 4), ("ddg", 4))  # the comparis
 SEEDS = (0, 1)  # the seeds every row has; more are added as their runs appear
 RUN_NAME = re.compile(r"^(?P<method>[a-z0-9]+(?:\+[a-z0-9.=]+)*)-K(?P<K>\d+)-s(?P<seed>\d+)$")
 LAST = 5  # epochs: the convergence check asks what BP gained in them
+DEEP = re.compile(r"^deep(?P<warm>warm)?(?P<epochs>\d*)-lr(?P<rate>[0-9.e-]+)$")
+"""K = 8 folders: deep-lr0.1; deep10-lr0.1 (10-epoch diagnostics); deepwarm[10]-lr0.1 (every method after an lr warm-up)."""
 KEPT = ("config.yaml", "metrics.jsonl")  # what a kept run holds
 CONFIG = Path("configs/resnet20_cifar10_5k.yaml")  # the setup when no kept run has its own copy
 
@@ -90,7 +93,9 @@ def describe(config: dict) -> str:
     subset = f"a fixed {data['subset']:,}-image subset of" if data.get("subset") else "all of"
     return (f"{config['model']['name']} on {subset} {data['name']}, {train['epochs']} epochs, batch {data['batch_size']}, "
             f"SGD momentum {optim['momentum']}, weight decay {optim['weight_decay']}, lr ÷10 at "
-            f"{', '.join(f'{m:.0%}' for m in optim['milestones'])} of the epochs; evaluated on the full test set.")
+            f"{', '.join(f'{m:.0%}' for m in optim['milestones'])} of the epochs"
+            + (f", after a linear warm-up over the first {optim['warmup_steps']} iterations" if optim.get("warmup_steps") else "")
+            + "; evaluated on the full test set.")
 
 
 def stat(values: list[float], digits: int = 2) -> str:
@@ -114,12 +119,12 @@ def keep(live: Path, kept: Path) -> bool:
 
 def restore(store: Path, root: Path) -> list[Path]:
     """Put every kept run back where it was made (its config's ``train.out``, under ``root``'s
-    ``converged-lr<rate>/``, or ``deep-lr<rate>/`` for a K = 8 run), unless something is there: ``fxreplay compare`` then reuses it as a finished
+    ``converged-lr<rate>/``, or ``deep[<epochs>]-lr<rate>/`` for a K = 8 run), unless something is there: ``fxreplay compare`` then reuses it as a finished
     run instead of training it again, so a fresh checkout or machine runs only what is missing. A kept run
     stored under another name than it was made under (an ``auto`` run renamed to the rules it ran) is left
     out: its config would not be the one asked for. Returns the run directories written."""
     written = []
-    for kept in sorted([*store.glob("lr*/*"), *store.glob("deep-lr*/*")]):
+    for kept in sorted([*store.glob("lr*/*"), *store.glob("deep*-lr*/*")]):
         config = kept / "config.yaml"
         if not finished_at(kept):
             continue
@@ -136,24 +141,26 @@ def restore(store: Path, root: Path) -> list[Path]:
 
 
 def live_folder(kept_folder: str) -> str:
-    """Where a kept folder's runs are made: ``lr0.1`` -> ``converged-lr0.1``; ``deep-lr0.1`` stays."""
-    return kept_folder if kept_folder.startswith("deep-") else f"converged-{kept_folder}"
+    """Where a kept folder's runs are made: ``lr0.1`` -> ``converged-lr0.1``; ``deep-lr0.1`` and ``deep10-lr0.1``
+    stay."""
+    return kept_folder if DEEP.match(kept_folder) else f"converged-{kept_folder}"
 
 
 def deep_runs(store: Path, *roots: Path) -> dict[str, dict[str, RunMetrics]]:
-    """The K = 8 runs by rate and name: each finished ``deep-lr<rate>/<run>`` under ``roots`` is first kept into
-    ``store``; then every kept run, and every unfinished one under ``roots`` (reported as such)."""
-    lives = [p for root in roots if root.is_dir() for p in sorted(root.glob("deep-lr*/*"))
-             if p.is_dir() and RUN_NAME.match(p.name)]
+    """The K = 8 runs by folder (``deep-lr<rate>``, ``deep<epochs>-lr<rate>``) and name: each finished run under
+    ``roots`` is first kept into ``store``; then every kept run, and every unfinished one under ``roots`` (reported
+    as such)."""
+    lives = [p for root in roots if root.is_dir() for p in sorted(root.glob("deep*-lr*/*"))
+             if p.is_dir() and RUN_NAME.match(p.name) and DEEP.match(p.parent.name)]
     for live in lives:
         keep(live, store / live.parent.name / live.name)
     found: dict[str, dict[str, RunMetrics]] = {}
-    for path in [*lives, *sorted(store.glob("deep-lr*/*"))]:  # the kept copy last: a finished run wins
+    for path in [*lives, *sorted(store.glob("deep*-lr*/*"))]:  # the kept copy last: a finished run wins
         match = RUN_NAME.match(path.name)
-        if not (match and (path / "metrics.jsonl").is_file()):
+        if not (match and DEEP.match(path.parent.name) and (path / "metrics.jsonl").is_file()):
             continue
         run = load_run(match["method"], int(match["K"]), path)
-        runs = found.setdefault(path.parent.name.removeprefix("deep-lr"), {})
+        runs = found.setdefault(path.parent.name, {})
         seen = runs.get(path.name)
         if seen is None or finished(run) or (not finished(seen) and len(run.epochs) > len(seen.epochs)):
             runs[path.name] = run
@@ -165,14 +172,19 @@ def finished_at(path: Path) -> bool:
 
 
 def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
-    """Markdown: per rate, each K = 8 run's best test error and its gap to BP at the same seed."""
+    """Markdown: per folder (rate; the E-epoch diagnostics after the full runs), each K = 8 run's best test error
+    and its gap to BP at the same seed."""
     lines: list[str] = []
-    for rate, runs in sorted(found.items()):
+    for folder, runs in sorted(found.items(), key=lambda kv: (DEEP.match(kv[0])["epochs"] != "", kv[0])):
+        folder_match = DEEP.match(folder)
+        rate, epochs, warm = folder_match["rate"], folder_match["epochs"], folder_match["warm"]
+        title = f"lr {rate}" + (f", {epochs} epochs" if epochs else "") + (", every method warmed up" if warm else "")
+        command = (f"EPOCHS={epochs} " if epochs else "") + ("WARMUP=1 " if warm else "") + "bash benchmarks/compensation.sh deep"
         done = {name: run for name, run in runs.items() if finished(run)}
         configs = [run.config for run in [*done.values(), *runs.values()] if run.config.get("train")]
         setup = describe(configs[0]) if configs else ""
-        lines += [f"## K = 8 (lr {rate}): the deeper model", "", f"{setup} The runs of `bash benchmarks/compensation.sh "
-                  "deep` (kept in converged-runs/deep-lr" + rate + "/); gap: best test error minus BP's at the same seed.",
+        lines += [f"## K = 8 ({title}): the deeper model", "", f"{setup} The runs of `{command}` (kept in "
+                  f"converged-runs/{folder}/); gap: best test error minus BP's at the same seed.",
                   "", "| method | seed | best test error (%) | gap to BP | training loss, last epoch |",
                   "|---|---:|---:|---:|---:|"]
         for name, run in sorted(runs.items(), key=lambda kv: (kv[0].split("-K")[0] != "bp", kv[0])):

@@ -216,8 +216,26 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
         config = yaml.safe_load((deep / name / "config.yaml").read_text())
         config["model"]["name"], config["train"]["out"] = "resnet56", f"benchmarks/runs/deep-lr0.1/{name}"
         (deep / name / "config.yaml").write_text(yaml.safe_dump(config))
+    short = runs / "deep10-lr0.1"  # a shorter-schedule diagnostic (EPOCHS=10): its own section, after the full runs
+    for name, errors in (("bp-K8-s0", [60.0, 50.0, 45.0, 44.0, 43.0, 42.0]), ("fr-K8-s0", [70.0, 55.0, 50.0, 48.0, 46.0, 45.5])):
+        _run(short / name, name.split("-K")[0], 8, 0, errors)
+        config = yaml.safe_load((short / name / "config.yaml").read_text())
+        config["model"]["name"], config["train"]["out"] = "resnet56", f"benchmarks/runs/deep10-lr0.1/{name}"
+        (short / name / "config.yaml").write_text(yaml.safe_dump(config))
+    warm = runs / "deepwarm10-lr0.1" / "bp-K8-s0"  # every method after an lr warm-up (WARMUP=1)
+    _run(warm, "bp", 8, 0, [60.0, 50.0, 45.0, 44.0, 43.0, 41.0])
+    config = yaml.safe_load((warm / "config.yaml").read_text())
+    config["optim"]["warmup_steps"], config["train"]["out"] = 100, "benchmarks/runs/deepwarm10-lr0.1/bp-K8-s0"
+    (warm / "config.yaml").write_text(yaml.safe_dump(config))
     script.main(["--runs", str(runs), "--out", str(out)])
     summary = (out / "converged-summary.md").read_text()
+    assert summary.index("## K = 8 (lr 0.1): the deeper model") < summary.index("## K = 8 (lr 0.1, 10 epochs): the deeper model")
+    warm_section = summary.split("## K = 8 (lr 0.1, 10 epochs, every method warmed up)", 1)[1]
+    assert "after a linear warm-up over the first 100 iterations" in warm_section.split("\n## ")[0]
+    assert "`EPOCHS=10 WARMUP=1 bash benchmarks/compensation.sh deep`" in warm_section
+    assert _cell(summary, "K = 8 (lr 0.1, 10 epochs, every method warmed up)", "BP", "best test error (%)") == "41.00"
+    assert "`EPOCHS=10 bash benchmarks/compensation.sh deep` (kept in converged-runs/deep10-lr0.1/)" in summary
+    assert _cell(summary, "K = 8 (lr 0.1, 10 epochs)", "FR", "gap to BP") == "+3.50"
     assert "## K = 8 (lr 0.1): the deeper model" in summary and "resnet56 on a fixed 5,000-image subset" in summary
     assert _cell(summary, "K = 8 (lr 0.1)", "BP", "best test error (%)") == "32.00"
     assert _cell(summary, "K = 8 (lr 0.1)", "FR+auto", "gap to BP") == "+0.75"
@@ -231,5 +249,7 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
     assert _cell((out / "converged-summary.md").read_text(), "K = 8 (lr 0.1)", "FR+auto", "gap to BP") == "+0.75"
     script.main(["--restore", "--runs", str(runs), "--out", str(out)])
     assert sorted(p.name for p in (runs / "deep-lr0.1").iterdir()) == ["bp-K8-s0", "fr+auto-K8-s0"]
+    assert sorted(p.name for p in (runs / "deep10-lr0.1").iterdir()) == ["bp-K8-s0", "fr-K8-s0"]
+    assert sorted(p.name for p in (runs / "deepwarm10-lr0.1").iterdir()) == ["bp-K8-s0"]
     assert not (runs / "converged-lr0.1").exists()
     assert run_state(runs / "deep-lr0.1" / "fr+auto-K8-s0", EPOCHS, None) == "finished"
