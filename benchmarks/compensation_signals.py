@@ -19,10 +19,18 @@ BP's own trajectory at chosen iterations, next to the largest η·λ a direction
 late tolerates (benchmarks/delay_stability.py) without the stabilisers and with them:
 
     OMP_NUM_THREADS=1 python benchmarks/compensation_signals.py --sharpness --model relu_mlp --lr 0.1
+
+``--losses`` prints the training loss of every one of the first ``--iterations`` iterations (default 12) for each
+method in ``--rules`` (comma-separated: ``bp``, ``none`` for plain FR, or FR's compensation), from the same
+initial weights and batches: how violent a method's start is. ``--model resnet56`` is the K = 8 benchmark
+(configs/resnet56_cifar10_5k.yaml, its pinned split of 3-4 blocks a stage):
+
+    OMP_NUM_THREADS=1 python benchmarks/compensation_signals.py --losses --model resnet56 --K 8 --rules bp,none,auto
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import sys
@@ -115,22 +123,55 @@ def sharpness_report(model: nn.Module, train: object, batch: int, lr: float, ite
         print(f"  d = {d}: BP 3.8   lookahead+predict {bare:.3f}   with stretch (auto after its warm-up) {full:.3f}")
 
 
+PINNED = {  # the converged benchmarks' models: config, K and pinned split (benchmarks/compensation.sh)
+    "resnet20": ("resnet20_cifar10_5k.yaml", 4, ["layer1.2", "layer2.1", "layer3"]),
+    "resnet56": ("resnet56_cifar10_5k.yaml", 8, ["layer1.3", "layer1.7", "layer2.2", "layer2.5", "layer2.8", "layer3.2", "layer3.5"]),
+}
+
+
 def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None]:
     """The model, its training set, the batch size and the pinned split (None: cut by FLOPs)."""
-    if model == "resnet20":
+    if model in PINNED:
+        from fxreplay import models
         from fxreplay.config import load_config
         from fxreplay.data.sets import build_datasets
-        from fxreplay.models import resnet20
 
-        if K != 4:
-            raise SystemExit("--model resnet20 uses the converged benchmark's pinned split: --K 4")
-        train, _ = build_datasets(load_config(ROOT / "configs" / "resnet20_cifar10_5k.yaml").data)
-        return resnet20(), train, 128, ["layer1.2", "layer2.1", "layer3"]
+        config, stages, split = PINNED[model]
+        if K != stages:
+            raise SystemExit(f"--model {model} uses the converged benchmark's pinned split: --K {stages}")
+        train, _ = build_datasets(load_config(ROOT / "configs" / config).data)
+        return getattr(models, model)(), train, 128, split
     from compensation_generality import MODELS
 
     if model not in MODELS:
-        raise SystemExit(f"unknown model {model!r}: resnet20 or one of {', '.join(MODELS)}")
+        raise SystemExit(f"unknown model {model!r}: resnet20, resnet56 or one of {', '.join(MODELS)}")
     return MODELS[model](), digits(train=True), 64, None
+
+
+def first_losses(model: nn.Module, train: object, batch: int, split: list[str] | None, method: str, K: int, lr: float,
+                 iterations: int, seed: int) -> list[float]:
+    """The training loss of each of the first ``iterations`` iterations of ``method`` (``bp``, ``none``: plain FR, or
+    FR's compensation) on a copy of ``model``, with the batches of ``seed``."""
+    torch.manual_seed(seed)  # the same augmentation draws for every method
+    batches = endless(train, batch, seed)
+    x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=seed, epoch=0)))
+    pipe = fxreplay.compile(copy.deepcopy(model), (x0,), K=K, cost="flops", boundaries=split)
+    trainer = fxreplay.Trainer(pipe, method="bp" if method == "bp" else "fr", loss_fn=nn.CrossEntropyLoss(),
+                               compensation=None if method in ("bp", "none") else method,
+                               optimizer=lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=5e-4))
+    return [trainer.step(x, y) for _, (x, y) in zip(range(iterations), batches)]
+
+
+def losses_report(model: nn.Module, train: object, batch: int, split: list[str] | None, args: argparse.Namespace) -> None:
+    """Print :func:`first_losses` for each method in ``args.rules``, one row each, and its largest loss."""
+    iterations = args.iterations or 12
+    methods = [m.strip() for m in args.rules.split(",") if m.strip()]
+    print(f"{args.model}, K = {args.K}, SGD lr {args.lr} (momentum 0.9, weight decay 5e-4) from the first iteration, "
+          f"seed {args.seed}: training loss at iterations 0-{iterations - 1}")
+    width = max(len(m) for m in methods)
+    for method in methods:
+        losses = first_losses(model, train, batch, split, method, args.K, args.lr, iterations, args.seed)
+        print(f"  {method:<{width}}  " + " ".join(f"{v:5.2f}" for v in losses) + f"   max {max(losses):.2f}")
 
 
 def main() -> None:
@@ -142,12 +183,17 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=None, help="default: 120 (--sharpness: 221)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sharpness", action="store_true", help="η·λ_max along BP's trajectory instead (default: 221 iterations)")
+    ap.add_argument("--losses", action="store_true",
+                    help="each method's training loss at every one of the first iterations instead (default: 12); "
+                         "--rules: comma-separated bp, none (plain FR) or FR's compensations")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     model, train, batch, split = _data(args.model, args.K)
     if args.sharpness:
         return sharpness_report(model, train, batch, args.lr, args.iterations or PROBES[-1] + 1, args.seed, args.K)
+    if args.losses:
+        return losses_report(model, train, batch, split, args)
     args.iterations = args.iterations or 120
     x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=args.seed, epoch=0)))
     pipe = fxreplay.compile(model, (x0,), K=args.K, cost="flops", boundaries=split)

@@ -2,6 +2,8 @@
 chance; a run trains each family through the public API; an interrupted screen resumes without redoing runs."""
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -105,6 +107,23 @@ def test_signals_show_adapt_releasing_a_stage_that_descends_consistently():
     assert "stage 1 (d = 0): 0-" in result.stdout and "+0.00 / 1.00" in result.stdout.split("stage 1 (d = 0)")[1]
     bad = subprocess.run(cmd[:2] + ["--model", "resnet9000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "unknown model" in bad.stderr
+
+
+def test_first_losses_start_from_the_same_weights_and_batches(capsys):
+    """``--losses``: every method starts from the same weights and batches (its first loss is the same), FR at K = 1
+    is BP iteration by iteration, and a compensation changes the losses once the stages have stepped."""
+    signals = benchmark("compensation_signals")
+    model, train, batch, split = signals._data("relu_mlp", 2)
+    run = functools.partial(signals.first_losses, model, train, batch, split, iterations=6, seed=0)
+    bp, fr, auto = run("bp", K=2, lr=0.1), run("none", K=2, lr=0.1), run("auto", K=2, lr=0.1)
+    assert len(bp) == 6 and bp[0] == fr[0] == auto[0]
+    assert fr != bp and auto != fr  # the delay, then the compensation, change what the next iterations see
+    assert run("none", K=1, lr=0.1) == run("bp", K=1, lr=0.1)
+    signals.losses_report(model, train, batch, split, argparse.Namespace(model="relu_mlp", K=2, lr=0.1, seed=0,
+                                                                         iterations=3, rules="bp, auto"))
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].endswith("training loss at iterations 0-2") and [r.split()[0] for r in rows[1:]] == ["bp", "auto"]
+    assert len(rows[1].split()) == 1 + 3 + 2 and float(rows[1].split()[-1]) == pytest.approx(max(bp[:3]), abs=0.005)
 
 
 def test_fashion_families_read_torchvision_files_and_train(tmp_path, monkeypatch):
