@@ -52,9 +52,10 @@ case "$mode" in
     done ;;
   deep)
     # BP runs at K = 8 too (the same algorithm at any K): one pinned split and one report for the four.
+    case "${WARMUP:-0}" in 0) warm="";; 1) warm=warm;; *) echo "WARMUP must be 0 or 1, got $WARMUP" >&2; exit 2;; esac
     for r in ${RULES:-bp fr fr+lookahead+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch fr+lr+predict+spike+stretch fr+predict+spike+stretch fr+lr+predict+spike+stretch=2}; do
-      fxreplay compare --config "configs/resnet56_cifar10_5k${WARMUP:+_warmup}.yaml" --methods "$r" --K 8 --seeds "${SEEDS:-0}" \
-        --lr "${LR:-0.1}" --boundaries "$SPLIT8" ${EPOCHS:+--epochs "$EPOCHS"} --out "benchmarks/runs/deep${WARMUP:+warm}${EPOCHS:-}-lr${LR:-0.1}"
+      fxreplay compare --config "configs/resnet56_cifar10_5k${warm:+_warmup}.yaml" --methods "$r" --K 8 --seeds "${SEEDS:-0}" \
+        --lr "${LR:-0.1}" --boundaries "$SPLIT8" ${EPOCHS:+--epochs "$EPOCHS"} --out "benchmarks/runs/deep${warm}${EPOCHS:-}-lr${LR:-0.1}"
     done
     exit 0 ;;
   proxy|proxy8|proxy-mlp)

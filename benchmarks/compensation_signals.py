@@ -152,7 +152,7 @@ def first_losses(model: nn.Module, train: object, batch: int, split: list[str] |
                  iterations: int, seed: int) -> list[float]:
     """The training loss of each of the first ``iterations`` iterations of ``method`` (``bp``, ``none``: plain FR, or
     FR's compensation) on a copy of ``model``, with the batches of ``seed``."""
-    torch.manual_seed(seed)  # the same augmentation draws for every method
+    torch.manual_seed(seed)  # any draw a method makes from torch's generator starts alike (the loader seeds its own)
     batches = endless(train, batch, seed)
     x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=seed, epoch=0)))
     pipe = fxreplay.compile(copy.deepcopy(model), (x0,), K=K, cost="flops", boundaries=split)

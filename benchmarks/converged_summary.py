@@ -175,7 +175,7 @@ def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
     """Markdown: per folder (rate; the E-epoch diagnostics after the full runs), each K = 8 run's best test error
     and its gap to BP at the same seed."""
     lines: list[str] = []
-    for folder, runs in sorted(found.items(), key=lambda kv: (DEEP.match(kv[0])["epochs"] != "", kv[0])):
+    for folder, runs in sorted(found.items(), key=lambda kv: (int(DEEP.match(kv[0])["epochs"] or 0), kv[0])):  # full runs first
         folder_match = DEEP.match(folder)
         rate, epochs, warm = folder_match["rate"], folder_match["epochs"], folder_match["warm"]
         title = f"lr {rate}" + (f", {epochs} epochs" if epochs else "") + (", every method warmed up" if warm else "")

@@ -10,7 +10,9 @@ optimizer can train their lower blocks at very different effective rates, and th
 Each RUN is a finished run directory (its model.pt: the trained model's state_dict). A block is the
 parameter name up to its second dot (``layer1.3`` in ResNets; ``conv1`` for a stem). The columns are the
 first run's pipeline stages where its config.yaml pins the split (``partition.boundaries``: a stage starts at
-each boundary's block), else ``--group`` consecutive blocks; each cell is the mean ratio over its blocks.
+each boundary's first block), else, or with ``--group N``, N consecutive blocks; each cell is the mean ratio over
+its blocks. ``model.pt`` is not among the files benchmarks/converged_summary.py keeps: the runs themselves are
+needed.
 """
 from __future__ import annotations
 
@@ -52,14 +54,21 @@ def pinned_boundaries(run: Path) -> list[str]:
 def spans_of(blocks: list[str], boundaries: list[str], group: int) -> list[list[str]]:
     """Consecutive blocks per column: a new column at each boundary's block, else every ``group`` blocks.
 
-    >>> spans_of(["conv1", "layer1.0", "layer1.1", "fc"], ["layer1.1"], 1)
-    [['conv1', 'layer1.0'], ['layer1.1', 'fc']]
+    >>> spans_of(["conv1", "layer1.0", "layer1.1", "layer2.0", "fc"], ["layer1.1", "layer2"], 1)
+    [['conv1', 'layer1.0'], ['layer1.1'], ['layer2.0', 'fc']]
     >>> spans_of(["a", "b", "c"], [], 2)
     [['a', 'b'], ['c']]
     """
-    starts = [b for b in boundaries if b in blocks]
-    if not starts:
+    if not boundaries:
         return [blocks[i:i + group] for i in range(0, len(blocks), group)]
+    starts = set()
+    for boundary in boundaries:  # a stage starts at the first block that is the boundary or lies inside it
+        first = next((b for b in blocks if b == boundary or b.startswith(boundary + ".")), None)
+        if first is None:
+            raise SystemExit(f"the split's boundary {boundary!r} is no block of the model (blocks are names up to "
+                             "their second dot, e.g. layer1.3; a boundary inside a block cannot be tabled per stage): "
+                             "pass --group N for columns of N blocks instead.")
+        starts.add(first)
     spans: list[list[str]] = [[]]
     for block in blocks:
         if block in starts and spans[-1]:
@@ -68,7 +77,7 @@ def spans_of(blocks: list[str], boundaries: list[str], group: int) -> list[list[
     return spans
 
 
-def table(runs: list[Path], group: int) -> list[str]:
+def table(runs: list[Path], group: int | None) -> list[str]:
     """One line per run: its blocks' norms over the first run's, averaged per stage (or group of blocks)."""
     norms = [block_norms(run) for run in runs]
     reference = norms[0]
@@ -77,7 +86,7 @@ def table(runs: list[Path], group: int) -> list[str]:
         if list(found) != blocks:
             raise SystemExit(f"{run} has other blocks than {runs[0]} ({len(found)} against {len(blocks)}): "
                              "compare runs of the same model.")
-    spans = spans_of(blocks, pinned_boundaries(runs[0]), group)
+    spans = spans_of(blocks, [] if group else pinned_boundaries(runs[0]), group or 1)
     heads = [span[0] if len(span) == 1 else f"{span[0]}..{span[-1]}" for span in spans]
     names = [f"{run.parent.name}/{run.name}" for run in runs]
     width = max(len(name) for name in names)
@@ -93,9 +102,10 @@ def table(runs: list[Path], group: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories; the first is the reference (BP)")
-    ap.add_argument("--group", type=int, default=1, help="blocks per column where the first run pins no split (default 1)")
+    ap.add_argument("--group", type=int, default=None,
+                    help="N blocks per column instead of the first run's pinned stages (default: its stages, else 1)")
     args = ap.parse_args(argv)
-    if args.group < 1:
+    if args.group is not None and args.group < 1:
         raise SystemExit("--group must be at least 1")
     print("\n".join(table(args.runs, args.group)))
 

@@ -227,9 +227,17 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
     config = yaml.safe_load((warm / "config.yaml").read_text())
     config["optim"]["warmup_steps"], config["train"]["out"] = 100, "benchmarks/runs/deepwarm10-lr0.1/bp-K8-s0"
     (warm / "config.yaml").write_text(yaml.safe_dump(config))
+    full_warm = runs / "deepwarm-lr0.1" / "bp-K8-s0"  # the full schedule warmed up: before every shorter diagnostic
+    _run(full_warm, "bp", 8, 0, [60.0, 50.0, 45.0, 44.0, 43.0, 40.0])
+    config = yaml.safe_load((full_warm / "config.yaml").read_text())
+    config["optim"]["warmup_steps"], config["train"]["out"] = 100, "benchmarks/runs/deepwarm-lr0.1/bp-K8-s0"
+    (full_warm / "config.yaml").write_text(yaml.safe_dump(config))
     script.main(["--runs", str(runs), "--out", str(out)])
     summary = (out / "converged-summary.md").read_text()
-    assert summary.index("## K = 8 (lr 0.1): the deeper model") < summary.index("## K = 8 (lr 0.1, 10 epochs): the deeper model")
+    order = [summary.index(f"## K = 8 (lr 0.1{t}): the deeper model")
+             for t in ("", ", every method warmed up", ", 10 epochs", ", 10 epochs, every method warmed up")]
+    assert order == sorted(order)
+    assert "`WARMUP=1 bash benchmarks/compensation.sh deep` (kept in converged-runs/deepwarm-lr0.1/)" in summary
     warm_section = summary.split("## K = 8 (lr 0.1, 10 epochs, every method warmed up)", 1)[1]
     assert "after a linear warm-up over the first 100 iterations" in warm_section.split("\n## ")[0]
     assert "`EPOCHS=10 WARMUP=1 bash benchmarks/compensation.sh deep`" in warm_section
@@ -251,5 +259,6 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
     assert sorted(p.name for p in (runs / "deep-lr0.1").iterdir()) == ["bp-K8-s0", "fr+auto-K8-s0"]
     assert sorted(p.name for p in (runs / "deep10-lr0.1").iterdir()) == ["bp-K8-s0", "fr-K8-s0"]
     assert sorted(p.name for p in (runs / "deepwarm10-lr0.1").iterdir()) == ["bp-K8-s0"]
+    assert sorted(p.name for p in (runs / "deepwarm-lr0.1").iterdir()) == ["bp-K8-s0"]
     assert not (runs / "converged-lr0.1").exists()
     assert run_state(runs / "deep-lr0.1" / "fr+auto-K8-s0", EPOCHS, None) == "finished"

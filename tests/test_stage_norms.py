@@ -1,7 +1,6 @@
 """benchmarks/stage_norms.py: each block's weight norm against the first run's, per pinned stage."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,12 @@ def test_norms_per_block_and_ratios_per_pinned_stage(tmp_path: Path, capsys: pyt
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "stem..body.1", "head"]
     assert float(lines[2].split()[1]) == pytest.approx((1 / 3 + 1 + 2) / 3, abs=0.005)
-    assert not math.isnan(float(lines[2].split()[2]))
+    assert float(lines[2].split()[2]) == pytest.approx(1 / 3, abs=0.005)
+    script.main([str(bp), str(fr), "--group", "2"])  # --group overrides the pinned stages
+    assert capsys.readouterr().out.splitlines()[0].split() == ["run", "stem..body.0", "body.1..head"]
+    cut = _run(tmp_path / "cut", {"stem": 1, "body.0": 1, "body.1": 1, "head": 1}, ["body"])  # a boundary over blocks
+    script.main([str(cut), str(bp)])
+    assert capsys.readouterr().out.splitlines()[0].split() == ["run", "stem", "body.0..head"]
 
 
 def test_bad_input_is_refused_with_what_to_do(tmp_path: Path) -> None:
@@ -57,3 +61,6 @@ def test_bad_input_is_refused_with_what_to_do(tmp_path: Path) -> None:
         script.main([str(bp), str(other)])
     with pytest.raises(SystemExit, match="--group"):
         script.main([str(bp), "--group", "0"])
+    inside = _run(tmp_path / "inside", {"stem": 1, "body.0": 1, "body.1": 1, "head": 1}, ["body.1.conv"])
+    with pytest.raises(SystemExit, match="'body.1.conv' is no block of the model.*--group"):
+        script.main([str(inside), str(bp)])
