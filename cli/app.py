@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from cli.compare_cmd import compare, show
 from cli.console import err, fail, out
-from cli.options import SeedOption, SigmaEveryOption, TrustPlanCodeOption, OverwriteOption, BatchSizeOption, DpOption, SyncBatchnormOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import SeedOption, SigmaEveryOption, TrustPlanCodeOption, OverwriteOption, BatchSizeOption, DpOption, SyncBatchnormOption, DataOption, DataRootOption, LrOption, WarmupStepsOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError, FxReplayWarning
 from fxreplay.methods import METHODS, PROPOSED
 
@@ -173,6 +173,7 @@ def train(
     sigma_every: SigmaEveryOption = None,
     batch_size: BatchSizeOption = None,
     lr: LrOption = None,
+    warmup_steps: WarmupStepsOption = None,
     microbatches: MicrobatchesOption = None,
     compensation: Annotated[Optional[str], typer.Option(
         help="staleness compensation for fr/ddg: none (Algorithm 1) | auto | rules joined by + from predict, spike, stretch[=p], lr, "
@@ -194,7 +195,7 @@ def train(
         "train.out": str(out_dir) if out_dir else None, "train.seed": seed, "train.executor": executor, "train.dp": dp,
         "train.sync_batchnorm": sync_batchnorm,
         "train.microbatches": microbatches, "train.compensation": compensation, "train.sigma_every": sigma_every,
-        **data_overrides(model, data, data_root, lr, batch_size),
+        **data_overrides(model, data, data_root, lr, batch_size, warmup_steps),
     }
     try:
         # Imported here, inside the try: a Ctrl-C during these seconds of imports is handled below.

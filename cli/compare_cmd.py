@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.console import err, fail, out
-from cli.options import SigmaEveryOption, TrustPlanCodeOption, OverwriteOption, DpOption, SyncBatchnormOption, BatchSizeOption, DataOption, DataRootOption, LrOption, MicrobatchesOption, ModelOption, data_overrides
+from cli.options import SigmaEveryOption, TrustPlanCodeOption, OverwriteOption, DpOption, SyncBatchnormOption, BatchSizeOption, DataOption, DataRootOption, LrOption, WarmupStepsOption, MicrobatchesOption, ModelOption, data_overrides
 from fxreplay.errors import FxReplayError
 from fxreplay.methods import METHODS
 
@@ -58,6 +58,7 @@ def compare(
     data: DataOption = None,
     data_root: DataRootOption = None,
     lr: LrOption = None,
+    warmup_steps: WarmupStepsOption = None,
     batch_size: BatchSizeOption = None,
     microbatches: MicrobatchesOption = None,
     dp: DpOption = None,
@@ -81,7 +82,7 @@ def compare(
         cfg = load_config(config)
         given = {"train.epochs": epochs, "train.max_steps": max_steps, "train.sigma_every": sigma_every,
                  "train.microbatches": microbatches, "train.dp": dp, "train.sync_batchnorm": sync_batchnorm, "optim.synth_lr": synth_lr,
-                 **data_overrides(model, data, data_root, lr, batch_size)}
+                 **data_overrides(model, data, data_root, lr, batch_size, warmup_steps)}
         cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
         target = out_dir or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).stem)
         pinned = _boundaries(boundaries or [])

@@ -8,7 +8,7 @@ import typer
 
 from fxreplay.methods import METHODS
 
-__all__ = ["SeedOption", "SigmaEveryOption", "DpOption", "SyncBatchnormOption", "ModelOption", "DataOption", "DataRootOption", "LrOption", "BatchSizeOption", "MicrobatchesOption", "TrustPlanCodeOption", "OverwriteOption", "data_overrides"]
+__all__ = ["SeedOption", "SigmaEveryOption", "DpOption", "SyncBatchnormOption", "ModelOption", "DataOption", "DataRootOption", "LrOption", "WarmupStepsOption", "BatchSizeOption", "MicrobatchesOption", "TrustPlanCodeOption", "OverwriteOption", "data_overrides"]
 
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="the model (overrides model.name): a zoo name (gpt_tiny), model.py, file.py:attr, pkg.module:attr "
@@ -18,6 +18,10 @@ DataOption = Annotated[Optional[str], typer.Option(
                    "text:PATH (text: = the built-in corpus) | file.py:fn | pkg.module:fn")]
 DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", help="where the data set's files are (overrides data.root)")]
 LrOption = Annotated[Optional[float], typer.Option(help="override optim.lr")]
+WarmupStepsOption = Annotated[Optional[int], typer.Option(
+    "--warmup-steps", help="a linear lr warm-up from 0 over the first N iterations, before the schedule (overrides "
+                           "optim.warmup_steps; deep networks at a high rate start better with one, with or without "
+                           "compensation: docs/compensation.md)")]
 DpOption = Annotated[Optional[int], typer.Option(
     "--dp", help="data-parallel replicas of the pipeline: K*D ranks, each replica on 1/D of every batch (overrides train.dp)")]
 SyncBatchnormOption = Annotated[Optional[bool], typer.Option(
@@ -45,7 +49,7 @@ OverwriteOption = Annotated[bool, typer.Option(
 
 
 def data_overrides(model: str | None, data: str | None, data_root: Path | None, lr: float | None,
-                   batch_size: int | None) -> dict[str, object]:
+                   batch_size: int | None, warmup_steps: int | None = None) -> dict[str, object]:
     """The config keys these options override (None: not given)."""
     return {"model.name": model, "data.name": data, "data.root": str(data_root) if data_root else None,
-            "optim.lr": lr, "data.batch_size": batch_size}
+            "optim.lr": lr, "optim.warmup_steps": warmup_steps, "data.batch_size": batch_size}

@@ -134,6 +134,16 @@ def test_train_default_then_resume(tmp_path: Path) -> None:
     assert "5 / 0" in again.output  # steps / completed epochs
 
 
+def test_warmup_steps_override_the_config_and_ramp_the_rate(tmp_path: Path) -> None:
+    """--warmup-steps N: optim.warmup_steps in the run's config, and the rate rises linearly over N iterations."""
+    out = tmp_path / "run"
+    result = _run("train", "--max-steps", "4", "--warmup-steps", "8", "--lr", "0.08", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["warmup_steps"] == 8
+    last = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "epoch"][-1]
+    assert last["step"] == 4 and last["lr"] == pytest.approx(0.08 * 3 / 8)  # the 4th iteration's rate: 3/8 of the way up
+
+
 def test_a_new_run_never_writes_over_an_old_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _run("train", "--max-steps", "3", "--out", str(out)).exit_code == 0

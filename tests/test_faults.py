@@ -195,7 +195,8 @@ def test_labels_the_model_cannot_predict_are_refused_before_training(tmp_path: P
 @pytest.mark.parametrize(
     "args, message",
     [(["--threads", "-2"], "--threads -2"), (["--nproc", "0"], "--nproc 0"), (["--lr", "inf"], "optim.lr"),
-     (["--lr", "nan"], "optim.lr"), (["--batch-size", "0"], "data.batch_size"), (["--K", "0"], "partition.K")],
+     (["--lr", "nan"], "optim.lr"), (["--batch-size", "0"], "data.batch_size"), (["--K", "0"], "partition.K"),
+     (["--warmup-steps", "-1"], "optim.warmup_steps")],
 )
 def test_bad_numbers_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
     assert_user_error(run_cli("train", *args, "--out", str(tmp_path / "out")), message)
