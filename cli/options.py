@@ -49,7 +49,7 @@ OverwriteOption = Annotated[bool, typer.Option(
 
 
 def data_overrides(model: str | None, data: str | None, data_root: Path | None, lr: float | None,
-                   batch_size: int | None, warmup_steps: int | None = None) -> dict[str, object]:
+                   batch_size: int | None, warmup_steps: int | None) -> dict[str, object]:
     """The config keys these options override (None: not given)."""
     return {"model.name": model, "data.name": data, "data.root": str(data_root) if data_root else None,
             "optim.lr": lr, "optim.warmup_steps": warmup_steps, "data.batch_size": batch_size}
