@@ -26,6 +26,10 @@ initial weights and batches: how violent a method's start is. ``--model resnet56
 (configs/resnet56_cifar10_5k.yaml, its pinned split of 3-4 blocks a stage):
 
     OMP_NUM_THREADS=1 python benchmarks/compensation_signals.py --losses --model resnet56 --K 8 --rules bp,none,auto
+
+With ``resnet20`` / ``resnet56`` the optimizer is their config's SGD, and the split the one benchmarks/compensation.sh
+pins. ``--warmup-steps N`` starts ``--losses`` with a linear lr warm-up over N iterations, as ``fxreplay train
+--warmup-steps N`` does (the first iteration at lr 0).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import argparse
 import copy
 import itertools
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fxreplay  # noqa: E402
 from fxreplay.data import digits, make_loader  # noqa: E402
+from fxreplay.lr_schedule import scheduler_factory  # noqa: E402
 
 WINDOWS = ((0, 20), (20, 60), (60, 120), (120, 200), (200, 400))
 PROBES = (0, 5, 10, 20, 40, 80, 160, 220)  # BP iterations at which --sharpness measures
@@ -123,54 +129,74 @@ def sharpness_report(model: nn.Module, train: object, batch: int, lr: float, ite
         print(f"  d = {d}: BP 3.8   lookahead+predict {bare:.3f}   with stretch (auto after its warm-up) {full:.3f}")
 
 
-PINNED = {  # the converged benchmarks' models: config, K and pinned split (benchmarks/compensation.sh)
-    "resnet20": ("resnet20_cifar10_5k.yaml", 4, ["layer1.2", "layer2.1", "layer3"]),
-    "resnet56": ("resnet56_cifar10_5k.yaml", 8, ["layer1.3", "layer1.7", "layer2.2", "layer2.5", "layer2.8", "layer3.2", "layer3.5"]),
-}
+PINNED = {"resnet20": ("resnet20_cifar10_5k.yaml", 4), "resnet56": ("resnet56_cifar10_5k.yaml", 8)}
+"""The converged benchmarks' models: their config and K; the split is compensation.sh's (:func:`pinned_split`)."""
 
 
-def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None]:
-    """The model, its training set, the batch size and the pinned split (None: cut by FLOPs)."""
+def pinned_split(K: int, script: Path = ROOT / "benchmarks" / "compensation.sh") -> list[str]:
+    """The block split compensation.sh pins at K stages (its ``SPLIT<K>=<K>=a,b,...`` line): one source for both."""
+    found = re.search(rf"^SPLIT{K}={K}=(\S+)", script.read_text(encoding="utf-8"), re.MULTILINE)
+    if not found:
+        raise SystemExit(f"{script} pins no split for K = {K} (no SPLIT{K}={K}=... line)")
+    return found.group(1).split(",")
+
+
+def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None, Any]:
+    """The model, its training set, the batch size, the pinned split (None: cut by FLOPs) and the optimizer's settings
+    (the pinned config's ``optim``; None: the benchmarks' SGD, momentum 0.9, weight decay 5e-4)."""
     if model in PINNED:
         from fxreplay import models
         from fxreplay.config import load_config
         from fxreplay.data.sets import build_datasets
 
-        config, stages, split = PINNED[model]
+        config, stages = PINNED[model]
         if K != stages:
             raise SystemExit(f"--model {model} uses the converged benchmark's pinned split: --K {stages}")
-        train, _ = build_datasets(load_config(ROOT / "configs" / config).data)
-        return getattr(models, model)(), train, 128, split
+        cfg = load_config(ROOT / "configs" / config)
+        train, _ = build_datasets(cfg.data)
+        return getattr(models, model)(), train, cfg.data.batch_size, pinned_split(K), cfg.optim
     from compensation_generality import MODELS
 
     if model not in MODELS:
         raise SystemExit(f"unknown model {model!r}: resnet20, resnet56 or one of {', '.join(MODELS)}")
-    return MODELS[model](), digits(train=True), 64, None
+    return MODELS[model](), digits(train=True), 64, None, None
+
+
+def sgd(lr: float, optim: Any) -> Callable[[Any], torch.optim.Optimizer]:
+    """SGD at ``lr`` with the pinned config's momentum, weight decay and Nesterov flag, or the benchmarks' own."""
+    momentum, decay, extra = (0.9, 5e-4, {}) if optim is None else (optim.momentum, optim.weight_decay, dict(optim.args))
+    return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=decay, **extra)
 
 
 def first_losses(model: nn.Module, train: object, batch: int, split: list[str] | None, method: str, K: int, lr: float,
-                 iterations: int, seed: int) -> list[float]:
+                 iterations: int, seed: int, optim: Any = None, warmup: int = 0) -> list[float]:
     """The training loss of each of the first ``iterations`` iterations of ``method`` (``bp``, ``none``: plain FR, or
-    FR's compensation) on a copy of ``model``, with the batches of ``seed``."""
+    FR's compensation) on a copy of ``model``, with the batches of ``seed``: SGD as :func:`sgd`, after a linear lr
+    warm-up over ``warmup`` iterations (fxreplay's ``optim.warmup_steps``) when it is not 0."""
     torch.manual_seed(seed)  # any draw a method makes from torch's generator starts alike (the loader seeds its own)
     batches = endless(train, batch, seed)
     x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=seed, epoch=0)))
     pipe = fxreplay.compile(copy.deepcopy(model), (x0,), K=K, cost="flops", boundaries=split)
     trainer = fxreplay.Trainer(pipe, method="bp" if method == "bp" else "fr", loss_fn=nn.CrossEntropyLoss(),
-                               compensation=None if method in ("bp", "none") else method,
-                               optimizer=lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=5e-4))
+                               compensation=None if method in ("bp", "none") else method, optimizer=sgd(lr, optim),
+                               scheduler=scheduler_factory("constant", iterations, warmup) if warmup else None)
     return [trainer.step(x, y) for _, (x, y) in zip(range(iterations), batches)]
 
 
-def losses_report(model: nn.Module, train: object, batch: int, split: list[str] | None, args: argparse.Namespace) -> None:
+def losses_report(model: nn.Module, train: object, batch: int, split: list[str] | None, optim: Any,
+                  args: argparse.Namespace) -> None:
     """Print :func:`first_losses` for each method in ``args.rules``, one row each, and its largest loss."""
     iterations = args.iterations or 12
     methods = [m.strip() for m in args.rules.split(",") if m.strip()]
-    print(f"{args.model}, K = {args.K}, SGD lr {args.lr} (momentum 0.9, weight decay 5e-4) from the first iteration, "
+    momentum, decay, extra = (0.9, 5e-4, {}) if optim is None else (optim.momentum, optim.weight_decay, dict(optim.args))
+    start = f"a linear warm-up over {args.warmup_steps} iterations" if args.warmup_steps else "the first iteration"
+    print(f"{args.model}, K = {args.K}, SGD lr {args.lr} (momentum {momentum:g}, weight decay {decay:g}"
+          f"{', ' + ', '.join(f'{k} {v}' for k, v in extra.items()) if extra else ''}) from {start}, "
           f"seed {args.seed}: training loss at iterations 0-{iterations - 1}")
     width = max(len(m) for m in methods)
     for method in methods:
-        losses = first_losses(model, train, batch, split, method, args.K, args.lr, iterations, args.seed)
+        losses = first_losses(model, train, batch, split, method, args.K, args.lr, iterations, args.seed, optim,
+                              args.warmup_steps)
         print(f"  {method:<{width}}  " + " ".join(f"{v:5.2f}" for v in losses) + f"   max {max(losses):.2f}")
 
 
@@ -179,7 +205,10 @@ def main() -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--rules", default="adapt+lookahead+lr+predict+stretch", help="FR's compensation")
     ap.add_argument("--K", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9, weight decay 5e-4")
+    ap.add_argument("--lr", type=float, default=0.1,
+                    help="SGD, momentum 0.9, weight decay 5e-4 (resnet20 / resnet56: their config's, the same)")
+    ap.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                    help="--losses: a linear lr warm-up over the first N iterations, as fxreplay's --warmup-steps")
     ap.add_argument("--iterations", type=int, default=None, help="default: 120 (--sharpness: 221)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sharpness", action="store_true", help="η·λ_max along BP's trajectory instead (default: 221 iterations)")
@@ -189,16 +218,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    model, train, batch, split = _data(args.model, args.K)
+    if args.warmup_steps < 0:
+        raise SystemExit(f"--warmup-steps takes a number of iterations >= 0, got {args.warmup_steps}")
+    model, train, batch, split, optim = _data(args.model, args.K)
     if args.sharpness:
         return sharpness_report(model, train, batch, args.lr, args.iterations or PROBES[-1] + 1, args.seed, args.K)
     if args.losses:
-        return losses_report(model, train, batch, split, args)
+        return losses_report(model, train, batch, split, optim, args)
     args.iterations = args.iterations or 120
     x0, _ = next(iter(make_loader(train, batch, shuffle=True, seed=args.seed, epoch=0)))
     pipe = fxreplay.compile(model, (x0,), K=args.K, cost="flops", boundaries=split)
     trainer = fxreplay.Trainer(pipe, method="fr", compensation=args.rules, loss_fn=nn.CrossEntropyLoss(),
-                               optimizer=lambda ps: torch.optim.SGD(ps, lr=args.lr, momentum=0.9, weight_decay=5e-4))
+                               optimizer=sgd(args.lr, optim))
     comps = [w.compensator for w in trainer.executor.workers]
     seen: list[list[tuple[float, float, float]]] = [[] for _ in comps]
     for _, (x, y) in zip(range(args.iterations), endless(train, batch, args.seed)):

@@ -11,6 +11,13 @@ Each RUN is a finished run directory: its model.pt (the trained model's state_di
 are the first run's, as its plan rebuilds them (which of the model's tensors each stage holds); every run must
 hold the same tensors. model.pt is not among the files benchmarks/converged_summary.py keeps: the runs
 themselves are needed.
+
+``--activity N`` prints instead what each stage's ReLUs do on the first N images of the run's test set (its
+config.yaml's data), the trained model in eval mode: the share of their outputs above 0, and the share of
+channels (dimension 1) that are 0 on every one of the N images, each ``nn.ReLU`` call counted on its own. A
+start that overshoots can leave a stage's units off for the rest of a run while its weight norm looks normal::
+
+    python benchmarks/stage_norms.py --activity 512 benchmarks/runs/deep10-lr0.1/bp-K8-s0 ...
 """
 from __future__ import annotations
 
@@ -20,11 +27,15 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from fxreplay.compiler import load  # noqa: E402
+from fxreplay.config import load_config  # noqa: E402
+from fxreplay.data import make_loader  # noqa: E402
+from fxreplay.data.sets import build_datasets  # noqa: E402
 from fxreplay.errors import FxReplayError  # noqa: E402
 
 
@@ -71,10 +82,90 @@ def table(runs: list[Path]) -> list[str]:
     return lines
 
 
+def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
+    """Per stage of ``run``: (share of its ReLUs' outputs above 0, share of their channels never above 0) over the
+    first ``images`` images of the run's test set, or None for a stage without an ``nn.ReLU``."""
+    try:
+        pipe = load(run / "plan")
+        data = load_config(run / "config.yaml").data
+    except FxReplayError as exc:
+        raise SystemExit(f"{run}: its plan/ or config.yaml does not rebuild the run: {exc}") from None
+    path = run / "model.pt"
+    if not path.is_file():
+        raise SystemExit(f"{run}: no model.pt — is it a finished run directory (fxreplay train / compare writes "
+                         "model.pt when the run ends)?")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for stage in pipe.stages:
+        stage.load_state_dict({name: state[name] for name in stage.state_dict()})
+    pipe.eval()
+    calls: list[int] = [0]
+    seen: dict[tuple[int, int], list] = {}  # (stage, call within a forward) -> [positives, outputs, channel ever on]
+
+    def hook(k: int) -> object:
+        def record(_: nn.Module, __: object, out: torch.Tensor) -> None:
+            calls[0] += 1
+            on = out.detach() > 0
+            ever = on.transpose(0, 1).reshape(on.shape[1], -1).any(1) if on.ndim >= 2 else on.reshape(-1).any(0, keepdim=True)
+            row = seen.setdefault((k, calls[0]), [0, 0, torch.zeros_like(ever)])
+            row[0] += int(on.sum())
+            row[1] += on.numel()
+            row[2] |= ever
+        return record
+
+    handles = [m.register_forward_hook(hook(k)) for k, stage in enumerate(pipe.stages)
+               for m in stage.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            _, test = build_datasets(data)
+            done = 0
+            for x, _ in make_loader(test, min(images, 256), shuffle=False, seed=0, epoch=0):
+                x = x[: images - done]
+                calls[0] = 0
+                pipe(x)
+                done += len(x)
+                if done >= images:
+                    break
+    except FxReplayError as exc:
+        raise SystemExit(f"{run}: {exc}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    out: list[tuple[float, float] | None] = []
+    for k in range(len(pipe.stages)):
+        rows = [row for (stage, _), row in seen.items() if stage == k]
+        if not rows:
+            out.append(None)
+            continue
+        active = sum(r[0] for r in rows) / sum(r[1] for r in rows)
+        dead = sum(int((~r[2]).sum()) for r in rows) / sum(r[2].numel() for r in rows)
+        out.append((active, dead))
+    return out
+
+
+def activity_table(runs: list[Path], images: int) -> list[str]:
+    """One line per run: each stage's ReLU activity and dead channels, in % (:func:`relu_activity`)."""
+    names = [f"{run.parent.name}/{run.name}" for run in runs]
+    width = max(len(name) for name in names)
+    rows = [relu_activity(run, images) for run in runs]
+    stages = max(len(r) for r in rows)
+    heads = [f"stage {k}" for k in range(stages)]
+    lines = [f"ReLU outputs above 0 / channels never above 0 on {images} test images, % (eval mode)",
+             f"{'run':<{width}}  " + "  ".join(f"{h:>11}" for h in heads)]
+    for name, row in zip(names, rows):
+        cells = ["—" if v is None else f"{100 * v[0]:.1f} / {100 * v[1]:.1f}" for v in row]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>11}" for c in cells))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories; the first is the reference (BP)")
-    print("\n".join(table(ap.parse_args(argv).runs)))
+    ap.add_argument("--activity", type=int, default=0, metavar="N",
+                    help="each stage's ReLU activity on the first N test images instead of the weight norms")
+    args = ap.parse_args(argv)
+    if args.activity < 0:
+        raise SystemExit(f"--activity takes a number of images >= 1, got {args.activity}")
+    print("\n".join(activity_table(args.runs, args.activity) if args.activity else table(args.runs)))
 
 
 if __name__ == "__main__":

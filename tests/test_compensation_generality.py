@@ -113,17 +113,49 @@ def test_first_losses_start_from_the_same_weights_and_batches(capsys):
     """``--losses``: every method starts from the same weights and batches (its first loss is the same), FR at K = 1
     is BP iteration by iteration, and a compensation changes the losses once the stages have stepped."""
     signals = benchmark("compensation_signals")
-    model, train, batch, split = signals._data("relu_mlp", 2)
+    model, train, batch, split, optim = signals._data("relu_mlp", 2)
+    assert optim is None  # a digits family: the benchmarks' SGD
     run = functools.partial(signals.first_losses, model, train, batch, split, iterations=6, seed=0)
     bp, fr, auto = run("bp", K=2, lr=0.1), run("none", K=2, lr=0.1), run("auto", K=2, lr=0.1)
     assert len(bp) == 6 and bp[0] == fr[0] == auto[0]
     assert fr != bp and auto != fr  # the delay, then the compensation, change what the next iterations see
     assert run("none", K=1, lr=0.1) == run("bp", K=1, lr=0.1)
-    signals.losses_report(model, train, batch, split, argparse.Namespace(model="relu_mlp", K=2, lr=0.1, seed=0,
-                                                                         iterations=3, rules="bp, auto"))
+    signals.losses_report(model, train, batch, split, None, argparse.Namespace(
+        model="relu_mlp", K=2, lr=0.1, seed=0, iterations=3, rules="bp, auto", warmup_steps=0))
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].endswith("training loss at iterations 0-2") and [r.split()[0] for r in rows[1:]] == ["bp", "auto"]
+    assert "from the first iteration" in rows[0]
     assert len(rows[1].split()) == 1 + 3 + 2 and float(rows[1].split()[-1]) == pytest.approx(max(bp[:3]), abs=0.005)
+
+
+def test_first_losses_warm_up_as_fxreplay_does():
+    """``--losses --warmup-steps N``: the lr rises linearly from 0 as ``optim.warmup_steps`` makes it; under a warm-up
+    too long to move the weights, every loss is the untrained model's on that batch, and without one it is not."""
+    signals = benchmark("compensation_signals")
+    model, train, batch, split, _ = signals._data("relu_mlp", 2)
+    still = signals.first_losses(model, train, batch, split, "auto", 2, 0.1, 5, 0, warmup=10**9)
+    moving = signals.first_losses(model, train, batch, split, "auto", 2, 0.1, 5, 0)
+    with torch.no_grad():
+        fresh = [float(torch.nn.functional.cross_entropy(model(x), y))
+                 for _, (x, y) in zip(range(5), signals.endless(train, batch, 0))]
+    assert still == pytest.approx(fresh, rel=1e-5) and moving[2:] != pytest.approx(fresh[2:], rel=1e-3)
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compensation_signals.py"), "--losses",
+                          "--warmup-steps", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "--warmup-steps takes" in bad.stderr
+
+
+def test_pinned_splits_are_the_driver_s(tmp_path):
+    """The ResNet models' splits are read from benchmarks/compensation.sh, the one place that pins them."""
+    signals = benchmark("compensation_signals")
+    text = (ROOT / "benchmarks" / "compensation.sh").read_text()
+    for model, (_, K) in signals.PINNED.items():
+        split = signals.pinned_split(K)
+        assert f"SPLIT{K}={K}={','.join(split)}" in text and len(split) == K - 1, model
+    other = tmp_path / "compensation.sh"
+    other.write_text("SPLIT4=4=a,b,c\n")
+    assert signals.pinned_split(4, other) == ["a", "b", "c"]
+    with pytest.raises(SystemExit, match="no split for K = 8"):
+        signals.pinned_split(8, other)
 
 
 def test_fashion_families_read_torchvision_files_and_train(tmp_path, monkeypatch):

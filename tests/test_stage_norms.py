@@ -51,3 +51,30 @@ def test_bad_input_is_refused_with_what_to_do(runs: tuple[Path, Path], tmp_path:
     shutil.rmtree(other / "plan")
     with pytest.raises(SystemExit, match="plan/ does not rebuild the stages"):
         script.main([str(other), str(slow)])
+
+
+def test_activity_counts_each_stage_s_relus(runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = benchmark("stage_norms")
+    slow, fast = runs
+    script.main(["--activity", "64", str(slow), str(fast)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ReLU outputs above 0") and lines[1].split() == ["run", "stage", "0", "stage", "1"]
+    assert [line.split()[0] for line in lines[2:]] == [f"{r.parent.name}/{r.name}" for r in runs]
+    base = script.relu_activity(slow, 64)
+    assert len(base) == 2 and all(v is not None and 0 < v[0] < 1 and 0 <= v[1] < 1 for v in base)
+    # switch the stem's first channel off for good: its BatchNorm's shift far below anything the input reaches
+    off = tmp_path / "off"
+    shutil.copytree(slow, off)
+    state = torch.load(off / "model.pt", weights_only=True)
+    state["bn1.bias"][0] = -1e4
+    torch.save(state, off / "model.pt")
+    dead = script.relu_activity(off, 64)
+    assert dead[0][1] > base[0][1] and dead[0][0] < base[0][0]  # one more channel never on, fewer outputs on
+    state["bn1.bias"][:] = -1e4  # every stem channel off: its ReLU is all zeros, the next conv sees zeros
+    torch.save(state, off / "model.pt")
+    assert script.relu_activity(off, 64)[0][0] < dead[0][0]
+    with pytest.raises(SystemExit, match="--activity takes"):
+        script.main(["--activity", "-1", str(slow)])
+    shutil.rmtree(off / "plan")
+    with pytest.raises(SystemExit, match="does not rebuild the run"):
+        script.main(["--activity", "8", str(off)])
