@@ -62,6 +62,30 @@ class RunResult:
     diverged: str | None = None
 
 
+START_WINDOW = 20
+"""Iterations after the first in which a climbing training loss counts as an unstable start (:func:`unstable_start`)."""
+START_RISE = 1.5
+"""How far above the untrained model's loss two of three consecutive iterations' losses must climb to count."""
+
+
+def unstable_start(losses: list[float]) -> tuple[float, float, int] | None:
+    """``(first loss, the highest median of three consecutive iterations' losses, the iteration it ends at)`` when that
+    median climbs above :data:`START_RISE` times the first loss (the untrained model's) within the first
+    :data:`START_WINDOW` iterations: two of three iterations that high, not one bad batch. None otherwise, or while the
+    losses are too few, not finite (a rank that does not hold the loss) or the first is not positive.
+
+    A run at its full learning rate from the first iteration can overshoot before it learns anything. On ResNet-56
+    at lr 0.1 (K = 8) the largest loss of the first 12 iterations is 1.4x the first under BP, 1.7x under plain FR
+    and 3.9x under FR with ``auto`` (whose ``lookahead`` extrapolates those first steps), and what the start leaves
+    costs accuracy for the whole run; a warm-up avoids it (docs/compensation.md, "K = 8: ResNet-56"). On ResNet-20
+    at the same rate and K = 4 it is at most 1.1x (benchmarks/results/compensation/first-losses-k8.txt)."""
+    head = losses[:START_WINDOW + 1]
+    if len(head) < 3 or not head[0] > 0 or not all(math.isfinite(v) for v in head):
+        return None
+    peak, at = max((sorted(head[i - 2:i + 1])[1], i) for i in range(2, len(head)))
+    return (head[0], peak, at) if peak > START_RISE * head[0] else None
+
+
 def milestone_epochs(epochs: int, milestones: tuple[float, ...]) -> list[int]:
     """The 0-based epochs at which each milestone's decay starts: the first epoch e with
     e / epochs >= m, by exact arithmetic (the milestone as written in decimal, no float
@@ -450,6 +474,9 @@ class _Run:
             # A resume hides the events past its checkpoint, as metrics.jsonl is cut back to it.
             self.metrics = with_tensorboard(self.metrics, run_dir.path / "tensorboard", ckpt["step"] + 1 if ckpt else None)  # type: ignore[assignment]
         self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
+        o = cfg.optim
+        # a fresh run at its full rate from the first iteration is watched for an unstable start (_check_start)
+        self.watch_start = ckpt is None and reporting and not o.warmup_steps and o.schedule != "onecycle"
         self.start = time.perf_counter()
         self.wall_offset = float(ckpt.get("wall", 0.0)) if ckpt else 0.0  # wall time goes on across a resume
         # The training losses since the last step record (sum, count): a step record logs
@@ -527,7 +554,20 @@ class _Run:
         self.step += 1
         self.batch_index += 1
         self.result.losses.append(loss)
+        if self.watch_start and self.step <= START_WINDOW + 1:
+            self._check_start()
         return loss, sigma
+
+    def _check_start(self) -> None:
+        """Warn once when the training loss climbs at the start (:func:`unstable_start`): the run goes on."""
+        found = unstable_start(self.result.losses)
+        if found is None:
+            return
+        self.watch_start = False
+        first, peak, at = found
+        self.console.print(
+            f"[yellow]warning:[/] {escape(f'the training loss climbed from {first:.3g} to {peak:.3g} or more in two of iterations {at - 2}-{at}, at the full learning rate ({self.cfg.optim.lr:g}) from the first one: the start is unstable. What such a start leaves can cost accuracy for the whole run, more with a delayed method (FR, DDG) and with its compensation (docs/compensation.md, K = 8). Consider a warm-up: --warmup-steps 100 (optim.warmup_steps), or a lower --lr.')}",
+            highlight=False, soft_wrap=True)
 
     def _log_step(self, loss: float, sigma: list[float] | None) -> None:
         total, count = self.loss_window

@@ -144,6 +144,31 @@ def test_warmup_steps_override_the_config_and_ramp_the_rate(tmp_path: Path) -> N
     assert last["step"] == 4 and last["lr"] == pytest.approx(0.08 * 3 / 8)  # the 4th iteration's rate: 3/8 of the way up
 
 
+def test_an_unstable_start_is_warned_about_once_with_the_remedy(tmp_path: Path) -> None:
+    """A run whose loss climbs at its full rate in the first iterations says so (once) and names the warm-up; at a
+    sane rate, or warmed up, it says nothing. The offline CNN climbs 1.8x under FR + auto at lr 3."""
+    hot = _run("train", "--method", "fr", "--compensation", "auto", "--lr", "3", "--max-steps", "22", "--out", str(tmp_path / "hot"))
+    assert hot.exit_code == 0, hot.output
+    text = " ".join(hot.output.split())
+    assert text.count("the start is unstable") == 1 and "--warmup-steps 100" in text, hot.output
+    calm = _run("train", "--method", "fr", "--compensation", "auto", "--max-steps", "22", "--out", str(tmp_path / "calm"))
+    warm = _run("train", "--method", "fr", "--compensation", "auto", "--lr", "3", "--warmup-steps", "10", "--max-steps", "22",
+                "--out", str(tmp_path / "warm"))
+    for result in (calm, warm):
+        assert result.exit_code == 0 and "start is unstable" not in " ".join(result.output.split()), result.output
+
+
+def test_unstable_start_reads_the_first_iterations_only() -> None:
+    from fxreplay.run import START_WINDOW, unstable_start
+
+    assert unstable_start([2.0, 2.1, 2.0, 1.9] * 6) is None  # noise around the first loss
+    assert unstable_start([2.0, 4.0, 5.0, 3.0, 2.0]) == (2.0, 4.0, 3)  # median of (4, 5, 3) at iterations 1-3; (2, 4, 5): 4 at 0-2
+    assert unstable_start([2.0, 2.0, 9.0, 2.0, 2.0]) is None  # one bad batch is not a climb
+    assert unstable_start([2.0] * (START_WINDOW + 1) + [9.0] * 3) is None  # after the start: not this check's business
+    assert unstable_start([2.0, 5.0]) is None and unstable_start([float("nan"), 9.0, 9.0, 9.0]) is None
+    assert unstable_start([-1.0, 5.0, 5.0, 5.0]) is None  # a loss that is not positive has no scale to rise against
+
+
 def test_a_new_run_never_writes_over_an_old_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _run("train", "--max-steps", "3", "--out", str(out)).exit_code == 0
