@@ -38,11 +38,13 @@ def nesterov(params: Any) -> torch.optim.Optimizer:
 
 
 def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tensor]], rules: set[str],
-              beta: float = 0.5, power: float = 1.5, opt: str = "sgd", align: float = 1.0) -> list[float]:
+              beta: float = 0.5, power: float = 1.5, opt: str = "sgd", align: float = 1.0,
+              decay_at: int | None = None) -> list[float]:
     """Algorithm 1 with heavy-ball SGD (``opt``: or Nesterov SGD, or Adam) by hand and each rule from its
     formula (stretch: horizon (d+1)^power; with Adam, β₁ = 1 − (1−β₁)/horizon at the same lr; adapt: the
     exponents of lr's factor and of stretch's horizon times σ = clip(1 − ā/align), ā the average of
-    cos(−g, last step) at rate 1 − μ)."""
+    cos(−g, last step) at rate 1 − μ; release: those exponents times η(t)/η_peak). ``decay_at``: the learning
+    rate is a tenth of itself from that iteration on (every stage's, as its scheduler steps each iteration)."""
     K = len(stages)
     params = [list(s.parameters()) for s in stages]
     velocity: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params]
@@ -94,7 +96,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
             with torch.no_grad():
                 for p, w in zip(params[k], own):
                     p.copy_(w)
-            strength = 1.0
+            scale = 0.1 if decay_at is not None and t >= decay_at else 1.0  # η(t)/η_peak
+            strength = scale if "release" in rules else 1.0
             if "adapt" in rules and d > 0 and last[k] is not None:
                 g = [p.grad + WD * p.detach() for p in params[k]]
                 if opt == "adam":  # Adam's metric: g/√v̂ with v̂ before this step
@@ -103,9 +106,9 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                 norm = (sum(float((x * x).sum()) for x in g) * sum(float((s * s).sum()) for s in last[k])) ** 0.5
                 rate = 1 - (B1 if opt == "adam" else MU)
                 average[k] = (1 - rate) * average[k] + rate * dot / norm
-                strength = min(max(1 - average[k] / align, 0.0), 1.0)
+                strength *= min(max(1 - average[k] / align, 0.0), 1.0)
             horizon = (d + 1) ** (power * strength)
-            mu, lr = (1 - (1 - MU) / horizon, LR / horizon) if "stretch" in rules else (MU, LR)
+            mu, lr = (1 - (1 - MU) / horizon, scale * LR / horizon) if "stretch" in rules else (MU, scale * LR)
             ratio = horizon / previous[k] if previous[k] is not None and "stretch" in rules else 1.0  # v summed at s
             previous[k] = horizon
             a, c = (mu ** d, sum(mu ** i for i in range(d))) if "spike" in rules else (1.0, 0.0)
@@ -121,7 +124,7 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                         sq = (1 - B2) * g * g if second[k][i] is None else B2 * second[k][i] + (1 - B2) * g * g
                         velocity[k][i], second[k][i] = first, sq
                         unbiased = first / (1 - b1 ** count[k])
-                        step = -(LR / 10) * m * unbiased / ((sq / (1 - B2 ** count[k])).sqrt() + EPS)
+                        step = -(scale * LR / 10) * m * unbiased / ((sq / (1 - B2 ** count[k])).sqrt() + EPS)
                     else:
                         v = g.clone() if velocity[k][i] is None else mu * ratio * velocity[k][i] + g
                         velocity[k][i] = v
@@ -149,6 +152,60 @@ def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
     for a, b in zip(weights(ex.stages), weights(ref_stages)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rules", ["release+lookahead+lr+predict+stretch", "release+lr", "release+stretch",
+                                   "adapt+release+lookahead+lr+predict+stretch"])
+@pytest.mark.parametrize("opt", ["sgd", "adam", "nesterov"])
+def test_release_follows_the_lr_schedule_as_its_reference_does(rules: str, opt: str) -> None:
+    """``release``: lr's and stretch's exponents times η(t)/η_peak. A step decay by 10 at iteration 3 (each stage's
+    own MultiStepLR) against the reference with the same decay: the stages with gradients late at the decay get
+    a stretch of (d+1)^(1.5 x 0.1), their velocity rescaled to it. Without the decay release changes nothing."""
+    data = batches(7)
+    names = {r.partition("=")[0] for r in rules.split("+")}
+    optimizer = {"sgd": sgd, "adam": adam, "nesterov": nesterov}[opt]
+
+    def run(decay: bool, comp: str = rules) -> tuple[list[float], LocalExecutor]:
+        ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=optimizer, loss_fn=loss_fn, compensation=comp)
+        if decay:
+            for w in ex.workers:
+                w.scheduler = torch.optim.lr_scheduler.MultiStepLR(w.optimizer, milestones=[3], gamma=0.1)
+        return [ex.step(x, y) for x, y in data], ex
+
+    ref_stages = split(mlp(), 3)
+    ref_losses = reference(ref_stages, data, names, opt=opt, decay_at=3)
+    losses, ex = run(decay=True)
+    assert losses == pytest.approx(ref_losses, abs=1e-12, rel=0)
+    for a, b in zip(weights(ex.stages), weights(ref_stages)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    held = reference(split(mlp(), 3), data, names - {"release"}, opt=opt, decay_at=3)  # the stabilisers kept at full strength
+    assert losses[5:] != pytest.approx(held[5:], abs=1e-6)
+    without = "+".join(r for r in rules.split("+") if r != "release")
+    assert run(decay=False)[0] == run(decay=False, comp=without)[0]  # no decay: bit for bit the rules without release
+    assert ex.workers[0].compensator.state_dict()["peak_lr"] == pytest.approx(LR / 10 if opt == "adam" else LR)
+
+
+def test_release_needs_a_stabiliser_and_resumes_exactly() -> None:
+    with pytest.raises(TrainingError, match="'release' sets how strongly lr and stretch act"):
+        LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="release+predict")
+    data = batches(7)
+
+    def executor() -> LocalExecutor:
+        ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="release+lr+stretch")
+        for w in ex.workers:
+            w.scheduler = torch.optim.lr_scheduler.MultiStepLR(w.optimizer, milestones=[3], gamma=0.1)
+        return ex
+
+    whole = executor()
+    expected = [whole.step(x, y) for x, y in data]
+    first = executor()
+    for x, y in data[:4]:
+        first.step(x, y)
+    state = copy.deepcopy(first.state_dict())
+    again = executor()
+    again.load_state_dict(state)
+    assert [again.step(x, y) for x, y in data[4:]] == expected[4:]  # bit for bit past the decay
+    assert all(torch.equal(a, b) for a, b in zip(weights(again.stages), weights(whole.stages)))
 
 
 @pytest.mark.parametrize("rules", ["stretch", "predict+stretch", "stretch=2", "lr+predict+stretch=1",

@@ -49,6 +49,11 @@ rule        where it acts                     formula (source)
                                               gradient costs little and the stabilisers only
                                               slow it, ≤ 0 in noise or an overshoot (this
                                               project; the velocity is rescaled when s_k moves)
+``release`` how strongly ``lr`` and           their exponents times η(t)/η_peak, the lr schedule's
+            ``stretch`` act                   rate over the highest it reached: a delayed loop's
+                                              stability depends on η·λ, so after a decay by 10 a
+                                              tenth of the stabilisers' margin is needed; with
+                                              ``adapt`` the two σ multiply (this project)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
 =========== ================================= =============================================
@@ -94,6 +99,7 @@ RULES: dict[str, str] = {
     "lookahead": "FR's replay at the weights one update ahead: the δ sent down meets the weights of when it is used",
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
     "adapt": "lr's and stretch's strength follows the stage's gradient alignment: released while descent is consistent",
+    "release": "lr's and stretch's strength follows the lr schedule, η(t)/η_peak: released as the rate decays",
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
@@ -373,11 +379,12 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 "compensation 'stretch' lengthens SGD's momentum horizon, and this optimizer has momentum 0: "
                 "use SGD with momentum (e.g. 0.9), or drop stretch."
             )
-    if "adapt" in comp and "lr" not in comp and "stretch" not in comp:
-        raise TrainingError(
-            f"compensation 'adapt' sets how strongly lr and stretch act, and {comp.name!r} has neither: add lr or "
-            "stretch (e.g. adapt+lookahead+lr+predict+stretch), or drop adapt."
-        )
+    for rule in ("adapt", "release"):
+        if rule in comp and "lr" not in comp and "stretch" not in comp:
+            raise TrainingError(
+                f"compensation {rule!r} sets how strongly lr and stretch act, and {comp.name!r} has neither: add lr or "
+                f"stretch (e.g. {rule}+lookahead+lr+predict+stretch), or drop {rule}."
+            )
     if "lookahead" in comp and method != "fr":
         raise TrainingError(
             f"compensation 'lookahead' runs features replay's replay one update ahead; {method} has no replay: use it "
@@ -433,6 +440,8 @@ class Compensator:
         self._held: list[torch.Tensor] | None = None  # the weights under the lookahead (enter_ahead .. exit_ahead)
         self.alignment = 0.0  # adapt: ā, the average of cos(-g, Δw_prev); σ (strength) follows from it
         self.horizon: float | None = None  # stretch's s_k at the last step (adapt changes it: the velocity is rescaled)
+        self.peak_lr: float | None = None  # release: the highest learning rate the stage's schedule has reached
+        self.lr_now: float | None = None  # release: the learning rate of the step being taken
         if "official" in comp:
             for g in optimizer.param_groups:
                 g["nesterov"] = True
@@ -504,8 +513,30 @@ class Compensator:
 
     @property
     def strength(self) -> float:
-        """``adapt``'s σ_k = clip(1 − ā_k/A, 0, 1): 1 until the stage has an alignment to average."""
-        return min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0)
+        """How strongly ``lr`` and ``stretch`` act, σ_k in [0, 1] (1 without ``adapt`` and ``release``): ``adapt``'s
+        clip(1 − ā_k/A, 0, 1), 1 until the stage has an alignment to average; times ``release``'s η(t)/η_peak."""
+        sigma = min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0) if "adapt" in self.comp else 1.0
+        if "release" in self.comp and self.peak_lr and self.lr_now is not None:
+            sigma *= min(max(self.lr_now / self.peak_lr, 0.0), 1.0)
+        return sigma
+
+    @property
+    def _scaled(self) -> bool:
+        """Whether :attr:`strength` can be below 1 (``adapt`` or ``release``)."""
+        return "adapt" in self.comp or "release" in self.comp
+
+    def _follow_schedule(self, groups: list[dict]) -> None:
+        """``release``: read this step's learning rate and the highest the schedule has reached.
+
+        η_peak is the larger of the groups' ``initial_lr`` (the base rate torch's schedulers record, the peak of a
+        warm-up, a step or a cosine decay) and the highest rate seen at this stage's steps (onecycle rises above
+        its ``initial_lr``). A stage whose first step comes after a decay still knows the rate it decayed from."""
+        rates = [float(g["lr"]) for g in groups if g and "lr" in g]
+        if not rates:
+            return
+        self.lr_now = max(rates)
+        base = max((float(g.get("initial_lr", 0.0)) for g in groups if g), default=0.0)
+        self.peak_lr = max(self.peak_lr or 0.0, base, self.lr_now)
 
     def _gradients(self, optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[torch.Tensor | None]:
         """Each parameter's gradient with the optimizer's coupled weight decay (AdamW's is decoupled: not in it)."""
@@ -551,7 +582,7 @@ class Compensator:
 
     def _step_factor(self, iteration: int) -> float:
         m = lr_multiplier(self.delay, iteration, self.momentum) if "lr" in self.comp else 1.0
-        if "adapt" in self.comp and m != 1.0:
+        if self._scaled and m != 1.0:
             m = m ** self.strength
         if "official" in self.comp and self.stage == 0:
             m *= 2.0  # the official code doubles module 1's learning rate
@@ -577,6 +608,8 @@ class Compensator:
         grads = self._gradients(optimizer, groups) if spike or stretch or observe else []
         if observe:  # σ for this step's lr factor and horizon
             self._observe(optimizer, groups, grads)
+        if "release" in self.comp:
+            self._follow_schedule(groups)
         factor = self._step_factor(iteration)
         record = "predict" in self.comp or self.ahead > 0 or "adapt" in self.comp
         rewrite = spike or stretch or factor != 1.0
@@ -681,8 +714,8 @@ class Compensator:
         return ratio
 
     def _power(self) -> float:
-        """stretch's power at this step: p, times σ under ``adapt``."""
-        return self.comp.power * (self.strength if "adapt" in self.comp else 1.0)
+        """stretch's power at this step: p, times σ under ``adapt`` and ``release``."""
+        return self.comp.power * (self.strength if self._scaled else 1.0)
 
     @staticmethod
     def _buffer(optimizer: torch.optim.Optimizer, p: torch.Tensor, own: bool) -> torch.Tensor | None:
@@ -702,7 +735,8 @@ class Compensator:
     def state_dict(self) -> dict[str, Any]:
         power = self.comp.power if "stretch" in self.comp else None
         return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step,
-                "alignment": self.alignment, "horizon": self.horizon}  # adapt's σ follows from the alignment
+                "alignment": self.alignment, "horizon": self.horizon,  # adapt's σ follows from the alignment
+                "peak_lr": self.peak_lr}  # release's η_peak (η(t) is the optimizer's own at each step)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -732,6 +766,7 @@ class Compensator:
                 )
         self.alignment = float(state.get("alignment", 0.0))
         self.horizon = state.get("horizon")
+        self.peak_lr = state.get("peak_lr")
         steps = state["last_step"]
         self.last_step = None if steps is None else [
             s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
