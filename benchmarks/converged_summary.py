@@ -172,8 +172,9 @@ def finished_at(path: Path) -> bool:
 
 
 def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
-    """Markdown: per folder (rate; the E-epoch diagnostics after the full runs), each K = 8 run's best test error
-    and its gap to BP at the same seed."""
+    """Markdown: per folder (rate; the E-epoch diagnostics after the full runs), each K = 8 run's best test error,
+    its gap to BP at the same seed, and its test error minus BP's at the epochs around the first lr drop (the last
+    before it and the second after it, as "Around the first lr drop" has them for K = 2 and 4)."""
     lines: list[str] = []
     for folder, runs in sorted(found.items(), key=lambda kv: (int(DEEP.match(kv[0])["epochs"] or 0), kv[0])):  # full runs first
         folder_match = DEEP.match(folder)
@@ -184,21 +185,27 @@ def deep_section(found: dict[str, dict[str, RunMetrics]]) -> list[str]:
         configs = [run.config for run in [*done.values(), *runs.values()] if run.config.get("train")]
         setup = describe(configs[0]) if configs else ""
         lines += [f"## K = 8 ({title}): the deeper model", "", f"{setup} The runs of `{command}` (kept in "
-                  f"converged-runs/{folder}/); gap: best test error minus BP's at the same seed.",
-                  "", "| method | seed | best test error (%) | gap to BP | training loss, last epoch |",
-                  "|---|---:|---:|---:|---:|"]
+                  f"converged-runs/{folder}/); gap: best test error minus BP's at the same seed; around the drop: "
+                  "test error minus BP's at the last epoch before the first lr drop and the second after it.",
+                  "", "| method | seed | best test error (%) | gap to BP | around the drop: before / after | "
+                  "training loss, last epoch |", "|---|---:|---:|---:|---:|---:|"]
         for name, run in sorted(runs.items(), key=lambda kv: (kv[0].split("-K")[0] != "bp", kv[0])):
             match = RUN_NAME.match(name)
             method, seed = match["method"], int(match["seed"])
             if not finished(run):
                 evaluated = sum(r.get("test_accuracy") is not None for r in run.epochs)
                 state = "diverged" if run.diverged else "not finished"
-                lines.append(f"| {label(method)} | {seed} | {state} ({evaluated} epochs evaluated) | | |")
+                lines.append(f"| {label(method)} | {seed} | {state} ({evaluated} epochs evaluated) | | | |")
                 continue
             bp = done.get(f"bp-K{match['K']}-s{seed}")
             gap = f"{run.best_test_error - bp.best_test_error:+.2f}" if bp is not None and method != "bp" else ""
+            around = ""
+            mine, theirs = around_drop(run), (around_drop(bp) if bp is not None and method != "bp" else None)
+            if mine is not None and theirs is not None and mine[0] == theirs[0] and len(mine[1]) == len(theirs[1]):
+                drop, errors, base = mine[0], mine[1], theirs[1]
+                around = f"{errors[drop - 1] - base[drop - 1]:+.2f} / {errors[drop + 1] - base[drop + 1]:+.2f}"
             loss = run.epochs[-1].get("train_loss")
-            lines.append(f"| {label(method)} | {seed} | {run.best_test_error:.2f} | {gap} | "
+            lines.append(f"| {label(method)} | {seed} | {run.best_test_error:.2f} | {gap} | {around} | "
                          f"{'' if loss is None else f'{loss:.3f}'} |")
         lines.append("")
     return lines

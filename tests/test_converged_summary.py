@@ -247,6 +247,9 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
     assert "## K = 8 (lr 0.1): the deeper model" in summary and "resnet56 on a fixed 5,000-image subset" in summary
     assert _cell(summary, "K = 8 (lr 0.1)", "BP", "best test error (%)") == "32.00"
     assert _cell(summary, "K = 8 (lr 0.1)", "FR+auto", "gap to BP") == "+0.75"
+    # the lr drops at epoch 3 (of 6): epoch 2 is the last before it, epoch 4 the second after it
+    assert _cell(summary, "K = 8 (lr 0.1)", "FR+auto", "around the drop: before / after") == "+1.00 / +0.50"
+    assert _cell(summary, "K = 8 (lr 0.1)", "BP", "around the drop: before / after") == ""
     assert _cell(summary, "K = 8 (lr 0.1)", "BP", "training loss, last epoch") == "1.500"  # 2.0 − 0.1 · 5
     assert _cell(summary, "K = 8 (lr 0.1)", "FR", "best test error (%)") == "not finished (3 epochs evaluated)"
     kept = out / "converged-runs" / "deep-lr0.1"
