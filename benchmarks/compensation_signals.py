@@ -162,9 +162,14 @@ def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None,
     return MODELS[model](), digits(train=True), 64, None, None
 
 
+def sgd_settings(optim: Any) -> tuple[float, float, dict[str, Any]]:
+    """(momentum, weight decay, other SGD arguments): the pinned config's, or the benchmarks' own (``optim`` None)."""
+    return (0.9, 5e-4, {}) if optim is None else (optim.momentum, optim.weight_decay, dict(optim.args))
+
+
 def sgd(lr: float, optim: Any) -> Callable[[Any], torch.optim.Optimizer]:
-    """SGD at ``lr`` with the pinned config's momentum, weight decay and Nesterov flag, or the benchmarks' own."""
-    momentum, decay, extra = (0.9, 5e-4, {}) if optim is None else (optim.momentum, optim.weight_decay, dict(optim.args))
+    """SGD at ``lr`` with :func:`sgd_settings`."""
+    momentum, decay, extra = sgd_settings(optim)
     return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=decay, **extra)
 
 
@@ -188,7 +193,7 @@ def losses_report(model: nn.Module, train: object, batch: int, split: list[str] 
     """Print :func:`first_losses` for each method in ``args.rules``, one row each, and its largest loss."""
     iterations = args.iterations or 12
     methods = [m.strip() for m in args.rules.split(",") if m.strip()]
-    momentum, decay, extra = (0.9, 5e-4, {}) if optim is None else (optim.momentum, optim.weight_decay, dict(optim.args))
+    momentum, decay, extra = sgd_settings(optim)
     start = f"a linear warm-up over {args.warmup_steps} iterations" if args.warmup_steps else "the first iteration"
     print(f"{args.model}, K = {args.K}, SGD lr {args.lr} (momentum {momentum:g}, weight decay {decay:g}"
           f"{', ' + ', '.join(f'{k} {v}' for k, v in extra.items()) if extra else ''}) from {start}, "
@@ -220,6 +225,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.warmup_steps < 0:
         raise SystemExit(f"--warmup-steps takes a number of iterations >= 0, got {args.warmup_steps}")
+    if args.warmup_steps and not args.losses:
+        raise SystemExit("--warmup-steps applies to --losses only (the other reports train at the rate from the first iteration)")
     model, train, batch, split, optim = _data(args.model, args.K)
     if args.sharpness:
         return sharpness_report(model, train, batch, args.lr, args.iterations or PROBES[-1] + 1, args.seed, args.K)

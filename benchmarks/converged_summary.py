@@ -74,14 +74,15 @@ def late_gain(run: RunMetrics) -> float:
 
 
 def around_drop(run: RunMetrics) -> tuple[int, list[float], list[float | None]] | None:
-    """The epoch index of the first lr drop (the first epoch whose recorded lr is below the first epoch's), the
+    """The epoch index of the first lr drop (the first epoch whose recorded lr is below an earlier epoch's: a
+    warm-up's rising epochs are not drops), the
     test error (%) and the training loss (the epoch's mean) of every epoch; None without per-epoch lr and test
     error (a recorded-only run)."""
     epochs = [r for r in run.epochs if r.get("test_accuracy") is not None]
     lrs = [r.get("lr") for r in epochs]
     if len(epochs) < 3 or any(lr is None for lr in lrs):
         return None
-    drop = next((i for i, lr in enumerate(lrs) if lr < lrs[0]), None)
+    drop = next((i for i in range(1, len(lrs)) if lrs[i] < max(lrs[:i])), None)
     if drop is None or drop < 1 or drop + 1 >= len(epochs):
         return None
     return drop, [100 * (1 - r["test_accuracy"]) for r in epochs], [r.get("train_loss") for r in epochs]

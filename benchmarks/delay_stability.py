@@ -10,6 +10,7 @@ iterations to shrink an error by e (1/−ln ρ) across curvatures. It is the ana
 ``auto``; the converged benchmark (docs/compensation.md) is what decides.
 
     python benchmarks/delay_stability.py [--momentum 0.9] [--delays 1 2 3]
+    python benchmarks/delay_stability.py --release 0.1 --delays 1 3 7   # what ``release`` keeps stable after a decay
 
 The model of each rule, for a gradient g evaluated d iterations late:
 - ``predict``: g is taken at ŵ = w_{t−d} + d·(w_{t−d} − w_{t−d−1}) (the weights the update will meet);
@@ -66,12 +67,33 @@ def largest_stable(mu: float, delay: int, **rules: float) -> float:
     return last
 
 
+def release_table(mu: float, delays: list[int], decay: float, power: float = 1.5) -> None:
+    """``release`` after a decay of the rate by R: a direction at the edge of what ``auto``'s rules keep stable
+    before the decay (a = L at the old rate) sits at a = R·L after it; with the stabilisers' exponents times R the
+    largest stable a is L_R. Their ratio is the margin the released rules keep (> 1: still stable)."""
+    print(f"lookahead+predict+stretch (auto after its warm-up), μ = {mu}, after the rate decays by R = {decay:g}; a = η·λ "
+          "at the rate of the moment\n")
+    print("| delay | largest stable a, full stretch (L) | a of that direction after the decay (R·L) | "
+          "largest stable a, released (L_R) | margin L_R / (R·L) |")
+    print("|---|---:|---:|---:|---:|")
+    for d in delays:
+        full = largest_stable(mu, d, predict=True, stretch=True, lookahead=True, power=power)
+        released = largest_stable(mu, d, predict=True, stretch=True, lookahead=True, power=power * decay)
+        print(f"| {d} | {full:.3f} | {decay * full:.4f} | {released:.3f} | {released / (decay * full):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 7])
+    ap.add_argument("--release", type=float, default=None, metavar="R",
+                    help="instead: what release keeps stable after the rate decays by R (e.g. 0.1), auto's rules")
     args = ap.parse_args()
     mu = args.momentum
+    if args.release is not None:
+        if not 0 < args.release <= 1:
+            raise SystemExit(f"--release takes the rate's decay factor R in (0, 1], got {args.release}")
+        return release_table(mu, args.delays, args.release)
     variants = {
         "none": {}, "spike": {"spike": True}, "predict": {"predict": True},
         "predict+spike": {"spike": True, "predict": True},

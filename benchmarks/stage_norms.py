@@ -14,7 +14,8 @@ themselves are needed.
 
 ``--activity N`` prints instead what each stage's ReLUs do on the first N images of the run's test set (its
 config.yaml's data), the trained model in eval mode: the share of their outputs above 0, and the share of
-channels (dimension 1) that are 0 on every one of the N images, each ``nn.ReLU`` call counted on its own. A
+channels (dimension 1) that are 0 on every one of the N images, each ``nn.ReLU`` module's call counted on its
+own (a ReLU called as a function, ``torch.relu`` or ``F.relu``, is not seen). A
 start that overshoots can leave a stage's units off for the rest of a run while its weight norm looks normal::
 
     python benchmarks/stage_norms.py --activity 512 benchmarks/runs/deep10-lr0.1/bp-K8-s0 ...
@@ -39,14 +40,19 @@ from fxreplay.data.sets import build_datasets  # noqa: E402
 from fxreplay.errors import FxReplayError  # noqa: E402
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    """The run's trained floating tensors of two or more dimensions, by their names in the model."""
+def trained(run: Path) -> dict[str, torch.Tensor]:
+    """The run's model.pt: its trained state_dict, by the model's names."""
     path = run / "model.pt"
     if not path.is_file():
         raise SystemExit(f"{run}: no model.pt — is it a finished run directory (fxreplay train / compare writes "
                          "model.pt when the run ends)?")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {name: t for name, t in state.items() if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.is_floating_point()}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The run's trained floating tensors of two or more dimensions, by their names in the model."""
+    return {name: t for name, t in trained(run).items()
+            if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.is_floating_point()}
 
 
 def stages_of(run: Path) -> list[list[str]]:
@@ -82,6 +88,10 @@ def table(runs: list[Path]) -> list[str]:
     return lines
 
 
+counted: dict[Path, int] = {}
+"""How many test images :func:`relu_activity` ran per run (the test set may hold fewer than asked for)."""
+
+
 def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
     """Per stage of ``run``: (share of its ReLUs' outputs above 0, share of their channels never above 0) over the
     first ``images`` images of the run's test set, or None for a stage without an ``nn.ReLU``."""
@@ -90,12 +100,12 @@ def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
         data = load_config(run / "config.yaml").data
     except FxReplayError as exc:
         raise SystemExit(f"{run}: its plan/ or config.yaml does not rebuild the run: {exc}") from None
-    path = run / "model.pt"
-    if not path.is_file():
-        raise SystemExit(f"{run}: no model.pt — is it a finished run directory (fxreplay train / compare writes "
-                         "model.pt when the run ends)?")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = trained(run)
     for stage in pipe.stages:
+        missing = [name for name in stage.state_dict() if name not in state]
+        if missing:
+            raise SystemExit(f"{run}: its model.pt lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, "
+                             "which its plan's stages hold: model.pt and plan/ are of different models.")
         stage.load_state_dict({name: state[name] for name in stage.state_dict()})
     pipe.eval()
     calls: list[int] = [0]
@@ -125,6 +135,7 @@ def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
                 done += len(x)
                 if done >= images:
                     break
+            counted[run] = done
     except FxReplayError as exc:
         raise SystemExit(f"{run}: {exc}") from None
     finally:
@@ -149,7 +160,8 @@ def activity_table(runs: list[Path], images: int) -> list[str]:
     rows = [relu_activity(run, images) for run in runs]
     stages = max(len(r) for r in rows)
     heads = [f"stage {k}" for k in range(stages)]
-    lines = [f"ReLU outputs above 0 / channels never above 0 on {images} test images, % (eval mode)",
+    sizes = sorted({counted[run] for run in runs})
+    lines = [f"ReLU outputs above 0 / channels never above 0 on {' or '.join(map(str, sizes))} test images, % (eval mode)",
              f"{'run':<{width}}  " + "  ".join(f"{h:>11}" for h in heads)]
     for name, row in zip(names, rows):
         cells = ["—" if v is None else f"{100 * v[0]:.1f} / {100 * v[1]:.1f}" for v in row]
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="each stage's ReLU activity on the first N test images instead of the weight norms")
     args = ap.parse_args(argv)
     if args.activity < 0:
-        raise SystemExit(f"--activity takes a number of images >= 1, got {args.activity}")
+        raise SystemExit(f"--activity takes a number of images >= 1 (without it: the weight norms), got {args.activity}")
     print("\n".join(activity_table(args.runs, args.activity) if args.activity else table(args.runs)))
 
 

@@ -71,8 +71,9 @@ START_RISE = 1.5
 def unstable_start(losses: list[float]) -> tuple[float, float, int] | None:
     """``(first loss, the highest median of three consecutive iterations' losses, the iteration it ends at)`` when that
     median climbs above :data:`START_RISE` times the first loss (the untrained model's) within the first
-    :data:`START_WINDOW` iterations: two of three iterations that high, not one bad batch. None otherwise, or while the
-    losses are too few, not finite (a rank that does not hold the loss) or the first is not positive.
+    :data:`START_WINDOW` iterations: two of three iterations that high, not one bad batch (``losses[i]`` is
+    iteration i's, 0-based). None otherwise, or while the losses are too few, not finite or the first is not
+    positive.
 
     A run at its full learning rate from the first iteration can overshoot before it learns anything. On ResNet-56
     at lr 0.1 (K = 8) the largest loss of the first 12 iterations is 1.4x the first under BP, 1.7x under plain FR
@@ -566,7 +567,7 @@ class _Run:
         self.watch_start = False
         first, peak, at = found
         self.console.print(
-            f"[yellow]warning:[/] {escape(f'the training loss climbed from {first:.3g} to {peak:.3g} or more in two of iterations {at - 2}-{at}, at the full learning rate ({self.cfg.optim.lr:g}) from the first one: the start is unstable. What such a start leaves can cost accuracy for the whole run, more with a delayed method (FR, DDG) and with its compensation (docs/compensation.md, K = 8). Consider a warm-up: --warmup-steps 100 (optim.warmup_steps), or a lower --lr.')}",
+            f"[yellow]warning:[/] {escape(f'the training loss climbed from {first:.3g} to {peak:.3g} or more in two of steps {at - 1}-{at + 1}, at the full learning rate ({self.cfg.optim.lr:g}) from the first one: the start is unstable. What such a start leaves can cost accuracy for the whole run, more with a delayed method (FR, DDG) and with its compensation (docs/compensation.md, K = 8). Consider a warm-up: --warmup-steps 100 (optim.warmup_steps), or a lower --lr.')}",
             highlight=False, soft_wrap=True)
 
     def _log_step(self, loss: float, sigma: list[float] | None) -> None:

@@ -142,15 +142,22 @@ def test_first_losses_warm_up_as_fxreplay_does():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compensation_signals.py"), "--losses",
                           "--warmup-steps", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "--warmup-steps takes" in bad.stderr
+    alone = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compensation_signals.py"), "--warmup-steps", "5"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert alone.returncode != 0 and "applies to --losses only" in alone.stderr
 
 
 def test_pinned_splits_are_the_driver_s(tmp_path):
     """The ResNet models' splits are read from benchmarks/compensation.sh, the one place that pins them."""
     signals = benchmark("compensation_signals")
     text = (ROOT / "benchmarks" / "compensation.sh").read_text()
+    from fxreplay import models
+
     for model, (_, K) in signals.PINNED.items():
         split = signals.pinned_split(K)
         assert f"SPLIT{K}={K}={','.join(split)}" in text and len(split) == K - 1, model
+        names = dict(getattr(models, model)().named_modules())
+        assert all(name in names for name in split), (model, split)  # every boundary is one of the model's blocks
     other = tmp_path / "compensation.sh"
     other.write_text("SPLIT4=4=a,b,c\n")
     assert signals.pinned_split(4, other) == ["a", "b", "c"]

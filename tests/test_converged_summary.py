@@ -265,3 +265,14 @@ def test_k8_runs_are_kept_tabled_against_bp_and_restored(tmp_path: Path) -> None
     assert sorted(p.name for p in (runs / "deepwarm-lr0.1").iterdir()) == ["bp-K8-s0"]
     assert not (runs / "converged-lr0.1").exists()
     assert run_state(runs / "deep-lr0.1" / "fr+auto-K8-s0", EPOCHS, None) == "finished"
+
+
+def test_the_first_drop_is_not_a_warm_up_s_rise() -> None:
+    """A warm-up that spans the first epochs (its recorded lr below the full rate) is not a drop: the drop is the first
+    epoch whose lr is below an earlier one's."""
+    from types import SimpleNamespace
+
+    script = _script()
+    epochs = [{"lr": lr, "test_accuracy": 0.5, "train_loss": 1.0} for lr in (0.02, 0.1, 0.1, 0.01, 0.01, 0.001)]
+    assert script.around_drop(SimpleNamespace(epochs=epochs))[0] == 3
+    assert script.around_drop(SimpleNamespace(epochs=epochs[:3])) is None  # no drop yet

@@ -75,6 +75,9 @@ def test_activity_counts_each_stage_s_relus(runs: tuple[Path, Path], tmp_path: P
     assert script.relu_activity(off, 64)[0][0] < dead[0][0]
     with pytest.raises(SystemExit, match="--activity takes"):
         script.main(["--activity", "-1", str(slow)])
+    torch.save({"fc.weight": torch.ones(2, 2)}, off / "model.pt")
+    with pytest.raises(SystemExit, match="model.pt and plan/ are of different models"):
+        script.main(["--activity", "8", str(off)])
     shutil.rmtree(off / "plan")
     with pytest.raises(SystemExit, match="does not rebuild the run"):
         script.main(["--activity", "8", str(off)])

@@ -52,7 +52,8 @@ rule        where it acts                     formula (source)
 ``release`` how strongly ``lr`` and           their exponents times η(t)/η_peak, the lr schedule's
             ``stretch`` act                   rate over the highest it reached: a delayed loop's
                                               stability depends on η·λ, so after a decay by 10 a
-                                              tenth of the stabilisers' margin is needed; with
+                                              smaller margin is needed (in a warm-up or
+                                              onecycle's rise σ grows with the rate); with
                                               ``adapt`` the two σ multiply (this project)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
@@ -440,8 +441,8 @@ class Compensator:
         self._held: list[torch.Tensor] | None = None  # the weights under the lookahead (enter_ahead .. exit_ahead)
         self.alignment = 0.0  # adapt: ā, the average of cos(-g, Δw_prev); σ (strength) follows from it
         self.horizon: float | None = None  # stretch's s_k at the last step (adapt changes it: the velocity is rescaled)
-        self.peak_lr: float | None = None  # release: the highest learning rate the stage's schedule has reached
-        self.lr_now: float | None = None  # release: the learning rate of the step being taken
+        self.peak_lr: list[float] | None = None  # release: each of the stage's groups' peak learning rate
+        self.released = 1.0  # release: η(t)/η_peak of the step being taken (its largest over the groups)
         if "official" in comp:
             for g in optimizer.param_groups:
                 g["nesterov"] = True
@@ -516,9 +517,7 @@ class Compensator:
         """How strongly ``lr`` and ``stretch`` act, σ_k in [0, 1] (1 without ``adapt`` and ``release``): ``adapt``'s
         clip(1 − ā_k/A, 0, 1), 1 until the stage has an alignment to average; times ``release``'s η(t)/η_peak."""
         sigma = min(max(1.0 - self.alignment / self.comp.alignment, 0.0), 1.0) if "adapt" in self.comp else 1.0
-        if "release" in self.comp and self.peak_lr and self.lr_now is not None:
-            sigma *= min(max(self.lr_now / self.peak_lr, 0.0), 1.0)
-        return sigma
+        return sigma * self.released if "release" in self.comp else sigma
 
     @property
     def _scaled(self) -> bool:
@@ -526,17 +525,24 @@ class Compensator:
         return "adapt" in self.comp or "release" in self.comp
 
     def _follow_schedule(self, groups: list[dict]) -> None:
-        """``release``: read this step's learning rate and the highest the schedule has reached.
+        """``release``: this step's η(t)/η_peak, the largest over the stage's parameter groups: the stabilisers act on
+        the whole stage, and a group still at its peak rate still needs them.
 
-        η_peak is the larger of the groups' ``initial_lr`` (the base rate torch's schedulers record, the peak of a
-        warm-up, a step or a cosine decay) and the highest rate seen at this stage's steps (onecycle rises above
-        its ``initial_lr``). A stage whose first step comes after a decay still knows the rate it decayed from."""
-        rates = [float(g["lr"]) for g in groups if g and "lr" in g]
-        if not rates:
+        A group's η_peak is the largest of its ``initial_lr`` (the base rate torch's schedulers record: the top of a
+        warm-up, a step or a cosine decay), its ``max_lr`` (onecycle's top) and the highest rate seen at this
+        stage's steps (no scheduler: a rate set by hand). So in a warm-up or onecycle's rise σ grows with the rate,
+        and a stage whose first step comes after a decay still knows the rate it decayed from. The peaks are
+        checkpointed: a resume that restarts the schedule at a lower rate counts it as decayed from the run's."""
+        unique = list({id(g): g for g in groups if g and "lr" in g}.values())
+        if not unique:
             return
-        self.lr_now = max(rates)
-        base = max((float(g.get("initial_lr", 0.0)) for g in groups if g), default=0.0)
-        self.peak_lr = max(self.peak_lr or 0.0, base, self.lr_now)
+        peaks = self.peak_lr if self.peak_lr is not None and len(self.peak_lr) == len(unique) else [0.0] * len(unique)
+        ratios = []
+        for i, g in enumerate(unique):
+            rate = float(g["lr"])
+            peaks[i] = max(peaks[i], float(g.get("initial_lr", 0.0)), float(g.get("max_lr", 0.0)), rate)
+            ratios.append(min(rate / peaks[i], 1.0) if peaks[i] > 0 else 1.0)
+        self.peak_lr, self.released = peaks, max(max(ratios), 0.0)
 
     def _gradients(self, optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[torch.Tensor | None]:
         """Each parameter's gradient with the optimizer's coupled weight decay (AdamW's is decoupled: not in it)."""
@@ -736,7 +742,7 @@ class Compensator:
         power = self.comp.power if "stretch" in self.comp else None
         return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step,
                 "alignment": self.alignment, "horizon": self.horizon,  # adapt's σ follows from the alignment
-                "peak_lr": self.peak_lr}  # release's η_peak (η(t) is the optimizer's own at each step)
+                "peak_lr": self.peak_lr}  # release's η_peak per group (η(t) is the optimizer's own at each step)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -766,7 +772,8 @@ class Compensator:
                 )
         self.alignment = float(state.get("alignment", 0.0))
         self.horizon = state.get("horizon")
-        self.peak_lr = state.get("peak_lr")
+        peaks = state.get("peak_lr")
+        self.peak_lr = None if peaks is None else [float(v) for v in peaks]
         steps = state["last_step"]
         self.last_step = None if steps is None else [
             s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
