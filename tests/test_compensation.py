@@ -212,15 +212,22 @@ def test_release_needs_a_stabiliser_and_resumes_exactly() -> None:
     state = copy.deepcopy(first.state_dict())
     again = executor()
     decay(again)  # the resumed script sets the decayed rate again
-    again.load_state_dict(state)
+    again.load_state_dict(copy.deepcopy(state))
     assert [again.step(x, y) for x, y in data[5:]] == expected[5:]  # bit for bit past the decay
     assert all(torch.equal(a, b) for a, b in zip(weights(again.stages), weights(whole.stages)))
     lost = executor()
     decay(lost)
     # without the peaks a stage takes its decayed rate for the peak: the stabilisers come back (the test can fail)
-    lost.load_state_dict({**state, "workers": [{**w, "compensation": {**w["compensation"], "peak_lr": None}}
-                                               for w in state["workers"]]})
+    fresh = copy.deepcopy(state)  # each executor loads its own copy (a loaded state may be aliased and stepped)
+    lost.load_state_dict({**fresh, "workers": [{**w, "compensation": {**w["compensation"], "peak_lr": None}}
+                                               for w in fresh["workers"]]})
     assert [lost.step(x, y) for x, y in data[5:]] != expected[5:]
+    old = executor()  # release's first checkpoints held one peak per stage, a number: it holds for every group
+    decay(old)
+    fresh = copy.deepcopy(state)
+    old.load_state_dict({**fresh, "workers": [{**w, "compensation": {**w["compensation"], "peak_lr": LR}}
+                                              for w in fresh["workers"]]})
+    assert [old.step(x, y) for x, y in data[5:]] == expected[5:]
 
 
 def test_release_takes_the_group_that_decays_least() -> None:

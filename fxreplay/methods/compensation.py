@@ -529,14 +529,17 @@ class Compensator:
         the whole stage, and a group still at its peak rate still needs them.
 
         A group's η_peak is the largest of its ``initial_lr`` (the base rate torch's schedulers record: the top of a
-        warm-up, a step or a cosine decay), its ``max_lr`` (onecycle's top) and the highest rate seen at this
+        warm-up, a step or a cosine decay), its ``max_lr`` (onecycle's top; CyclicLR keeps its own, so there σ stays
+        1 through the first rise) and the highest rate seen at this
         stage's steps (no scheduler: a rate set by hand). So in a warm-up or onecycle's rise σ grows with the rate,
         and a stage whose first step comes after a decay still knows the rate it decayed from. The peaks are
         checkpointed: a resume that restarts the schedule at a lower rate counts it as decayed from the run's."""
         unique = list({id(g): g for g in groups if g and "lr" in g}.values())
         if not unique:
             return
-        peaks = self.peak_lr if self.peak_lr is not None and len(self.peak_lr) == len(unique) else [0.0] * len(unique)
+        peaks = list(self.peak_lr or [0.0])
+        if len(peaks) != len(unique):  # one peak recorded for the stage (an older checkpoint): it holds for every group
+            peaks = [max(peaks)] * len(unique)
         ratios = []
         for i, g in enumerate(unique):
             rate = float(g["lr"])
@@ -772,8 +775,8 @@ class Compensator:
                 )
         self.alignment = float(state.get("alignment", 0.0))
         self.horizon = state.get("horizon")
-        peaks = state.get("peak_lr")
-        self.peak_lr = None if peaks is None else [float(v) for v in peaks]
+        peaks = state.get("peak_lr")  # a list per group; one number in checkpoints of release's first version
+        self.peak_lr = None if peaks is None else [float(v) for v in (peaks if isinstance(peaks, (list, tuple)) else [peaks])]
         steps = state["last_step"]
         self.last_step = None if steps is None else [
             s.to(p.device) if isinstance(s, torch.Tensor) else None for s, p in zip(steps, self.params)
