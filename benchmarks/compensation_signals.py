@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fxreplay  # noqa: E402
 from fxreplay.data import digits, make_loader  # noqa: E402
 from fxreplay.lr_schedule import scheduler_factory  # noqa: E402
+from fxreplay.optimizers import optimizer_factory  # noqa: E402
 
 WINDOWS = ((0, 20), (20, 60), (60, 120), (120, 200), (200, 400))
 PROBES = (0, 5, 10, 20, 40, 80, 160, 220)  # BP iterations at which --sharpness measures
@@ -162,15 +163,16 @@ def _data(model: str, K: int) -> tuple[nn.Module, object, int, list[str] | None,
     return MODELS[model](), digits(train=True), 64, None, None
 
 
-def sgd_settings(optim: Any) -> tuple[float, float, dict[str, Any]]:
-    """(momentum, weight decay, other SGD arguments): the pinned config's, or the benchmarks' own (``optim`` None)."""
-    return (0.9, 5e-4, {}) if optim is None else (optim.momentum, optim.weight_decay, dict(optim.args))
+def optim_settings(optim: Any) -> tuple[str, float, float, dict[str, Any]]:
+    """(optimizer, momentum, weight decay, its other arguments): the pinned config's ``optim``, or the benchmarks'
+    own SGD (``optim`` None)."""
+    return ("sgd", 0.9, 5e-4, {}) if optim is None else (optim.name, optim.momentum, optim.weight_decay, dict(optim.args))
 
 
 def sgd(lr: float, optim: Any) -> Callable[[Any], torch.optim.Optimizer]:
-    """SGD at ``lr`` with :func:`sgd_settings`."""
-    momentum, decay, extra = sgd_settings(optim)
-    return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=decay, **extra)
+    """The optimizer of :func:`optim_settings` at ``lr``, built as fxreplay builds a config's."""
+    name, momentum, decay, extra = optim_settings(optim)
+    return optimizer_factory(name, lr, decay, extra, momentum)
 
 
 def first_losses(model: nn.Module, train: object, batch: int, split: list[str] | None, method: str, K: int, lr: float,
@@ -193,9 +195,9 @@ def losses_report(model: nn.Module, train: object, batch: int, split: list[str] 
     """Print :func:`first_losses` for each method in ``args.rules``, one row each, and its largest loss."""
     iterations = args.iterations or 12
     methods = [m.strip() for m in args.rules.split(",") if m.strip()]
-    momentum, decay, extra = sgd_settings(optim)
+    name, momentum, decay, extra = optim_settings(optim)
     start = f"a linear warm-up over {args.warmup_steps} iterations" if args.warmup_steps else "the first iteration"
-    print(f"{args.model}, K = {args.K}, SGD lr {args.lr} (momentum {momentum:g}, weight decay {decay:g}"
+    print(f"{args.model}, K = {args.K}, {name.upper() if name == 'sgd' else name} lr {args.lr} (momentum {momentum:g}, weight decay {decay:g}"
           f"{', ' + ', '.join(f'{k} {v}' for k, v in extra.items()) if extra else ''}) from {start}, "
           f"seed {args.seed}: training loss at iterations 0-{iterations - 1}")
     width = max(len(m) for m in methods)

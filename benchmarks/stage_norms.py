@@ -88,13 +88,10 @@ def table(runs: list[Path]) -> list[str]:
     return lines
 
 
-counted: dict[Path, int] = {}
-"""How many test images :func:`relu_activity` ran per run (the test set may hold fewer than asked for)."""
-
-
-def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
+def relu_activity(run: Path, images: int) -> tuple[list[tuple[float, float] | None], int]:
     """Per stage of ``run``: (share of its ReLUs' outputs above 0, share of their channels never above 0) over the
-    first ``images`` images of the run's test set, or None for a stage without an ``nn.ReLU``."""
+    first ``images`` images of the run's test set, or None for a stage without an ``nn.ReLU``; and how many images
+    that was (the test set may hold fewer)."""
     try:
         pipe = load(run / "plan")
         data = load_config(run / "config.yaml").data
@@ -135,7 +132,6 @@ def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
                 done += len(x)
                 if done >= images:
                     break
-            counted[run] = done
     except FxReplayError as exc:
         raise SystemExit(f"{run}: {exc}") from None
     finally:
@@ -150,17 +146,18 @@ def relu_activity(run: Path, images: int) -> list[tuple[float, float] | None]:
         active = sum(r[0] for r in rows) / sum(r[1] for r in rows)
         dead = sum(int((~r[2]).sum()) for r in rows) / sum(r[2].numel() for r in rows)
         out.append((active, dead))
-    return out
+    return out, done
 
 
 def activity_table(runs: list[Path], images: int) -> list[str]:
     """One line per run: each stage's ReLU activity and dead channels, in % (:func:`relu_activity`)."""
     names = [f"{run.parent.name}/{run.name}" for run in runs]
     width = max(len(name) for name in names)
-    rows = [relu_activity(run, images) for run in runs]
+    found = [relu_activity(run, images) for run in runs]
+    rows = [r for r, _ in found]
     stages = max(len(r) for r in rows)
     heads = [f"stage {k}" for k in range(stages)]
-    sizes = sorted({counted[run] for run in runs})
+    sizes = sorted({n for _, n in found})
     lines = [f"ReLU outputs above 0 / channels never above 0 on {' or '.join(map(str, sizes))} test images, % (eval mode)",
              f"{'run':<{width}}  " + "  ".join(f"{h:>11}" for h in heads)]
     for name, row in zip(names, rows):

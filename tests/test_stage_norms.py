@@ -60,7 +60,8 @@ def test_activity_counts_each_stage_s_relus(runs: tuple[Path, Path], tmp_path: P
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ReLU outputs above 0") and lines[1].split() == ["run", "stage", "0", "stage", "1"]
     assert [line.split()[0] for line in lines[2:]] == [f"{r.parent.name}/{r.name}" for r in runs]
-    base = script.relu_activity(slow, 64)
+    base, images = script.relu_activity(slow, 64)
+    assert images == 64
     assert len(base) == 2 and all(v is not None and 0 < v[0] < 1 and 0 <= v[1] < 1 for v in base)
     # switch the stem's first channel off for good: its BatchNorm's shift far below anything the input reaches
     off = tmp_path / "off"
@@ -68,11 +69,11 @@ def test_activity_counts_each_stage_s_relus(runs: tuple[Path, Path], tmp_path: P
     state = torch.load(off / "model.pt", weights_only=True)
     state["bn1.bias"][0] = -1e4
     torch.save(state, off / "model.pt")
-    dead = script.relu_activity(off, 64)
+    dead, _ = script.relu_activity(off, 64)
     assert dead[0][1] > base[0][1] and dead[0][0] < base[0][0]  # one more channel never on, fewer outputs on
     state["bn1.bias"][:] = -1e4  # every stem channel off: its ReLU is all zeros, the next conv sees zeros
     torch.save(state, off / "model.pt")
-    assert script.relu_activity(off, 64)[0][0] < dead[0][0]
+    assert script.relu_activity(off, 64)[0][0][0] < dead[0][0]
     with pytest.raises(SystemExit, match="--activity takes"):
         script.main(["--activity", "-1", str(slow)])
     torch.save({"fc.weight": torch.ones(2, 2)}, off / "model.pt")

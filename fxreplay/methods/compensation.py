@@ -545,7 +545,7 @@ class Compensator:
             rate = float(g["lr"])
             peaks[i] = max(peaks[i], float(g.get("initial_lr", 0.0)), float(g.get("max_lr", 0.0)), rate)
             ratios.append(min(rate / peaks[i], 1.0) if peaks[i] > 0 else 1.0)
-        self.peak_lr, self.released = peaks, max(max(ratios), 0.0)
+        self.peak_lr, self.released = peaks, max(ratios)
 
     def _gradients(self, optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[torch.Tensor | None]:
         """Each parameter's gradient with the optimizer's coupled weight decay (AdamW's is decoupled: not in it)."""
