@@ -60,7 +60,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
         h = x
         for k in range(K):  # the play
             d = K - 1 - k
-            ahead = 1 if "lookahead" in rules and k > 0 else 0  # stages that send a δ down run one update ahead
+            # stages that send a δ down run one update ahead (replayahead: only the delayed ones, not the last)
+            ahead = 1 if k > 0 and ("lookahead" in rules or ("replayahead" in rules and k < K - 1)) else 0
             horizon = (d + ahead if "predict" in rules else 0) if k < K - 1 else ahead  # the last: its training forward
             memory[k][t] = h
             with torch.no_grad():
@@ -84,7 +85,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
                 p.grad = None
             inp = memory[k].pop(b).clone().requires_grad_(True)
             own = [p.detach().clone() for p in params[k]]
-            if "lookahead" in rules and k > 0 and last[k] is not None:  # replay and backward at w + Δw
+            ahead = k > 0 and ("lookahead" in rules or ("replayahead" in rules and k < K - 1))
+            if ahead and last[k] is not None:  # replay and backward at w + Δw
                 with torch.no_grad():
                     for p, s in zip(params[k], last[k]):
                         p.add_(s)
@@ -140,7 +142,8 @@ def reference(stages: list[nn.Module], data: list[tuple[torch.Tensor, torch.Tens
 @pytest.mark.parametrize("rules", ["predict", "spike", "lr", "shrink", "stretch", "predict+spike", "predict+spike+stretch",
                                    "lr+predict+shrink+spike+stretch", "predict+spike+stretch=1", "stretch=2", "lookahead",
                                    "lookahead+predict", "lookahead+lr+predict+stretch", "lookahead+lr+predict+spike+stretch",
-                                   "adapt+lookahead+lr+predict+stretch", "adapt=0.3+lr", "adapt+spike+stretch=2"])
+                                   "adapt+lookahead+lr+predict+stretch", "adapt=0.3+lr", "adapt+spike+stretch=2",
+                                   "replayahead", "lr+predict+replayahead+stretch"])
 def test_fr_with_each_rule_equals_its_handwritten_reference(rules: str) -> None:
     data = batches(6)
     ref_stages = split(mlp(), 3)
@@ -308,6 +311,27 @@ def test_lookahead_is_bp_at_one_stage_and_acts_on_the_last_stage_otherwise() -> 
     losses = [(ahead.step(x, y), plain.step(x, y)) for x, y in data]
     assert losses[0][0] == losses[0][1]  # the first forward: no update yet, nothing to look ahead with
     assert losses[1][0] != losses[1][1]  # the last stage updated at step 1: its training forward now runs at w + Δw
+
+
+def test_replayahead_leaves_the_last_stage_at_its_own_weights() -> None:
+    data = batches(6)
+    for K in (1, 2):  # no delayed stage sends a δ down: nothing runs ahead (K = 1: BP; K = 2: predict alone)
+        ahead = LocalExecutor(split(mlp(), K), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="predict+replayahead")
+        plain = LocalExecutor(split(mlp(), K), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="predict")
+        for x, y in data:
+            assert ahead.step(x, y) == plain.step(x, y)
+        assert all(torch.equal(a, b) for a, b in zip(weights(ahead.stages), weights(plain.stages)))
+    middle = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="predict+replayahead")
+    plain = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="predict")
+    every = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="lookahead+predict")
+    losses = [(middle.step(x, y), plain.step(x, y), every.step(x, y)) for x, y in data]
+    assert losses[1][0] == losses[1][1] != losses[1][2]  # step 1: lookahead's last stage already runs at w + Δw
+    assert losses[-1][0] != losses[-1][1]  # the middle stage's replay runs ahead: a different run
+    assert [s.compensator.ahead for s in middle.workers] == [0, 1, 0]
+    with pytest.raises(TrainingError, match="both lookahead.*and replayahead"):
+        parse("lookahead+replayahead")
+    with pytest.raises(TrainingError, match="replayahead.*ddg has no replay"):
+        LocalExecutor(split(mlp(), 3), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="replayahead")
 
 
 def test_a_failure_inside_the_lookahead_leaves_every_weight_as_it_was() -> None:
@@ -744,6 +768,8 @@ def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
     for d in (1, 2, 3):
         assert limit(0.9, d) < limit(0.9, d, predict=True, spike=True) < limit(0.9, d, predict=True, spike=True, stretch=True)
     assert module.spectral_radius(0.01, 0.9, 3, stretch=True, power=1) < 1 < module.spectral_radius(0.3, 0.9, 3, stretch=True, power=1)
+    # the last stage (d = 0) under lookahead: its own gradient at w − η·v, stable only to 2(1+μ)/3, a third of BP's
+    assert limit(0.9, 0, predict=True, lookahead=True) == pytest.approx(limit(0.9, 0) / 3, rel=0.02)
     for d in (1, 3, 7):  # a longer horizon is stable further at every delay: (d+1)^2 near 1 at every delay
         by_power = [limit(0.9, d, predict=True, spike=True, stretch=True, power=p) for p in (1, 1.5, 2)]
         assert by_power == sorted(by_power) and by_power[0] < 0.7 and 0.8 < by_power[2] < 1.5

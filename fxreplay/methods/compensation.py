@@ -6,7 +6,7 @@ backpropagates; the penalty grows with K and the step size (DESIGN.md Sec. 2). E
 acts in one place of a stage's iteration, is a pure function of (K, d_k, the iteration,
 the optimizer's settings), and is the identity for d_k = 0 -- so K = 1 is BP and the last
 stage is never touched -- except ``lookahead``, which acts on every stage that sends a δ down
-(the last one included) and on none at K = 1:
+(the last one included) and on none at K = 1 (``replayahead``: on those that are also late, none at K ≤ 2):
 
 =========== ================================= =============================================
 rule        where it acts                     formula (source)
@@ -42,6 +42,13 @@ rule        where it acts                     formula (source)
                                              then, and the stage's own gradient one update
                                              ahead, as Nesterov momentum takes it (this
                                              project, from weight prediction; FR only)
+``replayahead`` the replays of the delayed    ``lookahead`` on stages 0 < k < K-1 only: the last
+            stages that send a δ down         stage trains at its own weights, as BP's. Its
+                                              lookahead takes its *own* gradient at w − η·v,
+                                              which is stable only to η·λ < 2(1+μ)/3 (1.27 at
+                                              μ = 0.9; heavy-ball 3.8); this keeps its range
+                                              and gives up the δ it sends being one update
+                                              ahead (this project; FR only)
 ``adapt``   how strongly ``lr`` and           their exponents times σ_k = clip(1 − ā_k/A, 0, 1),
 (``adapt=A``) ``stretch`` act                  A = 1: m_k(t)^σ, s_k = (d_k+1)^{pσ}; ā_k the
                                               average of cos(−g, Δw_prev) over the momentum
@@ -98,6 +105,7 @@ RULES: dict[str, str] = {
     "spike": "a late gradient's missed momentum terms applied at once (spike compensation)",
     "stretch": "a late gradient spread over a momentum horizon (d+1)^p times longer, at the same total step (p = 1.5)",
     "lookahead": "FR's replay at the weights one update ahead: the δ sent down meets the weights of when it is used",
+    "replayahead": "lookahead in the delayed stages' replays only: the last stage trains at its own weights, as BP's",
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
     "adapt": "lr's and stretch's strength follows the stage's gradient alignment: released while descent is consistent",
     "release": "lr's and stretch's strength follows the lr schedule, η(t)/η_peak: released as the rate decays",
@@ -244,6 +252,10 @@ def parse(spec: str | Compensation | None) -> Compensation:
                         f"(the default is {DEFAULT_STRETCH:g}; stretch=1 is the horizon d+1).")
                 power = number
         rules.append(name)
+    if "lookahead" in rules and "replayahead" in rules:
+        raise TrainingError(
+            f"compensation {spec!r} names both lookahead (every stage that sends a δ down, the last one included) and "
+            "replayahead (the delayed stages only): give one of them.")
     return Compensation(tuple(sorted(rules)), beta, power, alignment)
 
 
@@ -260,7 +272,7 @@ def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = 
         for g in groups)
     rules = AUTO if heavy_ball or _nesterov(optimizer) or _adam(optimizer) else AUTO_OTHER
     if method != "fr":  # lookahead runs FR's replay ahead; DDG has none
-        rules = "+".join(r for r in rules.split("+") if r != "lookahead")
+        rules = "+".join(r for r in rules.split("+") if r not in ("lookahead", "replayahead"))
     return parse(rules)
 
 
@@ -386,11 +398,12 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 f"compensation {rule!r} sets how strongly lr and stretch act, and {comp.name!r} has neither: add lr or "
                 f"stretch (e.g. {rule}+lookahead+lr+predict+stretch), or drop {rule}."
             )
-    if "lookahead" in comp and method != "fr":
-        raise TrainingError(
-            f"compensation 'lookahead' runs features replay's replay one update ahead; {method} has no replay: use it "
-            "with fr, or drop it (predict, spike, stretch, lr and shrink work with ddg)."
-        )
+    for rule in ("lookahead", "replayahead"):
+        if rule in comp and method != "fr":
+            raise TrainingError(
+                f"compensation {rule!r} runs features replay's replay one update ahead; {method} has no replay: use it "
+                "with fr, or drop it (predict, spike, stretch, lr and shrink work with ddg)."
+            )
     if "official" in comp:
         if method != "fr":
             raise TrainingError(f"compensation 'official' is the published features-replay code's recipe; it does not apply to {method}.")
@@ -437,7 +450,8 @@ class Compensator:
         # Δw of the last update, per parameter (``predict``); None until the stage first steps.
         self.last_step: list[torch.Tensor | None] | None = None
         # lookahead: stages that send a δ down replay one update ahead (none at K = 1: stage 0 sends nothing)
-        self.ahead = 1 if "lookahead" in comp and stage > 0 else 0
+        # (replayahead: only the delayed ones, d_k > 0; the last stage trains at its own weights)
+        self.ahead = 1 if stage > 0 and ("lookahead" in comp or ("replayahead" in comp and delay > 0)) else 0
         self._held: list[torch.Tensor] | None = None  # the weights under the lookahead (enter_ahead .. exit_ahead)
         self.alignment = 0.0  # adapt: ā, the average of cos(-g, Δw_prev); σ (strength) follows from it
         self.horizon: float | None = None  # stretch's s_k at the last step (adapt changes it: the velocity is rescaled)
