@@ -40,7 +40,7 @@ def spectral_radius(a: float, mu: float, delay: int, spike: bool = False, predic
 
     def step(state: np.ndarray) -> np.ndarray:
         w, v = state[:delay + 2], state[delay + 2]
-        ahead = (delay + 1 if lookahead else delay) if predict else (1 if lookahead and delay > 0 else 0)
+        ahead = (delay + 1 if lookahead else delay) if predict else (1 if lookahead else 0)
         at = w[delay] + ahead * (w[delay] - w[delay + 1])
         g = a * at
         v_new = mu * v + g

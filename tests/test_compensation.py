@@ -328,6 +328,8 @@ def test_replayahead_leaves_the_last_stage_at_its_own_weights() -> None:
     assert losses[1][0] == losses[1][1] != losses[1][2]  # step 1: lookahead's last stage already runs at w + Δw
     assert losses[-1][0] != losses[-1][1]  # the middle stage's replay runs ahead: a different run
     assert [s.compensator.ahead for s in middle.workers] == [0, 1, 0]
+    four = LocalExecutor(split(mlp(), 4), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="replayahead")
+    assert [s.compensator.ahead for s in four.workers] == [0, 1, 1, 0]  # every middle stage, not only one
     with pytest.raises(TrainingError, match="both lookahead.*and replayahead"):
         parse("lookahead+replayahead")
     with pytest.raises(TrainingError, match="replayahead.*ddg has no replay"):
@@ -770,6 +772,7 @@ def test_the_delayed_heavy_ball_analysis_behind_stretch() -> None:
     assert module.spectral_radius(0.01, 0.9, 3, stretch=True, power=1) < 1 < module.spectral_radius(0.3, 0.9, 3, stretch=True, power=1)
     # the last stage (d = 0) under lookahead: its own gradient at w − η·v, stable only to 2(1+μ)/3, a third of BP's
     assert limit(0.9, 0, predict=True, lookahead=True) == pytest.approx(limit(0.9, 0) / 3, rel=0.02)
+    assert limit(0.9, 0, lookahead=True) == pytest.approx(limit(0.9, 0) / 3, rel=0.02)  # with predict or without
     for d in (1, 3, 7):  # a longer horizon is stable further at every delay: (d+1)^2 near 1 at every delay
         by_power = [limit(0.9, d, predict=True, spike=True, stretch=True, power=p) for p in (1, 1.5, 2)]
         assert by_power == sorted(by_power) and by_power[0] < 0.7 and 0.8 < by_power[2] < 1.5
