@@ -272,7 +272,7 @@ def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = 
         for g in groups)
     rules = AUTO if heavy_ball or _nesterov(optimizer) or _adam(optimizer) else AUTO_OTHER
     if method != "fr":  # lookahead runs FR's replay ahead; DDG has none
-        rules = "+".join(r for r in rules.split("+") if r not in ("lookahead", "replayahead"))
+        rules = "+".join(r for r in rules.split("+") if r != "lookahead")
     return parse(rules)
 
 
