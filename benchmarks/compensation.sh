@@ -21,6 +21,9 @@
 #   ResNet-110 up at lr 0.01 for this), and compensation's delayed stages more so (docs/compensation.md, "K = 8").
 #   The table that decides (BP, FR none, FR and DDG with auto's rules, FR with the previous auto, K = 2, 4, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
+#   Where the lr 0.01, K = 4 gap opens: the runs to the first lr drop, swapped (BP's weights under auto's rules and
+#   the reverse) and trained on (benchmarks/handoff.py; seeds 0-2, ~10 min a half-run):
+#     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh handoff > benchmarks/runs/compensation-handoff.log 2>&1 &
 #
 # RULES="fr+predict+spike+stretch fr+predict" overrides the list; SEEDS="0 1 2" the seeds of `table`. Rerunning resumes each
 # interrupted run from its last epoch and reuses finished ones (one `fxreplay compare` per list, a run
@@ -59,6 +62,36 @@ case "$mode" in
       fxreplay compare --config configs/resnet56_cifar10_5k.yaml --methods "$r" --K 8 --seeds "${SEEDS:-0}" --lr "${LR:-0.1}" \
         --boundaries "$SPLIT8" ${EPOCHS:+--epochs "$EPOCHS"} ${warm:+--warmup-steps 100} --out "benchmarks/runs/deep${warm}${EPOCHS:-}-lr${LR:-0.1}"
     done
+    exit 0 ;;
+  handoff)
+    # Where the weights are, or how they are trained after the first lr drop? (benchmarks/handoff.py) The converged
+    # benchmark's BP, FR and FR+auto's rules at lr ${LR:-0.01}, K = 4, stopped at the drop (iteration 600 of 1200),
+    # then trained on from each other's weights: auto's rules from BP's, BP from auto's, plain FR from auto's. The
+    # unswapped continuations are the kept runs of `table` (the table checks that the first halves are the same
+    # computation); ~10 min a half-run on one core.
+    lr=${LR:-0.01}
+    out=benchmarks/runs/handoff-lr$lr
+    mkdir -p "$out"
+    # the converged benchmark's setup with its pinned K = 4 split (compare --boundaries "$SPLIT4")
+    sed -e "s/^  lr: .*/  lr: $lr/" -e "s/^  K: .*/  K: 4/" -e "s/^  boundaries: .*/  boundaries: [${SPLIT4#4=}]/" \
+      "$CONFIG" > "$out/config.yaml"
+    auto=fr+lookahead+lr+predict+stretch
+    half() {  # half METHOD SEED: the run to the drop
+      local run="$out/$1-s$2" method=${1%%+*} rules=()
+      [ "$1" = "$method" ] || rules=(--compensation "${1#*+}")
+      if [ -f "$run/checkpoint.pt" ]; then fxreplay train --resume "$run" --max-steps 600; return; fi
+      fxreplay train --config "$out/config.yaml" --method "$method" "${rules[@]}" --seed "$2" --max-steps 600 --out "$run"
+    }
+    for seed in ${SEEDS:-0 1 2}; do
+      for m in bp fr "$auto"; do half "$m" "$seed"; done
+      for pair in "bp $auto" "$auto bp" "$auto fr"; do
+        set -- $pair
+        run="$out/$1@$2-s$seed"
+        [ -d "$run" ] || python benchmarks/handoff.py --weights "$out/$1-s$seed" --dynamics "$out/$2-s$seed" --out "$run"
+        fxreplay train --resume "$run" --max-steps 1200
+      done
+    done
+    python benchmarks/handoff.py --table "$out" --kept "benchmarks/results/converged-runs/lr$lr"
     exit 0 ;;
   proxy|proxy8|proxy-mlp)
     # The quick screens (~10-15 min a run on one core): Fashion-MNIST (Debian: apt-get install
@@ -102,6 +135,6 @@ case "$mode" in
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi
     exit 0 ;;
-  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | deep | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | deep | handoff | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
 esac
 python benchmarks/converged_summary.py

@@ -1,0 +1,234 @@
+"""Swap two runs' weights mid-training: where the weights are, or how they are trained?
+
+Compensated FR is level with BP on the converged benchmark until the first lr drop and falls
+behind after it (docs/compensation.md, "Where auto's lr 0.01 gap opens"). Two explanations
+predict different things. If the high-rate phase left FR's weights somewhere that gains less
+from the drop, BP trained on from FR's weights falls behind as FR does. If FR's own training
+after the drop is what gains less, FR trained on from BP's weights falls behind and BP from
+FR's weights does not. This tool makes the swapped runs.
+
+Two runs of the same config but the method (and compensation), the same K and split, stopped at
+the same iteration (``fxreplay train ... --max-steps N``): ``--weights A --dynamics B --out C``
+writes run C, B's checkpoint and run directory with A's model state (every parameter and buffer,
+BatchNorm statistics included) and A's momentum, converted to B's convention, then
+
+    fxreplay train --resume C --max-steps M      # B's method from A's weights
+
+What is carried over, per stage (the plan's stages must hold the same tensors):
+
+- the module's state: A's, exactly;
+- heavy-ball momentum: the step A's velocity makes, u = m·v/s (s the stage's stretched horizon
+  under ``stretch``, 1 without; m ``lr``'s warm-up factor), becomes B's velocity v = s·u/m,
+  so B's first step moves the weights as A's would have;
+- ``predict``/``lookahead`` need the stage's last update: −η·u with η the rate of A's last step.
+
+B keeps its own lr schedule (the same config), its random state and its in-flight batches (FR's
+stashed stage inputs, DDG's stored outputs): the first d_k iterations replay features B computed,
+a transient of K−1 iterations. Refused: other stage contents, optimizers other than heavy-ball
+SGD, a warm-up still running on either side, and a non-empty --out.
+
+The run's metrics.jsonl is B's up to the swap, then a ``{"kind": "handoff"}`` record, then what
+the resumed run writes.
+
+    python benchmarks/handoff.py --table DIR --kept benchmarks/results/converged-runs/lr0.01
+
+prints the table of the swapped runs in DIR (named ``A@B-sS``: A's weights, B's training) next to the
+unswapped runs kept by the converged benchmark (``METHOD-K4-sS``; BP's ``bp-K2-sS``): best test error
+and the gap to BP paired by seed, and the test error two epochs after the swap. Each swapped run's
+epochs before the swap must equal those of B's kept run, record for record (losses, test accuracy) (the same computation: the
+kept runs stand for the unswapped continuations); a run that differs is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fxreplay.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from fxreplay.methods.compensation import lr_multiplier, parse  # noqa: E402
+
+
+class HandoffError(ValueError):
+    """Two runs whose states cannot be swapped."""
+
+
+def _stage_scale(worker: dict[str, Any], delay: int, step: int) -> float:
+    """s/m: the factor between a stage's velocity and the step it makes (in units of the rate)."""
+    comp = worker.get("compensation")
+    if not comp or comp.get("rules") in (None, "none"):
+        return 1.0
+    rules = parse(comp["rules"])
+    momentum = float(worker["optimizer"]["param_groups"][0]["momentum"])
+    if "lr" in rules and lr_multiplier(delay, step, momentum) != 1.0:
+        raise HandoffError(f"the lr warm-up of the stage {delay} iterations late is still running at iteration {step}: "
+                           "swap after it ends (the velocity's scale would follow it).")
+    return float(comp.get("horizon") or 1.0)
+
+
+def _heavy_ball(worker: dict[str, Any], name: str) -> None:
+    for group in worker["optimizer"]["param_groups"]:
+        if group.get("nesterov") or "momentum" not in group or group["momentum"] <= 0:
+            raise HandoffError(f"{name}: the swap converts heavy-ball SGD velocities; this stage's optimizer is {group!r}.")
+
+
+def _last_lr(run: Path, step: int) -> float:
+    """The rate of the run's update number ``step`` (its metrics' record at that step)."""
+    rate = None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("step") == step and "lr" in record:
+            rate = float(record["lr"])
+    if rate is None:
+        raise HandoffError(f"{run}/metrics.jsonl has no record of step {step} with its rate: stop runs at an epoch's end.")
+    return rate
+
+
+def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
+    """Write run ``out``: ``dynamics``'s run with ``weights``'s model and momentum (see the module)."""
+    src, dst = load_checkpoint(weights), load_checkpoint(dynamics)
+    if src["step"] != dst["step"] or src["K"] != dst["K"]:
+        raise HandoffError(f"{weights} is at step {src['step']} with K={src['K']}, {dynamics} at step {dst['step']} with "
+                           f"K={dst['K']}: stop both at the same iteration of the same split.")
+    if src["run"]["data"] != dst["run"]["data"]:
+        raise HandoffError(f"{weights} and {dynamics} were trained on other data.")
+    if out.exists() and any(out.iterdir()):
+        raise HandoffError(f"{out} is not empty: give a new directory.")
+    step, K = int(dst["step"]), int(dst["K"])
+    rate = _last_lr(weights, step)
+    workers_src, workers_dst = src["trainer"]["executor"]["workers"], dst["trainer"]["executor"]["workers"]
+    for k, (a, b) in enumerate(zip(workers_src, workers_dst)):
+        delay = K - 1 - k
+        if a["module"].keys() != b["module"].keys() or any(a["module"][n].shape != b["module"][n].shape for n in a["module"]):
+            raise HandoffError(f"stage {k} holds other tensors in the two runs: use the same split (--boundaries).")
+        _heavy_ball(a, f"stage {k} of {weights}")
+        _heavy_ball(b, f"stage {k} of {dynamics}")
+        scale_a, scale_b = _stage_scale(a, delay, step), _stage_scale(b, delay, step)
+        for name, tensor in a["module"].items():
+            b["module"][name] = tensor.clone()
+        state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+        steps = []
+        for i in sorted(state_b):
+            va, vb = state_a[i]["momentum_buffer"], state_b[i]["momentum_buffer"]
+            if va.shape != vb.shape:
+                raise HandoffError(f"stage {k}'s optimizer orders its parameters differently in the two runs.")
+            # the step A's velocity makes, in units of the rate, u = va / scale_a, in B's convention
+            state_b[i]["momentum_buffer"] = va * (scale_b / scale_a) if scale_b != scale_a else va.clone()
+            steps.append(va * (-rate / scale_a))
+        comp = b.get("compensation")
+        if comp and comp.get("last_step") is not None:
+            comp["last_step"] = steps
+    record = {"kind": "handoff", "step": step, "epoch": dst["epoch"], "weights": str(weights), "dynamics": str(dynamics)}
+    shutil.copytree(dynamics, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock", "model.pt", "checkpoint.pt"))
+    lines = (out / "metrics.jsonl").read_text().splitlines()[: dst["metrics_lines"]]
+    (out / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(record)]) + "\n")
+    dst["metrics_lines"] += 1
+    save_atomic(dst, out / "checkpoint.pt", checksum=True)
+    return record
+
+
+SWAPPED = re.compile(r"^(?P<weights>[a-z0-9+.=]+)@(?P<dynamics>[a-z0-9+.=]+)-s(?P<seed>\d+)$")
+
+
+def _epochs(run: Path) -> tuple[list[dict[str, Any]], int | None]:
+    """A run's evaluated epoch records and the index of the first one after a swap (None: not swapped)."""
+    epochs, swap = [], None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "handoff":
+            swap = len(epochs)
+        elif record.get("kind") == "epoch" and record.get("test_accuracy") is not None:
+            epochs.append(record)
+    return epochs, swap
+
+
+def _kept(kept: Path, method: str, seed: int) -> Path:
+    name = f"bp-K2-s{seed}" if method == "bp" else f"{method}-K4-s{seed}"
+    if not (kept / name / "metrics.jsonl").is_file():
+        raise HandoffError(f"{kept / name} is not a kept run: the unswapped {method} of seed {seed} is needed.")
+    return kept / name
+
+
+def _computed(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What an epoch record says of the computation (not its timing)."""
+    return record["step"], record["train_loss"], record["test_accuracy"], record.get("test_loss"), record.get("lr")
+
+
+def _error(record: dict[str, Any]) -> float:
+    return 100 * (1 - record["test_accuracy"])
+
+
+def table(folder: Path, kept: Path) -> str:
+    """The markdown table of the swapped runs in ``folder`` and the kept unswapped ones (see the module)."""
+    rows: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    epochs_total = None
+    for run in sorted(p for p in folder.iterdir() if SWAPPED.match(p.name)):
+        m = SWAPPED.match(run.name)
+        assert m is not None
+        seed = int(m["seed"])
+        epochs, swap = _epochs(run)
+        if swap is None:
+            raise HandoffError(f"{run} has no handoff record: make it with --weights/--dynamics.")
+        own, _ = _epochs(_kept(kept, m["dynamics"], seed))
+        if [_computed(r) for r in epochs[:swap]] != [_computed(r) for r in own[:swap]]:
+            raise HandoffError(f"{run}'s epochs before the swap differ from the kept {m['dynamics']} run of seed {seed}: "
+                               "another computation (config, split or release), so the kept runs cannot stand for it.")
+        epochs_total = epochs_total or len(own)
+        if len(epochs) < len(own):
+            continue  # still training
+        for method in (m["weights"], m["dynamics"], "bp"):
+            diagonal, _ = _epochs(_kept(kept, method, seed))
+            rows.setdefault((method, method), {})[seed] = (min(map(_error, diagonal)), _error(diagonal[swap + 1]))
+        rows.setdefault((m["weights"], m["dynamics"]), {})[seed] = (min(map(_error, epochs)), _error(epochs[swap + 1]))
+    if not rows:
+        return f"no finished swapped runs in {folder}"
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:+.2f} (n=1)"
+        return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+    bp = rows[("bp", "bp")]
+    lines = ["| weights until the drop | trained on by | best test error (%) | gap to BP | two epochs after the drop, gap to BP |",
+             "|---|---|---:|---:|---:|"]
+    for (weights, dynamics), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != kv[0][1], kv[0])):
+        seeds = sorted(by_seed)
+        best = statistics.fmean(by_seed[s][0] for s in seeds)
+        lines.append(f"| {weights} | {dynamics} | {best:.2f} | {cell([by_seed[s][0] - bp[s][0] for s in seeds])} | "
+                     f"{cell([by_seed[s][1] - bp[s][1] for s in seeds])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, help="the run whose weights and momentum are carried over")
+    parser.add_argument("--dynamics", type=Path, help="the run whose method, compensation and state go on")
+    parser.add_argument("--out", type=Path, help="the new run directory (resume it with fxreplay train --resume)")
+    parser.add_argument("--table", type=Path, help="print the table of the swapped runs in this folder")
+    parser.add_argument("--kept", type=Path, default=Path("benchmarks/results/converged-runs/lr0.01"),
+                        help="the kept unswapped runs (with --table)")
+    args = parser.parse_args(argv)
+    try:
+        if args.table is not None:
+            print(table(args.table, args.kept))
+            return 0
+        if args.weights is None or args.dynamics is None or args.out is None:
+            parser.error("--weights, --dynamics and --out make a swapped run (or --table DIR prints the table)")
+        record = handoff(args.weights, args.dynamics, args.out)
+    except HandoffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} at step {record['step']}: resume it with fxreplay train --resume {args.out} --max-steps N")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
