@@ -22,7 +22,7 @@
 #   The table that decides (BP, FR none, FR and DDG with auto's rules, FR with the previous auto, K = 2, 4, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
 #   Where the lr 0.01, K = 4 gap opens: the runs to the first lr drop, swapped (BP's weights under auto's rules and
-#   the reverse) and trained on (benchmarks/handoff.py; seeds 0-2, ~10 min a half-run):
+#   the reverse) and trained on (benchmarks/handoff.py; seeds 0-2, nine half-runs of ~10 min a seed, six with HALVES=0):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh handoff > benchmarks/runs/compensation-handoff.log 2>&1 &
 #
 # RULES="fr+predict+spike+stretch fr+predict" overrides the list; SEEDS="0 1 2" the seeds of `table`. Rerunning resumes each
@@ -66,9 +66,11 @@ case "$mode" in
   handoff)
     # Where the weights are, or how they are trained after the first lr drop? (benchmarks/handoff.py) The converged
     # benchmark's BP, FR and FR+auto's rules at lr ${LR:-0.01}, K = 4, stopped at the drop (iteration 600 of 1200),
-    # then trained on from each other's weights: auto's rules from BP's, BP from auto's, plain FR from auto's. The
-    # unswapped continuations are the kept runs of `table` (the table checks that the first halves are the same
-    # computation); ~10 min a half-run on one core.
+    # then trained on from each other's weights: auto's rules from BP's, BP from auto's, plain FR from auto's; then
+    # the first halves themselves trained on (the unswapped runs). With HALVES=0 the kept runs of `table` stand for
+    # them instead, where the table finds a swapped run's first half the same computation (else it says which first
+    # half to train on). ~10 min a half-run on one core; the finished runs are kept in
+    # benchmarks/results/compensation/handoff-lr<rate>/.
     lr=${LR:-0.01}
     out=benchmarks/runs/handoff-lr$lr
     mkdir -p "$out"
@@ -90,8 +92,11 @@ case "$mode" in
         [ -d "$run" ] || python benchmarks/handoff.py --weights "$out/$1-s$seed" --dynamics "$out/$2-s$seed" --out "$run"
         fxreplay train --resume "$run" --max-steps 1200
       done
+      if [ "${HALVES:-1}" = 1 ]; then
+        for m in bp fr "$auto"; do fxreplay train --resume "$out/$m-s$seed" --max-steps 1200; done
+      fi
     done
-    python benchmarks/handoff.py --table "$out" --kept "benchmarks/results/converged-runs/lr$lr"
+    python benchmarks/handoff.py --table "$out" --kept "benchmarks/results/converged-runs/lr$lr" --keep "benchmarks/results/compensation/handoff-lr$lr"
     exit 0 ;;
   proxy|proxy8|proxy-mlp)
     # The quick screens (~10-15 min a run on one core): Fashion-MNIST (Debian: apt-get install

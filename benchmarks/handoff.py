@@ -17,15 +17,18 @@ BatchNorm statistics included) and A's momentum, converted to B's convention, th
 What is carried over, per stage (the plan's stages must hold the same tensors):
 
 - the module's state: A's, exactly;
-- heavy-ball momentum: the step A's velocity makes, u = m·v/s (s the stage's stretched horizon
-  under ``stretch``, 1 without; m ``lr``'s warm-up factor), becomes B's velocity v = s·u/m,
-  so B's first step moves the weights as A's would have;
-- ``predict``/``lookahead`` need the stage's last update: −η·u with η the rate of A's last step.
+- heavy-ball momentum: A's velocity v_A becomes B's v_B = v_A·s_B/s_A (s the stage's stretched
+  horizon under ``stretch``, 1 without), so that it makes the same displacement η·v/s; B's next
+  step then weighs it with B's own momentum (the stretched μ_k, or μ), and what is left of it plays
+  out over B's horizon;
+- ``predict``/``lookahead`` need the stage's last update: −η·v_A/s_A with η the rate of A's last step.
 
 B keeps its own lr schedule (the same config), its random state and its in-flight batches (FR's
 stashed stage inputs, DDG's stored outputs): the first d_k iterations replay features B computed,
 a transient of K−1 iterations. Refused: other stage contents, optimizers other than heavy-ball
-SGD, a warm-up still running on either side, and a non-empty --out.
+SGD (Nesterov, Adam, several parameter groups), rules whose state it does not convert (``spike``,
+``adapt``, ``release``, ``official``), a scaled stage rate, runs of other settings or seeds, a warm-up still
+running on either side, and a non-empty --out.
 
 The run's metrics.jsonl is B's up to the swap, then a ``{"kind": "handoff"}`` record, then what
 the resumed run writes.
@@ -33,10 +36,13 @@ the resumed run writes.
     python benchmarks/handoff.py --table DIR --kept benchmarks/results/converged-runs/lr0.01
 
 prints the table of the swapped runs in DIR (named ``A@B-sS``: A's weights, B's training) next to the
-unswapped runs kept by the converged benchmark (``METHOD-K4-sS``; BP's ``bp-K2-sS``): best test error
-and the gap to BP paired by seed, and the test error two epochs after the swap. Each swapped run's
-epochs before the swap must equal those of B's kept run, record for record (losses, test accuracy) (the same computation: the
-kept runs stand for the unswapped continuations); a run that differs is refused.
+unswapped runs: best test error and the gap to BP paired by seed, and the test error two epochs after
+the swap. An unswapped run is the first half in DIR (``METHOD-sS``) trained on to the end, or else the
+converged benchmark's kept run (``METHOD-K4-sS``; BP's ``bp-K2-sS``). Each swapped run's epochs before
+the swap must equal those of B's unswapped run, record for record (losses, test accuracy: the same
+computation, so that a kept run stands for the continuation); a run that differs is refused. ``--keep DEST`` first
+copies each finished run's config.yaml and metrics.jsonl into DEST (the run directories hold
+checkpoints and are not committed; the table can be made from DEST alone).
 """
 from __future__ import annotations
 
@@ -50,10 +56,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxreplay.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from fxreplay.identity import RESUME_MAY_CHANGE  # noqa: E402
 from fxreplay.methods.compensation import lr_multiplier, parse  # noqa: E402
 
 
@@ -61,23 +69,52 @@ class HandoffError(ValueError):
     """Two runs whose states cannot be swapped."""
 
 
-def _stage_scale(worker: dict[str, Any], delay: int, step: int) -> float:
+HANDLED = {"predict", "lookahead", "replayahead", "lr", "stretch", "shrink"}
+"""Rules whose state the swap converts (``spike`` steps on a mix of velocity and gradient, ``adapt`` and ``release``
+move the horizon, ``official`` is Nesterov's: refused)."""
+
+
+def _stage_scale(worker: dict[str, Any], delay: int, step: int, name: str) -> float:
     """s/m: the factor between a stage's velocity and the step it makes (in units of the rate)."""
     comp = worker.get("compensation")
     if not comp or comp.get("rules") in (None, "none"):
         return 1.0
     rules = parse(comp["rules"])
+    other = sorted(set(rules.rules) - HANDLED)
+    if other:
+        raise HandoffError(f"{name}: the swap cannot convert the state of compensation {', '.join(other)} "
+                           f"(it converts {', '.join(sorted(HANDLED))}).")
     momentum = float(worker["optimizer"]["param_groups"][0]["momentum"])
-    if "lr" in rules and lr_multiplier(delay, step, momentum) != 1.0:
-        raise HandoffError(f"the lr warm-up of the stage {delay} iterations late is still running at iteration {step}: "
-                           "swap after it ends (the velocity's scale would follow it).")
+    if "lr" in rules and any(lr_multiplier(delay, t, momentum) != 1.0 for t in (step - 1, step)):
+        raise HandoffError(f"{name}: the lr warm-up of the stage {delay} iterations late is still running at iteration "
+                           f"{step}: swap after it ends (the velocity's scale would follow it).")
     return float(comp.get("horizon") or 1.0)
 
 
 def _heavy_ball(worker: dict[str, Any], name: str) -> None:
-    for group in worker["optimizer"]["param_groups"]:
+    groups = worker["optimizer"]["param_groups"]
+    if len(groups) != 1:
+        raise HandoffError(f"{name}: the stage's optimizer has {len(groups)} parameter groups (optim.no_decay); the swap "
+                           "handles one.")
+    for group in groups:
         if group.get("nesterov") or "momentum" not in group or group["momentum"] <= 0:
             raise HandoffError(f"{name}: the swap converts heavy-ball SGD velocities; this stage's optimizer is {group!r}.")
+
+
+def _same_settings(src: dict[str, Any], dst: dict[str, Any], weights: Path, dynamics: Path) -> None:
+    """The two runs differ only in their method and compensation (and what a resume may change)."""
+    free = set(RESUME_MAY_CHANGE) | {"train.method", "train.compensation"}
+    a, b = src["run"]["config"], dst["run"]["config"]
+    differ = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    if differ:
+        raise HandoffError(f"{weights} and {dynamics} differ in {', '.join(f'{k} ({a.get(k)!r} / {b.get(k)!r})' for k in differ)}: "
+                           "swap runs of the same settings and seed, differing only in the method and compensation.")
+    if src["run"]["data"] != dst["run"]["data"]:
+        raise HandoffError(f"{weights} and {dynamics} were trained on other data.")
+    scales = src["trainer"].get("lr_scales"), dst["trainer"].get("lr_scales")
+    if any(x is not None and any(v != 1.0 for v in x) for x in scales):
+        raise HandoffError("a stage's rate is scaled (optim.double_first_stage_lr): the swap takes every stage's rate to be "
+                           "the schedule's.")
 
 
 def _last_lr(run: Path, step: int) -> float:
@@ -98,8 +135,7 @@ def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
     if src["step"] != dst["step"] or src["K"] != dst["K"]:
         raise HandoffError(f"{weights} is at step {src['step']} with K={src['K']}, {dynamics} at step {dst['step']} with "
                            f"K={dst['K']}: stop both at the same iteration of the same split.")
-    if src["run"]["data"] != dst["run"]["data"]:
-        raise HandoffError(f"{weights} and {dynamics} were trained on other data.")
+    _same_settings(src, dst, weights, dynamics)
     if out.exists() and any(out.iterdir()):
         raise HandoffError(f"{out} is not empty: give a new directory.")
     step, K = int(dst["step"]), int(dst["K"])
@@ -111,31 +147,47 @@ def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
             raise HandoffError(f"stage {k} holds other tensors in the two runs: use the same split (--boundaries).")
         _heavy_ball(a, f"stage {k} of {weights}")
         _heavy_ball(b, f"stage {k} of {dynamics}")
-        scale_a, scale_b = _stage_scale(a, delay, step), _stage_scale(b, delay, step)
+        scale_a = _stage_scale(a, delay, step, f"stage {k} of {weights}")
+        scale_b = _stage_scale(b, delay, step, f"stage {k} of {dynamics}")
         for name, tensor in a["module"].items():
             b["module"][name] = tensor.clone()
         state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-        steps = []
-        for i in sorted(state_b):
+        steps: list[torch.Tensor | None] = []  # in the order of the stage's parameters, as the compensator holds them
+        for i in b["optimizer"]["param_groups"][0]["params"]:
+            if (i in state_a) != (i in state_b):
+                raise HandoffError(f"stage {k}: parameter {i} has momentum in one run only.")
+            if i not in state_b:
+                steps.append(None)
+                continue
             va, vb = state_a[i]["momentum_buffer"], state_b[i]["momentum_buffer"]
             if va.shape != vb.shape:
                 raise HandoffError(f"stage {k}'s optimizer orders its parameters differently in the two runs.")
-            # the step A's velocity makes, in units of the rate, u = va / scale_a, in B's convention
+            # the displacement A's velocity makes, −η·va/scale_a, made by B's velocity in B's convention
             state_b[i]["momentum_buffer"] = va * (scale_b / scale_a) if scale_b != scale_a else va.clone()
             steps.append(va * (-rate / scale_a))
         comp = b.get("compensation")
         if comp and comp.get("last_step") is not None:
+            if len(comp["last_step"]) != len(steps):
+                raise HandoffError(f"stage {k}: its compensation holds {len(comp['last_step'])} parameters, its optimizer "
+                                   f"{len(steps)}.")
             comp["last_step"] = steps
     record = {"kind": "handoff", "step": step, "epoch": dst["epoch"], "weights": str(weights), "dynamics": str(dynamics)}
-    shutil.copytree(dynamics, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock", "model.pt", "checkpoint.pt"))
-    lines = (out / "metrics.jsonl").read_text().splitlines()[: dst["metrics_lines"]]
-    (out / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(record)]) + "\n")
+    # Made beside ``out`` and renamed into place: an interrupted swap leaves no half-made run to resume.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(dynamics, partial, ignore=shutil.ignore_patterns(".lock", "model.pt", "checkpoint.pt"))
+    lines = (partial / "metrics.jsonl").read_text().splitlines()[: dst["metrics_lines"]]
+    (partial / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(record)]) + "\n")
     dst["metrics_lines"] += 1
-    save_atomic(dst, out / "checkpoint.pt", checksum=True)
+    save_atomic(dst, partial / "checkpoint.pt", checksum=True)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    partial.rename(out)
     return record
 
 
 SWAPPED = re.compile(r"^(?P<weights>[a-z0-9+.=]+)@(?P<dynamics>[a-z0-9+.=]+)-s(?P<seed>\d+)$")
+UNSWAPPED = re.compile(r"^(?P<method>[a-z0-9+.=]+)-s(?P<seed>\d+)$")
 
 
 def _epochs(run: Path) -> tuple[list[dict[str, Any]], int | None]:
@@ -150,10 +202,24 @@ def _epochs(run: Path) -> tuple[list[dict[str, Any]], int | None]:
     return epochs, swap
 
 
-def _kept(kept: Path, method: str, seed: int) -> Path:
+def _finished(run: Path) -> bool:
+    """Every epoch of the run's config evaluated."""
+    config = run / "config.yaml"
+    if not config.is_file() or not (run / "metrics.jsonl").is_file():
+        return False
+    return len(_epochs(run)[0]) >= int(yaml.safe_load(config.read_text())["train"]["epochs"])
+
+
+def _unswapped(folder: Path, kept: Path, method: str, seed: int) -> Path:
+    """The unswapped run of ``method``: its first half in ``folder`` trained on to the end, or else the
+    converged benchmark's kept run (BP's at K = 2: the same algorithm at any K)."""
+    own = folder / f"{method}-s{seed}"
+    if _finished(own):
+        return own
     name = f"bp-K2-s{seed}" if method == "bp" else f"{method}-K4-s{seed}"
     if not (kept / name / "metrics.jsonl").is_file():
-        raise HandoffError(f"{kept / name} is not a kept run: the unswapped {method} of seed {seed} is needed.")
+        raise HandoffError(f"neither {own} trained to its end nor a kept run {kept / name}: the unswapped {method} of "
+                           f"seed {seed} is needed.")
     return kept / name
 
 
@@ -166,26 +232,41 @@ def _error(record: dict[str, Any]) -> float:
     return 100 * (1 - record["test_accuracy"])
 
 
+def keep(folder: Path, dest: Path) -> list[str]:
+    """Copy the config.yaml and metrics.jsonl of each finished run in ``folder`` (swapped, or a first half
+    trained on to the end) into ``dest``."""
+    copied = []
+    for run in sorted(p for p in folder.iterdir() if SWAPPED.match(p.name) or UNSWAPPED.match(p.name)):
+        if not _finished(run):
+            continue
+        (dest / run.name).mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.jsonl"):
+            shutil.copyfile(run / name, dest / run.name / name)
+        copied.append(run.name)
+    return copied
+
+
 def table(folder: Path, kept: Path) -> str:
     """The markdown table of the swapped runs in ``folder`` and the kept unswapped ones (see the module)."""
     rows: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
-    epochs_total = None
     for run in sorted(p for p in folder.iterdir() if SWAPPED.match(p.name)):
         m = SWAPPED.match(run.name)
         assert m is not None
         seed = int(m["seed"])
+        if not _finished(run):
+            continue  # still training
         epochs, swap = _epochs(run)
         if swap is None:
             raise HandoffError(f"{run} has no handoff record: make it with --weights/--dynamics.")
-        own, _ = _epochs(_kept(kept, m["dynamics"], seed))
+        reference = _unswapped(folder, kept, m["dynamics"], seed)
+        own, _ = _epochs(reference)
         if [_computed(r) for r in epochs[:swap]] != [_computed(r) for r in own[:swap]]:
-            raise HandoffError(f"{run}'s epochs before the swap differ from the kept {m['dynamics']} run of seed {seed}: "
-                               "another computation (config, split or release), so the kept runs cannot stand for it.")
-        epochs_total = epochs_total or len(own)
-        if len(epochs) < len(own):
-            continue  # still training
+            raise HandoffError(f"{run}'s epochs before the swap differ from those of {reference}, the unswapped "
+                               f"{m['dynamics']} run of seed {seed}: another computation (config, split, threads or "
+                               f"release). Train {folder / (m['dynamics'] + f'-s{seed}')} on to the end "
+                               "(fxreplay train --resume DIR --max-steps N): it stands for the unswapped run then.")
         for method in (m["weights"], m["dynamics"], "bp"):
-            diagonal, _ = _epochs(_kept(kept, method, seed))
+            diagonal, _ = _epochs(_unswapped(folder, kept, method, seed))
             rows.setdefault((method, method), {})[seed] = (min(map(_error, diagonal)), _error(diagonal[swap + 1]))
         rows.setdefault((m["weights"], m["dynamics"]), {})[seed] = (min(map(_error, epochs)), _error(epochs[swap + 1]))
     if not rows:
@@ -215,9 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, help="print the table of the swapped runs in this folder")
     parser.add_argument("--kept", type=Path, default=Path("benchmarks/results/converged-runs/lr0.01"),
                         help="the kept unswapped runs (with --table)")
+    parser.add_argument("--keep", type=Path, help="with --table: first copy the finished swapped runs' config.yaml and "
+                        "metrics.jsonl here")
     args = parser.parse_args(argv)
     try:
         if args.table is not None:
+            if args.keep is not None:
+                for name in keep(args.table, args.keep):
+                    print(f"kept {args.keep / name}")
+                args.table = args.keep
             print(table(args.table, args.kept))
             return 0
         if args.weights is None or args.dynamics is None or args.out is None:

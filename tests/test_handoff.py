@@ -56,7 +56,22 @@ def test_bp_weights_under_stretched_fr(runs: dict[str, Path], tmp_path: Path) ->
     assert after[: len(records)] == records and after[-1]["step"] == STEPS + 4
 
 
+def test_stretched_fr_weights_under_bp(runs: dict[str, Path], tmp_path: Path) -> None:
+    script = benchmark("handoff")
+    out = tmp_path / "swapped"
+    assert script.main(["--weights", str(runs["fr"]), "--dynamics", str(runs["bp"]), "--out", str(out)]) == 0
+    fr, swapped = _workers(runs["fr"]), _workers(out)
+    for k, (a, c) in enumerate(zip(fr, swapped)):
+        s = (2 - k + 1) ** 1.5 if k < 2 else 1.0
+        assert all(torch.equal(c["module"][n], a["module"][n]) for n in a["module"])
+        for i, state in a["optimizer"]["state"].items():  # the stretched velocity makes a step 1/s as large: BP's is v/s
+            torch.testing.assert_close(c["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"] / s,
+                                       rtol=1e-6, atol=0)
+    assert run_cli("train", "--resume", str(out), "--max-steps", str(STEPS + 2)).exit_code == 0
+
+
 def test_a_run_handed_to_itself_goes_on_exactly(runs: dict[str, Path], tmp_path: Path) -> None:
+    """BP, whose velocity is taken as it is (a stretched one is scaled by s/s and predict's step recomputed: not bit for bit)."""
     script = benchmark("handoff")
     same, swapped = tmp_path / "same", tmp_path / "swapped"
     shutil.copytree(runs["bp"], same)
@@ -79,6 +94,17 @@ def test_what_cannot_be_swapped_is_refused(runs: dict[str, Path], tmp_path: Path
                    "--out", str(warm)).exit_code == 0
     assert script.main(["--weights", str(runs["bp"]), "--dynamics", str(warm), "--out", str(tmp_path / "b")]) == 2
     assert "warm-up" in capsys.readouterr().err
+    spiked = tmp_path / "spiked"
+    assert run_cli("train", "--K", "3", "--method", "fr", "--compensation", "predict+spike", "--max-steps", str(STEPS),
+                   "--out", str(spiked)).exit_code == 0
+    assert script.main(["--weights", str(spiked), "--dynamics", str(runs["bp"]), "--out", str(tmp_path / "c")]) == 2
+    assert "cannot convert the state of compensation spike" in capsys.readouterr().err
+    other_seed = tmp_path / "seed1"
+    assert run_cli("train", "--K", "3", "--method", "bp", "--seed", "1", "--max-steps", str(STEPS),
+                   "--out", str(other_seed)).exit_code == 0
+    assert script.main(["--weights", str(other_seed), "--dynamics", str(runs["fr"]), "--out", str(tmp_path / "d")]) == 2
+    assert "train.seed (1 / 0)" in capsys.readouterr().err
+    assert not any(p.name.endswith(".partial") or p.name in "abcd" for p in tmp_path.iterdir())  # nothing left behind
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -86,8 +112,10 @@ def test_what_cannot_be_swapped_is_refused(runs: dict[str, Path], tmp_path: Path
     assert "not empty" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
 
 
-def _write(run: Path, errors: list[float], swap: int | None = None, losses: list[float] | None = None) -> None:
+def _write(run: Path, errors: list[float], swap: int | None = None, losses: list[float] | None = None,
+           epochs: int | None = None) -> None:
     run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"train:\n  epochs: {epochs or len(errors)}\n")
     records = []
     for i, e in enumerate(errors):
         if i == swap:
@@ -112,8 +140,31 @@ def test_table_pairs_the_swapped_runs_with_the_kept_ones(tmp_path: Path) -> None
     assert rows[("bp", "bp")] == ["38.00", "+0.00 ± 0.00 (n=2)", "+0.00 ± 0.00 (n=2)"]
     assert rows[("fr", "fr")] == ["41.00", "+3.00 ± 0.00 (n=2)", "+6.00 ± 0.00 (n=2)"]
     assert rows[("bp", "fr")] == ["39.50", "+1.50 ± 0.71 (n=2)", "+1.00 ± 0.00 (n=2)"]
+    _write(swapped / "bp@fr-s3", [62, 51, 41], swap=2, epochs=5)  # still training: not in the table, not checked
     _write(swapped / "bp@fr-s2", [63, 51, 41, 39, 38], swap=2)  # its first epoch is not the kept FR run's
     _write(kept / "fr-K4-s2", [62, 51, 45, 44, 40])
     _write(kept / "bp-K2-s2", [60, 50, 40, 38, 37])
-    with pytest.raises(script.HandoffError, match="differ from the kept fr run of seed 2"):
+    with pytest.raises(script.HandoffError, match="differ from those of .*fr-K4-s2, the unswapped fr run of seed 2"):
         script.table(swapped, kept)
+    # FR's first half of seed 2 trained on to the end in the folder stands for the unswapped run: compared with it
+    _write(swapped / "fr-s2", [63, 51, 44, 43, 41])
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:6]]
+            for line in script.table(swapped, kept).splitlines()[2:]}
+    assert rows[("fr", "fr")][1] == "+3.33 ± 0.58 (n=3)"  # 3, 3 and 41 - 37 = 4
+
+
+def test_keep_copies_finished_swapped_runs_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = benchmark("handoff")
+    kept, swapped, dest = tmp_path / "kept", tmp_path / "swapped", tmp_path / "dest"
+    _write(kept / "bp-K2-s0", [60, 50, 40, 38])
+    _write(kept / "fr-K4-s0", [62, 51, 45, 44])
+    for name, errors in (("bp@fr-s0", [62, 51, 41, 39]), ("bp@fr-s1", [62, 51, 41])):  # the second still training
+        _write(swapped / name, errors, swap=2, epochs=4)
+        (swapped / name / "checkpoint.pt").write_bytes(b"big")
+    (swapped / "bp-s0").mkdir()  # a first half, not trained on to its end
+    _write(swapped / "fr-s0", [62, 51, 45, 44])  # one trained on to its end: the unswapped run, kept too
+    assert script.main(["--table", str(swapped), "--kept", str(kept), "--keep", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["bp@fr-s0", "fr-s0"]
+    assert sorted(p.name for p in (dest / "bp@fr-s0").iterdir()) == ["config.yaml", "metrics.jsonl"]
+    out = capsys.readouterr().out
+    assert "| bp | fr | 39.00 | +1.00 (n=1) | +1.00 (n=1) |" in out
