@@ -71,8 +71,10 @@ case "$mode" in
     # them instead, where the table finds a swapped run's first half the same computation (else it says which first
     # half to train on). ~10 min a half-run on one core; the finished runs are kept in
     # benchmarks/results/compensation/handoff-lr<rate>/.
+    # SWAP=N swaps at iteration N instead (after every stage's lr warm-up: N > 400; into handoff-lr<rate>-at<N>/).
     lr=${LR:-0.01}
-    out=benchmarks/runs/handoff-lr$lr
+    swap=${SWAP:-600}
+    out=benchmarks/runs/handoff-lr$lr$([ "$swap" = 600 ] || echo "-at$swap")
     mkdir -p "$out"
     # the converged benchmark's setup with its pinned K = 4 split (compare --boundaries "$SPLIT4")
     sed -e "s/^  lr: .*/  lr: $lr/" -e "s/^  K: .*/  K: 4/" -e "s/^  boundaries: .*/  boundaries: [${SPLIT4#4=}]/" \
@@ -81,8 +83,8 @@ case "$mode" in
     half() {  # half METHOD SEED: the run to the drop
       local run="$out/$1-s$2" method=${1%%+*} rules=()
       [ "$1" = "$method" ] || rules=(--compensation "${1#*+}")
-      if [ -f "$run/checkpoint.pt" ]; then fxreplay train --resume "$run" --max-steps 600; return; fi
-      fxreplay train --config "$out/config.yaml" --method "$method" "${rules[@]}" --seed "$2" --max-steps 600 --out "$run"
+      if [ -f "$run/checkpoint.pt" ]; then fxreplay train --resume "$run" --max-steps "$swap"; return; fi
+      fxreplay train --config "$out/config.yaml" --method "$method" "${rules[@]}" --seed "$2" --max-steps "$swap" --out "$run"
     }
     for seed in ${SEEDS:-0 1 2}; do
       for m in bp fr "$auto"; do half "$m" "$seed"; done
@@ -96,7 +98,7 @@ case "$mode" in
         for m in bp fr "$auto"; do fxreplay train --resume "$out/$m-s$seed" --max-steps 1200; done
       fi
     done
-    python benchmarks/handoff.py --table "$out" --kept "benchmarks/results/converged-runs/lr$lr" --keep "benchmarks/results/compensation/handoff-lr$lr"
+    python benchmarks/handoff.py --table "$out" --kept "benchmarks/results/converged-runs/lr$lr" --keep "benchmarks/results/compensation/${out#benchmarks/runs/}"
     exit 0 ;;
   proxy|proxy8|proxy-mlp)
     # The quick screens (~10-15 min a run on one core): Fashion-MNIST (Debian: apt-get install

@@ -37,7 +37,7 @@ the resumed run writes.
 
 prints the table of the swapped runs in DIR (named ``A@B-sS``: A's weights, B's training) next to the
 unswapped runs: best test error and the gap to BP paired by seed, and the test error two epochs after
-the swap. An unswapped run is the first half in DIR (``METHOD-sS``) trained on to the end, or else the
+the swap (at the first lr drop: the second epoch at the lower rate). An unswapped run is the first half in DIR (``METHOD-sS``) trained on to the end, or else the
 converged benchmark's kept run (``METHOD-K4-sS``; BP's ``bp-K2-sS``). Each swapped run's epochs before
 the swap must equal those of B's unswapped run, record for record (losses, test accuracy: the same
 computation, so that a kept run stands for the continuation); a run that differs is refused. ``--keep DEST`` first
@@ -278,7 +278,7 @@ def table(folder: Path, kept: Path) -> str:
         return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
     bp = rows[("bp", "bp")]
-    lines = ["| weights until the drop | trained on by | best test error (%) | gap to BP | two epochs after the drop, gap to BP |",
+    lines = ["| weights until the swap | trained on by | best test error (%) | gap to BP | two epochs after the swap, gap to BP |",
              "|---|---|---:|---:|---:|"]
     for (weights, dynamics), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != kv[0][1], kv[0])):
         seeds = sorted(by_seed)
