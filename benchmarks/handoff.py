@@ -56,10 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from converged_summary import finished_at, keep as keep_run  # noqa: E402
 from fxreplay.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from fxreplay.identity import RESUME_MAY_CHANGE  # noqa: E402
 from fxreplay.methods.compensation import lr_multiplier, parse  # noqa: E402
@@ -75,7 +76,8 @@ move the horizon, ``official`` is Nesterov's: refused)."""
 
 
 def _stage_scale(worker: dict[str, Any], delay: int, step: int, name: str) -> float:
-    """s/m: the factor between a stage's velocity and the step it makes (in units of the rate)."""
+    """s: the factor between a stage's velocity and the displacement it makes, in units of the rate (s = 1 without
+    ``stretch``; refused while ``lr``'s warm-up scales the displacement)."""
     comp = worker.get("compensation")
     if not comp or comp.get("rules") in (None, "none"):
         return 1.0
@@ -202,19 +204,11 @@ def _epochs(run: Path) -> tuple[list[dict[str, Any]], int | None]:
     return epochs, swap
 
 
-def _finished(run: Path) -> bool:
-    """Every epoch of the run's config evaluated."""
-    config = run / "config.yaml"
-    if not config.is_file() or not (run / "metrics.jsonl").is_file():
-        return False
-    return len(_epochs(run)[0]) >= int(yaml.safe_load(config.read_text())["train"]["epochs"])
-
-
 def _unswapped(folder: Path, kept: Path, method: str, seed: int) -> Path:
     """The unswapped run of ``method``: its first half in ``folder`` trained on to the end, or else the
     converged benchmark's kept run (BP's at K = 2: the same algorithm at any K)."""
     own = folder / f"{method}-s{seed}"
-    if _finished(own):
+    if finished_at(own):
         return own
     name = f"bp-K2-s{seed}" if method == "bp" else f"{method}-K4-s{seed}"
     if not (kept / name / "metrics.jsonl").is_file():
@@ -237,12 +231,8 @@ def keep(folder: Path, dest: Path) -> list[str]:
     trained on to the end) into ``dest``."""
     copied = []
     for run in sorted(p for p in folder.iterdir() if SWAPPED.match(p.name) or UNSWAPPED.match(p.name)):
-        if not _finished(run):
-            continue
-        (dest / run.name).mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "metrics.jsonl"):
-            shutil.copyfile(run / name, dest / run.name / name)
-        copied.append(run.name)
+        if finished_at(run) and keep_run(run, dest / run.name):
+            copied.append(run.name)
     return copied
 
 
@@ -253,20 +243,28 @@ def table(folder: Path, kept: Path) -> str:
         m = SWAPPED.match(run.name)
         assert m is not None
         seed = int(m["seed"])
-        if not _finished(run):
-            continue  # still training
+        if not finished_at(run):
+            continue  # still training (or diverged: no row)
         epochs, swap = _epochs(run)
         if swap is None:
             raise HandoffError(f"{run} has no handoff record: make it with --weights/--dynamics.")
-        reference = _unswapped(folder, kept, m["dynamics"], seed)
-        own, _ = _epochs(reference)
-        if [_computed(r) for r in epochs[:swap]] != [_computed(r) for r in own[:swap]]:
-            raise HandoffError(f"{run}'s epochs before the swap differ from those of {reference}, the unswapped "
-                               f"{m['dynamics']} run of seed {seed}: another computation (config, split, threads or "
-                               f"release). Train {folder / (m['dynamics'] + f'-s{seed}')} on to the end "
-                               "(fxreplay train --resume DIR --max-steps N): it stands for the unswapped run then.")
+        # B's first half is the swapped run's own; A's, where the folder still holds it, is where the weights came from
+        first_halves = [(m["dynamics"], epochs)]
+        if (folder / f"{m['weights']}-s{seed}" / "metrics.jsonl").is_file():
+            first_halves.append((m["weights"], _epochs(folder / f"{m['weights']}-s{seed}")[0]))
+        for method, half in first_halves:
+            reference = _unswapped(folder, kept, method, seed)
+            if [_computed(r) for r in half[:swap]] != [_computed(r) for r in _epochs(reference)[0][:swap]]:
+                raise HandoffError(f"the {method} run of seed {seed} before the swap in {run} differs from {reference}, the "
+                                   f"unswapped run it is compared with: another computation (config, split, threads or "
+                                   f"release). Train {folder / f'{method}-s{seed}'} on to the end (fxreplay train --resume "
+                                   "DIR --max-steps N): it stands for the unswapped run then.")
         for method in (m["weights"], m["dynamics"], "bp"):
-            diagonal, _ = _epochs(_unswapped(folder, kept, method, seed))
+            unswapped = _unswapped(folder, kept, method, seed)
+            diagonal, _ = _epochs(unswapped)
+            if len(diagonal) != len(epochs):
+                raise HandoffError(f"{unswapped} has {len(diagonal)} evaluated epochs and {run} {len(epochs)}: the "
+                                   "unswapped run must be of the same schedule.")
             rows.setdefault((method, method), {})[seed] = (min(map(_error, diagonal)), _error(diagonal[swap + 1]))
         rows.setdefault((m["weights"], m["dynamics"]), {})[seed] = (min(map(_error, epochs)), _error(epochs[swap + 1]))
     if not rows:

@@ -144,13 +144,17 @@ def test_table_pairs_the_swapped_runs_with_the_kept_ones(tmp_path: Path) -> None
     _write(swapped / "bp@fr-s2", [63, 51, 41, 39, 38], swap=2)  # its first epoch is not the kept FR run's
     _write(kept / "fr-K4-s2", [62, 51, 45, 44, 40])
     _write(kept / "bp-K2-s2", [60, 50, 40, 38, 37])
-    with pytest.raises(script.HandoffError, match="differ from those of .*fr-K4-s2, the unswapped fr run of seed 2"):
+    with pytest.raises(script.HandoffError, match="fr run of seed 2 before the swap in .* differs from .*fr-K4-s2"):
         script.table(swapped, kept)
     # FR's first half of seed 2 trained on to the end in the folder stands for the unswapped run: compared with it
     _write(swapped / "fr-s2", [63, 51, 44, 43, 41])
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:6]]
             for line in script.table(swapped, kept).splitlines()[2:]}
     assert rows[("fr", "fr")][1] == "+3.33 ± 0.58 (n=3)"  # 3, 3 and 41 - 37 = 4
+    # the first half whose weights were carried over is checked too, where the folder holds it
+    _write(swapped / "bp-s0", [61, 50], epochs=5)  # stopped at the swap
+    with pytest.raises(script.HandoffError, match="bp run of seed 0 before the swap in .*bp@fr-s0 differs from .*bp-K2-s0"):
+        script.table(swapped, kept)
 
 
 def test_keep_copies_finished_swapped_runs_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
