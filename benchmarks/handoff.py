@@ -17,10 +17,14 @@ BatchNorm statistics included) and A's momentum, converted to B's convention, th
 What is carried over, per stage (the plan's stages must hold the same tensors):
 
 - the module's state: A's, exactly;
-- heavy-ball momentum: A's velocity v_A becomes B's v_B = v_A·s_B/s_A (s the stage's stretched
-  horizon under ``stretch``, 1 without), so that it makes the same displacement η·v/s; B's next
-  step then weighs it with B's own momentum (the stretched μ_k, or μ), and what is left of it plays
-  out over B's horizon;
+- heavy-ball momentum, converted one of two ways (``--velocity``):
+  ``step`` (the default): v_B = v_A·s_B/s_A (s the stage's stretched horizon under ``stretch``, 1 without),
+  so that it makes the same next step η·v/s; what is left of it then plays out over B's horizon, s_B/s_A
+  times as long, which at a high rate kicks the weights (BP's velocity into a stage stretched by 8 moves
+  them 8× as far as BP would have);
+  ``displacement``: v_B = v_A·μ_A/μ_B (μ_X = 1 − (1−μ)/s_X, the stage's momentum under X), so that what the
+  velocity alone would still move the weights, η_X·μ_X·v/(1−μ_X) = η·μ_X·v/(1−μ), is A's: the weights go
+  where A's momentum was taking them, at B's pace (into a longer horizon: a first step ~s_B/s_A smaller);
 - ``predict``/``lookahead`` need the stage's last update: −η·v_A/s_A with η the rate of A's last step.
 
 B keeps its own lr schedule (the same config), its random state and its in-flight batches (FR's
@@ -131,8 +135,14 @@ def _last_lr(run: Path, step: int) -> float:
     return rate
 
 
-def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
+VELOCITY = ("step", "displacement")
+"""How a velocity is converted between two horizons: the same next step, or the same displacement still to come."""
+
+
+def handoff(weights: Path, dynamics: Path, out: Path, velocity: str = "step") -> dict[str, Any]:
     """Write run ``out``: ``dynamics``'s run with ``weights``'s model and momentum (see the module)."""
+    if velocity not in VELOCITY:
+        raise HandoffError(f"velocity must be one of {', '.join(VELOCITY)}, got {velocity!r}.")
     src, dst = load_checkpoint(weights), load_checkpoint(dynamics)
     if src["step"] != dst["step"] or src["K"] != dst["K"]:
         raise HandoffError(f"{weights} is at step {src['step']} with K={src['K']}, {dynamics} at step {dst['step']} with "
@@ -151,6 +161,11 @@ def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
         _heavy_ball(b, f"stage {k} of {dynamics}")
         scale_a = _stage_scale(a, delay, step, f"stage {k} of {weights}")
         scale_b = _stage_scale(b, delay, step, f"stage {k} of {dynamics}")
+        if velocity == "step":
+            convert = scale_b / scale_a
+        else:  # μ_X = 1 − (1−μ)/s_X (the same μ in both runs: _same_settings)
+            mu = float(a["optimizer"]["param_groups"][0]["momentum"])
+            convert = (1.0 - (1.0 - mu) / scale_a) / (1.0 - (1.0 - mu) / scale_b)
         for name, tensor in a["module"].items():
             b["module"][name] = tensor.clone()
         state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -165,7 +180,7 @@ def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
             if va.shape != vb.shape:
                 raise HandoffError(f"stage {k}'s optimizer orders its parameters differently in the two runs.")
             # the displacement A's velocity makes, −η·va/scale_a, made by B's velocity in B's convention
-            state_b[i]["momentum_buffer"] = va * (scale_b / scale_a) if scale_b != scale_a else va.clone()
+            state_b[i]["momentum_buffer"] = va * convert if convert != 1.0 else va.clone()
             steps.append(va * (-rate / scale_a))
         comp = b.get("compensation")
         if comp and comp.get("last_step") is not None:
@@ -174,6 +189,8 @@ def handoff(weights: Path, dynamics: Path, out: Path) -> dict[str, Any]:
                                    f"{len(steps)}.")
             comp["last_step"] = steps
     record = {"kind": "handoff", "step": step, "epoch": dst["epoch"], "weights": str(weights), "dynamics": str(dynamics)}
+    if velocity != "step":  # the records of the default conversion stay as they were written
+        record["velocity"] = velocity
     # Made beside ``out`` and renamed into place: an interrupted swap leaves no half-made run to resume.
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -291,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, help="the run whose weights and momentum are carried over")
     parser.add_argument("--dynamics", type=Path, help="the run whose method, compensation and state go on")
     parser.add_argument("--out", type=Path, help="the new run directory (resume it with fxreplay train --resume)")
+    parser.add_argument("--velocity", choices=VELOCITY, default="step",
+                        help="convert the momentum to keep its next step (default) or the displacement still to come")
     parser.add_argument("--table", type=Path, help="print the table of the swapped runs in this folder")
     parser.add_argument("--kept", type=Path, default=Path("benchmarks/results/converged-runs/lr0.01"),
                         help="the kept unswapped runs (with --table)")
@@ -307,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.weights is None or args.dynamics is None or args.out is None:
             parser.error("--weights, --dynamics and --out make a swapped run (or --table DIR prints the table)")
-        record = handoff(args.weights, args.dynamics, args.out)
+        record = handoff(args.weights, args.dynamics, args.out, args.velocity)
     except HandoffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,16 @@ own (a ReLU called as a function, ``torch.relu`` or ``F.relu``, is not seen). A
 start that overshoots can leave a stage's units off for the rest of a run while its weight norm looks normal::
 
     python benchmarks/stage_norms.py --activity 512 benchmarks/runs/deep10-lr0.1/bp-K8-s0 ...
+
+``--sharpness N`` prints instead each stage's curvature: η·λ_max, λ_max the largest eigenvalue of the training
+loss's Hessian restricted to the stage's parameters (the block of the Hessian the stage's own update sees; power
+iteration on Hessian-vector products, benchmarks/compensation_signals.py's ``top_eigenvalue``), on one fixed batch:
+the first N images of the run's training set in the order of seed 1000, the model in train mode (BatchNorm's batch
+statistics, as training computes; the stored statistics are left as they were), η the config's peak rate. Whether a
+delayed stage trained where BP's does, or somewhere sharper or flatter (a loop that cannot follow curvature above
+its stable range flattens, a stage held at a smaller step can sharpen)::
+
+    OMP_NUM_THREADS=1 python benchmarks/stage_norms.py --sharpness 256 benchmarks/runs/handoff-lr0.01/bp-s0 ...
 """
 from __future__ import annotations
 
@@ -26,12 +36,14 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fxreplay.compiler import load  # noqa: E402
 from fxreplay.config import load_config  # noqa: E402
@@ -92,18 +104,7 @@ def relu_activity(run: Path, images: int) -> tuple[list[tuple[float, float] | No
     """Per stage of ``run``: (share of its ReLUs' outputs above 0, share of their channels never above 0) over the
     first ``images`` images of the run's test set, or None for a stage without an ``nn.ReLU``; and how many images
     that was (the test set may hold fewer)."""
-    try:
-        pipe = load(run / "plan")
-        data = load_config(run / "config.yaml").data
-    except FxReplayError as exc:
-        raise SystemExit(f"{run}: its plan/ or config.yaml does not rebuild the run: {exc}") from None
-    state = trained(run)
-    for stage in pipe.stages:
-        missing = [name for name in stage.state_dict() if name not in state]
-        if missing:
-            raise SystemExit(f"{run}: its model.pt lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, "
-                             "which its plan's stages hold: model.pt and plan/ are of different models.")
-        stage.load_state_dict({name: state[name] for name in stage.state_dict()})
+    pipe, data = _pipeline(run)
     pipe.eval()
     calls: list[int] = [0]
     seen: dict[tuple[int, int], list] = {}  # (stage, call within a forward) -> [positives, outputs, channel ever on]
@@ -166,14 +167,86 @@ def activity_table(runs: list[Path], images: int) -> list[str]:
     return lines
 
 
+def _pipeline(run: Path) -> tuple[Any, Any]:
+    """The run's stages (its plan/) with its model.pt's weights and buffers, and its config's data settings."""
+    try:
+        pipe = load(run / "plan")
+        data = load_config(run / "config.yaml").data
+    except FxReplayError as exc:
+        raise SystemExit(f"{run}: its plan/ or config.yaml does not rebuild the run: {exc}") from None
+    state = trained(run)
+    for stage in pipe.stages:
+        missing = [name for name in stage.state_dict() if name not in state]
+        if missing:
+            raise SystemExit(f"{run}: its model.pt lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, "
+                             "which its plan's stages hold: model.pt and plan/ are of different models.")
+        stage.load_state_dict({name: state[name] for name in stage.state_dict()})
+    return pipe, data
+
+
+def stage_sharpness(run: Path, images: int) -> tuple[list[float], float]:
+    """λ_max of the training loss's Hessian restricted to each stage's parameters, on the first ``images`` images
+    of the run's training set (seed 1000's order), the model in train mode; and the run's peak rate η."""
+    from compensation_signals import top_eigenvalue  # benchmarks/, beside this file
+
+    pipe, data = _pipeline(run)
+    try:
+        lr = float(load_config(run / "config.yaml").optim.lr)
+        train, _ = build_datasets(data)
+        x, y = next(iter(make_loader(train, images, shuffle=True, seed=1000, epoch=0)))
+    except FxReplayError as exc:
+        raise SystemExit(f"{run}: {exc}") from None
+    buffers = [b for stage in pipe.stages for b in stage.buffers()]
+    kept = [b.detach().clone() for b in buffers]
+    pipe.train()
+    out = []
+    for stage in pipe.stages:
+        params = [p for p in stage.parameters() if p.requires_grad]
+        if not params:
+            out.append(float("nan"))
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same dropout masks for every stage and run
+            grads = torch.autograd.grad(nn.functional.cross_entropy(pipe(x), y), params, create_graph=True)
+        out.append(top_eigenvalue(lambda v: list(torch.autograd.grad(grads, params, v, retain_graph=True)),
+                                  [p.shape for p in params]))
+        with torch.no_grad():  # the forward in train mode moved BatchNorm's running statistics
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
+    return out, lr
+
+
+def sharpness_table(runs: list[Path], images: int) -> list[str]:
+    """One line per run: each stage's η·λ_max (:func:`stage_sharpness`)."""
+    names = [f"{run.parent.name}/{run.name}" for run in runs]
+    width = max(len(name) for name in names)
+    lines: list[str] = []
+    for i, (name, run) in enumerate(zip(names, runs)):
+        values, lr = stage_sharpness(run, images)
+        if i == 0:
+            heads = [f"stage {k}" for k in range(len(values))]
+            lines += [f"η·λ_max of each stage's block of the Hessian, on {images} training images (train mode; η the peak rate)",
+                      f"{'run':<{width}}  " + "  ".join(f"{h:>8}" for h in heads)]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{lr * v:>8.3f}" for v in values))
+        print(lines[-1] if i else "\n".join(lines), flush=True)  # a line per run as it is measured (seconds each)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories; the first is the reference (BP)")
     ap.add_argument("--activity", type=int, default=0, metavar="N",
                     help="each stage's ReLU activity on the first N test images instead of the weight norms")
+    ap.add_argument("--sharpness", type=int, default=0, metavar="N",
+                    help="each stage's η·λ_max on N training images instead of the weight norms")
     args = ap.parse_args(argv)
     if args.activity < 0:
         raise SystemExit(f"--activity takes a number of images >= 1 (without it: the weight norms), got {args.activity}")
+    if args.sharpness < 0 or (args.sharpness and args.activity):
+        raise SystemExit("--sharpness takes a number of images >= 1, and not with --activity (one table at a time).")
+    if args.sharpness:
+        sharpness_table(args.runs, args.sharpness)
+        return
     print("\n".join(activity_table(args.runs, args.activity) if args.activity else table(args.runs)))
 
 

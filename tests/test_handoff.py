@@ -56,6 +56,37 @@ def test_bp_weights_under_stretched_fr(runs: dict[str, Path], tmp_path: Path) ->
     assert after[: len(records)] == records and after[-1]["step"] == STEPS + 4
 
 
+def test_displacement_conversion_keeps_what_the_momentum_still_moves(runs: dict[str, Path], tmp_path: Path) -> None:
+    """--velocity displacement: the distance the velocity alone would still move the weights, Σ_{n≥1} η_X·μ_X^n·v,
+    is A's under B's stretched horizon (η/s, 1 − (1−μ)/s), both ways; the last step predict needs is A's."""
+    script = benchmark("handoff")
+    rate = [json.loads(line) for line in (runs["bp"] / "metrics.jsonl").read_text().splitlines()][-1]["lr"]
+
+    def still_to_move(v: torch.Tensor, s: float, mu: float) -> torch.Tensor:
+        eta, mu_s = rate / s, 1.0 - (1.0 - mu) / s
+        return sum(eta * mu_s ** n * v for n in range(1, 4000))  # summed out, not the closed form under test
+
+    for weights, dynamics in (("bp", "fr"), ("fr", "bp")):
+        out = tmp_path / f"{weights}@{dynamics}"
+        assert script.main(["--weights", str(runs[weights]), "--dynamics", str(runs[dynamics]), "--out", str(out),
+                            "--velocity", "displacement"]) == 0
+        for k, (a, c) in enumerate(zip(_workers(runs[weights]), _workers(out))):
+            s = (2 - k + 1) ** 1.5 if k < 2 else 1.0
+            s_a, s_c = (1.0, s) if weights == "bp" else (s, 1.0)
+            mu = a["optimizer"]["param_groups"][0]["momentum"]
+            assert mu > 0
+            for i, state in a["optimizer"]["state"].items():
+                va, vc = state["momentum_buffer"].double(), c["optimizer"]["state"][i]["momentum_buffer"].double()
+                torch.testing.assert_close(still_to_move(vc, s_c, mu), still_to_move(va, s_a, mu), rtol=1e-5, atol=1e-12)
+                if k < 2:
+                    assert not torch.allclose(vc, va)  # a delayed stage's velocity is converted
+                if dynamics == "fr":
+                    torch.testing.assert_close(c["compensation"]["last_step"][i], -rate / s_a * state["momentum_buffer"],
+                                               rtol=1e-6, atol=0)
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["velocity"] == "displacement"
+        assert run_cli("train", "--resume", str(out), "--max-steps", str(STEPS + 2)).exit_code == 0
+
+
 def test_stretched_fr_weights_under_bp(runs: dict[str, Path], tmp_path: Path) -> None:
     script = benchmark("handoff")
     out = tmp_path / "swapped"

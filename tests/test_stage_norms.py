@@ -82,3 +82,48 @@ def test_activity_counts_each_stage_s_relus(runs: tuple[Path, Path], tmp_path: P
     shutil.rmtree(off / "plan")
     with pytest.raises(SystemExit, match="does not rebuild the run"):
         script.main(["--activity", "8", str(off)])
+
+
+def test_sharpness_is_the_top_eigenvalue_of_each_stage_s_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A small MLP, K = 2: each stage's η·λ_max equals the largest eigenvalue of the dense Hessian of the loss with
+    respect to that stage's parameters only (torch.autograd.functional.hessian, eigvalsh), on the same batch."""
+    script = benchmark("stage_norms")
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 10))\n")
+    run = tmp_path / "run"
+    result = run_cli("train", "--model", f"{tmp_path / 'net.py'}:net", "--K", "2", "--lr", "0.3", "--max-steps", "15",
+                     "--out", str(run))
+    assert result.exit_code == 0, result.output
+    measured, lr = script.stage_sharpness(run, 64)
+    assert lr == pytest.approx(0.3)
+    pipe, data = script._pipeline(run)
+    from fxreplay.data import make_loader
+    from fxreplay.data.sets import build_datasets
+    x, y = next(iter(make_loader(build_datasets(data)[0], 64, shuffle=True, seed=1000, epoch=0)))
+    pipe.train()
+    for k, stage in enumerate(pipe.stages):
+        names = [n for n, p in stage.named_parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in stage.parameters()])
+        shapes = [p.shape for p in stage.parameters()]
+
+        def loss(theta: torch.Tensor) -> torch.Tensor:
+            parts, i = {}, 0
+            for n, shape in zip(names, shapes):
+                parts[n] = theta[i: i + shape.numel()].reshape(shape)
+                i += shape.numel()
+            h = x
+            for j, s in enumerate(pipe.stages):
+                h = torch.func.functional_call(s, parts, (h,)) if j == k else s(h)
+            return torch.nn.functional.cross_entropy(h, y)
+
+        top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).max())
+        assert measured[k] == pytest.approx(top, rel=5e-3)
+    assert measured[0] != pytest.approx(measured[1], rel=0.05)  # two different blocks
+    script.main(["--sharpness", "64", str(run), str(run)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["run", "stage", "0", "stage", "1"]
+    assert [float(v) for v in lines[2].split()[1:]] == pytest.approx([0.3 * m for m in measured], abs=1.5e-3)
+    with pytest.raises(SystemExit, match="not with --activity"):
+        script.main(["--sharpness", "8", "--activity", "8", str(run)])
