@@ -152,7 +152,7 @@ def carried_messages(sched: Schedule, K: int) -> frozenset[tuple[str, int, int]]
     return frozenset(carried)
 
 
-def validate(sched: Schedule, K: int) -> None:
+def validate(sched: Schedule, K: int, synchronous: bool = False) -> None:
     """Check the numbered invariants every schedule must satisfy; raise ValueError naming the first broken one.
 
     1. Every action's stage is in [0, K), and its batch offset is in (-K, 0].
@@ -162,7 +162,8 @@ def validate(sched: Schedule, K: int) -> None:
     5. After its U, a stage only runs T (which touches the synthesizer, not the stage's
        weights) -- so an executor may hold all U back until the iteration's loss is checked.
     6. A replay R is followed, in the same stage and iteration, by a B of the same batch;
-       in FR the replayed batch of stage k is t-(K-1-k) (t+k-K in the paper's 1-indexing).
+       in FR the replayed batch of stage k is t-(K-1-k) (t+k-K in the paper's 1-indexing),
+       and t in a ``synchronous`` schedule (FR without delay: compensation ``sync``).
     7. Every consumed message (act from below, δ from above) is produced either earlier in
        the same iteration (same batch offset, earlier tick) or in the previous iteration
        (offset one larger) -- exactly one of the two.
@@ -193,8 +194,10 @@ def validate(sched: Schedule, K: int) -> None:
             fail(5, "only T after U", f"stage {k} runs {list(prog[updates[0] + 1:])} after {prog[updates[0]]}")
         for i, a in enumerate(prog):
             if a.op == "R":
-                if a.offset != -(K - 1 - k):
-                    fail(6, "FR stage k replays batch t-(K-1-k)", f"stage {k} runs {a}, expected {k}R{-(K - 1 - k)}")
+                expected = 0 if synchronous else -(K - 1 - k)
+                if a.offset != expected:
+                    rule = "a synchronous stage replays batch t" if synchronous else "FR stage k replays batch t-(K-1-k)"
+                    fail(6, rule, f"stage {k} runs {a}, expected {k}R{expected}")
                 if Action(k, "B", a.offset) not in prog[i + 1:]:
                     fail(6, "a replay is backpropagated", f"stage {k} runs {a} without a later {k}B{a.offset}")
             if a.op in "BS" and a.offset == 0 and Action(k, "F", 0) not in prog[:i]:

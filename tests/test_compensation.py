@@ -398,7 +398,8 @@ def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> No
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch", "adapt=0.5+lr+stretch"])
+@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch", "adapt=0.5+lr+stretch",
+                                   "sync=2+lookahead+lr+predict+stretch", "sync=6+lookahead+lr+predict+stretch"])
 def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused(rules: str) -> None:
     data = batches(8)
     straight = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
@@ -461,7 +462,7 @@ def test_stretch_takes_its_power_as_a_value() -> None:
     for bad in ("stretch=0", "stretch=-1", "stretch=5", "stretch=x"):
         with pytest.raises(TrainingError, match="stretch's power"):
             parse(bad)
-    with pytest.raises(TrainingError, match="only shrink=β, stretch=p and adapt=A"):
+    with pytest.raises(TrainingError, match="only shrink=β, stretch=p, adapt=A and sync=T do"):
         parse("spike=2")
     assert parse("adapt=0.5+lr").alignment == 0.5 and parse("adapt=0.5+lr").name == "adapt=0.5+lr"
     assert parse("adapt=1+lr").name == "adapt+lr"
@@ -639,6 +640,85 @@ def test_formulas() -> None:
     assert stretch_coefficients(0.9, 0, power=3) == (1.0, 0.9)
 
 
+# ----------------------------------------------------------- sync: a synchronous start
+def _bp_then_fr(T: int, rules: str, steps: int, carry_last_step: bool = False) -> tuple[list[float], list[torch.Tensor]]:
+    """The reference for ``sync=T+rules``: BP for T iterations, then a fresh FR pipeline with ``rules`` on the same
+    weights and optimizer state (its warm-up and its lr warm-up start there); ``carry_last_step``: its compensators
+    start from BP's last update (what predict and lookahead read)."""
+    data = batches(steps)
+    model = split(mlp(), 3)
+    bp = LocalExecutor(model, "bp", optimizer=sgd, loss_fn=loss_fn)
+    losses = []
+    for x, y in data[:T]:
+        before = weights(model)
+        losses.append(bp.step(x, y))
+    fr = LocalExecutor(model, "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules)
+    after = weights(model)
+    i = 0
+    for wb, wf in zip(bp.workers, fr.workers):
+        wf.optimizer.load_state_dict(wb.optimizer.state_dict())
+        n = len(wf.params)
+        if carry_last_step:
+            wf.compensator.last_step = [a - b for a, b in zip(after[i:i + n], before[i:i + n])]
+        i += n
+    losses += [fr.step(x, y) for x, y in data[T:]]
+    return losses, weights(model)
+
+
+@pytest.mark.parametrize("rules,carry", [("", False), ("lr+stretch", False), ("lookahead+predict", True),
+                                         ("lookahead+lr+predict+spike+stretch", True)])
+def test_sync_is_bp_for_T_iterations_then_a_fresh_pipeline(rules: str, carry: bool) -> None:
+    """Bit for bit: the other rules idle through the synchronous start (BP's step), the lr warm-up starts at T,
+    stretch goes on from BP's velocity, and predict and lookahead read BP's last update."""
+    T, steps = 4, 11
+    spec = f"sync={T}" + (f"+{rules}" if rules else "")
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=spec)
+    losses = [ex.step(x, y) for x, y in batches(steps)]
+    ref_losses, ref_weights = _bp_then_fr(T, rules or "none", steps, carry)
+    assert losses == ref_losses
+    assert all(torch.equal(a, b) for a, b in zip(weights(ex.stages), ref_weights))
+    plain = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=rules or None)
+    plain_losses = [plain.step(x, y) for x, y in batches(steps)]
+    assert plain_losses[1:T] != losses[1:T]  # the start is not the delayed pipeline's
+
+
+def test_sync_longer_than_the_run_is_bp_with_every_rule_idle() -> None:
+    data = batches(6)
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn,
+                       compensation="sync+lookahead+lr+predict+shrink+spike+stretch")
+    bp = LocalExecutor(split(mlp(), 3), "bp", optimizer=sgd, loss_fn=loss_fn)
+    assert ex.sync_steps == 300  # 10·K/(1−μ), K = 3, μ = 0.9
+    for x, y in data:
+        assert ex.step(x, y) == bp.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights(ex.stages), weights(bp.stages)))
+
+
+def test_sync_is_refused_where_it_cannot_apply_and_records_its_length() -> None:
+    from fxreplay.methods.compensation import sync_steps
+
+    assert sync_steps(4, 0.9) == 400 and sync_steps(8, 0.9) == 800 and sync_steps(2, 0.0) == 20
+    assert parse("stretch+sync=40+predict").name == "predict+stretch+sync=40" and parse("sync").name == "sync"
+    for bad in ("sync=-1", "sync=2.5", "sync=x"):
+        with pytest.raises(TrainingError, match="sync's T"):
+            parse(bad)
+    with pytest.raises(TrainingError, match="'sync' runs features replay's first iterations"):
+        LocalExecutor(split(mlp(), 3), "ddg", optimizer=sgd, loss_fn=loss_fn, compensation="sync+predict")
+    with pytest.raises(TrainingError, match="official"):
+        LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="official+sync")
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="sync+predict")
+    for x, y in batches(3):
+        ex.step(x, y)
+    state = copy.deepcopy(ex.job_state())
+
+    def slower(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=LR, momentum=0.5, weight_decay=WD)
+
+    other = LocalExecutor(split(mlp(1), 3), "fr", optimizer=slower, loss_fn=loss_fn, compensation="sync+predict")
+    assert other.sync_steps == 60
+    with pytest.raises(TrainingError, match="synchronous start"):
+        other.load_job_state(state)
+
+
 # ----------------------------------------------------------- tied weights, ranks, the CLI
 @pytest.mark.parametrize("optimizer,rules", [(sgd, "lookahead+lr+predict+spike+stretch"), (adam, "lr+predict+stretch"),
                                              (nesterov, "lookahead+lr+predict+stretch")], ids=["sgd", "adam", "nesterov"])
@@ -662,7 +742,9 @@ RULES = "lr+predict+shrink+spike+stretch"
 CASES = {"fr": ("fr", sgd, "lookahead+" + RULES), "ddg": ("ddg", sgd, RULES),
          "fr, Adam": ("fr", adam, "lr+predict+shrink+stretch"),  # Adam: stretch runs the step at β₁_k
          "fr, adapt": ("fr", sgd, "adapt+lookahead+lr+predict+stretch"),  # adapt's state crosses the resume
-         "fr, Nesterov, adapt": ("fr", nesterov, "adapt+lr+predict+stretch")}  # Nesterov's buffer rescaled
+         "fr, Nesterov, adapt": ("fr", nesterov, "adapt+lr+predict+stretch"),  # Nesterov's buffer rescaled
+         "fr, sync before the resume": ("fr", sgd, "sync=2+lookahead+lr+predict+stretch"),  # the switch, then a resume
+         "fr, sync across the resume": ("fr", sgd, "sync=5+lookahead+lr+predict+stretch")}  # resumed while synchronous
 
 
 def _rank_compensated(K: int) -> dict[str, Any]:

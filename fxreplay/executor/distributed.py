@@ -429,8 +429,14 @@ class DistributedExecutor:
         self.worker = bound.workers[0]
         self.schedule = bound.schedule
         validate(self.schedule, K)
-        self.program: tuple[Action, ...] = stage_program(self.schedule, self.stage)
-        self._carried_keys = carried_messages(self.schedule, K)
+        # compensation sync: the first ``sync_steps`` iterations run the method's synchronous schedule
+        self.sync_steps = bound.sync_steps
+        if bound.sync_schedule is not None:
+            validate(bound.sync_schedule, K, synchronous=True)
+        self._programs = {phase: (stage_program(s, self.stage), carried_messages(s, K))
+                          for phase, s in (("delayed", self.schedule), ("sync", bound.sync_schedule)) if s is not None}
+        self.program: tuple[Action, ...] = self._programs["delayed"][0]
+        self._carried_keys = self._programs["delayed"][1]
         # Stand-ins for the other stages' optimizers (built by the same factory on no
         # parameters), so code that sets or reads lr on K optimizers works unchanged.
         self._optimizers = [self.worker.optimizer if k == self.stage else optimizer([{"params": []}]) for k in range(K)]
@@ -560,6 +566,7 @@ class DistributedExecutor:
         if self.worker.meter is not None:
             self.worker.meter.reset()
         self._send_resumed()
+        self.program, self._carried_keys = self._programs[self._phase(t)]
         for action in self.program:
             if action.op == "U" and self._out is not None:
                 self._check_loss(t)
@@ -575,6 +582,11 @@ class DistributedExecutor:
         self.last_output = output
         self.last_loss = float(loss_t) if self._dp is None else self._mean_over_replicas(loss_t)
         return self.last_loss
+
+    def _phase(self, t: int) -> str:
+        """Which of the method's schedules iteration ``t`` runs: compensation ``sync``'s first iterations, or the
+        delayed one."""
+        return "sync" if 0 <= t < self.sync_steps else "delayed"
 
     def _shard(self, value: Any, what: str, replica: int | None = None) -> Any:
         """This replica's (or ``replica``'s) rows of a batch: shard d of D along dim 0
@@ -933,9 +945,11 @@ class DistributedExecutor:
         """What :meth:`close` does, before it stops the wait board's heartbeat."""
         self._send_resumed()
         t = self.step_count - 1
-        for kind, src, offset in sorted(self._carried_keys):
+        keys = self._programs[self._phase(t)][1]
+        start = self.sync_steps if t >= self.sync_steps else 0  # the delayed pipeline's first batch
+        for kind, src, offset in sorted(keys):
             batch = t + offset
-            if batch < 0 or t < 0:
+            if batch < start or t < 0:
                 continue
             if kind == "grad" and src == self.stage + 1 and self._down_in is not None:
                 self._down_in.recv(batch, "the δ")

@@ -160,12 +160,17 @@ class LocalExecutor:
             options["synth_optimizer"] = synth_optimizer
         bound = build_method(method, stages, optimizer, loss_fn, **options)
         validate(bound.schedule, len(stages))
+        if bound.sync_schedule is not None:
+            validate(bound.sync_schedule, len(stages), synchronous=True)
         self.method = method
         self.stages = list(stages)
         self.loss_fn = loss_fn
         self.workers = bound.workers
         self.schedule = bound.schedule
         self._actions: tuple[Action, ...] = tuple(a for tick in bound.schedule for a in tick)
+        # compensation sync: the first ``sync_steps`` iterations run the method without delay
+        self.sync_steps = bound.sync_steps
+        self._sync_actions: tuple[Action, ...] = tuple(a for tick in bound.sync_schedule or () for a in tick)
         self._links = [_StageLink(self, k) for k in range(len(stages))]
         self._mailbox: dict[tuple[str, int, int], Any] = {}
         self._out: tuple[torch.Tensor, Any] | None = None
@@ -233,7 +238,7 @@ class LocalExecutor:
                 assert w.meter is not None
                 w.meter.reset()
         updates = []
-        for action in self._actions:
+        for action in self._sync_actions if t < self.sync_steps else self._actions:
             # Updates (U) and DNI's synthesizer training (T) wait until the loss is known
             # to be finite; schedule invariant 5 (after U a stage runs only T) makes the
             # deferral equal to running them in place.

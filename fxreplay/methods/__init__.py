@@ -102,11 +102,18 @@ def schedule(name: str, K: int) -> Schedule:
 
 @dataclass(frozen=True)
 class Method:
-    """A method bound to stages: its spec, its schedule and one worker per stage."""
+    """A method bound to stages: its spec, its schedule and one worker per stage; with compensation ``sync``, the
+    schedule of its first ``sync_steps`` iterations (:attr:`MethodSpec.synchronous`)."""
 
     spec: MethodSpec
     schedule: Schedule
     workers: tuple[StageWorker, ...]
+    sync_schedule: Schedule | None = None
+    sync_steps: int = 0
+
+    def schedule_at(self, t: int) -> Schedule:
+        """The schedule iteration ``t`` runs."""
+        return self.sync_schedule if self.sync_schedule is not None and t < self.sync_steps else self.schedule
 
     @property
     def name(self) -> str:
@@ -142,4 +149,11 @@ def build_method(
     K = len(stages)
     ks = range(K) if only is None else [only]
     workers = tuple(spec.worker(k, K, stages[k], optimizer, loss_fn, **options) for k in ks)
-    return Method(spec, spec.schedule(K), workers)
+    steps = {w.compensator.sync_steps for w in workers if w.compensator is not None}
+    if len(steps) > 1:
+        raise TrainingError(f"compensation sync starts the pipeline at different iterations on different stages ({sorted(steps)}): "
+                            "give every stage's optimizer the same momentum, or set the length (sync=N).")
+    T = max(steps, default=0)
+    if T and spec.synchronous is None:  # compensation.validate refuses it first; a method added later must declare it
+        raise TrainingError(f"compensation sync needs the method's synchronous schedule, and {name!r} has none.")
+    return Method(spec, spec.schedule(K), workers, spec.synchronous(K) if T and spec.synchronous else None, T)

@@ -293,6 +293,8 @@ class StageWorker:
         if handler is None:
             raise TrainingError(f"method {self.method!r} has no op {action.op!r} (action {action})")
         self._iteration = step
+        if self.compensator is not None:
+            self.compensator.iteration = step  # ``sync``: whether this iteration runs without delay
         try:
             handler(step + action.offset, link)
         except Exception as exc:
@@ -337,7 +339,7 @@ class StageWorker:
     def _update(self, batch: int, own: bool, shared: bool) -> None:
         if own:
             if self.compensator is not None:
-                self.compensator.step(self.optimizer, batch + self.delay)
+                self.compensator.step(self.optimizer, self._iteration)  # FR, DDG: batch + d_k, or batch (sync)
             else:
                 self.optimizer.step()
         elif shared:
@@ -399,7 +401,16 @@ class StageWorker:
     def has_gradient_of(self, batch: int) -> bool:
         """Whether the ``.grad`` of this stage's parameters is the gradient of ``batch`` (what its
         update of that batch applies; False in warm-up)."""
-        return self.grad_batch == batch and batch >= 0
+        return self.grad_batch == batch and batch >= self.pipeline_start()
+
+    def pipeline_start(self) -> int:
+        """The first batch whose gradient the running iteration's schedule may apply: 0, or compensation ``sync``'s
+        T once its synchronous iterations are over (the delayed pipeline then fills as at t = 0: a batch before T
+        was trained on already)."""
+        comp = self.compensator
+        if comp is None or not comp.sync_steps or self._iteration < comp.sync_steps:
+            return 0
+        return comp.sync_steps
 
     # -- building blocks ---------------------------------------------------------------
     def recv_inputs(self, batch: int, link: Link) -> tuple[Any, ...]:

@@ -64,6 +64,15 @@ rule        where it acts                     formula (source)
                                               ``adapt`` the two σ multiply (this project)
 ``official`` FR's published code              Nesterov momentum, stage 0's update doubled,
                                               BatchNorm statistics updated by the replay too
+``sync``    the first T iterations            no delay: every stage's gradient of the current
+(``sync=T``)                                  batch, in BP's order (the replay of batch t after
+                                              the stage above has backpropagated it), and the
+                                              other rules idle; from t = T the delayed pipeline
+                                              starts as at t = 0. T = 10·K/(1-μ) (the warm-up
+                                              horizon of ``lr``'s most delayed stage: 400 at
+                                              K = 4, μ = 0.9); ``lr``'s warm-up starts at T. The
+                                              stages wait for each other for T iterations (this
+                                              project; FR only)
 =========== ================================= =============================================
 
 Rules compose with ``+`` (``predict+spike``); ``auto`` is the recommended combination for the
@@ -95,7 +104,7 @@ import torch
 from ..errors import TrainingError
 
 __all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_OTHER", "parse",
-           "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "validate", "describe",
+           "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "sync_steps", "validate", "describe",
            "divergence_hint"]
 
 RULES: dict[str, str] = {
@@ -109,6 +118,7 @@ RULES: dict[str, str] = {
     "official": "the published FR code's recipe: Nesterov, stage 0's lr doubled, BN updated in the replay",
     "adapt": "lr's and stretch's strength follows the stage's gradient alignment: released while descent is consistent",
     "release": "lr's and stretch's strength follows the lr schedule, η(t)/η_peak: released as the rate decays",
+    "sync": "the first T = 10·K/(1-μ) iterations without delay (BP's gradient, the stages waiting for each other)",
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
@@ -168,12 +178,14 @@ class Compensation:
         beta: ``shrink``'s factor on δ.
         power: ``stretch``'s power p (horizon (d+1)^p).
         alignment: ``adapt``'s A (σ = clip(1 − ā/A, 0, 1)).
+        sync: ``sync``'s T, the synchronous iterations; None: :func:`sync_steps` of K and μ.
     """
 
     rules: tuple[str, ...] = ()
     beta: float = DEFAULT_SHRINK
     power: float = DEFAULT_STRETCH
     alignment: float = DEFAULT_ADAPT
+    sync: int | None = None
     auto: bool = False  # the rules are chosen for the optimizer (resolve); ``rules`` is empty until then
 
     @property
@@ -192,6 +204,8 @@ class Compensation:
                 return f"stretch={self.power:g}"
             if rule == "adapt" and self.alignment != DEFAULT_ADAPT:
                 return f"adapt={self.alignment:g}"
+            if rule == "sync" and self.sync is not None:
+                return f"sync={self.sync}"
             return rule
 
         return "+".join(spelled(r) for r in self.rules)
@@ -206,7 +220,7 @@ class Compensation:
 
 def parse(spec: str | Compensation | None) -> Compensation:
     """Parse ``none``, ``auto``, a rule or rules joined by ``+`` (``shrink=0.3`` sets β, ``stretch=1`` p,
-    ``adapt=0.5`` A).
+    ``adapt=0.5`` A, ``sync=200`` T).
 
     Raises:
         TrainingError: an unknown rule, a rule given twice, or a bad β or p; the message lists the rules.
@@ -220,6 +234,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
         return Compensation(auto=True)
     rules: list[str] = []
     beta, power, alignment = DEFAULT_SHRINK, DEFAULT_STRETCH, DEFAULT_ADAPT
+    sync: int | None = None
     for part in text.split("+"):
         name, _, value = part.strip().partition("=")
         if name not in RULES:
@@ -230,9 +245,17 @@ def parse(spec: str | Compensation | None) -> Compensation:
         if name in rules:
             raise TrainingError(f"compensation {spec!r} names {name!r} twice; give each rule once.")
         if value:
-            if name not in ("shrink", "stretch", "adapt"):
+            if name not in ("shrink", "stretch", "adapt", "sync"):
                 raise TrainingError(
-                    f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β, stretch=p and adapt=A do.")
+                    f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β, stretch=p, adapt=A and "
+                    "sync=T do.")
+            if name == "sync":
+                if not value.isdigit():
+                    raise TrainingError(f"sync's T (the synchronous iterations) must be a whole number >= 0, got {value!r} "
+                                        "(e.g. sync=400; plain sync: 10·K/(1-μ)).")
+                sync = int(value)
+                rules.append(name)
+                continue
             try:
                 number = float(value)
             except ValueError:
@@ -256,7 +279,7 @@ def parse(spec: str | Compensation | None) -> Compensation:
         raise TrainingError(
             f"compensation {spec!r} names both lookahead (every stage that sends a δ down, the last one included) and "
             "replayahead (the delayed stages only): give one of them.")
-    return Compensation(tuple(sorted(rules)), beta, power, alignment)
+    return Compensation(tuple(sorted(rules)), beta, power, alignment, sync=sync)
 
 
 def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = "fr") -> Compensation:
@@ -313,6 +336,12 @@ def stretch_coefficients(momentum: float, delay: int, power: float = DEFAULT_STR
         return 1.0, momentum
     s = float(delay + 1) ** power
     return 1.0 / s, 1.0 - (1.0 - momentum) / s
+
+
+def sync_steps(K: int, momentum: float) -> int:
+    """``sync``'s T: ``round(10·K/(1-μ))`` iterations, the horizon of ``lr``'s warm-up on the most delayed stage
+    (d = K-1; 400 at K = 4, μ = 0.9): the early iterations in which a late gradient costs most."""
+    return round(10.0 * K / max(1.0 - momentum, 1e-3))
 
 
 def lr_multiplier(delay: int, iteration: int, momentum: float) -> float:
@@ -398,6 +427,10 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
                 f"compensation {rule!r} sets how strongly lr and stretch act, and {comp.name!r} has neither: add lr or "
                 f"stretch (e.g. {rule}+lookahead+lr+predict+stretch), or drop {rule}."
             )
+    if "sync" in comp and method != "fr":
+        raise TrainingError(
+            f"compensation 'sync' runs features replay's first iterations without delay (its replay as BP's forward); "
+            f"{method} has no such schedule: use it with fr, or drop it.")
     for rule in ("lookahead", "replayahead"):
         if rule in comp and method != "fr":
             raise TrainingError(
@@ -420,6 +453,9 @@ def validate(comp: Compensation, optimizer: torch.optim.Optimizer, method: str) 
             f"different ones ({', '.join(f'{m:g}' for m in sorted(mus))}): give every group the same momentum, or drop "
             f"{' and '.join(reading)}."
         )
+    if "official" in comp and "sync" in comp:
+        raise TrainingError("compensation 'official' switches the optimizer to Nesterov from the first step, which sync's "
+                            "BP start would not be: use one of them.")
     for rule in ("spike", "stretch"):
         if "official" in comp and rule in comp:
             raise TrainingError(f"compensation 'official' uses Nesterov momentum, which {rule!r} does not model; use one of them.")
@@ -446,6 +482,10 @@ class Compensator:
         shared_ids = {id(p) for p in shared}
         self._own = [id(p) not in shared_ids for p in self.params]
         self.momentum = _momentum(optimizer)
+        # sync: the first T iterations run without delay (the worker's schedule) and every rule idles through them
+        T = comp.sync if comp.sync is not None else sync_steps(stage + delay + 1, self.momentum)
+        self.sync_steps = T if "sync" in comp else 0
+        self.iteration = 0  # the iteration the stage is running (set by the worker before each action)
         self._group_index: tuple[torch.optim.Optimizer, list[int | None]] | None = None  # see _groups_of
         # Δw of the last update, per parameter (``predict``); None until the stage first steps.
         self.last_step: list[torch.Tensor | None] | None = None
@@ -463,6 +503,11 @@ class Compensator:
 
     # -- where each rule acts ---------------------------------------------------------
     @property
+    def in_sync(self) -> bool:
+        """``sync``: the running iteration is one of the first T, trained without delay (BP's gradient)."""
+        return self.iteration < self.sync_steps
+
+    @property
     def freeze_norms_in_replay(self) -> bool:
         """Algorithm 1 updates BatchNorm statistics in the play only; the official code in the replay too."""
         return "official" not in self.comp
@@ -474,12 +519,12 @@ class Compensator:
 
     def scale_deltas(self, deltas: tuple[Any, ...]) -> tuple[Any, ...]:
         s = self.delta_scale
-        if s == 1.0:
+        if s == 1.0 or self.in_sync:
             return deltas
         return tuple(d * s if isinstance(d, torch.Tensor) else d for d in deltas)
 
     def predicting(self) -> bool:
-        return "predict" in self.comp and self.delay + self.ahead > 0 and self.last_step is not None
+        return "predict" in self.comp and self.delay + self.ahead > 0 and self.last_step is not None and not self.in_sync
 
     def predicted(self, horizon: int | None = None) -> list[torch.Tensor]:
         """``predict``: ŵ = w + h·Δw for every parameter (detached copies); h = d (+1 under ``lookahead``, whose
@@ -492,7 +537,7 @@ class Compensator:
         """``lookahead``: the stage's parameters hold w̃ = w + Δw from here to :meth:`exit_ahead` -- FR's replay
         forward and its backward (the last stage: its training forward and backward). A no-op on stage 0,
         before the stage's first update and without the rule."""
-        if not self.ahead or self.last_step is None or self._held is not None:
+        if not self.ahead or self.last_step is None or self._held is not None or self.in_sync:
             return
         self._held = [p.detach().clone() for p in self.params]
         with torch.no_grad():
@@ -604,7 +649,7 @@ class Compensator:
         self.alignment = beta * self.alignment + (1.0 - beta) * align
 
     def _step_factor(self, iteration: int) -> float:
-        m = lr_multiplier(self.delay, iteration, self.momentum) if "lr" in self.comp else 1.0
+        m = lr_multiplier(self.delay, iteration - self.sync_steps, self.momentum) if "lr" in self.comp else 1.0
         if self._scaled and m != 1.0:
             m = m ** self.strength
         if "official" in self.comp and self.stage == 0:
@@ -622,6 +667,9 @@ class Compensator:
         shared with other stages keep the plain step.
         """
         self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
+        if iteration < self.sync_steps:  # sync: BP's step, recorded for predict and lookahead after the switch
+            self._plain_step(optimizer)
+            return
         spike = "spike" in self.comp and self.delay > 0
         stretch = "stretch" in self.comp and self.delay > 0
         swapped = stretch and _swaps(optimizer)  # the step itself runs at the stretched horizon: nothing to rewrite
@@ -675,6 +723,19 @@ class Compensator:
                 steps.append(p.detach() - w0)
         if record:
             self.last_step = steps
+
+    def _plain_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's own step; its displacement is recorded where a rule reads the last update. ``stretch``'s
+        horizon starts from the velocity as it is: η/s·μ_k/(1−μ_k) = η·μ_k/(1−μ), so what the velocity still
+        moves the weights changes by μ_k/μ (≤ 11 % at μ = 0.9), with no kick at the switch."""
+        if "release" in self.comp:
+            self._follow_schedule([optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)])
+        if not ("predict" in self.comp or self.ahead > 0 or "adapt" in self.comp):
+            optimizer.step()
+            return
+        before = [p.detach().clone() if p.grad is not None else None for p in self.params]
+        optimizer.step()
+        self.last_step = [None if w0 is None else p.detach() - w0 for p, w0 in zip(self.params, before)]
 
     def _stretched_step(self, optimizer: torch.optim.Optimizer) -> None:
         """``stretch`` with Adam/AdamW or Nesterov SGD: one step of the optimizer at the stretched horizon, the
@@ -759,7 +820,8 @@ class Compensator:
         power = self.comp.power if "stretch" in self.comp else None
         return {"name": self.name, "rules": self.comp.name, "stretch_power": power, "last_step": self.last_step,
                 "alignment": self.alignment, "horizon": self.horizon,  # adapt's σ follows from the alignment
-                "peak_lr": self.peak_lr}  # release's η_peak per group (η(t) is the optimizer's own at each step)
+                "peak_lr": self.peak_lr,  # release's η_peak per group (η(t) is the optimizer's own at each step)
+                "sync_steps": self.sync_steps if "sync" in self.comp else None}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {"name": "none", "last_step": None}
@@ -787,6 +849,11 @@ class Compensator:
                     "would change the algorithm mid-run. Finish the run with the fxreplay version that started it, or "
                     "start a new run."
                 )
+        if "sync" in self.comp and state.get("sync_steps") != self.sync_steps:
+            raise TrainingError(
+                f"the checkpoint's synchronous start (sync) lasts {state.get('sync_steps')} iterations, and here "
+                f"{self.sync_steps} (another momentum, or another version's default): resuming would change the algorithm "
+                "mid-run. Resume with the same optimizer settings, give the length (sync=N), or start a new run.")
         self.alignment = float(state.get("alignment", 0.0))
         self.horizon = state.get("horizon")
         peaks = state.get("peak_lr")  # a list per group; one number in checkpoints of release's first version

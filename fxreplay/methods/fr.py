@@ -13,7 +13,10 @@
 - ``kU-d`` (line 13): optimizer step.
 
 Warm-up: while t-d < 0 there is nothing to replay; R, B and U do nothing, so the stage's
-gradients stay None and its optimizer never steps. The history holds d+1 = K-k entries
+gradients stay None and its optimizer never steps. With compensation ``sync`` the first T
+iterations run :func:`synchronous_schedule` (every stage replays and backpropagates batch t
+itself, BP's gradient); at t = T the delayed pipeline starts as at t = 0, its warm-up skipping
+the batches before T. The history holds d+1 = K-k entries
 right after the play (K-k+1 in the paper's 1-based terms) and d between iterations; it and
 the δ in flight persist across epochs.
 
@@ -46,7 +49,7 @@ from ..state import RngState, capture_rng, restored_rng
 from .base import Link, StageWorker, frozen_norm_stats
 from .spec import MethodSpec
 
-__all__ = ["FRWorker", "schedule", "SPEC"]
+__all__ = ["FRWorker", "schedule", "synchronous_schedule", "SPEC"]
 
 
 def schedule(K: int) -> Schedule:
@@ -61,6 +64,17 @@ def schedule(K: int) -> Schedule:
         tuple(Action(k, "U", -delay[k]) for k in range(K - 1)),
     ]
     return tuple(forward_chain(K) + [t for t in ticks if t])
+
+
+def synchronous_schedule(K: int) -> Schedule:
+    """FR without delay (compensation ``sync``'s first iterations): the play chain up, then from the top down each
+    stage replays the batch of *this* iteration and backpropagates the δ the stage above has just sent -- BP's order
+    and BP's gradient, with the replay as BP's forward -- then every stage updates."""
+    check_K(K)
+    ticks = forward_chain(K) + [(Action(K - 1, "B", 0),)]
+    for k in range(K - 2, -1, -1):
+        ticks += [(Action(k, "R", 0),), (Action(k, "B", 0),)]
+    return tuple(ticks + [tuple(Action(k, "U", 0) for k in range(K))])
 
 
 class FRWorker(StageWorker):
@@ -92,8 +106,8 @@ class FRWorker(StageWorker):
 
     def op_R(self, batch: int, link: Link) -> None:
         """The replay (line 11): F_k(h_{k-1}^{t-d}; w_k^t) with the play's RNG and frozen BN stats."""
-        if batch < 0:
-            return  # warm-up: h^{t+k-K} does not exist yet
+        if batch < self.pipeline_start():
+            return  # warm-up: h^{t+k-K} does not exist yet (or was trained on synchronously: ``sync``)
         stored_batch, stored, rng = self.history[0]
         assert stored_batch == batch, f"FR stage {self.stage}: history starts at batch {stored_batch}, replay wants {batch}"
         inputs = self.leaf_inputs(stored)
@@ -127,7 +141,7 @@ class FRWorker(StageWorker):
 
     def op_B(self, batch: int, link: Link) -> None:
         """Backpropagate δ_k^t through the replay (eq. 7) and send δ_{k-1} down (line 14)."""
-        if batch < 0:
+        if batch < self.pipeline_start():
             return
         self.observe_memory()
         entry, self._live = self._live, None
@@ -160,5 +174,5 @@ class FRWorker(StageWorker):
 SPEC = MethodSpec(
     name=FRWorker.method, label="FR", summary="features replay (Huo, Gu & Huang, NeurIPS 2018)",
     worker=FRWorker, schedule=schedule, cost=MethodCost(FRWorker.method, replay=True, stored_inputs=True),
-    color="#2166ac", complexity="O(L + K²)",
+    color="#2166ac", complexity="O(L + K²)", synchronous=synchronous_schedule,
 )

@@ -75,6 +75,8 @@ class MethodSpec:
             rank per stage); ``worker`` then only owns the stage's optimizer and state, and
             ``schedule`` is the iteration's dependence between stages (BP's), not the
             microbatch order, which is torch's.
+        synchronous: ``K -> Schedule``: the method's iteration without delay (compensation ``sync``'s first
+            iterations: every stage's gradient of the current batch, BP's order), or None.
     """
 
     name: str
@@ -88,6 +90,7 @@ class MethodSpec:
     reference: bool = False
     parallel: bool = True
     pipelining: Pipelining | None = None
+    synchronous: Callable[[int], Schedule] | None = None
 
     @property
     def needs_ranks(self) -> bool:
