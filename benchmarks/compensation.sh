@@ -72,9 +72,12 @@ case "$mode" in
     # half to train on). ~10 min a half-run on one core; the finished runs are kept in
     # benchmarks/results/compensation/handoff-lr<rate>/.
     # SWAP=N swaps at iteration N instead (after every stage's lr warm-up: N > 400; into handoff-lr<rate>-at<N>/).
+    # VELOCITY=displacement converts the momentum to keep what it still moves the weights, not its next step (into
+    # handoff-lr<rate>[-at<N>]-displacement/; benchmarks/handoff.py --velocity).
     lr=${LR:-0.01}
     swap=${SWAP:-600}
-    out=benchmarks/runs/handoff-lr$lr$([ "$swap" = 600 ] || echo "-at$swap")
+    velocity=${VELOCITY:-step}
+    out=benchmarks/runs/handoff-lr$lr$([ "$swap" = 600 ] || echo "-at$swap")$([ "$velocity" = step ] || echo "-$velocity")
     mkdir -p "$out"
     # the converged benchmark's setup with its pinned K = 4 split (compare --boundaries "$SPLIT4")
     sed -e "s/^  lr: .*/  lr: $lr/" -e "s/^  K: .*/  K: 4/" -e "s/^  boundaries: .*/  boundaries: [${SPLIT4#4=}]/" \
@@ -91,7 +94,8 @@ case "$mode" in
       for pair in "bp $auto" "$auto bp" "$auto fr"; do
         set -- $pair
         run="$out/$1@$2-s$seed"
-        [ -d "$run" ] || python benchmarks/handoff.py --weights "$out/$1-s$seed" --dynamics "$out/$2-s$seed" --out "$run"
+        [ -d "$run" ] || python benchmarks/handoff.py --weights "$out/$1-s$seed" --dynamics "$out/$2-s$seed" --out "$run" \
+          --velocity "$velocity"
         fxreplay train --resume "$run" --max-steps 1200
       done
       if [ "${HALVES:-1}" = 1 ]; then

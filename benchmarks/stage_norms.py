@@ -23,7 +23,8 @@ start that overshoots can leave a stage's units off for the rest of a run while 
 ``--sharpness N`` prints instead each stage's curvature: η·λ_max, λ_max the largest eigenvalue of the training
 loss's Hessian restricted to the stage's parameters (the block of the Hessian the stage's own update sees; power
 iteration on Hessian-vector products, benchmarks/compensation_signals.py's ``top_eigenvalue``), on one fixed batch:
-the first N images of the run's training set in the order of seed 1000, the model in train mode (BatchNorm's batch
+the first N images of the run's training set in the order of seed 1000 (with its augmentation, which the loader
+seeds: the same batch every time), the model in train mode (BatchNorm's batch
 statistics, as training computes; the stored statistics are left as they were), η the config's peak rate. Whether a
 delayed stage trained where BP's does, or somewhere sharper or flatter (a loop that cannot follow curvature above
 its stable range flattens, a stage held at a smaller step can sharpen)::

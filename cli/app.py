@@ -177,7 +177,7 @@ def train(
     microbatches: MicrobatchesOption = None,
     compensation: Annotated[Optional[str], typer.Option(
         help="staleness compensation for fr/ddg: none (Algorithm 1) | auto | rules joined by + from predict, spike, stretch[=p], lr, "
-             "shrink[=β], lookahead (fr), replayahead (fr), adapt[=A], release, official (overrides train.compensation)")] = None,
+             "shrink[=β], lookahead (fr), replayahead (fr), adapt[=A], release, official, sync[=T] (fr) (overrides train.compensation)")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory (metrics, checkpoints, model)")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory exactly where it stopped")] = None,
     seed: SeedOption = None,

@@ -108,7 +108,7 @@ class Trainer:
             batch, not of the replica's shard).
         compensation: staleness compensation of a delayed method (FR, DDG): ``none`` (the
             default: Algorithm 1 exactly), ``auto``, or rules joined by ``+`` (``predict``,
-            ``spike``, ``lr``, ``stretch``, ``shrink``, ``lookahead``, ``replayahead``, ``adapt``, ``release``, ``official``; :mod:`fxreplay.methods.compensation`).
+            ``spike``, ``lr``, ``stretch``, ``shrink``, ``lookahead``, ``replayahead``, ``adapt``, ``release``, ``official``, ``sync``; :mod:`fxreplay.methods.compensation`).
         scheduler: builds one lr scheduler per stage from that stage's optimizer (e.g.
             :func:`fxreplay.lr_schedule.scheduler_factory`); each is stepped right after its
             stage's update of every iteration, warm-up included, so the stages stay in

@@ -682,6 +682,20 @@ def test_sync_is_bp_for_T_iterations_then_a_fresh_pipeline(rules: str, carry: bo
     assert plain_losses[1:T] != losses[1:T]  # the start is not the delayed pipeline's
 
 
+def test_sigma_is_nan_while_the_pipeline_fills_after_sync() -> None:
+    """From T to T + d_k − 1 stage k still holds the last synchronous gradient, which its update does not apply again:
+    σ_k is NaN there, as in the warm-up at t = 0, and a number again once the stage applies a delayed gradient."""
+    T = 3
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation=f"sync={T}")
+    sigmas = [ex.sigma(x, y) for x, y in batches(T + 3)]
+    for t, row in enumerate(sigmas):
+        for k, value in enumerate(row):
+            d = 2 - k
+            filling = T <= t < T + d
+            assert (value != value) == filling, (t, k, value)  # NaN exactly while filling
+    assert sigmas[0] == pytest.approx([1.0, 1.0, 1.0])  # synchronous: BP's gradient
+
+
 def test_sync_longer_than_the_run_is_bp_with_every_rule_idle() -> None:
     data = batches(6)
     ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn,
@@ -698,7 +712,7 @@ def test_sync_is_refused_where_it_cannot_apply_and_records_its_length() -> None:
 
     assert sync_steps(4, 0.9) == 400 and sync_steps(8, 0.9) == 800 and sync_steps(2, 0.0) == 20
     assert parse("stretch+sync=40+predict").name == "predict+stretch+sync=40" and parse("sync").name == "sync"
-    for bad in ("sync=-1", "sync=2.5", "sync=x"):
+    for bad in ("sync=-1", "sync=2.5", "sync=x", "sync=0"):
         with pytest.raises(TrainingError, match="sync's T"):
             parse(bad)
     with pytest.raises(TrainingError, match="'sync' runs features replay's first iterations"):
@@ -744,6 +758,7 @@ CASES = {"fr": ("fr", sgd, "lookahead+" + RULES), "ddg": ("ddg", sgd, RULES),
          "fr, adapt": ("fr", sgd, "adapt+lookahead+lr+predict+stretch"),  # adapt's state crosses the resume
          "fr, Nesterov, adapt": ("fr", nesterov, "adapt+lr+predict+stretch"),  # Nesterov's buffer rescaled
          "fr, sync before the resume": ("fr", sgd, "sync=2+lookahead+lr+predict+stretch"),  # the switch, then a resume
+         "fr, sync just before the resume": ("fr", sgd, "sync=3+lookahead+lr+predict+stretch"),  # closed while filling
          "fr, sync across the resume": ("fr", sgd, "sync=5+lookahead+lr+predict+stretch")}  # resumed while synchronous
 
 

@@ -447,6 +447,16 @@ def test_a_compensated_divergence_does_not_point_to_compensation(method: str) ->
     assert "compensation" not in str(info.value)
 
 
+def test_a_divergence_after_a_synchronous_start_alone_points_to_compensation() -> None:
+    """compensation sync alone: after its start the run is Algorithm 1, and the remedy still applies."""
+    ex = LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn, compensation="sync=1")
+    data = batches(3)
+    for x, y in data[:2]:
+        ex.step(x, y)
+    with pytest.raises(DivergenceError, match="arrive up to 2 iterations late.*compensation=\"auto\""):
+        ex.step(torch.full_like(data[2][0], float("nan")), data[2][1])
+
+
 def test_an_infinite_loss_is_a_divergence_too() -> None:
     ex = LocalExecutor(split(mlp(), 2), "bp", optimizer=sgd, loss_fn=lambda out, y: out.sum() * float("inf"))
     before = weights(ex.stages)

@@ -314,7 +314,7 @@ class LocalExecutor:
         result = []
         for w in self.workers:
             b = w.grad_batch
-            if b is None:
+            if b is None or not w.has_gradient_of(b):  # warm-up (after sync: the last synchronous gradient, applied already)
                 result.append(math.nan)
                 continue
             if b not in true:

@@ -250,9 +250,9 @@ def parse(spec: str | Compensation | None) -> Compensation:
                     f"compensation rule {name!r} takes no value (got {part!r}); only shrink=β, stretch=p, adapt=A and "
                     "sync=T do.")
             if name == "sync":
-                if not value.isdigit():
-                    raise TrainingError(f"sync's T (the synchronous iterations) must be a whole number >= 0, got {value!r} "
-                                        "(e.g. sync=400; plain sync: 10·K/(1-μ)).")
+                if not value.isdigit() or int(value) == 0:
+                    raise TrainingError(f"sync's T (the synchronous iterations) must be a whole number >= 1, got {value!r} "
+                                        "(e.g. sync=400; plain sync: 10·K/(1-μ); without a synchronous start, drop sync).")
                 sync = int(value)
                 rules.append(name)
                 continue
@@ -853,7 +853,8 @@ class Compensator:
             raise TrainingError(
                 f"the checkpoint's synchronous start (sync) lasts {state.get('sync_steps')} iterations, and here "
                 f"{self.sync_steps} (another momentum, or another version's default): resuming would change the algorithm "
-                "mid-run. Resume with the same optimizer settings, give the length (sync=N), or start a new run.")
+                "mid-run. Resume with the optimizer settings (momentum) and fxreplay version the run started with, or start "
+                "a new run (sync=N fixes the length whatever the momentum).")
         self.alignment = float(state.get("alignment", 0.0))
         self.horizon = state.get("horizon")
         peaks = state.get("peak_lr")  # a list per group; one number in checkpoints of release's first version
@@ -875,7 +876,9 @@ def divergence_hint(workers: Sequence[Any], stages: int) -> str:
     compensation: its gradients are up to K-1 iterations late, which lowers the largest stable learning rate
     far below BP's (``benchmarks/delay_stability.py``), and ``auto`` is the remedy. ``""`` otherwise."""
     delayed = [w for w in workers if "compensation" in getattr(w, "option_names", ())]
-    if stages < 2 or not delayed or any(getattr(w, "compensator", None) is not None for w in delayed):
-        return ""
+    stabilised = {"predict", "spike", "lr", "stretch", "shrink", "lookahead", "replayahead", "official"}
+    if stages < 2 or not delayed or any(getattr(w, "compensator", None) is not None
+                                        and set(w.compensator.comp.rules) & stabilised for w in delayed):
+        return ""  # (sync alone: after its start the run is Algorithm 1, and the hint holds)
     return (f" ({delayed[0].method}'s gradients arrive up to {stages - 1} iterations late, which makes it diverge at "
             "learning rates BP trains at: try compensation=\"auto\" (--compensation auto), made to keep it stable there)")
