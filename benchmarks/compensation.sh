@@ -21,6 +21,8 @@
 #   ResNet-110 up at lr 0.01 for this), and compensation's delayed stages more so (docs/compensation.md, "K = 8").
 #   The table that decides (BP, FR none, FR and DDG with auto's rules, FR with the previous auto, K = 2, 4, seeds 0-2):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
+#   Only K = 4, the listed rules alone (no BP, FR or DDG rows; the kept ones stand for them), e.g. the synchronous start:
+#     OMP_NUM_THREADS=1 RULES=fr+lookahead+predict+stretch+sync nohup bash benchmarks/compensation.sh k4 0.01 > ... 2>&1 &
 #   Where the lr 0.01, K = 4 gap opens: the runs to the first lr drop, swapped (BP's weights under auto's rules and
 #   the reverse) and trained on (benchmarks/handoff.py; seeds 0-2, nine half-runs of ~10 min a seed, six with HALVES=0):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh handoff > benchmarks/runs/compensation-handoff.log 2>&1 &
@@ -54,6 +56,13 @@ case "$mode" in
         --out "benchmarks/runs/converged-lr$lr"
       fxreplay compare --config "$CONFIG" --methods "fr,ddg,${rules// /,}" --K 2,4 --seeds "$seed" --lr "$lr" \
         --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
+    done ;;
+  k4)
+    lr=${2:-0.1}
+    rules=${RULES:?k4 runs the rules given: RULES=\"fr+RULES ...\"}
+    for seed in ${SEEDS:-0 1 2}; do
+      fxreplay compare --config "$CONFIG" --methods "${rules// /,}" --K 4 --seeds "$seed" --lr "$lr" \
+        --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
     done ;;
   deep)
     # BP runs at K = 8 too (the same algorithm at any K): one pinned split and one report for the four.
@@ -146,6 +155,6 @@ case "$mode" in
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi
     exit 0 ;;
-  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | deep | handoff | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | k4 [LR] | deep | handoff | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
 esac
 python benchmarks/converged_summary.py
