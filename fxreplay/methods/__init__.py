@@ -109,11 +109,7 @@ class Method:
     schedule: Schedule
     workers: tuple[StageWorker, ...]
     sync_schedule: Schedule | None = None
-    sync_steps: int = 0
-
-    def schedule_at(self, t: int) -> Schedule:
-        """The schedule iteration ``t`` runs."""
-        return self.sync_schedule if self.sync_schedule is not None and t < self.sync_steps else self.schedule
+    sync_steps: int = 0  # iterations 0 .. sync_steps-1 run sync_schedule (the executors choose)
 
     @property
     def name(self) -> str:
