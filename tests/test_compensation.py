@@ -707,6 +707,25 @@ def test_sync_longer_than_the_run_is_bp_with_every_rule_idle() -> None:
     assert all(torch.equal(a, b) for a, b in zip(weights(ex.stages), weights(bp.stages)))
 
 
+def test_sync_is_bp_with_batchnorm_and_dropout_buffers_included() -> None:
+    """The synchronous start's play updates BatchNorm's statistics once and its replay repeats the play's dropout
+    mask: BP's forward, bit for bit, running statistics included."""
+    def stages() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3)),
+                nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.2), nn.Tanh()), nn.Linear(8, 3)]
+
+    a, b = stages(), stages()
+    ex = LocalExecutor(a, "fr", optimizer=sgd, loss_fn=loss_fn, compensation="sync+lookahead+predict+stretch")
+    bp = LocalExecutor(b, "bp", optimizer=sgd, loss_fn=loss_fn)
+    for i, (x, y) in enumerate(batches(6)):
+        torch.manual_seed(100 + i)
+        first = ex.step(x.float(), y)
+        torch.manual_seed(100 + i)
+        assert first == bp.step(x.float(), y)
+    assert all(torch.equal(p, q) for s, t in zip(a, b) for p, q in zip(s.state_dict().values(), t.state_dict().values()))
+
+
 def test_sync_is_refused_where_it_cannot_apply_and_records_its_length() -> None:
     from fxreplay.methods.compensation import sync_steps
 

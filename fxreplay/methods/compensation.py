@@ -667,8 +667,8 @@ class Compensator:
         shared with other stages keep the plain step.
         """
         self.momentum = _momentum(optimizer)  # a scheduler may cycle it (onecycle): the step's own μ
-        if iteration < self.sync_steps:  # sync: BP's step, recorded for predict and lookahead after the switch
-            self._plain_step(optimizer)
+        if iteration < self.sync_steps:  # sync: BP's step; the last one is recorded for predict and lookahead after it
+            self._plain_step(optimizer, record=iteration == self.sync_steps - 1)
             return
         spike = "spike" in self.comp and self.delay > 0
         stretch = "stretch" in self.comp and self.delay > 0
@@ -724,13 +724,14 @@ class Compensator:
         if record:
             self.last_step = steps
 
-    def _plain_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer's own step; its displacement is recorded where a rule reads the last update. ``stretch``'s
+    def _plain_step(self, optimizer: torch.optim.Optimizer, record: bool) -> None:
+        """The optimizer's own step; with ``record`` (the last synchronous one) its displacement is kept where a rule
+        reads the last update -- no copy of the weights in the other synchronous steps. ``stretch``'s
         horizon starts from the velocity as it is: η/s·μ_k/(1−μ_k) = η·μ_k/(1−μ), so what the velocity still
         moves the weights changes by μ_k/μ (≤ 11 % at μ = 0.9), with no kick at the switch."""
         if "release" in self.comp:
             self._follow_schedule([optimizer.param_groups[j] if j is not None else {} for j in self._groups_of(optimizer)])
-        if not ("predict" in self.comp or self.ahead > 0 or "adapt" in self.comp):
+        if not (record and ("predict" in self.comp or self.ahead > 0 or "adapt" in self.comp)):
             optimizer.step()
             return
         before = [p.detach().clone() if p.grad is not None else None for p in self.params]
