@@ -23,6 +23,7 @@
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh table 0.1 > benchmarks/runs/compensation-0.1.log 2>&1 &
 #   Only K = 4, the listed rules alone (no BP, FR or DDG rows; the kept ones stand for them), e.g. the synchronous start:
 #     OMP_NUM_THREADS=1 RULES=fr+lookahead+predict+stretch+sync nohup bash benchmarks/compensation.sh k4 0.01 > ... 2>&1 &
+#   The same at K = 2 and 4 (KS="2 4", the default; KS=2 for K = 2 alone): bash benchmarks/compensation.sh rules 0.1
 #   Where the lr 0.01, K = 4 gap opens: the runs to the first lr drop, swapped (BP's weights under auto's rules and
 #   the reverse) and trained on (benchmarks/handoff.py; seeds 0-2, nine half-runs of ~10 min a seed, six with HALVES=0):
 #     OMP_NUM_THREADS=1 nohup bash benchmarks/compensation.sh handoff > benchmarks/runs/compensation-handoff.log 2>&1 &
@@ -57,12 +58,16 @@ case "$mode" in
       fxreplay compare --config "$CONFIG" --methods "fr,ddg,${rules// /,}" --K 2,4 --seeds "$seed" --lr "$lr" \
         --boundaries "$SPLIT2" --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
     done ;;
-  k4)
+  k4|rules)
     lr=${2:-0.1}
-    rules=${RULES:?k4 runs the rules given: RULES=\"fr+RULES ...\"}
+    rules=${RULES:?$mode runs the rules given: RULES=\"fr+RULES ...\"}
+    ks=$([ "$mode" = k4 ] && echo 4 || echo "${KS:-2 4}")
     for seed in ${SEEDS:-0 1 2}; do
-      fxreplay compare --config "$CONFIG" --methods "${rules// /,}" --K 4 --seeds "$seed" --lr "$lr" \
-        --boundaries "$SPLIT4" --out "benchmarks/runs/converged-lr$lr"
+      for k in $ks; do
+        case "$k" in 2) split=$SPLIT2;; 4) split=$SPLIT4;; *) echo "KS lists 2 and/or 4 (the pinned splits), got $k" >&2; exit 2;; esac
+        fxreplay compare --config "$CONFIG" --methods "${rules// /,}" --K "$k" --seeds "$seed" --lr "$lr" \
+          --boundaries "$split" --out "benchmarks/runs/converged-lr$lr"
+      done
     done ;;
   deep)
     # BP runs at K = 8 too (the same algorithm at any K): one pinned split and one report for the four.
@@ -155,6 +160,6 @@ case "$mode" in
         --epochs 2 --batch-size 128 --methods "${rules// /,}" --out benchmarks/runs/compensation-proxy8
     fi
     exit 0 ;;
-  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | k4 [LR] | deep | handoff | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/compensation.sh screen | table [LR] | k4 [LR] | rules [LR] | deep | handoff | proxy | proxy8 | proxy-mlp" >&2; exit 2 ;;
 esac
 python benchmarks/converged_summary.py

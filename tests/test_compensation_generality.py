@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,38 @@ def test_sharpness_is_the_hessians_top_eigenvalue_and_the_report_shows_it_rising
     assert sorted(values) == [0, 5, 10, 20, 40]
     assert values[40] > 0.3 and values[40] > 10 * abs(values[0])
     assert "d = 3: BP 3.8   lookahead+predict 0.070" in result.stdout
+
+
+def test_driver_rules_mode_pins_each_K_s_split(tmp_path):
+    """`compensation.sh rules LR` runs the listed rules at each K of KS (2 and 4 by default) with that K's pinned
+    split, seed by seed; `k4` at K = 4 only; a K without a pinned split is refused before anything runs."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "data" / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    (repo / "benchmarks" / "compensation.sh").write_text((ROOT / "benchmarks" / "compensation.sh").read_text())
+    (repo / "benchmarks" / "converged_summary.py").write_text("")  # the kept runs' restore and summary: not tested here
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    (bin_dir / "fxreplay").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "fxreplay").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RULES": "fr+auto fr+lr", "SEEDS": "0 1"}
+
+    def driver(*args, **extra):
+        log.unlink(missing_ok=True)
+        done = subprocess.run(["bash", str(repo / "benchmarks" / "compensation.sh"), *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+        return done, log.read_text().splitlines() if log.exists() else []
+
+    done, calls = driver("rules", "0.01")
+    assert done.returncode == 0, done.stderr
+    text = (ROOT / "benchmarks" / "compensation.sh").read_text()
+    split = {k: next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"SPLIT{k}=")) for k in (2, 4)}
+    expected = [f"--methods fr+auto,fr+lr --K {k} --seeds {s} --lr 0.01 --boundaries {split[k]} "
+                f"--out benchmarks/runs/converged-lr0.01" for s in (0, 1) for k in (2, 4)]
+    assert [c.split("resnet20_cifar10_5k.yaml ", 1)[1] for c in calls] == expected
+    done, calls = driver("k4", "0.1", KS="2")  # k4 ignores KS
+    assert done.returncode == 0 and [c.split(" --K ")[1][0] for c in calls] == ["4", "4"]
+    done, calls = driver("rules", KS="8")
+    assert done.returncode == 2 and "KS lists 2 and/or 4" in done.stderr and calls == []
