@@ -594,12 +594,12 @@ def test_bad_rules_and_unfit_optimizers_are_refused_clearly() -> None:
 
 
 def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
-    from fxreplay.methods.compensation import AUTO, AUTO_OTHER, resolve
+    from fxreplay.methods.compensation import AUTO, AUTO_DDG, AUTO_OTHER, resolve
 
     params = [nn.Parameter(torch.zeros(2))]
     heavy_ball = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    assert resolve(parse("auto"), heavy_ball).name == AUTO == "lookahead+lr+predict+stretch"
-    assert resolve(parse("auto"), heavy_ball, "ddg").name == "lr+predict+stretch"  # DDG has no replay
+    assert resolve(parse("auto"), heavy_ball).name == AUTO == "lookahead+predict+stretch+sync"
+    assert resolve(parse("auto"), heavy_ball, "ddg").name == AUTO_DDG == "lr+predict+stretch"  # no replay, no sync
     nesterov_sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
     assert resolve(parse("auto"), nesterov_sgd).name == AUTO
     damped = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)  # stretch rewrites an undamped velocity
@@ -851,6 +851,29 @@ def test_cli_trains_with_a_rule_and_a_resume_cannot_change_it(tmp_path: Any) -> 
     assert again.exit_code == 0, again.output
     assert_user_error(run_cli("train", "--method", "bp", "--compensation", "auto", "--out", str(tmp_path / "bp")),
                       "train.compensation")
+
+
+def test_a_run_says_when_its_start_is_synchronous_and_when_all_of_it_is(tmp_path: Any) -> None:
+    """``sync`` (in FR's ``auto``) trains its first T iterations at BP's speed: a run says so at its start, says when
+    it is shorter than T (all of it BP's computation) with the rules to shorten the start, and says nothing once past
+    T or without ``sync``."""
+    from clitools import run_cli
+
+    def note(*args: str) -> str:
+        result = run_cli("train", "--K", "3", *args)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    text = note("--compensation", "auto", "--max-steps", "4", "--out", str(tmp_path / "auto"))
+    assert "iterations 1-300 train synchronously" in text  # 10·K/(1-μ), K = 3, μ = 0.9
+    assert "This run has 4 iterations, all of them synchronous" in text
+    assert "--compensation lookahead+predict+stretch+sync=N" in text
+    text = note("--compensation", "sync=3+lookahead", "--max-steps", "5", "--out", str(tmp_path / "short"))
+    assert "iterations 1-3 train synchronously" in text and "delayed pipeline from iteration 4" in text
+    assert "all of them synchronous" not in text
+    assert "synchronously" not in note("--resume", str(tmp_path / "short"), "--max-steps", "7")  # past T
+    assert "synchronously" not in note("--compensation", "lookahead+lr+predict+stretch", "--max-steps", "2",
+                                       "--out", str(tmp_path / "delayed"))
 
 
 # ----------------------------------------------------------- the analysis behind auto

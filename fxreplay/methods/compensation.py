@@ -103,7 +103,7 @@ import torch
 
 from ..errors import TrainingError
 
-__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_OTHER", "parse",
+__all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_DDG", "AUTO_OTHER", "parse",
            "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "sync_steps", "validate", "describe",
            "divergence_hint"]
 
@@ -122,29 +122,27 @@ RULES: dict[str, str] = {
 }
 """Every rule by name, with what it does (the module docstring has the formulas)."""
 
-AUTO = "lookahead+lr+predict+stretch"
-"""What ``auto`` means with SGD and momentum (heavy-ball or Nesterov) and with Adam/AdamW: the recommended rules
-(docs/compensation.md has the analysis and the screening that chose them). Their constants depend only
-on d_k and the optimizer's μ. ``stretch`` spreads each late gradient over a momentum horizon (d+1)^1.5
-times longer at the same total step; ``predict`` takes the play at the weights the update will meet; the
-``lr`` warm-up keeps the stretched stages stable early in training, where an unnormalised model's
-curvature is highest (tanh-MLP proxy, K = 4, lr 0.1: FR 29 points behind BP, ``predict+spike+stretch``
-4.8, with the warm-up 0.2); ``lookahead`` takes every δ at the weights it meets (at the MLP's pinned
-split +3.6 without it, −0.2 with it). ``spike`` is left out: on six families no rule was chosen on
-(benchmarks/compensation_generality.py, digits, K = 4, lr 0.1, 10-30 seeds) it was behind on five, level on one
-(ReLU MLP +2.5 against +0.9, the transformer +7.6 against +5.8) and it made the CNN without
-normalisation diverge (2 of 30 seeds at 10 epochs, 2 of 3 at 30; none without it). With DDG, which has
-no replay, ``auto`` is these rules without ``lookahead``. (``auto`` was ``lr+predict+spike`` until the
-morning of 2026-12-06, then ``predict+spike+stretch`` with the horizon d+1 and, from the evening,
-(d+1)^1.5, then ``lr+predict+spike+stretch`` that night, ``lookahead+lr+predict+spike+stretch`` on
-2026-12-07 (Nesterov: ``lookahead+lr+predict+stretch`` already); a checkpoint records the rules its
-``auto`` meant, and a resume under other rules is refused.)
+AUTO = "lookahead+predict+stretch+sync"
+"""What ``auto`` means for features replay with SGD and momentum (heavy-ball or Nesterov) and with Adam/AdamW: the
+recommended rules (docs/compensation.md has the analysis and the screening that chose them). Their constants depend
+only on K, d_k and the optimizer's μ. ``sync`` trains the first T = 10·K/(1−μ) iterations without delay (BP's
+gradient, the stages taking turns: BP's speed), where a late gradient costs most: the gap that ``auto`` left at lr
+0.01, K = 4 on the converged benchmark was made there (BP's first 440 iterations trained on by the delayed rules end
++0.22 points from BP, against +2.04). After it ``stretch`` spreads each late gradient over a momentum horizon
+(d+1)^1.5 times longer at the same total step, ``predict`` takes the play at the weights the update will meet, and
+``lookahead`` takes every δ at the weights it meets. The synchronous start replaces the ``lr`` warm-up (whose horizon
+T is): with both, the warm-up after the start slowed the delayed stages through the rest of the high-rate phase (lr
+0.01, K = 4, seed 0: +1.32 points from BP against +0.19 without it). ``spike`` is left out: on six families no rule
+was chosen on it was behind on five and made a CNN without normalisation diverge. A run shorter than T is BP's
+computation (at BP's speed). (``auto`` was ``lr+predict+spike`` until the morning of 2026-12-06, then
+``predict+spike+stretch`` with the horizon d+1 and, from the evening, (d+1)^1.5, then ``lr+predict+spike+stretch``
+that night, ``lookahead+lr+predict+spike+stretch`` on 2026-12-07, ``lookahead+lr+predict+stretch`` until 2026-12-08;
+a checkpoint records the rules its ``auto`` meant, and a resume under other rules is refused.)"""
 
-The same rules with Nesterov SGD (the stretched horizon applies to its μ, with its lr; Nesterov proxy: FR
-+1.84 points behind BP, ``lr+predict+stretch`` +0.78, these rules +0.28) and with Adam and AdamW (the
-horizon is β₁'s and the warm-up reads μ = β₁; on the six unseen families, Adam lr 0.01, 10 seeds, the mean
-gap to BP is +0.40 points, the transformer +1.56, against +2.64 for ``predict+stretch``, ``auto`` with Adam
-until 2026-12-07, +2.12 without the warm-up and +0.85 without ``lookahead``)."""
+AUTO_DDG = "lr+predict+stretch"
+"""What ``auto`` means for DDG with SGD and momentum or Adam: it has no replay (no ``lookahead``) and no
+synchronous schedule (no ``sync``), so the ``lr`` warm-up keeps its delayed stages stable early instead
+(converged benchmark, lr 0.1, K = 4: DDG +7.57 points behind BP, these rules +2.81, three seeds)."""
 
 AUTO_OTHER = "lookahead+lr"
 """What ``auto`` means with any other optimizer (SGD without momentum, RMSprop, ...): the warm-up (``lr``
@@ -293,10 +291,11 @@ def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = 
     heavy_ball = isinstance(optimizer, torch.optim.SGD) and all(
         float(g.get("momentum", 0)) > 0 and not g.get("nesterov") and g.get("dampening", 0) == 0 and not g.get("maximize")
         for g in groups)
-    rules = AUTO if heavy_ball or _nesterov(optimizer) or _adam(optimizer) else AUTO_OTHER
-    if method != "fr":  # lookahead runs FR's replay ahead; DDG has none
-        rules = "+".join(r for r in rules.split("+") if r != "lookahead")
-    return parse(rules)
+    momentum = heavy_ball or _nesterov(optimizer) or _adam(optimizer)
+    if method == "fr":
+        return parse(AUTO if momentum else AUTO_OTHER)
+    # lookahead runs FR's replay ahead and sync FR's schedule without delay: DDG has neither
+    return parse(AUTO_DDG if momentum else "+".join(r for r in AUTO_OTHER.split("+") if r != "lookahead"))
 
 
 def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
