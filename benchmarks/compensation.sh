@@ -51,7 +51,7 @@ case "$mode" in
     done ;;
   table)
     lr=${2:-0.1}
-    rules=${RULES:-"fr+lookahead+lr+predict+stretch ddg+lr+predict+stretch fr+lookahead+lr+predict+spike+stretch"}  # auto's rules by name (a later auto is another row; DDG's auto has no lookahead), and the previous auto
+    rules=${RULES:-"fr+lookahead+predict+stretch+sync ddg+lr+predict+stretch fr+lookahead+lr+predict+stretch"}  # auto's rules by name (a later auto is another row; DDG's auto is lr+predict+stretch), and the previous auto
     for seed in ${SEEDS:-0 1 2}; do
       fxreplay compare --config "$CONFIG" --methods bp --K 2 --seeds "$seed" --lr "$lr" --boundaries "$SPLIT2" \
         --out "benchmarks/runs/converged-lr$lr"

@@ -476,7 +476,7 @@ class _Run:
             self.metrics = with_tensorboard(self.metrics, run_dir.path / "tensorboard", ckpt["step"] + 1 if ckpt else None)  # type: ignore[assignment]
         self.result = RunResult(out=run_dir.path, steps=self.step, epochs_done=self.epoch)
         if reporting:
-            self._note_synchronous_start(steps_per_epoch)
+            self._note_synchronous_start(steps_per_epoch, resumed=ckpt is not None)
         o = cfg.optim
         # a fresh run at its full rate from the first iteration is watched for an unstable start (_check_start)
         self.watch_start = ckpt is None and reporting and not o.warmup_steps and o.schedule != "onecycle"
@@ -486,9 +486,9 @@ class _Run:
         # their mean, so a curve shows the trend over the interval rather than one batch.
         self.loss_window: tuple[float, int] = tuple(ckpt.get("loss_window", (0.0, 0))) if ckpt else (0.0, 0)  # type: ignore[assignment]
 
-    def _note_synchronous_start(self, steps_per_epoch: int) -> None:
-        """Compensation ``sync`` (in ``auto`` for FR): say that the first T iterations train without delay, at BP's
-        speed, and when the whole run is that (it computes BP's updates)."""
+    def _note_synchronous_start(self, steps_per_epoch: int, resumed: bool) -> None:
+        """Compensation ``sync`` (in ``auto`` for FR): say that the iterations up to T train without delay, at BP's
+        speed, and when the whole run is that (it computes BP's updates; a fresh run is told how to shorten it)."""
         T = getattr(self.trainer.executor, "sync_steps", 0)
         if not T or self.step >= T:
             return
@@ -499,10 +499,10 @@ class _Run:
         probe = optimizer_factory(o.name, o.lr, o.weight_decay, o.args, o.class_momentum)([torch.nn.Parameter(torch.zeros(1))])
         rules = resolve_compensation(parse_compensation(self.cfg.train.compensation), probe, self.cfg.train.method).name
         shorter = "+".join("sync=N" if r.split("=")[0] == "sync" else r for r in rules.split("+"))
-        whole = (f" This run has {total} iterations, all of them synchronous: it computes BP's updates. For a shorter "
-                 f"start give its length: --compensation {shorter}.") if total <= T else ""
+        how = "" if resumed else f" For a shorter start give its length: --compensation {shorter}."
+        whole = f" This run has {total} iterations, all of them synchronous: it computes BP's updates.{how}" if total <= T else ""
         self.console.print(
-            f"[yellow]note:[/] {escape(f'compensation {self.cfg.train.compensation}: iterations 1-{T} train synchronously (BP gradients; the stages take turns, at BP speed), the delayed pipeline from iteration {T + 1} on.{whole}')}",
+            f"[yellow]note:[/] {escape(f'compensation {self.cfg.train.compensation}: iterations {self.step + 1}-{T} train synchronously (BP gradients; the stages take turns, at BP speed), the delayed pipeline from iteration {T + 1} on.{whole}')}",
             highlight=False, soft_wrap=True)
 
     @property

@@ -109,6 +109,8 @@ class Trainer:
         compensation: staleness compensation of a delayed method (FR, DDG): ``none`` (the
             default: Algorithm 1 exactly), ``auto``, or rules joined by ``+`` (``predict``,
             ``spike``, ``lr``, ``stretch``, ``shrink``, ``lookahead``, ``replayahead``, ``adapt``, ``release``, ``official``, ``sync``; :mod:`fxreplay.methods.compensation`).
+            FR's ``auto`` (with momentum SGD or Adam) starts with ``sync``: its first 10·K/(1−μ) steps (400 at K = 4,
+            μ = 0.9) are BP's updates at BP's speed, the delayed pipeline after them.
         scheduler: builds one lr scheduler per stage from that stage's optimizer (e.g.
             :func:`fxreplay.lr_schedule.scheduler_factory`); each is stepped right after its
             stage's update of every iteration, warm-up included, so the stages stay in

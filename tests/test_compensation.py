@@ -398,7 +398,7 @@ def test_ddg_with_prediction_takes_its_gradient_at_the_predicted_weights() -> No
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rules", ["auto", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch", "adapt=0.5+lr+stretch",
+@pytest.mark.parametrize("rules", ["sync=3+lookahead+predict+stretch", "lookahead+lr+predict+stretch", "lr+predict+spike+stretch", "lookahead+lr+predict+spike+stretch", "adapt=0.5+lr+stretch",
                                    "sync=2+lookahead+lr+predict+stretch", "sync=6+lookahead+lr+predict+stretch"])
 def test_resume_with_compensation_is_exact_and_a_changed_rule_is_refused(rules: str) -> None:
     data = batches(8)
@@ -872,6 +872,9 @@ def test_a_run_says_when_its_start_is_synchronous_and_when_all_of_it_is(tmp_path
     assert "iterations 1-3 train synchronously" in text and "delayed pipeline from iteration 4" in text
     assert "all of them synchronous" not in text
     assert "synchronously" not in note("--resume", str(tmp_path / "short"), "--max-steps", "7")  # past T
+    text = note("--resume", str(tmp_path / "auto"), "--max-steps", "6")  # still inside T: from where it resumes
+    assert "iterations 5-300 train synchronously" in text and "This run has 6 iterations" in text
+    assert "--compensation" not in text  # a resume cannot change its compensation
     assert "synchronously" not in note("--compensation", "lookahead+lr+predict+stretch", "--max-steps", "2",
                                        "--out", str(tmp_path / "delayed"))
 

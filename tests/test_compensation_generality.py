@@ -51,10 +51,10 @@ def test_table_pairs_gaps_by_seed_and_marks_divergence():
 def test_one_run_trains_through_the_public_api(model):
     gen = _script()
     bp = gen.train_once(model, "bp", K=2, optim="sgd", lr=0.05, seed=0, epochs=1)
-    fr = gen.train_once(model, "fr+auto", K=2, optim="sgd", lr=0.05, seed=0, epochs=1)
+    fr = gen.train_once(model, "fr+lookahead+predict+stretch", K=2, optim="sgd", lr=0.05, seed=0, epochs=1)  # delayed throughout
     for row in (bp, fr):
         assert not row["diverged"] and 0 <= row["error"] < 90 and row["train_loss"] > 0
-    assert bp != fr  # the two methods' updates differ (FR's stage 0 is one step late)
+    assert bp["train_loss"] != fr["train_loss"]  # the two methods' updates differ (FR's stage 0 is one step late)
 
 
 def test_screen_resumes_from_its_file(tmp_path):
@@ -117,9 +117,11 @@ def test_first_losses_start_from_the_same_weights_and_batches(capsys):
     model, train, batch, split, optim = signals._data("relu_mlp", 2)
     assert optim is None  # a digits family: the benchmarks' SGD
     run = functools.partial(signals.first_losses, model, train, batch, split, iterations=6, seed=0)
-    bp, fr, auto = run("bp", K=2, lr=0.1), run("none", K=2, lr=0.1), run("auto", K=2, lr=0.1)
-    assert len(bp) == 6 and bp[0] == fr[0] == auto[0]
-    assert fr != bp and auto != fr  # the delay, then the compensation, change what the next iterations see
+    # auto's rules after a one-iteration synchronous start (auto's own, 200 iterations, is BP for all six)
+    bp, fr, comp = run("bp", K=2, lr=0.1), run("none", K=2, lr=0.1), run("sync=1+lookahead+predict+stretch", K=2, lr=0.1)
+    assert len(bp) == 6 and bp[0] == fr[0] == comp[0]
+    assert fr != bp and comp != fr and comp != bp  # the delay, then the compensation, change what the next iterations see
+    assert run("auto", K=2, lr=0.1) == bp  # inside auto's synchronous start: BP's losses
     assert run("none", K=1, lr=0.1) == run("bp", K=1, lr=0.1)
     signals.losses_report(model, train, batch, split, None, argparse.Namespace(
         model="relu_mlp", K=2, lr=0.1, seed=0, iterations=3, rules="bp, auto", warmup_steps=0))
@@ -187,7 +189,7 @@ def test_fashion_families_read_torchvision_files_and_train(tmp_path, monkeypatch
 
     monkeypatch.setattr(gen.fxreplay, "compile", compile_and_count)
     for name in gen.FASHION_MODELS:
-        row = gen.train_once(name, "fr+auto", K=4, optim="sgd", lr=0.01, seed=0, epochs=1, data="fashion",
+        row = gen.train_once(name, "fr+lookahead+predict+stretch", K=4, optim="sgd", lr=0.01, seed=0, epochs=1, data="fashion",
                              root=str(tmp_path))
         assert not row["diverged"] and 0 <= row["error"] <= 100 and row["train_loss"] > 0, name
     assert compiled == [4] * len(gen.FASHION_MODELS)

@@ -281,10 +281,10 @@ def parse(spec: str | Compensation | None) -> Compensation:
 
 
 def resolve(comp: Compensation, optimizer: torch.optim.Optimizer, method: str = "fr") -> Compensation:
-    """The rules ``comp`` stands for with this optimizer and method: ``auto`` is :data:`AUTO` for SGD with
-    momentum (heavy-ball without dampening, or Nesterov) and for Adam and AdamW, and :data:`AUTO_OTHER`
-    otherwise, each without ``lookahead``
-    for a method without a replay (DDG); any other compensation is itself."""
+    """The rules ``comp`` stands for with this optimizer and method: ``auto`` is, for FR, :data:`AUTO` with SGD
+    and momentum (heavy-ball without dampening, or Nesterov) and with Adam and AdamW, and :data:`AUTO_OTHER`
+    otherwise; for DDG (no replay, no synchronous schedule) :data:`AUTO_DDG` with those optimizers and
+    :data:`AUTO_OTHER` without ``lookahead`` otherwise. Any other compensation is itself."""
     if not comp.auto:
         return comp
     groups = [g for g in optimizer.param_groups if g["params"]] or optimizer.param_groups
