@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import fxreplay  # noqa: E402
 from fxreplay.executor import LocalExecutor  # noqa: E402
-from fxreplay.methods.compensation import parse, resolve  # noqa: E402
+from fxreplay.methods.compensation import parse, resolve, with_sync  # noqa: E402
 from fxreplay.models import get  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "compensation_overhead.json"
@@ -44,8 +44,7 @@ def sgd(params: Any) -> torch.optim.Optimizer:
 def pipelined(rule: str) -> str:
     """``rule`` (``auto`` resolved for :func:`sgd`) with a synchronous start of one iteration: the per-step cost
     measured is the delayed pipeline's, which does not depend on how long ``sync``'s start was."""
-    rules = resolve(parse(rule), sgd([nn.Parameter(torch.zeros(1))])).name
-    return "+".join("sync=1" if r.split("=")[0] == "sync" else r for r in rules.split("+"))
+    return with_sync(resolve(parse(rule), sgd([nn.Parameter(torch.zeros(1))])).name, 1)
 
 
 def main() -> None:

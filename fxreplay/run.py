@@ -37,7 +37,7 @@ from fxreplay.errors import (ConfigError, DataError, DeviceMemoryError, Divergen
                              out_of_memory)
 from fxreplay.compiler.loading import LoadedModel, load_model
 from fxreplay.metrics import correct_count, default_loss, predictions
-from fxreplay.methods.compensation import divergence_hint, parse as parse_compensation, resolve as resolve_compensation
+from fxreplay.methods.compensation import divergence_hint, with_sync
 from fxreplay.compiler.plan import ModelSpec, Plan
 from fxreplay.launch import cuda_count, distributed_job, reports, run_distributed
 from fxreplay.lr_schedule import SchedulerFactory, scheduler_factory
@@ -495,10 +495,7 @@ class _Run:
         total = self.cfg.train.epochs * steps_per_epoch
         if self.cfg.train.max_steps is not None:
             total = min(total, self.cfg.train.max_steps)
-        o = self.cfg.optim
-        probe = optimizer_factory(o.name, o.lr, o.weight_decay, o.args, o.class_momentum)([torch.nn.Parameter(torch.zeros(1))])
-        rules = resolve_compensation(parse_compensation(self.cfg.train.compensation), probe, self.cfg.train.method).name
-        shorter = "+".join("sync=N" if r.split("=")[0] == "sync" else r for r in rules.split("+"))
+        shorter = with_sync(self.trainer.executor.compensation_rules, "N")
         how = "" if resumed else f" For a shorter start give its length: --compensation {shorter}."
         whole = f" This run has {total} iterations, all of them synchronous: it computes BP's updates.{how}" if total <= T else ""
         self.console.print(

@@ -617,6 +617,10 @@ def test_auto_is_chosen_for_the_optimizer_and_recorded_as_auto() -> None:
         assert auto.step(x, y) == same.step(x, y)
     saved = auto.state_dict()["workers"][0]["compensation"]
     assert (saved["name"], saved["rules"]) == ("auto", AUTO)
+    assert auto.compensation_rules == AUTO and LocalExecutor(split(mlp(), 3), "fr", optimizer=sgd, loss_fn=loss_fn).compensation_rules == ""
+    from fxreplay.methods.compensation import with_sync
+    assert with_sync(AUTO, 1) == "lookahead+predict+stretch+sync=1" and with_sync("sync=40+lr", "N") == "sync=N+lr"
+    assert with_sync("lr+predict", 5) == "lr+predict"  # no synchronous start: nothing to set
     adam = lambda ps: torch.optim.Adam(ps, lr=1e-2)  # noqa: E731
     trained = LocalExecutor(split(mlp(), 3), "fr", optimizer=adam, loss_fn=loss_fn, compensation="auto")
     for x, y in data:

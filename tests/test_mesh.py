@@ -54,7 +54,7 @@ def _rank_mesh() -> dict[str, Any]:
                                  compensation=rules)
         losses = [ex.step(x, y) for x, y in data()]
         ex.close()
-        out[f"{method}+auto"] = (losses, {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex.stage, ex.replica)
+        out[f"{method}+{rules}"] = (losses, {k: v.clone() for k, v in ex.stages[ex.stage].state_dict().items()}, ex.stage, ex.replica)
     # one parameter per bucket: every all-reduce its own, started mid-backward
     ex = DistributedExecutor(stages(), "fr", optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), timeout=30.0, dp=D, bucket_bytes=1)
     for x, y in data():
@@ -112,9 +112,9 @@ def test_k2_by_d2_equals_the_local_executor_on_the_whole_batch() -> None:
         for x, y in data():
             plain.step(x, y)
         for rank in range(K * D):
-            got_losses, state, stage, replica = results[rank][f"{method}+auto"]
+            got_losses, state, stage, replica = results[rank][f"{method}+{rules}"]
             for name, value in local.stages[stage].state_dict().items():
-                torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=f"{method}+auto rank {rank} {name}")
+                torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=f"{method}+{rules} rank {rank} {name}")
             if stage == K - 1:
                 assert got_losses == pytest.approx(losses, abs=1e-6), method
         # compensation changed the delayed stage: not the plain method under another name

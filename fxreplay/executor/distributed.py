@@ -431,6 +431,7 @@ class DistributedExecutor:
         validate(self.schedule, K)
         # compensation sync: the first ``sync_steps`` iterations run the method's synchronous schedule
         self.sync_steps = bound.sync_steps
+        self.compensation_rules = bound.rules  # what the compensation (auto) resolved to
         if bound.sync_schedule is not None:
             validate(bound.sync_schedule, K, synchronous=True)
         self._programs = {phase: (stage_program(s, self.stage), carried_messages(s, K))

@@ -170,6 +170,7 @@ class LocalExecutor:
         self._actions: tuple[Action, ...] = tuple(a for tick in bound.schedule for a in tick)
         # compensation sync: the first ``sync_steps`` iterations run the method without delay
         self.sync_steps = bound.sync_steps
+        self.compensation_rules = bound.rules  # what the compensation (auto) resolved to
         self._sync_actions: tuple[Action, ...] = tuple(a for tick in bound.sync_schedule or () for a in tick)
         self._links = [_StageLink(self, k) for k in range(len(stages))]
         self._mailbox: dict[tuple[str, int, int], Any] = {}

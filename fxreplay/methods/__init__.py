@@ -110,6 +110,7 @@ class Method:
     workers: tuple[StageWorker, ...]
     sync_schedule: Schedule | None = None
     sync_steps: int = 0  # iterations 0 .. sync_steps-1 run sync_schedule (the executors choose)
+    rules: str = ""  # the workers' compensation as they resolved it (auto spelled out); "" without one
 
     @property
     def name(self) -> str:
@@ -152,4 +153,5 @@ def build_method(
     T = max(steps, default=0)
     if T and spec.synchronous is None:  # compensation.validate refuses it first; a method added later must declare it
         raise TrainingError(f"compensation sync needs the method's synchronous schedule, and {name!r} has none.")
-    return Method(spec, spec.schedule(K), workers, spec.synchronous(K) if T and spec.synchronous else None, T)
+    rules = next((w.compensator.comp.name for w in workers if w.compensator is not None), "")
+    return Method(spec, spec.schedule(K), workers, spec.synchronous(K) if T and spec.synchronous else None, T, rules)

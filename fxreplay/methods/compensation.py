@@ -104,7 +104,7 @@ import torch
 from ..errors import TrainingError
 
 __all__ = ["Compensation", "Compensator", "RULES", "AUTO", "AUTO_DDG", "AUTO_OTHER", "parse",
-           "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "sync_steps", "validate", "describe",
+           "resolve", "spike_coefficients", "stretch_coefficients", "lr_multiplier", "sync_steps", "with_sync", "validate", "describe",
            "divergence_hint"]
 
 RULES: dict[str, str] = {
@@ -341,6 +341,12 @@ def sync_steps(K: int, momentum: float) -> int:
     """``sync``'s T: ``round(10·K/(1-μ))`` iterations, the horizon of ``lr``'s warm-up on the most delayed stage
     (d = K-1; 400 at K = 4, μ = 0.9): the early iterations in which a late gradient costs most."""
     return round(10.0 * K / max(1.0 - momentum, 1e-3))
+
+
+def with_sync(rules: str, length: int | str) -> str:
+    """``rules`` (a resolved compensation's name) with ``sync``'s T set to ``length``: ``sync=1`` times the
+    pipeline after a one-iteration start, ``sync=N`` tells a user how to spell a shorter one."""
+    return "+".join(f"sync={length}" if r.partition("=")[0] == "sync" else r for r in rules.split("+"))
 
 
 def lr_multiplier(delay: int, iteration: int, momentum: float) -> float:
